@@ -1,0 +1,34 @@
+"""gguf-stream: run GGUF models larger than GPU memory by streaming layers.
+
+    with gguf_stream.load("model.gguf", vram_budget="8GiB", n_ctx=4096) as m:
+        tokens = m.generate(m.tokenize("Hello"), 32)
+        print(m.detokenize(tokens), m.stats.summary())
+"""
+from .errors import (
+    BudgetError,
+    DecodeError,
+    EnvironmentMismatchError,
+    GGUFStreamError,
+    ModelFileError,
+    NativeError,
+    UnsupportedModelError,
+)
+from .gguf_file import ModelFile, TensorInfo, read_model
+from .planner import Plan, make_plan, parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError", "DecodeError", "EngineConfig", "EnvironmentMismatchError", "GGUFStreamError",
+    "ModelFile", "ModelFileError", "NativeError", "Plan", "Stats", "StockModel", "StreamedModel",
+    "TensorInfo", "UnsupportedModelError", "load", "make_plan", "parse_size", "read_model",
+]
+
+
+def __getattr__(name):
+    # The runtime imports llama_cpp and the native helper; keep `import gguf_stream` light.
+    if name in ("EngineConfig", "Stats", "StockModel", "StreamedModel", "load"):
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'gguf_stream' has no attribute {name!r}")

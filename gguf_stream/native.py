@@ -1,0 +1,159 @@
+"""The only module that touches the compiled helper (``gguf_stream._native``).
+
+Every non-zero return code becomes a NativeError naming the C call and the
+helper's own message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import EnvironmentMismatchError, NativeError
+
+try:
+    from ._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - only when the package was not built
+    raise EnvironmentMismatchError(
+        "the native helper gguf_stream._native is not built; reinstall with `pip install .` "
+        "or build in place with `python -m gguf_stream._build_native`"
+    ) from exc
+
+
+def _check(call: str, rc: int) -> None:
+    if rc != lib.GS_OK:
+        raise NativeError(call, rc, ffi.string(lib.gs_last_error()).decode(errors="replace")
+                          or ffi.string(lib.gs_strerror(rc)).decode())
+
+
+def load_libraries(ggml_base: str, ggml: str, cudart: str | None) -> None:
+    _check("gs_libs_load", lib.gs_libs_load(ggml_base.encode(), ggml.encode(),
+                                            cudart.encode() if cudart else ffi.NULL))
+
+
+def device_bufts(name: str) -> tuple[int, int]:
+    """(buffer type, host buffer type or 0) of a ggml device, as addresses."""
+    buft, host = ffi.new("void **"), ffi.new("void **")
+    _check(f"gs_device_bufts({name})", lib.gs_device_bufts(name.encode(), buft, host))
+    return int(ffi.cast("uintptr_t", buft[0])), int(ffi.cast("uintptr_t", host[0]))
+
+
+def has_device(name: str) -> bool:
+    buft = ffi.new("void **")
+    return lib.gs_device_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
+
+
+def device_memory(name: str) -> tuple[int, int]:
+    free, total = ffi.new("size_t *"), ffi.new("size_t *")
+    _check(f"gs_device_memory({name})", lib.gs_device_memory(name.encode(), free, total))
+    return int(free[0]), int(total[0])
+
+
+def tensor_buffer(tensor: int) -> tuple[str, int]:
+    name, size = ffi.new("const char **"), ffi.new("size_t *")
+    _check("gs_tensor_buffer", lib.gs_tensor_buffer(ffi.cast("void *", tensor), name, size))
+    return ffi.string(name[0]).decode(), int(size[0])
+
+
+@dataclass(frozen=True)
+class Weight:
+    tensor: int  # address of the ggml_tensor
+    name: str
+    layer: int | None
+    nbytes: int
+    viewed: bool
+
+
+@dataclass(frozen=True)
+class GraphCheck:
+    n_lout: int
+    max_lout: int
+    violations: int
+    first_violation: str
+
+
+@dataclass(frozen=True)
+class Counters:
+    evaluations: int
+    adopted_ready: int
+    adopted_waited: int
+    sync_fallbacks: int
+    uploads: int
+    bytes_uploaded: int
+    boundaries: int
+    wait_seconds: float
+    slot_bytes: int
+    ring_bytes: int
+    n_streamed: int
+    n_slots: int
+
+    @property
+    def adoptions(self) -> int:
+        return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
+
+
+# Addresses of the two hooks, for llama_context_params.cb_eval.
+DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_discover_cb")))
+EVAL_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_eval_cb")))
+
+
+class Engine:
+    """The slot ring of one model. Create, discover, add tensors, start;
+    destroy only after the llama context and model are freed."""
+
+    def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
+                 cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0):
+        cfg = ffi.new("gs_engine_config *", {
+            "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
+            "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
+            "host_copy_delay_us": host_copy_delay_us,
+        })
+        out = ffi.new("gs_engine **")
+        _check("gs_engine_create", lib.gs_engine_create(cfg, out))
+        self._e = out[0]
+
+    @property
+    def address(self) -> int:
+        return int(ffi.cast("uintptr_t", self._e))
+
+    def discover_reset(self) -> None:
+        lib.gs_engine_discover_reset(self._e)
+
+    def weights(self) -> list[Weight]:
+        out, w = [], ffi.new("gs_weight *")
+        for i in range(lib.gs_engine_weight_count(self._e)):
+            _check("gs_engine_weight_get", lib.gs_engine_weight_get(self._e, i, w))
+            out.append(Weight(int(ffi.cast("uintptr_t", w.tensor)), ffi.string(w.name).decode(),
+                              None if w.layer < 0 else w.layer, int(w.nbytes), bool(w.viewed)))
+        return out
+
+    def graph_check(self) -> GraphCheck:
+        c = ffi.new("gs_graph_check *")
+        _check("gs_engine_graph_check", lib.gs_engine_graph_check(self._e, c))
+        return GraphCheck(c.n_lout, c.max_lout, c.violations, ffi.string(c.first_violation).decode())
+
+    def add_tensor(self, layer: int, tensor: int) -> None:
+        _check("gs_engine_add_tensor", lib.gs_engine_add_tensor(self._e, layer, ffi.cast("void *", tensor)))
+
+    def start(self) -> None:
+        _check("gs_engine_start", lib.gs_engine_start(self._e))
+
+    def check_status(self, during: str) -> None:
+        msg = ffi.new("char[512]")
+        rc = lib.gs_engine_status(self._e, msg, 512)
+        if rc != lib.GS_OK:
+            raise NativeError(f"streaming hook during {during}", rc, ffi.string(msg).decode(errors="replace"))
+
+    def counters(self) -> Counters:
+        s = ffi.new("gs_stats *")
+        _check("gs_engine_stats", lib.gs_engine_stats(self._e, s))
+        return Counters(**{f: getattr(s, f) for f in Counters.__dataclass_fields__})
+
+    def reset_counters(self) -> None:
+        lib.gs_engine_reset_stats(self._e)
+
+    def debug_swap_sources(self, layer_a: int, layer_b: int) -> None:
+        _check("gs_engine_debug_swap_sources", lib.gs_engine_debug_swap_sources(self._e, layer_a, layer_b))
+
+    def destroy(self) -> None:
+        if self._e is not None:
+            lib.gs_engine_destroy(self._e)
+            self._e = None

@@ -1,0 +1,273 @@
+"""Decide, for a VRAM budget, which layers stay resident and which stream.
+
+Everything here is pure: sizes come from the GGUF header (ModelFile) and the
+memory estimates below, so plans can be table-tested without a GPU. The
+runtime measures the real figures after loading and reports both.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+from .gguf_file import ModelFile
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_MAX_SLOTS = 2
+# Headroom for what the estimates below do not model: the CUDA memory pool
+# (dequantised weights for cuBLAS), cuBLAS workspace, alignment.
+COMPUTE_HEADROOM = 256 * MiB
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
+
+
+def parse_size(value: int | float | str) -> int:
+    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def interleaved_layers(n_layer: int, n_streamed: int) -> tuple[int, ...]:
+    """Spread n_streamed layers evenly: 20 layers, 2 streamed -> (9, 19).
+
+    Streamed layer j sits at the end of the j-th of n_streamed equal blocks,
+    so resident layers separate consecutive streamed ones (their compute hides
+    the next upload) instead of stacking all streamed layers at one end.
+    """
+    if not 0 <= n_streamed <= n_layer:
+        raise ValueError(f"cannot stream {n_streamed} of {n_layer} layers")
+    return tuple((j + 1) * n_layer // n_streamed - 1 for j in range(n_streamed))
+
+
+def slot_schedule(streamed: tuple[int, ...], n_slots: int, n_evals: int = 1) -> list[tuple[int, int]]:
+    """(layer, slot) in execution order when every prefetch arrives in time.
+
+    The k-th streamed layer executed overall uses slot k % n_slots: a freed
+    slot always receives the layer n_slots steps ahead, wrapping round to the
+    next evaluation. Mirrors release()/adopt() in native/gguf_stream.c.
+    """
+    n_slots = min(n_slots, len(streamed))
+    return [(streamed[k % len(streamed)], k % n_slots) for k in range(len(streamed) * n_evals)] if n_slots else []
+
+
+def kv_cache_bytes(model: ModelFile, n_ctx: int, bytes_per_elem: int = 2) -> int:
+    """f16 K and V for every layer (all layers keep their KV on the GPU)."""
+    hp = model.hparams
+    per_token = hp["n_head_kv"] * (hp["key_length"] + hp["value_length"]) * bytes_per_elem
+    return model.n_layer * n_ctx * per_token
+
+
+def compute_bytes(model: ModelFile, n_ctx: int, n_ubatch: int, flash_attn: bool = True) -> int:
+    """Rough size of llama.cpp's device compute buffer for one ubatch.
+
+    llama.cpp reserves logits for every token of a ubatch (n_vocab floats
+    each), plus a handful of live activations of width n_embd / n_ff, plus
+    the KQ matrix when flash attention is off.
+    """
+    hp = model.hparams
+    u = n_ubatch
+    logits = u * hp["n_vocab"] * 4
+    activations = u * (hp["n_embd"] * 8 + hp["n_ff"] * 3) * 4
+    attention = 0 if flash_attn else u * n_ctx * hp["n_head"] * 4
+    return logits + activations + attention + COMPUTE_HEADROOM
+
+
+def shared_device_bytes(model: ModelFile) -> int:
+    """Shared tensors llama.cpp puts on the GPU: all but the input embedding,
+    which stays on the host; models with tied embeddings get a GPU copy of it
+    as their output matrix."""
+    total = sum(t.nbytes for t in model.tensors if t.layer is None and t.name != "token_embd.weight")
+    if model.tensor("output.weight") is None and model.tensor("token_embd.weight") is not None:
+        total += model.tensor("token_embd.weight").nbytes
+    return total
+
+
+@dataclass(frozen=True)
+class LayerSpan:
+    layer: int
+    bytes: int
+    placement: str  # "resident" or "streamed"
+    slot: int | None = None  # first-evaluation slot of a streamed layer
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_name: str
+    arch: str
+    n_layer: int
+    layers: tuple[LayerSpan, ...]
+    n_slots: int
+    slot_bytes: int
+    shared_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    budget: int | None
+    n_ctx: int
+    n_ubatch: int
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.layers if s.placement == "streamed")
+
+    @property
+    def resident(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.layers if s.placement == "resident")
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(s.bytes for s in self.layers if s.placement == "resident")
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(s.bytes for s in self.layers if s.placement == "streamed")
+
+    @property
+    def device_bytes(self) -> int:
+        """Estimated GPU memory of the whole run."""
+        return (self.resident_bytes + self.shared_bytes + self.n_slots * self.slot_bytes
+                + self.kv_bytes + self.compute_bytes)
+
+    def table(self) -> str:
+        lines = [
+            f"plan for {self.model_name} ({self.arch}, {self.n_layer} layers)"
+            + (f", VRAM budget {format_size(self.budget)}" if self.budget is not None else ""),
+            "| layer | bytes | placement | slot |",
+            "| ---: | ---: | :--- | ---: |",
+        ]
+        for s in self.layers:
+            lines.append(f"| {s.layer} | {format_size(s.bytes)} | {s.placement} | {'' if s.slot is None else s.slot} |")
+        lines += [
+            "",
+            f"resident layers {len(self.resident)} ({format_size(self.resident_bytes)}), "
+            f"streamed {len(self.streamed)} ({format_size(self.streamed_bytes)}) through "
+            f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}",
+            f"device estimate: resident {format_size(self.resident_bytes)} + shared {format_size(self.shared_bytes)}"
+            f" + slots {format_size(self.n_slots * self.slot_bytes)} + KV {format_size(self.kv_bytes)}"
+            f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
+        ]
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:
+    return max((model.layer_bytes[i] for i in streamed), default=0) + slot_pad
+
+
+def make_plan(
+    model: ModelFile,
+    *,
+    vram_budget: int | str | None = None,
+    n_ctx: int = 4096,
+    n_ubatch: int = 512,
+    flash_attn: bool = True,
+    n_streamed: int | None = None,
+    streamed_layers: tuple[int, ...] | None = None,
+    n_slots: int | None = None,
+    max_slots: int = DEFAULT_MAX_SLOTS,
+    slot_pad: int = 0,
+) -> Plan:
+    """Choose resident/streamed layers and the slot count.
+
+    Either give the streamed layers (``streamed_layers`` or ``n_streamed``,
+    interleaved) or a ``vram_budget``: then the fewest layers are streamed
+    whose estimated device memory fits, preferring 2 slots (an upload can land
+    while the previous streamed layer computes) when that costs no extra
+    streamed layer or when streamed layers would sit next to each other.
+    ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
+    """
+    budget = None if vram_budget is None else parse_size(vram_budget)
+    if n_ctx <= 0 or n_ubatch <= 0:
+        raise ValueError(f"n_ctx and n_ubatch must be positive (got {n_ctx}, {n_ubatch})")
+    N = model.n_layer
+    shared = shared_device_bytes(model)
+    kv = kv_cache_bytes(model, n_ctx)
+    comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
+    fixed = shared + kv + comp
+
+    def fits(streamed: tuple[int, ...], k: int) -> bool:
+        resident = sum(model.layer_bytes) - sum(model.layer_bytes[i] for i in streamed)
+        return budget is None or fixed + resident + k * _slot_bytes(model, streamed, slot_pad) <= budget
+
+    if streamed_layers is not None:
+        streamed = tuple(sorted(set(streamed_layers)))
+        if any(not 0 <= i < N for i in streamed):
+            raise ValueError(f"streamed layers {streamed} out of range for {N} layers")
+    elif n_streamed is not None:
+        streamed = interleaved_layers(N, n_streamed)
+    else:
+        streamed = None
+
+    if streamed is not None:
+        k = min(n_slots or min(max_slots, len(streamed)), len(streamed)) if streamed else 0
+        if budget is not None and not fits(streamed, k):
+            raise BudgetError(
+                f"{len(streamed)} streamed layers with {k} slot(s) need about "
+                f"{format_size(fixed + sum(model.layer_bytes) - sum(model.layer_bytes[i] for i in streamed) + k * _slot_bytes(model, streamed, slot_pad))}"
+                f", over the budget of {format_size(budget)}"
+            )
+    else:
+        if budget is None:
+            raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
+        minimum = fixed + _slot_bytes(model, tuple(range(N)), slot_pad)
+        if budget < minimum:
+            raise BudgetError(
+                f"VRAM budget {format_size(budget)} is below the minimum of {format_size(minimum)} for "
+                f"{model.path.name} (KV cache {format_size(kv)} at n_ctx={n_ctx}, compute {format_size(comp)} "
+                f"at n_ubatch={n_ubatch}, shared tensors {format_size(shared)}, one slot); "
+                f"raise the budget or lower n_ctx / n_ubatch"
+            )
+        streamed, k = _fewest_streamed(model, fits, n_slots, max_slots)
+
+    spans = []
+    first_slot = {layer: slot for layer, slot in slot_schedule(streamed, k)}
+    for i in range(N):
+        placement = "streamed" if i in first_slot else "resident"
+        spans.append(LayerSpan(i, model.layer_bytes[i], placement, first_slot.get(i)))
+    return Plan(
+        model_name=str(model.hparams.get("name") or model.path.name),
+        arch=model.arch,
+        n_layer=N,
+        layers=tuple(spans),
+        n_slots=k,
+        slot_bytes=_slot_bytes(model, streamed, slot_pad) if streamed else 0,
+        shared_bytes=shared,
+        kv_bytes=kv,
+        compute_bytes=comp,
+        budget=budget,
+        n_ctx=n_ctx,
+        n_ubatch=n_ubatch,
+    )
+
+
+def _fewest_streamed(model, fits, n_slots, max_slots):
+    N = model.n_layer
+    if fits((), 0):
+        return (), 0
+    best = None
+    for k in ([n_slots] if n_slots else range(1, max_slots + 1)):
+        for s in range(max(k, 1), N + 1):
+            streamed = interleaved_layers(N, s)
+            if fits(streamed, k):
+                adjacent = s > N // 2  # some streamed layers neighbour each other
+                score = (s, 0 if (k >= 2 or not adjacent) else 1, -k)
+                if best is None or score < best[0]:
+                    best = (score, streamed, k)
+                break
+    if best is None:
+        raise BudgetError("no placement fits the VRAM budget, even with every layer streamed")
+    return best[1], best[2]

@@ -1,0 +1,460 @@
+"""Load a model through llama.cpp, stream its non-resident layers, decode.
+
+StreamedModel is the product: plan -> load with streamed layers overridden to
+host memory (pinned on CUDA) -> discover the weight tensors through cb_eval ->
+re-home streamed layers into the slot ring -> create the real context with the
+streaming hook. StockModel is llama.cpp's own `-ngl` split, the baseline every
+comparison is made against; both share the decoding code in _Session.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from . import llama_abi, native
+from .errors import BudgetError, DecodeError, EnvironmentMismatchError, ModelFileError, UnsupportedModelError
+from .gguf_file import ModelFile, read_model
+from .planner import Plan, format_size, make_plan, parse_size
+
+LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
+DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Options of a run. Either vram_budget (the planner decides) or the
+    streamed layers (n_streamed / streamed_layers) must be given to stream."""
+
+    vram_budget: int | str | None = None
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = True
+    device: str = "auto"  # "auto", "cuda" or "host" (slots in host memory, CPU compute)
+    n_streamed: int | None = None
+    streamed_layers: tuple[int, ...] | None = None
+    n_slots: int | None = None
+    max_slots: int = 2
+    prefetch: bool = True
+    host_copy_delay_us: int = 0  # host mode: simulate a slow link
+    n_threads: int | None = None
+    cpu_repack: bool = False  # CPU weight repacking; off so host mode is bit-comparable
+    verbose: bool = False
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cuda", "host"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'host', not {self.device!r}")
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
+        if self.n_slots is not None and self.n_slots < 1:
+            raise ValueError(f"n_slots must be at least 1, got {self.n_slots}")
+
+
+@dataclass(frozen=True)
+class Stats:
+    mode: str
+    plan: Plan | None
+    counters: native.Counters | None
+    vram_used_bytes: int | None  # after load (weights, slots, KV, compute buffers)
+    vram_peak_bytes: int | None  # highest seen after any decode
+    pinned_host_bytes: int
+    load_seconds: float
+
+    def summary(self) -> str:
+        parts = [f"mode={self.mode}"]
+        if self.vram_peak_bytes is not None:
+            parts.append(f"peak VRAM {format_size(self.vram_peak_bytes)}")
+        if self.pinned_host_bytes:
+            parts.append(f"pinned host {format_size(self.pinned_host_bytes)}")
+        c = self.counters
+        if c is not None:
+            parts.append(
+                f"adopted ready {c.adopted_ready}, after wait {c.adopted_waited} ({c.wait_seconds * 1e3:.1f} ms), "
+                f"sync fallbacks {c.sync_fallbacks}, uploads {c.uploads} ({format_size(c.bytes_uploaded)})"
+            )
+        return "; ".join(parts)
+
+
+def cuda_available() -> bool:
+    llama_abi.llama()
+    native.load_libraries(*llama_abi.ggml_paths(), None)
+    return native.has_device("CUDA0")
+
+
+def _load_native(want_cuda: bool) -> bool:
+    """Load the helper's libraries; True if CUDA is used."""
+    ggml_base, ggml = llama_abi.ggml_paths()
+    native.load_libraries(ggml_base, ggml, None)
+    if not want_cuda or not native.has_device("CUDA0"):
+        return False
+    cudart = llama_abi.cudart_path()
+    if cudart is None:
+        raise EnvironmentMismatchError("libggml-cuda is loaded but no libcudart.so is mapped in the process")
+    native.load_libraries(ggml_base, ggml, cudart)
+    return True
+
+
+class _Session:
+    """A llama.cpp model and context with greedy decoding helpers."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self._lc = llama_abi.llama()
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(config.verbose)
+        self._stack = ExitStack()
+        self.model = self.ctx = self.vocab = None
+        self._cuda = False
+        self._vram_base = None
+        self._vram_peak = None
+        self._vram_loaded = None
+        self._keep = []  # ctypes objects that must outlive the C calls using them
+
+    # -- construction helpers (each registers its own cleanup) --
+    def _model_params(self, n_gpu_layers: int, overrides=None):
+        p = self._lc.llama_model_default_params()
+        p.n_gpu_layers = n_gpu_layers
+        p.load_mode = LOAD_MODE_NONE
+        p.use_extra_bufts = self.config.cpu_repack
+        if overrides is not None:
+            self._keep.append(overrides)
+            p.tensor_buft_overrides = ctypes.addressof(overrides)
+        return p
+
+    def _load_model(self, path: str, params) -> None:
+        model = self._lc.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            raise ModelFileError(f"llama.cpp could not load {path} (unsupported architecture or damaged file; "
+                                 "run with verbose=True for its log)")
+        self.model = model
+        self._stack.callback(self._free_model)
+        self.vocab = self._lc.llama_model_get_vocab(model)
+
+    def _free_model(self):
+        if self.model:
+            self._lc.llama_model_free(self.model)
+            self.model = None
+
+    def _context_params(self, *, n_ctx=None, n_batch=None, n_ubatch=None, cb_eval=None, cb_user=None):
+        c = self.config
+        p = self._lc.llama_context_default_params()
+        p.n_ctx = n_ctx or c.n_ctx
+        p.n_batch = n_batch or c.n_batch
+        p.n_ubatch = n_ubatch or c.n_ubatch
+        threads = c.n_threads or os.cpu_count() or 1
+        p.n_threads = p.n_threads_batch = threads
+        p.flash_attn_type = (self._lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
+                             else self._lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        p.no_perf = True
+        if cb_eval is not None:
+            cb = self._lc.ggml_backend_sched_eval_callback(cb_eval)
+            self._keep.append(cb)
+            p.cb_eval = cb
+            p.cb_eval_user_data = cb_user
+        return p
+
+    def _new_context(self, params):
+        ctx = self._lc.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise BudgetError("llama.cpp could not create the context (out of memory for KV cache or compute "
+                              "buffers?); lower n_ctx / n_ubatch or raise the budget")
+        return ctx
+
+    def _open_context(self, params) -> None:
+        self.ctx = self._new_context(params)
+        self._stack.callback(self._free_ctx)
+
+    def _free_ctx(self):
+        if self.ctx:
+            self._lc.llama_free(self.ctx)
+            self.ctx = None
+
+    # -- VRAM accounting (device free-memory query) --
+    def _vram_free(self) -> int | None:
+        return native.device_memory("CUDA0")[0] if self._cuda else None
+
+    def _vram_sample(self) -> None:
+        if self._vram_base is None:
+            return
+        used = self._vram_base - self._vram_free()
+        self._vram_peak = max(self._vram_peak or 0, used)
+
+    # -- decoding --
+    @property
+    def n_vocab(self) -> int:
+        return self._lc.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def n_layer(self) -> int:
+        return self._lc.llama_model_n_layer(self.model)
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        cap = len(data) + 16
+        buf = (self._lc.llama_token * cap)()
+        n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            buf = (self._lc.llama_token * -n)()
+            n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_bos, special)
+        return list(buf[:n])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = self._lc.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", errors="replace")
+
+    def token_bos(self) -> int:
+        return self._lc.llama_vocab_bos(self.vocab)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    def reset(self) -> None:
+        """Clear the KV cache: the next eval starts a new sequence."""
+        self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ctx), True)
+
+    def eval(self, tokens: list[int]) -> None:
+        """Decode tokens after what is already in the KV cache, n_batch at a time."""
+        if self.ctx is None:
+            raise DecodeError("this model is closed")
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+        step = self.config.n_batch
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i:i + step]
+            arr = (self._lc.llama_token * len(chunk))(*chunk)
+            rc = self._lc.llama_decode(self.ctx, self._lc.llama_batch_get_one(arr, len(chunk)))
+            self._after_decode()
+            if rc != 0:
+                raise DecodeError(f"llama_decode returned {rc} (1: KV cache full - raise n_ctx or reset(); "
+                                  "2: aborted; <0: error)")
+        self._vram_sample()
+
+    def _after_decode(self) -> None:
+        """Hook for subclasses: check native state after every llama_decode."""
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last evaluated token (a copy)."""
+        ptr = self._lc.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise DecodeError("no logits: evaluate tokens first")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def generate(self, prompt: list[int], n_tokens: int, *, stop_at_eog: bool = False,
+                 with_logits: bool = False):
+        """Greedy generation after `prompt`. Returns the new tokens, and the
+        logits that chose each of them when with_logits is set."""
+        self.eval(prompt)
+        tokens, all_logits = [], []
+        for _ in range(n_tokens):
+            lg = self.logits()
+            tok = int(np.argmax(lg))
+            if with_logits:
+                all_logits.append(lg)
+            tokens.append(tok)
+            if stop_at_eog and self.is_eog(tok):
+                break
+            self.eval([tok])
+        return (tokens, np.stack(all_logits)) if with_logits else tokens
+
+    # -- lifetime --
+    def close(self) -> None:
+        """Free the context, then the model (it owns the pinned host copy),
+        then the slots. Safe to call twice."""
+        self._stack.close()
+        self._keep.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _guarded_init(self, build) -> None:
+        """Run build(); on any failure release what was already created."""
+        try:
+            build()
+        except BaseException:
+            self.close()
+            raise
+
+
+class StockModel(_Session):
+    """llama.cpp's own `-ngl` split: the last n_gpu_layers layers on the GPU,
+    the rest in host memory (pinned when a GPU is present), no streaming."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, config: EngineConfig | None = None, **kw):
+        super().__init__(config or EngineConfig(**kw))
+        self.path = str(path)
+        self.n_gpu_layers = n_gpu_layers
+        self._guarded_init(self._build)
+
+    def _build(self):
+        read_model(self.path)  # clear errors for missing / damaged files
+        t0 = time.perf_counter()
+        self._cuda = _load_native(self.config.device != "host") and self.n_gpu_layers != 0
+        self._vram_base = self._vram_free()
+        self._load_model(self.path, self._model_params(self.n_gpu_layers))
+        self._open_context(self._context_params())
+        self._vram_sample()
+        self._vram_loaded = self._vram_peak
+        self._load_seconds = time.perf_counter() - t0
+
+    @property
+    def stats(self) -> Stats:
+        return Stats(f"stock ngl={self.n_gpu_layers}", None, None, self._vram_loaded, self._vram_peak, 0,
+                     self._load_seconds)
+
+
+class StreamedModel(_Session):
+    """A GGUF model whose non-resident layers stream through GPU (or host) slots."""
+
+    def __init__(self, path: str | os.PathLike, config: EngineConfig | None = None, **kw):
+        super().__init__(config or EngineConfig(**kw))
+        self.path = str(path)
+        self.engine: native.Engine | None = None
+        self.plan: Plan | None = None
+        self._pinned = 0
+        self._guarded_init(self._build)
+
+    # -- load pipeline --
+    def _build(self):
+        c = self.config
+        t0 = time.perf_counter()
+        mf = read_model(self.path)
+        self._cuda = _load_native(c.device != "host")
+        if c.device == "cuda" and not self._cuda:
+            raise EnvironmentMismatchError(
+                "a GPU run was asked for but this llama-cpp-python has no CUDA device; reinstall it with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36, '
+                "or use device='host'")
+        self.plan = self._make_plan(mf)
+        self._vram_base = self._vram_free()
+        if self.plan.streamed:
+            self._load_streamed(mf)
+        else:
+            self._load_model(self.path, self._model_params(-1 if self._cuda else 0))
+        self._open_context(self._context_params(
+            cb_eval=native.EVAL_CB if self.engine else None,
+            cb_user=self.engine.address if self.engine else None))
+        self._vram_sample()
+        self._vram_loaded = self._vram_peak
+        self._load_seconds = time.perf_counter() - t0
+
+    def _make_plan(self, mf: ModelFile) -> Plan:
+        c = self.config
+        budget = c.vram_budget
+        if budget is not None and self._cuda:
+            total = native.device_memory("CUDA0")[1]
+            if parse_size(budget) > total:
+                raise BudgetError(f"VRAM budget {format_size(parse_size(budget))} exceeds the device's "
+                                  f"{format_size(total)}")
+        if budget is None and c.n_streamed is None and c.streamed_layers is None:
+            budget_kw = {"n_streamed": 0}
+        else:
+            budget_kw = {"vram_budget": budget, "n_streamed": c.n_streamed, "streamed_layers": c.streamed_layers}
+        return make_plan(mf, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
+                         n_slots=c.n_slots, max_slots=c.max_slots, **budget_kw)
+
+    def _load_streamed(self, mf: ModelFile) -> None:
+        c, plan = self.config, self.plan
+        device = "CUDA0" if self._cuda else "CPU"
+        ring_buft, host_buft = native.device_bufts(device)
+        # Streamed layers load into pinned host memory (CUDA) or plain CPU
+        # memory (host mode); that copy is the upload source, the only one.
+        source_buft = host_buft if self._cuda else ring_buft
+        if not source_buft:
+            raise EnvironmentMismatchError(f"device {device} has no host buffer type for pinned memory")
+        self.engine = native.Engine(n_layer=mf.n_layer, n_slots=plan.n_slots, ring_buft=ring_buft,
+                                    use_cuda=self._cuda, prefetch=c.prefetch,
+                                    host_copy_delay_us=c.host_copy_delay_us)
+        self._stack.callback(self._destroy_engine)  # runs after the model and context are freed
+        overrides = llama_abi.buft_overrides([(llama_abi.layer_pattern(plan.streamed), source_buft)])
+        self._load_model(self.path, self._model_params(-1 if self._cuda else 0, overrides))
+        weights = self._discover(mf)
+        for w in weights:
+            if w.layer in plan.streamed:
+                if self._cuda:
+                    buf_name, _ = native.tensor_buffer(w.tensor)
+                    if buf_name != "CUDA_Host":
+                        raise EnvironmentMismatchError(
+                            f"{w.name} landed in a {buf_name} buffer instead of pinned CUDA_Host memory "
+                            "(cudaMallocHost failed?); free host memory or lower the number of streamed layers")
+                self.engine.add_tensor(w.layer, w.tensor)
+                self._pinned += w.nbytes if self._cuda else 0
+        self.engine.start()
+
+    def _discover(self, mf: ModelFile) -> list[native.Weight]:
+        """Find the weight tensors through a throwaway context and check that
+        the graph keeps each layer between its l_out boundaries."""
+        e = self.engine
+        e.discover_reset()
+        params = self._context_params(n_ctx=256, n_batch=16, n_ubatch=16,
+                                      cb_eval=native.DISCOVER_CB, cb_user=e.address)
+        ctx = self._new_context(params)
+        try:
+            bos = max(self.token_bos(), 0)
+            arr = (self._lc.llama_token * DISCOVERY_TOKENS)(*([bos] * DISCOVERY_TOKENS))
+            rc = self._lc.llama_decode(ctx, self._lc.llama_batch_get_one(arr, DISCOVERY_TOKENS))
+        finally:
+            self._lc.llama_free(ctx)
+        e.check_status("discovery")
+        if rc != 0:
+            raise DecodeError(f"discovery decode failed with llama_decode = {rc}")
+        check = e.graph_check()
+        if check.n_lout == 0:
+            raise UnsupportedModelError(
+                f"architecture {mf.arch}: its graph has no l_out-<i> layer boundaries, so gguf-stream cannot "
+                "stream its layers; load it with a budget that keeps every layer resident")
+        if check.n_lout != mf.n_layer or check.violations:
+            raise UnsupportedModelError(
+                f"architecture {mf.arch}: layers are not evaluated one after another "
+                f"({check.n_lout}/{mf.n_layer} l_out boundaries; {check.first_violation or 'ok'}); "
+                "gguf-stream cannot stream it")
+        weights = e.weights()
+        for w in weights:  # our view of ggml_tensor must agree with the file
+            info = mf.tensor(w.name)
+            if info is None or info.nbytes != w.nbytes:
+                raise EnvironmentMismatchError(
+                    f"tensor {w.name!r} ({w.nbytes} bytes) does not match the GGUF file: the ggml ABI differs "
+                    f"from llama-cpp-python {llama_abi.REQUIRED_VERSION}'s")
+            if w.viewed and w.layer in self.plan.streamed:
+                raise UnsupportedModelError(f"architecture {mf.arch} uses weight {w.name} through a view; "
+                                            "streaming it is not supported")
+        return weights
+
+    def _destroy_engine(self):
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+    def _after_decode(self) -> None:
+        if self.engine is not None:
+            self.engine.check_status("llama_decode")
+
+    @property
+    def stats(self) -> Stats:
+        return Stats("streamed" if self.engine else "resident", self.plan,
+                     self.engine.counters() if self.engine else None,
+                     self._vram_loaded, self._vram_peak, self._pinned, self._load_seconds)
+
+    def reset_counters(self) -> None:
+        if self.engine is not None:
+            self.engine.reset_counters()
+
+
+def load(path: str | os.PathLike, **options) -> StreamedModel:
+    """``with gguf_stream.load(path, vram_budget="8GiB", n_ctx=4096) as m: ...``"""
+    return StreamedModel(path, EngineConfig(**options))

@@ -1,0 +1,877 @@
+/* gguf-stream native helper. See gguf_stream.h for the contract. */
+#define _GNU_SOURCE
+#include "gguf_stream.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- the slice of ggml's ABI we rely on (llama-cpp-python 0.3.36) -------- */
+
+/* Mirror of struct ggml_tensor (ggml.h). The Python side checks names and
+ * shapes read through it against the GGUF file before anything is re-homed. */
+struct gs_tensor {
+    int32_t type;
+    void   *buffer;
+    int64_t ne[4];
+    size_t  nb[4];
+    int32_t op;
+    int32_t op_params[16];
+    int32_t flags;
+    struct gs_tensor *src[10];
+    struct gs_tensor *view_src;
+    size_t  view_offs;
+    void   *data;
+    char    name[64];
+    void   *extra;
+    char    padding[8];
+};
+_Static_assert(offsetof(struct gs_tensor, buffer) == 8, "ggml_tensor.buffer");
+_Static_assert(offsetof(struct gs_tensor, src) == 152, "ggml_tensor.src");
+_Static_assert(offsetof(struct gs_tensor, view_src) == 232, "ggml_tensor.view_src");
+_Static_assert(offsetof(struct gs_tensor, data) == 248, "ggml_tensor.data");
+_Static_assert(offsetof(struct gs_tensor, name) == 256, "ggml_tensor.name");
+_Static_assert(sizeof(struct gs_tensor) == 336, "sizeof ggml_tensor");
+
+#define GGML_USAGE_WEIGHTS 1
+
+static struct {
+    int    loaded;
+    void  *(*dev_by_name)(const char *);
+    void  *(*dev_buffer_type)(void *);
+    void  *(*dev_host_buffer_type)(void *);
+    void   (*dev_memory)(void *, size_t *, size_t *);
+    void  *(*buft_alloc_buffer)(void *, size_t);
+    size_t (*buft_get_alignment)(void *);
+    size_t (*buft_get_alloc_size)(void *, const void *);
+    const char *(*buft_name)(void *);
+    const char *(*buffer_name)(void *);
+    void   (*buffer_free)(void *);
+    void  *(*buffer_get_base)(void *);
+    size_t (*buffer_get_size)(void *);
+    void   (*buffer_clear)(void *, uint8_t);
+    void   (*buffer_set_usage)(void *, int);
+    int    (*buffer_get_usage)(void *);
+    int    (*tensor_alloc)(void *, void *, void *);
+    size_t (*nbytes)(const void *);
+} G;
+
+/* CUDA runtime entry points; handles are opaque pointers, errors ints. */
+#define CUDA_SUCCESS 0
+#define CUDA_NOT_READY 600
+#define CUDA_H2D 1
+#define CUDA_STREAM_NON_BLOCKING 1
+#define CUDA_EVENT_DISABLE_TIMING 2
+static struct {
+    int loaded;
+    int (*SetDevice)(int);
+    int (*StreamCreateWithFlags)(void **, unsigned);
+    int (*StreamDestroy)(void *);
+    int (*StreamSynchronize)(void *);
+    int (*EventCreateWithFlags)(void **, unsigned);
+    int (*EventDestroy)(void *);
+    int (*EventRecord)(void *, void *);
+    int (*EventQuery)(void *);
+    int (*EventSynchronize)(void *);
+    int (*MemcpyAsync)(void *, const void *, size_t, int, void *);
+    int (*MemsetAsync)(void *, int, size_t, void *);
+    const char *(*GetErrorString)(int);
+} C;
+
+/* ---- errors --------------------------------------------------------------- */
+
+static __thread char g_err[512];
+
+static int fail(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_err, sizeof g_err, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static int cuda_fail(const char *call, int err) {
+    return fail(GS_E_CUDA, "%s: %s (cudaError %d)", call,
+                C.GetErrorString ? C.GetErrorString(err) : "?", err);
+}
+
+const char *gs_last_error(void) { return g_err; }
+
+const char *gs_strerror(int code) {
+    switch (code) {
+    case GS_OK:         return "ok";
+    case GS_E_INVALID:  return "invalid argument or state";
+    case GS_E_NOMEM:    return "out of host memory";
+    case GS_E_DLOPEN:   return "library or symbol not found";
+    case GS_E_GGML:     return "ggml call failed";
+    case GS_E_CUDA:     return "CUDA runtime call failed";
+    case GS_E_THREAD:   return "thread creation failed";
+    case GS_E_GRAPH:    return "graph order violated";
+    default:            return "unknown error";
+    }
+}
+
+/* ---- library loading ------------------------------------------------------ */
+
+static void *open_loaded(const char *path) {
+    /* Prefer the copy already in the process; fall back to loading it. */
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    return h ? h : dlopen(path, RTLD_NOW);
+}
+
+static int resolve(void *h1, void *h2, const char *name, void **slot) {
+    void *p = h1 ? dlsym(h1, name) : NULL;
+    if (!p && h2) p = dlsym(h2, name);
+    if (!p) return fail(GS_E_DLOPEN, "symbol %s not found in the loaded ggml/cudart libraries", name);
+    *slot = p;
+    return GS_OK;
+}
+
+#define RESOLVE(h1, h2, field, sym) \
+    do { int rc_ = resolve(h1, h2, sym, (void **)&field); if (rc_) return rc_; } while (0)
+
+int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart) {
+    if (!ggml_base || !ggml) return fail(GS_E_INVALID, "gs_libs_load: ggml library paths are required");
+    if (!G.loaded) {
+        void *hb = open_loaded(ggml_base);
+        if (!hb) return fail(GS_E_DLOPEN, "dlopen(%s): %s", ggml_base, dlerror());
+        void *hg = open_loaded(ggml);
+        if (!hg) return fail(GS_E_DLOPEN, "dlopen(%s): %s", ggml, dlerror());
+        RESOLVE(hg, hb, G.dev_by_name, "ggml_backend_dev_by_name");
+        RESOLVE(hb, hg, G.dev_buffer_type, "ggml_backend_dev_buffer_type");
+        RESOLVE(hb, hg, G.dev_host_buffer_type, "ggml_backend_dev_host_buffer_type");
+        RESOLVE(hb, hg, G.dev_memory, "ggml_backend_dev_memory");
+        RESOLVE(hb, hg, G.buft_alloc_buffer, "ggml_backend_buft_alloc_buffer");
+        RESOLVE(hb, hg, G.buft_get_alignment, "ggml_backend_buft_get_alignment");
+        RESOLVE(hb, hg, G.buft_get_alloc_size, "ggml_backend_buft_get_alloc_size");
+        RESOLVE(hb, hg, G.buft_name, "ggml_backend_buft_name");
+        RESOLVE(hb, hg, G.buffer_name, "ggml_backend_buffer_name");
+        RESOLVE(hb, hg, G.buffer_free, "ggml_backend_buffer_free");
+        RESOLVE(hb, hg, G.buffer_get_base, "ggml_backend_buffer_get_base");
+        RESOLVE(hb, hg, G.buffer_get_size, "ggml_backend_buffer_get_size");
+        RESOLVE(hb, hg, G.buffer_clear, "ggml_backend_buffer_clear");
+        RESOLVE(hb, hg, G.buffer_set_usage, "ggml_backend_buffer_set_usage");
+        RESOLVE(hb, hg, G.buffer_get_usage, "ggml_backend_buffer_get_usage");
+        RESOLVE(hb, hg, G.tensor_alloc, "ggml_backend_tensor_alloc");
+        RESOLVE(hb, hg, G.nbytes, "ggml_nbytes");
+        G.loaded = 1;
+    }
+    if (cudart && !C.loaded) {
+        void *hc = open_loaded(cudart);
+        if (!hc) return fail(GS_E_DLOPEN, "dlopen(%s): %s", cudart, dlerror());
+        RESOLVE(hc, NULL, C.SetDevice, "cudaSetDevice");
+        RESOLVE(hc, NULL, C.StreamCreateWithFlags, "cudaStreamCreateWithFlags");
+        RESOLVE(hc, NULL, C.StreamDestroy, "cudaStreamDestroy");
+        RESOLVE(hc, NULL, C.StreamSynchronize, "cudaStreamSynchronize");
+        RESOLVE(hc, NULL, C.EventCreateWithFlags, "cudaEventCreateWithFlags");
+        RESOLVE(hc, NULL, C.EventDestroy, "cudaEventDestroy");
+        RESOLVE(hc, NULL, C.EventRecord, "cudaEventRecord");
+        RESOLVE(hc, NULL, C.EventQuery, "cudaEventQuery");
+        RESOLVE(hc, NULL, C.EventSynchronize, "cudaEventSynchronize");
+        RESOLVE(hc, NULL, C.MemcpyAsync, "cudaMemcpyAsync");
+        RESOLVE(hc, NULL, C.MemsetAsync, "cudaMemsetAsync");
+        RESOLVE(hc, NULL, C.GetErrorString, "cudaGetErrorString");
+        C.loaded = 1;
+    }
+    return GS_OK;
+}
+
+int gs_device_bufts(const char *name, void **buft, void **host_buft) {
+    if (!G.loaded) return fail(GS_E_INVALID, "gs_device_bufts: libraries not loaded");
+    void *dev = G.dev_by_name(name);
+    if (!dev) return fail(GS_E_INVALID, "ggml has no device named %s", name);
+    if (buft) *buft = G.dev_buffer_type(dev);
+    if (host_buft) *host_buft = G.dev_host_buffer_type(dev);
+    return GS_OK;
+}
+
+int gs_device_memory(const char *name, size_t *free_bytes, size_t *total_bytes) {
+    if (!G.loaded) return fail(GS_E_INVALID, "gs_device_memory: libraries not loaded");
+    void *dev = G.dev_by_name(name);
+    if (!dev) return fail(GS_E_INVALID, "ggml has no device named %s", name);
+    G.dev_memory(dev, free_bytes, total_bytes);
+    return GS_OK;
+}
+
+int gs_tensor_buffer(const void *tensor, const char **buffer_name, size_t *buffer_size) {
+    const struct gs_tensor *t = tensor;
+    if (!G.loaded || !t || !t->buffer) return fail(GS_E_INVALID, "gs_tensor_buffer: tensor has no buffer");
+    *buffer_name = G.buffer_name(t->buffer);
+    *buffer_size = G.buffer_get_size(t->buffer);
+    return GS_OK;
+}
+
+/* ---- pointer -> index map (open addressing) -------------------------------- */
+
+typedef struct { const void **keys; int *vals; size_t cap; } ptrmap;
+
+static size_t ptr_hash(const void *p, size_t cap) {
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
+    return (size_t)x & (cap - 1);
+}
+
+static int ptrmap_get(const ptrmap *m, const void *key) {
+    if (!m->cap) return -1;
+    for (size_t i = ptr_hash(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
+        if (!m->keys[i]) return -1;
+        if (m->keys[i] == key) return m->vals[i];
+    }
+}
+
+static int ptrmap_put(ptrmap *m, const void *key, int val, size_t count) {
+    if ((count + 1) * 2 > m->cap) {      /* keep load <= 1/2 */
+        size_t ncap = m->cap ? m->cap * 2 : 256;
+        ptrmap n = { calloc(ncap, sizeof(void *)), calloc(ncap, sizeof(int)), ncap };
+        if (!n.keys || !n.vals) { free(n.keys); free(n.vals); return GS_E_NOMEM; }
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->keys[i]) ptrmap_put(&n, m->keys[i], m->vals[i], 0);
+        free(m->keys); free(m->vals);
+        *m = n;
+    }
+    size_t i = ptr_hash(key, m->cap);
+    while (m->keys[i] && m->keys[i] != key) i = (i + 1) & (m->cap - 1);
+    m->keys[i] = key;
+    m->vals[i] = val;
+    return GS_OK;
+}
+
+static void ptrmap_free(ptrmap *m) { free(m->keys); free(m->vals); memset(m, 0, sizeof *m); }
+
+/* ---- engine state ---------------------------------------------------------- */
+
+enum { SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_IN_USE };
+
+typedef struct {
+    struct gs_tensor *t;
+    void   *src;          /* upload source: llama.cpp's host copy */
+    void   *src_buffer;   /* the buffer t lived in before re-homing */
+    size_t  nbytes, alloc, offset;
+    int     layer;
+} srec;
+
+typedef struct {
+    int    stream_idx;    /* position in execution order, -1 if not streamed */
+    int    first, count;  /* its records in e->recs (contiguous after start) */
+    int    slot;          /* slot adopted for the current evaluation, or -1 */
+    size_t bytes;         /* laid-out size in a slot */
+} layer_info;
+
+typedef struct {
+    int      layer;       /* layer held (loading, ready or in use), -1 if empty */
+    int      state;
+    char    *base;
+    void    *event;       /* CUDA */
+    uint64_t ticket;      /* host mode */
+} slot_info;
+
+typedef struct { int slot, layer; uint64_t ticket; } host_job;
+
+struct gs_engine {
+    gs_engine_config cfg;
+
+    /* discovery */
+    gs_weight *weights;
+    char     (*weight_names)[64];
+    int        n_weights, cap_weights;
+    ptrmap     weight_map;
+    int        last_lout;
+    gs_graph_check check;
+    unsigned char *lout_seen;
+
+    /* streaming */
+    srec      *recs;
+    int        n_recs, cap_recs;
+    ptrmap     rec_map;
+    layer_info *layers;
+    int       *order;     /* streamed layers in execution order */
+    int        n_streamed, n_slots;
+    slot_info *slots;
+    void      *ring;
+    size_t     slot_bytes;
+    int        started;
+
+    /* copy engine */
+    void      *stream;
+    pthread_t  thread;
+    int        thread_started, stop;
+    pthread_mutex_t mu;
+    pthread_cond_t  cv_job, cv_done;
+    host_job  *jobs;
+    int        job_cap, job_head, job_len;
+    uint64_t   issued, completed;
+
+    gs_stats   stats;
+    int        status;
+    char       status_msg[512];
+};
+
+static void engine_fail(gs_engine *e, int code) {
+    if (e->status) return;            /* keep the first failure */
+    e->status = code;
+    snprintf(e->status_msg, sizeof e->status_msg, "%s", g_err);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* "blk.12.ffn_up.weight" -> 12; "l_out-12" -> 12 (prefix "l_out-"); else -1. */
+static int parse_index(const char *name, const char *prefix, char end) {
+    size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) return -1;
+    char *stop;
+    long v = strtol(name + n, &stop, 10);
+    if (stop == name + n || *stop != end || v < 0 || v > 1 << 20) return -1;
+    return (int)v;
+}
+
+int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
+    *out = NULL;
+    if (!G.loaded) return fail(GS_E_INVALID, "gs_engine_create: call gs_libs_load first");
+    if (!cfg || cfg->n_layer <= 0 || cfg->n_slots <= 0 || !cfg->ring_buft)
+        return fail(GS_E_INVALID, "gs_engine_create: need n_layer > 0, n_slots > 0 and a ring buffer type");
+    if (cfg->use_cuda && !C.loaded)
+        return fail(GS_E_INVALID, "gs_engine_create: CUDA mode needs the CUDA runtime (gs_libs_load with cudart)");
+    gs_engine *e = calloc(1, sizeof *e);
+    if (!e) return fail(GS_E_NOMEM, "gs_engine_create: calloc");
+    e->cfg = *cfg;
+    e->layers = calloc(cfg->n_layer, sizeof *e->layers);
+    e->lout_seen = calloc(cfg->n_layer, 1);
+    if (!e->layers || !e->lout_seen) { gs_engine_destroy(e); return fail(GS_E_NOMEM, "gs_engine_create: calloc"); }
+    for (int i = 0; i < cfg->n_layer; i++) { e->layers[i].stream_idx = -1; e->layers[i].slot = -1; }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv_job, NULL);
+    pthread_cond_init(&e->cv_done, NULL);
+    gs_engine_discover_reset(e);
+    *out = e;
+    return GS_OK;
+}
+
+/* ---- discovery ------------------------------------------------------------- */
+
+void gs_engine_discover_reset(gs_engine *e) {
+    e->last_lout = -1;
+    memset(&e->check, 0, sizeof e->check);
+    e->check.max_lout = -1;
+    memset(e->lout_seen, 0, e->cfg.n_layer);
+}
+
+static int is_weight(const struct gs_tensor *t) {
+    return t && t->buffer && G.buffer_get_usage(t->buffer) == GGML_USAGE_WEIGHTS;
+}
+
+static void violation(gs_engine *e, const char *fmt, ...) {
+    if (e->check.violations++ == 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->check.first_violation, sizeof e->check.first_violation, fmt, ap);
+        va_end(ap);
+    }
+}
+
+static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const char *user_name) {
+    int idx = ptrmap_get(&e->weight_map, w);
+    if (idx < 0) {
+        if (e->n_weights == e->cap_weights) {
+            int ncap = e->cap_weights ? 2 * e->cap_weights : 256;
+            gs_weight *nw = realloc(e->weights, ncap * sizeof *nw);
+            if (nw) e->weights = nw;
+            char (*nn)[64] = realloc(e->weight_names, ncap * sizeof *nn);
+            if (nn) e->weight_names = nn;
+            if (!nw || !nn) { fail(GS_E_NOMEM, "discovery: realloc"); engine_fail(e, GS_E_NOMEM); return; }
+            e->cap_weights = ncap;
+        }
+        idx = e->n_weights;
+        if (ptrmap_put(&e->weight_map, w, idx, e->n_weights)) {
+            fail(GS_E_NOMEM, "discovery: map"); engine_fail(e, GS_E_NOMEM); return;
+        }
+        e->n_weights++;
+        memcpy(e->weight_names[idx], w->name, 64);
+        e->weight_names[idx][63] = 0;
+        gs_weight *r = &e->weights[idx];
+        r->tensor = w;
+        r->name = e->weight_names[idx];
+        r->layer = parse_index(w->name, "blk.", '.');
+        r->nbytes = G.nbytes(w);
+        r->viewed = 0;
+    }
+    gs_weight *r = &e->weights[idx];
+    r->viewed |= viewed;
+    if (r->layer >= 0 && r->layer != e->last_lout + 1)
+        violation(e, "weight %s is used by node %s after l_out-%d", r->name, user_name, e->last_lout);
+}
+
+bool gs_discover_cb(void *tensor, bool ask, void *user) {
+    gs_engine *e = user;
+    struct gs_tensor *t = tensor;
+    if (!ask || e->status) return false;
+    if (t->view_src && is_weight(t->view_src)) record_weight(e, t->view_src, 1, t->name);
+    for (int k = 0; k < 10; k++) {
+        struct gs_tensor *s = t->src[k];
+        if (!s) continue;
+        struct gs_tensor *base = s->view_src ? s->view_src : s;
+        if (is_weight(base)) record_weight(e, base, base != s, t->name);
+    }
+    int i = parse_index(t->name, "l_out-", '\0');
+    if (i >= 0) {
+        if (i >= e->cfg.n_layer) violation(e, "node l_out-%d but the model has %d layers", i, e->cfg.n_layer);
+        else {
+            if (i != e->last_lout + 1) violation(e, "l_out-%d follows l_out-%d", i, e->last_lout);
+            if (!e->lout_seen[i]) { e->lout_seen[i] = 1; e->check.n_lout++; }
+            if (i > e->check.max_lout) e->check.max_lout = i;
+            e->last_lout = i;
+        }
+    }
+    return false;
+}
+
+int gs_engine_weight_count(gs_engine *e) { return e->n_weights; }
+
+int gs_engine_weight_get(gs_engine *e, int i, gs_weight *out) {
+    if (i < 0 || i >= e->n_weights) return fail(GS_E_INVALID, "weight index %d out of range", i);
+    *out = e->weights[i];
+    return GS_OK;
+}
+
+int gs_engine_graph_check(gs_engine *e, gs_graph_check *out) {
+    *out = e->check;
+    return GS_OK;
+}
+
+/* ---- streamed tensors and the ring ------------------------------------------ */
+
+int gs_engine_add_tensor(gs_engine *e, int layer, void *tensor) {
+    struct gs_tensor *t = tensor;
+    if (e->started) return fail(GS_E_INVALID, "gs_engine_add_tensor: engine already started");
+    if (layer < 0 || layer >= e->cfg.n_layer) return fail(GS_E_INVALID, "layer %d out of range", layer);
+    if (!t || !t->buffer || !t->data || t->view_src)
+        return fail(GS_E_INVALID, "tensor %s is not an allocated weight", t ? t->name : "(null)");
+    if (ptrmap_get(&e->rec_map, t) >= 0) return fail(GS_E_INVALID, "tensor %s added twice", t->name);
+    if (e->n_recs == e->cap_recs) {
+        int ncap = e->cap_recs ? 2 * e->cap_recs : 256;
+        srec *n = realloc(e->recs, ncap * sizeof *n);
+        if (!n) return fail(GS_E_NOMEM, "gs_engine_add_tensor: realloc");
+        e->recs = n;
+        e->cap_recs = ncap;
+    }
+    srec *r = &e->recs[e->n_recs];
+    memset(r, 0, sizeof *r);
+    r->t = t;
+    r->src = t->data;
+    r->src_buffer = t->buffer;
+    r->nbytes = G.nbytes(t);
+    r->alloc = G.buft_get_alloc_size(e->cfg.ring_buft, t);
+    r->layer = layer;
+    if (ptrmap_put(&e->rec_map, t, e->n_recs, e->n_recs)) return fail(GS_E_NOMEM, "gs_engine_add_tensor: map");
+    e->n_recs++;
+    return GS_OK;
+}
+
+static int cmp_rec(const void *a, const void *b) {
+    const srec *x = a, *y = b;
+    if (x->layer != y->layer) return x->layer - y->layer;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
+static size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+/* ---- copy engine ------------------------------------------------------------- */
+
+static void host_copy_layer(gs_engine *e, int slot, int layer) {
+    const layer_info *ly = &e->layers[layer];
+    char *base = e->slots[slot].base;
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        const srec *r = &e->recs[k];
+        memcpy(base + r->offset, r->src, r->nbytes);
+        if (r->alloc > r->nbytes) memset(base + r->offset + r->nbytes, 0, r->alloc - r->nbytes);
+    }
+    if (e->cfg.host_copy_delay_us > 0) usleep(e->cfg.host_copy_delay_us);
+}
+
+static void *host_copy_thread(void *arg) {
+    gs_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->stop && e->job_len == 0) pthread_cond_wait(&e->cv_job, &e->mu);
+        if (e->job_len == 0) break;          /* stop requested and queue drained */
+        host_job job = e->jobs[e->job_head];
+        pthread_mutex_unlock(&e->mu);
+        host_copy_layer(e, job.slot, job.layer);
+        pthread_mutex_lock(&e->mu);
+        e->job_head = (e->job_head + 1) % e->job_cap;
+        e->job_len--;
+        e->completed = job.ticket;
+        pthread_cond_broadcast(&e->cv_done);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
+static int copy_engine_start(gs_engine *e) {
+    if (e->cfg.use_cuda) {
+        int err = C.SetDevice(e->cfg.cuda_device);
+        if (err) return cuda_fail("cudaSetDevice", err);
+        /* Own non-blocking stream: never serialises with llama.cpp's streams. */
+        err = C.StreamCreateWithFlags(&e->stream, CUDA_STREAM_NON_BLOCKING);
+        if (err) { e->stream = NULL; return cuda_fail("cudaStreamCreateWithFlags", err); }
+        for (int s = 0; s < e->n_slots; s++) {
+            err = C.EventCreateWithFlags(&e->slots[s].event, CUDA_EVENT_DISABLE_TIMING);
+            if (err) { e->slots[s].event = NULL; return cuda_fail("cudaEventCreateWithFlags", err); }
+        }
+        return GS_OK;
+    }
+    e->job_cap = 4 * e->n_slots + 8;
+    e->jobs = calloc(e->job_cap, sizeof *e->jobs);
+    if (!e->jobs) return fail(GS_E_NOMEM, "copy engine: calloc");
+    if (pthread_create(&e->thread, NULL, host_copy_thread, e))
+        return fail(GS_E_THREAD, "pthread_create: host copy thread");
+    e->thread_started = 1;
+    return GS_OK;
+}
+
+/* Queue the upload of `layer` into `slot`. Copies are FIFO (one stream or one
+ * thread), so a later copy into the same slot is ordered after an earlier one. */
+static int copy_issue(gs_engine *e, int slot, int layer) {
+    const layer_info *ly = &e->layers[layer];
+    slot_info *sl = &e->slots[slot];
+    sl->layer = layer;
+    sl->state = SLOT_LOADING;
+    e->stats.uploads++;
+    e->stats.bytes_uploaded += ly->bytes;
+    if (e->cfg.use_cuda) {
+        for (int k = ly->first; k < ly->first + ly->count; k++) {
+            const srec *r = &e->recs[k];
+            int err = C.MemcpyAsync(sl->base + r->offset, r->src, r->nbytes, CUDA_H2D, e->stream);
+            if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaMemcpyAsync", err); }
+            /* Quantized rows are padded on CUDA; the padding must read as zero. */
+            if (r->alloc > r->nbytes) {
+                err = C.MemsetAsync(sl->base + r->offset + r->nbytes, 0, r->alloc - r->nbytes, e->stream);
+                if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaMemsetAsync", err); }
+            }
+        }
+        int err = C.EventRecord(sl->event, e->stream);
+        if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaEventRecord", err); }
+        return GS_OK;
+    }
+    pthread_mutex_lock(&e->mu);
+    while (e->job_len == e->job_cap) pthread_cond_wait(&e->cv_done, &e->mu);
+    host_job *j = &e->jobs[(e->job_head + e->job_len) % e->job_cap];
+    j->slot = slot;
+    j->layer = layer;
+    j->ticket = ++e->issued;
+    sl->ticket = j->ticket;
+    e->job_len++;
+    pthread_cond_signal(&e->cv_job);
+    pthread_mutex_unlock(&e->mu);
+    return GS_OK;
+}
+
+/* 1 if the slot's last copy has landed, 0 if in flight, <0 on error. */
+static int copy_done(gs_engine *e, int slot) {
+    slot_info *sl = &e->slots[slot];
+    if (e->cfg.use_cuda) {
+        int err = C.EventQuery(sl->event);
+        if (err == CUDA_SUCCESS) return 1;
+        if (err == CUDA_NOT_READY) return 0;
+        return cuda_fail("cudaEventQuery", err);
+    }
+    pthread_mutex_lock(&e->mu);
+    int done = e->completed >= sl->ticket;
+    pthread_mutex_unlock(&e->mu);
+    return done;
+}
+
+static int copy_wait(gs_engine *e, int slot) {
+    slot_info *sl = &e->slots[slot];
+    if (e->cfg.use_cuda) {
+        int err = C.EventSynchronize(sl->event);
+        return err ? cuda_fail("cudaEventSynchronize", err) : GS_OK;
+    }
+    pthread_mutex_lock(&e->mu);
+    while (e->completed < sl->ticket) pthread_cond_wait(&e->cv_done, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    return GS_OK;
+}
+
+static void copy_engine_stop(gs_engine *e) {
+    if (e->cfg.use_cuda) {
+        if (e->stream) C.StreamSynchronize(e->stream);
+        for (int s = 0; e->slots && s < e->n_slots; s++)
+            if (e->slots[s].event) { C.EventDestroy(e->slots[s].event); e->slots[s].event = NULL; }
+        if (e->stream) { C.StreamDestroy(e->stream); e->stream = NULL; }
+        return;
+    }
+    if (e->thread_started) {
+        pthread_mutex_lock(&e->mu);
+        e->stop = 1;
+        pthread_cond_broadcast(&e->cv_job);
+        pthread_mutex_unlock(&e->mu);
+        pthread_join(e->thread, NULL);
+        e->thread_started = 0;
+    }
+    free(e->jobs);
+    e->jobs = NULL;
+}
+
+/* ---- start ------------------------------------------------------------------- */
+
+static void rehome_undo(gs_engine *e, int upto) {
+    for (int k = 0; k < upto; k++) {
+        e->recs[k].t->buffer = e->recs[k].src_buffer;
+        e->recs[k].t->data = e->recs[k].src;
+    }
+}
+
+int gs_engine_start(gs_engine *e) {
+    if (e->started) return fail(GS_E_INVALID, "gs_engine_start: already started");
+    if (e->n_recs == 0) return fail(GS_E_INVALID, "gs_engine_start: no streamed tensors were added");
+
+    /* Group records by layer (the map is rebuilt after sorting). */
+    qsort(e->recs, e->n_recs, sizeof *e->recs, cmp_rec);
+    ptrmap_free(&e->rec_map);
+    size_t align = G.buft_get_alignment(e->cfg.ring_buft);
+    if (align == 0) align = 1;
+    size_t max_bytes = 0;
+    for (int k = 0; k < e->n_recs; k++) {
+        srec *r = &e->recs[k];
+        layer_info *ly = &e->layers[r->layer];
+        if (ly->count == 0) { ly->first = k; ly->bytes = 0; }
+        ly->count++;
+        r->offset = align_up(ly->bytes, align);
+        ly->bytes = r->offset + r->alloc;
+        if (ly->bytes > max_bytes) max_bytes = ly->bytes;
+        if (ptrmap_put(&e->rec_map, r->t, k, k)) return fail(GS_E_NOMEM, "gs_engine_start: map");
+    }
+    e->order = calloc(e->cfg.n_layer, sizeof *e->order);
+    if (!e->order) return fail(GS_E_NOMEM, "gs_engine_start: calloc");
+    for (int i = 0; i < e->cfg.n_layer; i++)
+        if (e->layers[i].count > 0) { e->layers[i].stream_idx = e->n_streamed; e->order[e->n_streamed++] = i; }
+
+    e->n_slots = e->cfg.n_slots < e->n_streamed ? e->cfg.n_slots : e->n_streamed;
+    e->slot_bytes = align_up(max_bytes, align);
+    size_t ring_bytes = e->slot_bytes * (size_t)e->n_slots;
+    e->slots = calloc(e->n_slots, sizeof *e->slots);
+    if (!e->slots) return fail(GS_E_NOMEM, "gs_engine_start: calloc");
+
+    e->ring = G.buft_alloc_buffer(e->cfg.ring_buft, ring_bytes);
+    if (!e->ring)
+        return fail(GS_E_GGML, "ggml_backend_buft_alloc_buffer(%s, %zu bytes) failed: not enough memory for %d slots",
+                    G.buft_name(e->cfg.ring_buft), ring_bytes, e->n_slots);
+    /* Without WEIGHTS usage the scheduler would not place ops by these tensors. */
+    G.buffer_set_usage(e->ring, GGML_USAGE_WEIGHTS);
+    G.buffer_clear(e->ring, 0);
+    char *base = G.buffer_get_base(e->ring);
+    for (int s = 0; s < e->n_slots; s++) {
+        e->slots[s].base = base + (size_t)s * e->slot_bytes;
+        e->slots[s].layer = -1;
+        e->slots[s].state = SLOT_EMPTY;
+    }
+    for (int k = 0; k < e->n_recs; k++) {
+        srec *r = &e->recs[k];
+        r->t->buffer = NULL;
+        r->t->data = NULL;
+        int st = G.tensor_alloc(e->ring, r->t, e->slots[0].base + r->offset);
+        if (st != 0) {
+            rehome_undo(e, k + 1);
+            return fail(GS_E_GGML, "ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st);
+        }
+    }
+    e->started = 1;
+    int rc = copy_engine_start(e);
+    if (rc) return rc;
+    e->stats.slot_bytes = e->slot_bytes;
+    e->stats.ring_bytes = ring_bytes;
+    e->stats.n_streamed = e->n_streamed;
+    e->stats.n_slots = e->n_slots;
+    if (e->cfg.prefetch)
+        for (int s = 0; s < e->n_slots; s++)
+            if ((rc = copy_issue(e, s, e->order[s]))) return rc;
+    return GS_OK;
+}
+
+/* ---- the ring's state machine ------------------------------------------------ */
+
+static int slot_holding(const gs_engine *e, int layer) {
+    for (int s = 0; s < e->n_slots; s++)
+        if (e->slots[s].layer == layer && e->slots[s].state != SLOT_EMPTY) return s;
+    return -1;
+}
+
+/* Slot for a synchronous upload of `layer`: an empty one, else the one whose
+ * layer is needed last from here. A slot still marked in use belongs to an
+ * evaluation that never reached its release (e.g. an aborted decode): at a
+ * hook call every launched op has finished, so it can be reclaimed. */
+static int victim_slot(gs_engine *e, int layer) {
+    int best = -1, best_dist = -1, S = e->n_streamed;
+    for (int s = 0; s < e->n_slots; s++) {
+        const slot_info *sl = &e->slots[s];
+        if (sl->state == SLOT_EMPTY) return s;
+        /* in-use slots only as a last resort */
+        int dist = sl->state == SLOT_IN_USE
+                 ? -1 : (e->layers[sl->layer].stream_idx - e->layers[layer].stream_idx + S) % S;
+        if (best < 0 || dist > best_dist) { best = s; best_dist = dist; }
+    }
+    if (e->slots[best].state == SLOT_IN_USE) e->layers[e->slots[best].layer].slot = -1;
+    return best;
+}
+
+static void point_layer(gs_engine *e, int layer, int slot) {
+    const layer_info *ly = &e->layers[layer];
+    char *base = e->slots[slot].base;
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        e->recs[k].t->data = base + e->recs[k].offset;
+}
+
+static int adopt(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    if (ly->slot >= 0) return GS_OK;
+    double t0 = now_s();
+    int rc, s = slot_holding(e, layer);
+    if (s < 0) {
+        s = victim_slot(e, layer);
+        if ((rc = copy_issue(e, s, layer)) || (rc = copy_wait(e, s))) return rc;
+        e->stats.sync_fallbacks++;
+        e->stats.wait_seconds += now_s() - t0;
+    } else if (e->slots[s].state == SLOT_LOADING) {
+        rc = copy_done(e, s);
+        if (rc < 0) return rc;
+        if (rc == 1) e->stats.adopted_ready++;
+        else {
+            if ((rc = copy_wait(e, s))) return rc;
+            e->stats.adopted_waited++;
+            e->stats.wait_seconds += now_s() - t0;
+        }
+    } else {
+        e->stats.adopted_ready++;
+    }
+    e->slots[s].state = SLOT_IN_USE;
+    ly->slot = s;
+    point_layer(e, layer, s);
+    if (ly->stream_idx == 0) e->stats.evaluations++;
+    return GS_OK;
+}
+
+/* Layer finished on the device: its slot may be overwritten. Early trigger:
+ * the slot immediately receives the streamed layer n_slots steps ahead in
+ * execution order (wrapping round to the next ubatch or token). */
+static int release(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    int s = ly->slot;
+    if (s < 0) return GS_OK;
+    ly->slot = -1;
+    e->slots[s].state = SLOT_READY;
+    if (!e->cfg.prefetch) return GS_OK;
+    int next = e->order[(ly->stream_idx + e->n_slots) % e->n_streamed];
+    if (slot_holding(e, next) >= 0) return GS_OK;
+    return copy_issue(e, s, next);
+}
+
+/* Before a node that reads a streamed weight runs, its layer must be adopted.
+ * Normally the boundary at l_out-(L-1) did it; the first layer of a graph has
+ * no such boundary and is adopted here (nothing launched is pending on it). */
+static int adopt_sources(gs_engine *e, const struct gs_tensor *t) {
+    for (int k = 0; k < 10; k++) {
+        const struct gs_tensor *s = t->src[k];
+        if (!s || s->buffer != e->ring) continue;
+        int idx = ptrmap_get(&e->rec_map, s);
+        if (idx < 0) continue;
+        int rc = adopt(e, e->recs[idx].layer);
+        if (rc) return rc;
+    }
+    return GS_OK;
+}
+
+bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
+    gs_engine *e = user;
+    struct gs_tensor *t = tensor;
+    if (e->status || !e->started) return !ask;
+    int i = parse_index(t->name, "l_out-", '\0');
+    int n = e->cfg.n_layer;
+    if (ask) {
+        if (i >= 0 && i < n && (e->layers[i].stream_idx >= 0 || (i + 1 < n && e->layers[i + 1].stream_idx >= 0))) {
+            e->stats.boundaries++;
+            return true;
+        }
+        int rc = adopt_sources(e, t);
+        if (rc) engine_fail(e, rc);
+        return false;
+    }
+    /* The backend is synchronised: every node up to t has finished. */
+    if (i >= 0 && i < n) {
+        int rc = GS_OK;
+        if (e->layers[i].stream_idx >= 0) rc = release(e, i);
+        if (!rc && i + 1 < n && e->layers[i + 1].stream_idx >= 0) rc = adopt(e, i + 1);
+        if (rc) engine_fail(e, rc);
+    }
+    return true;
+}
+
+int gs_engine_status(gs_engine *e, char *msg, size_t msg_len) {
+    if (msg && msg_len) snprintf(msg, msg_len, "%s", e->status ? e->status_msg : "");
+    return e->status;
+}
+
+int gs_engine_stats(gs_engine *e, gs_stats *out) {
+    *out = e->stats;
+    return GS_OK;
+}
+
+void gs_engine_reset_stats(gs_engine *e) {
+    gs_stats keep = e->stats;
+    memset(&e->stats, 0, sizeof e->stats);
+    e->stats.slot_bytes = keep.slot_bytes;
+    e->stats.ring_bytes = keep.ring_bytes;
+    e->stats.n_streamed = keep.n_streamed;
+    e->stats.n_slots = keep.n_slots;
+}
+
+int gs_engine_debug_swap_sources(gs_engine *e, int a, int b) {
+    if (!e->started || a < 0 || b < 0 || a >= e->cfg.n_layer || b >= e->cfg.n_layer)
+        return fail(GS_E_INVALID, "swap: engine not started or layer out of range");
+    layer_info *la = &e->layers[a], *lb = &e->layers[b];
+    if (la->stream_idx < 0 || lb->stream_idx < 0 || la->count != lb->count)
+        return fail(GS_E_INVALID, "swap: layers %d and %d are not both streamed with the same tensors", a, b);
+    for (int k = 0; k < la->count; k++) {
+        srec *x = &e->recs[la->first + k], *y = &e->recs[lb->first + k];
+        if (x->nbytes != y->nbytes || x->offset != y->offset)
+            return fail(GS_E_INVALID, "swap: layers %d and %d differ in layout", a, b);
+    }
+    for (int k = 0; k < la->count; k++) {
+        srec *x = &e->recs[la->first + k], *y = &e->recs[lb->first + k];
+        void *tmp = x->src; x->src = y->src; y->src = tmp;
+    }
+    /* Drop whatever the slots hold so the swapped sources are used at once. */
+    if (e->cfg.use_cuda && e->stream) C.StreamSynchronize(e->stream);
+    for (int s = 0; s < e->n_slots; s++) {
+        if (!e->cfg.use_cuda) copy_wait(e, s);
+        if (e->slots[s].state != SLOT_IN_USE) { e->slots[s].state = SLOT_EMPTY; e->slots[s].layer = -1; }
+    }
+    return GS_OK;
+}
+
+void gs_engine_destroy(gs_engine *e) {
+    if (!e) return;
+    copy_engine_stop(e);
+    if (e->ring) G.buffer_free(e->ring);
+    ptrmap_free(&e->weight_map);
+    ptrmap_free(&e->rec_map);
+    free(e->weights);
+    free(e->weight_names);
+    free(e->recs);
+    free(e->layers);
+    free(e->order);
+    free(e->slots);
+    free(e->lout_seen);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv_job);
+    pthread_cond_destroy(&e->cv_done);
+    free(e);
+}

@@ -1,0 +1,129 @@
+/*
+ * gguf-stream native helper: the ring of weight slots, its copy engine and the
+ * llama.cpp scheduler hook (cb_eval) that streams layers through it.
+ *
+ * Nothing here links against ggml or CUDA at build time. gs_libs_load()
+ * resolves the few ggml-base / ggml / cudart entry points from the libraries
+ * llama-cpp-python has already loaded, so the helper always talks to the same
+ * copies (and the same CUDA runtime) as llama.cpp itself.
+ *
+ * Every function returns GS_OK (0) or a negative GS_E_* code; gs_last_error()
+ * holds a message naming the failing call. Nothing aborts the process.
+ */
+#ifndef GGUF_STREAM_H
+#define GGUF_STREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define GS_OK          0
+#define GS_E_INVALID  -1  /* bad argument or wrong state */
+#define GS_E_NOMEM    -2  /* host allocation failed */
+#define GS_E_DLOPEN   -3  /* a library or symbol could not be resolved */
+#define GS_E_GGML     -4  /* a ggml call failed (buffer or tensor allocation) */
+#define GS_E_CUDA     -5  /* a CUDA runtime call failed */
+#define GS_E_THREAD   -6  /* the host copy thread could not be started */
+#define GS_E_GRAPH    -7  /* the graph used a streamed layer outside its segment */
+
+const char *gs_strerror(int code);
+/* Message of the last failure on this thread: "cudaMemcpyAsync: invalid argument". */
+const char *gs_last_error(void);
+
+/* ggml_base/ggml: paths of the libraries llama-cpp-python loaded.
+ * cudart: path of the CUDA runtime libggml-cuda uses, or NULL for host mode. */
+int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart);
+
+/* Device lookup by ggml name ("CUDA0", "CPU"): its buffer type, its host
+ * (pinned) buffer type (NULL if it has none) and its memory figures. */
+int gs_device_bufts(const char *name, void **buft, void **host_buft);
+int gs_device_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
+
+/* Pinned host memory in ggml "CUDA_Host" buffers is allocated by llama.cpp;
+ * this reports the name and size of the buffer a tensor lives in. */
+int gs_tensor_buffer(const void *tensor, const char **buffer_name, size_t *buffer_size);
+
+typedef struct gs_engine gs_engine;
+
+typedef struct {
+    int    n_layer;            /* layers of the model */
+    int    n_slots;            /* ring size, >= 1 */
+    void  *ring_buft;          /* ggml buffer type the slots are allocated in */
+    int    use_cuda;           /* 1: CUDA copy stream + events; 0: host copy thread */
+    int    cuda_device;        /* CUDA device of the ring (use_cuda only) */
+    int    prefetch;           /* 0: never prefetch (every adoption uploads synchronously) */
+    int    host_copy_delay_us; /* host mode only: sleep per layer copy (simulates a slow link) */
+} gs_engine_config;
+
+typedef struct {
+    uint64_t evaluations;      /* graph evaluations that adopted at least one layer */
+    uint64_t adopted_ready;    /* adoptions whose copy had already finished */
+    uint64_t adopted_waited;   /* adoptions that waited for an in-flight copy */
+    uint64_t sync_fallbacks;   /* adoptions with no copy issued: uploaded synchronously */
+    uint64_t uploads;          /* layer copies issued */
+    uint64_t bytes_uploaded;
+    uint64_t boundaries;       /* segment boundaries requested (one backend sync each) */
+    double   wait_seconds;     /* time spent waiting in adoptions (incl. fallbacks) */
+    uint64_t slot_bytes;       /* bytes of one slot */
+    uint64_t ring_bytes;       /* bytes of all slots */
+    int      n_streamed;
+    int      n_slots;
+} gs_stats;
+
+typedef struct {
+    void       *tensor;
+    const char *name;
+    int         layer;         /* -1 for shared tensors */
+    size_t      nbytes;
+    int         viewed;        /* 1 if some graph node is a view of it */
+} gs_weight;
+
+typedef struct {
+    int  n_lout;               /* distinct l_out-<i> nodes seen */
+    int  max_lout;             /* highest i seen, -1 if none */
+    int  violations;           /* weights of layer L used outside (l_out-(L-1), l_out-L] */
+    char first_violation[160];
+} gs_graph_check;
+
+int  gs_engine_create(const gs_engine_config *cfg, gs_engine **out);
+/* Frees the copy engine and the slots. Call after the context and the model
+ * are freed: streamed tensors point into the slots until then. */
+void gs_engine_destroy(gs_engine *e);
+
+/* Discovery: set as cb_eval (user data = engine) on a throwaway context and
+ * decode one small batch (< 32 tokens, so no op-offload copy stands in for a
+ * weight). It records every weight tensor and checks that layer i's weights
+ * are only used between l_out-(i-1) and l_out-i. Always answers false. */
+bool gs_discover_cb(void *tensor, bool ask, void *user);
+void gs_engine_discover_reset(gs_engine *e);
+int  gs_engine_weight_count(gs_engine *e);
+int  gs_engine_weight_get(gs_engine *e, int i, gs_weight *out);
+int  gs_engine_graph_check(gs_engine *e, gs_graph_check *out);
+
+/* Marks a discovered weight of a streamed layer; its current data (llama.cpp's
+ * host copy, pinned on CUDA) becomes the upload source. */
+int  gs_engine_add_tensor(gs_engine *e, int layer, void *tensor);
+/* Allocates the ring, re-homes every added tensor into it and prefetches the
+ * first n_slots streamed layers. Must run before the real context exists. */
+int  gs_engine_start(gs_engine *e);
+
+/* The scheduler hook, set as cb_eval with user data = engine.
+ * ask=true:  answers true only at l_out-<i> where layer i is streamed (release
+ *            its slot, start the next upload) or layer i+1 is (adopt it after
+ *            the preceding work has finished); each true is a backend sync.
+ * ask=false: acts at that boundary and always answers true (false would
+ *            silently drop the rest of the split).
+ * Errors cannot be returned through the scheduler: they are recorded and read
+ * with gs_engine_status() after llama_decode. */
+bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
+
+int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
+int  gs_engine_stats(gs_engine *e, gs_stats *out);
+void gs_engine_reset_stats(gs_engine *e);
+
+/* Test aid: exchange the upload sources of two streamed layers of identical
+ * layout, so each is fed the other's weights. Used to prove that the
+ * exactness tests can fail. */
+int  gs_engine_debug_swap_sources(gs_engine *e, int layer_a, int layer_b);
+
+#endif

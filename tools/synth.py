@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Write random-weight GGUF files with real model shapes (for benchmarks and tests).
+
+The files are complete llama-architecture GGUF models that llama.cpp can load and
+run: real hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer,
+and quantized weight tensors whose blocks are generated *directly as raw bytes*
+(quantizing floats would take minutes for an 8B model).
+
+Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
+
+* zero mean: the quants are uniform over a set that is symmetric about the block's
+  zero point, so every dequantized value has mean exactly 0 and a modest, chosen
+  standard deviation (0.02 for matrices), which keeps activations and logits finite
+  through dozens of layers;
+* distinct bytes: every tensor draws from its own RNG stream keyed by
+  (seed, layer, tensor kind), so no two layers share data and swapping layers, or
+  changing the seed, changes the model's output;
+* streaming: tensors are generated and written one at a time (generation of the next
+  tensor overlaps the write of the previous one), so memory stays around two tensors.
+
+CLI:  python tools/synth.py OUT.gguf --shape llama3-8b --type Q4_K --seed 0
+      python tools/synth.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+__all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "q4_k_blocks", "q8_0_blocks",
+           "write_synthetic", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Hyper-parameters of a llama-architecture model."""
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    ctx_len: int
+    rope_theta: float
+    rms_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+SHAPES: dict[str, Shape] = {
+    # Meta-Llama-3-8B
+    "llama3-8b": Shape("llama", n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8,
+                       n_vocab=128256, ctx_len=8192, rope_theta=500000.0),
+    # Llama-3.2-1B shapes (the real model ties output to token_embd; here output is separate)
+    "llama3.2-1b": Shape("llama", n_layer=16, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8,
+                         n_vocab=128256, ctx_len=8192, rope_theta=500000.0),
+    # for tests: every row length is a multiple of 256 (the K-quant super-block)
+    "tiny": Shape("llama", n_layer=8, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                  n_vocab=512, ctx_len=512, rope_theta=10000.0),
+}
+
+QTYPES: dict[str, QT] = {"Q4_K": QT.Q4_K, "Q8_0": QT.Q8_0}
+_FILE_TYPE = {"Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+MATRIX_STD = 0.02   # std of the dequantized weight matrices
+EMBD_STD = 1.0      # std of token_embd
+NORM_NOISE = 0.02   # norm weights are 1 + NORM_NOISE * N(0, 1)
+
+# Order of the per-layer tensors; the index is part of each tensor's RNG key.
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                 "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+_GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
+
+
+# --------------------------------------------------------------------------- blocks
+
+def _raw_bytes(rng: np.random.Generator, n_blocks: int, block_bytes: int) -> np.ndarray:
+    """(n_blocks, block_bytes) uniformly random uint8, from the raw bit stream (fastest path)."""
+    n = n_blocks * block_bytes
+    words = rng.bit_generator.random_raw((n + 7) // 8)
+    return words.view(np.uint8)[:n].reshape(n_blocks, block_bytes)
+
+
+def _pow2(x: float) -> float:
+    """Nearest power of two: exactly representable in fp16, and so is 7.5 times it."""
+    return 2.0 ** round(math.log2(x))
+
+
+def q8_0_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarray:
+    """Random Q8_0 blocks: (n_blocks, 34) uint8.
+
+    Layout (ggml block_q8_0, 32 values): fp16 d | 32 x int8 q;  value = d * q.
+    q is a random *odd* int8 (random byte with the low bit set) so it is uniform over
+    {-127, -125, ..., 127}: symmetric, hence mean exactly 0, std ~ 127/sqrt(3).
+    d is one power of two per tensor, chosen so that the value std ~ `std`.
+    """
+    blocks = _raw_bytes(rng, n_blocks, 34)
+    blocks[:, 2:] |= 1
+    d = np.float16(_pow2(std / (127 / math.sqrt(3))))
+    blocks[:, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+    return blocks
+
+
+def q4_k_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarray:
+    """Random Q4_K blocks: (n_blocks, 144) uint8.
+
+    Layout (ggml block_q4_K, a super-block of 256 values in 8 sub-blocks of 32):
+        fp16 d | fp16 dmin | 12 bytes: eight 6-bit scales sc[j] and mins m[j] | 128 bytes q
+    value = d * sc[j] * q - dmin * m[j], with q a 4-bit quant (two per byte).
+    Packing of the 12 scale bytes (as in ggml-quants.c get_scale_min_k4), for j < 4:
+        byte j     = sc[j]   | (sc[j+4] >> 4) << 6
+        byte j + 4 = m[j]    | (m[j+4]  >> 4) << 6
+        byte j + 8 = (sc[j+4] & 15) | (m[j+4] & 15) << 4
+
+    Choices: the quant nibbles are uniform random in 0..15 (mean 7.5); each sub-block gets
+    a random scale sc in 16..47 and the min m = sc, and dmin = 7.5 * d, so
+    value = d * sc * (q - 7.5): symmetric, mean exactly 0 in every sub-block.
+    d is one power of two per tensor with the value std ~ `std`.
+    """
+    blocks = _raw_bytes(rng, n_blocks, 144)
+    sc = 16 + (blocks[:, 4:12] & 31)               # random 6-bit scales, 16..47
+    lo, hi = sc[:, :4], sc[:, 4:]
+    top = (hi >> 4) << 6
+    blocks[:, 4:8] = lo | top                     # scales 0..3 (+ top bits of 4..7)
+    blocks[:, 8:12] = lo | top                    # mins == scales
+    blocks[:, 12:16] = (hi & 15) * 17             # low nibbles of scale and min 4..7
+    sc_rms = math.sqrt(31.5 ** 2 + (32 ** 2 - 1) / 12)
+    d = _pow2(std / (sc_rms * math.sqrt((16 ** 2 - 1) / 12)))
+    blocks[:, 0:4] = np.frombuffer(np.array([d, 7.5 * d], np.float16).tobytes(), np.uint8)
+    return blocks
+
+
+_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32)}
+
+
+# --------------------------------------------------------------------------- tensors
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor: GGUF name, numpy-order shape (rows, row_length), and RNG key."""
+    name: str
+    shape: tuple[int, ...]
+    key: tuple[int, int]      # (layer + 1, kind); layer -1 is for the global tensors
+    is_norm: bool
+
+
+def tensor_specs(shape: Shape) -> list[TensorSpec]:
+    """All tensors of a llama model, in file order, with standard llama.cpp names."""
+    e, ff, kv = shape.n_embd, shape.n_ff, shape.n_head_kv * shape.head_dim
+    layer_shapes = {"attn_norm": (e,), "attn_q": (e, e), "attn_k": (kv, e), "attn_v": (kv, e),
+                    "attn_output": (e, e), "ffn_norm": (e,), "ffn_gate": (ff, e),
+                    "ffn_up": (ff, e), "ffn_down": (e, ff)}
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
+    for il in range(shape.n_layer):
+        for kind, name in enumerate(LAYER_TENSORS):
+            specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, kind),
+                                    name.endswith("_norm")))
+    specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
+    specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
+    return specs
+
+
+def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
+    """The tensor's bytes (quantized: (rows, row_bytes) uint8; norms: float32)."""
+    rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=spec.key)))
+    if spec.is_norm:
+        return (1.0 + NORM_NOISE * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
+    make, block_size = _BLOCKS[qtype]
+    rows, cols = spec.shape
+    if cols % block_size:
+        raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {block_size} ({qtype})")
+    std = EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD
+    blocks = make(rng, rows * cols // block_size, std)
+    return blocks.reshape(rows, -1)
+
+
+# --------------------------------------------------------------------------- metadata
+
+def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style vocabulary: <unk> <s> </s>, the 256 byte tokens <0xXX>,
+    "▁" and the printable ASCII characters (so text tokenizes into characters; anything
+    else falls back to byte tokens and round-trips), then filler tokens "▁t<i>"."""
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+    chars = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)]
+    tokens += chars
+    types += [T.NORMAL] * len(chars)
+    if n_vocab < len(tokens):
+        raise ValueError(f"n_vocab must be >= {len(tokens)}")
+    n_fill = n_vocab - len(tokens)
+    tokens += [f"\u2581t{i}" for i in range(n_fill)]
+    types += [T.NORMAL] * n_fill
+    scores = [-float(i) if t == T.NORMAL else 0.0 for i, t in enumerate(types)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> None:
+    w.add_name(name)
+    w.add_block_count(shape.n_layer)
+    w.add_context_length(shape.ctx_len)
+    w.add_embedding_length(shape.n_embd)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_layer_norm_rms_eps(shape.rms_eps)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_vocab_size(shape.n_vocab)
+    w.add_file_type(_FILE_TYPE[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, scores, types = _vocab(shape.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+# --------------------------------------------------------------------------- writer
+
+def _nbytes(spec: TensorSpec, qtype: str) -> int:
+    if spec.is_norm:
+        return 4 * math.prod(spec.shape)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
+    return math.prod(spec.shape) // block_size * type_size
+
+
+def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", seed: int = 0,
+                    progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Write a random-weight GGUF model with the given shape; returns the path.
+
+    shape: a `Shape` or a key of `SHAPES`.  qtype: "Q4_K" or "Q8_0" (all 2-D tensors,
+    including token_embd and output; norms are F32).  seed: RNG seed; each tensor has its
+    own stream keyed by (seed, layer, tensor kind).  progress: optional callback
+    progress(tensor_name, bytes_done, bytes_total) called after each tensor is written.
+    """
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
+    if shape.arch != "llama":
+        raise ValueError(f"only arch 'llama' is supported, got {shape.arch!r}")
+    path = Path(path)
+    specs = tensor_specs(shape)
+
+    w = gguf.GGUFWriter(path, shape.arch)
+    _add_metadata(w, shape, qtype, f"synthetic-{qtype}-seed{seed}")
+    for spec in specs:
+        if spec.is_norm:
+            w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), _nbytes(spec, qtype))
+        else:
+            rows, cols = spec.shape
+            nbytes = _nbytes(spec, qtype)
+            w.add_tensor_info(spec.name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+                              raw_dtype=QTYPES[qtype])
+    total = sum(_nbytes(s, qtype) for s in specs)
+
+    def datas() -> Iterator[tuple[TensorSpec, np.ndarray]]:
+        for spec in specs:
+            yield spec, _tensor_data(spec, qtype, seed)
+
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        done = 0
+        # Overlap: the pool thread writes tensor i (file I/O releases the GIL) while this
+        # thread generates tensor i + 1.  At most two tensors are alive at any time.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = None
+            for spec, data in datas():
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(w.write_tensor_data, data)
+                done += data.nbytes
+                if progress is not None:
+                    progress(spec.name, done, total)
+                del data
+            if pending is not None:
+                pending.result()
+        w.flush()
+    finally:
+        w.close()
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write a random-weight GGUF model with real shapes.")
+    ap.add_argument("out", nargs="?", help="output .gguf path")
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--type", dest="qtype", default="Q4_K", choices=sorted(QTYPES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--list", action="store_true", help="list the named shapes and exit")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, s in SHAPES.items():
+            print(f"{name:12s} {dataclasses.asdict(s)}")
+        return 0
+    if not args.out:
+        ap.error("the output path is required (or use --list)")
+
+    def report(name: str, done: int, total: int) -> None:
+        print(f"\r{done / 2**20:9.0f} / {total / 2**20:.0f} MiB  {name:28s}", end="", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    path = write_synthetic(args.out, args.shape, args.qtype, args.seed,
+                           progress=None if args.quiet else report)
+    if not args.quiet:
+        print(file=sys.stderr)
+    size = path.stat().st_size
+    print(f"{path}  {size} bytes ({size / 2**30:.2f} GiB)  in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
