@@ -4,6 +4,14 @@
         tokens = m.generate(m.tokenize("Hello"), 32)
         print(m.detokenize(tokens), m.stats.summary())
 """
+try:
+    # Load llama.cpp's libraries before anything imports numpy: on our CUDA
+    # box (numpy 2.5 with scipy-openblas) the reverse order makes llama.cpp's
+    # model loader crash.
+    import llama_cpp as _llama_cpp  # noqa: F401
+except ImportError:  # reported with install advice when a model is loaded
+    pass
+
 from .errors import (
     BudgetError,
     DecodeError,

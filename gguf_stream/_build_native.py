@@ -78,19 +78,26 @@ void gs_engine_reset_stats(gs_engine *e);
 int  gs_engine_debug_swap_sources(gs_engine *e, int layer_a, int layer_b);
 """
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "gguf_stream._native",
-    '#include "gguf_stream.h"',
-    sources=[str(NATIVE / "gguf_stream.c")],
-    include_dirs=[str(NATIVE)],
-    libraries=["dl", "pthread"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
-)
+
+def make_builder(absolute: bool = False) -> cffi.FFI:
+    """setuptools wants paths relative to setup.py; an in-place build
+    (which compiles inside its temporary directory) needs absolute ones."""
+    base = NATIVE if absolute else NATIVE.relative_to(ROOT)
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "gguf_stream._native",
+        '#include "gguf_stream.h"',
+        sources=[str(base / "gguf_stream.c")],
+        include_dirs=[str(base)],
+        libraries=["dl", "pthread"],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    import os
-
-    os.chdir(ROOT)
-    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), target=str(ROOT / "gguf_stream" / "_native.*"))
+    make_builder(absolute=True).compile(tmpdir=str(ROOT / "build" / "cffi"),
+                                        target=str(ROOT / "gguf_stream" / "_native.*"))

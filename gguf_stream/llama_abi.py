@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,22 +54,38 @@ def _find_library(stem: str) -> str:
     raise EnvironmentMismatchError(f"lib{stem} not found in {d}: is llama-cpp-python installed correctly?")
 
 
-def cudart_path() -> str | None:
-    """The CUDA runtime libggml-cuda already loaded (same copy, same context)."""
+def _mapped_library(pattern: str) -> str | None:
+    """Path of a shared library already mapped into this process.
+
+    Wheels cannot hold symlinks, so lib/ contains separate copies named
+    libggml.so, libggml.so.0, ...; dlopen-ing another name than the one the
+    dynamic linker picked would load a second ggml with its own state."""
+    rx = re.compile(pattern)
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 path = line.split()[-1] if line.strip() else ""
-                if "/libcudart.so" in path:
+                if rx.fullmatch(os.path.basename(path)):
                     return path
     except OSError:
         pass
     return None
 
 
+def cudart_path() -> str | None:
+    """The CUDA runtime libggml-cuda already loaded (same copy, same context)."""
+    return _mapped_library(r"libcudart\.so(\.[0-9.]+)?")
+
+
 def ggml_paths() -> tuple[str, str]:
+    """(libggml-base, libggml) as loaded by llama-cpp-python."""
     llama()
-    return _find_library("ggml-base"), _find_library("ggml")
+    found = []
+    for stem in ("ggml-base", "ggml"):
+        # the SONAME copy (libggml.so.0) is the one libllama linked against
+        path = _mapped_library(rf"lib{stem}\.so\.[0-9]+")
+        found.append(path or _find_library(stem))
+    return found[0], found[1]
 
 
 class BuftOverride(ctypes.Structure):

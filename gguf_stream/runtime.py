@@ -413,16 +413,7 @@ class StreamedModel(_Session):
         e.check_status("discovery")
         if rc != 0:
             raise DecodeError(f"discovery decode failed with llama_decode = {rc}")
-        check = e.graph_check()
-        if check.n_lout == 0:
-            raise UnsupportedModelError(
-                f"architecture {mf.arch}: its graph has no l_out-<i> layer boundaries, so gguf-stream cannot "
-                "stream its layers; load it with a budget that keeps every layer resident")
-        if check.n_lout != mf.n_layer or check.violations:
-            raise UnsupportedModelError(
-                f"architecture {mf.arch}: layers are not evaluated one after another "
-                f"({check.n_lout}/{mf.n_layer} l_out boundaries; {check.first_violation or 'ok'}); "
-                "gguf-stream cannot stream it")
+        validate_graph(e.graph_check(), mf)
         weights = e.weights()
         for w in weights:  # our view of ggml_tensor must agree with the file
             info = mf.tensor(w.name)
@@ -453,6 +444,19 @@ class StreamedModel(_Session):
     def reset_counters(self) -> None:
         if self.engine is not None:
             self.engine.reset_counters()
+
+
+def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
+    """Streaming needs every layer between its l_out boundaries, in order."""
+    if check.n_lout == 0:
+        raise UnsupportedModelError(
+            f"architecture {mf.arch}: its graph has no l_out-<i> layer boundaries, so gguf-stream cannot "
+            "stream its layers; give a budget that keeps every layer resident")
+    if check.n_lout != mf.n_layer or check.violations:
+        raise UnsupportedModelError(
+            f"architecture {mf.arch}: layers are not evaluated one after another "
+            f"({check.n_lout}/{mf.n_layer} l_out boundaries; {check.first_violation or 'ok'}); "
+            "gguf-stream cannot stream it")
 
 
 def load(path: str | os.PathLike, **options) -> StreamedModel:

@@ -398,7 +398,7 @@ static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const c
         e->weight_names[idx][63] = 0;
         gs_weight *r = &e->weights[idx];
         r->tensor = w;
-        r->name = e->weight_names[idx];
+        r->name = NULL;  /* set on read: weight_names may move when it grows */
         r->layer = parse_index(w->name, "blk.", '.');
         r->nbytes = G.nbytes(w);
         r->viewed = 0;
@@ -438,6 +438,7 @@ int gs_engine_weight_count(gs_engine *e) { return e->n_weights; }
 int gs_engine_weight_get(gs_engine *e, int i, gs_weight *out) {
     if (i < 0 || i >= e->n_weights) return fail(GS_E_INVALID, "weight index %d out of range", i);
     *out = e->weights[i];
+    out->name = e->weight_names[i];
     return GS_OK;
 }
 

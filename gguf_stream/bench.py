@@ -1,0 +1,730 @@
+"""Benchmark: streamed vs stock llama.cpp at the same VRAM budget.
+
+Follows docs/performance.md: llama-bench's workload (pp = one eval of
+n_prompt tokens, BOS + random ids; tg = n_gen single-token evals after it;
+one warm-up; KV cleared between repetitions; t/s mean ± sample stddev), and
+for every VRAM budget B the fair pair
+
+* stock: llama.cpp's -ngl split with the largest ngl whose *measured* GPU
+  memory (after an n_ubatch prompt, since compute pools grow at first use)
+  fits B, found by loading candidates (binary search);
+* streamed: StreamedModel(vram_budget=B);
+
+plus the all-in-VRAM ceiling. A correctness gate (greedy tokens of stock and
+streamed must agree) runs before any speed is reported. Without a GPU the
+tool runs a reduced "host" comparison: stock ngl=0 vs a fixed number of
+streamed layers through 2 host slots.
+
+    python tools/bench.py -m llama3-8b --vram-budget 2.5GiB,0.75x,all -r 3
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Sequence
+
+from .errors import GGUFStreamError
+from .planner import format_size, parse_size
+
+GATE_PROMPT = "The capital of France is"
+EXIT_MISMATCH = 1
+EXIT_ERROR = 2
+
+
+# ---------------------------------------------------------------- pure parts
+
+@dataclass(frozen=True)
+class Budget:
+    """One VRAM budget of the command line; nbytes None means 'all' (the
+    measured all-in-VRAM ceiling, known only after measuring it)."""
+
+    label: str
+    nbytes: int | None
+
+
+def parse_budgets(spec: str, model_bytes: int) -> list[Budget]:
+    """'4GiB,0.5x,all' -> budgets; 'Nx' is N times the model's weight bytes."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part.lower() == "all":
+            out.append(Budget("all", None))
+        elif part.lower().endswith("x"):
+            try:
+                factor = float(part[:-1])
+            except ValueError:
+                raise ValueError(f"cannot read budget {part!r}: use e.g. 0.5x, 4GiB or all") from None
+            if factor <= 0:
+                raise ValueError(f"budget factor must be positive, got {part!r}")
+            out.append(Budget(part, int(factor * model_bytes)))
+        else:
+            out.append(Budget(part, parse_size(part)))
+    if not out:
+        raise ValueError(f"no budgets in {spec!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Result of comparing greedy tokens of a reference and a candidate run."""
+
+    ok: bool
+    n_compared: int
+    first_mismatch: int | None  # index of the first differing token
+
+    def describe(self) -> str:
+        return "ok" if self.ok else f"MISMATCH@{self.first_mismatch}"
+
+
+def check_tokens(reference: Sequence[int], candidate: Sequence[int]) -> Gate:
+    """Greedy tokens must be identical, length included: streaming moves
+    weights, it must not change a single result."""
+    n = min(len(reference), len(candidate))
+    first = next((i for i in range(n) if reference[i] != candidate[i]), None)
+    if first is None and len(reference) != len(candidate):
+        first = n
+    return Gate(first is None, max(len(reference), len(candidate)), first)
+
+
+def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:
+    """Largest x in [lo, hi] with fits(x), for a monotone fits (true up to
+    some x, false after); None if not even fits(lo). O(log) calls, each of
+    which may load a model."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def search_stock_ngl(n_max: int, budget: int, measure: Callable[[int], float]) -> tuple[int, float] | None:
+    """(ngl, measured bytes) of the largest ngl in 0..n_max whose measured GPU
+    memory fits budget, or None if even ngl=0 does not. measure(ngl) loads
+    and measures (math.inf when the load fails); pass a memoized measure to
+    share probes between budgets."""
+    cache: dict[int, float] = {}
+
+    def vram(ngl: int) -> float:
+        if ngl not in cache:
+            cache[ngl] = measure(ngl)
+        return cache[ngl]
+
+    ngl = largest_fitting(0, n_max, lambda n: vram(n) <= budget)
+    return None if ngl is None else (ngl, vram(ngl))
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value), as llama-bench."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def tg_bound_seconds(G: float, c: float, p: float, O: float) -> float:
+    """Best token time when O overflow bytes are split between streaming (p s/B
+    over PCIe) and CPU compute (c s/B), both running beside the G-second
+    all-in-VRAM token: min over x in [0, O] of max(G + c(O - x), p x).
+
+    The first term falls and the second rises with x, so the minimum is at
+    their crossing, clamped to [0, O]."""
+    x = min(max((G + c * O) / (p + c), 0.0), O) if p + c > 0 else O
+    return max(G + c * (O - x), p * x)
+
+
+def pp_bound_tps(n_prompt: int, n_ubatch: int, ceiling_tps: float, streamed_bytes: float, bandwidth: float) -> float:
+    """pp t/s bound: each ubatch takes at least max(all-in-VRAM compute,
+    streamed bytes / PCIe bandwidth)."""
+    n_ub = math.ceil(n_prompt / n_ubatch)
+    per_ub = max(n_prompt / ceiling_tps / n_ub, streamed_bytes / bandwidth)
+    return n_prompt / (n_ub * per_ub)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the result table (one model load, one test)."""
+
+    model: str
+    size_bytes: int
+    params: int
+    backend: str
+    budget: str
+    budget_bytes: int | None
+    mode: str  # "stock", "streamed" or "all-in-VRAM"
+    ngl: int | None
+    n_streamed: int | None
+    n_slots: int | None
+    streamed_bytes: int | None
+    n_ubatch: int
+    test: str  # "pp2048", "tg128"
+    tps_mean: float | None
+    tps_sd: float | None
+    ratio: float | None  # to the stock row of the same budget and test
+    vram_peak_bytes: int | None
+    pinned_host_bytes: int | None
+    waits: float | None  # per repetition
+    sync_fallbacks: float | None
+    uploads: float | None
+    check: str  # "", "ok", "MISMATCH@i"
+    note: str = ""
+
+
+# ------------------------------------------------------------------ rendering
+
+def _num(v: float | None, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.{digits}f}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _size(n: int | None) -> str:
+    return "" if n is None else format_size(n)
+
+
+MD_COLUMNS = ["model", "size", "params", "backend", "budget", "mode", "ngl", "streamed", "n_ubatch", "test",
+              "t/s", "ratio", "peak VRAM", "pinned host", "waits/fallbacks/uploads", "check"]
+
+
+def _md_cells(r: Row) -> list[str]:
+    tps = "" if r.tps_mean is None else f"{r.tps_mean:.2f} ± {r.tps_sd:.2f}"
+    streamed = "" if r.n_streamed is None else f"{r.n_streamed} ×{r.n_slots}"
+    counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
+    check = r.check if r.check in ("", "ok") else f"**{r.check}**"
+    return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode,
+            "" if r.ngl is None else str(r.ngl), streamed, str(r.n_ubatch), r.test, tps or r.note,
+            "" if r.ratio is None else f"{r.ratio:.2f}", _size(r.vram_peak_bytes), _size(r.pinned_host_bytes),
+            counters, check]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    rows: tuple[Row, ...]
+    meta: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def mismatch(self) -> bool:
+        return any(r.check.startswith("MISMATCH") for r in self.rows)
+
+
+def render_md(result: BenchResult) -> str:
+    right = {"size", "params", "ngl", "streamed", "n_ubatch", "t/s", "ratio", "peak VRAM", "pinned host",
+             "waits/fallbacks/uploads"}
+    lines = ["| " + " | ".join(MD_COLUMNS) + " |",
+             "| " + " | ".join("---:" if c in right else ":---" for c in MD_COLUMNS) + " |"]
+    lines += ["| " + " | ".join(_md_cells(r)) + " |" for r in result.rows]
+    if result.mismatch:
+        lines += ["", "**MISMATCH: streamed greedy tokens differ from stock; speeds above are not comparable.**"]
+    lines += [""] + [f"- {n}" for n in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(result: BenchResult) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[f.name for f in fields(Row)], lineterminator="\n")
+    w.writeheader()
+    for r in result.rows:
+        w.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+    return buf.getvalue()
+
+
+def render_json(result: BenchResult) -> str:
+    return json.dumps({"meta": result.meta, "rows": [asdict(r) for r in result.rows],
+                       "notes": list(result.notes), "mismatch": result.mismatch}, indent=2) + "\n"
+
+
+RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json}
+
+
+def plot(result: BenchResult, path: str) -> str | None:
+    """Bar chart of t/s per budget (stock vs streamed, ceiling as a line);
+    returns a note when matplotlib is missing instead of failing the run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"--plot {path} skipped: matplotlib is not installed (`pip install matplotlib`)"
+    tests = sorted({r.test for r in result.rows})
+    fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests), 4), squeeze=False)
+    for ax, test in zip(axes[0], tests):
+        rows = [r for r in result.rows if r.test == test and r.tps_mean is not None]
+        budgets = list(dict.fromkeys(r.budget for r in rows if r.mode != "all-in-VRAM"))
+        for k, mode in enumerate(("stock", "streamed")):
+            vals = [next((r.tps_mean for r in rows if r.budget == b and r.mode == mode), 0) for b in budgets]
+            ax.bar([i + 0.4 * k for i in range(len(budgets))], vals, width=0.4, label=mode)
+        for r in rows:
+            if r.mode == "all-in-VRAM":
+                ax.axhline(r.tps_mean, color="gray", linestyle="--", label="all in VRAM")
+        ax.set_xticks([i + 0.2 for i in range(len(budgets))], budgets)
+        ax.set_xlabel("VRAM budget")
+        ax.set_ylabel("t/s")
+        ax.set_title(f"{result.meta.get('model', '')} {test}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------------------- running
+
+class Progress:
+    """Status lines with elapsed time on stderr (stdout carries the table)."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet, self.stream, self.t0 = quiet, stream or sys.stderr, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:7.1f} s] {msg}", file=self.stream, flush=True)
+
+
+@dataclass(frozen=True)
+class Workload:
+    n_prompt: int = 2048
+    n_gen: int = 128
+    n_batch: int = 2048
+    n_ubatch: int = 2048
+    reps: int = 3
+    check_tokens: int = 16
+    seed: int = 42
+
+    @property
+    def n_ctx(self) -> int:
+        """Room for the timed workload and for the gate's prompt + tokens."""
+        return max(self.n_prompt + self.n_gen, 64 + self.check_tokens, 64)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What one loaded model measured: gate tokens, t/s per rep, counters."""
+
+    tokens: tuple[int, ...] | None
+    pp: tuple[float, ...]
+    tg: tuple[float, ...]
+    counters: dict  # test -> (waits, sync fallbacks, uploads) per rep, or None
+    vram_peak: int | None
+    pinned: int
+    plan: object = None
+
+
+def _sync(model) -> None:
+    """Wait for the device: llama_decode may return before the GPU is done."""
+    from . import llama_abi
+
+    llama_abi.llama().llama_synchronize(model.ctx)
+
+
+def _counter_tuple(model):
+    c = model.stats.counters
+    return None if c is None else (c.adopted_waited, c.sync_fallbacks, c.uploads)
+
+
+def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
+    """Gate tokens, one warm-up, then w.reps timed repetitions of pp then tg."""
+    import numpy as np
+
+    tokens = None
+    if w.check_tokens:
+        tokens = tuple(model.generate(model.tokenize(GATE_PROMPT), w.check_tokens))
+    rng = np.random.default_rng(w.seed)
+    bos = max(model.token_bos(), 0)
+    pp = [bos] + rng.integers(0, model.n_vocab, max(w.n_prompt - 1, 0)).tolist() if w.n_prompt else []
+    tg = rng.integers(0, model.n_vocab, w.n_gen).tolist()
+    if not pp and tg:
+        tg[0] = bos  # llama-bench: a tg-only test starts from BOS
+
+    def one_rep():
+        model.reset()
+        times, ctrs = {}, {}
+        for test, toks, single in (("pp", pp, False), ("tg", tg, True)):
+            if not toks:
+                continue
+            c0, t0 = _counter_tuple(model), time.perf_counter()
+            for chunk in ([[t] for t in toks] if single else [toks]):
+                model.eval(chunk)
+                _sync(model)
+            times[test] = len(toks) / (time.perf_counter() - t0)
+            c1 = _counter_tuple(model)
+            ctrs[test] = None if c0 is None else tuple(b - a for a, b in zip(c0, c1))
+        return times, ctrs
+
+    progress(f"{label}: warm-up")
+    model.reset()
+    if pp:
+        model.eval(pp)
+    if tg:
+        model.eval(tg[:1])
+    _sync(model)
+    runs = []
+    for r in range(w.reps):
+        progress(f"{label}: repetition {r + 1}/{w.reps}")
+        runs.append(one_rep())
+    counters = {}
+    for test in ("pp", "tg"):
+        per = [c[test] for _, c in runs if c.get(test) is not None]
+        counters[test] = tuple(sum(x) / len(per) for x in zip(*per)) if per else None
+    st = model.stats
+    return Timing(tokens, tuple(t["pp"] for t, _ in runs if "pp" in t), tuple(t["tg"] for t, _ in runs if "tg" in t),
+                  counters, st.vram_peak_bytes, st.pinned_host_bytes, getattr(model, "plan", None))
+
+
+def weights_per_token(mf) -> int:
+    """Bytes a single-token decode reads: every layer, plus the output matrix
+    (token_embd when tied); the input embedding is one row, ignored."""
+    out = mf.tensor("output.weight") or mf.tensor("token_embd.weight")
+    return sum(mf.layer_bytes) + (out.nbytes if out else 0)
+
+
+def count_params(mf) -> int:
+    return sum(math.prod(t.shape) for t in mf.tensors)
+
+
+def measure_h2d_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> tuple[dict | None, str]:
+    """Host->device copy rate in bytes/s from pinned and pageable memory,
+    through the libcudart llama.cpp itself loaded (no torch needed, and no
+    second CUDA runtime in the process). Returns (rates or None, note)."""
+    from . import llama_abi
+
+    path = llama_abi.cudart_path()
+    if path is None:
+        return None, "host->device bandwidth not measured: no CUDA runtime in this process"
+    rt = ctypes.CDLL(path)
+    dev, pinned = ctypes.c_void_p(), ctypes.c_void_p()
+    if rt.cudaMalloc(ctypes.byref(dev), ctypes.c_size_t(nbytes)) != 0:
+        return None, "host->device bandwidth not measured: cudaMalloc failed"
+    try:
+        if rt.cudaMallocHost(ctypes.byref(pinned), ctypes.c_size_t(nbytes)) != 0:
+            return None, "host->device bandwidth not measured: cudaMallocHost failed"
+        try:
+            ctypes.memset(pinned, 1, nbytes)
+            pageable = ctypes.create_string_buffer(nbytes)
+            rates = {}
+            for name, src in (("pinned", pinned.value), ("pageable", ctypes.addressof(pageable))):
+                for timed in (False, True):  # one untimed copy first
+                    t0 = time.perf_counter()
+                    for _ in range(reps if timed else 1):
+                        rt.cudaMemcpy(dev, ctypes.c_void_p(src), ctypes.c_size_t(nbytes), 1)  # 1: host to device
+                    rt.cudaDeviceSynchronize()
+                rates[name] = nbytes * reps / (time.perf_counter() - t0)
+        finally:
+            rt.cudaFreeHost(pinned)
+    finally:
+        rt.cudaFree(dev)
+    return rates, (f"host->device copy: {rates['pinned'] / 1e9:.1f} GB/s pinned, "
+                   f"{rates['pageable'] / 1e9:.1f} GB/s pageable ({nbytes >> 20} MiB x {reps}, cudaMemcpy)")
+
+
+# ---------------------------------------------------------------- the driver
+
+@dataclass
+class _Ctx:
+    """Everything the row builders share for one model."""
+
+    path: str
+    mf: object
+    w: Workload
+    backend: str
+    device: str
+    progress: Progress
+    model_name: str
+    stock_times: dict = field(default_factory=dict)  # ngl -> Timing (reused across budgets)
+
+    def config(self, **kw):
+        from .runtime import EngineConfig
+
+        return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
+                            flash_attn=True, device=self.device, **kw)
+
+    def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, note="", check="",
+             stock: Timing | None = None) -> list[Row]:
+        out = []
+        for test, n in (("pp", self.w.n_prompt), ("tg", self.w.n_gen)):
+            if not n:
+                continue
+            vals = getattr(t, test) if t else ()
+            mean, sd = mean_sd(vals) if vals else (None, None)
+            ref = mean_sd(getattr(stock, test))[0] if stock and getattr(stock, test) else None
+            ctr = t.counters.get(test) if t else None
+            plan = t.plan if t else None
+            out.append(Row(
+                model=self.model_name, size_bytes=self.mf.total_bytes, params=count_params(self.mf),
+                backend=self.backend, budget=budget.label, budget_bytes=budget.nbytes, mode=mode, ngl=ngl,
+                n_streamed=len(plan.streamed) if plan is not None else None,
+                n_slots=plan.n_slots if plan is not None else None,
+                streamed_bytes=plan.streamed_bytes if plan is not None else None,
+                n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,
+                ratio=mean / ref if mean is not None and ref else None,
+                vram_peak_bytes=t.vram_peak if t else None,
+                # StockModel reports 0 pinned bytes although its CPU layers are pinned on CUDA: leave it blank
+                pinned_host_bytes=t.pinned if t and mode == "streamed" else None,
+                waits=ctr[0] if ctr else None, sync_fallbacks=ctr[1] if ctr else None,
+                uploads=ctr[2] if ctr else None, check=check, note=note))
+        return out
+
+    def run_stock(self, ngl: int) -> Timing:
+        from .runtime import StockModel
+
+        if ngl not in self.stock_times:
+            self.progress(f"loading stock ngl={ngl}")
+            with StockModel(self.path, ngl, config=self.config()) as m:
+                self.stock_times[ngl] = time_model(m, self.w, self.progress, f"stock ngl={ngl}")
+        return self.stock_times[ngl]
+
+    def run_streamed(self, **kw) -> Timing:
+        from .runtime import StreamedModel
+
+        self.progress(f"loading streamed {kw}")
+        with StreamedModel(self.path, config=self.config(**kw)) as m:
+            if m.plan is not None:
+                self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
+                              f"{m.plan.n_slots} slot(s)")
+            return time_model(m, self.w, self.progress, "streamed")
+
+    def measure_stock_vram(self, ngl: int) -> float:
+        """GPU bytes of a stock load after one n_ubatch prompt (compute pools
+        grow at first use); inf when llama.cpp cannot load it."""
+        from .runtime import StockModel
+
+        self.progress(f"probing stock ngl={ngl}")
+        try:
+            with StockModel(self.path, ngl, config=self.config()) as m:
+                m.eval([max(m.token_bos(), 0)] + [1] * (min(self.w.n_ubatch, self.w.n_ctx) - 1))
+                _sync(m)
+                peak = m.stats.vram_peak_bytes
+        except GGUFStreamError as exc:
+            self.progress(f"  ngl={ngl} does not load: {exc}")
+            return math.inf
+        # StockModel measures no VRAM at ngl=0 (CUDA unused for layers): count it as fitting
+        self.progress(f"  ngl={ngl}: {format_size(peak) if peak is not None else 'not measured'}")
+        return float(peak or 0)
+
+
+def _gate(stock: Timing | None, streamed: Timing | None) -> str:
+    if stock is None or streamed is None or stock.tokens is None or streamed.tokens is None:
+        return ""
+    return check_tokens(stock.tokens, streamed.tokens).describe()
+
+
+def run_host(ctx: _Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
+    """Reduced mode without a GPU: budgets mean nothing, so compare stock
+    ngl=0 with a fixed set of streamed layers through 2 host slots."""
+    n = n_streamed if n_streamed is not None else ctx.mf.n_layer // 2
+    budget = Budget(f"host ({n}/{ctx.mf.n_layer} streamed)", None)
+    stock = ctx.run_stock(0)
+    rows = ctx.rows(stock, budget=budget, mode="stock", ngl=0, stock=stock)
+    try:
+        streamed = ctx.run_streamed(n_streamed=n, n_slots=min(2, n) if n else None)
+        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=_gate(stock, streamed), stock=stock)
+    except GGUFStreamError as exc:
+        rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
+    notes = ["host mode (no GPU): VRAM budgets do not apply; stock is ngl=0, streamed runs "
+             f"{n} of {ctx.mf.n_layer} layers through 2 host-memory slots (CPU compute, memcpy uploads)"]
+    if stock.tg:
+        rate = weights_per_token(ctx.mf) * mean_sd(stock.tg)[0]
+        notes.append(f"CPU path: stock ngl=0 tg {mean_sd(stock.tg)[0]:.2f} t/s x "
+                     f"{format_size(weights_per_token(ctx.mf))} of weights per token = {rate / 1e9:.2f} GB/s effective")
+    return rows, notes
+
+
+def run_gpu(ctx: _Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bool,
+            cpu_rate_tokens: int) -> tuple[list[Row], list[str], dict]:
+    """Per budget: stock at the largest fitting measured ngl, streamed at the
+    same budget; plus the all-in-VRAM ceiling; then the bounds of performance.md."""
+    from . import native
+
+    notes, extra = [], {}
+    ctx.progress("measuring host->device bandwidth")
+    bw, bw_note = measure_h2d_bandwidth()
+    notes.append(bw_note)
+    extra["h2d_bytes_per_s"] = bw
+    n_all = ctx.mf.n_layer + 1  # llama.cpp counts the output layer as one more
+    probes: dict[int, float] = {}
+
+    def measure(ngl: int) -> float:
+        return probes[ngl] if ngl in probes else probes.setdefault(ngl, ctx.measure_stock_vram(ngl))
+
+    rows: list[Row] = []
+    ceiling_t = None
+    total = native.device_memory("CUDA0")[1]
+    if ceiling or any(b.nbytes is None for b in budgets):
+        if math.isfinite(measure(n_all)):
+            ceiling_t = ctx.run_stock(n_all)
+            if ceiling:
+                rows += ctx.rows(ceiling_t, budget=Budget("device", total), mode="all-in-VRAM", ngl=n_all)
+        else:
+            notes.append("all-in-VRAM ceiling skipped: the whole model does not load on this device")
+    for b in budgets:
+        if b.nbytes is None:
+            if not math.isfinite(probes.get(n_all, math.inf)):
+                continue
+            b = Budget("all", int(probes[n_all]))
+        ctx.progress(f"budget {b.label} ({format_size(b.nbytes)})")
+        stock = None
+        if forced_ngl is not None:
+            choice = (forced_ngl, None)
+        else:
+            choice = search_stock_ngl(n_all, b.nbytes, measure)
+        if choice is None:
+            rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
+        else:
+            stock = ctx.run_stock(choice[0])
+            over = stock.vram_peak is not None and stock.vram_peak > b.nbytes
+            rows += ctx.rows(stock, budget=b, mode="stock", ngl=choice[0], stock=stock,
+                             note="over budget" if over else "")
+        try:
+            streamed = ctx.run_streamed(vram_budget=b.nbytes)
+            rows += ctx.rows(streamed, budget=b, mode="streamed", check=_gate(stock, streamed), stock=stock)
+            if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
+                notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
+        except GGUFStreamError as exc:
+            rows += ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}")
+            notes.append(f"budget {b.label}: streamed run failed: {exc}")
+    notes += [f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): "
+              + ", ".join(f"ngl={k}: {format_size(int(v)) if math.isfinite(v) else 'failed'}"
+                          for k, v in sorted(probes.items()))] if probes else []
+    cpu_rate = _cpu_rate(ctx, cpu_rate_tokens, notes)
+    extra["cpu_bytes_per_s"] = cpu_rate
+    if ceiling_t and bw and cpu_rate:
+        notes += _bounds(ctx, rows, ceiling_t, bw["pinned"], cpu_rate)
+    return rows, notes, extra
+
+
+def _cpu_rate(ctx: _Ctx, n_tokens: int, notes: list[str]) -> float | None:
+    """Effective CPU weight-streaming rate: stock ngl=0 single-token decodes
+    times the bytes each one reads (the 'c' of performance.md's tg bound)."""
+    if n_tokens <= 0:
+        return None
+    w = ctx.w
+    cpu_ctx = replace(ctx, w=replace(w, n_prompt=0, n_gen=n_tokens, reps=1, check_tokens=0), stock_times={})
+    t = cpu_ctx.run_stock(0)
+    tps = mean_sd(t.tg)[0]
+    rate = tps * weights_per_token(ctx.mf)
+    notes.append(f"CPU path: stock ngl=0 tg{n_tokens} {tps:.2f} t/s x {format_size(weights_per_token(ctx.mf))} "
+                 f"per token = {rate / 1e9:.2f} GB/s effective")
+    return rate
+
+
+def _bounds(ctx: _Ctx, rows: list[Row], ceiling: Timing, bandwidth: float, cpu_rate: float) -> list[str]:
+    """performance.md's bounds for each streamed row, next to what it reached."""
+    out = []
+    G = 1 / mean_sd(ceiling.tg)[0] if ceiling.tg else None
+    pp_ceiling = mean_sd(ceiling.pp)[0] if ceiling.pp else None
+    for r in rows:
+        if r.mode != "streamed" or r.tps_mean is None or r.streamed_bytes is None:
+            continue
+        O = r.streamed_bytes
+        if r.test.startswith("pp") and pp_ceiling:
+            bound = pp_bound_tps(ctx.w.n_prompt, ctx.w.n_ubatch, pp_ceiling, O, bandwidth)
+        elif r.test.startswith("tg") and G:
+            bound = 1 / tg_bound_seconds(G, 1 / cpu_rate, 1 / bandwidth, O)
+        else:
+            continue
+        out.append(f"bound {r.budget} {r.test}: {bound:.2f} t/s with {format_size(O)} streamed; "
+                   f"reached {r.tps_mean:.2f} ({100 * r.tps_mean / bound:.0f}%)")
+    return out
+
+
+# ----------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="model name from models.toml or a GGUF path "
+                    "(default: the registry default, gemma3-270m)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=2048, help="prompt tokens of the pp test (0: none)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens of the tg test (0: none)")
+    ap.add_argument("-b", "--batch-size", type=int, default=2048)
+    ap.add_argument("-ub", "--ubatch-size", type=int, default=2048)
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--vram-budget", default="0.5x,0.75x,all",
+                    help="comma list: sizes (4GiB), fractions of the model's weight bytes (0.5x), all")
+    ap.add_argument("--device", choices=("auto", "cuda", "host"), default="auto")
+    ap.add_argument("--ngl", type=int, default=None, help="force the stock ngl instead of searching")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the all-in-VRAM row")
+    ap.add_argument("--n-streamed", type=int, default=None, help="host mode: streamed layers (default: half)")
+    ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens of the correctness gate (0: off)")
+    ap.add_argument("--allow-mismatch", action="store_true", help="exit 0 even when the gate fails")
+    ap.add_argument("--cpu-rate-tokens", type=int, default=16,
+                    help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip)")
+    ap.add_argument("--output", choices=sorted(RENDERERS), default="md")
+    ap.add_argument("--plot", metavar="PNG", default=None, help="bar chart (needs matplotlib)")
+    ap.add_argument("--seed", type=int, default=42, help="seed of the random prompt/tg token ids")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return ap
+
+
+def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResult:
+    """Resolve the model, pick the mode, run, and collect rows and notes."""
+    from .gguf_file import read_model
+    from .models import resolve
+    from .runtime import cuda_available
+
+    progress = progress or Progress(args.quiet)
+    if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \
+            args.n_prompt + args.n_gen == 0:
+        raise ValueError("-p/-n/--check-tokens must be >= 0 (not both -p and -n zero) and -r >= 1")
+    path = resolve(args.model, progress=progress)
+    mf = read_model(path)
+    progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
+    w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
+                 args.repetitions, args.check_tokens, args.seed)
+    use_cuda = args.device != "host" and cuda_available()
+    if args.device == "cuda" and not use_cuda:
+        raise GGUFStreamError("--device cuda: this llama-cpp-python build has no CUDA device")
+    name = args.model or path.stem
+    ctx = _Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress,
+               str(mf.hparams.get("name") or name) if args.model is None else str(args.model))
+    meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
+            "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
+            "workload": asdict(w), "command": " ".join(sys.argv)}
+    if use_cuda:
+        budgets = parse_budgets(args.vram_budget, mf.total_bytes)
+        rows, notes, extra = run_gpu(ctx, budgets, args.ngl, not args.no_ceiling, args.cpu_rate_tokens)
+        meta.update(extra)
+    else:
+        rows, notes = run_host(ctx, args.n_streamed)
+    notes.append(f"workload: pp{w.n_prompt} tg{w.n_gen}, n_batch {w.n_batch}, n_ubatch {w.n_ubatch}, "
+                 f"flash attention on, {w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
+                 f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
+    return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = Progress(args.quiet)
+    try:
+        result = run(args, progress)
+    except (GGUFStreamError, ValueError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    sys.stdout.write(RENDERERS[args.output](result))
+    if args.plot:
+        note = plot(result, args.plot)
+        print(note or f"plot written to {args.plot}", file=sys.stderr)
+    if result.mismatch:
+        print("bench: MISMATCH between stock and streamed greedy tokens", file=sys.stderr)
+        return 0 if args.allow_mismatch else EXIT_MISMATCH
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

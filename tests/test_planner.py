@@ -1,0 +1,80 @@
+import pytest
+
+from gguf_stream import BudgetError, make_plan, parse_size, read_model
+from gguf_stream.planner import GiB, MiB, interleaved_layers, slot_schedule
+
+
+@pytest.mark.parametrize("n_layer,n_streamed,expected", [
+    (20, 2, (9, 19)),            # the seed example: about layers 10 and 20 (1-based)
+    (32, 8, (3, 7, 11, 15, 19, 23, 27, 31)),
+    (18, 4, (3, 8, 12, 17)),
+    (7, 3, (1, 3, 6)),
+    (5, 5, (0, 1, 2, 3, 4)),
+    (5, 1, (4,)),
+    (5, 0, ()),
+])
+def test_interleaved_layers(n_layer, n_streamed, expected):
+    assert interleaved_layers(n_layer, n_streamed) == expected
+
+
+@pytest.mark.parametrize("n_layer,n_streamed", [(n, s) for n in (1, 7, 18, 32, 80) for s in range(n + 1)])
+def test_interleaved_layers_properties(n_layer, n_streamed):
+    got = interleaved_layers(n_layer, n_streamed)
+    assert len(set(got)) == n_streamed and all(0 <= i < n_layer for i in got) and list(got) == sorted(got)
+    if 0 < n_streamed <= n_layer // 2:  # never two streamed layers side by side
+        assert all(b - a >= 2 for a, b in zip(got, got[1:]))
+
+
+def test_interleaved_layers_rejects_too_many():
+    with pytest.raises(ValueError):
+        interleaved_layers(4, 5)
+
+
+@pytest.mark.parametrize("streamed,n_slots,n_evals,expected", [
+    ((1, 3), 1, 2, [(1, 0), (3, 0), (1, 0), (3, 0)]),
+    ((1, 3, 5), 2, 2, [(1, 0), (3, 1), (5, 0), (1, 1), (3, 0), (5, 1)]),  # 3 layers, 2 slots: slots rotate
+    ((2, 4), 4, 1, [(2, 0), (4, 1)]),  # more slots than layers: capped
+    ((), 2, 3, []),
+])
+def test_slot_schedule(streamed, n_slots, n_evals, expected):
+    assert slot_schedule(streamed, n_slots, n_evals) == expected
+
+
+@pytest.mark.parametrize("text,value", [
+    ("8GiB", 8 * GiB), ("512MiB", 512 * MiB), ("1.5GB", 1_500_000_000), ("100", 100), (4096, 4096), ("2 gib", 2 * GiB),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GiB", "8XB", ""])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_budget_plans(tiny_path):
+    m = read_model(tiny_path)
+    everything = make_plan(m, vram_budget=100 * GiB, n_ctx=256, n_ubatch=64)
+    assert everything.streamed == () and everything.n_slots == 0
+    need_all = everything.device_bytes
+    prev = 0
+    for cut in range(1, 6):
+        budget = need_all - cut * m.layer_bytes[0] - m.layer_bytes[0] // 2
+        plan = make_plan(m, vram_budget=budget, n_ctx=256, n_ubatch=64)
+        assert plan.device_bytes <= budget
+        assert len(plan.streamed) >= prev and plan.n_slots >= 1
+        prev = len(plan.streamed)
+    assert "streamed" in plan.table() and "| layer |" in plan.table()
+
+
+def test_budget_below_minimum_names_it(tiny_path):
+    m = read_model(tiny_path)
+    with pytest.raises(BudgetError, match=r"below the minimum of [0-9.]+ MiB"):
+        make_plan(m, vram_budget="1MiB", n_ctx=256, n_ubatch=64)
+
+
+def test_explicit_streamed_layers(tiny_path):
+    plan = make_plan(read_model(tiny_path), streamed_layers=(5, 1), n_slots=3)
+    assert plan.streamed == (1, 5) and plan.n_slots == 2
+    assert [s.slot for s in plan.layers if s.placement == "streamed"] == [0, 1]
