@@ -12,17 +12,15 @@ import ctypes
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import llama_abi, native
-from .errors import BudgetError, DecodeError, EnvironmentMismatchError, ModelFileError, UnsupportedModelError
-from .gguf_file import ModelFile, read_model
-from .planner import Plan, format_size, make_plan, parse_size
-
-LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
-DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
+from .errors import BudgetError, DecodeError, ModelFileError
+from .gguf_file import read_model
+from .planner import Plan, format_size
+from .streamer import LOAD_MODE_NONE, Streamer, cuda_available, load_native, no_cuda_error, validate_graph  # noqa: F401
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,25 +76,6 @@ class Stats:
                 f"sync fallbacks {c.sync_fallbacks}, uploads {c.uploads} ({format_size(c.bytes_uploaded)})"
             )
         return "; ".join(parts)
-
-
-def cuda_available() -> bool:
-    llama_abi.llama()
-    native.load_libraries(*llama_abi.ggml_paths(), None)
-    return native.has_device("CUDA0")
-
-
-def _load_native(want_cuda: bool) -> bool:
-    """Load the helper's libraries; True if CUDA is used."""
-    ggml_base, ggml = llama_abi.ggml_paths()
-    native.load_libraries(ggml_base, ggml, None)
-    if not want_cuda or not native.has_device("CUDA0"):
-        return False
-    cudart = llama_abi.cudart_path()
-    if cudart is None:
-        raise EnvironmentMismatchError("libggml-cuda is loaded but no libcudart.so is mapped in the process")
-    native.load_libraries(ggml_base, ggml, cudart)
-    return True
 
 
 class _Session:
@@ -304,7 +283,9 @@ class StockModel(_Session):
     def _build(self):
         read_model(self.path)  # clear errors for missing / damaged files
         t0 = time.perf_counter()
-        self._cuda = _load_native(self.config.device != "host") and self.n_gpu_layers != 0
+        self._cuda = load_native(self.config.device != "host")
+        if self.config.device == "cuda" and not self._cuda:
+            raise no_cuda_error()
         self._vram_base = self._vram_free()
         self._load_model(self.path, self._model_params(self.n_gpu_layers))
         self._open_context(self._context_params())
@@ -324,139 +305,47 @@ class StreamedModel(_Session):
     def __init__(self, path: str | os.PathLike, config: EngineConfig | None = None, **kw):
         super().__init__(config or EngineConfig(**kw))
         self.path = str(path)
-        self.engine: native.Engine | None = None
-        self.plan: Plan | None = None
-        self._pinned = 0
+        self.streamer: Streamer | None = None
         self._guarded_init(self._build)
 
-    # -- load pipeline --
     def _build(self):
-        c = self.config
         t0 = time.perf_counter()
-        mf = read_model(self.path)
-        self._cuda = _load_native(c.device != "host")
-        if c.device == "cuda" and not self._cuda:
-            raise EnvironmentMismatchError(
-                "a GPU run was asked for but this llama-cpp-python has no CUDA device; reinstall it with "
-                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36, '
-                "or use device='host'")
-        self.plan = self._make_plan(mf)
+        s = self.streamer = Streamer(self.path, self.config)
+        self._stack.callback(s.close)  # runs after the model and the context are freed
+        self._cuda = s.cuda
         self._vram_base = self._vram_free()
-        if self.plan.streamed:
-            self._load_streamed(mf)
-        else:
-            self._load_model(self.path, self._model_params(-1 if self._cuda else 0))
-        self._open_context(self._context_params(
-            cb_eval=native.EVAL_CB if self.engine else None,
-            cb_user=self.engine.address if self.engine else None))
+        params = self._model_params(0)
+        s.patch_model_params(params)
+        self._load_model(self.path, params)
+        s.attach(self.model)
+        params = self._context_params()
+        s.patch_context_params(params)
+        self._open_context(params)
         self._vram_sample()
         self._vram_loaded = self._vram_peak
         self._load_seconds = time.perf_counter() - t0
 
-    def _make_plan(self, mf: ModelFile) -> Plan:
-        c = self.config
-        budget = c.vram_budget
-        if budget is not None and self._cuda:
-            total = native.device_memory("CUDA0")[1]
-            if parse_size(budget) > total:
-                raise BudgetError(f"VRAM budget {format_size(parse_size(budget))} exceeds the device's "
-                                  f"{format_size(total)}")
-        if budget is None and c.n_streamed is None and c.streamed_layers is None:
-            budget_kw = {"n_streamed": 0}
-        else:
-            budget_kw = {"vram_budget": budget, "n_streamed": c.n_streamed, "streamed_layers": c.streamed_layers}
-        return make_plan(mf, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
-                         n_slots=c.n_slots, max_slots=c.max_slots, **budget_kw)
+    @property
+    def plan(self) -> Plan | None:
+        return self.streamer.plan if self.streamer else None
 
-    def _load_streamed(self, mf: ModelFile) -> None:
-        c, plan = self.config, self.plan
-        device = "CUDA0" if self._cuda else "CPU"
-        ring_buft, host_buft = native.device_bufts(device)
-        # Streamed layers load into pinned host memory (CUDA) or plain CPU
-        # memory (host mode); that copy is the upload source, the only one.
-        source_buft = host_buft if self._cuda else ring_buft
-        if not source_buft:
-            raise EnvironmentMismatchError(f"device {device} has no host buffer type for pinned memory")
-        self.engine = native.Engine(n_layer=mf.n_layer, n_slots=plan.n_slots, ring_buft=ring_buft,
-                                    use_cuda=self._cuda, prefetch=c.prefetch,
-                                    host_copy_delay_us=c.host_copy_delay_us)
-        self._stack.callback(self._destroy_engine)  # runs after the model and context are freed
-        overrides = llama_abi.buft_overrides([(llama_abi.layer_pattern(plan.streamed), source_buft)])
-        self._load_model(self.path, self._model_params(-1 if self._cuda else 0, overrides))
-        weights = self._discover(mf)
-        for w in weights:
-            if w.layer in plan.streamed:
-                if self._cuda:
-                    buf_name, _ = native.tensor_buffer(w.tensor)
-                    if buf_name != "CUDA_Host":
-                        raise EnvironmentMismatchError(
-                            f"{w.name} landed in a {buf_name} buffer instead of pinned CUDA_Host memory "
-                            "(cudaMallocHost failed?); free host memory or lower the number of streamed layers")
-                self.engine.add_tensor(w.layer, w.tensor)
-                self._pinned += w.nbytes if self._cuda else 0
-        self.engine.start()
-
-    def _discover(self, mf: ModelFile) -> list[native.Weight]:
-        """Find the weight tensors through a throwaway context and check that
-        the graph keeps each layer between its l_out boundaries."""
-        e = self.engine
-        e.discover_reset()
-        params = self._context_params(n_ctx=256, n_batch=16, n_ubatch=16,
-                                      cb_eval=native.DISCOVER_CB, cb_user=e.address)
-        ctx = self._new_context(params)
-        try:
-            bos = max(self.token_bos(), 0)
-            arr = (self._lc.llama_token * DISCOVERY_TOKENS)(*([bos] * DISCOVERY_TOKENS))
-            rc = self._lc.llama_decode(ctx, self._lc.llama_batch_get_one(arr, DISCOVERY_TOKENS))
-        finally:
-            self._lc.llama_free(ctx)
-        e.check_status("discovery")
-        if rc != 0:
-            raise DecodeError(f"discovery decode failed with llama_decode = {rc}")
-        validate_graph(e.graph_check(), mf)
-        weights = e.weights()
-        for w in weights:  # our view of ggml_tensor must agree with the file
-            info = mf.tensor(w.name)
-            if info is None or info.nbytes != w.nbytes:
-                raise EnvironmentMismatchError(
-                    f"tensor {w.name!r} ({w.nbytes} bytes) does not match the GGUF file: the ggml ABI differs "
-                    f"from llama-cpp-python {llama_abi.REQUIRED_VERSION}'s")
-            if w.viewed and w.layer in self.plan.streamed:
-                raise UnsupportedModelError(f"architecture {mf.arch} uses weight {w.name} through a view; "
-                                            "streaming it is not supported")
-        return weights
-
-    def _destroy_engine(self):
-        if self.engine is not None:
-            self.engine.destroy()
-            self.engine = None
+    @property
+    def engine(self) -> native.Engine | None:
+        return self.streamer.engine if self.streamer else None
 
     def _after_decode(self) -> None:
-        if self.engine is not None:
-            self.engine.check_status("llama_decode")
+        if self.streamer is not None:
+            self.streamer.check("llama_decode")
 
     @property
     def stats(self) -> Stats:
-        return Stats("streamed" if self.engine else "resident", self.plan,
-                     self.engine.counters() if self.engine else None,
-                     self._vram_loaded, self._vram_peak, self._pinned, self._load_seconds)
+        s = self.streamer
+        return Stats("streamed" if s.engine else "resident", s.plan, s.counters(),
+                     self._vram_loaded, self._vram_peak, s.pinned_bytes, self._load_seconds)
 
     def reset_counters(self) -> None:
         if self.engine is not None:
             self.engine.reset_counters()
-
-
-def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
-    """Streaming needs every layer between its l_out boundaries, in order."""
-    if check.n_lout == 0:
-        raise UnsupportedModelError(
-            f"architecture {mf.arch}: its graph has no l_out-<i> layer boundaries, so gguf-stream cannot "
-            "stream its layers; give a budget that keeps every layer resident")
-    if check.n_lout != mf.n_layer or check.violations:
-        raise UnsupportedModelError(
-            f"architecture {mf.arch}: layers are not evaluated one after another "
-            f"({check.n_lout}/{mf.n_layer} l_out boundaries; {check.first_violation or 'ok'}); "
-            "gguf-stream cannot stream it")
 
 
 def load(path: str | os.PathLike, **options) -> StreamedModel:

@@ -2,12 +2,12 @@
 import pytest
 
 from gguf_stream import NativeError, UnsupportedModelError, read_model
-from gguf_stream.runtime import _load_native, validate_graph
+from gguf_stream.streamer import load_native, validate_graph
 
 
 @pytest.fixture(scope="module")
 def native():
-    _load_native(want_cuda=False)
+    load_native(want_cuda=False)
     from gguf_stream import native
 
     return native

@@ -1,7 +1,6 @@
 """The real engine in host mode (slots in host memory, CPU compute) against
 stock llama.cpp on the same model, prompt and options: greedy tokens and
 logits must be bit-identical, and the counters must prove streaming ran."""
-import resource
 
 import numpy as np
 import pytest

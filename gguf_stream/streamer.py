@@ -1,0 +1,191 @@
+"""What streaming adds around one llama.cpp model, in load order.
+
+    s = Streamer(path, config)             # read GGUF, pick device, plan, create the slot ring
+    s.patch_model_params(params)           # all layers "GPU", streamed ones in pinned host memory
+    model = llama_model_load_from_file(...)
+    s.attach(model)                        # discover weights, re-home streamed layers, prefetch
+    s.patch_context_params(params)         # the scheduler hook
+    ctx = llama_init_from_model(...)
+    ... llama_decode(...); s.check("llama_decode")
+    (free ctx, free model) ; s.close()     # slots last: streamed tensors point into them
+
+Shared by StreamedModel (our own API) and StreamedLlama (llama_cpp.Llama).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from . import llama_abi, native
+from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
+from .gguf_file import ModelFile, read_model
+from .planner import Plan, format_size, make_plan, parse_size
+
+LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
+DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
+
+
+def load_native(want_cuda: bool) -> bool:
+    """Load the helper's libraries; True if a CUDA device will be used."""
+    ggml_base, ggml = llama_abi.ggml_paths()
+    native.load_libraries(ggml_base, ggml, None)
+    if not want_cuda or not native.has_device("CUDA0"):
+        return False
+    cudart = llama_abi.cudart_path()
+    if cudart is None:
+        raise EnvironmentMismatchError("libggml-cuda is loaded but no libcudart.so is mapped in the process")
+    native.load_libraries(ggml_base, ggml, cudart)
+    return True
+
+
+def cuda_available() -> bool:
+    return load_native(want_cuda=True)
+
+
+def no_cuda_error() -> EnvironmentMismatchError:
+    return EnvironmentMismatchError(
+        "a GPU run was asked for but this llama-cpp-python has no CUDA device; reinstall it with "
+        'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36, '
+        "or run on the CPU (device='host')")
+
+
+def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
+    """Streaming needs every layer between its l_out boundaries, in order."""
+    if check.n_lout == 0:
+        raise UnsupportedModelError(
+            f"architecture {mf.arch}: its graph has no l_out-<i> layer boundaries, so gguf-stream cannot "
+            "stream its layers; give a budget that keeps every layer resident")
+    if check.n_lout != mf.n_layer or check.violations:
+        raise UnsupportedModelError(
+            f"architecture {mf.arch}: layers are not evaluated one after another "
+            f"({check.n_lout}/{mf.n_layer} l_out boundaries; {check.first_violation or 'ok'}); "
+            "gguf-stream cannot stream it")
+
+
+class Streamer:
+    def __init__(self, path: str | os.PathLike, config):
+        self.path = str(path)
+        self.config = config
+        self.lc = llama_abi.llama()
+        self.model_file = read_model(self.path)
+        self.cuda = load_native(config.device != "host")
+        if config.device == "cuda" and not self.cuda:
+            raise no_cuda_error()
+        self.plan: Plan = self._make_plan()
+        self.engine: native.Engine | None = None
+        self.pinned_bytes = 0
+        self._keep = []
+        if self.plan.streamed:
+            device = "CUDA0" if self.cuda else "CPU"
+            ring_buft, host_buft = native.device_bufts(device)
+            # Streamed layers load into pinned host memory (CUDA) or plain CPU
+            # memory (host mode); that copy is the upload source, the only one.
+            self._source_buft = host_buft if self.cuda else ring_buft
+            if not self._source_buft:
+                raise EnvironmentMismatchError(f"device {device} has no host buffer type for pinned memory")
+            self.engine = native.Engine(n_layer=self.model_file.n_layer, n_slots=self.plan.n_slots,
+                                        ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
+                                        host_copy_delay_us=config.host_copy_delay_us)
+
+    def _make_plan(self) -> Plan:
+        c = self.config
+        if c.vram_budget is not None and self.cuda:
+            total = native.device_memory("CUDA0")[1]
+            if parse_size(c.vram_budget) > total:
+                raise BudgetError(f"VRAM budget {format_size(parse_size(c.vram_budget))} exceeds the device's "
+                                  f"{format_size(total)}; give at most that")
+        if c.vram_budget is None and c.n_streamed is None and c.streamed_layers is None:
+            what = {"n_streamed": 0}
+        else:
+            what = {"vram_budget": c.vram_budget, "n_streamed": c.n_streamed, "streamed_layers": c.streamed_layers}
+        return make_plan(self.model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
+                         n_slots=c.n_slots, max_slots=c.max_slots, **what)
+
+    # -- model --
+    def patch_model_params(self, params) -> None:
+        """Every layer counts as a GPU layer (so every KV cache lives on the
+        GPU); streamed layers are overridden into host memory."""
+        params.n_gpu_layers = -1 if self.cuda else 0
+        params.load_mode = LOAD_MODE_NONE
+        params.use_extra_bufts = self.config.cpu_repack
+        if self.engine is not None:
+            rules = llama_abi.buft_overrides([(llama_abi.layer_pattern(self.plan.streamed), self._source_buft)])
+            self._keep.append(rules)
+            params.tensor_buft_overrides = ctypes.addressof(rules)
+
+    def attach(self, model) -> None:
+        """After loading: find the streamed weights, re-home them into the ring."""
+        if self.engine is None:
+            return
+        for w in self._discover(model):
+            if w.layer not in self.plan.streamed:
+                continue
+            if self.cuda:
+                buf_name, _ = native.tensor_buffer(w.tensor)
+                if buf_name != "CUDA_Host":
+                    raise EnvironmentMismatchError(
+                        f"{w.name} landed in a {buf_name} buffer instead of pinned CUDA_Host memory "
+                        "(cudaMallocHost failed?); free host memory or stream fewer layers")
+                self.pinned_bytes += w.nbytes
+            self.engine.add_tensor(w.layer, w.tensor)
+        self.engine.start()
+
+    def _discover(self, model) -> list[native.Weight]:
+        """Weight tensors through a throwaway context; checks that the graph
+        keeps each layer between its l_out boundaries."""
+        lc, e, mf = self.lc, self.engine, self.model_file
+        e.discover_reset()
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = 256, 16, 16
+        p.n_threads = p.n_threads_batch = self.config.n_threads or os.cpu_count() or 1
+        cb = lc.ggml_backend_sched_eval_callback(native.DISCOVER_CB)
+        p.cb_eval, p.cb_eval_user_data = cb, e.address
+        ctx = lc.llama_init_from_model(model, p)
+        if not ctx:
+            raise BudgetError("llama.cpp could not create a small discovery context (out of memory?)")
+        try:
+            bos = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+            arr = (lc.llama_token * DISCOVERY_TOKENS)(*([bos] * DISCOVERY_TOKENS))
+            rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, DISCOVERY_TOKENS))
+        finally:
+            lc.llama_free(ctx)
+        e.check_status("discovery")
+        if rc != 0:
+            raise DecodeError(f"discovery decode failed with llama_decode = {rc}")
+        validate_graph(e.graph_check(), mf)
+        weights = e.weights()
+        for w in weights:  # our view of ggml_tensor must agree with the file
+            info = mf.tensor(w.name)
+            if info is None or info.nbytes != w.nbytes:
+                raise EnvironmentMismatchError(
+                    f"tensor {w.name!r} ({w.nbytes} bytes) does not match the GGUF file: the ggml ABI differs "
+                    f"from llama-cpp-python {llama_abi.REQUIRED_VERSION}'s")
+            if w.viewed and w.layer in self.plan.streamed:
+                raise UnsupportedModelError(f"architecture {mf.arch} uses weight {w.name} through a view; "
+                                            "streaming it is not supported")
+        return weights
+
+    # -- context --
+    def patch_context_params(self, params) -> None:
+        if self.engine is None:
+            return
+        cb = self.lc.ggml_backend_sched_eval_callback(native.EVAL_CB)
+        self._keep.append(cb)
+        params.cb_eval, params.cb_eval_user_data = cb, self.engine.address
+
+    def check(self, during: str) -> None:
+        if self.engine is not None:
+            self.engine.check_status(during)
+
+    def counters(self) -> native.Counters | None:
+        return self.engine.counters() if self.engine is not None else None
+
+    def vram_free(self) -> int | None:
+        return native.device_memory("CUDA0")[0] if self.cuda else None
+
+    def close(self) -> None:
+        """Only after the context and the model are freed."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        self._keep.clear()
