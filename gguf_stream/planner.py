@@ -7,7 +7,7 @@ runtime measures the real figures after loading and reports both.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import BudgetError
 from .gguf_file import ModelFile
