@@ -72,6 +72,13 @@ int  gs_engine_graph_check(gs_engine *e, gs_graph_check *out);
 int  gs_engine_add_tensor(gs_engine *e, int layer, void *tensor);
 int  gs_engine_start(gs_engine *e);
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
+#define GS_PHASE_PROMPT ...
+#define GS_PHASE_GENERATE ...
+int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+int  gs_engine_set_phase(gs_engine *e, int phase);
+int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
+int  gs_engine_set_timing(gs_engine *e, int on);
+int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
 int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
 int  gs_engine_stats(gs_engine *e, gs_stats *out);
 void gs_engine_reset_stats(gs_engine *e);
@@ -99,5 +106,9 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
+    # A stale build with another suffix (e.g. _native.abi3.so from an
+    # editable install) would win the import; keep only this one.
+    for old in (ROOT / "gguf_stream").glob("_native*.so"):
+        old.unlink()
     make_builder(absolute=True).compile(tmpdir=str(ROOT / "build" / "cffi"),
                                         target=str(ROOT / "gguf_stream" / "_native.*"))

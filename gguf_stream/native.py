@@ -90,6 +90,9 @@ class Counters:
         return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
 
 
+PHASE_PROMPT = lib.GS_PHASE_PROMPT
+PHASE_GENERATE = lib.GS_PHASE_GENERATE
+
 # Addresses of the two hooks, for llama_context_params.cb_eval.
 DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_discover_cb")))
 EVAL_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_eval_cb")))
@@ -135,6 +138,30 @@ class Engine:
 
     def start(self) -> None:
         _check("gs_engine_start", lib.gs_engine_start(self._e))
+
+    def set_cpu_layers(self, layers) -> None:
+        arr = ffi.new("int[]", list(layers) or [0])
+        _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._e, arr, len(layers)))
+
+    def set_phase(self, phase: int) -> None:
+        _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._e, phase))
+
+    def set_timing(self, on: bool) -> None:
+        _check("gs_engine_set_timing", lib.gs_engine_set_timing(self._e, int(on)))
+
+    def layer_times(self, n_layer: int) -> list[tuple[float, int]]:
+        """(seconds, count) accumulated per layer while timing was on."""
+        sec, cnt, out = ffi.new("double *"), ffi.new("uint64_t *"), []
+        for i in range(n_layer):
+            _check("gs_engine_layer_time", lib.gs_engine_layer_time(self._e, i, sec, cnt))
+            out.append((float(sec[0]), int(cnt[0])))
+        return out
+
+    def measure_upload(self, layer: int, n: int = 3) -> float:
+        """Fastest of n synchronous uploads of a layer, in seconds."""
+        best = ffi.new("double *")
+        _check("gs_engine_measure_upload", lib.gs_engine_measure_upload(self._e, layer, n, best))
+        return float(best[0])
 
     def check_status(self, during: str) -> None:
         msg = ffi.new("char[512]")

@@ -7,7 +7,7 @@ runtime measures the real figures after loading and reports both.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import BudgetError
 from .gguf_file import ModelFile
@@ -100,8 +100,13 @@ def shared_device_bytes(model: ModelFile) -> int:
 class LayerSpan:
     layer: int
     bytes: int
-    placement: str  # "resident" or "streamed"
+    placement: str  # prompt phase: "resident" or "streamed"
     slot: int | None = None  # first-evaluation slot of a streamed layer
+    generate: str = ""  # generate phase: "resident", "streamed" or "cpu" (computed from host memory)
+
+    def __post_init__(self):
+        if not self.generate:
+            object.__setattr__(self, "generate", self.placement)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,11 @@ class Plan:
     @property
     def streamed(self) -> tuple[int, ...]:
         return tuple(s.layer for s in self.layers if s.placement == "streamed")
+
+    @property
+    def cpu_layers(self) -> tuple[int, ...]:
+        """Layers the CPU computes while generating (they stream for prompts)."""
+        return tuple(s.layer for s in self.layers if s.generate == "cpu")
 
     @property
     def resident(self) -> tuple[int, ...]:
@@ -145,16 +155,18 @@ class Plan:
         lines = [
             f"plan for {self.model_name} ({self.arch}, {self.n_layer} layers)"
             + (f", VRAM budget {format_size(self.budget)}" if self.budget is not None else ""),
-            "| layer | bytes | placement | slot |",
-            "| ---: | ---: | :--- | ---: |",
+            "| layer | bytes | prompt | generate | slot |",
+            "| ---: | ---: | :--- | :--- | ---: |",
         ]
         for s in self.layers:
-            lines.append(f"| {s.layer} | {format_size(s.bytes)} | {s.placement} | {'' if s.slot is None else s.slot} |")
+            lines.append(f"| {s.layer} | {format_size(s.bytes)} | {s.placement} | {s.generate} | "
+                         f"{'' if s.slot is None else s.slot} |")
         lines += [
             "",
             f"resident layers {len(self.resident)} ({format_size(self.resident_bytes)}), "
             f"streamed {len(self.streamed)} ({format_size(self.streamed_bytes)}) through "
-            f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}",
+            f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}"
+            + (f"; while generating, {len(self.cpu_layers)} of them are computed by the CPU" if self.cpu_layers else ""),
             f"device estimate: resident {format_size(self.resident_bytes)} + shared {format_size(self.shared_bytes)}"
             f" + slots {format_size(self.n_slots * self.slot_bytes)} + KV {format_size(self.kv_bytes)}"
             f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
@@ -162,6 +174,43 @@ class Plan:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def with_cpu_layers(plan: Plan, cpu_layers) -> Plan:
+    """The plan with these streamed layers computed by the CPU while generating."""
+    cpu = set(cpu_layers)
+    if not cpu <= set(plan.streamed):
+        raise ValueError(f"cpu layers {sorted(cpu - set(plan.streamed))} are not streamed layers")
+    spans = tuple(replace(s, generate="cpu" if s.layer in cpu else s.placement) for s in plan.layers)
+    return replace(plan, layers=spans)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured on the machine: what a byte costs on each path while generating."""
+    pcie_bytes_per_s: float     # pinned host -> device copy
+    cpu_bytes_per_s: float      # CPU computing a layer from host memory (incl. its transfers)
+    gpu_token_seconds: float    # G: one token with every layer in VRAM
+
+
+def generate_split(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> tuple[tuple[int, ...], float]:
+    """Which overflow layers the CPU should compute while generating.
+
+    Streaming x bytes and computing the other O - x on the CPU run at the
+    same time, so a token takes about max(G + c*(O - x), p*x) (performance.md).
+    Tries every count of streamed layers (spread evenly through the overflow)
+    and returns (cpu layers, predicted seconds per token) of the best.
+    """
+    p, c, G = 1.0 / rates.pcie_bytes_per_s, 1.0 / rates.cpu_bytes_per_s, rates.gpu_token_seconds
+    total = sum(layer_bytes[i] for i in overflow)
+    best = None
+    for n in range(len(overflow) + 1):
+        streamed = {overflow[j] for j in interleaved_layers(len(overflow), n)}
+        x = sum(layer_bytes[i] for i in streamed)
+        t = max(G + c * (total - x), p * x)
+        if best is None or t < best[1] - 1e-12:
+            best = (tuple(i for i in overflow if i not in streamed), t)
+    return best
 
 
 def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:

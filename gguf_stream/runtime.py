@@ -42,6 +42,9 @@ class EngineConfig:
     host_copy_delay_us: int = 0  # host mode: simulate a slow link
     n_threads: int | None = None
     cpu_repack: bool = False  # CPU weight repacking; off so host mode is bit-comparable
+    # While generating, streamed layers the CPU computes from host memory
+    # instead: "auto" (measured split, CUDA only), "none", or layer numbers.
+    generate_cpu_layers: str | tuple[int, ...] = "auto"
     verbose: bool = False
 
     def __post_init__(self):
@@ -214,12 +217,16 @@ class _Session:
         for i in range(0, len(tokens), step):
             chunk = tokens[i:i + step]
             arr = (self._lc.llama_token * len(chunk))(*chunk)
+            self._before_decode(len(chunk))
             rc = self._lc.llama_decode(self.ctx, self._lc.llama_batch_get_one(arr, len(chunk)))
             self._after_decode()
             if rc != 0:
                 raise DecodeError(f"llama_decode returned {rc} (1: KV cache full - raise n_ctx or reset(); "
                                   "2: aborted; <0: error)")
         self._vram_sample()
+
+    def _before_decode(self, n_tokens: int) -> None:
+        """Hook for subclasses: placement for the batch about to be decoded."""
 
     def _after_decode(self) -> None:
         """Hook for subclasses: check native state after every llama_decode."""
@@ -332,6 +339,10 @@ class StreamedModel(_Session):
     @property
     def engine(self) -> native.Engine | None:
         return self.streamer.engine if self.streamer else None
+
+    def _before_decode(self, n_tokens: int) -> None:
+        if self.streamer is not None:
+            self.streamer.before_decode(n_tokens)
 
     def _after_decode(self) -> None:
         if self.streamer is not None:

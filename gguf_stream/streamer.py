@@ -14,15 +14,26 @@ Shared by StreamedModel (our own API) and StreamedLlama (llama_cpp.Llama).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import platform
+import time
+from pathlib import Path
 
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
-from .planner import Plan, format_size, make_plan, parse_size
+from .planner import Plan, Rates, format_size, generate_split, make_plan, parse_size, with_cpu_layers
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
+# Batches below this size run host-resident weights on the CPU (ggml's scheduler).
+OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
+CALIBRATION_TOKENS = 6  # single-token decodes timed per layer (the first is a warm-up)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GGUF_STREAM_CACHE", Path.home() / ".cache" / "gguf-stream"))
 
 
 def load_native(want_cuda: bool) -> bool:
@@ -74,6 +85,8 @@ class Streamer:
         self.plan: Plan = self._make_plan()
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
+        self.rates: Rates | None = None
+        self.predicted_token_seconds: float | None = None
         self._keep = []
         if self.plan.streamed:
             device = "CUDA0" if self.cuda else "CPU"
@@ -129,6 +142,7 @@ class Streamer:
                 self.pinned_bytes += w.nbytes
             self.engine.add_tensor(w.layer, w.tensor)
         self.engine.start()
+        self.choose_generate_split(model)
 
     def _discover(self, model) -> list[native.Weight]:
         """Weight tensors through a throwaway context; checks that the graph
@@ -164,6 +178,107 @@ class Streamer:
                 raise UnsupportedModelError(f"architecture {mf.arch} uses weight {w.name} through a view; "
                                             "streaming it is not supported")
         return weights
+
+    # -- generate-phase split (CUDA) --
+    def choose_generate_split(self, model) -> None:
+        """Decide which streamed layers the CPU computes while generating,
+        from rates measured on this machine (cached per machine and model)."""
+        choice = self.config.generate_cpu_layers
+        if self.engine is None or choice == "none" or (choice == "auto" and not self.cuda):
+            return
+        if choice != "auto":
+            cpu = tuple(choice)
+        else:
+            rates = self._cached_rates() or self._measure_rates(model)
+            cpu, self.predicted_token_seconds = generate_split(self.plan.streamed, self.model_file.layer_bytes, rates)
+            self.rates = rates
+        self.engine.set_cpu_layers(cpu)
+        self.plan = with_cpu_layers(self.plan, cpu)
+
+    def _cache_key(self) -> str:
+        st = os.stat(self.path)
+        _, total = native.device_memory("CUDA0")
+        return "|".join([platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
+                          str(int(st.st_mtime)), str(self.config.n_threads or os.cpu_count())])
+
+    def _cached_rates(self) -> Rates | None:
+        try:
+            data = json.loads((cache_dir() / "rates.json").read_text())
+            return Rates(**data[self._cache_key()])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _measure_rates(self, model) -> Rates:
+        """p from timed uploads of a streamed layer; c and G from one short
+        generation with every overflow layer on the CPU, timed layer by layer."""
+        lc, e, mf, plan = self.lc, self.engine, self.model_file, self.plan
+        first = plan.streamed[0]
+        seconds = e.measure_upload(first, 3)
+        pcie = mf.layer_bytes[first] / seconds
+        e.set_cpu_layers(plan.streamed)
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
+        p.n_threads = p.n_threads_batch = self.config.n_threads or os.cpu_count() or 1
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.patch_context_params(p)
+        ctx = lc.llama_init_from_model(model, p)
+        if not ctx:
+            raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
+        try:
+            e.set_phase(native.PHASE_GENERATE)
+            token = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+            arr = (lc.llama_token * 1)(token)
+            token_times = []
+            for k in range(CALIBRATION_TOKENS):
+                if k == 1:  # after the warm-up token
+                    e.reset_counters()
+                    e.set_timing(True)
+                t0 = time.perf_counter()
+                rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
+                lc.llama_synchronize(ctx)
+                token_times.append(time.perf_counter() - t0)
+                if rc != 0:
+                    raise DecodeError(f"calibration decode failed with llama_decode = {rc}")
+            e.check_status("calibration")
+            times = e.layer_times(mf.n_layer)
+        finally:
+            e.set_timing(False)
+            e.set_phase(native.PHASE_PROMPT)
+            lc.llama_free(ctx)
+            e.set_cpu_layers(())
+            e.reset_counters()
+        per_layer = {i: s / n for i, (s, n) in enumerate(times) if n}
+        cpu = [i for i in plan.streamed if i in per_layer]
+        gpu = [i for i in plan.resident if i in per_layer]
+        cpu_rate = sum(mf.layer_bytes[i] for i in cpu) / max(sum(per_layer[i] for i in cpu), 1e-9)
+        # A resident layer's time stands for any layer on the GPU; without
+        # resident layers, assume HBM speed (it is small next to c and p).
+        gpu_layer = (sum(per_layer[i] for i in gpu) / len(gpu)) if gpu else max(mf.layer_bytes) / 2e12 + 3e-5
+        token = sorted(token_times[1:])[len(token_times[1:]) // 2]
+        edges = max(token - sum(per_layer.values()) - (per_layer.get(0) is None) * 0, 0.0)
+        rates = Rates(pcie_bytes_per_s=pcie, cpu_bytes_per_s=cpu_rate,
+                      gpu_token_seconds=mf.n_layer * gpu_layer + edges)
+        self._store_rates(rates)
+        return rates
+
+    def _store_rates(self, rates: Rates) -> None:
+        path = cache_dir() / "rates.json"
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            data = {}
+        data[self._cache_key()] = rates.__dict__
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+
+    def before_decode(self, n_tokens: int) -> None:
+        """Prompt-sized batches stream every non-resident layer; small ones
+        leave the CPU layers to the CPU."""
+        if self.engine is not None:
+            self.engine.set_phase(native.PHASE_PROMPT if n_tokens >= OFFLOAD_MIN_BATCH else native.PHASE_GENERATE)
 
     # -- context --
     def patch_context_params(self, params) -> None:

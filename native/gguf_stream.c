@@ -256,7 +256,8 @@ typedef struct {
 } srec;
 
 typedef struct {
-    int    stream_idx;    /* position in execution order, -1 if not streamed */
+    int    sidx[GS_N_PHASES]; /* position in the phase's execution order, -1 if not streamed then */
+    int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
     int    first, count;  /* its records in e->recs (contiguous after start) */
     int    slot;          /* slot adopted for the current evaluation, or -1 */
     size_t bytes;         /* laid-out size in a slot */
@@ -285,12 +286,21 @@ struct gs_engine {
     unsigned char *lout_seen;
 
     /* streaming */
+    int        phase;     /* GS_PHASE_PROMPT or GS_PHASE_GENERATE */
     srec      *recs;
     int        n_recs, cap_recs;
     ptrmap     rec_map;
     layer_info *layers;
-    int       *order;     /* streamed layers in execution order */
-    int        n_streamed, n_slots;
+    int       *order[GS_N_PHASES];   /* streamed layers of each phase, in execution order */
+    int        n_order[GS_N_PHASES];
+    int        n_overflow;            /* layers with tensors in the ring (streamed in some phase) */
+    int        n_slots;
+
+    /* per-layer timing (calibration) */
+    int        timing;
+    double     t_last;
+    double    *layer_seconds;
+    uint64_t  *layer_count;
     slot_info *slots;
     void      *ring;
     size_t     slot_bytes;
@@ -346,7 +356,13 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
     e->layers = calloc(cfg->n_layer, sizeof *e->layers);
     e->lout_seen = calloc(cfg->n_layer, 1);
     if (!e->layers || !e->lout_seen) { gs_engine_destroy(e); return fail(GS_E_NOMEM, "gs_engine_create: calloc"); }
-    for (int i = 0; i < cfg->n_layer; i++) { e->layers[i].stream_idx = -1; e->layers[i].slot = -1; }
+    for (int i = 0; i < cfg->n_layer; i++) {
+        e->layers[i].sidx[0] = e->layers[i].sidx[1] = -1;
+        e->layers[i].slot = -1;
+    }
+    e->layer_seconds = calloc(cfg->n_layer, sizeof *e->layer_seconds);
+    e->layer_count = calloc(cfg->n_layer, sizeof *e->layer_count);
+    if (!e->layer_seconds || !e->layer_count) { gs_engine_destroy(e); return fail(GS_E_NOMEM, "gs_engine_create: calloc"); }
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv_job, NULL);
     pthread_cond_init(&e->cv_done, NULL);
@@ -651,12 +667,23 @@ int gs_engine_start(gs_engine *e) {
         if (ly->bytes > max_bytes) max_bytes = ly->bytes;
         if (ptrmap_put(&e->rec_map, r->t, k, k)) return fail(GS_E_NOMEM, "gs_engine_start: map");
     }
-    e->order = calloc(e->cfg.n_layer, sizeof *e->order);
-    if (!e->order) return fail(GS_E_NOMEM, "gs_engine_start: calloc");
-    for (int i = 0; i < e->cfg.n_layer; i++)
-        if (e->layers[i].count > 0) { e->layers[i].stream_idx = e->n_streamed; e->order[e->n_streamed++] = i; }
-
-    e->n_slots = e->cfg.n_slots < e->n_streamed ? e->cfg.n_slots : e->n_streamed;
+    for (int ph = 0; ph < GS_N_PHASES; ph++) {
+        e->order[ph] = calloc(e->cfg.n_layer, sizeof **e->order);
+        if (!e->order[ph]) return fail(GS_E_NOMEM, "gs_engine_start: calloc");
+    }
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        if (ly->count == 0) continue;
+        e->n_overflow++;
+        ly->sidx[GS_PHASE_PROMPT] = e->n_order[GS_PHASE_PROMPT];
+        e->order[GS_PHASE_PROMPT][e->n_order[GS_PHASE_PROMPT]++] = i;
+        if (!ly->cpu_generate) {
+            ly->sidx[GS_PHASE_GENERATE] = e->n_order[GS_PHASE_GENERATE];
+            e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
+        }
+    }
+    e->phase = GS_PHASE_PROMPT;
+    e->n_slots = e->cfg.n_slots < e->n_overflow ? e->cfg.n_slots : e->n_overflow;
     e->slot_bytes = align_up(max_bytes, align);
     size_t ring_bytes = e->slot_bytes * (size_t)e->n_slots;
     e->slots = calloc(e->n_slots, sizeof *e->slots);
@@ -690,11 +717,11 @@ int gs_engine_start(gs_engine *e) {
     if (rc) return rc;
     e->stats.slot_bytes = e->slot_bytes;
     e->stats.ring_bytes = ring_bytes;
-    e->stats.n_streamed = e->n_streamed;
+    e->stats.n_streamed = e->n_overflow;
     e->stats.n_slots = e->n_slots;
     if (e->cfg.prefetch)
         for (int s = 0; s < e->n_slots; s++)
-            if ((rc = copy_issue(e, s, e->order[s]))) return rc;
+            if ((rc = copy_issue(e, s, e->order[e->phase][s]))) return rc;
     return GS_OK;
 }
 
@@ -711,13 +738,14 @@ static int slot_holding(const gs_engine *e, int layer) {
  * evaluation that never reached its release (e.g. an aborted decode): at a
  * hook call every launched op has finished, so it can be reclaimed. */
 static int victim_slot(gs_engine *e, int layer) {
-    int best = -1, best_dist = -1, S = e->n_streamed;
+    int best = -1, best_dist = -1, S = e->n_order[e->phase], ph = e->phase;
     for (int s = 0; s < e->n_slots; s++) {
         const slot_info *sl = &e->slots[s];
         if (sl->state == SLOT_EMPTY) return s;
         /* in-use slots only as a last resort */
-        int dist = sl->state == SLOT_IN_USE
-                 ? -1 : (e->layers[sl->layer].stream_idx - e->layers[layer].stream_idx + S) % S;
+        int dist = sl->state == SLOT_IN_USE ? -1
+                 : e->layers[sl->layer].sidx[ph] < 0 ? S   /* not streamed in this phase */
+                 : (e->layers[sl->layer].sidx[ph] - e->layers[layer].sidx[ph] + S) % S;
         if (best < 0 || dist > best_dist) { best = s; best_dist = dist; }
     }
     if (e->slots[best].state == SLOT_IN_USE) e->layers[e->slots[best].layer].slot = -1;
@@ -756,7 +784,7 @@ static int adopt(gs_engine *e, int layer) {
     e->slots[s].state = SLOT_IN_USE;
     ly->slot = s;
     point_layer(e, layer, s);
-    if (ly->stream_idx == 0) e->stats.evaluations++;
+    if (ly->sidx[e->phase] == 0) e->stats.evaluations++;
     return GS_OK;
 }
 
@@ -770,7 +798,8 @@ static int release(gs_engine *e, int layer) {
     ly->slot = -1;
     e->slots[s].state = SLOT_READY;
     if (!e->cfg.prefetch) return GS_OK;
-    int next = e->order[(ly->stream_idx + e->n_slots) % e->n_streamed];
+    int S = e->n_order[e->phase];
+    int next = e->order[e->phase][(ly->sidx[e->phase] + e->n_slots) % S];
     if (slot_holding(e, next) >= 0) return GS_OK;
     return copy_issue(e, s, next);
 }
@@ -795,9 +824,9 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     struct gs_tensor *t = tensor;
     if (e->status || !e->started) return !ask;
     int i = parse_index(t->name, "l_out-", '\0');
-    int n = e->cfg.n_layer;
+    int n = e->cfg.n_layer, ph = e->phase;
     if (ask) {
-        if (i >= 0 && i < n && (e->layers[i].stream_idx >= 0 || (i + 1 < n && e->layers[i + 1].stream_idx >= 0))) {
+        if (i >= 0 && i < n && (e->timing || e->layers[i].sidx[ph] >= 0 || (i + 1 < n && e->layers[i + 1].sidx[ph] >= 0))) {
             e->stats.boundaries++;
             return true;
         }
@@ -808,11 +837,131 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     /* The backend is synchronised: every node up to t has finished. */
     if (i >= 0 && i < n) {
         int rc = GS_OK;
-        if (e->layers[i].stream_idx >= 0) rc = release(e, i);
-        if (!rc && i + 1 < n && e->layers[i + 1].stream_idx >= 0) rc = adopt(e, i + 1);
+        if (e->timing) {
+            double t = now_s();
+            if (i > 0) { e->layer_seconds[i] += t - e->t_last; e->layer_count[i]++; }
+            e->t_last = t;
+        }
+        if (e->layers[i].sidx[ph] >= 0) rc = release(e, i);
+        if (!rc && i + 1 < n && e->layers[i + 1].sidx[ph] >= 0) rc = adopt(e, i + 1);
         if (rc) engine_fail(e, rc);
     }
     return true;
+}
+
+static int set_phase(gs_engine *e, int phase);
+
+/* Which overflow layers the CPU computes while generating. Before start, or
+ * between decodes (the engine then returns to the prompt phase; a context
+ * must not reuse a generate-phase graph built under the old choice). */
+int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
+    for (int k = 0; k < n; k++)
+        if (layers[k] < 0 || layers[k] >= e->cfg.n_layer)
+            return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
+    if (e->started) {
+        int rc = set_phase(e, GS_PHASE_PROMPT);
+        if (rc) return rc;
+    }
+    for (int i = 0; i < e->cfg.n_layer; i++) e->layers[i].cpu_generate = 0;
+    for (int k = 0; k < n; k++) e->layers[layers[k]].cpu_generate = 1;
+    if (!e->started) return GS_OK;
+    e->n_order[GS_PHASE_GENERATE] = 0;
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        ly->sidx[GS_PHASE_GENERATE] = -1;
+        if (ly->count > 0 && !ly->cpu_generate) {
+            ly->sidx[GS_PHASE_GENERATE] = e->n_order[GS_PHASE_GENERATE];
+            e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
+        }
+    }
+    return GS_OK;
+}
+
+/* Calibration of the link: upload `layer` into slot 0 synchronously, n times,
+ * and report the fastest. Between decodes only. */
+int gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds) {
+    if (!e->started || layer < 0 || layer >= e->cfg.n_layer || e->layers[layer].count == 0)
+        return fail(GS_E_INVALID, "measure_upload: layer %d is not in the ring", layer);
+    for (int s = 0; s < e->n_slots; s++) {
+        if (e->slots[s].state == SLOT_IN_USE) e->layers[e->slots[s].layer].slot = -1;
+        if (e->slots[s].state != SLOT_EMPTY) { int rc = copy_wait(e, s); if (rc) return rc; }
+    }
+    double best = 1e30;
+    for (int k = 0; k < n; k++) {
+        double t0 = now_s();
+        int rc = copy_issue(e, 0, layer);
+        if (!rc) rc = copy_wait(e, 0);
+        if (rc) return rc;
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    *best_seconds = best;
+    e->slots[0].state = SLOT_READY;
+    return GS_OK;
+}
+
+static void point_home(gs_engine *e, int layer) {
+    const layer_info *ly = &e->layers[layer];
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        e->recs[k].t->buffer = e->recs[k].src_buffer;
+        e->recs[k].t->data = e->recs[k].src;
+    }
+}
+
+/* Between decodes only. Layers computed by the CPU while generating go back
+ * to their host buffer (the scheduler then places their ops on the CPU for
+ * small batches); in the prompt phase they stream like the others. The
+ * graph is rebuilt whenever the ubatch size changes, and the phase follows
+ * the ubatch size, so a graph is never reused across a switch. */
+int gs_engine_set_phase(gs_engine *e, int phase) {
+    if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
+        return fail(GS_E_INVALID, "unknown phase %d", phase);
+    if (!e->started || phase == e->phase) return GS_OK;
+    return set_phase(e, phase);
+}
+
+static int set_phase(gs_engine *e, int phase) {
+    if (phase == e->phase) return GS_OK;
+    /* Slots keep only the first layers the new phase will need. */
+    int want = e->n_slots < e->n_order[phase] ? e->n_slots : e->n_order[phase];
+    for (int s = 0; s < e->n_slots; s++) {
+        slot_info *sl = &e->slots[s];
+        if (sl->state == SLOT_IN_USE) { e->layers[sl->layer].slot = -1; sl->state = SLOT_READY; }
+        int idx = sl->state == SLOT_EMPTY ? -1 : e->layers[sl->layer].sidx[phase];
+        if (idx < 0 || idx >= want) { sl->state = SLOT_EMPTY; sl->layer = -1; }
+    }
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        if (ly->count == 0) continue;
+        if (ly->sidx[phase] < 0) point_home(e, i);
+        else if (ly->sidx[e->phase] < 0) {
+            for (int k = ly->first; k < ly->first + ly->count; k++) e->recs[k].t->buffer = e->ring;
+            point_layer(e, i, 0);
+        }
+    }
+    e->phase = phase;
+    if (!e->cfg.prefetch) return GS_OK;
+    for (int k = 0, s = 0; k < want; k++) {
+        int layer = e->order[phase][k];
+        if (slot_holding(e, layer) >= 0) continue;
+        while (s < e->n_slots && e->slots[s].state != SLOT_EMPTY) s++;
+        int rc = copy_issue(e, s, layer);  /* an empty slot exists: at most `want` are kept */
+        if (rc) { engine_fail(e, rc); return rc; }
+    }
+    return GS_OK;
+}
+
+int gs_engine_set_timing(gs_engine *e, int on) {
+    e->timing = on;
+    e->t_last = now_s();
+    return GS_OK;
+}
+
+int gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count) {
+    if (layer < 0 || layer >= e->cfg.n_layer) return fail(GS_E_INVALID, "layer %d out of range", layer);
+    *seconds = e->layer_seconds[layer];
+    *count = e->layer_count[layer];
+    return GS_OK;
 }
 
 int gs_engine_status(gs_engine *e, char *msg, size_t msg_len) {
@@ -831,6 +980,8 @@ void gs_engine_reset_stats(gs_engine *e) {
     e->stats.slot_bytes = keep.slot_bytes;
     e->stats.ring_bytes = keep.ring_bytes;
     e->stats.n_streamed = keep.n_streamed;
+    memset(e->layer_seconds, 0, e->cfg.n_layer * sizeof *e->layer_seconds);
+    memset(e->layer_count, 0, e->cfg.n_layer * sizeof *e->layer_count);
     e->stats.n_slots = keep.n_slots;
 }
 
@@ -838,7 +989,7 @@ int gs_engine_debug_swap_sources(gs_engine *e, int a, int b) {
     if (!e->started || a < 0 || b < 0 || a >= e->cfg.n_layer || b >= e->cfg.n_layer)
         return fail(GS_E_INVALID, "swap: engine not started or layer out of range");
     layer_info *la = &e->layers[a], *lb = &e->layers[b];
-    if (la->stream_idx < 0 || lb->stream_idx < 0 || la->count != lb->count)
+    if (la->count == 0 || lb->count == 0 || la->count != lb->count)
         return fail(GS_E_INVALID, "swap: layers %d and %d are not both streamed with the same tensors", a, b);
     for (int k = 0; k < la->count; k++) {
         srec *x = &e->recs[la->first + k], *y = &e->recs[lb->first + k];
@@ -868,7 +1019,10 @@ void gs_engine_destroy(gs_engine *e) {
     free(e->weight_names);
     free(e->recs);
     free(e->layers);
-    free(e->order);
+    free(e->order[0]);
+    free(e->order[1]);
+    free(e->layer_seconds);
+    free(e->layer_count);
     free(e->slots);
     free(e->lout_seen);
     pthread_mutex_destroy(&e->mu);

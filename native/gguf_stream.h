@@ -45,6 +45,10 @@ int gs_tensor_buffer(const void *tensor, const char **buffer_name, size_t *buffe
 
 typedef struct gs_engine gs_engine;
 
+#define GS_PHASE_PROMPT   0   /* large batches: every non-resident layer streams */
+#define GS_PHASE_GENERATE 1   /* small batches: "cpu" layers are computed from host memory */
+#define GS_N_PHASES       2
+
 typedef struct {
     int    n_layer;            /* layers of the model */
     int    n_slots;            /* ring size, >= 1 */
@@ -116,6 +120,19 @@ int  gs_engine_start(gs_engine *e);
  * Errors cannot be returned through the scheduler: they are recorded and read
  * with gs_engine_status() after llama_decode. */
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
+
+/* Layers the CPU computes in the generate phase (added like streamed ones:
+ * they stream in the prompt phase). Before start, or between decodes: the
+ * engine then returns to the prompt phase. */
+int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+/* Switch placement between decodes; the engine starts in the prompt phase. */
+int  gs_engine_set_phase(gs_engine *e, int phase);
+/* Link calibration: best of n synchronous uploads of `layer`, between decodes. */
+int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
+/* Calibration: a boundary at every l_out-<i>, accumulating the wall time
+ * from l_out-(i-1) to l_out-i per layer (reset with gs_engine_reset_stats). */
+int  gs_engine_set_timing(gs_engine *e, int on);
+int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
 
 int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
 int  gs_engine_stats(gs_engine *e, gs_stats *out);

@@ -65,6 +65,29 @@ def test_streamed_is_bit_identical_to_stock(case, name):
         assert c.adopted_waited > 0 and c.wait_seconds > 0
 
 
+def test_generate_phase_cpu_layers_match(case):
+    """Hybrid placement: a prompt of >= 32 tokens streams every overflow layer,
+    single-token generation leaves the chosen layers in host memory for the
+    CPU and streams the rest. Output must not change."""
+    path, _, _, _ = case
+    long_prompt = PROMPT * 4
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(long_prompt)
+        assert len(prompt) >= 32
+        ref_tokens, ref_logits = s.generate(prompt, N_GEN, with_logits=True)
+    from gguf_stream import read_model
+    from gguf_stream.planner import interleaved_layers
+
+    cpu = interleaved_layers(read_model(path).n_layer, 6)[1::3]  # 2 of the 6 streamed layers
+    with StreamedModel(path, **CPU, n_streamed=6, n_slots=2, generate_cpu_layers=cpu) as m:
+        assert m.plan.cpu_layers == cpu and len(cpu) == 2
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        c = m.stats.counters
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    prompt_evals = -(-len(prompt) // CPU["n_batch"])
+    assert c.adoptions == 6 * prompt_evals + (6 - 2) * N_GEN
+
+
 def test_swapped_layers_fail_the_comparison(case):
     """Proves the comparison above can fail: feed two streamed layers each
     other's weights and the output must change."""

@@ -1,0 +1,133 @@
+"""StreamedLlama: a llama_cpp.Llama whose model and context go through the engine.
+
+Everything Llama offers (completion, chat completion with the GGUF's chat
+template, streaming, tokenization, reset, save_state/load_state, embeddings,
+close) works unchanged, because only two objects differ: the model (loaded
+with streamed layers in pinned host memory, then re-homed into the slot ring)
+and the context (created with the streaming hook, checked after every decode).
+
+Llama.__init__ builds those two objects through the module-level name
+``llama_cpp.llama.internals``; StreamedLlama swaps in a namespace that builds
+ours for the duration of its own constructor only, under a lock. This relies on
+llama-cpp-python 0.3.36's exact constructor, which gguf-stream pins anyway.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+from . import llama_abi
+from .runtime import EngineConfig
+from .streamer import Streamer
+
+llama_abi.llama()  # version check before touching Llama's internals
+import llama_cpp  # noqa: E402
+import llama_cpp._internals as internals  # noqa: E402
+import llama_cpp.llama as llama_module  # noqa: E402
+
+_swap_lock = threading.RLock()
+
+
+@contextmanager
+def swapped(module, name: str, value):
+    """Replace module.name for the duration of the block (under one lock)."""
+    with _swap_lock:
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, saved)
+
+
+class _StreamedModel(internals.LlamaModel):
+    def __init__(self, streamer: Streamer, *, path_model, params, verbose=True):
+        self._streamer = streamer
+        streamer.patch_model_params(params)
+        super().__init__(path_model=path_model, params=params, verbose=verbose)
+        try:
+            streamer.attach(self.model)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        super().close()  # the context (registered on our stack) and the model first,
+        streamer = getattr(self, "_streamer", None)
+        if streamer is not None:  # then the slots they pointed into
+            streamer.close()
+
+
+class _StreamedContext(internals.LlamaContext):
+    def __init__(self, streamer: Streamer, *, model, params, verbose=True):
+        self._streamer = streamer
+        streamer.patch_context_params(params)
+        super().__init__(model=model, params=params, verbose=verbose)
+
+    def decode(self, batch):
+        self._streamer.before_decode(batch.n_tokens())
+        super().decode(batch)
+        self._streamer.check("llama_decode")
+
+
+class _Internals:
+    """llama_cpp._internals, except that models and contexts stream."""
+
+    def __init__(self, streamer: Streamer):
+        self._streamer = streamer
+
+    def __getattr__(self, name):
+        return getattr(internals, name)
+
+    def LlamaModel(self, **kw):  # noqa: N802 (mirrors the class name)
+        return _StreamedModel(self._streamer, **kw)
+
+    def LlamaContext(self, **kw):  # noqa: N802
+        return _StreamedContext(self._streamer, **kw)
+
+
+class StreamedLlama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` with gguf-stream placement.
+
+    Takes Llama's keyword arguments plus the engine's: ``vram_budget`` (the
+    planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
+    and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``.
+    ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
+                 n_slots=None, device: str = "auto", prefetch: bool = True, **llama_kwargs):
+        n_ctx = llama_kwargs.get("n_ctx", 512)
+        n_batch = min(llama_kwargs.get("n_batch", 512), n_ctx) if n_ctx else llama_kwargs.get("n_batch", 512)
+        config = EngineConfig(
+            vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
+            device=device, prefetch=prefetch, n_ctx=n_ctx or 4096, n_batch=n_batch,
+            n_ubatch=min(llama_kwargs.get("n_ubatch", 512), n_batch),
+            flash_attn=llama_kwargs.get("flash_attn", False), n_threads=llama_kwargs.get("n_threads"),
+            verbose=llama_kwargs.get("verbose", True),
+        )
+        self._streamer = streamer = Streamer(model_path, config)
+        self._vram_base = streamer.vram_free()
+        try:
+            with swapped(llama_module, "internals", _Internals(streamer)):
+                super().__init__(str(model_path), **llama_kwargs)
+        except BaseException:
+            streamer.close()  # the model, if it was built, closed itself first
+            raise
+
+    @property
+    def plan(self):
+        return self._streamer.plan
+
+    @property
+    def stats(self) -> dict:
+        """Plan, streaming counters and memory, as in StreamedModel.stats."""
+        s = self._streamer
+        free = s.vram_free()
+        return {
+            "plan": s.plan,
+            "counters": s.counters(),
+            "vram_used_bytes": None if free is None else self._vram_base - free,
+            "pinned_host_bytes": s.pinned_bytes,
+        }
