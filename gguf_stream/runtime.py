@@ -41,7 +41,13 @@ class EngineConfig:
     prefetch: bool = True
     host_copy_delay_us: int = 0  # host mode: simulate a slow link
     n_threads: int | None = None
-    cpu_repack: bool = False  # CPU weight repacking; off so host mode is bit-comparable
+    # CPU weight repacking (llama.cpp's default): None = on, except in host
+    # mode, where stock and streamed must use the same plain kernels.
+    cpu_repack: bool | None = None
+
+    @property
+    def repack(self) -> bool:
+        return self.device != "host" if self.cpu_repack is None else self.cpu_repack
     # While generating, streamed layers the CPU computes from host memory
     # instead: "auto" (measured split, CUDA only), "none", or layer numbers.
     generate_cpu_layers: str | tuple[int, ...] = "auto"
@@ -103,7 +109,7 @@ class _Session:
         p = self._lc.llama_model_default_params()
         p.n_gpu_layers = n_gpu_layers
         p.load_mode = LOAD_MODE_NONE
-        p.use_extra_bufts = self.config.cpu_repack
+        p.use_extra_bufts = self.config.repack
         if overrides is not None:
             self._keep.append(overrides)
             p.tensor_buft_overrides = ctypes.addressof(overrides)

@@ -120,7 +120,7 @@ class Streamer:
         GPU); streamed layers are overridden into host memory."""
         params.n_gpu_layers = -1 if self.cuda else 0
         params.load_mode = LOAD_MODE_NONE
-        params.use_extra_bufts = self.config.cpu_repack
+        params.use_extra_bufts = self.config.repack
         if self.engine is not None:
             rules = llama_abi.buft_overrides([(llama_abi.layer_pattern(self.plan.streamed), self._source_buft)])
             self._keep.append(rules)

@@ -34,7 +34,7 @@ CONFIGS = {
     "2 slots, 5 streamed": dict(n_streamed=5, n_slots=2),
     "3 slots, all streamed": dict(n_streamed=-1, n_slots=3),
     "no prefetch (synchronous uploads)": dict(n_streamed=3, n_slots=2, prefetch=False),
-    "slow link (adoptions wait)": dict(n_streamed=-1, n_slots=2, host_copy_delay_us=3000),
+    "slow link (adoptions wait)": dict(n_streamed=-1, n_slots=2, host_copy_delay_us=20000),
 }
 
 
