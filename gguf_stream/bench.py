@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import GGUFStreamError
@@ -93,6 +94,71 @@ def check_tokens(reference: Sequence[int], candidate: Sequence[int]) -> Gate:
     if first is None and len(reference) != len(candidate):
         first = n
     return Gate(first is None, max(len(reference), len(candidate)), first)
+
+
+@dataclass(frozen=True, eq=False)
+class Greedy:
+    """A run's gate output: greedy tokens and the logits that chose them."""
+
+    tokens: tuple[int, ...]
+    logits: object = None  # numpy (n_tokens, n_vocab) or None
+
+
+NEAR_TIE = 0.02  # logit deviation (fraction of the logits' std) that is rounding by any account
+
+
+def logit_noise(ref: Greedy, other: Greedy, upto: int) -> float | None:
+    """Largest logit difference over positions 0..upto, relative to the
+    spread (std) of the reference's logits. Up to the first differing token
+    both runs saw the same context, so this measures numerical deviation only.
+    It is not small for every legitimate difference: on random-weight models
+    a CPU-computed layer's rounding grows through the layers to tenths of a
+    std, which is why gate() can calibrate against stock's own deviation."""
+    if ref.logits is None or other.logits is None or upto >= min(len(ref.logits), len(other.logits)):
+        return None
+    import numpy as np
+
+    a, b = np.asarray(ref.logits[:upto + 1]), np.asarray(other.logits[:upto + 1])
+    return float(np.max(np.abs(a - b)) / (np.std(a) or 1.0))
+
+
+def gate(candidate: Greedy | None, references: Sequence[tuple[str, Greedy | None]],
+         allow_near_ties: bool = False, peer: tuple[str, Greedy | None] | None = None) -> str:
+    """The check column: '' with nothing to compare, 'ok' when candidate's
+    tokens equal the first reference's, 'ok (=NAME)' when they equal a later
+    one's, else 'MISMATCH@i' against the first, with the logit deviation.
+
+    Several references because stock llama.cpp itself is not one answer: a
+    partial -ngl computes its CPU layers with other kernels, and greedy
+    tokens then flip on near ties. The deviation is judged against
+    NEAR_TIE, or against the peer's (stock at the same budget) own deviation
+    from the first reference over the same positions when that is larger: a
+    streaming bug (a stale or wrong slot) shows more deviation than stock.
+    With allow_near_ties such a flip within bounds reads 'ok (near tie @i)'."""
+    refs = [(name, r) for name, r in references if r is not None and r.tokens is not None]
+    if candidate is None or candidate.tokens is None or not refs:
+        return ""
+    for k, (name, r) in enumerate(refs):
+        if check_tokens(r.tokens, candidate.tokens).ok:
+            return "ok" if k == 0 else f"ok (={name})"
+    name, r = refs[0]
+    g = check_tokens(r.tokens, candidate.tokens)
+    window = g.first_mismatch
+    peer_name, peer_run = peer if peer is not None and peer[1] is not None else ("", None)
+    if peer_run is not None:
+        p = check_tokens(r.tokens, peer_run.tokens).first_mismatch
+        window = min(window, len(r.tokens) - 1 if p is None else p)
+    noise = logit_noise(r, candidate, window)
+    if noise is None:
+        return g.describe()
+    bound, what = NEAR_TIE, "rounding"
+    own = logit_noise(r, peer_run, window) if peer_run is not None else None
+    if own is not None and own > bound:
+        bound, what = own, f"{peer_name}'s own"
+    if noise <= bound and allow_near_ties:
+        return f"ok (near tie @{g.first_mismatch})"
+    verdict = "within" if noise <= bound else "above"
+    return f"{g.describe()} (Δlogit {noise:.2f}σ vs {name}, {verdict} {what} {bound:.2f}σ)"
 
 
 def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:
@@ -252,36 +318,56 @@ def render_json(result: BenchResult) -> str:
 RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json}
 
 
-def plot(result: BenchResult, path: str) -> str | None:
-    """Bar chart of t/s per budget (stock vs streamed, ceiling as a line);
-    returns a note when matplotlib is missing instead of failing the run."""
-    try:
-        import matplotlib
+# Runs in a child process: on the CUDA box, importing matplotlib into a
+# process that has llama.cpp's libraries loaded crashes (a segfault in the
+# same family as the numpy import-order one), and a chart is not worth that.
+# The script needs only matplotlib and the JSON rows (argv: JSON, PNG).
+_PLOT_SCRIPT = r"""
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+doc = json.load(open(sys.argv[1]))
+rows = [r for r in doc["rows"] if r["tps_mean"] is not None]
+tests = sorted({r["test"] for r in rows}, key=lambda t: not t.startswith("pp"))
+fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests), 4), squeeze=False)
+for ax, test in zip(axes[0], tests):
+    these = [r for r in rows if r["test"] == test]
+    budgets = list(dict.fromkeys(r["budget"] for r in these if r["mode"] != "all-in-VRAM"))
+    for k, mode in enumerate(("stock", "streamed")):
+        vals = [next((r["tps_mean"] for r in these if r["budget"] == b and r["mode"] == mode), 0) for b in budgets]
+        ax.bar([i + 0.4 * k for i in range(len(budgets))], vals, width=0.4, label=mode)
+    for r in these:
+        if r["mode"] == "all-in-VRAM":
+            ax.axhline(r["tps_mean"], color="gray", linestyle="--", label="all in VRAM")
+    ax.set_xticks([i + 0.2 for i in range(len(budgets))], budgets)
+    ax.set_xlabel("VRAM budget")
+    ax.set_ylabel("t/s")
+    ax.set_title(doc["meta"].get("model", "") + " " + test)
+    ax.legend()
+fig.tight_layout()
+fig.savefig(sys.argv[2])
+"""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+def plot(result: BenchResult, path: str) -> str:
+    """Bar chart of t/s per budget (stock vs streamed, the ceiling as a
+    line), drawn by a child process; returns a line for stderr. A missing
+    matplotlib is a note, not a failed benchmark."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    if importlib.util.find_spec("matplotlib") is None:
         return f"--plot {path} skipped: matplotlib is not installed (`pip install matplotlib`)"
-    tests = sorted({r.test for r in result.rows})
-    fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests), 4), squeeze=False)
-    for ax, test in zip(axes[0], tests):
-        rows = [r for r in result.rows if r.test == test and r.tps_mean is not None]
-        budgets = list(dict.fromkeys(r.budget for r in rows if r.mode != "all-in-VRAM"))
-        for k, mode in enumerate(("stock", "streamed")):
-            vals = [next((r.tps_mean for r in rows if r.budget == b and r.mode == mode), 0) for b in budgets]
-            ax.bar([i + 0.4 * k for i in range(len(budgets))], vals, width=0.4, label=mode)
-        for r in rows:
-            if r.mode == "all-in-VRAM":
-                ax.axhline(r.tps_mean, color="gray", linestyle="--", label="all in VRAM")
-        ax.set_xticks([i + 0.2 for i in range(len(budgets))], budgets)
-        ax.set_xlabel("VRAM budget")
-        ax.set_ylabel("t/s")
-        ax.set_title(f"{result.meta.get('model', '')} {test}")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        f.write(render_json(result))
+        f.flush()
+        proc = subprocess.run([sys.executable, "-c", _PLOT_SCRIPT, f.name, str(path)],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"--plot {path} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+    return f"plot written to {path}"
 
 
 # ------------------------------------------------------------------- running
@@ -306,6 +392,7 @@ class Workload:
     reps: int = 3
     check_tokens: int = 16
     seed: int = 42
+    n_threads: int | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -317,7 +404,7 @@ class Workload:
 class Timing:
     """What one loaded model measured: gate tokens, t/s per rep, counters."""
 
-    tokens: tuple[int, ...] | None
+    greedy: Greedy | None
     pp: tuple[float, ...]
     tg: tuple[float, ...]
     counters: dict  # test -> (waits, sync fallbacks, uploads) per rep, or None
@@ -342,9 +429,10 @@ def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
     """Gate tokens, one warm-up, then w.reps timed repetitions of pp then tg."""
     import numpy as np
 
-    tokens = None
+    greedy = None
     if w.check_tokens:
-        tokens = tuple(model.generate(model.tokenize(GATE_PROMPT), w.check_tokens))
+        toks, logits = model.generate(model.tokenize(GATE_PROMPT), w.check_tokens, with_logits=True)
+        greedy = Greedy(tuple(toks), logits)
     rng = np.random.default_rng(w.seed)
     bos = max(model.token_bos(), 0)
     pp = [bos] + rng.integers(0, model.n_vocab, max(w.n_prompt - 1, 0)).tolist() if w.n_prompt else []
@@ -383,7 +471,7 @@ def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
         per = [c[test] for _, c in runs if c.get(test) is not None]
         counters[test] = tuple(sum(x) / len(per) for x in zip(*per)) if per else None
     st = model.stats
-    return Timing(tokens, tuple(t["pp"] for t, _ in runs if "pp" in t), tuple(t["tg"] for t, _ in runs if "tg" in t),
+    return Timing(greedy, tuple(t["pp"] for t, _ in runs if "pp" in t), tuple(t["tg"] for t, _ in runs if "tg" in t),
                   counters, st.vram_peak_bytes, st.pinned_host_bytes, getattr(model, "plan", None))
 
 
@@ -446,13 +534,14 @@ class _Ctx:
     device: str
     progress: Progress
     model_name: str
+    allow_near_ties: bool = False
     stock_times: dict = field(default_factory=dict)  # ngl -> Timing (reused across budgets)
 
     def config(self, **kw):
         from .runtime import EngineConfig
 
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
-                            flash_attn=True, device=self.device, **kw)
+                            flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
 
     def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, note="", check="",
              stock: Timing | None = None) -> list[Row]:
@@ -499,7 +588,7 @@ class _Ctx:
                               f"{m.plan.n_slots} slot(s)")
             return time_model(m, self.w, self.progress, "streamed")
 
-    def measure_stock_vram(self, ngl: int) -> float:
+    def measure_stock_vram(self, ngl: int) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
         grow at first use); inf when llama.cpp cannot load it."""
         from .runtime import StockModel
@@ -513,15 +602,13 @@ class _Ctx:
         except GGUFStreamError as exc:
             self.progress(f"  ngl={ngl} does not load: {exc}")
             return math.inf
-        # StockModel measures no VRAM at ngl=0 (CUDA unused for layers): count it as fitting
+        # StockModel measures no VRAM at ngl=0 (no layer on the GPU): None, counted as fitting
         self.progress(f"  ngl={ngl}: {format_size(peak) if peak is not None else 'not measured'}")
-        return float(peak or 0)
+        return None if peak is None else float(peak)
 
 
-def _gate(stock: Timing | None, streamed: Timing | None) -> str:
-    if stock is None or streamed is None or stock.tokens is None or streamed.tokens is None:
-        return ""
-    return check_tokens(stock.tokens, streamed.tokens).describe()
+def _greedy(t: Timing | None) -> Greedy | None:
+    return None if t is None else t.greedy
 
 
 def run_host(ctx: _Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
@@ -533,7 +620,8 @@ def run_host(ctx: _Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
     rows = ctx.rows(stock, budget=budget, mode="stock", ngl=0, stock=stock)
     try:
         streamed = ctx.run_streamed(n_streamed=n, n_slots=min(2, n) if n else None)
-        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=_gate(stock, streamed), stock=stock)
+        check = gate(_greedy(streamed), [("stock", _greedy(stock))], ctx.allow_near_ties)
+        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=check, stock=stock)
     except GGUFStreamError as exc:
         rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
     notes = ["host mode (no GPU): VRAM budgets do not apply; stock is ngl=0, streamed runs "
@@ -557,55 +645,86 @@ def run_gpu(ctx: _Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: b
     notes.append(bw_note)
     extra["h2d_bytes_per_s"] = bw
     n_all = ctx.mf.n_layer + 1  # llama.cpp counts the output layer as one more
-    probes: dict[int, float] = {}
+    probes: dict[int, float | None] = {}  # None: loaded, but StockModel measured no VRAM (ngl=0)
 
     def measure(ngl: int) -> float:
-        return probes[ngl] if ngl in probes else probes.setdefault(ngl, ctx.measure_stock_vram(ngl))
+        if ngl not in probes:
+            probes[ngl] = ctx.measure_stock_vram(ngl)
+        return probes[ngl] or 0.0
 
     rows: list[Row] = []
     ceiling_t = None
-    total = native.device_memory("CUDA0")[1]
     if ceiling or any(b.nbytes is None for b in budgets):
         if math.isfinite(measure(n_all)):
             ceiling_t = ctx.run_stock(n_all)
             if ceiling:
+                total = native.device_memory("CUDA0")[1]
                 rows += ctx.rows(ceiling_t, budget=Budget("device", total), mode="all-in-VRAM", ngl=n_all)
         else:
             notes.append("all-in-VRAM ceiling skipped: the whole model does not load on this device")
-    for b in budgets:
+    for b in sorted(budgets, key=lambda b: math.inf if b.nbytes is None else b.nbytes):  # see _peer
         if b.nbytes is None:
-            if not math.isfinite(probes.get(n_all, math.inf)):
+            if ceiling_t is None:
                 continue
-            b = Budget("all", int(probes[n_all]))
+            b = Budget("all", int(measure(n_all)))
         ctx.progress(f"budget {b.label} ({format_size(b.nbytes)})")
-        stock = None
-        if forced_ngl is not None:
-            choice = (forced_ngl, None)
-        else:
-            choice = search_stock_ngl(n_all, b.nbytes, measure)
-        if choice is None:
-            rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
-        else:
-            stock = ctx.run_stock(choice[0])
-            over = stock.vram_peak is not None and stock.vram_peak > b.nbytes
-            rows += ctx.rows(stock, budget=b, mode="stock", ngl=choice[0], stock=stock,
-                             note="over budget" if over else "")
-        try:
-            streamed = ctx.run_streamed(vram_budget=b.nbytes)
-            rows += ctx.rows(streamed, budget=b, mode="streamed", check=_gate(stock, streamed), stock=stock)
-            if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
-                notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
-        except GGUFStreamError as exc:
-            rows += ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}")
-            notes.append(f"budget {b.label}: streamed run failed: {exc}")
-    notes += [f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): "
-              + ", ".join(f"ngl={k}: {format_size(int(v)) if math.isfinite(v) else 'failed'}"
-                          for k, v in sorted(probes.items()))] if probes else []
+        choice = (forced_ngl, None) if forced_ngl is not None else search_stock_ngl(n_all, b.nbytes, measure)
+        rows += _budget_rows(ctx, b, None if choice is None else choice[0], ceiling_t, notes)
+    if probes:
+        notes.append(f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): " + ", ".join(
+            f"ngl={k}: " + ("not measured" if v is None else format_size(int(v)) if math.isfinite(v) else "failed")
+            for k, v in sorted(probes.items())))
+    notes.append("gate: streamed greedy tokens must equal the all-in-VRAM run's ('ok') or the same budget's "
+                 "stock run's ('ok (=stock ngl=N)'); otherwise MISMATCH with the logit deviation up to the first "
+                 "differing token, next to stock's own deviation from all-in-VRAM (CPU layers round differently; "
+                 "on random-weight models that grows to tenths of a std). --allow-near-ties passes flips within it")
     cpu_rate = _cpu_rate(ctx, cpu_rate_tokens, notes)
     extra["cpu_bytes_per_s"] = cpu_rate
     if ceiling_t and bw and cpu_rate:
         notes += _bounds(ctx, rows, ceiling_t, bw["pinned"], cpu_rate)
     return rows, notes, extra
+
+
+def _budget_rows(ctx: _Ctx, b: Budget, ngl: int | None, ceiling: Timing | None, notes: list[str]) -> list[Row]:
+    """Stock at ngl and streamed at budget b. The gate compares streamed
+    with the all-in-VRAM tokens when there are some, else with this stock."""
+    rows, stock = [], None
+    if ngl is None:
+        rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
+    else:
+        stock = ctx.run_stock(ngl)
+        over = stock.vram_peak is not None and stock.vram_peak > b.nbytes
+        rows += ctx.rows(stock, budget=b, mode="stock", ngl=ngl, stock=stock, note="over budget" if over else "")
+        own = gate(_greedy(stock), [("all-in-VRAM", _greedy(ceiling))])
+        if own not in ("", "ok"):
+            notes.append(f"budget {b.label}: stock ngl={ngl} itself differs from all-in-VRAM ({own}: "
+                         "its CPU layers round differently)")
+    try:
+        streamed = ctx.run_streamed(vram_budget=b.nbytes)
+    except GGUFStreamError as exc:
+        notes.append(f"budget {b.label}: streamed run failed: {exc}")
+        return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}")
+    refs = [("all-in-VRAM", _greedy(ceiling)), (f"stock ngl={ngl}", _greedy(stock))]
+    check = gate(_greedy(streamed), refs, ctx.allow_near_ties, _peer(ctx, ngl, stock, ceiling))
+    rows += ctx.rows(streamed, budget=b, mode="streamed", check=check, stock=stock)
+    if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
+        notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
+    return rows
+
+
+def _peer(ctx: _Ctx, ngl: int | None, stock: Timing | None, ceiling: Timing | None):
+    """The stock run whose own deviation from all-in-VRAM calibrates the gate:
+    this budget's, or, where that is the ceiling itself, the largest partial
+    -ngl run so far (budgets run smallest first, so there usually is one)."""
+    if ceiling is None:
+        return None
+    if stock is not None and stock is not ceiling:
+        return f"stock ngl={ngl}", stock.greedy
+    partial = [(k, t) for k, t in ctx.stock_times.items() if t is not ceiling and t.greedy is not None]
+    if not partial:
+        return None
+    k, t = max(partial, key=lambda kt: kt[0])
+    return f"stock ngl={k}", t.greedy
 
 
 def _cpu_rate(ctx: _Ctx, n_tokens: int, notes: list[str]) -> float | None:
@@ -655,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-b", "--batch-size", type=int, default=2048)
     ap.add_argument("-ub", "--ubatch-size", type=int, default=2048)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--vram-budget", default="0.5x,0.75x,all",
                     help="comma list: sizes (4GiB), fractions of the model's weight bytes (0.5x), all")
     ap.add_argument("--device", choices=("auto", "cuda", "host"), default="auto")
@@ -663,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-streamed", type=int, default=None, help="host mode: streamed layers (default: half)")
     ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens of the correctness gate (0: off)")
     ap.add_argument("--allow-mismatch", action="store_true", help="exit 0 even when the gate fails")
+    ap.add_argument("--allow-near-ties", action="store_true",
+                    help=f"pass a token flip whose logit deviation is within {NEAR_TIE} std or within the "
+                    "deviation of stock at the same budget from all-in-VRAM")
     ap.add_argument("--cpu-rate-tokens", type=int, default=16,
                     help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip)")
     ap.add_argument("--output", choices=sorted(RENDERERS), default="md")
@@ -675,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResult:
     """Resolve the model, pick the mode, run, and collect rows and notes."""
     from .gguf_file import read_model
-    from .models import resolve
+    from .models import load_registry, resolve
     from .runtime import cuda_available
 
     progress = progress or Progress(args.quiet)
@@ -686,13 +809,14 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     mf = read_model(path)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
     w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
-                 args.repetitions, args.check_tokens, args.seed)
+                 args.repetitions, args.check_tokens, args.seed, args.threads)
     use_cuda = args.device != "host" and cuda_available()
     if args.device == "cuda" and not use_cuda:
         raise GGUFStreamError("--device cuda: this llama-cpp-python build has no CUDA device")
-    name = args.model or path.stem
-    ctx = _Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress,
-               str(mf.hparams.get("name") or name) if args.model is None else str(args.model))
+    # a registry name as given; a file by its stem; the default by its registry name
+    name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
+    ctx = _Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
+               args.allow_near_ties)
     meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
             "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
             "workload": asdict(w), "command": " ".join(sys.argv)}
@@ -718,8 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     sys.stdout.write(RENDERERS[args.output](result))
     if args.plot:
-        note = plot(result, args.plot)
-        print(note or f"plot written to {args.plot}", file=sys.stderr)
+        print(plot(result, args.plot), file=sys.stderr)
     if result.mismatch:
         print("bench: MISMATCH between stock and streamed greedy tokens", file=sys.stderr)
         return 0 if args.allow_mismatch else EXIT_MISMATCH

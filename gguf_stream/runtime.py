@@ -12,14 +12,14 @@ import ctypes
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import llama_abi, native
-from .errors import BudgetError, DecodeError, ModelFileError
+from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import read_model
-from .planner import Plan, format_size
+from .planner import Plan, format_size, make_plan, parse_size
 from .streamer import LOAD_MODE_NONE, Streamer, cuda_available, load_native, no_cuda_error, validate_graph  # noqa: F401
 
 
@@ -324,6 +324,9 @@ class StreamedModel(_Session):
     def _build(self):
         t0 = time.perf_counter()
         s = self.streamer = Streamer(self.path, self.config)
+        if s.engine is not None and self._fits_resident_by_measurement(s):
+            s.close()
+            s = self.streamer = Streamer(self.path, replace(self.config, vram_budget=None))
         self._stack.callback(s.close)  # runs after the model and the context are freed
         self._cuda = s.cuda
         self._vram_base = self._vram_free()
@@ -337,6 +340,28 @@ class StreamedModel(_Session):
         self._vram_sample()
         self._vram_loaded = self._vram_peak
         self._load_seconds = time.perf_counter() - t0
+
+    def _fits_resident_by_measurement(self, s: Streamer) -> bool:
+        """The planner's estimate is a little conservative. When the whole
+        model is estimated within 5% of the budget, load it resident, run one
+        full ubatch (compute pools grow at first use) and keep it if the
+        measured peak fits: the same test the stock baseline gets."""
+        c = self.config
+        if not s.cuda or c.vram_budget is None or c.n_streamed is not None or c.streamed_layers is not None:
+            return False
+        budget = parse_size(c.vram_budget)
+        full = make_plan(s.model_file, vram_budget=None, n_streamed=0, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch,
+                         flash_attn=c.flash_attn).device_bytes
+        if full > budget * 1.05:
+            return False
+        try:
+            with StockModel(self.path, -1, config=replace(c, vram_budget=None)) as probe:
+                n = min(c.n_ubatch, c.n_ctx)
+                probe.eval([max(probe.token_bos(), 0)] + [1] * (n - 1))
+                peak = probe.stats.vram_peak_bytes
+        except GGUFStreamError:
+            return False
+        return peak is not None and peak <= budget
 
     @property
     def plan(self) -> Plan | None:

@@ -128,7 +128,8 @@ def test_path_entry_missing_file(tmp_path):
 
 
 def test_synthetic_entry_is_generated_once_into_the_cache(tmp_path):
-    reg = models.load_registry([_registry(tmp_path, '[models.t]\nsource = "synthetic:tiny"\nqtype = "Q8_0"\nseed = 1\n')])
+    text = '[models.t]\nsource = "synthetic:tiny"\nqtype = "Q8_0"\nseed = 1\n'
+    reg = models.load_registry([_registry(tmp_path, text)])
     assert models.list_models(reg)[0][2:] == (True, None)  # available (generator present), not on disk
     said = []
     p = models.resolve("t", progress=said.append, registry=reg)
