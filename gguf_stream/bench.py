@@ -245,6 +245,7 @@ class Row:
     uploads: float | None
     check: str  # "", "ok", "MISMATCH@i"
     note: str = ""
+    n_cpu_generate: int | None = None  # streamed layers the CPU computes while generating
 
 
 # ------------------------------------------------------------------ rendering
@@ -270,6 +271,8 @@ MD_COLUMNS = ["model", "size", "params", "backend", "budget", "mode", "ngl", "st
 def _md_cells(r: Row) -> list[str]:
     tps = "" if r.tps_mean is None else f"{r.tps_mean:.2f} ± {r.tps_sd:.2f}"
     streamed = "" if r.n_streamed is None else f"{r.n_streamed} ×{r.n_slots}"
+    if r.n_cpu_generate and r.test.startswith("tg"):
+        streamed += f", {r.n_cpu_generate} on CPU"
     counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
     check = r.check if r.check in ("", "ok") else f"**{r.check}**"
     return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode,
@@ -558,6 +561,7 @@ class _Ctx:
                 model=self.model_name, size_bytes=self.mf.total_bytes, params=count_params(self.mf),
                 backend=self.backend, budget=budget.label, budget_bytes=budget.nbytes, mode=mode, ngl=ngl,
                 n_streamed=len(plan.streamed) if plan is not None else None,
+                n_cpu_generate=len(plan.cpu_layers) if plan is not None else None,
                 n_slots=plan.n_slots if plan is not None else None,
                 streamed_bytes=plan.streamed_bytes if plan is not None else None,
                 n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,
@@ -585,7 +589,10 @@ class _Ctx:
         with StreamedModel(self.path, config=self.config(**kw)) as m:
             if m.plan is not None:
                 self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
-                              f"{m.plan.n_slots} slot(s)")
+                              f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}")
+                s = m.streamer
+                if s.rates is not None:
+                    self.progress(f"measured rates {s.rates}; predicted token {s.predicted_token_seconds * 1e3:.2f} ms")
             return time_model(m, self.w, self.progress, "streamed")
 
     def measure_stock_vram(self, ngl: int) -> float | None:

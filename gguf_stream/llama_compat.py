@@ -116,6 +116,12 @@ class StreamedLlama(llama_cpp.Llama):
             streamer.close()  # the model, if it was built, closed itself first
             raise
 
+    def close(self) -> None:
+        # Llama.__del__ calls close() even when our constructor failed before
+        # Llama.__init__ created its exit stack.
+        if hasattr(self, "_stack"):
+            super().close()
+
     @property
     def plan(self):
         return self._streamer.plan

@@ -1,0 +1,247 @@
+"""The gguf-stream command: every subcommand through cli.main (in process),
+and exit codes / one-line errors / Ctrl-C through `python -m gguf_stream`."""
+import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU
+from gguf_stream import cli
+from gguf_stream.gguf_file import read_model
+from gguf_stream.planner import make_plan
+from gguf_stream.runtime import StockModel, cuda_available
+
+ROOT = Path(__file__).resolve().parent.parent
+T = str(CPU["n_threads"])
+SMALL = ["-c", "256", "-b", "64", "-ub", "64"]  # small context, as the other CPU tests
+PROMPT = "The capital of France is"
+
+
+def run_main(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("gguf-stream: error:")]
+
+
+def assert_user_error(rc, err, *needles):
+    assert rc == cli.EXIT_ERROR, err
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == lines[0]  # the error is the last word
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, gemma_path):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.gguf").write_text("these are not weights\n")
+    data = gemma_path.read_bytes()
+    (d / "header-cut.gguf").write_bytes(data[:100_000])  # inside the vocabulary
+    (d / "data-cut.gguf").write_bytes(data[:len(data) // 2])  # header intact, tensors missing
+    return d
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def gguf_stream_cmd(*argv, timeout=60, **kw):
+    return subprocess.run([sys.executable, "-m", "gguf_stream", *argv], check=False, capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(), cwd=ROOT, **kw)
+
+
+# ---------------------------------------------------------------- commands
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-h"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("plan", "run", "chat", "bench", "models", "serve"):
+        assert f"    {cmd} " in out
+
+
+def test_plan_prints_the_table(capsys, gemma_path):
+    mf = read_model(gemma_path)
+    everything = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64).device_bytes
+    budget = everything - 10 * 2**20  # 10 MiB short of all-resident: a few layers must stream
+    rc, out, err = run_main(capsys, "plan", str(gemma_path), "--vram-budget", str(budget), "-c", "256", "-ub", "64")
+    assert rc == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "MiB |" in line]
+    assert len(rows) == 18  # one per layer
+    assert any("| streamed |" in r for r in rows) and any("| resident |" in r for r in rows)
+    assert "device estimate" in out and "slot(s)" in out
+
+    rc, out, _ = run_main(capsys, "plan", str(gemma_path), "-ngl", "12", "-c", "256", "-ub", "64")
+    assert rc == 0
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "| streamed |" in line]) == 6
+
+
+def test_run_prints_stock_greedy_text_and_counters(capsys, gemma_path):
+    rc, out, err = run_main(capsys, "run", str(gemma_path), "-p", PROMPT, "-n", "8", "--n-streamed", "6",
+                            "--device", "host", "-t", T, *SMALL)
+    assert rc == 0, err
+    with StockModel(gemma_path, n_gpu_layers=0, **CPU) as stock:
+        want = stock.detokenize(stock.generate(stock.tokenize(PROMPT, special=True), 8, stop_at_eog=True))
+    assert out == PROMPT + want + "\n"
+    assert want.strip()
+    assert "t/s" in err and "adopted ready" in err and "6 of 18 layers streamed" in err
+
+
+def test_run_without_model_or_budget_uses_the_default_and_streams_half(capsys):
+    rc, out, err = run_main(capsys, "run", "-p", "Hello", "-n", "2", "-t", T, *SMALL, "--no-display-prompt")
+    assert rc == 0, err
+    assert "embedded default model" in err
+    if not cuda_available():
+        assert "streaming 9 of 18 layers" in err and "host" in err
+    assert out.strip()
+
+
+def test_chat_reads_stdin_until_exit(capsys, monkeypatch, gemma_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say hello.\n\n/reset\nSay hello.\n/exit\nnever read\n"))
+    rc, out, err = run_main(capsys, "chat", str(gemma_path), "-n", "8", "--n-streamed", "6", "--device", "host",
+                            "-t", T, *SMALL)
+    assert rc == 0, err
+    first = out[:len(out) // 2]  # each reply ends with a newline; greedy, and /reset forgot the first turn
+    assert first.strip() and first.endswith("\n") and out == first * 2
+    assert "chat format: gemma" in err
+
+
+def test_chat_ends_at_eof(capsys, monkeypatch, gemma_path):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, err = run_main(capsys, "chat", str(gemma_path), "--n-streamed", "2", "--device", "host", "-t", T,
+                            *SMALL, "-q")  # -q after the command works too
+    assert rc == 0 and out == "" and err == ""
+
+
+def test_models_lists_the_registry(capsys):
+    rc, out, err = run_main(capsys, "models")
+    assert rc == 0, err
+    assert any(line.startswith("* gemma3-270m") for line in out.splitlines())
+    for name in ("tiny", "llama3-8b"):
+        assert f" {name} " in out
+
+
+def test_bench_delegates(capsys, gemma_path):
+    rc, out, err = run_main(capsys, "bench", "-m", str(gemma_path), "-p", "8", "-n", "2", "-b", "64", "-ub", "64",
+                            "-r", "1", "--check-tokens", "2", "--n-streamed", "6", "-q")
+    assert rc == 0, err
+    assert "| stock |" in out and "| streamed |" in out
+
+
+def test_serve_user_errors(capsys):
+    rc, _, err = run_main(capsys, "serve", "--port", "70000")
+    assert_user_error(rc, err, "--port")
+
+
+# ------------------------------------------------------------- bad input
+
+def test_unknown_model_name(capsys):
+    rc, out, err = run_main(capsys, "run", "no-such-model", "-p", "hi")
+    assert_user_error(rc, err, "unknown model 'no-such-model'", "gemma3-270m")
+    assert out == ""
+
+
+def test_missing_path(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "plan", str(tmp_path / "nope.gguf"), "--vram-budget", "4GiB")
+    assert_user_error(rc, err, "not found")
+
+
+@pytest.mark.parametrize("name, needle", [("notes.gguf", "not a GGUF file"),
+                                          ("header-cut.gguf", "truncated"),
+                                          ("data-cut.gguf", "truncated")])
+def test_damaged_files(capsys, bad_files, name, needle):
+    rc, _, err = run_main(capsys, "run", str(bad_files / name), "-p", "hi", "--device", "host")
+    assert_user_error(rc, err, needle)
+
+
+def test_budget_too_small(capsys, gemma_path):
+    rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--vram-budget", "64MiB", *SMALL)
+    assert_user_error(rc, err, "below the minimum", "raise the budget")
+
+
+@pytest.mark.skipif(cuda_available(), reason="this llama-cpp-python has CUDA")
+def test_device_cuda_without_cuda(capsys, gemma_path):
+    rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--device", "cuda")
+    assert_user_error(rc, err, "CUDA", "CMAKE_ARGS=\"-DGGML_CUDA=on\"")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--vram-budget", "8 gigs"], "cannot read '8 gigs' as a size"),
+    (["--vram-budget", "1GiB", "--n-streamed", "3"], "give only one"),
+    (["-n", "0"], "-n must be positive"),
+    (["--n-streamed", "99"], "only 18 layers"),
+    (["-n", "300"], "exceed the context"),
+    (["--generate-cpu-layers", "odd"], "--generate-cpu-layers takes auto, none or layer numbers"),
+])
+def test_bad_flags(capsys, gemma_path, argv, needle):
+    rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--device", "host", "-t", T, *SMALL, *argv)
+    assert_user_error(rc, err, needle)
+
+
+# ------------------------------------------------------ as a real process
+
+def test_subprocess_user_errors_are_one_line(bad_files, gemma_path):
+    cases = [
+        (["run", "no-such-model", "-p", "hi"], "unknown model"),
+        (["run", str(bad_files / "notes.gguf"), "-p", "hi"], "not a GGUF file"),
+        (["run", str(bad_files / "data-cut.gguf"), "-p", "hi"], "truncated"),
+        (["run", str(gemma_path), "-p", "hi", "--vram-budget", "64MiB"], "below the minimum"),
+        (["chat", str(gemma_path), "--vram-budget", "64MiB"], "below the minimum"),  # through StreamedLlama
+    ]
+    if not cuda_available():
+        cases.append((["run", str(gemma_path), "-p", "hi", "--device", "cuda"], "no CUDA device"))
+    for argv, needle in cases:
+        r = gguf_stream_cmd("-q", *argv, stdin=subprocess.DEVNULL)
+        assert r.returncode == cli.EXIT_ERROR, (argv, r.stderr)
+        assert r.stdout == ""
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("gguf-stream: error: "), (argv, r.stderr)
+        assert needle in r.stderr
+
+
+def test_subprocess_run_and_version(gemma_path):
+    r = gguf_stream_cmd("--version")
+    assert r.returncode == 0 and r.stdout.startswith("gguf-stream ")
+    r = gguf_stream_cmd("run", str(gemma_path), "-p", PROMPT, "-n", "4", "-t", T, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 1
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_exits_130(gemma_path):
+    p = subprocess.Popen([sys.executable, "-m", "gguf_stream", "run", str(gemma_path), "-p", "Once upon a time",
+                          "-n", "-1", "--ignore-eos", "--n-streamed", "6", "-t", T, "-c", "2048"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT)
+    try:
+        seen = b""
+        while len(seen) <= len("Once upon a time") + 2:  # generation has begun
+            chunk = os.read(p.stdout.fileno(), 64)
+            assert chunk, p.stderr.read().decode()
+            seen += chunk
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = err.decode()
+    assert p.returncode == cli.EXIT_INTERRUPTED, err
+    text = (seen + out).decode()
+    assert text.startswith("Once upon a time") and text.endswith("\n")
+    assert "Traceback" not in err
+    assert error_lines(err) == [error_lines(err)[0]] and "interrupted (Ctrl-C) after" in err
+    assert "adopted ready" in err  # the counters still come out

@@ -1,0 +1,156 @@
+"""StreamedLlama is a llama_cpp.Llama: with Gemma 3 270M and 6 of 18 layers
+streaming through 2 host slots, greedy completion and chat completion (both
+streaming and not) must give exactly what stock llama_cpp.Llama gives on the
+same settings, and the rest of Llama's API must work.
+
+"The same settings" includes CPU weight repacking: the engine turns it off
+(use_extra_bufts, so host mode is bit-comparable), while llama_cpp.Llama
+repacks Q4_K by default, which rounds differently and flips near-tie tokens
+of this small model. The stock reference here loads without repacking."""
+import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from conftest import CPU
+import llama_cpp._internals as internals
+import llama_cpp.llama as llama_module
+from gguf_stream.llama_compat import StreamedLlama, swapped
+
+ENGINE = dict(n_streamed=6, n_slots=2, device="host")
+# The embedded GGUF has no chat template; llama-cpp-python would fall back to
+# 'llama-2', which Gemma answers with an empty reply: use its own format.
+LLAMA = dict(n_ctx=CPU["n_ctx"], n_batch=CPU["n_batch"], n_ubatch=CPU["n_ubatch"], n_threads=CPU["n_threads"],
+             seed=0, verbose=False, chat_format="gemma")
+PROMPT = "The capital of France is"
+CHATS = [
+    [{"role": "user", "content": "Say hello."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+]
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+class _NoRepack:
+    """llama_cpp._internals, except that models load without CPU repacking."""
+
+    def __getattr__(self, name):
+        return getattr(internals, name)
+
+    def LlamaModel(self, *, params, **kw):  # mirrors the class name
+        params.use_extra_bufts = False
+        return internals.LlamaModel(params=params, **kw)
+
+
+@pytest.fixture(scope="module")
+def stock(gemma_path):
+    with swapped(llama_module, "internals", _NoRepack()):
+        llm = llama_cpp.Llama(str(gemma_path), **LLAMA)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def streamed(gemma_path):
+    llm = StreamedLlama(gemma_path, **ENGINE, **LLAMA)
+    yield llm
+    llm.close()
+
+
+def last_logits(llm) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),)).copy()
+
+
+def test_plan_streams_the_requested_layers(streamed):
+    assert streamed.plan.streamed == (2, 5, 8, 11, 14, 17)
+    assert streamed.plan.n_slots == 2
+
+
+def test_logits_match_stock_bit_for_bit(stock, streamed):
+    tokens = stock.tokenize(PROMPT.encode())
+    for llm in (stock, streamed):
+        llm.reset()
+        llm.eval(tokens)
+    want, got = last_logits(stock), last_logits(streamed)
+    assert np.count_nonzero(want) > 0
+    assert np.array_equal(got, want), f"max |diff| {np.abs(got - want).max()}"
+
+
+def test_completion_matches_stock(stock, streamed):
+    want = stock.create_completion(PROMPT, **GREEDY)
+    got = streamed.create_completion(PROMPT, **GREEDY)
+    assert want["choices"][0]["text"].strip(), "stock produced no text: the comparison would prove nothing"
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+    assert got["usage"] == want["usage"]
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=[m[0]["content"] for m in CHATS])
+def test_chat_completion_matches_stock(stock, streamed, messages):
+    want = stock.create_chat_completion(messages, **GREEDY)["choices"][0]["message"]["content"]
+    got = streamed.create_chat_completion(messages, **GREEDY)["choices"][0]["message"]["content"]
+    assert want.strip(), "stock produced an empty reply: the comparison would prove nothing"
+    assert got == want
+
+
+def test_streaming_yields_the_same_text(stock, streamed):
+    messages = CHATS[0]
+    whole = streamed.create_chat_completion(messages, **GREEDY)["choices"][0]["message"]["content"]
+    pieces = [c["choices"][0]["delta"].get("content") or ""
+              for c in streamed.create_chat_completion(messages, stream=True, **GREEDY)]
+    assert len([p for p in pieces if p]) > 1  # really streamed, piece by piece
+    assert "".join(pieces) == whole
+    text = "".join(c["choices"][0]["text"] for c in streamed.create_completion(PROMPT, stream=True, **GREEDY))
+    assert text == stock.create_completion(PROMPT, **GREEDY)["choices"][0]["text"]
+
+
+def test_tokenize_detokenize(stock, streamed):
+    text = b"Streaming layers through slots, ok?"
+    tokens = streamed.tokenize(text)
+    assert tokens == stock.tokenize(text)
+    assert tokens[0] == streamed.token_bos()
+    assert streamed.detokenize(tokens[1:]) == text
+    assert streamed.n_vocab() == stock.n_vocab() > 0
+
+
+def test_reset_and_state_round_trip(streamed):
+    tokens = streamed.tokenize(PROMPT.encode())
+    streamed.reset()
+    assert streamed.n_tokens == 0
+    streamed.eval(tokens)
+    state = streamed.save_state()
+    assert state.n_tokens == len(tokens)
+
+    nxt = int(np.argmax(last_logits(streamed)))
+    streamed.eval([nxt])
+    first = last_logits(streamed)
+    assert np.isfinite(first).all() and np.count_nonzero(first) > 0
+
+    streamed.eval([nxt, nxt])  # move on, then go back
+    streamed.load_state(state)
+    assert streamed.n_tokens == len(tokens)
+    streamed.eval([nxt])
+    assert np.array_equal(last_logits(streamed), first)
+
+    streamed.reset()
+    streamed.eval(tokens)
+    streamed.eval([nxt])
+    assert np.array_equal(last_logits(streamed), first)  # reset really starts over
+
+
+def test_counters_show_streaming_and_close(gemma_path):
+    llm = StreamedLlama(gemma_path, **ENGINE, **LLAMA)
+    try:
+        out = llm.create_completion(PROMPT, temperature=0.0, max_tokens=4)
+        assert out["choices"][0]["text"]
+        c = llm.stats["counters"]
+        assert c.adopted_ready + c.adopted_waited + c.sync_fallbacks > 0
+        assert c.evaluations >= 1 and c.uploads > 0
+        assert llm.stats["plan"].streamed == (2, 5, 8, 11, 14, 17)
+    finally:
+        llm.close()
+    assert llm.stats["counters"] is None  # the slot ring is gone
+    llm.close()  # twice is fine
