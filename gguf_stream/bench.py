@@ -414,6 +414,7 @@ class Timing:
     vram_peak: int | None
     pinned: int
     plan: object = None
+    engine_note: str = ""  # the engine's own measured rates and predicted token time
 
 
 def _sync(model) -> None:
@@ -592,7 +593,12 @@ class _Ctx:
                               f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}")
                 s = m.streamer
                 if s.rates is not None:
-                    self.progress(f"measured rates {s.rates}; predicted token {s.predicted_token_seconds * 1e3:.2f} ms")
+                    r = s.rates
+                    note = (f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
+                            f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, all-in-VRAM token {r.gpu_token_seconds * 1e3:.2f} ms; "
+                            f"chosen split predicts {1 / s.predicted_token_seconds:.1f} t/s")
+                    self.progress(note)
+                    return replace(time_model(m, self.w, self.progress, "streamed"), engine_note=note)
             return time_model(m, self.w, self.progress, "streamed")
 
     def measure_stock_vram(self, ngl: int) -> float | None:
@@ -714,6 +720,8 @@ def _budget_rows(ctx: _Ctx, b: Budget, ngl: int | None, ceiling: Timing | None, 
     refs = [("all-in-VRAM", _greedy(ceiling)), (f"stock ngl={ngl}", _greedy(stock))]
     check = gate(_greedy(streamed), refs, ctx.allow_near_ties, _peer(ctx, ngl, stock, ceiling))
     rows += ctx.rows(streamed, budget=b, mode="streamed", check=check, stock=stock)
+    if streamed.engine_note:
+        notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
         notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
     return rows
