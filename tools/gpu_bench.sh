@@ -23,11 +23,11 @@ for ub in $ubatches; do
     continue
   fi
   if [ "$ub" = llama-bench ]; then
-    llama-bench -m $model -fa 1 -ub 2048 -b 2048 -lm none -r 2 -ngl 99,24,0 -p 2048 -n 128 2>/dev/null \
+    llama-bench -m $model -fa 1 -ub 2048 -b 2048 -lm none -r 2 -ngl 99,14 -p 2048 -n 128 2>/dev/null \
       | tee "$out/llama-bench.md"
     continue
   fi
-  python3 tools/bench.py -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 --vram-budget all,0.75x,0.25x \
+  python3 tools/bench.py -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 --vram-budget all,0.75x,0.5x \
     --allow-near-ties --plot "$out/bench_ub$ub.png" --output md > "$out/bench_ub$ub.md" 2> "$out/bench_ub$ub.err"
   echo "bench ub=$ub rc=$?"; cat "$out/bench_ub$ub.md"
 done
