@@ -430,7 +430,8 @@ def _counter_tuple(model):
 
 
 def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
-    """Gate tokens, one warm-up, then w.reps timed repetitions of pp then tg."""
+    """Gate tokens, one warm-up, then w.reps timed repetitions of pp and of
+    tg, each from an empty KV cache as llama-bench runs them."""
     import numpy as np
 
     greedy = None
@@ -441,15 +442,15 @@ def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
     bos = max(model.token_bos(), 0)
     pp = [bos] + rng.integers(0, model.n_vocab, max(w.n_prompt - 1, 0)).tolist() if w.n_prompt else []
     tg = rng.integers(0, model.n_vocab, w.n_gen).tolist()
-    if not pp and tg:
-        tg[0] = bos  # llama-bench: a tg-only test starts from BOS
+    if tg:
+        tg[0] = bos  # llama-bench: tg is its own test, from an empty KV cache, starting at BOS
 
     def one_rep():
-        model.reset()
         times, ctrs = {}, {}
         for test, toks, single in (("pp", pp, False), ("tg", tg, True)):
             if not toks:
                 continue
+            model.reset()  # as llama-bench: each test from an empty KV cache
             c0, t0 = _counter_tuple(model), time.perf_counter()
             for chunk in ([[t] for t in toks] if single else [toks]):
                 model.eval(chunk)

@@ -469,6 +469,12 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+def _physical_cores() -> int:
+    from .runtime import physical_cores
+
+    return physical_cores()
+
+
 def cmd_serve(args) -> int:
     check_flags(args)
     try:
@@ -488,7 +494,7 @@ def cmd_serve(args) -> int:
     n_batch = min(args.batch_size, args.ctx_size)
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
                             n_ctx=args.ctx_size, n_batch=n_batch, n_ubatch=min(args.ubatch_size, n_batch),
-                            n_threads=args.threads or max(os.cpu_count() or 1, 1), flash_attn=args.flash_attn == "on",
+                            n_threads=args.threads or _physical_cores(), flash_attn=args.flash_attn == "on",
                             chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose, **options)
     try:
         llm = server.app_model(app)

@@ -307,10 +307,12 @@ def make_plan(
 
 
 def _fewest_streamed(model, fits, n_slots, max_slots):
-    """Fewest streamed layers that fit. Two slots are taken whenever streamed
-    layers would sit next to each other (more than half streamed): with one
-    slot the next upload could only start once its neighbour finished, and
-    nothing would hide it; that is worth one more streamed layer."""
+    """Fewest streamed layers that fit, preferring two slots. With one slot an
+    upload can only start once the previous streamed layer has finished, so
+    only the resident layers between them hide it: not at all when streamed
+    layers sit next to each other (more than half streamed), barely with
+    small ubatches. Two slots are taken when streamed layers are adjacent, or
+    when they cost at most one more streamed layer."""
     N = model.n_layer
     if fits((), 0):
         return (), 0
@@ -323,6 +325,10 @@ def _fewest_streamed(model, fits, n_slots, max_slots):
         raise BudgetError("no placement fits the VRAM budget, even with every layer streamed")
     s1, k1 = min(options)
     overlapping = [(s, k) for s, k in options if k >= 2]
-    if s1 > N // 2 and overlapping:
-        s1, k1 = min(overlapping)
+    if overlapping:
+        s2, k2 = min(overlapping)
+        # adjacent streamed layers need it; otherwise still worth one more
+        # streamed layer (small ubatches compute a layer faster than it crosses)
+        if s1 > N // 2 or s2 <= s1 + 1:
+            s1, k1 = s2, k2
     return interleaved_layers(N, s1), k1

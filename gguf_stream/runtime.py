@@ -87,6 +87,28 @@ class Stats:
         return "; ".join(parts)
 
 
+def physical_cores() -> int:
+    """Physical cores, as llama.cpp's tools count them for their default
+    thread count (hyperthreads do not help its kernels)."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                    cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
 class _Session:
     """A llama.cpp model and context with greedy decoding helpers."""
 
@@ -135,7 +157,7 @@ class _Session:
         p.n_ctx = n_ctx or c.n_ctx
         p.n_batch = n_batch or c.n_batch
         p.n_ubatch = n_ubatch or c.n_ubatch
-        threads = c.n_threads or os.cpu_count() or 1
+        threads = c.n_threads or physical_cores()
         p.n_threads = p.n_threads_batch = threads
         p.flash_attn_type = (self._lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
                              else self._lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)

@@ -151,7 +151,7 @@ class Streamer:
         e.discover_reset()
         p = lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = 256, 16, 16
-        p.n_threads = p.n_threads_batch = self.config.n_threads or os.cpu_count() or 1
+        p.n_threads = p.n_threads_batch = self._threads()
         cb = lc.ggml_backend_sched_eval_callback(native.DISCOVER_CB)
         p.cb_eval, p.cb_eval_user_data = cb, e.address
         ctx = lc.llama_init_from_model(model, p)
@@ -195,11 +195,16 @@ class Streamer:
         self.engine.set_cpu_layers(cpu)
         self.plan = with_cpu_layers(self.plan, cpu)
 
+    def _threads(self) -> int:
+        from .runtime import physical_cores
+
+        return self.config.n_threads or physical_cores()
+
     def _cache_key(self) -> str:
         st = os.stat(self.path)
         _, total = native.device_memory("CUDA0")
         return "|".join([platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
-                          str(int(st.st_mtime)), str(self.config.n_threads or os.cpu_count())])
+                          str(int(st.st_mtime)), str(self._threads())])
 
     def _cached_rates(self) -> Rates | None:
         try:
@@ -218,7 +223,7 @@ class Streamer:
         e.set_cpu_layers(plan.streamed)
         p = lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
-        p.n_threads = p.n_threads_batch = self.config.n_threads or os.cpu_count() or 1
+        p.n_threads = p.n_threads_batch = self._threads()
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
         ctx = lc.llama_init_from_model(model, p)
