@@ -545,6 +545,8 @@ class _Ctx:
     def config(self, **kw):
         from .runtime import EngineConfig
 
+        # streamed runs use the measured CPU+PCIe split while generating
+        kw.setdefault("generate_cpu_layers", "auto")
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
                             flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
 

@@ -591,8 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
                    help="CUDA: streamed layers the CPU computes while generating instead of uploading them "
-                   "(auto: split measured on this machine, the engine's default; none: every streamed layer "
-                   "is uploaded, results bit-identical to all-in-VRAM; or layer numbers)")
+                   "(none, the default: every streamed layer is uploaded, results bit-identical to "
+                   "all-in-VRAM; auto: split measured on this machine, faster generation with CPU rounding "
+                   "like stock -ngl's; or layer numbers)")
     _add_placement(p)
     _add_context(p)
     p.set_defaults(func=cmd_run)

@@ -97,12 +97,14 @@ class StreamedLlama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
-                 n_slots=None, device: str = "auto", prefetch: bool = True, **llama_kwargs):
+                 n_slots=None, device: str = "auto", prefetch: bool = True,
+                 generate_cpu_layers="none", **llama_kwargs):
         n_ctx = llama_kwargs.get("n_ctx", 512)
         n_batch = min(llama_kwargs.get("n_batch", 512), n_ctx) if n_ctx else llama_kwargs.get("n_batch", 512)
         config = EngineConfig(
             vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
-            device=device, prefetch=prefetch, n_ctx=n_ctx or 4096, n_batch=n_batch,
+            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers,
+            n_ctx=n_ctx or 4096, n_batch=n_batch,
             n_ubatch=min(llama_kwargs.get("n_ubatch", 512), n_batch),
             flash_attn=llama_kwargs.get("flash_attn", False), n_threads=llama_kwargs.get("n_threads"),
             verbose=llama_kwargs.get("verbose", True),

@@ -49,8 +49,11 @@ class EngineConfig:
     def repack(self) -> bool:
         return self.device != "host" if self.cpu_repack is None else self.cpu_repack
     # While generating, streamed layers the CPU computes from host memory
-    # instead: "auto" (measured split, CUDA only), "none", or layer numbers.
-    generate_cpu_layers: str | tuple[int, ...] = "auto"
+    # instead of uploading them: "none" (default: every layer on the GPU,
+    # results bit-identical to all-in-VRAM), "auto" (a split measured on this
+    # machine: faster generation, CPU rounding like stock -ngl's CPU layers;
+    # CUDA only), or layer numbers.
+    generate_cpu_layers: str | tuple[int, ...] = "none"
     verbose: bool = False
 
     def __post_init__(self):
