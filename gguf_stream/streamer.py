@@ -260,7 +260,9 @@ class Streamer:
         # resident layers, assume HBM speed (it is small next to c and p).
         gpu_layer = (sum(per_layer[i] for i in gpu) / len(gpu)) if gpu else max(mf.layer_bytes) / 2e12 + 3e-5
         token = sorted(token_times[1:])[len(token_times[1:]) // 2]
-        edges = max(token - sum(per_layer.values()) - (per_layer.get(0) is None) * 0, 0.0)
+        # what the per-layer segments do not cover: embedding, output head,
+        # layer 0 (timed from the previous token's end) and host overheads
+        edges = max(token - sum(per_layer.values()), 0.0)
         rates = Rates(pcie_bytes_per_s=pcie, cpu_bytes_per_s=cpu_rate,
                       gpu_token_seconds=mf.n_layer * gpu_layer + edges)
         self._store_rates(rates)
