@@ -63,7 +63,8 @@ class _StreamedContext(internals.LlamaContext):
     def __init__(self, streamer: Streamer, *, model, params, verbose=True):
         self._streamer = streamer
         streamer.patch_context_params(params)
-        super().__init__(model=model, params=params, verbose=verbose)
+        with streamer.creating_context():
+            super().__init__(model=model, params=params, verbose=verbose)
 
     def decode(self, batch):
         self._streamer.before_decode(batch.n_tokens())
@@ -115,7 +116,9 @@ class StreamedLlama(llama_cpp.Llama):
             with swapped(llama_module, "internals", _Internals(streamer)):
                 super().__init__(str(model_path), **llama_kwargs)
         except BaseException:
-            streamer.close()  # the model, if it was built, closed itself first
+            if hasattr(self, "_stack"):  # context, then model (it closes the ring after itself)
+                super().close()
+            streamer.close()  # no-op if the model already did
             raise
 
     def close(self) -> None:

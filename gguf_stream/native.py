@@ -113,6 +113,12 @@ class Engine:
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))
         self._e = out[0]
 
+    def __getattribute__(self, name):
+        # Every method hands self._e to C: refuse cleanly once destroyed.
+        if name not in ("_e", "destroy", "__class__") and object.__getattribute__(self, "_e") is None:
+            raise NativeError(f"Engine.{name}", lib.GS_E_INVALID, "the engine was destroyed (model closed)")
+        return object.__getattribute__(self, name)
+
     @property
     def address(self) -> int:
         return int(ffi.cast("uintptr_t", self._e))

@@ -349,7 +349,12 @@ class StreamedModel(_Session):
     def _build(self):
         t0 = time.perf_counter()
         s = self.streamer = Streamer(self.path, self.config)
-        if s.engine is not None and self._fits_resident_by_measurement(s):
+        try:
+            resident = s.engine is not None and self._fits_resident_by_measurement(s)
+        except BaseException:
+            s.close()
+            raise
+        if resident:
             s.close()
             s = self.streamer = Streamer(self.path, replace(self.config, vram_budget=None))
         self._stack.callback(s.close)  # runs after the model and the context are freed
@@ -361,7 +366,8 @@ class StreamedModel(_Session):
         s.attach(self.model)
         params = self._context_params()
         s.patch_context_params(params)
-        self._open_context(params)
+        with s.creating_context():
+            self._open_context(params)
         self._vram_sample()
         self._vram_loaded = self._vram_peak
         self._load_seconds = time.perf_counter() - t0

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import llama_abi, native
@@ -226,7 +227,7 @@ class Streamer:
         p.n_threads = p.n_threads_batch = self._threads()
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
-        ctx = lc.llama_init_from_model(model, p)
+        ctx = lc.llama_init_from_model(model, p)  # generate phase only: graph reuse is harmless here
         if not ctx:
             raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
         try:
@@ -247,9 +248,11 @@ class Streamer:
             e.check_status("calibration")
             times = e.layer_times(mf.n_layer)
         finally:
-            e.set_timing(False)
-            e.set_phase(native.PHASE_PROMPT)
-            lc.llama_free(ctx)
+            try:
+                e.set_timing(False)
+                e.set_phase(native.PHASE_PROMPT)
+            finally:
+                lc.llama_free(ctx)
             e.set_cpu_layers(())
             e.reset_counters()
         per_layer = {i: s / n for i, (s, n) in enumerate(times) if n}
@@ -282,10 +285,33 @@ class Streamer:
             pass  # a read-only home only costs a re-measurement next time
 
     def before_decode(self, n_tokens: int) -> None:
-        """Prompt-sized batches stream every non-resident layer; small ones
-        leave the CPU layers to the CPU."""
+        """Prompt-sized ubatches stream every non-resident layer; small ones
+        leave the CPU layers to the CPU (ggml runs host weights on the CPU
+        below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
         if self.engine is not None:
-            self.engine.set_phase(native.PHASE_PROMPT if n_tokens >= OFFLOAD_MIN_BATCH else native.PHASE_GENERATE)
+            first_ubatch = min(n_tokens, self.config.n_ubatch)
+            self.engine.set_phase(native.PHASE_PROMPT if first_ubatch >= OFFLOAD_MIN_BATCH
+                                  else native.PHASE_GENERATE)
+
+    @contextmanager
+    def creating_context(self):
+        """Wrap llama_init_from_model. With CPU layers, a context must not
+        reuse a graph across decodes: the scheduler's placement is baked into
+        the graph, and a reused one could outlive a phase switch (a prompt's
+        tail ubatch and the next generated token can have the same shape).
+        llama.cpp reads this switch when it creates the context."""
+        if self.engine is None or not self.plan.cpu_layers:
+            yield
+            return
+        key, saved = "LLAMA_GRAPH_REUSE_DISABLE", os.environ.get("LLAMA_GRAPH_REUSE_DISABLE")
+        os.environ[key] = "1"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
 
     # -- context --
     def patch_context_params(self, params) -> None:

@@ -304,7 +304,7 @@ struct gs_engine {
     slot_info *slots;
     void      *ring;
     size_t     slot_bytes;
-    int        started;
+    int        started, start_attempted;
 
     /* copy engine */
     void      *stream;
@@ -352,6 +352,9 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
         return fail(GS_E_INVALID, "gs_engine_create: CUDA mode needs the CUDA runtime (gs_libs_load with cudart)");
     gs_engine *e = calloc(1, sizeof *e);
     if (!e) return fail(GS_E_NOMEM, "gs_engine_create: calloc");
+    pthread_mutex_init(&e->mu, NULL);   /* first: gs_engine_destroy may run on any failure below */
+    pthread_cond_init(&e->cv_job, NULL);
+    pthread_cond_init(&e->cv_done, NULL);
     e->cfg = *cfg;
     e->layers = calloc(cfg->n_layer, sizeof *e->layers);
     e->lout_seen = calloc(cfg->n_layer, 1);
@@ -363,9 +366,6 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
     e->layer_seconds = calloc(cfg->n_layer, sizeof *e->layer_seconds);
     e->layer_count = calloc(cfg->n_layer, sizeof *e->layer_count);
     if (!e->layer_seconds || !e->layer_count) { gs_engine_destroy(e); return fail(GS_E_NOMEM, "gs_engine_create: calloc"); }
-    pthread_mutex_init(&e->mu, NULL);
-    pthread_cond_init(&e->cv_job, NULL);
-    pthread_cond_init(&e->cv_done, NULL);
     gs_engine_discover_reset(e);
     *out = e;
     return GS_OK;
@@ -422,7 +422,7 @@ static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const c
     gs_weight *r = &e->weights[idx];
     r->viewed |= viewed;
     if (r->layer >= 0 && r->layer != e->last_lout + 1)
-        violation(e, "weight %s is used by node %s after l_out-%d", r->name, user_name, e->last_lout);
+        violation(e, "weight %s is used by node %s after l_out-%d", e->weight_names[idx], user_name, e->last_lout);
 }
 
 bool gs_discover_cb(void *tensor, bool ask, void *user) {
@@ -648,7 +648,9 @@ static void rehome_undo(gs_engine *e, int upto) {
 }
 
 int gs_engine_start(gs_engine *e) {
-    if (e->started) return fail(GS_E_INVALID, "gs_engine_start: already started");
+    if (e->started || e->start_attempted)
+        return fail(GS_E_INVALID, "gs_engine_start: already started (or a failed start left it unusable)");
+    e->start_attempted = 1;
     if (e->n_recs == 0) return fail(GS_E_INVALID, "gs_engine_start: no streamed tensors were added");
 
     /* Group records by layer (the map is rebuilt after sorting). */
@@ -712,9 +714,9 @@ int gs_engine_start(gs_engine *e) {
             return fail(GS_E_GGML, "ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st);
         }
     }
-    e->started = 1;
     int rc = copy_engine_start(e);
     if (rc) return rc;
+    e->started = 1;
     e->stats.slot_bytes = e->slot_bytes;
     e->stats.ring_bytes = ring_bytes;
     e->stats.n_streamed = e->n_overflow;
@@ -901,6 +903,8 @@ int gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_second
         if (e->slots[s].state == SLOT_IN_USE) e->layers[e->slots[s].layer].slot = -1;
         if (e->slots[s].state != SLOT_EMPTY) { int rc = copy_wait(e, s); if (rc) return rc; }
     }
+    for (int s = 0; s < e->n_slots; s++)   /* one slot per layer: slot 0 will hold it */
+        if (s != 0 && e->slots[s].layer == layer) { e->slots[s].state = SLOT_EMPTY; e->slots[s].layer = -1; }
     double best = 1e30;
     for (int k = 0; k < n; k++) {
         double t0 = now_s();
@@ -926,8 +930,9 @@ static void point_home(gs_engine *e, int layer) {
 /* Between decodes only. Layers computed by the CPU while generating go back
  * to their host buffer (the scheduler then places their ops on the CPU for
  * small batches); in the prompt phase they stream like the others. The
- * graph is rebuilt whenever the ubatch size changes, and the phase follows
- * the ubatch size, so a graph is never reused across a switch. */
+ * scheduler's placement lives in the graph, so a context whose engine has
+ * CPU layers must not reuse graphs across calls (the driver disables reuse
+ * for such contexts). */
 int gs_engine_set_phase(gs_engine *e, int phase) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
@@ -960,7 +965,8 @@ static int set_phase(gs_engine *e, int phase) {
         int layer = e->order[phase][k];
         if (slot_holding(e, layer) >= 0) continue;
         while (s < e->n_slots && e->slots[s].state != SLOT_EMPTY) s++;
-        int rc = copy_issue(e, s, layer);  /* an empty slot exists: at most `want` are kept */
+        if (s == e->n_slots) break;        /* cannot happen: at most `want` slots are kept */
+        int rc = copy_issue(e, s, layer);
         if (rc) { engine_fail(e, rc); return rc; }
     }
     return GS_OK;
