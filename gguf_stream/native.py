@@ -113,78 +113,79 @@ class Engine:
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))
         self._e = out[0]
 
-    def __getattribute__(self, name):
-        # Every method hands self._e to C: refuse cleanly once destroyed.
-        if name not in ("_e", "destroy", "__class__") and object.__getattribute__(self, "_e") is None:
-            raise NativeError(f"Engine.{name}", lib.GS_E_INVALID, "the engine was destroyed (model closed)")
-        return object.__getattribute__(self, name)
+    @property
+    def _h(self):
+        """The C handle; a clean error instead of a NULL dereference once destroyed."""
+        if self._e is None:
+            raise NativeError("Engine", lib.GS_E_INVALID, "the engine was destroyed (its model was closed)")
+        return self._e
 
     @property
     def address(self) -> int:
-        return int(ffi.cast("uintptr_t", self._e))
+        return int(ffi.cast("uintptr_t", self._h))
 
     def discover_reset(self) -> None:
-        lib.gs_engine_discover_reset(self._e)
+        lib.gs_engine_discover_reset(self._h)
 
     def weights(self) -> list[Weight]:
         out, w = [], ffi.new("gs_weight *")
-        for i in range(lib.gs_engine_weight_count(self._e)):
-            _check("gs_engine_weight_get", lib.gs_engine_weight_get(self._e, i, w))
+        for i in range(lib.gs_engine_weight_count(self._h)):
+            _check("gs_engine_weight_get", lib.gs_engine_weight_get(self._h, i, w))
             out.append(Weight(int(ffi.cast("uintptr_t", w.tensor)), ffi.string(w.name).decode(),
                               None if w.layer < 0 else w.layer, int(w.nbytes), bool(w.viewed)))
         return out
 
     def graph_check(self) -> GraphCheck:
         c = ffi.new("gs_graph_check *")
-        _check("gs_engine_graph_check", lib.gs_engine_graph_check(self._e, c))
+        _check("gs_engine_graph_check", lib.gs_engine_graph_check(self._h, c))
         return GraphCheck(c.n_lout, c.max_lout, c.violations, ffi.string(c.first_violation).decode())
 
     def add_tensor(self, layer: int, tensor: int) -> None:
-        _check("gs_engine_add_tensor", lib.gs_engine_add_tensor(self._e, layer, ffi.cast("void *", tensor)))
+        _check("gs_engine_add_tensor", lib.gs_engine_add_tensor(self._h, layer, ffi.cast("void *", tensor)))
 
     def start(self) -> None:
-        _check("gs_engine_start", lib.gs_engine_start(self._e))
+        _check("gs_engine_start", lib.gs_engine_start(self._h))
 
     def set_cpu_layers(self, layers) -> None:
         arr = ffi.new("int[]", list(layers) or [0])
-        _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._e, arr, len(layers)))
+        _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
 
     def set_phase(self, phase: int) -> None:
-        _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._e, phase))
+        _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._h, phase))
 
     def set_timing(self, on: bool) -> None:
-        _check("gs_engine_set_timing", lib.gs_engine_set_timing(self._e, int(on)))
+        _check("gs_engine_set_timing", lib.gs_engine_set_timing(self._h, int(on)))
 
     def layer_times(self, n_layer: int) -> list[tuple[float, int]]:
         """(seconds, count) accumulated per layer while timing was on."""
         sec, cnt, out = ffi.new("double *"), ffi.new("uint64_t *"), []
         for i in range(n_layer):
-            _check("gs_engine_layer_time", lib.gs_engine_layer_time(self._e, i, sec, cnt))
+            _check("gs_engine_layer_time", lib.gs_engine_layer_time(self._h, i, sec, cnt))
             out.append((float(sec[0]), int(cnt[0])))
         return out
 
     def measure_upload(self, layer: int, n: int = 3) -> float:
         """Fastest of n synchronous uploads of a layer, in seconds."""
         best = ffi.new("double *")
-        _check("gs_engine_measure_upload", lib.gs_engine_measure_upload(self._e, layer, n, best))
+        _check("gs_engine_measure_upload", lib.gs_engine_measure_upload(self._h, layer, n, best))
         return float(best[0])
 
     def check_status(self, during: str) -> None:
         msg = ffi.new("char[512]")
-        rc = lib.gs_engine_status(self._e, msg, 512)
+        rc = lib.gs_engine_status(self._h, msg, 512)
         if rc != lib.GS_OK:
             raise NativeError(f"streaming hook during {during}", rc, ffi.string(msg).decode(errors="replace"))
 
     def counters(self) -> Counters:
         s = ffi.new("gs_stats *")
-        _check("gs_engine_stats", lib.gs_engine_stats(self._e, s))
+        _check("gs_engine_stats", lib.gs_engine_stats(self._h, s))
         return Counters(**{f: getattr(s, f) for f in Counters.__dataclass_fields__})
 
     def reset_counters(self) -> None:
-        lib.gs_engine_reset_stats(self._e)
+        lib.gs_engine_reset_stats(self._h)
 
     def debug_swap_sources(self, layer_a: int, layer_b: int) -> None:
-        _check("gs_engine_debug_swap_sources", lib.gs_engine_debug_swap_sources(self._e, layer_a, layer_b))
+        _check("gs_engine_debug_swap_sources", lib.gs_engine_debug_swap_sources(self._h, layer_a, layer_b))
 
     def destroy(self) -> None:
         if self._e is not None:
