@@ -38,5 +38,25 @@ def tiny_q8_path(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-q8.gguf", "tiny", "Q8_0", seed=2)
 
 
+def subprocess_env() -> dict:
+    """Environment for `python -m gguf_stream` children: the checkout importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def interrupt(p, timeout: float = 30):
+    """Ctrl-C a child process and collect (stdout, stderr); kill it if it hangs."""
+    import signal
+
+    try:
+        p.send_signal(signal.SIGINT)
+        return p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 # CPU runs: small context, both cores.
 CPU = dict(device="host", n_ctx=256, n_batch=64, n_ubatch=64, n_threads=min(4, os.cpu_count() or 1))

@@ -4,14 +4,13 @@ import gguf_stream  # noqa: F401  (llama.cpp before numpy)
 
 import io
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import CPU
+from conftest import CPU, interrupt, subprocess_env
 from gguf_stream import cli
 from gguf_stream.gguf_file import read_model
 from gguf_stream.planner import make_plan
@@ -51,12 +50,6 @@ def bad_files(tmp_path_factory, gemma_path):
     (d / "header-cut.gguf").write_bytes(data[:100_000])  # inside the vocabulary
     (d / "data-cut.gguf").write_bytes(data[:len(data) // 2])  # header intact, tensors missing
     return d
-
-
-def subprocess_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 def gguf_stream_cmd(*argv, timeout=60, **kw):
@@ -226,18 +219,13 @@ def test_ctrl_c_stops_cleanly_and_exits_130(gemma_path):
     p = subprocess.Popen([sys.executable, "-m", "gguf_stream", "run", str(gemma_path), "-p", "Once upon a time",
                           "-n", "-1", "--ignore-eos", "--n-streamed", "6", "-t", T, "-c", "2048"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT)
-    try:
-        seen = b""
-        while len(seen) <= len("Once upon a time") + 2:  # generation has begun
-            chunk = os.read(p.stdout.fileno(), 64)
-            assert chunk, p.stderr.read().decode()
-            seen += chunk
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    seen = b""
+    while len(seen) <= len("Once upon a time") + 2:  # generation has begun
+        chunk = os.read(p.stdout.fileno(), 64)
+        if not chunk:  # exited before generating
+            pytest.fail(interrupt(p)[1].decode())
+        seen += chunk
+    out, err = interrupt(p)
     err = err.decode()
     assert p.returncode == cli.EXIT_INTERRUPTED, err
     text = (seen + out).decode()

@@ -6,7 +6,6 @@ import gguf_stream  # first: llama.cpp before numpy
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CPU
+from conftest import CPU, interrupt, subprocess_env
 
 try:
     import httpx
@@ -106,12 +105,10 @@ def test_bad_engine_options_fail_before_loading(gemma_path):
 
 def test_serve_subprocess_ctrl_c(gemma_path):
     port = free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     p = subprocess.Popen([sys.executable, "-m", "gguf_stream", "serve", str(gemma_path), "--port", str(port),
                           "--n-streamed", "4", "--device", "host", "-c", "256", "-b", "64", "-ub", "64",
                           "-t", str(CPU["n_threads"])],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), cwd=ROOT, text=True)
     try:
         lines = []
         while not any("serving on" in line for line in lines):
@@ -121,11 +118,7 @@ def test_serve_subprocess_ctrl_c(gemma_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=TIMEOUT,
                        json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        _, err = interrupt(p)
     assert p.returncode == 0, err
     assert "server stopped, model closed" in err and "Traceback" not in err
