@@ -29,6 +29,8 @@ const char *gs_last_error(void);
 int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart);
 int gs_device_bufts(const char *name, void **buft, void **host_buft);
 int gs_device_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
+int gs_cpu_repack_buft(void **buft);
+int gs_plain_cpu_buft(void **buft);
 int gs_tensor_buffer(const void *tensor, const char **buffer_name, size_t *buffer_size);
 
 typedef struct gs_engine gs_engine;
@@ -40,6 +42,7 @@ typedef struct {
     int    cuda_device;
     int    prefetch;
     int    host_copy_delay_us;
+    void  *repack_buft;
 } gs_engine_config;
 typedef struct {
     uint64_t evaluations, adopted_ready, adopted_waited, sync_fallbacks;
@@ -47,6 +50,7 @@ typedef struct {
     double   wait_seconds;
     uint64_t slot_bytes, ring_bytes;
     int      n_streamed, n_slots;
+    uint64_t repacked_bytes;
 } gs_stats;
 typedef struct {
     void       *tensor;

@@ -271,6 +271,8 @@ MD_COLUMNS = ["model", "size", "params", "backend", "budget", "mode", "ngl", "st
 def _md_cells(r: Row) -> list[str]:
     tps = "" if r.tps_mean is None else f"{r.tps_mean:.2f} ± {r.tps_sd:.2f}"
     streamed = "" if r.n_streamed is None else f"{r.n_streamed} ×{r.n_slots}"
+    if r.mode == "streamed" and r.ngl is not None:
+        streamed = "stock split"  # the planner's choice below streaming's minimum
     if r.n_cpu_generate and r.test.startswith("tg"):
         streamed += f", {r.n_cpu_generate} on CPU"
     counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
@@ -561,6 +563,8 @@ class _Ctx:
             ref = mean_sd(getattr(stock, test))[0] if stock and getattr(stock, test) else None
             ctr = t.counters.get(test) if t else None
             plan = t.plan if t else None
+            if plan is not None and plan.stock_gpu_layers is not None:
+                ngl = plan.stock_gpu_layers
             out.append(Row(
                 model=self.model_name, size_bytes=self.mf.total_bytes, params=count_params(self.mf),
                 backend=self.backend, budget=budget.label, budget_bytes=budget.nbytes, mode=mode, ngl=ngl,
@@ -572,7 +576,7 @@ class _Ctx:
                 ratio=mean / ref if mean is not None and ref else None,
                 vram_peak_bytes=t.vram_peak if t else None,
                 # StockModel reports 0 pinned bytes although its CPU layers are pinned on CUDA: leave it blank
-                pinned_host_bytes=t.pinned if t and mode == "streamed" else None,
+                pinned_host_bytes=t.pinned if t and mode == "streamed" and plan and plan.streamed else None,
                 waits=ctr[0] if ctr else None, sync_fallbacks=ctr[1] if ctr else None,
                 uploads=ctr[2] if ctr else None, check=check, note=note))
         return out
@@ -599,7 +603,8 @@ class _Ctx:
                     r = s.rates
                     note = (f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
                             f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, all-in-VRAM token {r.gpu_token_seconds * 1e3:.2f} ms; "
-                            f"chosen split predicts {1 / s.predicted_token_seconds:.1f} t/s")
+                            f"chosen split predicts {1 / s.predicted_token_seconds:.1f} t/s; CPU layers' repacked "
+                            f"copy {format_size(m.stats.counters.repacked_bytes)} (pageable host memory)")
                     self.progress(note)
                     return replace(time_model(m, self.w, self.progress, "streamed"), engine_note=note)
             return time_model(m, self.w, self.progress, "streamed")
@@ -767,6 +772,11 @@ def _bounds(ctx: _Ctx, rows: list[Row], ceiling: Timing, bandwidth: float, cpu_r
     pp_ceiling = mean_sd(ceiling.pp)[0] if ceiling.pp else None
     for r in rows:
         if r.mode != "streamed" or r.tps_mean is None or r.streamed_bytes is None:
+            continue
+        if r.ngl is not None:  # below streaming's minimum: stock's own split is the bound
+            if r.ratio:
+                out.append(f"bound {r.budget} {r.test}: the stock split (nothing can stream at this budget); "
+                           f"reached {r.ratio:.2f}x stock")
             continue
         O = r.streamed_bytes
         if r.test.startswith("pp") and pp_ceiling:

@@ -36,6 +36,20 @@ def device_bufts(name: str) -> tuple[int, int]:
     return int(ffi.cast("uintptr_t", buft[0])), int(ffi.cast("uintptr_t", host[0]))
 
 
+def plain_cpu_buft() -> int:
+    """The plain CPU buffer type under an address llama.cpp does not turn into CPU_REPACK."""
+    buft = ffi.new("void **")
+    _check("gs_plain_cpu_buft", lib.gs_plain_cpu_buft(buft))
+    return int(ffi.cast("uintptr_t", buft[0]))
+
+
+def cpu_repack_buft() -> int:
+    """Address of the CPU backend's CPU_REPACK buffer type, 0 if this build has none."""
+    buft = ffi.new("void **")
+    _check("gs_cpu_repack_buft", lib.gs_cpu_repack_buft(buft))
+    return int(ffi.cast("uintptr_t", buft[0]))
+
+
 def has_device(name: str) -> bool:
     buft = ffi.new("void **")
     return lib.gs_device_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
@@ -84,6 +98,7 @@ class Counters:
     ring_bytes: int
     n_streamed: int
     n_slots: int
+    repacked_bytes: int
 
     @property
     def adoptions(self) -> int:
@@ -103,11 +118,12 @@ class Engine:
     destroy only after the llama context and model are freed."""
 
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
-                 cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0):
+                 cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
+                 repack_buft: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
-            "host_copy_delay_us": host_copy_delay_us,
+            "host_copy_delay_us": host_copy_delay_us, "repack_buft": ffi.cast("void *", repack_buft),
         })
         out = ffi.new("gs_engine **")
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))

@@ -413,7 +413,9 @@ class StreamedModel(_Session):
     @property
     def stats(self) -> Stats:
         s = self.streamer
-        return Stats("streamed" if s.engine else "resident", s.plan, s.counters(),
+        mode = ("streamed" if s.engine else "resident" if s.plan.stock_gpu_layers is None
+                else f"stock split ngl={s.plan.stock_gpu_layers}")
+        return Stats(mode, s.plan, s.counters(),
                      self._vram_loaded, self._vram_peak, s.pinned_bytes, self._load_seconds)
 
     def reset_counters(self) -> None:

@@ -24,13 +24,20 @@ from pathlib import Path
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
-from .planner import Plan, Rates, format_size, generate_split, make_plan, parse_size, with_cpu_layers
+from .planner import (Plan, Rates, format_size, generate_split, interleaved_layers, make_plan, parse_size,
+                      with_cpu_layers)
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 # Batches below this size run host-resident weights on the CPU (ggml's scheduler).
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
-CALIBRATION_TOKENS = 6  # single-token decodes timed per layer (the first is a warm-up)
+RATES_VERSION = "2"  # bump when what _measure_rates measures changes
+CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a warm-up)
+# CPU layers during calibration: a sample, so that at most this much is
+# repacked for it (host memory, load time); the others stream meanwhile, as
+# they will while generating (the CPU then shares host memory with the DMA).
+CALIBRATION_CPU_BYTES = 1 << 30
+CALIBRATION_CPU_LAYERS = 8
 
 
 def cache_dir() -> Path:
@@ -94,12 +101,14 @@ class Streamer:
             ring_buft, host_buft = native.device_bufts(device)
             # Streamed layers load into pinned host memory (CUDA) or plain CPU
             # memory (host mode); that copy is the upload source, the only one.
-            self._source_buft = host_buft if self.cuda else ring_buft
+            self._source_buft = host_buft if self.cuda else native.plain_cpu_buft()
             if not self._source_buft:
                 raise EnvironmentMismatchError(f"device {device} has no host buffer type for pinned memory")
             self.engine = native.Engine(n_layer=self.model_file.n_layer, n_slots=self.plan.n_slots,
                                         ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
-                                        host_copy_delay_us=config.host_copy_delay_us)
+                                        host_copy_delay_us=config.host_copy_delay_us,
+                                        # CPU layers get llama.cpp's repacked layout, as stock's do
+                                        repack_buft=native.cpu_repack_buft() if config.repack else 0)
 
     def _make_plan(self) -> Plan:
         c = self.config
@@ -119,7 +128,8 @@ class Streamer:
     def patch_model_params(self, params) -> None:
         """Every layer counts as a GPU layer (so every KV cache lives on the
         GPU); streamed layers are overridden into host memory."""
-        params.n_gpu_layers = -1 if self.cuda else 0
+        stock = self.plan.stock_gpu_layers
+        params.n_gpu_layers = (-1 if stock is None else stock) if self.cuda else 0
         params.load_mode = LOAD_MODE_NONE
         params.use_extra_bufts = self.config.repack
         if self.engine is not None:
@@ -204,8 +214,8 @@ class Streamer:
     def _cache_key(self) -> str:
         st = os.stat(self.path)
         _, total = native.device_memory("CUDA0")
-        return "|".join([platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
-                          str(int(st.st_mtime)), str(self._threads())])
+        return "|".join([RATES_VERSION, platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
+                          str(int(st.st_mtime)), str(self._threads()), str(self.config.repack)])
 
     def _cached_rates(self) -> Rates | None:
         try:
@@ -216,12 +226,16 @@ class Streamer:
 
     def _measure_rates(self, model) -> Rates:
         """p from timed uploads of a streamed layer; c and G from one short
-        generation with every overflow layer on the CPU, timed layer by layer."""
+        generation with a sample of the overflow layers on the CPU (the rest
+        streaming), timed layer by layer."""
         lc, e, mf, plan = self.lc, self.engine, self.model_file, self.plan
         first = plan.streamed[0]
         seconds = e.measure_upload(first, 3)
         pcie = mf.layer_bytes[first] / seconds
-        e.set_cpu_layers(plan.streamed)
+        S = len(plan.streamed)
+        n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
+        sample = tuple(plan.streamed[j] for j in interleaved_layers(S, n_cpu))
+        e.set_cpu_layers(sample)
         p = lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
         p.n_threads = p.n_threads_batch = self._threads()
@@ -256,7 +270,7 @@ class Streamer:
             e.set_cpu_layers(())
             e.reset_counters()
         per_layer = {i: s / n for i, (s, n) in enumerate(times) if n}
-        cpu = [i for i in plan.streamed if i in per_layer]
+        cpu = [i for i in sample if i in per_layer]
         gpu = [i for i in plan.resident if i in per_layer]
         cpu_rate = sum(mf.layer_bytes[i] for i in cpu) / max(sum(per_layer[i] for i in cpu), 1e-9)
         # A resident layer's time stands for any layer on the GPU; without

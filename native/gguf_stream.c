@@ -58,7 +58,11 @@ static struct {
     void   (*buffer_set_usage)(void *, int);
     int    (*buffer_get_usage)(void *);
     int    (*tensor_alloc)(void *, void *, void *);
+    void   (*tensor_set)(void *, const void *, size_t, size_t);
     size_t (*nbytes)(const void *);
+    const char *(*op_name)(int);
+    void  *(*dev_backend_reg)(void *);
+    void  *(*reg_get_proc_address)(void *, const char *);
 } G;
 
 /* CUDA runtime entry points; handles are opaque pointers, errors ints. */
@@ -158,7 +162,11 @@ int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart) {
         RESOLVE(hb, hg, G.buffer_set_usage, "ggml_backend_buffer_set_usage");
         RESOLVE(hb, hg, G.buffer_get_usage, "ggml_backend_buffer_get_usage");
         RESOLVE(hb, hg, G.tensor_alloc, "ggml_backend_tensor_alloc");
+        RESOLVE(hb, hg, G.tensor_set, "ggml_backend_tensor_set");
         RESOLVE(hb, hg, G.nbytes, "ggml_nbytes");
+        RESOLVE(hb, hg, G.op_name, "ggml_op_name");
+        RESOLVE(hb, hg, G.dev_backend_reg, "ggml_backend_dev_backend_reg");
+        RESOLVE(hb, hg, G.reg_get_proc_address, "ggml_backend_reg_get_proc_address");
         G.loaded = 1;
     }
     if (cudart && !C.loaded) {
@@ -187,6 +195,30 @@ int gs_device_bufts(const char *name, void **buft, void **host_buft) {
     if (!dev) return fail(GS_E_INVALID, "ggml has no device named %s", name);
     if (buft) *buft = G.dev_buffer_type(dev);
     if (host_buft) *host_buft = G.dev_host_buffer_type(dev);
+    return GS_OK;
+}
+
+int gs_plain_cpu_buft(void **buft) {
+    /* struct ggml_backend_buffer_type: six interface pointers, device, context */
+    static struct { void *iface[6]; void *device; void *context; } clone;
+    *buft = NULL;
+    if (!G.loaded) return fail(GS_E_INVALID, "gs_plain_cpu_buft: libraries not loaded");
+    void *dev = G.dev_by_name("CPU");
+    if (!dev) return fail(GS_E_INVALID, "ggml has no CPU device");
+    if (!clone.device) memcpy(&clone, G.dev_buffer_type(dev), sizeof clone);
+    *buft = &clone;
+    return GS_OK;
+}
+
+int gs_cpu_repack_buft(void **buft) {
+    *buft = NULL;
+    if (!G.loaded) return fail(GS_E_INVALID, "gs_cpu_repack_buft: libraries not loaded");
+    void *dev = G.dev_by_name("CPU");
+    if (!dev) return fail(GS_E_INVALID, "ggml has no CPU device");
+    void *reg = G.dev_backend_reg(dev);
+    void **(*extra_bufts)(void *) = reg ? G.reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
+    for (void **b = extra_bufts ? extra_bufts(dev) : NULL; b && *b; b++)
+        if (strcmp(G.buft_name(*b), "CPU_REPACK") == 0) { *buft = *b; break; }
     return GS_OK;
 }
 
@@ -251,8 +283,13 @@ typedef struct {
     struct gs_tensor *t;
     void   *src;          /* upload source: llama.cpp's host copy */
     void   *src_buffer;   /* the buffer t lived in before re-homing */
+    void   *src_extra;    /* its backend-private extra pointer there */
+    /* Generate-phase home of a CPU layer's weight when repacked for the CPU
+     * kernels (NULL: the CPU reads the plain host copy at src). */
+    void   *cpu_buffer, *cpu_data, *cpu_extra;
     size_t  nbytes, alloc, offset;
     int     layer;
+    int     matmul_only;  /* discovery saw it only as src[0] of a matrix product */
 } srec;
 
 typedef struct {
@@ -261,6 +298,8 @@ typedef struct {
     int    first, count;  /* its records in e->recs (contiguous after start) */
     int    slot;          /* slot adopted for the current evaluation, or -1 */
     size_t bytes;         /* laid-out size in a slot */
+    void  *repack_buf;    /* CPU layers: their repacked weights (pageable host) */
+    size_t repacked_bytes;
 } layer_info;
 
 typedef struct {
@@ -279,6 +318,7 @@ struct gs_engine {
     /* discovery */
     gs_weight *weights;
     char     (*weight_names)[64];
+    unsigned char *weight_matmul_only;
     int        n_weights, cap_weights;
     ptrmap     weight_map;
     int        last_lout;
@@ -393,7 +433,15 @@ static void violation(gs_engine *e, const char *fmt, ...) {
     }
 }
 
-static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const char *user_name) {
+/* A weight that only ever feeds matrix products as their src[0] may be
+ * repacked for the CPU kernels (which then read it in that layout only). */
+static int is_matmul_src0(const struct gs_tensor *node, int k, const struct gs_tensor *src) {
+    if (k != 0 || src->view_src) return 0;
+    const char *op = G.op_name(node->op);
+    return op && (strcmp(op, "MUL_MAT") == 0 || strcmp(op, "MUL_MAT_ID") == 0);
+}
+
+static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, int matmul_src0, const char *user_name) {
     int idx = ptrmap_get(&e->weight_map, w);
     if (idx < 0) {
         if (e->n_weights == e->cap_weights) {
@@ -402,7 +450,9 @@ static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const c
             if (nw) e->weights = nw;
             char (*nn)[64] = realloc(e->weight_names, ncap * sizeof *nn);
             if (nn) e->weight_names = nn;
-            if (!nw || !nn) { fail(GS_E_NOMEM, "discovery: realloc"); engine_fail(e, GS_E_NOMEM); return; }
+            unsigned char *nm = realloc(e->weight_matmul_only, ncap);
+            if (nm) e->weight_matmul_only = nm;
+            if (!nw || !nn || !nm) { fail(GS_E_NOMEM, "discovery: realloc"); engine_fail(e, GS_E_NOMEM); return; }
             e->cap_weights = ncap;
         }
         idx = e->n_weights;
@@ -418,9 +468,11 @@ static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, const c
         r->layer = parse_index(w->name, "blk.", '.');
         r->nbytes = G.nbytes(w);
         r->viewed = 0;
+        e->weight_matmul_only[idx] = 1;
     }
     gs_weight *r = &e->weights[idx];
     r->viewed |= viewed;
+    e->weight_matmul_only[idx] &= matmul_src0 && !viewed;
     if (r->layer >= 0 && r->layer != e->last_lout + 1)
         violation(e, "weight %s is used by node %s after l_out-%d", e->weight_names[idx], user_name, e->last_lout);
 }
@@ -429,12 +481,12 @@ bool gs_discover_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
     if (!ask || e->status) return false;
-    if (t->view_src && is_weight(t->view_src)) record_weight(e, t->view_src, 1, t->name);
+    if (t->view_src && is_weight(t->view_src)) record_weight(e, t->view_src, 1, 0, t->name);
     for (int k = 0; k < 10; k++) {
         struct gs_tensor *s = t->src[k];
         if (!s) continue;
         struct gs_tensor *base = s->view_src ? s->view_src : s;
-        if (is_weight(base)) record_weight(e, base, base != s, t->name);
+        if (is_weight(base)) record_weight(e, base, base != s, is_matmul_src0(t, k, s), t->name);
     }
     int i = parse_index(t->name, "l_out-", '\0');
     if (i >= 0) {
@@ -484,6 +536,9 @@ int gs_engine_add_tensor(gs_engine *e, int layer, void *tensor) {
     r->t = t;
     r->src = t->data;
     r->src_buffer = t->buffer;
+    r->src_extra = t->extra;
+    int w = ptrmap_get(&e->weight_map, t);
+    r->matmul_only = w >= 0 && e->weight_matmul_only[w];
     r->nbytes = G.nbytes(t);
     r->alloc = G.buft_get_alloc_size(e->cfg.ring_buft, t);
     r->layer = layer;
@@ -640,10 +695,13 @@ static void copy_engine_stop(gs_engine *e) {
 
 /* ---- start ------------------------------------------------------------------- */
 
+static int sync_repacks(gs_engine *e);
+
 static void rehome_undo(gs_engine *e, int upto) {
     for (int k = 0; k < upto; k++) {
         e->recs[k].t->buffer = e->recs[k].src_buffer;
         e->recs[k].t->data = e->recs[k].src;
+        e->recs[k].t->extra = e->recs[k].src_extra;
     }
 }
 
@@ -716,6 +774,7 @@ int gs_engine_start(gs_engine *e) {
     }
     int rc = copy_engine_start(e);
     if (rc) return rc;
+    if ((rc = sync_repacks(e))) return rc;
     e->started = 1;
     e->stats.slot_bytes = e->slot_bytes;
     e->stats.ring_bytes = ring_bytes;
@@ -891,7 +950,7 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
             e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
         }
     }
-    return GS_OK;
+    return sync_repacks(e);
 }
 
 /* Calibration of the link: upload `layer` into slot 0 synchronously, n times,
@@ -919,12 +978,91 @@ int gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_second
     return GS_OK;
 }
 
+/* A CPU layer's generate-phase home: its repacked copy where there is one,
+ * else llama.cpp's host copy. */
 static void point_home(gs_engine *e, int layer) {
     const layer_info *ly = &e->layers[layer];
     for (int k = ly->first; k < ly->first + ly->count; k++) {
-        e->recs[k].t->buffer = e->recs[k].src_buffer;
-        e->recs[k].t->data = e->recs[k].src;
+        const srec *r = &e->recs[k];
+        r->t->buffer = r->cpu_buffer ? r->cpu_buffer : r->src_buffer;
+        r->t->data = r->cpu_buffer ? r->cpu_data : r->src;
+        r->t->extra = r->cpu_buffer ? r->cpu_extra : r->src_extra;
     }
+}
+
+static void drop_repack(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    if (!ly->repack_buf) return;
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        e->recs[k].cpu_buffer = e->recs[k].cpu_data = e->recs[k].cpu_extra = NULL;
+    G.buffer_free(ly->repack_buf);
+    ly->repack_buf = NULL;
+    e->stats.repacked_bytes -= ly->repacked_bytes;
+    ly->repacked_bytes = 0;
+}
+
+/* Copy a CPU layer's matrix weights into a CPU_REPACK buffer, the layout
+ * llama.cpp's CPU kernels run fastest on (what stock does with CPU layers).
+ * The plain host copy stays: the prompt phase still uploads it. A weight the
+ * repack buffer does not take (its init leaves no repack traits) keeps
+ * reading the host copy. Runs on a scratch tensor so that the live one
+ * keeps pointing where the current phase needs it. */
+static int repack_layer(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    size_t align = G.buft_get_alignment(e->cfg.repack_buft), total = 0;
+    if (align == 0) align = 1;
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        if (e->recs[k].matmul_only) total = align_up(total, align) + e->recs[k].nbytes;
+    if (total == 0) return GS_OK;
+    void *buf = G.buft_alloc_buffer(e->cfg.repack_buft, total);
+    if (!buf) return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, layer);
+    G.buffer_set_usage(buf, GGML_USAGE_WEIGHTS);
+    char *base = G.buffer_get_base(buf);
+    size_t off = 0, repacked = 0;
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        srec *r = &e->recs[k];
+        if (!r->matmul_only) continue;
+        off = align_up(off, align);
+        struct gs_tensor scratch = *r->t;
+        scratch.buffer = NULL;
+        scratch.data = NULL;
+        scratch.extra = NULL;
+        int st = G.tensor_alloc(buf, &scratch, base + off);
+        if (st != 0) {
+            for (int j = ly->first; j < ly->first + ly->count; j++)
+                e->recs[j].cpu_buffer = e->recs[j].cpu_data = e->recs[j].cpu_extra = NULL;
+            G.buffer_free(buf);
+            return fail(GS_E_GGML, "repack: ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st);
+        }
+        if (scratch.extra) {
+            G.tensor_set(&scratch, r->src, 0, r->nbytes);
+            r->cpu_buffer = buf;
+            r->cpu_data = base + off;
+            r->cpu_extra = scratch.extra;
+            repacked += r->nbytes;
+        }
+        off += r->nbytes;
+    }
+    if (repacked == 0) { G.buffer_free(buf); return GS_OK; }
+    ly->repack_buf = buf;
+    ly->repacked_bytes = G.buffer_get_size(buf);
+    e->stats.repacked_bytes += ly->repacked_bytes;
+    return GS_OK;
+}
+
+/* Repacked copies exactly for the current CPU layers. Tensors must not point
+ * at a copy being dropped (callers are in the prompt phase). */
+static int sync_repacks(gs_engine *e) {
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        int want = e->cfg.repack_buft && ly->cpu_generate && ly->count > 0;
+        if (!want && ly->repack_buf) drop_repack(e, i);
+        if (want && !ly->repack_buf) {
+            int rc = repack_layer(e, i);
+            if (rc) return rc;
+        }
+    }
+    return GS_OK;
 }
 
 /* Between decodes only. Layers computed by the CPU while generating go back
@@ -955,7 +1093,10 @@ static int set_phase(gs_engine *e, int phase) {
         if (ly->count == 0) continue;
         if (ly->sidx[phase] < 0) point_home(e, i);
         else if (ly->sidx[e->phase] < 0) {
-            for (int k = ly->first; k < ly->first + ly->count; k++) e->recs[k].t->buffer = e->ring;
+            for (int k = ly->first; k < ly->first + ly->count; k++) {
+                e->recs[k].t->buffer = e->ring;
+                e->recs[k].t->extra = e->recs[k].src_extra;
+            }
             point_layer(e, i, 0);
         }
     }
@@ -1001,6 +1142,7 @@ void gs_engine_reset_stats(gs_engine *e) {
     e->stats.slot_bytes = keep.slot_bytes;
     e->stats.ring_bytes = keep.ring_bytes;
     e->stats.n_streamed = keep.n_streamed;
+    e->stats.repacked_bytes = keep.repacked_bytes;
     memset(e->layer_seconds, 0, e->cfg.n_layer * sizeof *e->layer_seconds);
     memset(e->layer_count, 0, e->cfg.n_layer * sizeof *e->layer_count);
     e->stats.n_slots = keep.n_slots;
@@ -1034,10 +1176,12 @@ void gs_engine_destroy(gs_engine *e) {
     if (!e) return;
     copy_engine_stop(e);
     if (e->ring) G.buffer_free(e->ring);
+    for (int i = 0; e->layers && i < e->cfg.n_layer; i++) drop_repack(e, i);
     ptrmap_free(&e->weight_map);
     ptrmap_free(&e->rec_map);
     free(e->weights);
     free(e->weight_names);
+    free(e->weight_matmul_only);
     free(e->recs);
     free(e->layers);
     free(e->order[0]);

@@ -38,6 +38,13 @@ int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart);
  * (pinned) buffer type (NULL if it has none) and its memory figures. */
 int gs_device_bufts(const char *name, void **buft, void **host_buft);
 int gs_device_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
+/* The plain CPU buffer type under another address. llama.cpp turns a
+ * tensor override to the CPU buffer type (matched by address) into its
+ * CPU_REPACK variant when repacking is on; host-mode upload sources must
+ * stay in the plain layout the slots hold. */
+int gs_plain_cpu_buft(void **buft);
+/* The CPU backend's "CPU_REPACK" buffer type, NULL if this build has none. */
+int gs_cpu_repack_buft(void **buft);
 
 /* Pinned host memory in ggml "CUDA_Host" buffers is allocated by llama.cpp;
  * this reports the name and size of the buffer a tensor lives in. */
@@ -57,6 +64,8 @@ typedef struct {
     int    cuda_device;        /* CUDA device of the ring (use_cuda only) */
     int    prefetch;           /* 0: never prefetch (every adoption uploads synchronously) */
     int    host_copy_delay_us; /* host mode only: sleep per layer copy (simulates a slow link) */
+    void  *repack_buft;        /* CPU layers get a copy repacked in this buffer type
+                                  (gs_cpu_repack_buft); NULL: they read the plain host copy */
 } gs_engine_config;
 
 typedef struct {
@@ -72,6 +81,7 @@ typedef struct {
     uint64_t ring_bytes;       /* bytes of all slots */
     int      n_streamed;
     int      n_slots;
+    uint64_t repacked_bytes;   /* pageable host memory holding CPU layers' repacked weights */
 } gs_stats;
 
 typedef struct {

@@ -34,3 +34,37 @@ def test_cuda_swapped_layers_change_output(tiny_path):
         m.engine.debug_swap_sources(a, b)
         _, logits = m.generate(prompt, 4, with_logits=True)
     assert not np.array_equal(logits, ref_logits)
+
+
+def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path):
+    """Generate phase with CPU layers on CUDA: they compute from a repacked
+    copy (stock's CPU path). Layers 0-3 on the CPU, 4-7 on the GPU is stock
+    -ngl 4's placement for single tokens, so a short prompt (generate phase
+    throughout) must give stock -ngl 4's next-token logits, up to attention
+    rounding: the KV cache of our CPU layers is on the GPU (host in stock)."""
+    with StockModel(tiny_path, n_gpu_layers=4, **OPTS) as s:
+        prompt = s.tokenize("Once upon a time")
+        assert len(prompt) < 32
+        _, ref_logits = s.generate(prompt, 1, with_logits=True)
+    with StreamedModel(tiny_path, streamed_layers=(0, 1, 2, 3), n_slots=2,
+                       generate_cpu_layers=(0, 1, 2, 3), **OPTS) as m:
+        assert m.stats.counters.repacked_bytes > 0
+        _, logits = m.generate(prompt, 1, with_logits=True)
+        assert m.stats.counters.adoptions == 0  # every streamed layer ran on the CPU
+    assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
+
+
+def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
+    from gguf_stream import make_plan, read_model
+
+    mf = read_model(tiny_path)
+    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=OPTS["n_ctx"],
+                         n_ubatch=OPTS["n_ubatch"]).device_bytes
+    with StreamedModel(tiny_path, vram_budget=one_slot - 1, **OPTS) as m:
+        ngl = m.plan.stock_gpu_layers
+        assert ngl is not None and m.engine is None and m.stats.mode == f"stock split ngl={ngl}"
+        prompt = m.tokenize("Once upon a time")
+        tokens, logits = m.generate(prompt, 8, with_logits=True)
+    with StockModel(tiny_path, n_gpu_layers=ngl, **OPTS) as s:
+        ref_tokens, ref_logits = s.generate(prompt, 8, with_logits=True)
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)

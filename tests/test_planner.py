@@ -78,3 +78,24 @@ def test_explicit_streamed_layers(tiny_path):
     plan = make_plan(read_model(tiny_path), streamed_layers=(5, 1), n_slots=3)
     assert plan.streamed == (1, 5) and plan.n_slots == 2
     assert [s.slot for s in plan.layers if s.placement == "streamed"] == [0, 1]
+
+
+def test_budget_below_streaming_minimum_takes_the_stock_split(tiny_path):
+    """Where the KV cache, shared tensors and one slot no longer fit, llama.cpp's
+    own split (KV and output of host layers on the host) may: the planner
+    picks the most GPU layers whose estimate fits, and nothing streams."""
+    from gguf_stream.planner import stock_device_bytes
+
+    m = read_model(tiny_path)
+    opts = dict(n_ctx=256, n_ubatch=64)
+    one_slot = make_plan(m, n_streamed=m.n_layer, n_slots=1, **opts).device_bytes
+    plan = make_plan(m, vram_budget=one_slot - 1, **opts)
+    ngl = plan.stock_gpu_layers
+    assert ngl is not None and plan.streamed == () and plan.n_slots == 0
+    assert plan.device_bytes == stock_device_bytes(m, ngl, 256, 64) <= one_slot - 1
+    assert ngl == m.n_layer or stock_device_bytes(m, ngl + 1, 256, 64) > one_slot - 1
+    assert plan.resident == tuple(range(m.n_layer - ngl, m.n_layer))
+    assert plan.host_layers == tuple(range(m.n_layer - ngl))
+    assert "llama.cpp's own split" in plan.table()
+    with pytest.raises(BudgetError, match="below the minimum .* even with every layer in host memory"):
+        make_plan(m, vram_budget=stock_device_bytes(m, 0, 256, 64) - 1, **opts)

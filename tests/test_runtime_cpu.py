@@ -88,6 +88,50 @@ def test_generate_phase_cpu_layers_match(case):
     assert c.adoptions == 6 * prompt_evals + (6 - 2) * N_GEN
 
 
+def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
+    """With repacking on, CPU layers compute from a repacked copy (what stock
+    does with its CPU layers): a short prompt and generation (all in the
+    generate phase) with every layer a CPU layer must equal stock *with*
+    repacking bit for bit, and differ from stock without it (on Gemma the
+    two layouts round differently, so this comparison can fail)."""
+    from gguf_stream import read_model
+
+    n = read_model(gemma_path).n_layer
+    refs = {}
+    for repack in (True, False):
+        with StockModel(gemma_path, **CPU, cpu_repack=repack) as s:
+            prompt = s.tokenize("The quick brown fox")
+            assert len(prompt) < 32  # generate phase throughout
+            refs[repack] = s.generate(prompt, N_GEN, with_logits=True)
+    assert not np.array_equal(refs[True][1], refs[False][1])
+    with StreamedModel(gemma_path, **CPU, cpu_repack=True, n_streamed=n, n_slots=2,
+                       generate_cpu_layers=list(range(n))) as m:
+        assert m.stats.counters.repacked_bytes > 0
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        assert m.stats.counters.adoptions == 0  # nothing streamed: every layer ran on the CPU
+        m.engine.set_cpu_layers([])  # the repacked copies are freed with the choice
+        assert m.stats.counters.repacked_bytes == 0
+    assert tokens == refs[True][0] and np.array_equal(logits, refs[True][1])
+
+
+def test_host_mode_sources_stay_plain_with_repacking(gemma_path):
+    """llama.cpp turns an override to the CPU buffer type into its repacked
+    variant when repacking is on; host-mode upload sources must stay plain
+    (the slots are). With every layer streamed (a long prompt, then tokens
+    that stream too) no layer may read a repacked byte: the output equals
+    stock without repacking (Gemma's shared tensors are not repacked)."""
+    with StockModel(gemma_path, **CPU, cpu_repack=False) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, 2, with_logits=True)
+    from gguf_stream import read_model
+
+    n = read_model(gemma_path).n_layer
+    with StreamedModel(gemma_path, **CPU, cpu_repack=True, n_streamed=n, n_slots=2) as m:
+        tokens, logits = m.generate(prompt, 2, with_logits=True)
+    # every layer streamed and plain: only the shared tensors could differ
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
 def test_swapped_layers_fail_the_comparison(case):
     """Proves the comparison above can fail: feed two streamed layers each
     other's weights and the output must change."""
@@ -200,3 +244,19 @@ def test_repeated_load_close_does_not_leak(gemma_path):
     growth_mib = (rss[-1] - rss[1]) / 1024
     print(f"RSS after cycles (MiB): {[r // 1024 for r in rss]}; growth after warm-up {growth_mib:.1f} MiB")
     assert growth_mib < 32, rss  # one model is ~250 MiB: a leak per cycle would show
+
+
+def test_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
+    from gguf_stream import make_plan, read_model
+
+    mf = read_model(tiny_path)
+    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=CPU["n_ctx"],
+                         n_ubatch=CPU["n_ubatch"]).device_bytes
+    with StockModel(tiny_path, **CPU) as s:
+        prompt = s.tokenize(PROMPT)
+        ref = s.generate(prompt, N_GEN, with_logits=True)
+    with StreamedModel(tiny_path, vram_budget=one_slot - 1, **CPU) as m:
+        assert m.plan.stock_gpu_layers is not None and m.engine is None
+        assert m.stats.mode.startswith("stock split")
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+    assert tokens == ref[0] and np.array_equal(logits, ref[1])
