@@ -1,0 +1,48 @@
+"""Probe: where a CPU-computed layer's time goes in the hybrid generate phase.
+
+Streams a model at a budget, makes every other streamed layer a CPU layer,
+times each layer of single-token decodes (the engine's per-layer timing),
+and with --sched-debug prints llama.cpp's graph splits for one token
+(GGML_SCHED_DEBUG=1: one "## SPLIT" line per backend switch, with its inputs).
+
+    python3 tools/probe_sched.py /tmp/m/llama3-8b.gguf --budget 3.16GiB
+    python3 tools/probe_sched.py /tmp/m/llama3-8b.gguf --budget 3.16GiB --sched-debug 2>&1 | grep SPLIT
+"""
+import argparse
+import os
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("--budget", required=True)
+ap.add_argument("--tokens", type=int, default=8)
+ap.add_argument("--sched-debug", action="store_true")
+a = ap.parse_args()
+if a.sched_debug:
+    os.environ["GGML_SCHED_DEBUG"] = "1"  # read when the context's scheduler is created
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
+from gguf_stream.runtime import StreamedModel  # noqa: E402
+
+with StreamedModel(a.model, vram_budget=a.budget, n_ctx=2176, n_batch=2048, n_ubatch=2048,
+                   verbose=a.sched_debug) as m:
+    cpu = m.plan.streamed[1::2]
+    m.engine.set_cpu_layers(cpu)
+    print("CPU layers", cpu, file=sys.stderr)
+    m.eval([1])
+    m.eval([1])
+    if a.sched_debug:
+        print("=== one token ===", file=sys.stderr, flush=True)
+        m.eval([1])
+        print("=== end ===", file=sys.stderr, flush=True)
+        sys.exit(0)
+    m.engine.set_timing(True)
+    for _ in range(a.tokens):
+        m.eval([1])
+    times = m.engine.layer_times(m.plan.n_layer)
+    m.engine.set_timing(False)
+    for i, (s, n) in enumerate(times):
+        if n:
+            kind = "cpu" if i in cpu else "streamed" if i in m.plan.streamed else "resident"
+            per = s / n
+            print(f"layer {i:2d} {kind:8s} {per * 1e3:.3f} ms  {m.plan.layers[i].bytes / per / 1e9:.1f} GB/s")
