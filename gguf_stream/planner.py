@@ -346,7 +346,13 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    ngl = max(fitting)
+    return stock_split_plan(model, max(fitting), budget, n_ctx, n_ubatch, flash_attn)
+
+
+def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
+                     flash_attn: bool = True) -> Plan:
+    """llama.cpp's `-ngl ngl` split as a Plan (nothing streams)."""
+    N = model.n_layer
     spans = tuple(LayerSpan(i, model.layer_bytes[i], "resident" if i >= N - ngl else "host") for i in range(N))
     comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn)
     return Plan(

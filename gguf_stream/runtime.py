@@ -19,7 +19,7 @@ import numpy as np
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import read_model
-from .planner import Plan, format_size, make_plan, parse_size
+from .planner import Plan, format_size, make_plan, parse_size, stock_split_plan
 from .streamer import LOAD_MODE_NONE, Streamer, cuda_available, load_native, no_cuda_error, validate_graph  # noqa: F401
 
 
@@ -357,6 +357,8 @@ class StreamedModel(_Session):
         if resident:
             s.close()
             s = self.streamer = Streamer(self.path, replace(self.config, vram_budget=None))
+        elif s.plan.stock_gpu_layers is not None and s.cuda:
+            s.plan = self._stock_split_by_measurement(s)
         self._stack.callback(s.close)  # runs after the model and the context are freed
         self._cuda = s.cuda
         self._vram_base = self._vram_free()
@@ -393,6 +395,26 @@ class StreamedModel(_Session):
         except GGUFStreamError:
             return False
         return peak is not None and peak <= budget
+
+    def _stock_split_by_measurement(self, s: Streamer) -> Plan:
+        """Below streaming's minimum the planner estimates llama.cpp's split
+        conservatively; like the stock baseline's own search, try one more
+        GPU layer at a time and keep the most whose measured peak (after one
+        full ubatch) fits the budget."""
+        c, plan = self.config, s.plan
+        budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
+        while ngl < plan.n_layer:
+            try:
+                with StockModel(self.path, ngl + 1, config=replace(c, vram_budget=None)) as probe:
+                    n = min(c.n_ubatch, c.n_ctx)
+                    probe.eval([max(probe.token_bos(), 0)] + [1] * (n - 1))
+                    peak = probe.stats.vram_peak_bytes
+            except GGUFStreamError:
+                break
+            if peak is None or peak > budget:
+                break
+            ngl += 1
+        return stock_split_plan(s.model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn)
 
     @property
     def plan(self) -> Plan | None:
