@@ -387,8 +387,14 @@ class StreamedModel(_Session):
                          flash_attn=c.flash_attn).device_bytes
         if full > budget * 1.05:
             return False
+        return self._stock_fits(-1, budget)
+
+    def _stock_fits(self, n_gpu_layers: int, budget: int) -> bool:
+        """Load llama.cpp's own split, run one full ubatch (compute pools grow
+        at first use) and compare its measured peak with the budget."""
+        c = self.config
         try:
-            with StockModel(self.path, -1, config=replace(c, vram_budget=None)) as probe:
+            with StockModel(self.path, n_gpu_layers, config=replace(c, vram_budget=None)) as probe:
                 n = min(c.n_ubatch, c.n_ctx)
                 probe.eval([max(probe.token_bos(), 0)] + [1] * (n - 1))
                 peak = probe.stats.vram_peak_bytes
@@ -403,16 +409,7 @@ class StreamedModel(_Session):
         full ubatch) fits the budget."""
         c, plan = self.config, s.plan
         budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
-        while ngl < plan.n_layer:
-            try:
-                with StockModel(self.path, ngl + 1, config=replace(c, vram_budget=None)) as probe:
-                    n = min(c.n_ubatch, c.n_ctx)
-                    probe.eval([max(probe.token_bos(), 0)] + [1] * (n - 1))
-                    peak = probe.stats.vram_peak_bytes
-            except GGUFStreamError:
-                break
-            if peak is None or peak > budget:
-                break
+        while ngl < plan.n_layer and self._stock_fits(ngl + 1, budget):
             ngl += 1
         return stock_split_plan(s.model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn)
 
