@@ -43,6 +43,7 @@ typedef struct {
     int    prefetch;
     int    host_copy_delay_us;
     void  *repack_buft;
+    void  *host_kv_buft;
 } gs_engine_config;
 typedef struct {
     uint64_t evaluations, adopted_ready, adopted_waited, sync_fallbacks;
@@ -51,6 +52,8 @@ typedef struct {
     uint64_t slot_bytes, ring_bytes;
     int      n_streamed, n_slots;
     uint64_t repacked_bytes;
+    uint64_t host_kv_bytes;
+    uint64_t kv_moved_bytes;
 } gs_stats;
 typedef struct {
     void       *tensor;
@@ -80,6 +83,9 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 #define GS_PHASE_GENERATE ...
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
 int  gs_engine_set_phase(gs_engine *e, int phase);
+int  gs_engine_kv_attach(gs_engine *e);
+int  gs_engine_kv_detach(gs_engine *e);
+int  gs_engine_kv_known(gs_engine *e, int *n_layers);
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
 int  gs_engine_set_timing(gs_engine *e, int on);
 int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);

@@ -606,7 +606,10 @@ class _Ctx:
                             f"chosen split predicts {1 / s.predicted_token_seconds:.1f} t/s; CPU layers' repacked "
                             f"copy {format_size(m.stats.counters.repacked_bytes)} (pageable host memory)")
                     self.progress(note)
-                    return replace(time_model(m, self.w, self.progress, "streamed"), engine_note=note)
+                    timing = time_model(m, self.w, self.progress, "streamed")
+                    note += (f"; their KV caches in host memory while generating "
+                             f"{format_size(m.stats.counters.host_kv_bytes)}")
+                    return replace(timing, engine_note=note)
             return time_model(m, self.w, self.progress, "streamed")
 
     def measure_stock_vram(self, ngl: int) -> float | None:

@@ -65,6 +65,8 @@ class _StreamedContext(internals.LlamaContext):
         streamer.patch_context_params(params)
         with streamer.creating_context():
             super().__init__(model=model, params=params, verbose=verbose)
+        streamer.context_opened()
+        self._exit_stack.callback(streamer.context_closing)  # runs before llama_free (LIFO)
 
     def decode(self, batch):
         self._streamer.before_decode(batch.n_tokens())

@@ -99,6 +99,8 @@ class Counters:
     n_streamed: int
     n_slots: int
     repacked_bytes: int
+    host_kv_bytes: int
+    kv_moved_bytes: int
 
     @property
     def adoptions(self) -> int:
@@ -119,11 +121,12 @@ class Engine:
 
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
                  cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
-                 repack_buft: int = 0):
+                 repack_buft: int = 0, host_kv_buft: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
             "host_copy_delay_us": host_copy_delay_us, "repack_buft": ffi.cast("void *", repack_buft),
+            "host_kv_buft": ffi.cast("void *", host_kv_buft),
         })
         out = ffi.new("gs_engine **")
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))
@@ -135,6 +138,10 @@ class Engine:
         if self._e is None:
             raise NativeError("Engine", lib.GS_E_INVALID, "the engine was destroyed (its model was closed)")
         return self._e
+
+    @property
+    def alive(self) -> bool:
+        return self._e is not None
 
     @property
     def address(self) -> int:
@@ -168,6 +175,22 @@ class Engine:
 
     def set_phase(self, phase: int) -> None:
         _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._h, phase))
+
+    def kv_attach(self) -> None:
+        """Right after creating a context: its KV caches are recorded during
+        its first decode, so CPU layers' ones can live in host memory while
+        generating."""
+        _check("gs_engine_kv_attach", lib.gs_engine_kv_attach(self._h))
+
+    def kv_detach(self) -> None:
+        """Before freeing that context: every KV cache goes back to llama.cpp's buffers."""
+        _check("gs_engine_kv_detach", lib.gs_engine_kv_detach(self._h))
+
+    def kv_known(self) -> int:
+        """Layers whose KV cache the attached context has shown."""
+        n = ffi.new("int *")
+        _check("gs_engine_kv_known", lib.gs_engine_kv_known(self._h, n))
+        return int(n[0])
 
     def set_timing(self, on: bool) -> None:
         _check("gs_engine_set_timing", lib.gs_engine_set_timing(self._h, int(on)))

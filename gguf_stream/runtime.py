@@ -54,6 +54,10 @@ class EngineConfig:
     # machine: faster generation, CPU rounding like stock -ngl's CPU layers;
     # CUDA only), or layer numbers.
     generate_cpu_layers: str | tuple[int, ...] = "none"
+    # CPU layers keep their KV cache in host memory while generating, so the
+    # CPU computes the whole layer (attention included) like stock -ngl does;
+    # False leaves it on the GPU (one GPU round trip per attention: an A/B aid).
+    cpu_layer_host_kv: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -370,6 +374,8 @@ class StreamedModel(_Session):
         s.patch_context_params(params)
         with s.creating_context():
             self._open_context(params)
+        s.context_opened()
+        self._stack.callback(s.context_closing)  # before the context is freed (LIFO)
         self._vram_sample()
         self._vram_loaded = self._vram_peak
         self._load_seconds = time.perf_counter() - t0

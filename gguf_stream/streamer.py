@@ -31,7 +31,7 @@ LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dr
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 # Batches below this size run host-resident weights on the CPU (ggml's scheduler).
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
-RATES_VERSION = "2"  # bump when what _measure_rates measures changes
+RATES_VERSION = "3"  # bump when what _measure_rates measures changes
 CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a warm-up)
 # CPU layers during calibration: a sample, so that at most this much is
 # repacked for it (host memory, load time); the others stream meanwhile, as
@@ -81,6 +81,21 @@ def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
             "gguf-stream cannot stream it")
 
 
+@contextmanager
+def no_graph_reuse():
+    """Create a llama.cpp context inside this and it rebuilds its graph at
+    every decode (llama.cpp reads the switch when it creates the context)."""
+    key, saved = "LLAMA_GRAPH_REUSE_DISABLE", os.environ.get("LLAMA_GRAPH_REUSE_DISABLE")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
 class Streamer:
     def __init__(self, path: str | os.PathLike, config):
         self.path = str(path)
@@ -108,7 +123,9 @@ class Streamer:
                                         ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
                                         host_copy_delay_us=config.host_copy_delay_us,
                                         # CPU layers get llama.cpp's repacked layout, as stock's do
-                                        repack_buft=native.cpu_repack_buft() if config.repack else 0)
+                                        repack_buft=native.cpu_repack_buft() if config.repack else 0,
+                                        host_kv_buft=(native.device_bufts("CPU")[0]
+                                                      if config.cpu_layer_host_kv else 0))
 
     def _make_plan(self) -> Plan:
         c = self.config
@@ -215,7 +232,8 @@ class Streamer:
         st = os.stat(self.path)
         _, total = native.device_memory("CUDA0")
         return "|".join([RATES_VERSION, platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
-                          str(int(st.st_mtime)), str(self._threads()), str(self.config.repack)])
+                          str(int(st.st_mtime)), str(self._threads()), str(self.config.repack),
+                          str(self.config.cpu_layer_host_kv)])
 
     def _cached_rates(self) -> Rates | None:
         try:
@@ -241,18 +259,20 @@ class Streamer:
         p.n_threads = p.n_threads_batch = self._threads()
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
-        ctx = lc.llama_init_from_model(model, p)  # generate phase only: graph reuse is harmless here
+        with no_graph_reuse():  # the first token's graph must not outlive the KV caches' move
+            ctx = lc.llama_init_from_model(model, p)
         if not ctx:
             raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
         try:
-            e.set_phase(native.PHASE_GENERATE)
+            self.context_opened()
             token = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
             arr = (lc.llama_token * 1)(token)
             token_times = []
             for k in range(CALIBRATION_TOKENS):
-                if k == 1:  # after the warm-up token
+                if k == 1:  # after the warm-up token (which shows the KV caches to the engine)
                     e.reset_counters()
                     e.set_timing(True)
+                e.set_phase(native.PHASE_GENERATE)
                 t0 = time.perf_counter()
                 rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
                 lc.llama_synchronize(ctx)
@@ -265,6 +285,7 @@ class Streamer:
             try:
                 e.set_timing(False)
                 e.set_phase(native.PHASE_PROMPT)
+                self.context_closing()
             finally:
                 lc.llama_free(ctx)
             e.set_cpu_layers(())
@@ -312,22 +333,27 @@ class Streamer:
         """Wrap llama_init_from_model. With CPU layers, a context must not
         reuse a graph across decodes: the scheduler's placement is baked into
         the graph, and a reused one could outlive a phase switch (a prompt's
-        tail ubatch and the next generated token can have the same shape).
-        llama.cpp reads this switch when it creates the context."""
+        tail ubatch and the next generated token can have the same shape),
+        its views still pointing at a KV cache that has since moved."""
         if self.engine is None or not self.plan.cpu_layers:
             yield
             return
-        key, saved = "LLAMA_GRAPH_REUSE_DISABLE", os.environ.get("LLAMA_GRAPH_REUSE_DISABLE")
-        os.environ[key] = "1"
-        try:
+        with no_graph_reuse():
             yield
-        finally:
-            if saved is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = saved
 
     # -- context --
+    def context_opened(self) -> None:
+        """Right after creating the context that will decode: the engine
+        records its KV caches (CPU layers keep theirs in host memory while
+        generating)."""
+        if self.engine is not None:
+            self.engine.kv_attach()
+
+    def context_closing(self) -> None:
+        """Before freeing that context (every KV cache goes home)."""
+        if self.engine is not None and self.engine.alive:
+            self.engine.kv_detach()
+
     def patch_context_params(self, params) -> None:
         if self.engine is None:
             return

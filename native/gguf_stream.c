@@ -38,6 +38,18 @@ _Static_assert(offsetof(struct gs_tensor, data) == 248, "ggml_tensor.data");
 _Static_assert(offsetof(struct gs_tensor, name) == 256, "ggml_tensor.name");
 _Static_assert(sizeof(struct gs_tensor) == 336, "sizeof ggml_tensor");
 
+/* Mirror of struct ggml_object (ggml.c): the header right before every
+ * tensor of a ggml context, chaining them in creation order. Used to find
+ * the per-stream views llama.cpp allocates next to each KV cache tensor. */
+struct gs_object {
+    size_t offs;
+    size_t size;
+    struct gs_object *next;
+    int32_t type;             /* GGML_OBJECT_TYPE_TENSOR = 0 */
+    char    padding[4];
+};
+_Static_assert(sizeof(struct gs_object) == 32, "sizeof ggml_object");
+
 #define GGML_USAGE_WEIGHTS 1
 
 static struct {
@@ -59,6 +71,7 @@ static struct {
     int    (*buffer_get_usage)(void *);
     int    (*tensor_alloc)(void *, void *, void *);
     void   (*tensor_set)(void *, const void *, size_t, size_t);
+    void   (*tensor_get)(const void *, void *, size_t, size_t);
     size_t (*nbytes)(const void *);
     const char *(*op_name)(int);
     void  *(*dev_backend_reg)(void *);
@@ -84,6 +97,7 @@ static struct {
     int (*EventSynchronize)(void *);
     int (*MemcpyAsync)(void *, const void *, size_t, int, void *);
     int (*MemsetAsync)(void *, int, size_t, void *);
+    int (*DeviceSynchronize)(void);
     const char *(*GetErrorString)(int);
 } C;
 
@@ -163,6 +177,7 @@ int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart) {
         RESOLVE(hb, hg, G.buffer_get_usage, "ggml_backend_buffer_get_usage");
         RESOLVE(hb, hg, G.tensor_alloc, "ggml_backend_tensor_alloc");
         RESOLVE(hb, hg, G.tensor_set, "ggml_backend_tensor_set");
+        RESOLVE(hb, hg, G.tensor_get, "ggml_backend_tensor_get");
         RESOLVE(hb, hg, G.nbytes, "ggml_nbytes");
         RESOLVE(hb, hg, G.op_name, "ggml_op_name");
         RESOLVE(hb, hg, G.dev_backend_reg, "ggml_backend_dev_backend_reg");
@@ -183,6 +198,7 @@ int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart) {
         RESOLVE(hc, NULL, C.EventSynchronize, "cudaEventSynchronize");
         RESOLVE(hc, NULL, C.MemcpyAsync, "cudaMemcpyAsync");
         RESOLVE(hc, NULL, C.MemsetAsync, "cudaMemsetAsync");
+        RESOLVE(hc, NULL, C.DeviceSynchronize, "cudaDeviceSynchronize");
         RESOLVE(hc, NULL, C.GetErrorString, "cudaGetErrorString");
         C.loaded = 1;
     }
@@ -292,6 +308,17 @@ typedef struct {
     int     matmul_only;  /* discovery saw it only as src[0] of a matrix product */
 } srec;
 
+/* A KV cache tensor of the attached context and where llama.cpp put it. */
+#define KV_MAX_VIEWS 8
+typedef struct {
+    struct gs_tensor *t;          /* cache_k_l<i> or cache_v_l<i>; NULL until seen */
+    void   *dev_buffer, *dev_data, *dev_extra;
+    struct gs_tensor *views[KV_MAX_VIEWS];   /* per-stream views allocated with it */
+    void   *view_extra[KV_MAX_VIEWS];
+    int     n_views;              /* -1: more than we track, so it never moves */
+    size_t  nbytes, offset;       /* offset: in the layer's host KV buffer */
+} kv_rec;
+
 typedef struct {
     int    sidx[GS_N_PHASES]; /* position in the phase's execution order, -1 if not streamed then */
     int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
@@ -300,6 +327,9 @@ typedef struct {
     size_t bytes;         /* laid-out size in a slot */
     void  *repack_buf;    /* CPU layers: their repacked weights (pageable host) */
     size_t repacked_bytes;
+    kv_rec kv[2];         /* K, V of the attached context */
+    void  *kv_host_buf;   /* CPU layers: their KV cache while generating */
+    int    kv_on_host;
 } layer_info;
 
 typedef struct {
@@ -335,6 +365,7 @@ struct gs_engine {
     int        n_order[GS_N_PHASES];
     int        n_overflow;            /* layers with tensors in the ring (streamed in some phase) */
     int        n_slots;
+    int        kv_attached, kv_scan;  /* a context's KV caches are (being) recorded */
 
     /* per-layer timing (calibration) */
     int        timing;
@@ -887,10 +918,21 @@ static int copy_landed(gs_engine *e, int layer) {
     return e->slots[s].state == SLOT_READY || copy_done(e, s) == 1;
 }
 
+static void kv_scan_node(gs_engine *e, const struct gs_tensor *t);
+static int kv_view_stale(const struct gs_tensor *t);
+
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
     if (e->status || !e->started) return !ask;
+    if (ask && e->kv_scan) kv_scan_node(e, t);
+    if (ask && e->kv_attached && kv_view_stale(t)) {
+        fail(GS_E_GRAPH, "node %s reads KV cache %s where it was before moving between device and host: "
+             "the context reused a graph across a phase switch (create it with LLAMA_GRAPH_REUSE_DISABLE=1)",
+             t->name, t->view_src->name);
+        engine_fail(e, GS_E_GRAPH);
+        return false;
+    }
     int i = parse_index(t->name, "l_out-", '\0');
     int n = e->cfg.n_layer, ph = e->phase;
     if (ask) {
@@ -926,6 +968,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
 }
 
 static int set_phase(gs_engine *e, int phase);
+static int sync_kv(gs_engine *e);
 
 /* Which overflow layers the CPU computes while generating. Before start, or
  * between decodes (the engine then returns to the prompt phase; a context
@@ -950,7 +993,8 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
             e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
         }
     }
-    return sync_repacks(e);
+    int rc = sync_kv(e);   /* frees host KV buffers of layers no longer on the CPU */
+    return rc ? rc : sync_repacks(e);
 }
 
 /* Calibration of the link: upload `layer` into slot 0 synchronously, n times,
@@ -1065,6 +1109,171 @@ static int sync_repacks(gs_engine *e) {
     return GS_OK;
 }
 
+/* ---- KV caches of CPU layers ----------------------------------------------- */
+
+/* "cache_k_l12", "cache_swa_v_l3" -> layer, *is_v; else -1. */
+static int kv_layer_of(const struct gs_tensor *t, int *is_v) {
+    if (!t || strncmp(t->name, "cache_", 6) != 0) return -1;
+    const char *l = strrchr(t->name, 'l');
+    if (!l || l - t->name < 8 || l[-1] != '_' || l[-3] != '_' || (l[-2] != 'k' && l[-2] != 'v')) return -1;
+    *is_v = l[-2] == 'v';
+    return parse_index(l, "l", '\0');
+}
+
+/* llama.cpp allocates per-stream views of each cache tensor right after the
+ * layer's K and V (same ggml context); state save/load reads through them,
+ * so they must follow the tensor. Walk the context's object chain from it. */
+static void kv_find_views(kv_rec *r, int layer) {
+    r->n_views = 0;
+    const struct gs_object *obj = (const struct gs_object *)((const char *)r->t - sizeof(struct gs_object));
+    for (int steps = 0; obj; obj = obj->next, steps++) {
+        if (steps > 4 * KV_MAX_VIEWS + 4) { r->n_views = -1; return; }   /* more streams than we track */
+        if (obj->type != 0 || obj->size < sizeof(struct gs_tensor)) break;
+        struct gs_tensor *t = (struct gs_tensor *)((char *)obj + sizeof(struct gs_object));
+        int is_v, il = kv_layer_of(t->view_src ? t->view_src : t, &is_v);
+        if (il != layer) break;                /* past this layer's tensors */
+        if (t->view_src != r->t) continue;     /* the tensor itself, its partner or the partner's views */
+        if (r->n_views == KV_MAX_VIEWS) { r->n_views = -1; return; }
+        r->views[r->n_views] = t;
+        r->view_extra[r->n_views++] = t->extra;
+    }
+}
+
+static void kv_record(gs_engine *e, struct gs_tensor *t) {
+    int is_v, il = kv_layer_of(t, &is_v);
+    if (il < 0 || il >= e->cfg.n_layer || !t->buffer || !t->data || t->view_src) return;
+    kv_rec *r = &e->layers[il].kv[is_v];
+    if (r->t) return;
+    r->t = t;
+    r->dev_buffer = t->buffer;
+    r->dev_data = t->data;
+    r->dev_extra = t->extra;
+    r->nbytes = G.nbytes(t);
+    kv_find_views(r, il);
+}
+
+/* Cache tensors reach the graph as the view_src of its views. */
+static void kv_scan_node(gs_engine *e, const struct gs_tensor *t) {
+    if (t->view_src) kv_record(e, t->view_src);
+    for (int k = 0; k < 10; k++)
+        if (t->src[k] && t->src[k]->view_src) kv_record(e, t->src[k]->view_src);
+}
+
+/* A graph node viewing a cache tensor from where it was when the graph was
+ * allocated: only a reused graph can have one after a move. */
+static int kv_view_stale(const struct gs_tensor *t) {
+    int is_v;
+    return t->view_src && t->data != (char *)t->view_src->data + t->view_offs && kv_layer_of(t->view_src, &is_v) >= 0;
+}
+
+static void kv_point(kv_rec *r, void *buffer, char *data, int home) {
+    r->t->buffer = buffer;
+    r->t->data = data;
+    r->t->extra = home ? r->dev_extra : NULL;
+    for (int k = 0; k < r->n_views; k++) {
+        struct gs_tensor *v = r->views[k];
+        v->buffer = buffer;
+        v->data = data + v->view_offs;
+        v->extra = home ? r->view_extra[k] : NULL;
+    }
+}
+
+static int kv_to_host(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    if (!ly->kv_host_buf) {
+        size_t align = G.buft_get_alignment(e->cfg.host_kv_buft), total = 0;
+        if (align == 0) align = 1;
+        for (int w = 0; w < 2; w++)
+            if (ly->kv[w].t) { ly->kv[w].offset = align_up(total, align); total = ly->kv[w].offset + ly->kv[w].nbytes; }
+        ly->kv_host_buf = G.buft_alloc_buffer(e->cfg.host_kv_buft, total);
+        if (!ly->kv_host_buf)
+            return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory for layer %d's KV cache", total, layer);
+        e->stats.host_kv_bytes += G.buffer_get_size(ly->kv_host_buf);
+    }
+    char *base = G.buffer_get_base(ly->kv_host_buf);
+    for (int w = 0; w < 2; w++) {
+        kv_rec *r = &ly->kv[w];
+        if (!r->t) continue;
+        G.tensor_get(r->t, base + r->offset, 0, r->nbytes);
+        kv_point(r, ly->kv_host_buf, base + r->offset, 0);
+        e->stats.kv_moved_bytes += r->nbytes;
+    }
+    ly->kv_on_host = 1;
+    return GS_OK;
+}
+
+static void kv_to_device(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    char *base = G.buffer_get_base(ly->kv_host_buf);
+    for (int w = 0; w < 2; w++) {
+        kv_rec *r = &ly->kv[w];
+        if (!r->t) continue;
+        kv_point(r, r->dev_buffer, r->dev_data, 1);
+        G.tensor_set(r->t, base + r->offset, 0, r->nbytes);
+        e->stats.kv_moved_bytes += r->nbytes;
+    }
+    ly->kv_on_host = 0;
+}
+
+static void kv_free_host(gs_engine *e, int layer) {
+    layer_info *ly = &e->layers[layer];
+    if (!ly->kv_host_buf) return;
+    e->stats.host_kv_bytes -= G.buffer_get_size(ly->kv_host_buf);
+    G.buffer_free(ly->kv_host_buf);
+    ly->kv_host_buf = NULL;
+}
+
+/* Every recorded cache where the phase wants it: a CPU layer's in host
+ * memory while generating, everything else in llama.cpp's buffers. Between
+ * decodes only; the device is synchronised first (a decode returns before
+ * its last kernels, which may still write the cache, have finished). */
+static int sync_kv(gs_engine *e) {
+    int synced = 0;
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        int movable = ly->kv[0].t && ly->kv[0].n_views >= 0 && ly->kv[1].n_views >= 0;
+        int want = e->kv_attached && e->cfg.host_kv_buft && e->started && e->phase == GS_PHASE_GENERATE
+                   && ly->cpu_generate && movable;
+        if (want != ly->kv_on_host) {
+            if (!synced && e->cfg.use_cuda) {
+                int err = C.DeviceSynchronize();
+                if (err != CUDA_SUCCESS) return cuda_fail("cudaDeviceSynchronize", err);
+                synced = 1;
+            }
+            if (want) {
+                int rc = kv_to_host(e, i);
+                if (rc) return rc;
+            } else {
+                kv_to_device(e, i);
+            }
+        }
+        if (!ly->kv_on_host && !(e->kv_attached && ly->cpu_generate)) kv_free_host(e, i);
+    }
+    return GS_OK;
+}
+
+int gs_engine_kv_attach(gs_engine *e) {
+    if (e->kv_attached) return fail(GS_E_INVALID, "gs_engine_kv_attach: another context's KV cache is attached");
+    for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
+    e->kv_attached = e->kv_scan = 1;
+    return GS_OK;
+}
+
+int gs_engine_kv_detach(gs_engine *e) {
+    if (!e->kv_attached) return GS_OK;
+    e->kv_attached = e->kv_scan = 0;
+    int rc = sync_kv(e);
+    for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
+    return rc;
+}
+
+int gs_engine_kv_known(gs_engine *e, int *n_layers) {
+    int n = 0;
+    for (int i = 0; i < e->cfg.n_layer; i++) n += e->layers[i].kv[0].t != NULL;
+    *n_layers = n;
+    return GS_OK;
+}
+
 /* Between decodes only. Layers computed by the CPU while generating go back
  * to their host buffer (the scheduler then places their ops on the CPU for
  * small batches); in the prompt phase they stream like the others. The
@@ -1074,8 +1283,12 @@ static int sync_repacks(gs_engine *e) {
 int gs_engine_set_phase(gs_engine *e, int phase) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
-    if (!e->started || phase == e->phase) return GS_OK;
-    return set_phase(e, phase);
+    if (!e->started) return GS_OK;
+    /* Recording stops after the attached context's first full decode. */
+    if (e->kv_scan) { int n; gs_engine_kv_known(e, &n); if (n) e->kv_scan = 0; }
+    int rc = phase == e->phase ? sync_kv(e) : set_phase(e, phase);
+    if (rc) engine_fail(e, rc);
+    return rc;
 }
 
 static int set_phase(gs_engine *e, int phase) {
@@ -1101,6 +1314,8 @@ static int set_phase(gs_engine *e, int phase) {
         }
     }
     e->phase = phase;
+    int rc = sync_kv(e);
+    if (rc) { engine_fail(e, rc); return rc; }
     if (!e->cfg.prefetch) return GS_OK;
     for (int k = 0, s = 0; k < want; k++) {
         int layer = e->order[phase][k];
@@ -1143,6 +1358,7 @@ void gs_engine_reset_stats(gs_engine *e) {
     e->stats.ring_bytes = keep.ring_bytes;
     e->stats.n_streamed = keep.n_streamed;
     e->stats.repacked_bytes = keep.repacked_bytes;
+    e->stats.host_kv_bytes = keep.host_kv_bytes;
     memset(e->layer_seconds, 0, e->cfg.n_layer * sizeof *e->layer_seconds);
     memset(e->layer_count, 0, e->cfg.n_layer * sizeof *e->layer_count);
     e->stats.n_slots = keep.n_slots;
@@ -1176,7 +1392,8 @@ void gs_engine_destroy(gs_engine *e) {
     if (!e) return;
     copy_engine_stop(e);
     if (e->ring) G.buffer_free(e->ring);
-    for (int i = 0; e->layers && i < e->cfg.n_layer; i++) drop_repack(e, i);
+    /* The context is gone by contract: free host KV copies without touching its tensors. */
+    for (int i = 0; e->layers && i < e->cfg.n_layer; i++) { drop_repack(e, i); kv_free_host(e, i); }
     ptrmap_free(&e->weight_map);
     ptrmap_free(&e->rec_map);
     free(e->weights);

@@ -66,6 +66,8 @@ typedef struct {
     int    host_copy_delay_us; /* host mode only: sleep per layer copy (simulates a slow link) */
     void  *repack_buft;        /* CPU layers get a copy repacked in this buffer type
                                   (gs_cpu_repack_buft); NULL: they read the plain host copy */
+    void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
+                                  generating (see gs_engine_kv_attach); NULL: they stay put */
 } gs_engine_config;
 
 typedef struct {
@@ -82,6 +84,8 @@ typedef struct {
     int      n_streamed;
     int      n_slots;
     uint64_t repacked_bytes;   /* pageable host memory holding CPU layers' repacked weights */
+    uint64_t host_kv_bytes;    /* host memory holding CPU layers' KV caches while generating */
+    uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
 } gs_stats;
 
 typedef struct {
@@ -137,6 +141,21 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
 /* Switch placement between decodes; the engine starts in the prompt phase. */
 int  gs_engine_set_phase(gs_engine *e, int phase);
+/* KV caches of the CPU layers. Attention runs where a layer's KV cache
+ * lives: left on the device, every CPU layer would hand its activations to
+ * the GPU and back three times per token. With host_kv_buft set, the cache
+ * tensors (cache_k_l<i> / cache_v_l<i>) of one context are recorded during
+ * its first decode after gs_engine_kv_attach; in the generate phase those of
+ * the CPU layers then live in host memory (copied across at each phase
+ * switch, together with the per-stream views llama.cpp's state save/load
+ * reads), so the CPU computes the whole layer like stock does.
+ * Attach right after creating the context; detach (moves everything back)
+ * before freeing it. One context at a time: a second attach fails. */
+int  gs_engine_kv_attach(gs_engine *e);
+int  gs_engine_kv_detach(gs_engine *e);
+/* Layers whose K and V the attached context has shown so far. */
+int  gs_engine_kv_known(gs_engine *e, int *n_layers);
+
 /* Link calibration: best of n synchronous uploads of `layer`, between decodes. */
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
 /* Calibration: a boundary at every l_out-<i>, accumulating the wall time

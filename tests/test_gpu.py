@@ -38,20 +38,48 @@ def test_cuda_swapped_layers_change_output(tiny_path):
 
 def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path):
     """Generate phase with CPU layers on CUDA: they compute from a repacked
-    copy (stock's CPU path). Layers 0-3 on the CPU, 4-7 on the GPU is stock
-    -ngl 4's placement for single tokens, so a short prompt (generate phase
-    throughout) must give stock -ngl 4's next-token logits, up to attention
-    rounding: the KV cache of our CPU layers is on the GPU (host in stock)."""
+    copy (stock's CPU path), with their KV cache moved to host memory after
+    the first decode (which records it). Layers 0-3 on the CPU, 4-7 on the
+    GPU is stock -ngl 4's placement for single tokens, so a short prompt
+    (generate phase throughout) must give stock -ngl 4's logits, up to
+    rounding: the first decode ran our CPU layers' attention on the GPU."""
     with StockModel(tiny_path, n_gpu_layers=4, **OPTS) as s:
         prompt = s.tokenize("Once upon a time")
         assert len(prompt) < 32
-        _, ref_logits = s.generate(prompt, 1, with_logits=True)
-    with StreamedModel(tiny_path, streamed_layers=(0, 1, 2, 3), n_slots=2,
-                       generate_cpu_layers=(0, 1, 2, 3), **OPTS) as m:
-        assert m.stats.counters.repacked_bytes > 0
-        _, logits = m.generate(prompt, 1, with_logits=True)
-        assert m.stats.counters.adoptions == 0  # every streamed layer ran on the CPU
-    assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
+        ref_tokens, ref_logits = s.generate(prompt, 8, with_logits=True)
+    for host_kv in (True, False):
+        with StreamedModel(tiny_path, streamed_layers=(0, 1, 2, 3), n_slots=2, cpu_layer_host_kv=host_kv,
+                           generate_cpu_layers=(0, 1, 2, 3), **OPTS) as m:
+            assert m.stats.counters.repacked_bytes > 0
+            _, logits = m.generate(prompt, 8, with_logits=True)
+            c = m.stats.counters
+        assert c.adoptions == 0  # every streamed layer ran on the CPU
+        assert (c.host_kv_bytes > 0) == host_kv and (c.kv_moved_bytes > 0) == host_kv
+        assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
+
+
+def test_cuda_hybrid_chat_keeps_kv_across_phase_switches(tiny_path):
+    """Prompt (streamed, KV on the GPU), tokens (CPU layers' KV in host
+    memory), a second prompt, more tokens, all teacher-forced: logits equal
+    the same run with every KV cache left on the device, within rounding
+    (a cache that lost the tokens of a phase would be far off)."""
+    def chat(m):
+        out = []
+        for text, bos in (("Once upon a time " * 12, True), (" and then " * 16, False)):
+            m.eval(m.tokenize(text, add_bos=bos))
+            for tok in (5, 6, 7, 8):
+                m.eval([tok])
+                out.append(m.logits())
+        return np.stack(out)
+
+    runs = {}
+    for host_kv in (True, False):
+        with StreamedModel(tiny_path, streamed_layers=(1, 3, 5, 7), n_slots=2, cpu_layer_host_kv=host_kv,
+                           generate_cpu_layers=(3, 7), **OPTS) as m:
+            runs[host_kv] = chat(m), m.stats.counters
+    (l1, c1), (l0, c0) = runs[True], runs[False]
+    assert c1.kv_moved_bytes >= 3 * c1.host_kv_bytes // 2 > 0 and c0.kv_moved_bytes == 0
+    assert np.abs(l1 - l0).max() < 1e-2 * np.abs(l0).max()
 
 
 def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):

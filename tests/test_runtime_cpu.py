@@ -2,6 +2,8 @@
 stock llama.cpp on the same model, prompt and options: greedy tokens and
 logits must be bit-identical, and the counters must prove streaming ran."""
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,116 @@ def test_generate_phase_cpu_layers_match(case):
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
     prompt_evals = -(-len(prompt) // CPU["n_batch"])
     assert c.adoptions == 6 * prompt_evals + (6 - 2) * N_GEN
+    # the CPU layers' KV caches were moved into host memory for generation
+    assert c.host_kv_bytes > 0 and c.kv_moved_bytes >= c.host_kv_bytes // 2
+
+
+HYBRID = dict(n_streamed=6, n_slots=2)
+
+
+def hybrid_cpu_layers(path):
+    from gguf_stream import read_model
+    from gguf_stream.planner import interleaved_layers
+
+    return interleaved_layers(read_model(path).n_layer, 6)[1::3]
+
+
+def state_bytes(m) -> bytes:
+    lc = m._lc
+    n = lc.llama_state_get_size(m.ctx)
+    buf = (ctypes.c_uint8 * n)()
+    assert lc.llama_state_get_data(m.ctx, buf, n) == n
+    return bytes(buf)
+
+
+def load_state(m, data: bytes) -> None:
+    lc = m._lc
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    assert lc.llama_state_set_data(m.ctx, buf, len(data)) == len(data)
+
+
+def continue_greedy(m, token, n):
+    tokens, logits = [], []
+    for _ in range(n):
+        m.eval([token])
+        lg = m.logits()
+        token = int(np.argmax(lg))
+        tokens.append(token)
+        logits.append(lg)
+    return tokens, np.stack(logits)
+
+
+def test_state_saved_while_cpu_layers_hold_kv_on_host(case):
+    """While generating, the CPU layers' KV caches live in host memory;
+    llama.cpp's state save reads them through per-stream views that must
+    follow. A state saved there and loaded into stock must continue exactly
+    as the streamed model does (stale views would save the device copy,
+    which lacks every generated token's keys and values)."""
+    path = case[0]
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        prompt = m.tokenize(PROMPT * 4)
+        m.generate(prompt, 4)
+        assert m.stats.counters.host_kv_bytes > 0
+        state = state_bytes(m)
+        ref = continue_greedy(m, 7, 4)
+    with StockModel(path, **CPU) as s:
+        load_state(s, state)
+        got = continue_greedy(s, 7, 4)
+    assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
+
+
+def test_state_loaded_while_cpu_layers_hold_kv_on_host(case):
+    """The other direction: a stock state loaded while the CPU layers'
+    caches are in host memory must land there (not in the device copy,
+    which the next phase switch would overwrite with the old prompt's)."""
+    path = case[0]
+    with StockModel(path, **CPU) as s:
+        s.generate(s.tokenize(PROMPT * 4), 3)
+        state = state_bytes(s)
+        ref = continue_greedy(s, 7, 4)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        m.generate(m.tokenize("A different prompt that fills the cache with other keys and values " * 2), 3)
+        assert m.stats.counters.host_kv_bytes > 0
+        load_state(m, state)
+        got = continue_greedy(m, 7, 4)
+    assert got[0] == ref[0] and np.array_equal(got[1], ref[1])
+
+
+def test_turns_switch_phases_back_and_forth(case):
+    """A chat: prompt, a few tokens, a second long prompt, more tokens. The
+    CPU layers' caches go to host memory and back at every switch and must
+    carry every token's keys and values across (the second prompt attends to
+    the generated tokens, the last tokens to everything)."""
+    path = case[0]
+
+    def chat(m):
+        first = m.generate(m.tokenize(PROMPT * 2), 3)
+        second = m.generate(m.tokenize(" Then the fox said to the dog: " * 6, add_bos=False), 3, with_logits=True)
+        return first, second
+
+    opts = {**CPU, "n_ctx": 512}
+    with StockModel(path, **opts) as s:
+        ref_first, (ref_tokens, ref_logits) = chat(s)
+    with StreamedModel(path, **opts, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        first, (tokens, logits) = chat(m)
+        c = m.stats.counters
+    assert first == ref_first and tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.kv_moved_bytes >= 3 * c.host_kv_bytes // 2  # to host, back, to host again
+
+
+def test_cpu_layer_kv_can_stay_on_the_device(case):
+    """cpu_layer_host_kv=False (the A/B switch) keeps every KV cache in
+    llama.cpp's buffers and gives the same output."""
+    path, _, _, _ = case
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path),
+                       cpu_layer_host_kv=False) as m:
+        tokens, logits = m.generate(prompt, 4, with_logits=True)
+        c = m.stats.counters
+    assert c.host_kv_bytes == 0 and c.kv_moved_bytes == 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
 def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
@@ -260,3 +372,16 @@ def test_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
         assert m.stats.mode.startswith("stock split")
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
     assert tokens == ref[0] and np.array_equal(logits, ref[1])
+
+
+def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
+    """A context that may reuse graphs (created before CPU layers were
+    chosen) would keep reading a KV cache where it was before the move: the
+    engine names the problem instead of computing with stale values."""
+    from gguf_stream import NativeError
+
+    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:  # no CPU layers yet: graph reuse stays on
+        m.engine.set_cpu_layers(hybrid_cpu_layers(tiny_path))
+        m.eval([max(m.token_bos(), 0)])  # generate phase; the engine sees the KV caches
+        with pytest.raises(NativeError, match="reused a graph"):
+            m.eval([5])  # same shape: llama.cpp reuses the graph, built before the move

@@ -17,15 +17,18 @@ ap.add_argument("model")
 ap.add_argument("--budget", required=True)
 ap.add_argument("--tokens", type=int, default=8)
 ap.add_argument("--sched-debug", action="store_true")
+ap.add_argument("--host-kv", type=int, choices=(0, 1), default=1, help="CPU layers' KV cache in host memory")
 a = ap.parse_args()
 if a.sched_debug:
     os.environ["GGML_SCHED_DEBUG"] = "1"  # read when the context's scheduler is created
+# CPU layers are chosen after the context exists: it must not reuse graphs
+os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 with StreamedModel(a.model, vram_budget=a.budget, n_ctx=2176, n_batch=2048, n_ubatch=2048,
-                   verbose=a.sched_debug) as m:
+                   cpu_layer_host_kv=bool(a.host_kv), verbose=a.sched_debug) as m:
     cpu = m.plan.streamed[1::2]
     m.engine.set_cpu_layers(cpu)
     print("CPU layers", cpu, file=sys.stderr)
