@@ -1,6 +1,7 @@
 """Probe: where a CPU-computed layer's time goes in the hybrid generate phase.
 
-Streams a model at a budget, makes every other streamed layer a CPU layer,
+Streams a model at a budget, makes every other streamed layer a CPU layer
+(--cpu-every 1: all of them, so no upload runs beside the CPU),
 times each layer of single-token decodes (the engine's per-layer timing),
 and with --sched-debug prints llama.cpp's graph splits for one token
 (GGML_SCHED_DEBUG=1: one "## SPLIT" line per backend switch, with its inputs).
@@ -18,6 +19,8 @@ ap.add_argument("--budget", required=True)
 ap.add_argument("--tokens", type=int, default=8)
 ap.add_argument("--sched-debug", action="store_true")
 ap.add_argument("--host-kv", type=int, choices=(0, 1), default=1, help="CPU layers' KV cache in host memory")
+ap.add_argument("--cpu-every", type=int, default=2,
+                help="every k-th streamed layer is a CPU layer (1: all of them, so nothing streams while generating)")
 a = ap.parse_args()
 if a.sched_debug:
     os.environ["GGML_SCHED_DEBUG"] = "1"  # read when the context's scheduler is created
@@ -29,7 +32,7 @@ from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 with StreamedModel(a.model, vram_budget=a.budget, n_ctx=2176, n_batch=2048, n_ubatch=2048,
                    cpu_layer_host_kv=bool(a.host_kv), verbose=a.sched_debug) as m:
-    cpu = m.plan.streamed[1::2]
+    cpu = m.plan.streamed[a.cpu_every - 1::a.cpu_every]
     m.engine.set_cpu_layers(cpu)
     print("CPU layers", cpu, file=sys.stderr)
     m.eval([1])
