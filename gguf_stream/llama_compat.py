@@ -68,6 +68,10 @@ class _StreamedContext(internals.LlamaContext):
         streamer.context_opened()
         self._exit_stack.callback(streamer.context_closing)  # runs before llama_free (LIFO)
 
+    def kv_cache_clear(self):
+        super().kv_cache_clear()
+        self._streamer.kv_cleared()
+
     def decode(self, batch):
         self._streamer.before_decode(batch.n_tokens())
         super().decode(batch)

@@ -186,6 +186,10 @@ class Engine:
         """Before freeing that context: every KV cache goes back to llama.cpp's buffers."""
         _check("gs_engine_kv_detach", lib.gs_engine_kv_detach(self._h))
 
+    def kv_cleared(self) -> None:
+        """After llama_memory_clear: the next moves need not copy the (unused) cache bytes."""
+        _check("gs_engine_kv_cleared", lib.gs_engine_kv_cleared(self._h))
+
     def kv_known(self) -> int:
         """Layers whose KV cache the attached context has shown."""
         n = ffi.new("int *")

@@ -238,6 +238,7 @@ class _Session:
     def reset(self) -> None:
         """Clear the KV cache: the next eval starts a new sequence."""
         self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ctx), True)
+        self._after_reset()
 
     def eval(self, tokens: list[int]) -> None:
         """Decode tokens after what is already in the KV cache, n_batch at a time."""
@@ -265,6 +266,9 @@ class _Session:
 
     def _after_decode(self) -> None:
         """Hook for subclasses: check native state after every llama_decode."""
+
+    def _after_reset(self) -> None:
+        """Hook for subclasses: the KV cache was cleared."""
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token (a copy)."""
@@ -434,6 +438,10 @@ class StreamedModel(_Session):
     def _after_decode(self) -> None:
         if self.streamer is not None:
             self.streamer.check("llama_decode")
+
+    def _after_reset(self) -> None:
+        if self.streamer is not None:
+            self.streamer.kv_cleared()
 
     @property
     def stats(self) -> Stats:

@@ -349,6 +349,11 @@ class Streamer:
         if self.engine is not None:
             self.engine.kv_attach()
 
+    def kv_cleared(self) -> None:
+        """After llama_memory_clear on that context."""
+        if self.engine is not None:
+            self.engine.kv_cleared()
+
     def context_closing(self) -> None:
         """Before freeing that context (every KV cache goes home)."""
         if self.engine is not None and self.engine.alive:

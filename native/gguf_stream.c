@@ -366,6 +366,7 @@ struct gs_engine {
     int        n_overflow;            /* layers with tensors in the ring (streamed in some phase) */
     int        n_slots;
     int        kv_attached, kv_scan;  /* a context's KV caches are (being) recorded */
+    int        kv_cleared;            /* no cell in use since llama_memory_clear: moves copy nothing */
 
     /* per-layer timing (calibration) */
     int        timing;
@@ -925,6 +926,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
     if (e->status || !e->started) return !ask;
+    e->kv_cleared = 0;    /* this decode writes cells */
     if (ask && e->kv_scan) kv_scan_node(e, t);
     if (ask && e->kv_attached && kv_view_stale(t)) {
         fail(GS_E_GRAPH, "node %s reads KV cache %s where it was before moving between device and host: "
@@ -1194,9 +1196,11 @@ static int kv_to_host(gs_engine *e, int layer) {
     for (int w = 0; w < 2; w++) {
         kv_rec *r = &ly->kv[w];
         if (!r->t) continue;
-        G.tensor_get(r->t, base + r->offset, 0, r->nbytes);
+        if (!e->kv_cleared) {
+            G.tensor_get(r->t, base + r->offset, 0, r->nbytes);
+            e->stats.kv_moved_bytes += r->nbytes;
+        }
         kv_point(r, ly->kv_host_buf, base + r->offset, 0);
-        e->stats.kv_moved_bytes += r->nbytes;
     }
     ly->kv_on_host = 1;
     return GS_OK;
@@ -1209,8 +1213,10 @@ static void kv_to_device(gs_engine *e, int layer) {
         kv_rec *r = &ly->kv[w];
         if (!r->t) continue;
         kv_point(r, r->dev_buffer, r->dev_data, 1);
-        G.tensor_set(r->t, base + r->offset, 0, r->nbytes);
-        e->stats.kv_moved_bytes += r->nbytes;
+        if (!e->kv_cleared) {
+            G.tensor_set(r->t, base + r->offset, 0, r->nbytes);
+            e->stats.kv_moved_bytes += r->nbytes;
+        }
     }
     ly->kv_on_host = 0;
 }
@@ -1265,6 +1271,11 @@ int gs_engine_kv_detach(gs_engine *e) {
     int rc = sync_kv(e);
     for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
     return rc;
+}
+
+int gs_engine_kv_cleared(gs_engine *e) {
+    e->kv_cleared = 1;
+    return GS_OK;
 }
 
 int gs_engine_kv_known(gs_engine *e, int *n_layers) {

@@ -153,6 +153,9 @@ int  gs_engine_set_phase(gs_engine *e, int phase);
  * before freeing it. One context at a time: a second attach fails. */
 int  gs_engine_kv_attach(gs_engine *e);
 int  gs_engine_kv_detach(gs_engine *e);
+/* After llama_memory_clear: every cell is free, so moves until the next
+ * decode only re-point the caches (their bytes no longer matter). */
+int  gs_engine_kv_cleared(gs_engine *e);
 /* Layers whose K and V the attached context has shown so far. */
 int  gs_engine_kv_known(gs_engine *e, int *n_layers);
 

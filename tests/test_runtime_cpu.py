@@ -385,3 +385,29 @@ def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
         m.eval([max(m.token_bos(), 0)])  # generate phase; the engine sees the KV caches
         with pytest.raises(NativeError, match="reused a graph"):
             m.eval([5])  # same shape: llama.cpp reuses the graph, built before the move
+
+
+def test_cleared_cache_moves_without_copying(case):
+    """After reset() (llama_memory_clear) no cell is in use: the next phase
+    switches re-point the CPU layers' caches without copying bytes, and the
+    next sequences still equal stock's."""
+    path = case[0]
+
+    def two_sequences(m):
+        out = []
+        for text in (PROMPT * 4, "Far away, behind the word mountains " * 6):
+            m.reset()
+            prompt = m.tokenize(text)
+            assert 32 <= len(prompt) <= 250  # prompt phase, and it fits the context
+            out.append(m.generate(prompt, 3, with_logits=True))
+        return out
+
+    with StockModel(path, **CPU) as s:
+        ref = two_sequences(s)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        got = two_sequences(m)
+        c = m.stats.counters
+    for (t, lg), (rt, rlg) in zip(got, ref):
+        assert t == rt and np.array_equal(lg, rlg)
+    # each sequence: prompt (a cleared cache goes home: nothing copied) -> tokens (copied once)
+    assert c.host_kv_bytes > 0 and c.kv_moved_bytes == 2 * c.host_kv_bytes
