@@ -13,6 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
+from probe_util import tg  # noqa: E402
 from gguf_stream.runtime import StockModel  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -22,13 +23,6 @@ ap.add_argument("-n", type=int, default=48)
 a = ap.parse_args()
 
 
-def tg(m, n):
-    m.reset()
-    m.eval([max(m.token_bos(), 0)])
-    t0 = time.perf_counter()
-    for _ in range(n):
-        m.eval([1])
-    return n / (time.perf_counter() - t0)
 
 
 out = {"ngl": a.ngl}
