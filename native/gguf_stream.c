@@ -1258,9 +1258,13 @@ static int sync_kv(gs_engine *e) {
     return GS_OK;
 }
 
+static void kv_forget(gs_engine *e) {
+    for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
+}
+
 int gs_engine_kv_attach(gs_engine *e) {
     if (e->kv_attached) return fail(GS_E_INVALID, "gs_engine_kv_attach: another context's KV cache is attached");
-    for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
+    kv_forget(e);
     e->kv_attached = e->kv_scan = 1;
     return GS_OK;
 }
@@ -1268,8 +1272,8 @@ int gs_engine_kv_attach(gs_engine *e) {
 int gs_engine_kv_detach(gs_engine *e) {
     if (!e->kv_attached) return GS_OK;
     e->kv_attached = e->kv_scan = 0;
-    int rc = sync_kv(e);
-    for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
+    int rc = sync_kv(e);   /* every cache home, host buffers freed */
+    kv_forget(e);
     return rc;
 }
 

@@ -67,6 +67,17 @@ def test_streamed_is_bit_identical_to_stock(case, name):
         assert c.adopted_waited > 0 and c.wait_seconds > 0
 
 
+HYBRID = dict(n_streamed=6, n_slots=2)
+
+
+def hybrid_cpu_layers(path):
+    """2 of HYBRID's 6 streamed layers."""
+    from gguf_stream import read_model
+    from gguf_stream.planner import interleaved_layers
+
+    return interleaved_layers(read_model(path).n_layer, 6)[1::3]
+
+
 def test_generate_phase_cpu_layers_match(case):
     """Hybrid placement: a prompt of >= 32 tokens streams every overflow layer,
     single-token generation leaves the chosen layers in host memory for the
@@ -77,11 +88,8 @@ def test_generate_phase_cpu_layers_match(case):
         prompt = s.tokenize(long_prompt)
         assert len(prompt) >= 32
         ref_tokens, ref_logits = s.generate(prompt, N_GEN, with_logits=True)
-    from gguf_stream import read_model
-    from gguf_stream.planner import interleaved_layers
-
-    cpu = interleaved_layers(read_model(path).n_layer, 6)[1::3]  # 2 of the 6 streamed layers
-    with StreamedModel(path, **CPU, n_streamed=6, n_slots=2, generate_cpu_layers=cpu) as m:
+    cpu = hybrid_cpu_layers(path)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=cpu) as m:
         assert m.plan.cpu_layers == cpu and len(cpu) == 2
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         c = m.stats.counters
@@ -90,16 +98,6 @@ def test_generate_phase_cpu_layers_match(case):
     assert c.adoptions == 6 * prompt_evals + (6 - 2) * N_GEN
     # the CPU layers' KV caches were moved into host memory for generation
     assert c.host_kv_bytes > 0 and c.kv_moved_bytes >= c.host_kv_bytes // 2
-
-
-HYBRID = dict(n_streamed=6, n_slots=2)
-
-
-def hybrid_cpu_layers(path):
-    from gguf_stream import read_model
-    from gguf_stream.planner import interleaved_layers
-
-    return interleaved_layers(read_model(path).n_layer, 6)[1::3]
 
 
 def state_bytes(m) -> bytes:
