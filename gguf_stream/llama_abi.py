@@ -106,3 +106,62 @@ def buft_overrides(rules: list[tuple[str, int]]):
 def layer_pattern(layers) -> str:
     """Regex matching the tensors of the given layers: ^blk\\.(3|7|11)\\."""
     return r"^blk\.(" + "|".join(str(i) for i in sorted(layers)) + r")\."
+
+
+# Where llama.cpp keeps each layer's device: llama_model::pimpl (a
+# unique_ptr<impl>) and, in it, dev_layer (a std::vector of {dev, buft_list}).
+# Offsets of 0.3.36 on x86-64 / libstdc++, as llama_model::dev_layer(int)
+# const reads them; layer_device_cells() checks them against that function.
+_MODEL_PIMPL_OFFSET = 0x90B0
+_IMPL_DEV_LAYER_OFFSET = 0x100
+_LAYER_DEV_BYTES = 16
+_DEV_LAYER_SYMBOL = "_ZNK11llama_model9dev_layerEi"  # llama_model::dev_layer(int) const
+
+
+def _peek(address: int, n: int) -> bytes | None:
+    """n bytes at address in this process, None if unmapped (read through
+    /proc/self/mem: a wrong guess is an error there, not a crash)."""
+    if address <= 0:
+        return None
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            data = mem.read(n)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return data if len(data) == n else None
+
+
+def _words(data: bytes) -> list[int]:
+    return [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
+
+
+def layer_device_cells(model: int, n_layer: int) -> list[int] | None:
+    """Addresses of model->pimpl->dev_layer[i].dev for i < n_layer, or None
+    where this build keeps them elsewhere. Checked against llama.cpp itself:
+    every cell must hold what llama_model::dev_layer(i) returns, and a value
+    written into a cell must be what that function then returns."""
+    fn = getattr(llama()._lib, _DEV_LAYER_SYMBOL, None)
+    if fn is None or not model:
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_void_p
+    raw = _peek(model + _MODEL_PIMPL_OFFSET, 8)
+    impl = _words(raw)[0] if raw else 0
+    raw = _peek(impl + _IMPL_DEV_LAYER_OFFSET, 16)
+    if raw is None:
+        return None
+    begin, end = _words(raw)
+    if end - begin != n_layer * _LAYER_DEV_BYTES or _peek(begin, end - begin) is None:
+        return None
+    cells = [begin + i * _LAYER_DEV_BYTES for i in range(n_layer)]
+    for i, cell in enumerate(cells):
+        if ctypes.c_void_p.from_address(cell).value != fn(model, i):
+            return None
+    cell = ctypes.c_void_p.from_address(cells[0])
+    saved = cell.value
+    cell.value = begin  # any recognisable value; restored at once
+    try:
+        seen = fn(model, 0)
+    finally:
+        cell.value = saved
+    return cells if seen == begin else None

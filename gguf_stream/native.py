@@ -196,6 +196,16 @@ class Engine:
         _check("gs_engine_kv_known", lib.gs_engine_kv_known(self._h, n))
         return int(n[0])
 
+    def bind_layer_devices(self, cells: list[int] | None) -> None:
+        """Addresses of llama.cpp's per-layer device pointers (llama_abi.layer_device_cells):
+        CPU layers then count as CPU layers while generating. None forgets them
+        without writing (before the model is freed)."""
+        if cells is None:
+            _check("gs_engine_bind_layer_devices", lib.gs_engine_bind_layer_devices(self._h, ffi.NULL, 0))
+            return
+        arr = ffi.new("void *[]", [ffi.cast("void *", c) for c in cells])
+        _check("gs_engine_bind_layer_devices", lib.gs_engine_bind_layer_devices(self._h, arr, len(cells)))
+
     def set_timing(self, on: bool) -> None:
         _check("gs_engine_set_timing", lib.gs_engine_set_timing(self._h, int(on)))
 

@@ -58,6 +58,10 @@ class EngineConfig:
     # CPU computes the whole layer (attention included) like stock -ngl does;
     # False leaves it on the GPU (one GPU round trip per attention: an A/B aid).
     cpu_layer_host_kv: bool = True
+    # CPU layers count as CPU layers for llama.cpp's graph while generating,
+    # so their RMS norms run on the CPU with the rest of the layer (two
+    # backend switches per CPU layer, not four); False: an A/B aid.
+    cpu_layer_device: bool = True
     verbose: bool = False
 
     def __post_init__(self):

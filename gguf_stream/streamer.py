@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +32,7 @@ LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dr
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 # Batches below this size run host-resident weights on the CPU (ggml's scheduler).
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
-RATES_VERSION = "3"  # bump when what _measure_rates measures changes
+RATES_VERSION = "4"  # bump when what _measure_rates measures changes
 CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a warm-up)
 # CPU layers during calibration: a sample, so that at most this much is
 # repacked for it (host memory, load time); the others stream meanwhile, as
@@ -110,6 +111,7 @@ class Streamer:
         self.pinned_bytes = 0
         self.rates: Rates | None = None
         self.predicted_token_seconds: float | None = None
+        self.layer_devices_bound = False
         self._keep = []
         if self.plan.streamed:
             device = "CUDA0" if self.cuda else "CPU"
@@ -170,7 +172,22 @@ class Streamer:
                 self.pinned_bytes += w.nbytes
             self.engine.add_tensor(w.layer, w.tensor)
         self.engine.start()
+        self._bind_layer_devices(model)
         self.choose_generate_split(model)
+
+    def _bind_layer_devices(self, model) -> None:
+        """Let the engine make CPU layers CPU layers for llama.cpp while
+        generating (where this build's model layout is the one we know)."""
+        if not self.config.cpu_layer_device:
+            return
+        cells = llama_abi.layer_device_cells(model, self.model_file.n_layer)
+        if cells is None:
+            warnings.warn("gguf-stream: llama.cpp's per-layer devices are not where llama-cpp-python "
+                          f"{llama_abi.REQUIRED_VERSION} keeps them; CPU layers keep their norms on the GPU "
+                          "(slower generation, same results)", RuntimeWarning, stacklevel=3)
+            return
+        self.engine.bind_layer_devices(cells)
+        self.layer_devices_bound = True
 
     def _discover(self, model) -> list[native.Weight]:
         """Weight tensors through a throwaway context; checks that the graph
@@ -233,7 +250,7 @@ class Streamer:
         _, total = native.device_memory("CUDA0")
         return "|".join([RATES_VERSION, platform.node(), str(total), os.path.abspath(self.path), str(st.st_size),
                           str(int(st.st_mtime)), str(self._threads()), str(self.config.repack),
-                          str(self.config.cpu_layer_host_kv)])
+                          str(self.config.cpu_layer_host_kv), str(self.config.cpu_layer_device)])
 
     def _cached_rates(self) -> Rates | None:
         try:
@@ -379,6 +396,7 @@ class Streamer:
     def close(self) -> None:
         """Only after the context and the model are freed."""
         if self.engine is not None:
+            self.engine.bind_layer_devices(None)  # writes nothing: the model is gone
             self.engine.destroy()
             self.engine = None
         self._keep.clear()

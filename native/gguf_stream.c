@@ -330,6 +330,8 @@ typedef struct {
     kv_rec kv[2];         /* K, V of the attached context */
     void  *kv_host_buf;   /* CPU layers: their KV cache while generating */
     int    kv_on_host;
+    void **dev_cell;      /* llama.cpp's device of this layer (see gs_engine_bind_layer_devices) */
+    void  *dev_orig;      /* its value at binding: the device the layer was loaded for */
 } layer_info;
 
 typedef struct {
@@ -367,6 +369,7 @@ struct gs_engine {
     int        n_slots;
     int        kv_attached, kv_scan;  /* a context's KV caches are (being) recorded */
     int        kv_cleared;            /* no cell in use since llama_memory_clear: moves copy nothing */
+    void      *cpu_dev;               /* set while layer devices are bound */
 
     /* per-layer timing (calibration) */
     int        timing;
@@ -1306,6 +1309,34 @@ int gs_engine_set_phase(gs_engine *e, int phase) {
     return rc;
 }
 
+/* A CPU layer counts as a CPU layer for llama.cpp's graph callback while
+ * generating (its norms run where its matrices do); otherwise as loaded. */
+static void apply_layer_devices(gs_engine *e) {
+    if (!e->cpu_dev) return;
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        *ly->dev_cell = e->phase == GS_PHASE_GENERATE && ly->cpu_generate ? e->cpu_dev : ly->dev_orig;
+    }
+}
+
+int gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n) {
+    if (!cells) {             /* forget them, writing nothing: the model may be gone */
+        e->cpu_dev = NULL;
+        for (int i = 0; i < e->cfg.n_layer; i++) e->layers[i].dev_cell = NULL;
+        return GS_OK;
+    }
+    if (n != e->cfg.n_layer) return fail(GS_E_INVALID, "bind_layer_devices: %d cells for %d layers", n, e->cfg.n_layer);
+    if (e->phase != GS_PHASE_PROMPT) return fail(GS_E_INVALID, "bind_layer_devices: only in the prompt phase");
+    void *cpu = G.dev_by_name("CPU");
+    if (!cpu) return fail(GS_E_GGML, "bind_layer_devices: ggml has no CPU device");
+    for (int i = 0; i < n; i++) {
+        e->layers[i].dev_cell = (void **)cells[i];
+        e->layers[i].dev_orig = *(void **)cells[i];
+    }
+    e->cpu_dev = cpu;
+    return GS_OK;
+}
+
 static int set_phase(gs_engine *e, int phase) {
     if (phase == e->phase) return GS_OK;
     /* Slots keep only the first layers the new phase will need. */
@@ -1329,6 +1360,7 @@ static int set_phase(gs_engine *e, int phase) {
         }
     }
     e->phase = phase;
+    apply_layer_devices(e);
     int rc = sync_kv(e);
     if (rc) { engine_fail(e, rc); return rc; }
     if (!e->cfg.prefetch) return GS_OK;

@@ -159,6 +159,19 @@ int  gs_engine_kv_cleared(gs_engine *e);
 /* Layers whose K and V the attached context has shown so far. */
 int  gs_engine_kv_known(gs_engine *e, int *n_layers);
 
+/* llama.cpp pins each layer's "norm" ops (and "l_last") to the layer's
+ * device for batches under 32 tokens. Our layers are all loaded as GPU layers
+ * (their KV caches serve prompts on the GPU), so a CPU layer's norms would
+ * run on the GPU: four backend switches per CPU layer instead of two.
+ * cells[i] is the address of layer i's device pointer in the model
+ * (model->pimpl->dev_layer[i].dev, found and checked by the caller); in the
+ * generate phase the engine points a CPU layer's cell at the CPU device, in
+ * the prompt phase back at the value it had when bound. Bind in the prompt
+ * phase. cells = NULL forgets them without writing (the model may be freed):
+ * cells are written only by set_phase / set_cpu_layers, which must not run
+ * after the model is freed. */
+int  gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n);
+
 /* Link calibration: best of n synchronous uploads of `layer`, between decodes. */
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
 /* Calibration: a boundary at every l_out-<i>, accumulating the wall time

@@ -58,28 +58,60 @@ def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path):
         assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
 
 
+def teacher_forced_chat(m):
+    """Prompt (streamed), tokens (CPU layers), a second prompt, more tokens."""
+    out = []
+    for text, bos in (("Once upon a time " * 12, True), (" and then " * 16, False)):
+        m.eval(m.tokenize(text, add_bos=bos))
+        for tok in (5, 6, 7, 8):
+            m.eval([tok])
+            out.append(m.logits())
+    return np.stack(out)
+
+
+HYBRID = dict(streamed_layers=(1, 3, 5, 7), n_slots=2, generate_cpu_layers=(3, 7))
+
+
 def test_cuda_hybrid_chat_keeps_kv_across_phase_switches(tiny_path):
     """Prompt (streamed, KV on the GPU), tokens (CPU layers' KV in host
     memory), a second prompt, more tokens, all teacher-forced: logits equal
     the same run with every KV cache left on the device, within rounding
     (a cache that lost the tokens of a phase would be far off)."""
-    def chat(m):
-        out = []
-        for text, bos in (("Once upon a time " * 12, True), (" and then " * 16, False)):
-            m.eval(m.tokenize(text, add_bos=bos))
-            for tok in (5, 6, 7, 8):
-                m.eval([tok])
-                out.append(m.logits())
-        return np.stack(out)
-
     runs = {}
     for host_kv in (True, False):
-        with StreamedModel(tiny_path, streamed_layers=(1, 3, 5, 7), n_slots=2, cpu_layer_host_kv=host_kv,
-                           generate_cpu_layers=(3, 7), **OPTS) as m:
-            runs[host_kv] = chat(m), m.stats.counters
+        with StreamedModel(tiny_path, cpu_layer_host_kv=host_kv, **HYBRID, **OPTS) as m:
+            runs[host_kv] = teacher_forced_chat(m), m.stats.counters
     (l1, c1), (l0, c0) = runs[True], runs[False]
     assert c1.kv_moved_bytes >= 3 * c1.host_kv_bytes // 2 > 0 and c0.kv_moved_bytes == 0
     assert np.abs(l1 - l0).max() < 1e-2 * np.abs(l0).max()
+
+
+def test_cuda_cpu_layers_are_cpu_layers_while_generating(tiny_path):
+    """CPU layers count as CPU layers for llama.cpp while generating (their
+    norms then run on the CPU) and as CUDA layers for prompts; the logits
+    equal those with the norms left on the GPU, within rounding."""
+    import ctypes
+
+    from gguf_stream import llama_abi
+
+    fn = getattr(llama_abi.llama()._lib, "_ZNK11llama_model9dev_layerEi")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_void_p
+    runs = {}
+    for own in (True, False):
+        with StreamedModel(tiny_path, cpu_layer_device=own, **HYBRID, **OPTS) as m:
+            assert m.streamer.layer_devices_bound == own
+            n = m.plan.n_layer
+            loaded = [fn(m.model, i) for i in range(n)]
+            assert len(set(loaded)) == 1  # every layer loads as a CUDA layer
+            m.eval(m.tokenize("Once upon a time " * 12))
+            assert [fn(m.model, i) for i in range(n)] == loaded
+            m.eval([5])
+            generating = [fn(m.model, i) for i in range(n)]
+            m.reset()
+            runs[own] = teacher_forced_chat(m)
+        changed = [i for i in range(n) if generating[i] != loaded[i]]
+        assert changed == ([3, 7] if own else [])
+    assert np.abs(runs[True] - runs[False]).max() < 1e-2 * np.abs(runs[False]).max()
 
 
 def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):

@@ -409,3 +409,75 @@ def test_cleared_cache_moves_without_copying(case):
         assert t == rt and np.array_equal(lg, rlg)
     # each sequence: prompt (a cleared cache goes home: nothing copied) -> tokens (copied once)
     assert c.host_kv_bytes > 0 and c.kv_moved_bytes == 2 * c.host_kv_bytes
+
+
+def dev_layer(model, il):
+    from gguf_stream import llama_abi
+
+    fn = getattr(llama_abi.llama()._lib, "_ZNK11llama_model9dev_layerEi")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_void_p
+    return fn(model, il)
+
+
+def test_layer_device_cells_are_llama_cpps(tiny_path, monkeypatch):
+    """The cells the engine writes are where llama.cpp reads each layer's
+    device; a wrong layout is refused (None), not written through."""
+    from gguf_stream import llama_abi, read_model
+
+    n = read_model(tiny_path).n_layer
+    with StreamedModel(tiny_path, **CPU) as m:
+        cells = llama_abi.layer_device_cells(m.model, n)
+        assert cells is not None and len(cells) == n
+        assert [ctypes.c_void_p.from_address(c).value for c in cells] == [dev_layer(m.model, i) for i in range(n)]
+        assert llama_abi.layer_device_cells(m.model, n + 1) is None
+        assert llama_abi.layer_device_cells(0, n) is None
+        monkeypatch.setattr(llama_abi, "_IMPL_DEV_LAYER_OFFSET", llama_abi._IMPL_DEV_LAYER_OFFSET + 8)
+        assert llama_abi.layer_device_cells(m.model, n) is None
+        monkeypatch.setattr(llama_abi, "_MODEL_PIMPL_OFFSET", 8)
+        assert llama_abi.layer_device_cells(m.model, n) is None
+
+
+def test_cpu_layers_count_as_cpu_layers_while_generating(case):
+    """In the generate phase a CPU layer's device (what llama.cpp pins its
+    norms to) is the CPU; in the prompt phase, and for the other layers, the
+    device it was loaded for. On a CPU-only build every layer loads for the
+    CPU, so the loaded devices are replaced by markers that match no backend
+    (llama.cpp then pins nothing: placement and output unchanged)."""
+    path, _, _, _ = case
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
+    cpu = hybrid_cpu_layers(path)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=cpu) as m:
+        streamer = m.streamer
+        assert streamer.layer_devices_bound
+        n = m.plan.n_layer
+        cpu_dev = dev_layer(m.model, 0)
+        from gguf_stream import llama_abi
+
+        cells = llama_abi.layer_device_cells(m.model, n)
+        markers = (ctypes.c_char * n)()
+        marker = [ctypes.addressof(markers) + i for i in range(n)]
+        streamer.engine.bind_layer_devices(None)
+        for c, v in zip(cells, marker):
+            ctypes.c_void_p.from_address(c).value = v
+        streamer.engine.bind_layer_devices(cells)
+        try:
+            m.eval(prompt)
+            assert [dev_layer(m.model, i) for i in range(n)] == marker
+            tokens, logits = [], []
+            for _ in range(4):
+                lg = m.logits()
+                tokens.append(int(np.argmax(lg)))
+                logits.append(lg)
+                m.eval([tokens[-1]])
+                assert [dev_layer(m.model, i) for i in range(n)] == [
+                    cpu_dev if i in cpu else marker[i] for i in range(n)]
+            m.reset()
+            m.eval(prompt[:32])  # a prompt-sized batch: back to the loaded devices
+            assert [dev_layer(m.model, i) for i in range(n)] == marker
+        finally:
+            streamer.engine.bind_layer_devices(None)
+            for c in cells:
+                ctypes.c_void_p.from_address(c).value = cpu_dev
+    assert tokens == ref_tokens and np.array_equal(np.stack(logits), ref_logits)

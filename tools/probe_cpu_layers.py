@@ -27,12 +27,14 @@ ap.add_argument("-n", type=int, default=64)
 ap.add_argument("--label", default="")
 ap.add_argument("-t", "--threads", type=int, default=None)
 ap.add_argument("--host-kv", type=int, choices=(0, 1), default=1, help="CPU layers' KV cache in host memory")
+ap.add_argument("--own-device", type=int, choices=(0, 1), default=1,
+                help="CPU layers count as CPU layers while generating (their norms on the CPU)")
 a = ap.parse_args()
 os.environ["GGUF_STREAM_CACHE"] = tempfile.mkdtemp()
 opts = dict(n_ctx=2176, n_batch=2048, n_ubatch=2048, n_threads=a.threads)
-out = {"label": a.label, "threads": a.threads, "host_kv": a.host_kv}
+out = {"label": a.label, "threads": a.threads, "host_kv": a.host_kv, "own_device": a.own_device}
 with StreamedModel(a.model, vram_budget=a.budget, generate_cpu_layers="auto", cpu_layer_host_kv=bool(a.host_kv),
-                   **opts) as m:
+                   cpu_layer_device=bool(a.own_device), **opts) as m:
     r = m.streamer.rates
     out.update(pcie=r.pcie_bytes_per_s / 1e9, cpu=r.cpu_bytes_per_s / 1e9, G_ms=r.gpu_token_seconds * 1e3,
                predicted=1 / m.streamer.predicted_token_seconds, n_cpu=len(m.plan.cpu_layers),

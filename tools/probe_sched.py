@@ -19,6 +19,8 @@ ap.add_argument("--budget", required=True)
 ap.add_argument("--tokens", type=int, default=8)
 ap.add_argument("--sched-debug", action="store_true")
 ap.add_argument("--host-kv", type=int, choices=(0, 1), default=1, help="CPU layers' KV cache in host memory")
+ap.add_argument("--own-device", type=int, choices=(0, 1), default=1,
+                help="CPU layers count as CPU layers while generating (their norms on the CPU)")
 ap.add_argument("--cpu-every", type=int, default=2,
                 help="every k-th streamed layer is a CPU layer (1: all of them, so nothing streams while generating)")
 a = ap.parse_args()
@@ -31,7 +33,8 @@ import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 with StreamedModel(a.model, vram_budget=a.budget, n_ctx=2176, n_batch=2048, n_ubatch=2048,
-                   cpu_layer_host_kv=bool(a.host_kv), verbose=a.sched_debug) as m:
+                   cpu_layer_host_kv=bool(a.host_kv), cpu_layer_device=bool(a.own_device),
+                   verbose=a.sched_debug) as m:
     cpu = m.plan.streamed[a.cpu_every - 1::a.cpu_every]
     m.engine.set_cpu_layers(cpu)
     print("CPU layers", cpu, file=sys.stderr)
