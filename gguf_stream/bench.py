@@ -604,9 +604,11 @@ class _Ctx:
                 s = m.streamer
                 if s.rates is not None:
                     r = s.rates
+                    trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted((s.split_trials or {}).items()))
                     note = (f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
                             f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, all-in-VRAM token {r.gpu_token_seconds * 1e3:.2f} ms; "
-                            f"chosen split predicts {1 / s.predicted_token_seconds:.1f} t/s; CPU layers' repacked "
+                            f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
+                            f"(the rates predict {1 / s.predicted_token_seconds:.1f} t/s for it); CPU layers' repacked "
                             f"copy {format_size(m.stats.counters.repacked_bytes)} (pageable host memory)")
                     self.progress(note)
                     timing = time_model(m, self.w, self.progress, "streamed")

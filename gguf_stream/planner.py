@@ -228,24 +228,28 @@ class Rates:
     gpu_token_seconds: float    # G: one token with every layer in VRAM
 
 
-def generate_split(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> tuple[tuple[int, ...], float]:
-    """Which overflow layers the CPU should compute while generating.
+def generate_splits(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> list[tuple[tuple[int, ...], float]]:
+    """Every way to split the overflow layers while generating, indexed by
+    the number the CPU computes: (cpu layers, predicted seconds per token).
 
     Streaming x bytes and computing the other O - x on the CPU run at the
-    same time, so a token takes about max(G + c*(O - x), p*x) (performance.md).
-    Tries every count of streamed layers (spread evenly through the overflow)
-    and returns (cpu layers, predicted seconds per token) of the best.
+    same time, so a token takes about max(G + c*(O - x), p*x) (performance.md);
+    the streamed layers are spread evenly through the overflow.
     """
     p, c, G = 1.0 / rates.pcie_bytes_per_s, 1.0 / rates.cpu_bytes_per_s, rates.gpu_token_seconds
     total = sum(layer_bytes[i] for i in overflow)
-    best = None
-    for n in range(len(overflow) + 1):
-        streamed = {overflow[j] for j in interleaved_layers(len(overflow), n)}
+    splits = []
+    for n_cpu in range(len(overflow) + 1):
+        streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
         x = sum(layer_bytes[i] for i in streamed)
-        t = max(G + c * (total - x), p * x)
-        if best is None or t < best[1] - 1e-12:
-            best = (tuple(i for i in overflow if i not in streamed), t)
-    return best
+        splits.append((tuple(i for i in overflow if i not in streamed), max(G + c * (total - x), p * x)))
+    return splits
+
+
+def best_split(splits) -> int:
+    """Index (CPU-layer count) of the fastest predicted split; on a tie the
+    one with more CPU layers (fewer bytes over PCIe)."""
+    return min(range(len(splits)), key=lambda n: (round(splits[n][1], 12), -n))
 
 
 def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:

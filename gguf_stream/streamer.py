@@ -25,8 +25,8 @@ from pathlib import Path
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
-from .planner import (Plan, Rates, format_size, generate_split, interleaved_layers, make_plan, parse_size,
-                      with_cpu_layers)
+from .planner import (Plan, Rates, best_split, format_size, generate_splits, interleaved_layers, make_plan,
+                      parse_size, with_cpu_layers)
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
@@ -39,6 +39,13 @@ CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a 
 # they will while generating (the CPU then shares host memory with the DMA).
 CALIBRATION_CPU_BYTES = 1 << 30
 CALIBRATION_CPU_LAYERS = 8
+# The model's best split is then checked by timing it and its neighbours
+# (CPU-layer counts best-1 .. best+2): its rates come from separate,
+# layer-by-layer measurements, and the two paths slow each other down in
+# ways they do not capture (shared host memory; measured: the model's pick
+# was one CPU layer short at two budgets, 3-5% slower).
+SPLIT_TRIAL_OFFSETS = (-1, 0, 1, 2)
+SPLIT_TRIAL_TOKENS = 12  # timed single-token decodes per split (after 2 warm-ups), median taken
 
 
 def cache_dir() -> Path:
@@ -111,6 +118,7 @@ class Streamer:
         self.pinned_bytes = 0
         self.rates: Rates | None = None
         self.predicted_token_seconds: float | None = None
+        self.split_trials: dict[int, float] | None = None  # CPU-layer count -> measured seconds per token
         self.layer_devices_bound = False
         self._keep = []
         if self.plan.streamed:
@@ -226,8 +234,10 @@ class Streamer:
 
     # -- generate-phase split (CUDA) --
     def choose_generate_split(self, model) -> None:
-        """Decide which streamed layers the CPU computes while generating,
-        from rates measured on this machine (cached per machine and model)."""
+        """Decide which streamed layers the CPU computes while generating:
+        the model's best split from rates measured on this machine, checked
+        by timing it against its neighbours (both cached per machine, model
+        and overflow)."""
         choice = self.config.generate_cpu_layers
         if self.engine is None or choice == "none" or (choice == "auto" and not self.cuda):
             return
@@ -235,8 +245,13 @@ class Streamer:
             cpu = tuple(choice)
         else:
             rates = self._cached_rates() or self._measure_rates(model)
-            cpu, self.predicted_token_seconds = generate_split(self.plan.streamed, self.model_file.layer_bytes, rates)
-            self.rates = rates
+            splits = generate_splits(self.plan.streamed, self.model_file.layer_bytes, rates)
+            trials = self._cached_split_trials()
+            if trials is None:
+                trials = self._time_splits(model, splits, best_split(splits))
+            n_cpu = min(trials, key=lambda n: (trials[n], -n))
+            cpu, self.predicted_token_seconds = splits[n_cpu]
+            self.rates, self.split_trials = rates, trials
         self.engine.set_cpu_layers(cpu)
         self.plan = with_cpu_layers(self.plan, cpu)
 
@@ -252,12 +267,95 @@ class Streamer:
                           str(int(st.st_mtime)), str(self._threads()), str(self.config.repack),
                           str(self.config.cpu_layer_host_kv), str(self.config.cpu_layer_device)])
 
-    def _cached_rates(self) -> Rates | None:
+    def _cache(self) -> dict:
         try:
             data = json.loads((cache_dir() / "rates.json").read_text())
-            return Rates(**data[self._cache_key()])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _cache_put(self, key: str, value) -> None:
+        path = cache_dir() / "rates.json"
+        data = self._cache()
+        data[key] = value
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+
+    def _cached_rates(self) -> Rates | None:
+        try:
+            return Rates(**self._cache()[self._cache_key()])
+        except (KeyError, TypeError):
             return None
+
+    def _split_key(self) -> str:
+        return self._cache_key() + "|split|" + ",".join(map(str, self.plan.streamed))
+
+    def _cached_split_trials(self) -> dict[int, float] | None:
+        try:
+            trials = {int(n): float(t) for n, t in self._cache()[self._split_key()].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return trials if trials and all(0 <= n <= len(self.plan.streamed) for n in trials) else None
+
+    @contextmanager
+    def _calibration_context(self, model):
+        """A small context with the hook, its KV caches attached; generation
+        in it runs the generate phase (one token per decode)."""
+        lc, e = self.lc, self.engine
+        p = lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
+        p.n_threads = p.n_threads_batch = self._threads()
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.patch_context_params(p)
+        with no_graph_reuse():  # a token's graph must not outlive the KV caches' moves
+            ctx = lc.llama_init_from_model(model, p)
+        if not ctx:
+            raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
+        try:
+            self.context_opened()
+            yield ctx
+        finally:
+            try:
+                e.set_timing(False)
+                e.set_phase(native.PHASE_PROMPT)
+                self.context_closing()
+            finally:
+                lc.llama_free(ctx)
+            e.set_cpu_layers(())
+            e.reset_counters()
+
+    def _decode_token(self, ctx, token: int) -> float:
+        """One generate-phase token; seconds until its results are ready."""
+        lc = self.lc
+        arr = (lc.llama_token * 1)(token)
+        self.engine.set_phase(native.PHASE_GENERATE)
+        t0 = time.perf_counter()
+        rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
+        lc.llama_synchronize(ctx)
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            raise DecodeError(f"calibration decode failed with llama_decode = {rc}")
+        return seconds
+
+    def _time_splits(self, model, splits, best: int) -> dict[int, float]:
+        """Median seconds per token of the model's best split and its
+        neighbours, timed in one context (so load-to-load variation of the
+        CPU path does not enter the comparison)."""
+        e = self.engine
+        counts = sorted({min(max(best + d, 0), len(splits) - 1) for d in SPLIT_TRIAL_OFFSETS})
+        bos = max(self.lc.llama_vocab_bos(self.lc.llama_model_get_vocab(model)), 0)
+        trials = {}
+        with self._calibration_context(model) as ctx:
+            for n_cpu in counts:
+                e.set_cpu_layers(splits[n_cpu][0])
+                times = [self._decode_token(ctx, bos) for _ in range(2 + SPLIT_TRIAL_TOKENS)][2:]
+                e.check_status("split trial")
+                trials[n_cpu] = sorted(times)[len(times) // 2]
+        self._cache_put(self._split_key(), trials)
+        return trials
 
     def _measure_rates(self, model) -> Rates:
         """p from timed uploads of a streamed layer; c and G from one short
@@ -271,42 +369,16 @@ class Streamer:
         n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(plan.streamed[j] for j in interleaved_layers(S, n_cpu))
         e.set_cpu_layers(sample)
-        p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
-        p.n_threads = p.n_threads_batch = self._threads()
-        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.patch_context_params(p)
-        with no_graph_reuse():  # the first token's graph must not outlive the KV caches' move
-            ctx = lc.llama_init_from_model(model, p)
-        if not ctx:
-            raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
-        try:
-            self.context_opened()
-            token = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
-            arr = (lc.llama_token * 1)(token)
+        bos = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+        with self._calibration_context(model) as ctx:
             token_times = []
             for k in range(CALIBRATION_TOKENS):
                 if k == 1:  # after the warm-up token (which shows the KV caches to the engine)
                     e.reset_counters()
                     e.set_timing(True)
-                e.set_phase(native.PHASE_GENERATE)
-                t0 = time.perf_counter()
-                rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
-                lc.llama_synchronize(ctx)
-                token_times.append(time.perf_counter() - t0)
-                if rc != 0:
-                    raise DecodeError(f"calibration decode failed with llama_decode = {rc}")
+                token_times.append(self._decode_token(ctx, bos))
             e.check_status("calibration")
             times = e.layer_times(mf.n_layer)
-        finally:
-            try:
-                e.set_timing(False)
-                e.set_phase(native.PHASE_PROMPT)
-                self.context_closing()
-            finally:
-                lc.llama_free(ctx)
-            e.set_cpu_layers(())
-            e.reset_counters()
         per_layer = {i: s / n for i, (s, n) in enumerate(times) if n}
         cpu = [i for i in sample if i in per_layer]
         gpu = [i for i in plan.resident if i in per_layer]
@@ -324,17 +396,7 @@ class Streamer:
         return rates
 
     def _store_rates(self, rates: Rates) -> None:
-        path = cache_dir() / "rates.json"
-        try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:
-            data = {}
-        data[self._cache_key()] = rates.__dict__
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=1))
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
+        self._cache_put(self._cache_key(), rates.__dict__)
 
     def before_decode(self, n_tokens: int) -> None:
         """Prompt-sized ubatches stream every non-resident layer; small ones

@@ -103,7 +103,7 @@ def test_cuda_cpu_layers_are_cpu_layers_while_generating(tiny_path):
             n = m.plan.n_layer
             loaded = [fn(m.model, i) for i in range(n)]
             assert len(set(loaded)) == 1  # every layer loads as a CUDA layer
-            m.eval(m.tokenize("Once upon a time " * 12))
+            m.eval(m.tokenize("Once upon a time " * 12)[:OPTS["n_batch"]])  # one prompt-sized ubatch
             assert [fn(m.model, i) for i in range(n)] == loaded
             m.eval([5])
             generating = [fn(m.model, i) for i in range(n)]

@@ -481,3 +481,34 @@ def test_cpu_layers_count_as_cpu_layers_while_generating(case):
             for c in cells:
                 ctypes.c_void_p.from_address(c).value = cpu_dev
     assert tokens == ref_tokens and np.array_equal(np.stack(logits), ref_logits)
+
+
+def test_split_trials_time_each_candidate_and_are_cached(case, tmp_path, monkeypatch):
+    """The automatic generate split times the model's pick and its neighbours
+    in a context of its own (normally before the real context exists), keeps
+    the timings per overflow, and leaves the engine as it found it."""
+    from gguf_stream import read_model
+    from gguf_stream.planner import Rates, generate_splits
+
+    path, _, _, _ = case
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
+    with StreamedModel(path, **CPU, **HYBRID) as m:
+        streamer = m.streamer
+        monkeypatch.setattr(streamer, "_cache_key", lambda: "test")  # the real key names the CUDA device
+        splits = generate_splits(m.plan.streamed, read_model(path).layer_bytes, Rates(1e9, 1e9, 1e-3))
+        assert streamer._cached_split_trials() is None
+        streamer.context_closing()  # one attached context at a time
+        try:
+            trials = streamer._time_splits(m.model, splits, 1)
+        finally:
+            streamer.context_opened()
+        assert sorted(trials) == [0, 1, 2, 3] and all(0 < t < 10 for t in trials.values())
+        assert streamer._cached_split_trials() == trials
+        tokens, logits = m.generate(prompt, 4, with_logits=True)
+        c = m.stats.counters
+    # no CPU layer left behind: every token adopts all 6 streamed layers
+    assert c.adoptions == 6 * (-(-len(prompt) // CPU["n_batch"]) + 4) and c.host_kv_bytes == 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
