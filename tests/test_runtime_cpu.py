@@ -505,10 +505,37 @@ def test_split_trials_time_each_candidate_and_are_cached(case, tmp_path, monkeyp
             trials = streamer._time_splits(m.model, splits, 1)
         finally:
             streamer.context_opened()
-        assert sorted(trials) == [0, 1, 2, 3] and all(0 < t < 10 for t in trials.values())
+        assert 1 in trials and sorted(trials) == list(range(min(trials), max(trials) + 1))
+        assert all(0 < t < 10 for t in trials.values())
         assert streamer._cached_split_trials() == trials
         tokens, logits = m.generate(prompt, 4, with_logits=True)
         c = m.stats.counters
     # no CPU layer left behind: every token adopts all 6 streamed layers
     assert c.adoptions == 6 * (-(-len(prompt) // CPU["n_batch"]) + 4) and c.host_kv_bytes == 0
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("fastest,best,expected", [
+    (3, 1, [1, 2, 3, 4]),   # up while faster, one past the fastest
+    (0, 2, [0, 1, 2, 3]),   # up is slower: down while faster
+    (2, 2, [1, 2, 3]),      # the pick is the fastest
+    (4, 3, [3, 4]),         # the top: nothing further up
+])
+def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, fastest, best, expected):
+    """The search, on token times that depend only on the CPU-layer count."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        streamer, engine = m.streamer, m.streamer.engine
+        splits = [(tuple(m.plan.streamed[:n]), 0.0) for n in range(5)]
+        current = [0]
+        set_cpu_layers = engine.set_cpu_layers
+        monkeypatch.setattr(streamer, "_cache_key", lambda: "test")
+        monkeypatch.setattr(engine, "set_cpu_layers", lambda cpu: (current.__setitem__(0, len(cpu)),
+                                                                    set_cpu_layers(cpu)))
+        monkeypatch.setattr(streamer, "_decode_token", lambda ctx, tok: 1.0 + abs(current[0] - fastest))
+        streamer.context_closing()
+        try:
+            trials = streamer._time_splits(m.model, splits, best)
+        finally:
+            streamer.context_opened()
+    assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
