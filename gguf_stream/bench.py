@@ -372,7 +372,7 @@ def plot(result: BenchResult, path: str) -> str:
         proc = subprocess.run([sys.executable, "-c", _PLOT_SCRIPT, f.name, str(path)],
                               capture_output=True, text=True)
     if proc.returncode != 0:
-        return f"--plot {path} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+        return f"--plot {path} failed: {(proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}"
     return f"plot written to {path}"
 
 

@@ -15,6 +15,7 @@ goes to stderr, generated text to stdout.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import signal
 import sys
@@ -210,6 +211,9 @@ def placement(args, path, device: str) -> dict:
 
 def describe_plan(plan, device: str) -> str:
     where = "VRAM" if device == "cuda" else "host memory"
+    if getattr(plan, "stock_gpu_layers", None) is not None:
+        return (f"plan: below streaming's minimum, llama.cpp's own split -ngl {plan.stock_gpu_layers} "
+                f"({plan.n_layer - plan.stock_gpu_layers} of {plan.n_layer} layers in host memory)")
     if not plan.streamed:
         return f"plan: all {plan.n_layer} layers resident, nothing streamed"
     layers = ", ".join(map(str, plan.streamed))
@@ -328,7 +332,7 @@ def _generate(model, args) -> int:
         out.write(args.prompt)
         out.flush()
     tokens: list[int] = []
-    shown = ""
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split multi-byte character back
     t_prompt = t_gen = 0.0
     with _CtrlC() as ctrl_c:
         try:
@@ -343,17 +347,14 @@ def _generate(model, args) -> int:
                 if model.is_eog(tok) and not args.ignore_eos:
                     break
                 tokens.append(tok)
-                text = model.detokenize(tokens)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    out.write(text[len(shown):])
-                    out.flush()
-                    shown = text
+                out.write(text.decode(model.token_bytes(tok)))
+                out.flush()
                 if i + 1 < n:
                     model.eval([tok])
         except KeyboardInterrupt:  # a second Ctrl-C
             ctrl_c.hit = True
         t_gen = time.perf_counter() - t0
-    out.write(model.detokenize(tokens)[len(shown):] + "\n")
+    out.write(text.decode(b"", final=True) + "\n")
     out.flush()
     if t_prompt:
         say(f"prompt: {len(prompt)} tokens in {t_prompt:.2f} s ({len(prompt) / t_prompt:.1f} t/s); "

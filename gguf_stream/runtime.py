@@ -225,13 +225,14 @@ class _Session:
             n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_bos, special)
         return list(buf[:n])
 
-    def detokenize(self, tokens: list[int]) -> str:
-        out = bytearray()
+    def token_bytes(self, token: int) -> bytes:
+        """A token's piece of text as bytes (may end inside a UTF-8 character)."""
         buf = ctypes.create_string_buffer(256)
-        for t in tokens:
-            n = self._lc.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
-            out += buf.raw[:max(n, 0)]
-        return out.decode("utf-8", errors="replace")
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(map(self.token_bytes, tokens)).decode("utf-8", errors="replace")
 
     def token_bos(self) -> int:
         return self._lc.llama_vocab_bos(self.vocab)

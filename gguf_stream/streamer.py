@@ -376,9 +376,9 @@ class Streamer:
         S = len(plan.streamed)
         n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(plan.streamed[j] for j in interleaved_layers(S, n_cpu))
-        e.set_cpu_layers(sample)
         bos = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
         with self._calibration_context(model) as ctx:
+            e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path
             token_times = []
             for k in range(CALIBRATION_TOKENS):
                 if k == 1:  # after the warm-up token (which shows the KV caches to the engine)
