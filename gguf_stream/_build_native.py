@@ -85,7 +85,6 @@ int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
 int  gs_engine_set_phase(gs_engine *e, int phase);
 int  gs_engine_kv_attach(gs_engine *e);
 int  gs_engine_kv_detach(gs_engine *e);
-int  gs_engine_kv_known(gs_engine *e, int *n_layers);
 int  gs_engine_kv_cleared(gs_engine *e);
 int  gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n);
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);

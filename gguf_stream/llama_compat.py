@@ -99,7 +99,8 @@ class StreamedLlama(llama_cpp.Llama):
 
     Takes Llama's keyword arguments plus the engine's: ``vram_budget`` (the
     planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
-    and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``.
+    and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``,
+    ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig).
     ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
     """
 

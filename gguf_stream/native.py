@@ -190,12 +190,6 @@ class Engine:
         """After llama_memory_clear: the next moves need not copy the (unused) cache bytes."""
         _check("gs_engine_kv_cleared", lib.gs_engine_kv_cleared(self._h))
 
-    def kv_known(self) -> int:
-        """Layers whose KV cache the attached context has shown."""
-        n = ffi.new("int *")
-        _check("gs_engine_kv_known", lib.gs_engine_kv_known(self._h, n))
-        return int(n[0])
-
     def bind_layer_devices(self, cells: list[int] | None) -> None:
         """Addresses of llama.cpp's per-layer device pointers (llama_abi.layer_device_cells):
         CPU layers then count as CPU layers while generating. None forgets them

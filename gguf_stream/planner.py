@@ -15,8 +15,8 @@ from .gguf_file import ModelFile
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_MAX_SLOTS = 2
-# Headroom for what the estimates below do not model: the CUDA memory pool
-# (dequantised weights for cuBLAS), cuBLAS workspace, alignment.
+# Headroom for what the estimates below do not model: cuBLAS workspace,
+# alignment (the CUDA pool for cuBLAS is in compute_bytes' estimate).
 COMPUTE_HEADROOM = 16 * MiB
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

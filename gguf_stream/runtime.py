@@ -13,6 +13,7 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -98,6 +99,7 @@ class Stats:
         return "; ".join(parts)
 
 
+@lru_cache(maxsize=None)
 def physical_cores() -> int:
     """Physical cores, as llama.cpp's tools count them for their default
     thread count (hyperthreads do not help its kernels)."""

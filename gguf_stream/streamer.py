@@ -30,6 +30,8 @@ from .planner import (Plan, Rates, best_split, format_size, generate_splits, int
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
+DISCOVERY_BATCH = 16
+CALIBRATION_BATCH = 8
 # Batches below this size run host-resident weights on the CPU (ggml's scheduler).
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
 RATES_VERSION = "4"  # bump when what _measure_rates measures changes
@@ -201,16 +203,14 @@ class Streamer:
         keeps each layer between its l_out boundaries."""
         lc, e, mf = self.lc, self.engine, self.model_file
         e.discover_reset()
-        p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch = 256, 16, 16
-        p.n_threads = p.n_threads_batch = self._threads()
+        p = self._small_context_params(DISCOVERY_BATCH)
         cb = lc.ggml_backend_sched_eval_callback(native.DISCOVER_CB)
         p.cb_eval, p.cb_eval_user_data = cb, e.address
         ctx = lc.llama_init_from_model(model, p)
         if not ctx:
             raise BudgetError("llama.cpp could not create a small discovery context (out of memory?)")
         try:
-            bos = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+            bos = self._bos(model)
             arr = (lc.llama_token * DISCOVERY_TOKENS)(*([bos] * DISCOVERY_TOKENS))
             rc = lc.llama_decode(ctx, lc.llama_batch_get_one(arr, DISCOVERY_TOKENS))
         finally:
@@ -299,14 +299,23 @@ class Streamer:
             return None
         return trials if trials and all(0 <= n <= len(self.plan.streamed) for n in trials) else None
 
+    def _small_context_params(self, n_batch: int):
+        """Params of the engine's own short-lived contexts (256 cells)."""
+        p = self.lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch = 256, n_batch, n_batch
+        p.n_threads = p.n_threads_batch = self._threads()
+        return p
+
+    def _bos(self, model) -> int:
+        lc = self.lc
+        return max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+
     @contextmanager
     def _calibration_context(self, model):
         """A small context with the hook, its KV caches attached; generation
         in it runs the generate phase (one token per decode)."""
         lc, e = self.lc, self.engine
-        p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch = 256, 8, 8
-        p.n_threads = p.n_threads_batch = self._threads()
+        p = self._small_context_params(CALIBRATION_BATCH)
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
         with no_graph_reuse():  # a token's graph must not outlive the KV caches' moves
@@ -345,7 +354,7 @@ class Streamer:
         are faster; timed in one context, so load-to-load variation of the
         CPU path does not enter the comparison."""
         e = self.engine
-        bos = max(self.lc.llama_vocab_bos(self.lc.llama_model_get_vocab(model)), 0)
+        bos = self._bos(model)
         trials = {}
         with self._calibration_context(model) as ctx:
             def timed(n_cpu):
@@ -369,14 +378,14 @@ class Streamer:
         """p from timed uploads of a streamed layer; c and G from one short
         generation with a sample of the overflow layers on the CPU (the rest
         streaming), timed layer by layer."""
-        lc, e, mf, plan = self.lc, self.engine, self.model_file, self.plan
+        e, mf, plan = self.engine, self.model_file, self.plan
         first = plan.streamed[0]
         seconds = e.measure_upload(first, 3)
         pcie = mf.layer_bytes[first] / seconds
         S = len(plan.streamed)
         n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(plan.streamed[j] for j in interleaved_layers(S, n_cpu))
-        bos = max(lc.llama_vocab_bos(lc.llama_model_get_vocab(model)), 0)
+        bos = self._bos(model)
         with self._calibration_context(model) as ctx:
             e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path
             token_times = []

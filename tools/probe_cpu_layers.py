@@ -17,8 +17,6 @@ from probe_util import tg  # noqa: E402
 from gguf_stream.runtime import StockModel, StreamedModel  # noqa: E402
 
 
-
-
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
 ap.add_argument("--budget", required=True)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from probe_util import tg  # noqa: E402
 from gguf_stream import llama_abi, native  # noqa: E402
-from gguf_stream.planner import interleaved_layers  # noqa: E402
+from gguf_stream.planner import generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 from gguf_stream.streamer import no_graph_reuse  # noqa: E402
 
@@ -45,9 +45,7 @@ with no_graph_reuse(), StreamedModel(a.model, vram_budget=a.budget, generate_cpu
     e.set_phase(native.PHASE_PROMPT)
     cells = llama_abi.layer_device_cells(m.model, n_layer)
 
-    def cpu_layers(n_cpu):
-        streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
-        return tuple(i for i in overflow if i not in streamed)
+    splits = generate_splits(overflow, m.streamer.model_file.layer_bytes, r)  # the engine's candidates
 
     for rnd in range(a.rounds):
         for own in (1, 0):
@@ -56,7 +54,7 @@ with no_graph_reuse(), StreamedModel(a.model, vram_budget=a.budget, generate_cpu
             if own:
                 e.bind_layer_devices(cells)
             for n_cpu in range(max(chosen - a.spread, 0), min(chosen + a.spread, len(overflow)) + 1):
-                e.set_cpu_layers(cpu_layers(n_cpu))
+                e.set_cpu_layers(splits[n_cpu][0])
                 tg(m, 4)
                 e.reset_counters()
                 t = tg(m, a.n)

@@ -23,8 +23,6 @@ ap.add_argument("-n", type=int, default=48)
 a = ap.parse_args()
 
 
-
-
 out = {"ngl": a.ngl}
 with StockModel(a.model, a.ngl, n_ctx=2176, n_batch=2048, n_ubatch=2048) as s:
     tg(s, 8)
