@@ -56,6 +56,14 @@ typedef struct {
     uint64_t kv_moved_bytes;
 } gs_stats;
 typedef struct {
+    uint64_t decodes;
+    uint64_t cpu_segments, gpu_segments;
+    double   wall_s;
+    double   pre_s;
+    double   cpu_s, gpu_s;
+    double   between_s;
+} gs_timeline;
+typedef struct {
     void       *tensor;
     const char *name;
     int         layer;
@@ -90,6 +98,9 @@ int  gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n);
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
 int  gs_engine_set_timing(gs_engine *e, int on);
 int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
+int  gs_engine_timeline(gs_engine *e, int on);
+int  gs_engine_timeline_mark(gs_engine *e, int begin);
+int  gs_engine_timeline_get(gs_engine *e, gs_timeline *out);
 int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
 int  gs_engine_stats(gs_engine *e, gs_stats *out);
 void gs_engine_reset_stats(gs_engine *e);

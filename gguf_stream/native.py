@@ -107,6 +107,19 @@ class Counters:
         return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
 
 
+@dataclass(frozen=True)
+class Timeline:
+    """Sums over the decodes bracketed with Engine.timeline_mark (see gguf_stream.h)."""
+    decodes: int
+    cpu_segments: int
+    gpu_segments: int
+    wall_s: float
+    pre_s: float
+    cpu_s: float
+    gpu_s: float
+    between_s: float
+
+
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
 
@@ -210,6 +223,19 @@ class Engine:
             _check("gs_engine_layer_time", lib.gs_engine_layer_time(self._h, i, sec, cnt))
             out.append((float(sec[0]), int(cnt[0])))
         return out
+
+    def timeline(self, on: bool) -> None:
+        """Probe: (re)start or stop summing where decodes' time goes (no boundaries added)."""
+        _check("gs_engine_timeline", lib.gs_engine_timeline(self._h, int(on)))
+
+    def timeline_mark(self, begin: bool) -> None:
+        """Bracket each decode: True right before llama_decode, False right after."""
+        _check("gs_engine_timeline_mark", lib.gs_engine_timeline_mark(self._h, int(begin)))
+
+    def timeline_get(self) -> Timeline:
+        t = ffi.new("gs_timeline *")
+        _check("gs_engine_timeline_get", lib.gs_engine_timeline_get(self._h, t))
+        return Timeline(**{f: getattr(t, f) for f in Timeline.__dataclass_fields__})
 
     def measure_upload(self, layer: int, n: int = 3) -> float:
         """Fastest of n synchronous uploads of a layer, in seconds."""

@@ -376,6 +376,12 @@ struct gs_engine {
     double     t_last;
     double    *layer_seconds;
     uint64_t  *layer_count;
+    /* timeline (probe) */
+    int        tl_on, tl_in_decode, tl_started, tl_open, tl_open_gpu, tl_graph_done;
+    double     tl_begin, tl_mark;
+    void      *tl_buffer;             /* last buffer classified, and its answer */
+    int        tl_buffer_gpu;
+    gs_timeline tl;
     slot_info *slots;
     void      *ring;
     size_t     slot_bytes;
@@ -925,10 +931,87 @@ static int copy_landed(gs_engine *e, int layer) {
 static void kv_scan_node(gs_engine *e, const struct gs_tensor *t);
 static int kv_view_stale(const struct gs_tensor *t);
 
+/* ---- timeline (probe) ------------------------------------------------------ */
+
+/* Whether a node computes on the GPU: its output lives in a device buffer. */
+static int node_on_gpu(gs_engine *e, const struct gs_tensor *t) {
+    void *b = t->view_src ? t->view_src->buffer : t->buffer;
+    if (!b) return e->tl_open_gpu;
+    if (b != e->tl_buffer) {
+        const char *name = G.buffer_name(b);
+        e->tl_buffer = b;
+        e->tl_buffer_gpu = name && !strncmp(name, "CUDA", 4) && !strstr(name, "Host");
+    }
+    return e->tl_buffer_gpu;
+}
+
+static void timeline_close(gs_engine *e, double now) {
+    if (!e->tl_open) return;
+    *(e->tl_open_gpu ? &e->tl.gpu_s : &e->tl.cpu_s) += now - e->tl_mark;
+    (*(e->tl_open_gpu ? &e->tl.gpu_segments : &e->tl.cpu_segments))++;
+    e->tl_open = 0;
+    e->tl_mark = now;
+}
+
+/* A segment's nodes are all asked before it is launched; the answer to the
+ * last of them (or a node of the other backend) ends it. Returns whether the
+ * node must end its segment: a graph's last node, so that its end is seen
+ * (that sync happens anyway: the graph ends there) and the next ubatch's
+ * graph building counts as such. */
+static int timeline_node(gs_engine *e, const struct gs_tensor *t, bool ask) {
+    double now = now_s();
+    if (!ask) {
+        timeline_close(e, now);
+        e->tl_graph_done = !strcmp(t->name, "result_output");
+        return 0;
+    }
+    int gpu = node_on_gpu(e, t);
+    if (!e->tl_open || gpu != e->tl_open_gpu) {
+        if (e->tl_open) timeline_close(e, now);
+        else if (!e->tl_started) e->tl.pre_s += now - e->tl_begin;
+        else *(e->tl_graph_done ? &e->tl.pre_s : &e->tl.between_s) += now - e->tl_mark;
+        e->tl_started = e->tl_open = 1;
+        e->tl_graph_done = 0;
+        e->tl_open_gpu = gpu;
+        e->tl_mark = now;
+    }
+    return !strcmp(t->name, "result_output");
+}
+
+int gs_engine_timeline(gs_engine *e, int on) {
+    memset(&e->tl, 0, sizeof e->tl);
+    e->tl_on = on;
+    e->tl_in_decode = e->tl_open = 0;
+    return GS_OK;
+}
+
+int gs_engine_timeline_mark(gs_engine *e, int begin) {
+    if (!e->tl_on) return fail(GS_E_INVALID, "gs_engine_timeline_mark: the timeline is off");
+    double now = now_s();
+    if (begin) {
+        e->tl_begin = now;
+        e->tl_in_decode = 1;
+        e->tl_started = e->tl_open = e->tl_graph_done = 0;
+        return GS_OK;
+    }
+    if (!e->tl_in_decode) return fail(GS_E_INVALID, "gs_engine_timeline_mark: no decode begun");
+    timeline_close(e, now);
+    e->tl.wall_s += now - e->tl_begin;
+    e->tl.decodes++;
+    e->tl_in_decode = 0;
+    return GS_OK;
+}
+
+int gs_engine_timeline_get(gs_engine *e, gs_timeline *out) {
+    *out = e->tl;
+    return GS_OK;
+}
+
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
     if (e->status || !e->started) return !ask;
+    int tl_end = e->tl_in_decode && timeline_node(e, t, ask);
     e->kv_cleared = 0;    /* this decode writes cells */
     if (ask && e->kv_scan) kv_scan_node(e, t);
     if (ask && e->kv_attached && kv_view_stale(t)) {
@@ -955,7 +1038,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
         }
         int rc = adopt_sources(e, t);
         if (rc) engine_fail(e, rc);
-        return false;
+        return tl_end;
     }
     /* The backend is synchronised: every node up to t has finished. */
     if (i >= 0 && i < n) {

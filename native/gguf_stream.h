@@ -88,6 +88,20 @@ typedef struct {
     uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
 } gs_stats;
 
+/* Where decodes' wall time goes (probe; see gs_engine_timeline). A segment
+ * is what the scheduler launches between two host syncs; its time runs from
+ * its first node being asked to the sync after it (or to the next segment's
+ * first node, so it includes the hand-over copy into the next graph split). */
+typedef struct {
+    uint64_t decodes;
+    uint64_t cpu_segments, gpu_segments;
+    double   wall_s;      /* between gs_engine_timeline_mark(1) and (0) */
+    double   pre_s;       /* mark(1) to the first node asked: graph build, allocation, inputs */
+    double   cpu_s, gpu_s;
+    double   between_s;   /* sync to the next node asked: the hook's own work (adoption incl.
+                             copy waits, releases, copy issues) and split input copies */
+} gs_timeline;
+
 typedef struct {
     void       *tensor;
     const char *name;
@@ -178,6 +192,12 @@ int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_secon
  * from l_out-(i-1) to l_out-i per layer (reset with gs_engine_reset_stats). */
 int  gs_engine_set_timing(gs_engine *e, int on);
 int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
+/* Probe: break decodes' wall time into graph building, CPU and GPU segments
+ * and the hook's work between them, adding no boundaries (unlike timing).
+ * on resets the sums; bracket each decode with mark(1) / mark(0). */
+int  gs_engine_timeline(gs_engine *e, int on);
+int  gs_engine_timeline_mark(gs_engine *e, int begin);
+int  gs_engine_timeline_get(gs_engine *e, gs_timeline *out);
 
 int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
 int  gs_engine_stats(gs_engine *e, gs_stats *out);

@@ -100,6 +100,33 @@ def test_generate_phase_cpu_layers_match(case):
     assert c.host_kv_bytes > 0 and c.kv_moved_bytes >= c.host_kv_bytes // 2
 
 
+def test_timeline_accounts_for_each_decode(case):
+    """The probe's timeline splits a token's wall time into graph building,
+    segments per backend and the hook's work, adding no boundaries: on this
+    CPU build every segment is a CPU one, the parts never exceed the wall
+    time, and the output is the hybrid run's."""
+    path, prompt, _, _ = case
+    cpu = hybrid_cpu_layers(path)
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=cpu) as m:
+        m.eval(prompt)
+        m.reset_counters()
+        m.engine.timeline(True)
+        for _ in range(4):
+            m.engine.timeline_mark(True)
+            m.eval([1])
+            m.engine.timeline_mark(False)
+        t, boundaries = m.engine.timeline_get(), m.stats.counters.boundaries
+        m.engine.timeline(False)
+        with pytest.raises(Exception, match="timeline is off"):
+            m.engine.timeline_mark(True)
+    assert t.decodes == 4 and t.gpu_segments == 0 and t.gpu_s == 0
+    # one segment per synchronised boundary, plus each graph's last one
+    assert t.cpu_segments == boundaries + 4
+    parts = t.pre_s + t.cpu_s + t.between_s
+    assert min(t.pre_s, t.cpu_s, t.between_s) > 0 and parts <= t.wall_s
+    assert t.cpu_s > 0.5 * t.wall_s
+
+
 def state_bytes(m) -> bytes:
     lc = m._lc
     n = lc.llama_state_get_size(m.ctx)
