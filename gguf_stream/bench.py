@@ -606,7 +606,8 @@ class _Ctx:
                     r = s.rates
                     trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted((s.split_trials or {}).items()))
                     note = (f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
-                            f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, all-in-VRAM token {r.gpu_token_seconds * 1e3:.2f} ms; "
+                            f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
+                            f"{r.gpu_token_seconds * 1e3:.2f} ms; "
                             f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
                             f"(the rates predict {1 / s.predicted_token_seconds:.1f} t/s for it); CPU layers' repacked "
                             f"copy {format_size(m.stats.counters.repacked_bytes)} (pageable host memory)")
