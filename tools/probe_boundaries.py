@@ -7,7 +7,6 @@ prompt and the cost per added boundary.
 
     python3 tools/probe_boundaries.py /tmp/m/llama3-8b.gguf --ubatch 512
 """
-import argparse
 import json
 import os
 import sys
@@ -16,15 +15,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 import numpy as np  # noqa: E402
+from probe_util import prompt_probe_args  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("model")
-ap.add_argument("--budget")
-ap.add_argument("--pp", type=int, default=2048)
-ap.add_argument("--ubatch", type=int, default=512)
-ap.add_argument("--reps", type=int, default=3)
-a = ap.parse_args()
+a = prompt_probe_args(ubatch=512)
 
 size = dict(vram_budget=a.budget) if a.budget else dict(n_streamed=1, n_slots=2)
 with StreamedModel(a.model, **size, n_ctx=a.pp + 128, n_batch=a.pp, n_ubatch=a.ubatch) as m:

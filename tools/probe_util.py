@@ -1,5 +1,18 @@
 """Shared by the probes in tools/ (run as scripts: this directory is on sys.path)."""
+import argparse
 import time
+
+
+def prompt_probe_args(ubatch: int):
+    """Options of the probes that time prompts: a model, how much of it
+    streams (--budget, else one layer), prompt size, ubatch, repetitions."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--budget", help="stream the plan of this VRAM budget (default: one layer)")
+    ap.add_argument("--pp", type=int, default=2048)
+    ap.add_argument("--ubatch", type=int, default=ubatch)
+    ap.add_argument("--reps", type=int, default=3)
+    return ap.parse_args()
 
 
 def tg(m, n: int) -> float:
