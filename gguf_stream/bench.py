@@ -621,14 +621,11 @@ class _Ctx:
     def measure_stock_vram(self, ngl: int) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
         grow at first use); inf when llama.cpp cannot load it."""
-        from .runtime import StockModel
+        from .runtime import stock_vram_peak
 
         self.progress(f"probing stock ngl={ngl}")
         try:
-            with StockModel(self.path, ngl, config=self.config()) as m:
-                m.eval([max(m.token_bos(), 0)] + [1] * (min(self.w.n_ubatch, self.w.n_ctx) - 1))
-                _sync(m)
-                peak = m.stats.vram_peak_bytes
+            peak = stock_vram_peak(self.path, ngl, self.config())
         except GGUFStreamError as exc:
             self.progress(f"  ngl={ngl} does not load: {exc}")
             return math.inf

@@ -407,14 +407,8 @@ class StreamedModel(_Session):
         return self._stock_fits(-1, budget)
 
     def _stock_fits(self, n_gpu_layers: int, budget: int) -> bool:
-        """Load llama.cpp's own split, run one full ubatch (compute pools grow
-        at first use) and compare its measured peak with the budget."""
-        c = self.config
         try:
-            with StockModel(self.path, n_gpu_layers, config=replace(c, vram_budget=None)) as probe:
-                n = min(c.n_ubatch, c.n_ctx)
-                probe.eval([max(probe.token_bos(), 0)] + [1] * (n - 1))
-                peak = probe.stats.vram_peak_bytes
+            peak = stock_vram_peak(self.path, n_gpu_layers, self.config)
         except GGUFStreamError:
             return False
         return peak is not None and peak <= budget
@@ -461,6 +455,17 @@ class StreamedModel(_Session):
     def reset_counters(self) -> None:
         if self.engine is not None:
             self.engine.reset_counters()
+
+
+def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig) -> int | None:
+    """Measured GPU bytes of llama.cpp's own `-ngl n_gpu_layers` split after
+    one full ubatch (compute pools grow at first use); None when nothing was
+    measured (no layer on the GPU). Raises GGUFStreamError where llama.cpp
+    cannot load it."""
+    with StockModel(path, n_gpu_layers, config=replace(config, vram_budget=None)) as m:
+        m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
+        m._lc.llama_synchronize(m.ctx)
+        return m.stats.vram_peak_bytes
 
 
 def load(path: str | os.PathLike, **options) -> StreamedModel:

@@ -377,7 +377,7 @@ struct gs_engine {
     double    *layer_seconds;
     uint64_t  *layer_count;
     /* timeline (probe) */
-    int        tl_on, tl_in_decode, tl_started, tl_open, tl_open_gpu, tl_graph_done;
+    int        tl_on, tl_in_decode, tl_open, tl_open_gpu, tl_graph_done;
     double     tl_begin, tl_mark;
     void      *tl_buffer;             /* last buffer classified, and its answer */
     int        tl_buffer_gpu;
@@ -968,9 +968,8 @@ static int timeline_node(gs_engine *e, const struct gs_tensor *t, bool ask) {
     int gpu = node_on_gpu(e, t);
     if (!e->tl_open || gpu != e->tl_open_gpu) {
         if (e->tl_open) timeline_close(e, now);
-        else if (!e->tl_started) e->tl.pre_s += now - e->tl_begin;
         else *(e->tl_graph_done ? &e->tl.pre_s : &e->tl.between_s) += now - e->tl_mark;
-        e->tl_started = e->tl_open = 1;
+        e->tl_open = 1;
         e->tl_graph_done = 0;
         e->tl_open_gpu = gpu;
         e->tl_mark = now;
@@ -989,9 +988,10 @@ int gs_engine_timeline_mark(gs_engine *e, int begin) {
     if (!e->tl_on) return fail(GS_E_INVALID, "gs_engine_timeline_mark: the timeline is off");
     double now = now_s();
     if (begin) {
-        e->tl_begin = now;
+        e->tl_begin = e->tl_mark = now;
         e->tl_in_decode = 1;
-        e->tl_started = e->tl_open = e->tl_graph_done = 0;
+        e->tl_open = 0;
+        e->tl_graph_done = 1;   /* until the first node: building the first graph */
         return GS_OK;
     }
     if (!e->tl_in_decode) return fail(GS_E_INVALID, "gs_engine_timeline_mark: no decode begun");

@@ -15,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 import numpy as np  # noqa: E402
-from probe_util import prompt_probe_args  # noqa: E402
+from probe_util import prompt_probe_args, timeline_ms  # noqa: E402
 from gguf_stream.runtime import StockModel, StreamedModel  # noqa: E402
 
 a = prompt_probe_args(ubatch=2048)
@@ -41,10 +41,6 @@ with StockModel(a.model, 99, **size) as stock, StreamedModel(a.model, **streamed
         e.timeline_mark(True)
         streamed.eval(toks)
         e.timeline_mark(False)
-    t = e.timeline_get()
-    n = t.decodes
     print(json.dumps(dict(n_ubatch=a.ubatch, n_streamed=len(streamed.plan.streamed), **out,
                           ratio=round(float(np.median(out["streamed"]) / np.median(out["stock"])), 3),
-                          streamed_ms=dict(decode=round(t.wall_s / n * 1e3, 2), pre=round(t.pre_s / n * 1e3, 2),
-                                           cpu=round(t.cpu_s / n * 1e3, 2), gpu=round(t.gpu_s / n * 1e3, 2),
-                                           between=round(t.between_s / n * 1e3, 2)))))
+                          streamed_ms=timeline_ms(e.timeline_get()))))

@@ -19,6 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
+from probe_util import timeline_ms  # noqa: E402
 from gguf_stream.planner import Rates, generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 from gguf_stream.streamer import no_graph_reuse  # noqa: E402
@@ -57,15 +58,9 @@ with no_graph_reuse(), StreamedModel(a.model, **size, generate_cpu_layers="auto"
         t, c = e.timeline_get(), e.counters()
         e.timeline(False)
         n = t.decodes
-
-        def ms(x):
-            return round(x / n * 1e3, 3)
-
         print(json.dumps(dict(
             n_cpu=n_cpu, n_streamed=len(overflow) - n_cpu, tokens_per_s=round(n * (a.pp or 1) / t.wall_s, 2),
-            decode_ms=ms(t.wall_s),
-            pre_ms=ms(t.pre_s), cpu_ms=ms(t.cpu_s), gpu_ms=ms(t.gpu_s), between_ms=ms(t.between_s),
-            rest_ms=ms(t.wall_s - t.pre_s - t.cpu_s - t.gpu_s - t.between_s),
+            **{f"{k}_ms": v for k, v in timeline_ms(t).items()},
             cpu_segments=round(t.cpu_segments / n, 1), gpu_segments=round(t.gpu_segments / n, 1),
             uploads=round(c.uploads / n, 1),
             boundaries=round(c.boundaries / n, 1), waits=round(c.adopted_waited / n, 2),

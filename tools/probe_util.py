@@ -24,3 +24,12 @@ def tg(m, n: int) -> float:
         m.eval([1])
     m.logits()  # waits for the last token (stock's decode returns before the GPU finishes)
     return n / (time.perf_counter() - t0)
+
+
+def timeline_ms(t) -> dict:
+    """An engine Timeline as ms per decode: pre (graph building and inputs),
+    cpu and gpu segments, between (the hook's work) and what is left."""
+    n = max(t.decodes, 1)
+    parts = dict(decode=t.wall_s, pre=t.pre_s, cpu=t.cpu_s, gpu=t.gpu_s, between=t.between_s,
+                 rest=t.wall_s - t.pre_s - t.cpu_s - t.gpu_s - t.between_s)
+    return {k: round(v / n * 1e3, 3) for k, v in parts.items()}
