@@ -714,6 +714,18 @@ static int copy_wait(gs_engine *e, int slot) {
     return GS_OK;
 }
 
+/* Wait until every upload issued so far has landed. */
+static int copy_engine_drain(gs_engine *e) {
+    if (e->cfg.use_cuda) {
+        int err = e->stream ? C.StreamSynchronize(e->stream) : CUDA_SUCCESS;
+        return err ? cuda_fail("cudaStreamSynchronize", err) : GS_OK;
+    }
+    pthread_mutex_lock(&e->mu);
+    while (e->thread_started && e->completed < e->issued) pthread_cond_wait(&e->cv_done, &e->mu);
+    pthread_mutex_unlock(&e->mu);
+    return GS_OK;
+}
+
 static void copy_engine_stop(gs_engine *e) {
     if (e->cfg.use_cuda) {
         if (e->stream) C.StreamSynchronize(e->stream);
@@ -1356,11 +1368,14 @@ int gs_engine_kv_attach(gs_engine *e) {
 }
 
 int gs_engine_kv_detach(gs_engine *e) {
-    if (!e->kv_attached) return GS_OK;
+    /* The context goes: no upload will be issued until the next one, and the
+     * model (whose host memory the uploads read) may be freed next. */
+    int rc = copy_engine_drain(e);
+    if (!e->kv_attached) return rc;
     e->kv_attached = e->kv_scan = 0;
-    int rc = sync_kv(e);   /* every cache home, host buffers freed */
+    int rc_kv = sync_kv(e);   /* every cache home, host buffers freed */
     kv_forget(e);
-    return rc;
+    return rc ? rc : rc_kv;
 }
 
 int gs_engine_kv_cleared(gs_engine *e) {

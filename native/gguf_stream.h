@@ -163,7 +163,8 @@ int  gs_engine_set_phase(gs_engine *e, int phase);
  * the CPU layers then live in host memory (copied across at each phase
  * switch, together with the per-stream views llama.cpp's state save/load
  * reads), so the CPU computes the whole layer like stock does.
- * Attach right after creating the context; detach (moves everything back)
+ * Attach right after creating the context; detach (moves everything back
+ * and waits for the uploads in flight, which read the model's host memory)
  * before freeing it. One context at a time: a second attach fails. */
 int  gs_engine_kv_attach(gs_engine *e);
 int  gs_engine_kv_detach(gs_engine *e);

@@ -371,6 +371,30 @@ def _rss_kib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
 
 
+def test_close_waits_for_uploads_in_flight(gemma_path):
+    """Uploads read the model's host memory; the last token's prefetches are
+    still queued when the caller closes. Closing must wait for them before
+    the model is freed (it did not: a copy read freed memory and crashed the
+    process now and then). A slow link makes the queued copy start long
+    after the model would be gone; in a child process, as a crash would end
+    the test run."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = (
+        "import gguf_stream\n"
+        "from gguf_stream.runtime import StreamedModel\n"
+        f"with StreamedModel({str(gemma_path)!r}, device='host', n_ctx=256, n_batch=64, n_ubatch=64,"
+        " n_threads=2, n_streamed=8, n_slots=2, host_copy_delay_us=300000) as m:\n"
+        "    m.eval([max(m.token_bos(), 0)])\n"
+        "print('closed')\n")
+    p = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "closed" in p.stdout, (p.returncode, p.stderr[-2000:])
+
+
 def test_repeated_load_close_does_not_leak(gemma_path):
     """10 load/close cycles; resident memory must come back (host mode)."""
     rss = []
