@@ -71,7 +71,7 @@ def test_gate_tells_a_near_tie_from_a_wrong_layer():
     near[2, 8] = near[2, 7] + 1e-5
     tie = bench.Greedy(flipped, near)
     got = bench.gate(tie, [("all-in-VRAM", ref)])
-    assert got.startswith("MISMATCH@2 (Δlogit 0.0") and got.endswith("within rounding 0.02σ)")
+    assert got.startswith("MISMATCH@2 (Δlogit 0.000σ rms") and got.endswith("within rounding 0.005σ)")
     assert bench.BenchResult((_row(check=got),)).mismatch  # still loud without --allow-near-ties
     assert bench.gate(tie, [("all-in-VRAM", ref)], allow_near_ties=True) == "ok (near tie @2)"
     # a wrong layer: the same flip, but logits unrelated to the reference's
@@ -83,10 +83,34 @@ def test_gate_tells_a_near_tie_from_a_wrong_layer():
     assert got.startswith("MISMATCH@2 (Δlogit") and "above rounding" in got
     # ... unless stock at the same budget deviates as much from all-in-VRAM: calibrate against it
     stock = bench.Greedy(ref_tokens, other + rng.normal(0, 0.5, other.shape))
-    got = bench.gate(wrong, [("all-in-VRAM", ref)], peer=("stock ngl=5", stock))
-    assert "within stock ngl=5's own" in got
+    got = bench.gate(wrong, [("all-in-VRAM", ref)], peers=[("stock ngl=5", stock)])
+    assert "within 1.5x stock ngl=5's own" in got
     calm = bench.Greedy(ref_tokens, logits + 1e-6)
-    assert "above rounding" in bench.gate(wrong, [("all-in-VRAM", ref)], peer=("stock ngl=5", calm))
+    assert "above rounding" in bench.gate(wrong, [("all-in-VRAM", ref)], peers=[("stock ngl=5", calm)])
+    # any stock split of the run calibrates: the most deviating one decides
+    got = bench.gate(wrong, [("all-in-VRAM", ref)], peers=[("stock ngl=5", calm), ("stock ngl=9", stock)])
+    assert "within 1.5x stock ngl=9's own" in got
+
+
+def test_gate_judges_every_position_before_the_flip():
+    """A peer calibrates with its deviation up to its own flip; the
+    candidate is judged over all its positions up to its flip, so unrelated
+    logits after the peer's flip still fail, and a peer that rounds like the
+    candidate passes it wherever it flips."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    tokens = (1, 2, 3, 4, 5, 6)
+    logits = rng.normal(0, 1, (6, 4096))
+    ref = bench.Greedy(tokens, logits)
+    bad = logits.copy()
+    bad[4] = rng.normal(0, 1, 4096)  # unrelated logits at position 4
+    early = bench.Greedy((1, 7, 3, 4, 5, 6), logits + rng.normal(0, 0.2, logits.shape))  # flips at 1
+    got = bench.gate(bench.Greedy((1, 2, 3, 4, 9, 6), bad), [("all-in-VRAM", ref)], peers=[("stock ngl=3", early)])
+    assert got.startswith("MISMATCH@4") and "above 1.5x stock ngl=3's own" in got
+    rounded = bench.Greedy((1, 2, 3, 4, 9, 6), logits + rng.normal(0, 0.2, logits.shape))
+    got = bench.gate(rounded, [("all-in-VRAM", ref)], peers=[("stock ngl=3", early)])
+    assert "within 1.5x stock ngl=3's own" in got
 
 
 # ------------------------------------------------------------ stock ngl search

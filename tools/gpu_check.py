@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gguf_stream import make_plan, read_model  # noqa: E402  (before numpy, see gguf_stream/__init__.py)
 import numpy as np  # noqa: E402
 from gguf_stream.planner import format_size  # noqa: E402
+from gguf_stream.bench import Greedy, check_tokens, logit_noise  # noqa: E402
 from gguf_stream.runtime import StockModel, StreamedModel, native  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -77,6 +78,13 @@ def main() -> int:
         m.eval([max(m.token_bos(), 0)] + [int(x) for x in pp])
         pp_seconds = time.perf_counter() - t_pp
         pp_counters = m.stats.counters
+        # What the benchmark's gate sees from a streaming bug: two streamed
+        # layers' sources swapped (uploads from then on bring the wrong bytes).
+        m.reset()
+        x, y = m.plan.streamed[:2]
+        m.engine.debug_swap_sources(x, y)
+        bad_tokens, bad_logits = m.generate(prompt, 16, with_logits=True)
+        m.engine.debug_swap_sources(x, y)
         res["streamed"] = {
             "budget": budget, "streamed_layers": list(m.plan.streamed), "n_slots": m.plan.n_slots,
             "plan_estimate": m.plan.device_bytes, "vram_after_load": gen_stats.vram_used_bytes,
@@ -88,6 +96,9 @@ def main() -> int:
     res["tokens_identical"] = tokens == ref_tokens
     res["logits_max_abs_diff"] = diff
     res["peak_within_budget"] = res["streamed"]["peak_vram"] <= budget
+    ref, bad = Greedy(tuple(ref_tokens), ref_logits), Greedy(tuple(bad_tokens), bad_logits)
+    flip = check_tokens(ref.tokens[:16], bad.tokens).first_mismatch
+    res["swapped_layers_logit_rms"] = logit_noise(ref, bad, 15 if flip is None else flip)
     s = res["streamed"]
     print(f"greedy {a.tokens} tokens identical: {res['tokens_identical']}; logits max |diff| = {diff}")
     print(f"budget {format_size(budget)}: plan estimate {format_size(s['plan_estimate'])}, "
@@ -95,6 +106,8 @@ def main() -> int:
           f"within budget: {res['peak_within_budget']}; pinned host {format_size(s['pinned_host'])}")
     print(f"generation counters: {s['generation_counters']}")
     print(f"pp{a.n_ubatch}: {a.n_ubatch / pp_seconds:.0f} t/s, counters {s['pp_counters']}", flush=True)
+    print(f"two streamed layers swapped (a simulated slot bug): greedy tokens differ from {flip}, "
+          f"Δlogit {res['swapped_layers_logit_rms']:.3f}σ rms (the bench gate's measure)", flush=True)
 
     base_free, base_rss = native.device_memory("CUDA0")[0], rss_bytes()
     cycles = []
