@@ -90,8 +90,8 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 #define GS_PHASE_PROMPT ...
 #define GS_PHASE_GENERATE ...
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
-int  gs_engine_set_phase(gs_engine *e, int phase);
-int  gs_engine_kv_attach(gs_engine *e);
+int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
+int  gs_engine_kv_attach(gs_engine *e, int reuse_min_batch);
 int  gs_engine_kv_detach(gs_engine *e);
 int  gs_engine_kv_cleared(gs_engine *e);
 int  gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n);

@@ -13,11 +13,13 @@ llama-cpp-python 0.3.36's exact constructor, which gguf-stream pins anyway.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from contextlib import contextmanager
 
 from . import llama_abi
+from .errors import DecodeError
 from .runtime import EngineConfig
 from .streamer import Streamer
 
@@ -73,9 +75,37 @@ class _StreamedContext(internals.LlamaContext):
         self._streamer.kv_cleared()
 
     def decode(self, batch):
-        self._streamer.before_decode(batch.n_tokens())
-        super().decode(batch)
-        self._streamer.check("llama_decode")
+        sizes = self._streamer.decode_sizes(batch.n_tokens())
+        if len(sizes) == 1:
+            self._streamer.before_decode(batch.n_tokens())
+            super().decode(batch)
+            self._streamer.check("llama_decode")
+            return
+        b = batch.batch
+        if b.embd or any(b.logits[i] for i in range(sizes[0])):
+            # the split would lose those outputs (each llama_decode call replaces them)
+            raise DecodeError("this context reuses graphs, so a prompt's short tail is decoded on its own, "
+                              "which loses outputs requested before it; create the model with "
+                              "graph_reuse=False to keep them")
+        start = 0
+        for n in sizes:
+            self._streamer.before_decode(n)
+            rc = llama_cpp.llama_decode(self.ctx, _batch_view(b, start, n))
+            self._streamer.check("llama_decode")
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            start += n
+
+
+def _batch_view(b, start: int, n: int):
+    """Tokens start..start+n of a token llama_batch, sharing its arrays."""
+    def at(ptr):
+        if not ptr:
+            return ptr
+        return ctypes.cast(ctypes.addressof(ptr.contents) + start * ctypes.sizeof(ptr._type_), type(ptr))
+
+    return llama_cpp.llama_batch(n_tokens=n, token=at(b.token), embd=b.embd, pos=at(b.pos),
+                                 n_seq_id=at(b.n_seq_id), seq_id=at(b.seq_id), logits=at(b.logits))
 
 
 class _Internals:
@@ -100,13 +130,14 @@ class StreamedLlama(llama_cpp.Llama):
     Takes Llama's keyword arguments plus the engine's: ``vram_budget`` (the
     planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
     and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``,
-    ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig).
+    ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig)
+    and ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``).
     ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
                  n_slots=None, device: str = "auto", prefetch: bool = True,
-                 generate_cpu_layers="none", **llama_kwargs):
+                 generate_cpu_layers="none", graph_reuse: bool = True, **llama_kwargs):
         n_ctx = llama_kwargs.get("n_ctx", 512)
         n_batch = min(llama_kwargs.get("n_batch", 512), n_ctx) if n_ctx else llama_kwargs.get("n_batch", 512)
         config = EngineConfig(
@@ -116,6 +147,9 @@ class StreamedLlama(llama_cpp.Llama):
             n_ubatch=min(llama_kwargs.get("n_ubatch", 512), n_batch),
             flash_attn=llama_kwargs.get("flash_attn", False), n_threads=llama_kwargs.get("n_threads"),
             verbose=llama_kwargs.get("verbose", True),
+            # splitting a prompt's short tail off (see EngineConfig.graph_reuse)
+            # would lose the outputs of every token before it
+            graph_reuse=graph_reuse and not (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")),
         )
         self._streamer = streamer = Streamer(model_path, config)
         self._vram_base = streamer.vram_free()

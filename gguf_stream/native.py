@@ -186,14 +186,18 @@ class Engine:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
 
-    def set_phase(self, phase: int) -> None:
-        _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._h, phase))
+    def set_phase(self, phase: int, hold_kv: bool = False) -> None:
+        """Between decodes. hold_kv: the coming (generate-phase) decode may
+        reuse the last graph, so the CPU layers' KV caches stay where it saw them."""
+        _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._h, phase, int(hold_kv)))
 
-    def kv_attach(self) -> None:
+    def kv_attach(self, reuse_min_batch: int = 0) -> None:
         """Right after creating a context: its KV caches are recorded during
         its first decode, so CPU layers' ones can live in host memory while
-        generating."""
-        _check("gs_engine_kv_attach", lib.gs_engine_kv_attach(self._h))
+        generating. reuse_min_batch > 0: the context reuses graphs, and
+        ubatches of that many tokens or more must run in the prompt phase,
+        smaller ones in the generate phase (see gs_engine_kv_attach)."""
+        _check("gs_engine_kv_attach", lib.gs_engine_kv_attach(self._h, reuse_min_batch))
 
     def kv_detach(self) -> None:
         """Before freeing that context: every KV cache goes back to llama.cpp's buffers."""

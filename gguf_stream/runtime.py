@@ -63,6 +63,14 @@ class EngineConfig:
     # so their RMS norms run on the CPU with the rest of the layer (two
     # backend switches per CPU layer, not four); False: an A/B aid.
     cpu_layer_device: bool = True
+    # Let the context reuse a graph for the next decode of the same shape
+    # (llama.cpp's default; saves building one per generated token). With CPU
+    # layers the engine then keeps the placement a function of the shape: a
+    # prompt's tail ubatch under the offload threshold is decoded on its own,
+    # in the generate placement, and CPU layers cannot change on the live
+    # context. False: rebuild every graph (StreamedLlama, when every token's
+    # outputs are kept, and the probes that change CPU layers on the fly).
+    graph_reuse: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -258,15 +266,22 @@ class _Session:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
         step = self.config.n_batch
         for i in range(0, len(tokens), step):
-            chunk = tokens[i:i + step]
-            arr = (self._lc.llama_token * len(chunk))(*chunk)
-            self._before_decode(len(chunk))
-            rc = self._lc.llama_decode(self.ctx, self._lc.llama_batch_get_one(arr, len(chunk)))
-            self._after_decode()
-            if rc != 0:
-                raise DecodeError(f"llama_decode returned {rc} (1: KV cache full - raise n_ctx or reset(); "
-                                  "2: aborted; <0: error)")
+            start = i
+            for n in self._decode_sizes(len(tokens[i:i + step])):
+                part = tokens[start:start + n]
+                start += n
+                arr = (self._lc.llama_token * n)(*part)
+                self._before_decode(n)
+                rc = self._lc.llama_decode(self.ctx, self._lc.llama_batch_get_one(arr, n))
+                self._after_decode()
+                if rc != 0:
+                    raise DecodeError(f"llama_decode returned {rc} (1: KV cache full - raise n_ctx or reset(); "
+                                      "2: aborted; <0: error)")
         self._vram_sample()
+
+    def _decode_sizes(self, n_tokens: int) -> list[int]:
+        """Hook for subclasses: how many tokens each llama_decode call takes."""
+        return [n_tokens]
 
     def _before_decode(self, n_tokens: int) -> None:
         """Hook for subclasses: placement for the batch about to be decoded."""
@@ -431,6 +446,9 @@ class StreamedModel(_Session):
     @property
     def engine(self) -> native.Engine | None:
         return self.streamer.engine if self.streamer else None
+
+    def _decode_sizes(self, n_tokens: int) -> list[int]:
+        return self.streamer.decode_sizes(n_tokens) if self.streamer is not None else [n_tokens]
 
     def _before_decode(self, n_tokens: int) -> None:
         if self.streamer is not None:

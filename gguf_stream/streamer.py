@@ -121,6 +121,8 @@ class Streamer:
         self.predicted_token_seconds: float | None = None
         self.split_trials: dict[int, float] | None = None  # CPU-layer count -> measured seconds per token
         self.layer_devices_bound = False
+        self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
+        self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
         self._keep = []
         if self.plan.streamed:
             device = "CUDA0" if self.cuda else "CPU"
@@ -318,12 +320,12 @@ class Streamer:
         p = self._small_context_params(CALIBRATION_BATCH)
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
-        with no_graph_reuse():  # a token's graph must not outlive the KV caches' moves
+        with no_graph_reuse():  # CPU layers change under it between trials
             ctx = lc.llama_init_from_model(model, p)
         if not ctx:
             raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
         try:
-            self.context_opened()
+            e.kv_attach()  # (a context that rebuilds every graph)
             yield ctx
         finally:
             try:
@@ -415,23 +417,49 @@ class Streamer:
     def _store_rates(self, rates: Rates) -> None:
         self._cache_put(self._cache_key(), rates.__dict__)
 
+    def decode_sizes(self, n_tokens: int) -> list[int]:
+        """How many tokens each llama_decode call takes for a batch of
+        n_tokens (at most n_batch). One call, except where a graph could
+        otherwise be reused under another placement: a prompt whose tail
+        ubatch is under OFFLOAD_MIN_BATCH tokens decodes that tail on its
+        own, in the generate placement (where stock -ngl runs such a ubatch
+        too), so that every graph's shape decides its placement."""
+        ub = self.config.n_ubatch
+        tail = n_tokens % ub
+        if (self.engine is None or not self.reuses_graphs or not self.plan.cpu_layers
+                or ub < OFFLOAD_MIN_BATCH or n_tokens <= ub or not 0 < tail < OFFLOAD_MIN_BATCH):
+            return [n_tokens]
+        return [n_tokens - tail, tail]
+
     def before_decode(self, n_tokens: int) -> None:
         """Prompt-sized ubatches stream every non-resident layer; small ones
         leave the CPU layers to the CPU (ggml runs host weights on the CPU
-        below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
-        if self.engine is not None:
-            first_ubatch = min(n_tokens, self.config.n_ubatch)
-            self.engine.set_phase(native.PHASE_PROMPT if first_ubatch >= OFFLOAD_MIN_BATCH
-                                  else native.PHASE_GENERATE)
+        below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides: see
+        decode_sizes for the calls where it would not)."""
+        if self.engine is None:
+            return
+        ub = self.config.n_ubatch
+        first, last = min(n_tokens, ub), (n_tokens - 1) % ub + 1
+        generate = first < OFFLOAD_MIN_BATCH
+        # A decode of the last graph's shape may reuse it: CPU layers' KV
+        # caches stay where that graph reads them (the first move to host
+        # memory waits for a decode of another shape).
+        hold = self.reuses_graphs and generate and first == self._last_ubatch
+        self.engine.set_phase(native.PHASE_GENERATE if generate else native.PHASE_PROMPT, hold_kv=hold)
+        self._last_ubatch = last
 
     @contextmanager
     def creating_context(self):
-        """Wrap llama_init_from_model. With CPU layers, a context must not
-        reuse a graph across decodes: the scheduler's placement is baked into
-        the graph, and a reused one could outlive a phase switch (a prompt's
-        tail ubatch and the next generated token can have the same shape),
-        its views still pointing at a KV cache that has since moved."""
-        if self.engine is None or not self.plan.cpu_layers:
+        """Wrap llama_init_from_model for the context that will decode. It
+        reuses graphs (llama.cpp's default) unless the config or the
+        environment (LLAMA_GRAPH_REUSE_DISABLE) says otherwise. A reused
+        graph keeps the scheduler's placement and the KV views it was built
+        with; with CPU layers the driver keeps placement a function of the
+        graph's shape for such contexts (decode_sizes, before_decode, and the
+        engine's checks)."""
+        self.reuses_graphs = (self.config.graph_reuse
+                              and not int(os.environ.get("LLAMA_GRAPH_REUSE_DISABLE") or 0))
+        if self.engine is None or self.reuses_graphs:
             yield
             return
         with no_graph_reuse():
@@ -439,11 +467,12 @@ class Streamer:
 
     # -- context --
     def context_opened(self) -> None:
-        """Right after creating the context that will decode: the engine
-        records its KV caches (CPU layers keep theirs in host memory while
-        generating)."""
+        """Right after creating the context that will decode (inside
+        creating_context): the engine records its KV caches (CPU layers
+        keep theirs in host memory while generating)."""
+        self._last_ubatch = 0
         if self.engine is not None:
-            self.engine.kv_attach()
+            self.engine.kv_attach(OFFLOAD_MIN_BATCH if self.reuses_graphs else 0)
 
     def kv_cleared(self) -> None:
         """After llama_memory_clear on that context."""

@@ -369,6 +369,8 @@ struct gs_engine {
     int        n_slots;
     int        kv_attached, kv_scan;  /* a context's KV caches are (being) recorded */
     int        kv_cleared;            /* no cell in use since llama_memory_clear: moves copy nothing */
+    int        reuse_min_batch;       /* >0: the attached context reuses graphs (see gs_engine_kv_attach) */
+    int        hold_kv;               /* generate phase: leave the CPU layers' caches where they are */
     void      *cpu_dev;               /* set while layer devices are bound */
 
     /* per-layer timing (calibration) */
@@ -1019,6 +1021,12 @@ int gs_engine_timeline_get(gs_engine *e, gs_timeline *out) {
     return GS_OK;
 }
 
+static int has_cpu_layers(const gs_engine *e) {
+    for (int i = 0; i < e->cfg.n_layer; i++)
+        if (e->layers[i].cpu_generate) return 1;
+    return 0;
+}
+
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
@@ -1028,13 +1036,23 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     if (ask && e->kv_scan) kv_scan_node(e, t);
     if (ask && e->kv_attached && kv_view_stale(t)) {
         fail(GS_E_GRAPH, "node %s reads KV cache %s where it was before moving between device and host: "
-             "the context reused a graph across a phase switch (create it with LLAMA_GRAPH_REUSE_DISABLE=1)",
+             "the context reused a graph across a move of the caches (decode through the driver, which holds them "
+             "for such decodes, or create the context with LLAMA_GRAPH_REUSE_DISABLE=1)",
              t->name, t->view_src->name);
         engine_fail(e, GS_E_GRAPH);
         return false;
     }
     int i = parse_index(t->name, "l_out-", '\0');
     int n = e->cfg.n_layer, ph = e->phase;
+    if (ask && i == 0 && e->reuse_min_batch && has_cpu_layers(e)
+        && (t->ne[1] >= e->reuse_min_batch) != (ph == GS_PHASE_PROMPT)) {
+        fail(GS_E_GRAPH, "a ubatch of %lld tokens ran in the %s phase on a context that reuses graphs: ubatches of "
+             "%d or more tokens must run in the prompt phase, smaller ones in the generate phase (decode a "
+             "prompt's short tail on its own), or a later decode could reuse this graph's placement",
+             (long long)t->ne[1], ph == GS_PHASE_PROMPT ? "prompt" : "generate", e->reuse_min_batch);
+        engine_fail(e, GS_E_GRAPH);
+        return false;
+    }
     if (ask) {
         if (i >= 0 && i < n && (e->timing || e->layers[i].sidx[ph] >= 0 || (i + 1 < n && e->layers[i + 1].sidx[ph] >= 0))) {
             /* Only the next layer's adoption needs this boundary. If its copy
@@ -1070,10 +1088,15 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
 static int set_phase(gs_engine *e, int phase);
 static int sync_kv(gs_engine *e);
 
+
 /* Which overflow layers the CPU computes while generating. Before start, or
  * between decodes (the engine then returns to the prompt phase; a context
  * must not reuse a generate-phase graph built under the old choice). */
 int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
+    if (e->kv_attached && e->reuse_min_batch)
+        return fail(GS_E_INVALID, "set_cpu_layers: the attached context reuses graphs, which keep the placement "
+                    "they were built with; choose CPU layers before creating it, or create it without graph "
+                    "reuse (graph_reuse=False, or LLAMA_GRAPH_REUSE_DISABLE=1)");
     for (int k = 0; k < n; k++)
         if (layers[k] < 0 || layers[k] >= e->cfg.n_layer)
             return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
@@ -1338,6 +1361,7 @@ static int sync_kv(gs_engine *e) {
         int movable = ly->kv[0].t && ly->kv[0].n_views >= 0 && ly->kv[1].n_views >= 0;
         int want = e->kv_attached && e->cfg.host_kv_buft && e->started && e->phase == GS_PHASE_GENERATE
                    && ly->cpu_generate && movable;
+        if (e->kv_attached && e->hold_kv && e->phase == GS_PHASE_GENERATE) want = ly->kv_on_host;
         if (want != ly->kv_on_host) {
             if (!synced && e->cfg.use_cuda) {
                 int err = C.DeviceSynchronize();
@@ -1360,10 +1384,13 @@ static void kv_forget(gs_engine *e) {
     for (int i = 0; i < e->cfg.n_layer; i++) memset(e->layers[i].kv, 0, sizeof e->layers[i].kv);
 }
 
-int gs_engine_kv_attach(gs_engine *e) {
+int gs_engine_kv_attach(gs_engine *e, int reuse_min_batch) {
     if (e->kv_attached) return fail(GS_E_INVALID, "gs_engine_kv_attach: another context's KV cache is attached");
+    if (reuse_min_batch < 0) return fail(GS_E_INVALID, "gs_engine_kv_attach: reuse_min_batch %d < 0", reuse_min_batch);
     kv_forget(e);
     e->kv_attached = e->kv_scan = 1;
+    e->reuse_min_batch = reuse_min_batch;
+    e->hold_kv = 0;
     return GS_OK;
 }
 
@@ -1372,7 +1399,7 @@ int gs_engine_kv_detach(gs_engine *e) {
      * model (whose host memory the uploads read) may be freed next. */
     int rc = copy_engine_drain(e);
     if (!e->kv_attached) return rc;
-    e->kv_attached = e->kv_scan = 0;
+    e->kv_attached = e->kv_scan = e->reuse_min_batch = e->hold_kv = 0;
     int rc_kv = sync_kv(e);   /* every cache home, host buffers freed */
     kv_forget(e);
     return rc ? rc : rc_kv;
@@ -1393,12 +1420,12 @@ int gs_engine_kv_known(gs_engine *e, int *n_layers) {
 /* Between decodes only. Layers computed by the CPU while generating go back
  * to their host buffer (the scheduler then places their ops on the CPU for
  * small batches); in the prompt phase they stream like the others. The
- * scheduler's placement lives in the graph, so a context whose engine has
- * CPU layers must not reuse graphs across calls (the driver disables reuse
- * for such contexts). */
-int gs_engine_set_phase(gs_engine *e, int phase) {
+ * scheduler's placement lives in the graph: see gs_engine_kv_attach for
+ * contexts that reuse graphs. */
+int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
+    e->hold_kv = hold_kv != 0;
     if (!e->started) return GS_OK;
     /* Recording stops after the attached context's first full decode. */
     if (e->kv_scan) { int n; gs_engine_kv_known(e, &n); if (n) e->kv_scan = 0; }

@@ -153,8 +153,11 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
  * they stream in the prompt phase). Before start, or between decodes: the
  * engine then returns to the prompt phase. */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
-/* Switch placement between decodes; the engine starts in the prompt phase. */
-int  gs_engine_set_phase(gs_engine *e, int phase);
+/* Switch placement between decodes; the engine starts in the prompt phase.
+ * hold_kv (generate phase): leave the CPU layers' KV caches where they are
+ * for the coming decode, which may reuse a graph built before they could
+ * move (see gs_engine_kv_attach). */
+int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
 /* KV caches of the CPU layers. Attention runs where a layer's KV cache
  * lives: left on the device, every CPU layer would hand its activations to
  * the GPU and back three times per token. With host_kv_buft set, the cache
@@ -165,8 +168,17 @@ int  gs_engine_set_phase(gs_engine *e, int phase);
  * reads), so the CPU computes the whole layer like stock does.
  * Attach right after creating the context; detach (moves everything back
  * and waits for the uploads in flight, which read the model's host memory)
- * before freeing it. One context at a time: a second attach fails. */
-int  gs_engine_kv_attach(gs_engine *e);
+ * before freeing it. One context at a time: a second attach fails.
+ * reuse_min_batch > 0: the context may reuse its last graph for a decode of
+ * the same shape (llama.cpp's default), and a graph keeps the scheduler's
+ * placement and the KV views it was built with. The driver then keeps the
+ * placement a function of the shape: a ubatch of n tokens runs in the
+ * prompt phase iff n >= reuse_min_batch (checked at every decode while CPU
+ * layers exist), CPU layers do not change while attached, and the caches'
+ * moves to host memory wait (hold_kv) while the coming decode has the last
+ * graph's shape. 0: the context rebuilds every graph (created with
+ * LLAMA_GRAPH_REUSE_DISABLE=1). */
+int  gs_engine_kv_attach(gs_engine *e, int reuse_min_batch);
 int  gs_engine_kv_detach(gs_engine *e);
 /* After llama_memory_clear: every cell is free, so moves until the next
  * decode only re-point the caches (their bytes no longer matter). */

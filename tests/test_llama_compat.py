@@ -154,3 +154,45 @@ def test_counters_show_streaming_and_close(gemma_path):
         llm.close()
     assert llm.stats["counters"] is None  # the slot ring is gone
     llm.close()  # twice is fine
+
+
+def test_cpu_layers_with_graph_reuse_match_stock(gemma_path, monkeypatch):
+    """With CPU layers and graph reuse (the default), a prompt of 64 + 5
+    tokens in one n_batch chunk has its 5-token tail decoded on its own
+    (llama_batch views of Llama's batch); logits equal stock's bit for bit,
+    before and after a generated token."""
+    sizes = dict(LLAMA, n_ctx=512, n_batch=128, n_ubatch=64)
+    with swapped(llama_module, "internals", _NoRepack()):
+        stock = llama_cpp.Llama(str(gemma_path), **sizes)
+    llm = StreamedLlama(gemma_path, **ENGINE, **sizes, generate_cpu_layers=(5, 14))
+    try:
+        seen = []
+        before = llm._streamer.before_decode
+        monkeypatch.setattr(llm._streamer, "before_decode", lambda n: (seen.append(n), before(n))[1])
+        tokens = stock.tokenize((PROMPT + " Paris. ") .encode() * 12)[:69]
+        assert len(tokens) == 69
+        got = []
+        for m in (stock, llm):
+            m.eval(tokens)
+            first = last_logits(m)
+            m.eval([int(np.argmax(first))])
+            got.append((first, last_logits(m)))
+        assert llm._streamer.reuses_graphs and seen == [64, 5, 1]
+        assert llm.stats["counters"].host_kv_bytes > 0
+        for want, have in zip(*got):
+            assert np.array_equal(have, want), f"max |diff| {np.abs(have - want).max()}"
+    finally:
+        llm.close()
+        stock.close()
+
+
+def test_every_token_outputs_turn_graph_reuse_off(gemma_path):
+    """logits_all keeps every token's logits, which the tail split would
+    lose: such a Llama rebuilds graphs and decodes each n_batch chunk whole."""
+    llm = StreamedLlama(gemma_path, **ENGINE, **dict(LLAMA, n_ctx=512, n_batch=128, n_ubatch=64),
+                        generate_cpu_layers=(5, 14), logits_all=True)
+    try:
+        assert not llm._streamer.reuses_graphs
+        assert llm._streamer.decode_sizes(69) == [69]
+    finally:
+        llm.close()

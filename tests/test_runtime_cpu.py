@@ -242,7 +242,7 @@ def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
             refs[repack] = s.generate(prompt, N_GEN, with_logits=True)
     assert not np.array_equal(refs[True][1], refs[False][1])
     with StreamedModel(gemma_path, **CPU, cpu_repack=True, n_streamed=n, n_slots=2,
-                       generate_cpu_layers=list(range(n))) as m:
+                       generate_cpu_layers=list(range(n)), graph_reuse=False) as m:  # CPU layers change below
         assert m.stats.counters.repacked_bytes > 0
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         assert m.stats.counters.adoptions == 0  # nothing streamed: every layer ran on the CPU
@@ -423,17 +423,87 @@ def test_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
     assert tokens == ref[0] and np.array_equal(logits, ref[1])
 
 
-def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
-    """A context that may reuse graphs (created before CPU layers were
-    chosen) would keep reading a KV cache where it was before the move: the
-    engine names the problem instead of computing with stale values."""
+def test_cpu_layers_change_only_under_contexts_that_rebuild_graphs(tiny_path):
+    """A reused graph keeps the placement it was built with: on a context
+    that reuses graphs (the default) CPU layers are chosen before it exists;
+    with graph_reuse=False they may change between any two decodes."""
     from gguf_stream import NativeError
 
-    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:  # no CPU layers yet: graph reuse stays on
-        m.engine.set_cpu_layers(hybrid_cpu_layers(tiny_path))
+    cpu = hybrid_cpu_layers(tiny_path)
+    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:
+        with pytest.raises(NativeError, match="reuses graphs"):
+            m.engine.set_cpu_layers(cpu)
+    with StreamedModel(tiny_path, **CPU, **HYBRID, graph_reuse=False) as m:
+        m.eval([max(m.token_bos(), 0)])
+        m.engine.set_cpu_layers(cpu)
+        m.eval([5])
+        m.eval([6])
+        assert m.stats.counters.host_kv_bytes > 0
+
+
+def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
+    """The engine's safety net: a KV move behind the driver's back (which
+    would have held the caches for a decode of the last graph's shape)
+    under a reused graph is named instead of computed with stale values."""
+    from gguf_stream import NativeError, native
+
+    with StreamedModel(tiny_path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path)) as m:
         m.eval([max(m.token_bos(), 0)])  # generate phase; the engine sees the KV caches
+        m.engine.set_phase(native.PHASE_GENERATE)  # no hold: the CPU layers' caches move now
         with pytest.raises(NativeError, match="reused a graph"):
             m.eval([5])  # same shape: llama.cpp reuses the graph, built before the move
+
+
+def test_prompt_phase_tail_is_an_error_when_graphs_are_reused(tiny_path):
+    """Decoding a prompt's short tail ubatch in the prompt phase (what the
+    driver splits off) would leave a graph that a generated token of the same
+    size could reuse under the wrong placement: the engine refuses it."""
+    from gguf_stream import NativeError, native
+
+    with StreamedModel(tiny_path, **{**CPU, "n_ctx": 512, "n_batch": 128}, **HYBRID,
+                       generate_cpu_layers=hybrid_cpu_layers(tiny_path)) as m:
+        assert m.streamer.decode_sizes(69) == [64, 5]
+        lc = m._lc
+        arr = (lc.llama_token * 69)(*([max(m.token_bos(), 0)] + [7] * 68))
+        m.engine.set_phase(native.PHASE_PROMPT)
+        lc.llama_decode(m.ctx, lc.llama_batch_get_one(arr, 69))
+        with pytest.raises(NativeError, match="ran in the prompt phase"):
+            m.streamer.check("llama_decode")
+
+
+def test_graph_reuse_with_cpu_layers_matches_stock(case, monkeypatch):
+    """Graph reuse (the default) with CPU layers, through every case the
+    driver handles: a first decode and the next of the same shape (the KV
+    move waits), prompts ending in a short tail ubatch (decoded on its own,
+    in the generate placement), a one-token tail followed by generated
+    tokens of its shape. Greedy tokens and logits equal stock's bit for
+    bit, and llama.cpp did reuse graphs."""
+    path = case[0]
+    opts = {**CPU, "n_ctx": 512, "n_batch": 128}  # n_ubatch 64: 64 + k tokens end in a k-token tail
+
+    def chat(m):
+        bos = max(m.token_bos(), 0)
+        words = m.tokenize(PROMPT * 16, add_bos=False)
+        assert len(words) >= 135
+        m.eval([bos])
+        m.eval([words[0]])
+        first = m.generate(words[1:70], 3, with_logits=True)     # 69 tokens: 64 + 5
+        second = m.generate(words[70:135], 3, with_logits=True)  # 65 tokens: 64 + 1
+        return first[0] + second[0], np.concatenate([first[1], second[1]])
+
+    with StockModel(path, **opts) as s:
+        ref_tokens, ref_logits = chat(s)
+    with StreamedModel(path, **opts, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        calls, decode = [], m._lc.llama_decode
+        monkeypatch.setattr(m._lc, "llama_decode", lambda ctx, batch: (calls.append(batch.n_tokens),
+                                                                       decode(ctx, batch))[1])
+        tokens, logits = chat(m)
+        reused = m._lc.llama_perf_context(m.ctx).n_reused
+        c = m.stats.counters
+    assert m.streamer.reuses_graphs and reused > 0
+    assert calls[:4] == [1, 1, 64, 5] and [64, 1] in [calls[i:i + 2] for i in range(4, len(calls))]
+    assert c.host_kv_bytes > 0 and c.kv_moved_bytes > 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
 def test_cleared_cache_moves_without_copying(case):
