@@ -267,7 +267,7 @@ class _Session:
         step = self.config.n_batch
         for i in range(0, len(tokens), step):
             start = i
-            for n in self._decode_sizes(len(tokens[i:i + step])):
+            for n in self._decode_sizes(min(step, len(tokens) - i)):
                 part = tokens[start:start + n]
                 start += n
                 arr = (self._lc.llama_token * n)(*part)

@@ -1088,7 +1088,6 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
 static int set_phase(gs_engine *e, int phase);
 static int sync_kv(gs_engine *e);
 
-
 /* Which overflow layers the CPU computes while generating. Before start, or
  * between decodes (the engine then returns to the prompt phase; a context
  * must not reuse a generate-phase graph built under the old choice). */
