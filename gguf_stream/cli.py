@@ -170,6 +170,15 @@ def pick_device(requested: str) -> str:
     return "host"
 
 
+def context_options(args) -> dict:
+    """n_ctx, n_batch, n_ubatch and flash_attn from -c / -b / -ub / -fa, as
+    llama.cpp clamps them (a batch no larger than the context, a ubatch no
+    larger than the batch): one derivation for plan, run, chat and serve."""
+    n_batch = min(args.batch_size, args.ctx_size)
+    return dict(n_ctx=args.ctx_size, n_batch=n_batch, n_ubatch=min(args.ubatch_size, n_batch),
+                flash_attn=args.flash_attn == "on")
+
+
 def explicit_placement(args, mf) -> dict | None:
     """make_plan options from --vram-budget / --n-streamed / -ngl, or None."""
     if args.n_gpu_layers is not None:
@@ -259,10 +268,11 @@ def cmd_plan(args) -> int:
         raise ValueError("plan needs --vram-budget B (or --n-streamed K / -ngl N)")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
-    plan = make_plan(mf, n_ctx=args.ctx_size, n_ubatch=min(args.ubatch_size, args.batch_size),
-                     flash_attn=args.flash_attn == "on", **explicit_placement(args, mf))
+    ctx = context_options(args)
+    plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
+                     **explicit_placement(args, mf))
     print(plan.table())
-    print(f"(estimates from the GGUF header at -c {args.ctx_size} -ub {min(args.ubatch_size, args.batch_size)}; "
+    print(f"(estimates from the GGUF header at -c {ctx['n_ctx']} -ub {ctx['n_ubatch']}; "
           "`run` measures the real figures)")
     return EXIT_OK
 
@@ -279,13 +289,10 @@ def cmd_run(args) -> int:
     options = placement(args, path, device)
     if split is not None:
         options["generate_cpu_layers"] = split
-    n_batch = min(args.batch_size, args.ctx_size)
     say(f"loading {path} ({device} mode)")
     t0 = time.perf_counter()
-    model = gguf_stream.load(path, device=device, n_ctx=args.ctx_size, n_batch=n_batch,
-                             n_ubatch=min(args.ubatch_size, n_batch), flash_attn=args.flash_attn == "on",
-                             n_threads=args.threads, prefetch=not args.no_prefetch, verbose=args.verbose,
-                             **options)
+    model = gguf_stream.load(path, device=device, **context_options(args), n_threads=args.threads,
+                             prefetch=not args.no_prefetch, verbose=args.verbose, **options)
     try:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
         return _generate(model, args)
@@ -368,10 +375,8 @@ def _generate(model, args) -> int:
 
 def _streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
     from .llama_compat import StreamedLlama as cls
-    n_batch = min(args.batch_size, args.ctx_size)
-    return cls(path, device=device, prefetch=not args.no_prefetch, n_ctx=args.ctx_size, n_batch=n_batch,
-               n_ubatch=min(args.ubatch_size, n_batch), n_threads=args.threads,
-               flash_attn=args.flash_attn == "on", verbose=args.verbose, **options, **llama_kwargs)
+    return cls(path, device=device, prefetch=not args.no_prefetch, **context_options(args), n_threads=args.threads,
+               verbose=args.verbose, **options, **llama_kwargs)
 
 
 def cmd_chat(args) -> int:
@@ -492,10 +497,8 @@ def cmd_serve(args) -> int:
     options = placement(args, path, device)
     say(f"loading {path} ({device} mode)")
     t0 = time.perf_counter()
-    n_batch = min(args.batch_size, args.ctx_size)
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
-                            n_ctx=args.ctx_size, n_batch=n_batch, n_ubatch=min(args.ubatch_size, n_batch),
-                            n_threads=args.threads or _physical_cores(), flash_attn=args.flash_attn == "on",
+                            **context_options(args), n_threads=args.threads or _physical_cores(),
                             chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose, **options)
     try:
         llm = server.app_model(app)

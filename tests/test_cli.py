@@ -83,6 +83,10 @@ def test_plan_prints_the_table(capsys, gemma_path):
     assert rc == 0
     assert len([line for line in out.splitlines() if line.startswith("| ") and "| streamed |" in line]) == 6
 
+    # the ubatch is clamped like the context will clamp it (by -b, which -c clamps), as run does
+    rc, out, _ = run_main(capsys, "plan", str(gemma_path), "-ngl", "12", "-c", "128")
+    assert rc == 0 and "at -c 128 -ub 128;" in out
+
 
 def test_run_prints_stock_greedy_text_and_counters(capsys, gemma_path):
     rc, out, err = run_main(capsys, "run", str(gemma_path), "-p", PROMPT, "-n", "8", "--n-streamed", "6",
