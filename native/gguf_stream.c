@@ -370,6 +370,7 @@ struct gs_engine {
     int        kv_attached, kv_scan;  /* a context's KV caches are (being) recorded */
     int        kv_cleared;            /* no cell in use since llama_memory_clear: moves copy nothing */
     int        reuse_min_batch;       /* >0: the attached context reuses graphs (see gs_engine_kv_attach) */
+    int        check_shape;           /* ...and CPU layers exist: check each ubatch's phase (fixed while attached) */
     int        hold_kv;               /* generate phase: leave the CPU layers' caches where they are */
     void      *cpu_dev;               /* set while layer devices are bound */
 
@@ -1021,12 +1022,6 @@ int gs_engine_timeline_get(gs_engine *e, gs_timeline *out) {
     return GS_OK;
 }
 
-static int has_cpu_layers(const gs_engine *e) {
-    for (int i = 0; i < e->cfg.n_layer; i++)
-        if (e->layers[i].cpu_generate) return 1;
-    return 0;
-}
-
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     struct gs_tensor *t = tensor;
@@ -1044,7 +1039,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     }
     int i = parse_index(t->name, "l_out-", '\0');
     int n = e->cfg.n_layer, ph = e->phase;
-    if (ask && i == 0 && e->reuse_min_batch && has_cpu_layers(e)
+    if (ask && i == 0 && e->check_shape
         && (t->ne[1] >= e->reuse_min_batch) != (ph == GS_PHASE_PROMPT)) {
         fail(GS_E_GRAPH, "a ubatch of %lld tokens ran in the %s phase on a context that reuses graphs: ubatches of "
              "%d or more tokens must run in the prompt phase, smaller ones in the generate phase (decode a "
@@ -1089,8 +1084,9 @@ static int set_phase(gs_engine *e, int phase);
 static int sync_kv(gs_engine *e);
 
 /* Which overflow layers the CPU computes while generating. Before start, or
- * between decodes (the engine then returns to the prompt phase; a context
- * must not reuse a generate-phase graph built under the old choice). */
+ * between decodes (the engine then returns to the prompt phase); refused
+ * while a context that reuses graphs is attached (its graphs keep the old
+ * choice's placement). */
 int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
     if (e->kv_attached && e->reuse_min_batch)
         return fail(GS_E_INVALID, "set_cpu_layers: the attached context reuses graphs, which keep the placement "
@@ -1350,7 +1346,8 @@ static void kv_free_host(gs_engine *e, int layer) {
 }
 
 /* Every recorded cache where the phase wants it: a CPU layer's in host
- * memory while generating, everything else in llama.cpp's buffers. Between
+ * memory while generating (unless hold_kv keeps it where it is for a decode
+ * that may reuse the last graph), everything else in llama.cpp's buffers. Between
  * decodes only; the device is synchronised first (a decode returns before
  * its last kernels, which may still write the cache, have finished). */
 static int sync_kv(gs_engine *e) {
@@ -1389,6 +1386,9 @@ int gs_engine_kv_attach(gs_engine *e, int reuse_min_batch) {
     kv_forget(e);
     e->kv_attached = e->kv_scan = 1;
     e->reuse_min_batch = reuse_min_batch;
+    e->check_shape = 0;
+    for (int i = 0; reuse_min_batch && i < e->cfg.n_layer; i++)
+        if (e->layers[i].cpu_generate) e->check_shape = 1;   /* CPU layers cannot change while attached */
     e->hold_kv = 0;
     return GS_OK;
 }
@@ -1398,7 +1398,7 @@ int gs_engine_kv_detach(gs_engine *e) {
      * model (whose host memory the uploads read) may be freed next. */
     int rc = copy_engine_drain(e);
     if (!e->kv_attached) return rc;
-    e->kv_attached = e->kv_scan = e->reuse_min_batch = e->hold_kv = 0;
+    e->kv_attached = e->kv_scan = e->reuse_min_batch = e->check_shape = e->hold_kv = 0;
     int rc_kv = sync_kv(e);   /* every cache home, host buffers freed */
     kv_forget(e);
     return rc ? rc : rc_kv;
@@ -1409,11 +1409,11 @@ int gs_engine_kv_cleared(gs_engine *e) {
     return GS_OK;
 }
 
-int gs_engine_kv_known(gs_engine *e, int *n_layers) {
+/* Layers whose K and V the attached context has shown so far. */
+static int kv_known(const gs_engine *e) {
     int n = 0;
     for (int i = 0; i < e->cfg.n_layer; i++) n += e->layers[i].kv[0].t != NULL;
-    *n_layers = n;
-    return GS_OK;
+    return n;
 }
 
 /* Between decodes only. Layers computed by the CPU while generating go back
@@ -1427,7 +1427,7 @@ int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     e->hold_kv = hold_kv != 0;
     if (!e->started) return GS_OK;
     /* Recording stops after the attached context's first full decode. */
-    if (e->kv_scan) { int n; gs_engine_kv_known(e, &n); if (n) e->kv_scan = 0; }
+    if (e->kv_scan && kv_known(e)) e->kv_scan = 0;
     int rc = phase == e->phase ? sync_kv(e) : set_phase(e, phase);
     if (rc) engine_fail(e, rc);
     return rc;
@@ -1551,12 +1551,10 @@ int gs_engine_debug_swap_sources(gs_engine *e, int a, int b) {
         void *tmp = x->src; x->src = y->src; y->src = tmp;
     }
     /* Drop whatever the slots hold so the swapped sources are used at once. */
-    if (e->cfg.use_cuda && e->stream) C.StreamSynchronize(e->stream);
-    for (int s = 0; s < e->n_slots; s++) {
-        if (!e->cfg.use_cuda) copy_wait(e, s);
+    int rc = copy_engine_drain(e);
+    for (int s = 0; s < e->n_slots; s++)
         if (e->slots[s].state != SLOT_IN_USE) { e->slots[s].state = SLOT_EMPTY; e->slots[s].layer = -1; }
-    }
-    return GS_OK;
+    return rc;
 }
 
 void gs_engine_destroy(gs_engine *e) {

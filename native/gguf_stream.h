@@ -142,7 +142,9 @@ int  gs_engine_start(gs_engine *e);
 /* The scheduler hook, set as cb_eval with user data = engine.
  * ask=true:  answers true only at l_out-<i> where layer i is streamed (release
  *            its slot, start the next upload) or layer i+1 is (adopt it after
- *            the preceding work has finished); each true is a backend sync.
+ *            the preceding work has finished), and, while a timeline records,
+ *            at a graph's last node (result_output, whose segment end
+ *            llama.cpp synchronises anyway); each true is a backend sync.
  * ask=false: acts at that boundary and always answers true (false would
  *            silently drop the rest of the split).
  * Errors cannot be returned through the scheduler: they are recorded and read
@@ -151,7 +153,8 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 
 /* Layers the CPU computes in the generate phase (added like streamed ones:
  * they stream in the prompt phase). Before start, or between decodes: the
- * engine then returns to the prompt phase. */
+ * engine then returns to the prompt phase. Refused while a context that
+ * reuses graphs is attached (see gs_engine_kv_attach). */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are
@@ -183,8 +186,6 @@ int  gs_engine_kv_detach(gs_engine *e);
 /* After llama_memory_clear: every cell is free, so moves until the next
  * decode only re-point the caches (their bytes no longer matter). */
 int  gs_engine_kv_cleared(gs_engine *e);
-/* Layers whose K and V the attached context has shown so far. */
-int  gs_engine_kv_known(gs_engine *e, int *n_layers);
 
 /* llama.cpp pins each layer's "norm" ops (and "l_last") to the layer's
  * device for batches under 32 tokens. Our layers are all loaded as GPU layers
