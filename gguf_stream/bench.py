@@ -127,6 +127,14 @@ def logit_noise(ref: Greedy, other: Greedy, upto: int) -> float | None:
     return float(per_position.max() / (np.std(a) or 1.0))
 
 
+def deviation_to_flip(ref: Greedy, other: Greedy) -> tuple[int | None, float | None]:
+    """Where other's greedy tokens first differ from ref's (None: nowhere
+    over their common length) and its logit_noise up to there."""
+    n = min(len(ref.tokens), len(other.tokens))
+    flip = check_tokens(ref.tokens[:n], other.tokens[:n]).first_mismatch
+    return flip, logit_noise(ref, other, n - 1 if flip is None else flip)
+
+
 def gate(candidate: Greedy | None, references: Sequence[tuple[str, Greedy | None]],
          allow_near_ties: bool = False, peers: Sequence[tuple[str, Greedy | None]] = ()) -> str:
     """The check column: '' with nothing to compare, 'ok' when candidate's
@@ -158,8 +166,7 @@ def gate(candidate: Greedy | None, references: Sequence[tuple[str, Greedy | None
     for peer_name, peer_run in peers:
         if peer_run is None or peer_run.tokens is None:
             continue
-        p = check_tokens(r.tokens, peer_run.tokens).first_mismatch
-        own = logit_noise(r, peer_run, len(r.tokens) - 1 if p is None else p)
+        _, own = deviation_to_flip(r, peer_run)
         if own is not None and PEER_MARGIN * own > bound:
             bound, what = PEER_MARGIN * own, f"{PEER_MARGIN:g}x {peer_name}'s own"
     if noise <= bound and allow_near_ties:
@@ -428,13 +435,6 @@ class Timing:
     cpu_rate_streaming: float | None = None  # engine-measured CPU-layer bytes/s while uploads run beside
 
 
-def _sync(model) -> None:
-    """Wait for the device: llama_decode may return before the GPU is done."""
-    from . import llama_abi
-
-    llama_abi.llama().llama_synchronize(model.ctx)
-
-
 def _counter_tuple(model):
     c = model.stats.counters
     return None if c is None else (c.adopted_waited, c.sync_fallbacks, c.uploads)
@@ -465,7 +465,7 @@ def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
             c0, t0 = _counter_tuple(model), time.perf_counter()
             for chunk in ([[t] for t in toks] if single else [toks]):
                 model.eval(chunk)
-                _sync(model)
+                model.synchronize()
             times[test] = len(toks) / (time.perf_counter() - t0)
             c1 = _counter_tuple(model)
             ctrs[test] = None if c0 is None else tuple(b - a for a, b in zip(c0, c1))
@@ -477,7 +477,7 @@ def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
         model.eval(pp)
     if tg:
         model.eval(tg[:1])
-    _sync(model)
+    model.synchronize()
     runs = []
     for r in range(w.reps):
         progress(f"{label}: repetition {r + 1}/{w.reps}")
@@ -831,8 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-tokens", type=int, default=16, help="greedy tokens of the correctness gate (0: off)")
     ap.add_argument("--allow-mismatch", action="store_true", help="exit 0 even when the gate fails")
     ap.add_argument("--allow-near-ties", action="store_true",
-                    help=f"pass a token flip whose logit deviation is within {NEAR_TIE} std or within the "
-                    "deviation of stock at the same budget from all-in-VRAM")
+                    help=f"pass a token flip whose rms logit deviation is within {NEAR_TIE} std, or within "
+                    f"{PEER_MARGIN:g}x the largest deviation of a stock -ngl split of the run from all-in-VRAM")
     ap.add_argument("--cpu-rate-tokens", type=int, default=16,
                     help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip)")
     ap.add_argument("--output", choices=sorted(RENDERERS), default="md")

@@ -75,14 +75,9 @@ class _StreamedContext(internals.LlamaContext):
         self._streamer.kv_cleared()
 
     def decode(self, batch):
-        sizes = self._streamer.decode_sizes(batch.n_tokens())
-        if len(sizes) == 1:
-            self._streamer.before_decode(batch.n_tokens())
-            super().decode(batch)
-            self._streamer.check("llama_decode")
-            return
-        b = batch.batch
-        if b.embd or any(b.logits[i] for i in range(sizes[0])):
+        n_all = batch.n_tokens()
+        sizes, b = self._streamer.decode_sizes(n_all), batch.batch
+        if len(sizes) > 1 and (b.embd or any(b.logits[i] for i in range(sizes[0]))):
             # the split would lose those outputs (each llama_decode call replaces them)
             raise DecodeError("this context reuses graphs, so a prompt's short tail is decoded on its own, "
                               "which loses outputs requested before it; create the model with "
@@ -90,7 +85,7 @@ class _StreamedContext(internals.LlamaContext):
         start = 0
         for n in sizes:
             self._streamer.before_decode(n)
-            rc = llama_cpp.llama_decode(self.ctx, _batch_view(b, start, n))
+            rc = llama_cpp.llama_decode(self.ctx, b if n == n_all else _batch_view(b, start, n))
             self._streamer.check("llama_decode")
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")

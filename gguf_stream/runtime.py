@@ -261,9 +261,10 @@ class _Session:
             raise DecodeError("this model is closed")
         if not tokens:
             raise ValueError("eval needs at least one token")
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        n_vocab = self.n_vocab  # one foreign call, not one per token
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
         step = self.config.n_batch
         for i in range(0, len(tokens), step):
             start = i
@@ -278,6 +279,10 @@ class _Session:
                     raise DecodeError(f"llama_decode returned {rc} (1: KV cache full - raise n_ctx or reset(); "
                                       "2: aborted; <0: error)")
         self._vram_sample()
+
+    def synchronize(self) -> None:
+        """Wait for the device: llama_decode may return before the GPU is done."""
+        self._lc.llama_synchronize(self.ctx)
 
     def _decode_sizes(self, n_tokens: int) -> list[int]:
         """Hook for subclasses: how many tokens each llama_decode call takes."""
@@ -482,7 +487,7 @@ def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig) -> int | None
     cannot load it."""
     with StockModel(path, n_gpu_layers, config=replace(config, vram_budget=None)) as m:
         m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
-        m._lc.llama_synchronize(m.ctx)
+        m.synchronize()
         return m.stats.vram_peak_bytes
 
 

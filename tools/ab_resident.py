@@ -28,7 +28,7 @@ def tg_tps(m, n: int = 128) -> float:
     t0 = time.perf_counter()
     for i in range(n - 1):
         m.eval([1000 + i])
-    m._lc.llama_synchronize(m.ctx)
+    m.synchronize()
     return (n - 1) / (time.perf_counter() - t0)
 
 
@@ -36,7 +36,7 @@ def pp_tps(m, n: int = 2048) -> float:
     m.reset()
     t0 = time.perf_counter()
     m.eval([max(m.token_bos(), 0)] + [1000 + i for i in range(n - 1)])
-    m._lc.llama_synchronize(m.ctx)
+    m.synchronize()
     return n / (time.perf_counter() - t0)
 
 

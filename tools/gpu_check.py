@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gguf_stream import make_plan, read_model  # noqa: E402  (before numpy, see gguf_stream/__init__.py)
 import numpy as np  # noqa: E402
 from gguf_stream.planner import format_size  # noqa: E402
-from gguf_stream.bench import Greedy, check_tokens, logit_noise  # noqa: E402
+from gguf_stream.bench import Greedy, deviation_to_flip  # noqa: E402
 from gguf_stream.runtime import StockModel, StreamedModel, native  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -96,9 +96,8 @@ def main() -> int:
     res["tokens_identical"] = tokens == ref_tokens
     res["logits_max_abs_diff"] = diff
     res["peak_within_budget"] = res["streamed"]["peak_vram"] <= budget
-    ref, bad = Greedy(tuple(ref_tokens), ref_logits), Greedy(tuple(bad_tokens), bad_logits)
-    flip = check_tokens(ref.tokens[:16], bad.tokens).first_mismatch
-    res["swapped_layers_logit_rms"] = logit_noise(ref, bad, 15 if flip is None else flip)
+    flip, res["swapped_layers_logit_rms"] = deviation_to_flip(Greedy(tuple(ref_tokens), ref_logits),
+                                                              Greedy(tuple(bad_tokens), bad_logits))
     s = res["streamed"]
     print(f"greedy {a.tokens} tokens identical: {res['tokens_identical']}; logits max |diff| = {diff}")
     print(f"budget {format_size(budget)}: plan estimate {format_size(s['plan_estimate'])}, "

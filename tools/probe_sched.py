@@ -26,15 +26,13 @@ ap.add_argument("--cpu-every", type=int, default=2,
 a = ap.parse_args()
 if a.sched_debug:
     os.environ["GGML_SCHED_DEBUG"] = "1"  # read when the context's scheduler is created
-# CPU layers are chosen after the context exists: it must not reuse graphs
-os.environ["LLAMA_GRAPH_REUSE_DISABLE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 with StreamedModel(a.model, vram_budget=a.budget, n_ctx=2176, n_batch=2048, n_ubatch=2048,
                    cpu_layer_host_kv=bool(a.host_kv), cpu_layer_device=bool(a.own_device),
-                   verbose=a.sched_debug) as m:
+                   verbose=a.sched_debug, graph_reuse=False) as m:  # CPU layers chosen on the live context
     cpu = m.plan.streamed[a.cpu_every - 1::a.cpu_every]
     m.engine.set_cpu_layers(cpu)
     print("CPU layers", cpu, file=sys.stderr)

@@ -22,7 +22,6 @@ from probe_util import tg  # noqa: E402
 from gguf_stream import llama_abi, native  # noqa: E402
 from gguf_stream.planner import generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
-from gguf_stream.streamer import no_graph_reuse  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
@@ -32,10 +31,9 @@ ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--spread", type=int, default=2, help="CPU-layer counts chosen-spread .. chosen+spread")
 a = ap.parse_args()
 os.environ["GGUF_STREAM_CACHE"] = tempfile.mkdtemp()
-# CPU layers change under a live context: it must not reuse graphs, even if
-# the automatic split chose none
-with no_graph_reuse(), StreamedModel(a.model, vram_budget=a.budget, generate_cpu_layers="auto", n_ctx=2176,
-                                     n_batch=2048, n_ubatch=2048) as m:
+# CPU layers change under the live context: it must not reuse graphs
+with StreamedModel(a.model, vram_budget=a.budget, generate_cpu_layers="auto", n_ctx=2176, n_batch=2048,
+                   n_ubatch=2048, graph_reuse=False) as m:
     e, overflow, n_layer = m.engine, m.plan.streamed, m.plan.n_layer
     r = m.streamer.rates
     chosen = len(m.plan.cpu_layers)

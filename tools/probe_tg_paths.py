@@ -50,7 +50,7 @@ with StreamedModel(a.model, **size, n_ctx=a.ctx, n_batch=a.ubatch, n_ubatch=a.ub
                    graph_reuse=not a.no_reuse) as m:
     e, bos = m.engine, max(m.token_bos(), 0)
     print(json.dumps(dict(label=a.label, streamed=list(m.plan.streamed), cpu=list(m.plan.cpu_layers),
-                          trials=getattr(m.streamer, "split_trials", None), ctx=a.ctx, ubatch=a.ubatch,
+                          trials=m.streamer.split_trials, ctx=a.ctx, ubatch=a.ubatch,
                           reuse=m.streamer.reuses_graphs)), flush=True)
     m.eval([bos] * 40)  # a prompt first, as in a chat (a graph of another shape)
     times = {"eval": [], "raw": []}
@@ -59,25 +59,26 @@ with StreamedModel(a.model, **size, n_ctx=a.ctx, n_batch=a.ubatch, n_ubatch=a.ub
         for path in times:
             m.reset()
             m.eval([bos])
-            lc.llama_synchronize(m.ctx)
+            m.synchronize()
             for k in range(a.n):
                 t0 = time.perf_counter()
                 if path == "eval":
                     e.timeline_mark(True)
                     m.eval([1 + k])
-                    lc.llama_synchronize(m.ctx)
+                    m.synchronize()
                     e.timeline_mark(False)
                 else:
                     arr = (lc.llama_token * 1)(1 + k)
                     m.streamer.before_decode(1)
                     rc = lc.llama_decode(m.ctx, lc.llama_batch_get_one(arr, 1))
-                    lc.llama_synchronize(m.ctx)
+                    m.synchronize()
                     assert rc == 0, rc
                 times[path].append((time.perf_counter() - t0) * 1e3)
     t = e.timeline_get()
     e.timeline(False)
     reused = lc.llama_perf_context(m.ctx).n_reused
     for path, ms in times.items():
-        print(json.dumps(dict(label=a.label, path=path, **stats(ms), t_s=round(1e3 / stats(ms)["mean"], 2),
+        st = stats(ms)
+        print(json.dumps(dict(label=a.label, path=path, **st, t_s=round(1e3 / st["mean"], 2),
                               reused=reused, **({f"tl_{k}_ms": v for k, v in timeline_ms(t).items()}
                                                 if path == "eval" else {}))), flush=True)

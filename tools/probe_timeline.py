@@ -22,7 +22,6 @@ import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from probe_util import timeline_ms  # noqa: E402
 from gguf_stream.planner import Rates, generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
-from gguf_stream.streamer import no_graph_reuse  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
@@ -35,13 +34,15 @@ ap.add_argument("--pp", type=int, help="time prompts of this many tokens (n_batc
 a = ap.parse_args()
 os.environ["GGUF_STREAM_CACHE"] = tempfile.mkdtemp()
 size = dict(vram_budget=a.budget) if a.budget else dict(n_streamed=a.n_streamed, n_slots=2)
-with no_graph_reuse(), StreamedModel(a.model, **size, generate_cpu_layers="auto", n_ctx=max(2176, (a.pp or 0) + 128),
-                                     n_batch=a.pp or a.ubatch, n_ubatch=a.ubatch) as m:
+# CPU layers change under the live context: it must not reuse graphs
+with StreamedModel(a.model, **size, generate_cpu_layers="auto", n_ctx=max(2176, (a.pp or 0) + 128),
+                   n_batch=a.pp or a.ubatch, n_ubatch=a.ubatch, graph_reuse=False) as m:
     e, overflow = m.engine, m.plan.streamed
     layer_bytes = m.streamer.model_file.layer_bytes
     # the engine's candidates (which layers for each count; without rates, i.e. on a CPU build, any)
     splits = generate_splits(overflow, layer_bytes, m.streamer.rates or Rates(1.0, 1.0, 0.0))
     bos = max(m.token_bos(), 0)
+    prompt = [bos] + [1] * ((a.pp or 1) - 1)
     for n_cpu in [0] if a.pp else a.n_cpu or [len(m.plan.cpu_layers)]:
         cpu = splits[n_cpu][0]
         e.set_cpu_layers(cpu)
@@ -53,7 +54,7 @@ with no_graph_reuse(), StreamedModel(a.model, **size, generate_cpu_layers="auto"
             if a.pp:
                 m.reset()
             e.timeline_mark(True)
-            m.eval([bos] + [1] * (a.pp - 1) if a.pp else [1])
+            m.eval(prompt if a.pp else [1])
             e.timeline_mark(False)
         t, c = e.timeline_get(), e.counters()
         e.timeline(False)
