@@ -28,6 +28,15 @@ ap.add_argument("--host-kv", type=int, choices=(0, 1), default=1, help="CPU laye
 ap.add_argument("--own-device", type=int, choices=(0, 1), default=1,
                 help="CPU layers count as CPU layers while generating (their norms on the CPU)")
 a = ap.parse_args()
+
+
+def anon_huge_mib() -> float:
+    """Transparent huge pages backing this process's anonymous memory (MiB)."""
+    with open("/proc/self/smaps_rollup") as f:
+        kib = next((int(l.split()[1]) for l in f if l.startswith("AnonHugePages:")), 0)
+    return kib / 1024
+
+
 os.environ["GGUF_STREAM_CACHE"] = tempfile.mkdtemp()
 opts = dict(n_ctx=2176, n_batch=2048, n_ubatch=2048, n_threads=a.threads)
 out = {"label": a.label, "threads": a.threads, "host_kv": a.host_kv, "own_device": a.own_device}
@@ -39,9 +48,11 @@ with StreamedModel(a.model, vram_budget=a.budget, generate_cpu_layers="auto", cp
                n_streamed=len(m.plan.streamed))
     tg(m, 8)
     out["hybrid_tg"] = tg(m, a.n)
+    out["hybrid_anon_huge_mib"] = anon_huge_mib()
 with StockModel(a.model, a.ngl, **opts) as s:
     tg(s, 8)
     out["stock_tg"] = tg(s, a.n)
+    out["stock_anon_huge_mib"] = anon_huge_mib()
 with StockModel(a.model, 0, **opts) as s:
     tg(s, 4)
     out["stock_ngl0_tg"] = tg(s, 16)
