@@ -54,6 +54,11 @@ typedef struct {
     uint64_t repacked_bytes;
     uint64_t host_kv_bytes;
     uint64_t kv_moved_bytes;
+    int      gen_resident;
+    uint64_t gen_resident_loads;
+    uint64_t gen_resident_evictions;
+    uint64_t compute_buffer_bytes;
+    uint64_t generate_extent;
 } gs_stats;
 typedef struct {
     uint64_t decodes;
@@ -90,6 +95,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 #define GS_PHASE_PROMPT ...
 #define GS_PHASE_GENERATE ...
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
 int  gs_engine_kv_attach(gs_engine *e, int reuse_min_batch);
 int  gs_engine_kv_detach(gs_engine *e);

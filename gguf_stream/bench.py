@@ -260,6 +260,8 @@ class Row:
     check: str  # "", "ok", "MISMATCH@i"
     note: str = ""
     n_cpu_generate: int | None = None  # streamed layers the CPU computes while generating
+    n_resident_generate: int | None = None  # streamed layers resident while generating
+    generate_overflow_bytes: int | None = None  # streamed bytes not resident while generating
     cpu_rate_streaming: float | None = None  # see Timing
 
 
@@ -290,6 +292,8 @@ def _md_cells(r: Row) -> list[str]:
         streamed = "stock split"  # the planner's choice below streaming's minimum
     if r.n_cpu_generate and r.test.startswith("tg"):
         streamed += f", {r.n_cpu_generate} on CPU"
+    if r.n_resident_generate and r.test.startswith("tg"):
+        streamed += f", {r.n_resident_generate} resident"
     counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
     check = r.check if r.check in ("", "ok") else f"**{r.check}**"
     return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode,
@@ -579,6 +583,9 @@ class _Ctx:
                 backend=self.backend, budget=budget.label, budget_bytes=budget.nbytes, mode=mode, ngl=ngl,
                 n_streamed=len(plan.streamed) if plan is not None else None,
                 n_cpu_generate=len(plan.cpu_layers) if plan is not None else None,
+                n_resident_generate=len(plan.generate_resident) if plan is not None else None,
+                generate_overflow_bytes=(plan.streamed_bytes - sum(self.mf.layer_bytes[i] for i in plan.generate_resident)
+                                         if plan is not None else None),
                 n_slots=plan.n_slots if plan is not None else None,
                 streamed_bytes=plan.streamed_bytes if plan is not None else None,
                 n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,
@@ -605,25 +612,32 @@ class _Ctx:
 
         self.progress(f"loading streamed {kw}")
         with StreamedModel(self.path, config=self.config(**kw)) as m:
-            if m.plan is not None:
-                self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
-                              f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}")
-                s = m.streamer
-                if s.rates is not None:
-                    r = s.rates
-                    trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted((s.split_trials or {}).items()))
-                    note = (f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
-                            f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
-                            f"{r.gpu_token_seconds * 1e3:.2f} ms; "
-                            f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
-                            f"(the rates predict {1 / s.predicted_token_seconds:.1f} t/s for it); CPU layers' repacked "
-                            f"copy {format_size(m.stats.counters.repacked_bytes)} (pageable host memory)")
-                    self.progress(note)
-                    timing = time_model(m, self.w, self.progress, "streamed")
-                    note += (f"; their KV caches in host memory while generating "
-                             f"{format_size(m.stats.counters.host_kv_bytes)}")
-                    return replace(timing, engine_note=note, cpu_rate_streaming=r.cpu_bytes_per_s)
-            return time_model(m, self.w, self.progress, "streamed")
+            if m.plan is None:
+                return time_model(m, self.w, self.progress, "streamed")
+            self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
+                          f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}, "
+                          f"{m.plan.generate_resident} stay resident")
+            s, notes, cpu_rate = m.streamer, [], None
+            if s.rates is not None:
+                r = s.rates
+                cpu_rate = r.cpu_bytes_per_s
+                trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted((s.split_trials or {}).items()))
+                notes.append(f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
+                             f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
+                             f"{r.gpu_token_seconds * 1e3:.2f} ms; "
+                             f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
+                             f"(the rates predict {1 / s.predicted_token_seconds:.1f} t/s for it)")
+                self.progress(notes[-1])
+            timing = time_model(m, self.w, self.progress, "streamed")
+            c = m.stats.counters
+            if m.plan.cpu_layers:
+                notes.append(f"CPU layers' repacked copy {format_size(c.repacked_bytes)} (pageable host memory); "
+                             f"their KV caches in host memory while generating {format_size(c.host_kv_bytes)}")
+            if m.plan.generate_resident:
+                notes.append(f"{c.gen_resident} of {len(m.plan.generate_resident)} generate-resident layers in the "
+                             f"compute buffer's tail at the end ({format_size(c.compute_buffer_bytes)} buffer, of which "
+                             f"generate graphs used {format_size(c.generate_extent)})")
+            return replace(timing, engine_note="; ".join(notes), cpu_rate_streaming=cpu_rate)
 
     def measure_stock_vram(self, ngl: int) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
@@ -794,11 +808,19 @@ def _bounds(ctx: _Ctx, rows: list[Row], ceiling: Timing, bandwidth: float, cpu_r
         if r.test.startswith("pp") and pp_ceiling:
             bound = pp_bound_tps(ctx.w.n_prompt, ctx.w.n_ubatch, pp_ceiling, O, bandwidth)
         elif r.test.startswith("tg") and G:
+            # every byte not resident while generating crosses once per token
+            O = r.generate_overflow_bytes if r.generate_overflow_bytes is not None else O
             bound = 1 / tg_bound_seconds(G, 1 / cpu_rate, 1 / bandwidth, O)
         else:
             continue
-        line = (f"bound {r.budget} {r.test}: {bound:.2f} t/s with {format_size(O)} streamed; "
+        line = (f"bound {r.budget} {r.test}: {bound:.2f} t/s with {format_size(O)} "
+                f"{'not resident while generating' if r.test.startswith('tg') else 'streamed'}; "
                 f"reached {r.tps_mean:.2f} ({100 * r.tps_mean / bound:.0f}%)")
+        if r.test.startswith("tg") and O != r.streamed_bytes:
+            # the same bound with the prompt's overflow (what the budget leaves out of VRAM)
+            whole = 1 / tg_bound_seconds(G, 1 / cpu_rate, 1 / bandwidth, r.streamed_bytes)
+            line += (f"; with all {format_size(r.streamed_bytes)} streamed for prompts crossing "
+                     f"{whole:.2f} t/s ({100 * r.tps_mean / whole:.0f}%)")
         if r.test.startswith("tg") and r.cpu_rate_streaming:
             # the CPU and the copy engine read the same host memory: the CPU
             # rate the engine measured while uploads run beside it

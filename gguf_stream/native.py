@@ -101,6 +101,11 @@ class Counters:
     repacked_bytes: int
     host_kv_bytes: int
     kv_moved_bytes: int
+    gen_resident: int
+    gen_resident_loads: int
+    gen_resident_evictions: int
+    compute_buffer_bytes: int
+    generate_extent: int
 
     @property
     def adoptions(self) -> int:
@@ -185,6 +190,14 @@ class Engine:
     def set_cpu_layers(self, layers) -> None:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
+
+    def set_generate_resident(self, layers, reserve_bytes: int = 0, own: bool = False) -> None:
+        """Streamed layers kept resident while generating (see gguf_stream.h):
+        in the engine's own buffer (own) or in the attached context's compute
+        buffer beyond reserve_bytes; () clears."""
+        arr = ffi.new("int[]", list(layers) or [0])
+        _check("gs_engine_set_generate_resident",
+               lib.gs_engine_set_generate_resident(self._h, arr, len(layers), reserve_bytes, int(own)))
 
     def set_phase(self, phase: int, hold_kv: bool = False) -> None:
         """Between decodes. hold_kv: the coming (generate-phase) decode may

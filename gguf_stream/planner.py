@@ -157,6 +157,12 @@ class Plan:
         return tuple(s.layer for s in self.layers if s.generate == "cpu")
 
     @property
+    def generate_resident(self) -> tuple[int, ...]:
+        """Streamed layers kept resident while generating (in the compute
+        buffer's part that prompts need and generated tokens leave idle)."""
+        return tuple(s.layer for s in self.layers if s.placement == "streamed" and s.generate == "resident")
+
+    @property
     def resident(self) -> tuple[int, ...]:
         return tuple(s.layer for s in self.layers if s.placement == "resident")
 
@@ -201,7 +207,9 @@ class Plan:
             f"resident layers {len(self.resident)} ({format_size(self.resident_bytes)}), "
             f"streamed {len(self.streamed)} ({format_size(self.streamed_bytes)}) through "
             f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}"
-            + (f"; while generating, {len(self.cpu_layers)} of them are computed by the CPU" if self.cpu_layers else ""),
+            + (f"; while generating, {len(self.cpu_layers)} of them are computed by the CPU" if self.cpu_layers else "")
+            + (f"; {len(self.generate_resident)} stay resident while generating, in the compute buffer's part "
+               "that only prompts use" if self.generate_resident else ""),
             f"device estimate: resident {format_size(self.resident_bytes)} + shared {format_size(self.shared_bytes)}"
             f" + slots {format_size(self.n_slots * self.slot_bytes)} + KV {format_size(self.kv_bytes)}"
             f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
@@ -211,13 +219,35 @@ class Plan:
     __str__ = table
 
 
-def with_cpu_layers(plan: Plan, cpu_layers) -> Plan:
-    """The plan with these streamed layers computed by the CPU while generating."""
-    cpu = set(cpu_layers)
-    if not cpu <= set(plan.streamed):
-        raise ValueError(f"cpu layers {sorted(cpu - set(plan.streamed))} are not streamed layers")
-    spans = tuple(replace(s, generate="cpu" if s.layer in cpu else s.placement) for s in plan.layers)
+def with_generate_placement(plan: Plan, cpu_layers=(), resident_layers=()) -> Plan:
+    """The plan with these streamed layers computed by the CPU, and those
+    kept resident, while generating."""
+    cpu, resident = set(cpu_layers), set(resident_layers)
+    for what, layers in (("cpu", cpu), ("generate-resident", resident)):
+        if not layers <= set(plan.streamed):
+            raise ValueError(f"{what} layers {sorted(layers - set(plan.streamed))} are not streamed layers")
+    if cpu & resident:
+        raise ValueError(f"layers {sorted(cpu & resident)} cannot be both CPU and generate-resident layers")
+    spans = tuple(replace(s, generate="cpu" if s.layer in cpu else "resident" if s.layer in resident else s.placement)
+                  for s in plan.layers)
     return replace(plan, layers=spans)
+
+
+def generate_graph_bytes(model: ModelFile, n_ctx: int, n_tokens: int, flash_attn: bool = True) -> int:
+    """Room to leave a generate-phase graph (ubatches under n_tokens tokens,
+    every token an output) in the compute buffer: twice compute_bytes' estimate."""
+    return 2 * compute_bytes(model, n_ctx, n_tokens, flash_attn)
+
+
+def generate_resident_count(model: ModelFile, plan: Plan, n_ubatch: int, reserve: int) -> int:
+    """How many streamed layers fit, while generating, in the compute buffer
+    llama.cpp sizes for a prompt-sized ubatch: it holds at least logits for
+    every token of a ubatch (n_vocab floats each, as llama.cpp reserves by
+    default), of which a generated token's graph uses `reserve` at most."""
+    idle = n_ubatch * model.hparams["n_vocab"] * 4 - reserve
+    if not plan.streamed or idle <= 0:
+        return 0
+    return min(len(plan.streamed), idle // plan.slot_bytes)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,12 @@ class EngineConfig:
     # machine: faster generation, CPU rounding like stock -ngl's CPU layers;
     # CUDA only), or layer numbers.
     generate_cpu_layers: str | tuple[int, ...] = "none"
+    # Streamed layers that stay resident while generating, in the part of
+    # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
+    # generated token leaves idle (no extra VRAM; they are copied in at each
+    # switch from a prompt to generating, and computed on the GPU as
+    # before): "auto" (as many as fit; CUDA), "none", or layer numbers.
+    generate_resident: str | tuple[int, ...] = "auto"
     # CPU layers keep their KV cache in host memory while generating, so the
     # CPU computes the whole layer (attention included) like stock -ngl does;
     # False leaves it on the GPU (one GPU round trip per attention: an A/B aid).
@@ -78,6 +84,10 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cuda' or 'host', not {self.device!r}")
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
+        for name in ("generate_cpu_layers", "generate_resident"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in ("auto", "none"):
+                raise ValueError(f"{name} must be 'auto', 'none' or layer numbers, not {value!r}")
         if self.n_slots is not None and self.n_slots < 1:
             raise ValueError(f"n_slots must be at least 1, got {self.n_slots}")
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
-from .planner import (Plan, Rates, best_split, format_size, generate_splits, interleaved_layers, make_plan,
-                      parse_size, with_cpu_layers)
+from .planner import (Plan, Rates, best_split, format_size, generate_graph_bytes, generate_resident_count,
+                      generate_splits, interleaved_layers, make_plan, parse_size, with_generate_placement)
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
@@ -120,6 +120,8 @@ class Streamer:
         self.rates: Rates | None = None
         self.predicted_token_seconds: float | None = None
         self.split_trials: dict[int, float] | None = None  # CPU-layer count -> measured seconds per token
+        self.generate_resident: tuple[int, ...] = ()  # streamed layers resident while generating
+        self._gr_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
         self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
@@ -184,6 +186,7 @@ class Streamer:
             self.engine.add_tensor(w.layer, w.tensor)
         self.engine.start()
         self._bind_layer_devices(model)
+        self._choose_generate_resident()
         self.choose_generate_split(model)
 
     def _bind_layer_devices(self, model) -> None:
@@ -233,28 +236,54 @@ class Streamer:
                                             "streaming it is not supported")
         return weights
 
-    # -- generate-phase split (CUDA) --
+    # -- generate phase --
+    def _choose_generate_resident(self) -> None:
+        """Streamed layers that stay resident while generating, in the
+        compute buffer llama.cpp sizes for a prompt-sized ubatch (a generated
+        token's graph leaves most of it idle): as many as the estimate says
+        fit, spread through the overflow (CUDA; layer numbers anywhere)."""
+        choice = self.config.generate_resident
+        if self.engine is None or choice == "none" or (choice == "auto" and not self.cuda):
+            return
+        c, mf = self.config, self.model_file
+        self._gr_reserve = generate_graph_bytes(mf, c.n_ctx, OFFLOAD_MIN_BATCH, c.flash_attn)
+        if choice != "auto":
+            layers = tuple(choice)
+        else:
+            cpu = () if isinstance(c.generate_cpu_layers, str) else set(c.generate_cpu_layers)
+            candidates = [i for i in self.plan.streamed if i not in cpu]
+            n = min(len(candidates), generate_resident_count(mf, self.plan, c.n_ubatch, self._gr_reserve))
+            layers = tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
+        self.engine.set_generate_resident(layers, self._gr_reserve)
+        self.generate_resident = layers
+
+    def generate_overflow(self) -> tuple[int, ...]:
+        """Streamed layers that are not resident while generating: streamed
+        then, or computed by the CPU."""
+        return tuple(i for i in self.plan.streamed if i not in self.generate_resident)
+
     def choose_generate_split(self, model) -> None:
-        """Decide which streamed layers the CPU computes while generating:
+        """Decide which overflow layers the CPU computes while generating:
         the model's best split from rates measured on this machine, checked
         by timing it against its neighbours (both cached per machine, model
         and overflow)."""
-        choice = self.config.generate_cpu_layers
-        if self.engine is None or choice == "none" or (choice == "auto" and not self.cuda):
+        if self.engine is None:
             return
-        if choice != "auto":
-            cpu = tuple(choice)
-        else:
+        choice, cpu = self.config.generate_cpu_layers, ()
+        if choice == "auto" and self.cuda and self.generate_overflow():
             rates = self._cached_rates() or self._measure_rates(model)
-            splits = generate_splits(self.plan.streamed, self.model_file.layer_bytes, rates)
+            splits = generate_splits(self.generate_overflow(), self.model_file.layer_bytes, rates)
             trials = self._cached_split_trials()
             if trials is None:
                 trials = self._time_splits(model, splits, best_split(splits))
             n_cpu = min(trials, key=lambda n: (trials[n], -n))
             cpu, self.predicted_token_seconds = splits[n_cpu]
             self.rates, self.split_trials = rates, trials
-        self.engine.set_cpu_layers(cpu)
-        self.plan = with_cpu_layers(self.plan, cpu)
+        elif not isinstance(choice, str):
+            cpu = tuple(choice)
+        if cpu:
+            self.engine.set_cpu_layers(cpu)
+        self.plan = with_generate_placement(self.plan, cpu, self.generate_resident)
 
     def _threads(self) -> int:
         from .runtime import physical_cores
@@ -292,14 +321,14 @@ class Streamer:
             return None
 
     def _split_key(self) -> str:
-        return self._cache_key() + "|split|" + ",".join(map(str, self.plan.streamed))
+        return self._cache_key() + "|split|" + ",".join(map(str, self.generate_overflow()))
 
     def _cached_split_trials(self) -> dict[int, float] | None:
         try:
             trials = {int(n): float(t) for n, t in self._cache()[self._split_key()].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        return trials if trials and all(0 <= n <= len(self.plan.streamed) for n in trials) else None
+        return trials if trials and all(0 <= n <= len(self.generate_overflow()) for n in trials) else None
 
     def _small_context_params(self, n_batch: int):
         """Params of the engine's own short-lived contexts (256 cells)."""
@@ -320,22 +349,29 @@ class Streamer:
         p = self._small_context_params(CALIBRATION_BATCH)
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.patch_context_params(p)
-        with no_graph_reuse():  # CPU layers change under it between trials
-            ctx = lc.llama_init_from_model(model, p)
-        if not ctx:
-            raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
+        # Generate-resident layers go to a buffer of the engine's own meanwhile:
+        # the real context's compute buffer, where they will live, does not
+        # exist yet (the memory it will take is free now).
+        e.set_generate_resident(self.generate_resident, own=True)
         try:
-            e.kv_attach()  # (a context that rebuilds every graph)
-            yield ctx
-        finally:
+            with no_graph_reuse():  # CPU layers change under it between trials
+                ctx = lc.llama_init_from_model(model, p)
+            if not ctx:
+                raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
             try:
-                e.set_timing(False)
-                e.set_phase(native.PHASE_PROMPT)
-                self.context_closing()
+                e.kv_attach()  # (a context that rebuilds every graph)
+                yield ctx
             finally:
-                lc.llama_free(ctx)
-            e.set_cpu_layers(())
-            e.reset_counters()
+                try:
+                    e.set_timing(False)
+                    e.set_phase(native.PHASE_PROMPT)
+                    self.context_closing()
+                finally:
+                    lc.llama_free(ctx)
+                e.set_cpu_layers(())
+                e.reset_counters()
+        finally:
+            e.set_generate_resident(self.generate_resident, self._gr_reserve)
 
     def _decode_token(self, ctx, token: int) -> float:
         """One generate-phase token; seconds until its results are ready."""
@@ -384,9 +420,10 @@ class Streamer:
         first = plan.streamed[0]
         seconds = e.measure_upload(first, 3)
         pcie = mf.layer_bytes[first] / seconds
-        S = len(plan.streamed)
+        overflow = self.generate_overflow()
+        S = len(overflow)
         n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
-        sample = tuple(plan.streamed[j] for j in interleaved_layers(S, n_cpu))
+        sample = tuple(overflow[j] for j in interleaved_layers(S, n_cpu))
         bos = self._bos(model)
         with self._calibration_context(model) as ctx:
             e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path

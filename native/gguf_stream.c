@@ -322,6 +322,8 @@ typedef struct {
 typedef struct {
     int    sidx[GS_N_PHASES]; /* position in the phase's execution order, -1 if not streamed then */
     int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
+    int    gen_resident;  /* resident while generating, in the generate-resident region */
+    int    gr_live;       /* ...and there now: its tensors point into the region */
     int    first, count;  /* its records in e->recs (contiguous after start) */
     int    slot;          /* slot adopted for the current evaluation, or -1 */
     size_t bytes;         /* laid-out size in a slot */
@@ -372,6 +374,17 @@ struct gs_engine {
     int        reuse_min_batch;       /* >0: the attached context reuses graphs (see gs_engine_kv_attach) */
     int        check_shape;           /* ...and CPU layers exist: check each ubatch's phase (fixed while attached) */
     int        hold_kv;               /* generate phase: leave the CPU layers' caches where they are */
+    /* generate-resident layers (see gs_engine_set_generate_resident) */
+    int        gr_n;                  /* layers chosen */
+    int        gr_own_mode;           /* region: own buffer (1) or the compute buffer's tail (0) */
+    void      *gr_own;                /* own buffer */
+    size_t     gr_reserve;            /* compute buffer bytes left to generate-phase graphs */
+    char      *gr_base;               /* region while the layers are in it, else NULL */
+    size_t     gr_bytes;
+    int        gr_walk;               /* the next node asked starts a graph: look at all of it */
+    void      *cbuf;                  /* the attached context's compute buffer for its GPU layers */
+    char      *cbuf_base;
+    size_t     cbuf_size, gen_extent; /* ...its size, and how much of it generate graphs used */
     void      *cpu_dev;               /* set while layer devices are bound */
 
     /* per-layer timing (calibration) */
@@ -753,6 +766,21 @@ static void copy_engine_stop(gs_engine *e) {
 
 static int sync_repacks(gs_engine *e);
 
+/* The generate phase's streamed layers in execution order: the overflow
+ * less the CPU layers and the generate-resident layers in their region. */
+static void generate_order(gs_engine *e) {
+    const int ph = GS_PHASE_GENERATE;
+    e->n_order[ph] = 0;
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        layer_info *ly = &e->layers[i];
+        ly->sidx[ph] = -1;
+        if (ly->count > 0 && !ly->cpu_generate && !ly->gr_live) {
+            ly->sidx[ph] = e->n_order[ph];
+            e->order[ph][e->n_order[ph]++] = i;
+        }
+    }
+}
+
 static void rehome_undo(gs_engine *e, int upto) {
     for (int k = 0; k < upto; k++) {
         e->recs[k].t->buffer = e->recs[k].src_buffer;
@@ -793,11 +821,8 @@ int gs_engine_start(gs_engine *e) {
         e->n_overflow++;
         ly->sidx[GS_PHASE_PROMPT] = e->n_order[GS_PHASE_PROMPT];
         e->order[GS_PHASE_PROMPT][e->n_order[GS_PHASE_PROMPT]++] = i;
-        if (!ly->cpu_generate) {
-            ly->sidx[GS_PHASE_GENERATE] = e->n_order[GS_PHASE_GENERATE];
-            e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
-        }
     }
+    generate_order(e);
     e->phase = GS_PHASE_PROMPT;
     e->n_slots = e->cfg.n_slots < e->n_overflow ? e->cfg.n_slots : e->n_overflow;
     e->slot_bytes = align_up(max_bytes, align);
@@ -929,7 +954,7 @@ static int adopt_sources(gs_engine *e, const struct gs_tensor *t) {
         const struct gs_tensor *s = t->src[k];
         if (!s || s->buffer != e->ring) continue;
         int idx = ptrmap_get(&e->rec_map, s);
-        if (idx < 0) continue;
+        if (idx < 0 || e->layers[e->recs[idx].layer].sidx[e->phase] < 0) continue;
         int rc = adopt(e, e->recs[idx].layer);
         if (rc) return rc;
     }
@@ -945,6 +970,207 @@ static int copy_landed(gs_engine *e, int layer) {
 
 static void kv_scan_node(gs_engine *e, const struct gs_tensor *t);
 static int kv_view_stale(const struct gs_tensor *t);
+
+static int set_phase(gs_engine *e, int phase);
+
+/* Slots keep only the first layers `phase` will need. */
+static void keep_first_slots(gs_engine *e, int phase) {
+    int want = e->n_slots < e->n_order[phase] ? e->n_slots : e->n_order[phase];
+    for (int s = 0; s < e->n_slots; s++) {
+        slot_info *sl = &e->slots[s];
+        if (sl->state == SLOT_IN_USE) { e->layers[sl->layer].slot = -1; sl->state = SLOT_READY; }
+        int idx = sl->state == SLOT_EMPTY ? -1 : e->layers[sl->layer].sidx[phase];
+        if (idx < 0 || idx >= want) { sl->state = SLOT_EMPTY; sl->layer = -1; }
+    }
+}
+
+/* Empty slots receive the first layers the current phase will need. */
+static int prefetch_first(gs_engine *e) {
+    if (!e->cfg.prefetch) return GS_OK;
+    int want = e->n_slots < e->n_order[e->phase] ? e->n_slots : e->n_order[e->phase];
+    for (int k = 0, s = 0; k < want; k++) {
+        int layer = e->order[e->phase][k];
+        if (slot_holding(e, layer) >= 0) continue;
+        while (s < e->n_slots && e->slots[s].state != SLOT_EMPTY) s++;
+        if (s == e->n_slots) break;        /* cannot happen: at most `want` slots are kept */
+        int rc = copy_issue(e, s, layer);
+        if (rc) return rc;
+    }
+    return GS_OK;
+}
+
+/* ---- generate-resident layers ------------------------------------------------ */
+
+/* Prompts will overwrite the region (or it goes with its context): its
+ * layers stream again, pointed at slot 0 until adopted. */
+static void gr_leave(gs_engine *e) {
+    if (!e->gr_base) return;
+    for (int i = 0; i < e->cfg.n_layer; i++)
+        if (e->layers[i].gr_live) { e->layers[i].gr_live = 0; point_layer(e, i, 0); }
+    e->gr_base = NULL;
+    e->gr_bytes = 0;
+    e->stats.gen_resident = 0;
+    generate_order(e);
+}
+
+/* Switching to (or generating in) the generate phase: copy the
+ * generate-resident layers into their region and point them there.
+ * 1 if they moved in, 0 if they stream for now (the compute buffer not seen
+ * yet, or no room), <0 on error (nothing pointed into the region). */
+static int gr_enter(gs_engine *e) {
+    if (!e->gr_n || e->gr_base) return 0;
+    char *base;
+    size_t bytes;
+    if (e->gr_own_mode) {
+        base = G.buffer_get_base(e->gr_own);
+        bytes = G.buffer_get_size(e->gr_own);
+    } else {
+        if (!e->cbuf) return 0;
+        /* Room for the generate graphs: what Python reserved for the largest,
+         * and at least twice what they have used so far. */
+        size_t start = align_up(e->gr_reserve > 2 * e->gen_extent ? e->gr_reserve : 2 * e->gen_extent, 4096);
+        if (start >= e->cbuf_size) return 0;
+        base = e->cbuf_base + start;
+        bytes = e->cbuf_size - start;
+    }
+    size_t fit = bytes / e->slot_bytes, k = 0;
+    if (fit == 0) return 0;
+    if (e->cfg.use_cuda) {   /* the last prompt's graph and output reads are done with that memory */
+        int err = C.DeviceSynchronize();
+        if (err) return cuda_fail("cudaDeviceSynchronize", err);
+    }
+    for (int i = 0; i < e->cfg.n_layer && k < fit; i++) {
+        const layer_info *ly = &e->layers[i];
+        if (!ly->gen_resident) continue;
+        char *dst = base + k++ * e->slot_bytes;
+        for (int j = ly->first; j < ly->first + ly->count; j++) {
+            const srec *r = &e->recs[j];
+            size_t pad = r->alloc - r->nbytes;
+            if (e->cfg.use_cuda) {
+                int err = C.MemcpyAsync(dst + r->offset, r->src, r->nbytes, CUDA_H2D, e->stream);
+                if (!err && pad) err = C.MemsetAsync(dst + r->offset + r->nbytes, 0, pad, e->stream);
+                if (err) return cuda_fail("cudaMemcpyAsync (generate-resident layer)", err);
+            } else {
+                memcpy(dst + r->offset, r->src, r->nbytes);
+                if (pad) memset(dst + r->offset + r->nbytes, 0, pad);
+            }
+        }
+    }
+    int rc = copy_engine_drain(e);
+    if (rc) return rc;
+    k = 0;
+    for (int i = 0; i < e->cfg.n_layer && k < fit; i++) {
+        layer_info *ly = &e->layers[i];
+        if (!ly->gen_resident) continue;
+        char *dst = base + k++ * e->slot_bytes;
+        ly->gr_live = 1;
+        for (int j = ly->first; j < ly->first + ly->count; j++) {
+            srec *r = &e->recs[j];
+            r->t->buffer = e->ring;   /* a device buffer: the scheduler keeps the layer on the GPU */
+            r->t->extra = r->src_extra;
+            r->t->data = dst + r->offset;
+        }
+    }
+    e->gr_base = base;
+    e->gr_bytes = k * e->slot_bytes;
+    e->stats.gen_resident = (int)k;
+    e->stats.gen_resident_loads++;
+    generate_order(e);
+    return 1;
+}
+
+/* Where a compute-buffer tensor ends (offset), and whether it overlaps the region. */
+static int cbuf_use(gs_engine *e, const struct gs_tensor *x) {
+    if (x->buffer != e->cbuf || !x->data) return 0;
+    char *d = x->data;
+    size_t n = G.nbytes(x), end = (size_t)(d - e->cbuf_base) + n;
+    if (end > e->gen_extent) e->gen_extent = e->stats.generate_extent = end;
+    return e->gr_base && d < e->gr_base + e->gr_bytes && d + n > e->gr_base;
+}
+
+/* Every tensor of the graph that `t` belongs to: llama.cpp builds a graph in
+ * one ggml context, whose objects lie one after another from its start.
+ * Returns 1 if one of them is in the region. */
+static int graph_in_region(gs_engine *e, const struct gs_tensor *t) {
+    const struct gs_object *o = (const struct gs_object *)((const char *)t - sizeof *o);
+    const char *mem = (const char *)t - o->offs;
+    int hit = 0;
+    for (o = (const struct gs_object *)mem; o; o = o->next)
+        if (o->type == 0) hit |= cbuf_use(e, (const struct gs_tensor *)(mem + o->offs));
+    return hit;
+}
+
+/* The attached context's compute buffer is where a GPU layer's output lives;
+ * generate-phase graphs must stay clear of the region in its tail. llama.cpp
+ * lays a graph out when it builds it, or keeps the layout of the last graph
+ * with as many nodes (the prompt-sized one it reserves at first), so the
+ * layout can change with the graph: each graph is looked at as a whole at its
+ * first node, before anything of it runs, and if it reaches into the region
+ * the layers stream instead (its inputs, written before, may have
+ * overwritten them). Each node is checked again before it runs, with its
+ * inputs: the scheduler's copies between backends are not in that context,
+ * and one in the region fails the decode (never a wrong result). */
+static int watch_compute_buffer(gs_engine *e, const struct gs_tensor *t, int layer) {
+    if (layer >= 0 && !t->view_src && t->buffer && t->buffer != e->ring
+        && !(e->phase == GS_PHASE_GENERATE && e->layers[layer].cpu_generate) && t->buffer != e->cbuf) {
+        if (e->gr_base)
+            return fail(GS_E_GRAPH, "the context's compute buffer changed (llama.cpp reallocated it) while "
+                        "generate-resident layers were in the old one; load with generate_resident='none'");
+        e->cbuf = t->buffer;
+        e->cbuf_base = G.buffer_get_base(t->buffer);
+        e->cbuf_size = G.buffer_get_size(t->buffer);
+        e->gen_extent = 0;
+        e->stats.compute_buffer_bytes = e->cbuf_size;
+    }
+    if (e->phase != GS_PHASE_GENERATE || !e->cbuf) return GS_OK;
+    if (e->gr_walk) {
+        e->gr_walk = 0;
+        if (graph_in_region(e, t)) {
+            gr_leave(e);
+            e->stats.gen_resident_evictions++;
+        }
+    }
+    for (int k = -1; k < 10; k++) {
+        const struct gs_tensor *x = k < 0 ? t : t->src[k];
+        if (x && cbuf_use(e, x))
+            return fail(GS_E_GRAPH, "a generate-phase graph reaches into the compute buffer's tail, which holds "
+                        "generate-resident layers (%s: %zu bytes at offset %zu of %zu; the layers start at %zu); "
+                        "load with generate_resident='none'", x->name, G.nbytes(x),
+                        (size_t)((char *)x->data - e->cbuf_base), e->cbuf_size, (size_t)(e->gr_base - e->cbuf_base));
+    }
+    return GS_OK;
+}
+
+int gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own) {
+    if (!e->started) return fail(GS_E_INVALID, "set_generate_resident: the engine has not started");
+    if (n < 0) return fail(GS_E_INVALID, "set_generate_resident: n = %d", n);
+    for (int k = 0; k < n; k++) {
+        int i = layers[k];
+        if (i < 0 || i >= e->cfg.n_layer || e->layers[i].count == 0)
+            return fail(GS_E_INVALID, "generate-resident layer %d is not a streamed layer", i);
+        if (e->layers[i].cpu_generate)
+            return fail(GS_E_INVALID, "generate-resident layer %d is a CPU layer", i);
+    }
+    int rc = set_phase(e, GS_PHASE_PROMPT);
+    if (rc) return rc;
+    gr_leave(e);
+    if (e->gr_own) { G.buffer_free(e->gr_own); e->gr_own = NULL; }
+    for (int i = 0; i < e->cfg.n_layer; i++) e->layers[i].gen_resident = 0;
+    e->gr_n = 0;
+    if (n == 0) return GS_OK;
+    if (own) {
+        size_t bytes = e->slot_bytes * (size_t)n;
+        e->gr_own = G.buft_alloc_buffer(e->cfg.ring_buft, bytes);
+        if (!e->gr_own)
+            return fail(GS_E_GGML, "ggml_backend_buft_alloc_buffer(%s, %zu bytes) failed: not enough memory for "
+                        "%d generate-resident layers", G.buft_name(e->cfg.ring_buft), bytes, n);
+    }
+    for (int k = 0; k < n; k++) e->layers[layers[k]].gen_resident = 1;
+    e->gr_n = n;
+    e->gr_own_mode = own != 0;
+    e->gr_reserve = reserve_bytes;
+    return GS_OK;
+}
 
 /* ---- timeline (probe) ------------------------------------------------------ */
 
@@ -1039,6 +1265,11 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     }
     int i = parse_index(t->name, "l_out-", '\0');
     int n = e->cfg.n_layer, ph = e->phase;
+    if (ask && e->gr_n && !e->gr_own_mode && e->kv_attached
+        && watch_compute_buffer(e, t, i < n ? i : -1)) {
+        engine_fail(e, GS_E_GRAPH);
+        return false;
+    }
     if (ask && i == 0 && e->check_shape
         && (t->ne[1] >= e->reuse_min_batch) != (ph == GS_PHASE_PROMPT)) {
         fail(GS_E_GRAPH, "a ubatch of %lld tokens ran in the %s phase on a context that reuses graphs: ubatches of "
@@ -1092,9 +1323,12 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
         return fail(GS_E_INVALID, "set_cpu_layers: the attached context reuses graphs, which keep the placement "
                     "they were built with; choose CPU layers before creating it, or create it without graph "
                     "reuse (graph_reuse=False, or LLAMA_GRAPH_REUSE_DISABLE=1)");
-    for (int k = 0; k < n; k++)
+    for (int k = 0; k < n; k++) {
         if (layers[k] < 0 || layers[k] >= e->cfg.n_layer)
             return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
+        if (e->layers[layers[k]].gen_resident)
+            return fail(GS_E_INVALID, "layer %d is generate-resident; it cannot also be a CPU layer", layers[k]);
+    }
     if (e->started) {
         int rc = set_phase(e, GS_PHASE_PROMPT);
         if (rc) return rc;
@@ -1102,15 +1336,7 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
     for (int i = 0; i < e->cfg.n_layer; i++) e->layers[i].cpu_generate = 0;
     for (int k = 0; k < n; k++) e->layers[layers[k]].cpu_generate = 1;
     if (!e->started) return GS_OK;
-    e->n_order[GS_PHASE_GENERATE] = 0;
-    for (int i = 0; i < e->cfg.n_layer; i++) {
-        layer_info *ly = &e->layers[i];
-        ly->sidx[GS_PHASE_GENERATE] = -1;
-        if (ly->count > 0 && !ly->cpu_generate) {
-            ly->sidx[GS_PHASE_GENERATE] = e->n_order[GS_PHASE_GENERATE];
-            e->order[GS_PHASE_GENERATE][e->n_order[GS_PHASE_GENERATE]++] = i;
-        }
-    }
+    generate_order(e);
     int rc = sync_kv(e);   /* frees host KV buffers of layers no longer on the CPU */
     return rc ? rc : sync_repacks(e);
 }
@@ -1384,6 +1610,8 @@ int gs_engine_kv_attach(gs_engine *e, int reuse_min_batch) {
     if (e->kv_attached) return fail(GS_E_INVALID, "gs_engine_kv_attach: another context's KV cache is attached");
     if (reuse_min_batch < 0) return fail(GS_E_INVALID, "gs_engine_kv_attach: reuse_min_batch %d < 0", reuse_min_batch);
     kv_forget(e);
+    e->cbuf = NULL;
+    e->gen_extent = 0;
     e->kv_attached = e->kv_scan = 1;
     e->reuse_min_batch = reuse_min_batch;
     e->check_shape = 0;
@@ -1397,6 +1625,9 @@ int gs_engine_kv_detach(gs_engine *e) {
     /* The context goes: no upload will be issued until the next one, and the
      * model (whose host memory the uploads read) may be freed next. */
     int rc = copy_engine_drain(e);
+    if (!e->gr_own_mode) gr_leave(e);   /* the region goes with the context */
+    e->cbuf = NULL;
+    e->gen_extent = 0;
     if (!e->kv_attached) return rc;
     e->kv_attached = e->kv_scan = e->reuse_min_batch = e->check_shape = e->hold_kv = 0;
     int rc_kv = sync_kv(e);   /* every cache home, host buffers freed */
@@ -1425,10 +1656,19 @@ int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
     e->hold_kv = hold_kv != 0;
+    e->gr_walk = 1;   /* a decode follows */
     if (!e->started) return GS_OK;
     /* Recording stops after the attached context's first full decode. */
     if (e->kv_scan && kv_known(e)) e->kv_scan = 0;
     int rc = phase == e->phase ? sync_kv(e) : set_phase(e, phase);
+    if (!rc && phase == e->phase && phase == GS_PHASE_GENERATE && e->gr_n && !e->gr_base) {
+        /* the compute buffer has been seen since the switch */
+        rc = gr_enter(e);
+        if (rc > 0) {
+            keep_first_slots(e, phase);
+            rc = prefetch_first(e);
+        }
+    }
     if (rc) engine_fail(e, rc);
     return rc;
 }
@@ -1463,17 +1703,15 @@ int gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n) {
 
 static int set_phase(gs_engine *e, int phase) {
     if (phase == e->phase) return GS_OK;
-    /* Slots keep only the first layers the new phase will need. */
-    int want = e->n_slots < e->n_order[phase] ? e->n_slots : e->n_order[phase];
-    for (int s = 0; s < e->n_slots; s++) {
-        slot_info *sl = &e->slots[s];
-        if (sl->state == SLOT_IN_USE) { e->layers[sl->layer].slot = -1; sl->state = SLOT_READY; }
-        int idx = sl->state == SLOT_EMPTY ? -1 : e->layers[sl->layer].sidx[phase];
-        if (idx < 0 || idx >= want) { sl->state = SLOT_EMPTY; sl->layer = -1; }
+    if (phase == GS_PHASE_PROMPT) gr_leave(e);
+    else {
+        int rc = gr_enter(e);
+        if (rc < 0) return rc;
     }
+    keep_first_slots(e, phase);
     for (int i = 0; i < e->cfg.n_layer; i++) {
         layer_info *ly = &e->layers[i];
-        if (ly->count == 0) continue;
+        if (ly->count == 0 || ly->gr_live) continue;
         if (ly->sidx[phase] < 0) point_home(e, i);
         else if (ly->sidx[e->phase] < 0) {
             for (int k = ly->first; k < ly->first + ly->count; k++) {
@@ -1486,17 +1724,9 @@ static int set_phase(gs_engine *e, int phase) {
     e->phase = phase;
     apply_layer_devices(e);
     int rc = sync_kv(e);
-    if (rc) { engine_fail(e, rc); return rc; }
-    if (!e->cfg.prefetch) return GS_OK;
-    for (int k = 0, s = 0; k < want; k++) {
-        int layer = e->order[phase][k];
-        if (slot_holding(e, layer) >= 0) continue;
-        while (s < e->n_slots && e->slots[s].state != SLOT_EMPTY) s++;
-        if (s == e->n_slots) break;        /* cannot happen: at most `want` slots are kept */
-        int rc = copy_issue(e, s, layer);
-        if (rc) { engine_fail(e, rc); return rc; }
-    }
-    return GS_OK;
+    if (!rc) rc = prefetch_first(e);
+    if (rc) engine_fail(e, rc);
+    return rc;
 }
 
 int gs_engine_set_timing(gs_engine *e, int on) {
@@ -1530,6 +1760,9 @@ void gs_engine_reset_stats(gs_engine *e) {
     e->stats.n_streamed = keep.n_streamed;
     e->stats.repacked_bytes = keep.repacked_bytes;
     e->stats.host_kv_bytes = keep.host_kv_bytes;
+    e->stats.gen_resident = keep.gen_resident;
+    e->stats.compute_buffer_bytes = keep.compute_buffer_bytes;
+    e->stats.generate_extent = keep.generate_extent;
     memset(e->layer_seconds, 0, e->cfg.n_layer * sizeof *e->layer_seconds);
     memset(e->layer_count, 0, e->cfg.n_layer * sizeof *e->layer_count);
     e->stats.n_slots = keep.n_slots;
@@ -1561,6 +1794,7 @@ void gs_engine_destroy(gs_engine *e) {
     if (!e) return;
     copy_engine_stop(e);
     if (e->ring) G.buffer_free(e->ring);
+    if (e->gr_own) G.buffer_free(e->gr_own);
     /* The context is gone by contract: free host KV copies without touching its tensors. */
     for (int i = 0; e->layers && i < e->cfg.n_layer; i++) { drop_repack(e, i); kv_free_host(e, i); }
     ptrmap_free(&e->weight_map);

@@ -86,6 +86,11 @@ typedef struct {
     uint64_t repacked_bytes;   /* pageable host memory holding CPU layers' repacked weights */
     uint64_t host_kv_bytes;    /* host memory holding CPU layers' KV caches while generating */
     uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
+    int      gen_resident;     /* generate-resident layers in their region now */
+    uint64_t gen_resident_loads;   /* times the region was filled (once per switch to generating) */
+    uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
+    uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
+    uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
 } gs_stats;
 
 /* Where decodes' wall time goes (probe; see gs_engine_timeline). A segment
@@ -156,6 +161,19 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
  * engine then returns to the prompt phase. Refused while a context that
  * reuses graphs is attached (see gs_engine_kv_attach). */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+/* Generate-resident layers: streamed for prompts, resident while generating
+ * in device memory that prompts use. own = 1: the engine's own buffer (for
+ * the short-lived calibration contexts, before the real context exists);
+ * own = 0: the tail of the attached context's compute buffer, which
+ * llama.cpp sizes for a prompt-sized ubatch and a generate-phase graph
+ * leaves idle, at least reserve_bytes from its start. The layers are copied
+ * in at each switch to the generate phase (prompts overwrite them) once that
+ * buffer has been seen, above twice what generate graphs have used of it;
+ * until then, and beyond what fits, they stream. A generate graph laid out
+ * over them makes them stream again (seen at its first node); a scheduler
+ * copy there fails the decode (never a wrong result). Between decodes; layers
+ * must be streamed and not CPU layers; n = 0 clears. */
+int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are
  * for the coming decode, which may reuse a graph built before they could

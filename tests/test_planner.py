@@ -114,3 +114,22 @@ def test_generate_splits_follow_the_token_time_model():
     # the streamed ones are spread through the overflow, like every placement
     cpu, _ = generate_splits(overflow, layer_bytes, Rates(100.0, 100.0, 0.0))[2]
     assert tuple(i for i in overflow if i not in cpu) == tuple(overflow[j] for j in interleaved_layers(4, 2))
+
+
+def test_generate_resident_count_and_placement(tiny_path):
+    from gguf_stream.planner import generate_graph_bytes, generate_resident_count, with_generate_placement
+
+    mf = read_model(tiny_path)
+    plan = make_plan(mf, n_ctx=512, n_ubatch=512, n_streamed=4)
+    reserve = generate_graph_bytes(mf, 512, 32)
+    idle = 512 * mf.hparams["n_vocab"] * 4 - reserve  # logits for a ubatch, less a generate graph's room
+    assert generate_resident_count(mf, plan, 512, reserve) == max(0, min(4, idle // plan.slot_bytes))
+    assert generate_resident_count(mf, plan, 512, 1 << 40) == 0
+    assert generate_resident_count(mf, plan, 512, 0) == min(4, 512 * mf.hparams["n_vocab"] * 4 // plan.slot_bytes)
+    p = with_generate_placement(plan, cpu_layers=plan.streamed[:1], resident_layers=plan.streamed[1:3])
+    assert p.cpu_layers == plan.streamed[:1] and p.generate_resident == plan.streamed[1:3]
+    assert "2 stay resident while generating" in p.table()
+    with pytest.raises(ValueError, match="both"):
+        with_generate_placement(plan, plan.streamed[:1], plan.streamed[:1])
+    with pytest.raises(ValueError, match="not streamed"):
+        with_generate_placement(plan, (), plan.resident[:1])

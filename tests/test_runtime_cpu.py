@@ -660,3 +660,97 @@ def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, faste
         finally:
             streamer.context_opened()
     assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
+
+
+GEN_RES_OPTS = {**CPU, "n_ctx": 512, "n_batch": 256, "n_ubatch": 256}  # a compute buffer with room
+
+
+def hybrid_generate_resident(path):
+    """2 of HYBRID's 6 streamed layers, none of hybrid_cpu_layers'."""
+    from gguf_stream import read_model
+    from gguf_stream.planner import interleaved_layers
+
+    return interleaved_layers(read_model(path).n_layer, 6)[::3]
+
+
+# (the tiny model's compute buffer is mostly its graph's layout: no room in it)
+@pytest.mark.parametrize("model,own", [("gemma", False), ("gemma", True), ("tiny", True)],
+                         ids=["gemma-compute buffer", "gemma-own buffer", "tiny-own buffer"])
+def test_generate_resident_layers_match_stock(request, model, own):
+    """Streamed layers resident while generating, in the compute buffer's
+    tail (or the engine's own buffer, as in calibration), beside CPU layers
+    and with graph reuse: a chat that starts with a generated token (the
+    buffer is not seen yet, so they stream for that decode) and switches
+    phases twice equals stock bit for bit; afterwards they were in their
+    region for every generated token (adoptions count the rest)."""
+    path = request.getfixturevalue(f"{model}_path")
+
+    def chat(m):
+        words = m.tokenize(PROMPT * 16, add_bos=False)
+        assert len(words) >= 140
+        m.eval([max(m.token_bos(), 0)])
+        first = m.generate(words[:70], 3, with_logits=True)
+        second = m.generate(words[70:140], 3, with_logits=True)
+        return first[0] + second[0], np.concatenate([first[1], second[1]])
+
+    with StockModel(path, **GEN_RES_OPTS) as s:
+        ref_tokens, ref_logits = chat(s)
+    resident, cpu = hybrid_generate_resident(path), hybrid_cpu_layers(path)
+    with StreamedModel(path, **GEN_RES_OPTS, **HYBRID, generate_cpu_layers=cpu, generate_resident=resident) as m:
+        assert m.plan.generate_resident == resident and m.plan.cpu_layers == cpu
+        if own:
+            m.engine.set_generate_resident(resident, own=True)
+        tokens, logits = chat(m)
+        c = m.stats.counters
+        assert m._lc.llama_perf_context(m.ctx).n_reused > 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.gen_resident == 2
+    # own buffer: in from the first token; compute buffer: from the first switch after a prompt, once per turn
+    assert c.gen_resident_loads == (3 if own else 2)
+    first_token = 6 - 2 - (2 if own else 0)
+    assert c.adoptions == first_token + 2 * (6 + 3 * (6 - 2 - 2))
+    if not own:
+        assert 0 < c.generate_extent < c.compute_buffer_bytes
+
+
+def test_graph_laid_out_over_the_region_streams_its_layers(case):
+    """llama.cpp may lay a generate-phase graph out over the region (it
+    keeps the layout of the last graph with as many nodes): the engine sees
+    the whole graph at its first node and streams the layers instead, so
+    the results stay stock's. (Forced here: nothing reserved and no generate
+    graph seen yet, so the region starts at the buffer's start.) The next
+    switch places the region above what generate graphs used."""
+    path = case[0]
+
+    def chat(m):
+        words = m.tokenize(PROMPT * 16, add_bos=False)
+        first = m.generate(words[:70], 3, with_logits=True)
+        second = m.generate(words[70:140], 3, with_logits=True)
+        return first[0] + second[0], np.concatenate([first[1], second[1]])
+
+    with StockModel(path, **GEN_RES_OPTS) as s:
+        ref_tokens, ref_logits = chat(s)
+    with StreamedModel(path, **GEN_RES_OPTS, **HYBRID, generate_resident="none") as m:
+        m.engine.set_generate_resident(hybrid_generate_resident(path), reserve_bytes=0)
+        tokens, logits = chat(m)
+        c = m.stats.counters
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.gen_resident_evictions == 1 and c.gen_resident_loads >= 1
+    assert c.compute_buffer_bytes > 0 and c.generate_extent > 0
+
+
+def test_generate_resident_choice_is_checked(tiny_path):
+    from gguf_stream import NativeError
+    from gguf_stream.runtime import EngineConfig
+
+    with pytest.raises(ValueError, match="generate_resident must be"):
+        EngineConfig(generate_resident="all")
+    cpu = hybrid_cpu_layers(tiny_path)
+    with pytest.raises(NativeError, match="cannot also be a CPU layer"):
+        StreamedModel(tiny_path, **GEN_RES_OPTS, **HYBRID, generate_cpu_layers=cpu, generate_resident=cpu)
+    with StreamedModel(tiny_path, **GEN_RES_OPTS, **HYBRID, generate_cpu_layers=cpu) as m:
+        assert m.plan.generate_resident == ()  # "auto" keeps them on the GPU only (CUDA)
+        with pytest.raises(NativeError, match="not a streamed layer"):
+            m.engine.set_generate_resident([m.plan.resident[0]])
+        with pytest.raises(NativeError, match="is a CPU layer"):
+            m.engine.set_generate_resident(cpu[:1])
