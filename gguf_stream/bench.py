@@ -584,8 +584,7 @@ class _Ctx:
                 n_streamed=len(plan.streamed) if plan is not None else None,
                 n_cpu_generate=len(plan.cpu_layers) if plan is not None else None,
                 n_resident_generate=len(plan.generate_resident) if plan is not None else None,
-                generate_overflow_bytes=(plan.streamed_bytes - sum(self.mf.layer_bytes[i] for i in plan.generate_resident)
-                                         if plan is not None else None),
+                generate_overflow_bytes=plan.generate_overflow_bytes if plan is not None else None,
                 n_slots=plan.n_slots if plan is not None else None,
                 streamed_bytes=plan.streamed_bytes if plan is not None else None,
                 n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,

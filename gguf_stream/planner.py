@@ -163,6 +163,16 @@ class Plan:
         return tuple(s.layer for s in self.layers if s.placement == "streamed" and s.generate == "resident")
 
     @property
+    def generate_overflow(self) -> tuple[int, ...]:
+        """Streamed layers not resident while generating: they stream then,
+        or the CPU computes them."""
+        return tuple(s.layer for s in self.layers if s.placement == "streamed" and s.generate != "resident")
+
+    @property
+    def generate_overflow_bytes(self) -> int:
+        return sum(s.bytes for s in self.layers if s.layer in self.generate_overflow)
+
+    @property
     def resident(self) -> tuple[int, ...]:
         return tuple(s.layer for s in self.layers if s.placement == "resident")
 

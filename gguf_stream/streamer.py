@@ -120,7 +120,6 @@ class Streamer:
         self.rates: Rates | None = None
         self.predicted_token_seconds: float | None = None
         self.split_trials: dict[int, float] | None = None  # CPU-layer count -> measured seconds per token
-        self.generate_resident: tuple[int, ...] = ()  # streamed layers resident while generating
         self._gr_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
@@ -255,12 +254,7 @@ class Streamer:
             n = min(len(candidates), generate_resident_count(mf, self.plan, c.n_ubatch, self._gr_reserve))
             layers = tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
         self.engine.set_generate_resident(layers, self._gr_reserve)
-        self.generate_resident = layers
-
-    def generate_overflow(self) -> tuple[int, ...]:
-        """Streamed layers that are not resident while generating: streamed
-        then, or computed by the CPU."""
-        return tuple(i for i in self.plan.streamed if i not in self.generate_resident)
+        self.plan = with_generate_placement(self.plan, (), layers)
 
     def choose_generate_split(self, model) -> None:
         """Decide which overflow layers the CPU computes while generating:
@@ -270,9 +264,9 @@ class Streamer:
         if self.engine is None:
             return
         choice, cpu = self.config.generate_cpu_layers, ()
-        if choice == "auto" and self.cuda and self.generate_overflow():
+        if choice == "auto" and self.cuda and self.plan.generate_overflow:
             rates = self._cached_rates() or self._measure_rates(model)
-            splits = generate_splits(self.generate_overflow(), self.model_file.layer_bytes, rates)
+            splits = generate_splits(self.plan.generate_overflow, self.model_file.layer_bytes, rates)
             trials = self._cached_split_trials()
             if trials is None:
                 trials = self._time_splits(model, splits, best_split(splits))
@@ -283,7 +277,7 @@ class Streamer:
             cpu = tuple(choice)
         if cpu:
             self.engine.set_cpu_layers(cpu)
-        self.plan = with_generate_placement(self.plan, cpu, self.generate_resident)
+        self.plan = with_generate_placement(self.plan, cpu, self.plan.generate_resident)
 
     def _threads(self) -> int:
         from .runtime import physical_cores
@@ -321,14 +315,14 @@ class Streamer:
             return None
 
     def _split_key(self) -> str:
-        return self._cache_key() + "|split|" + ",".join(map(str, self.generate_overflow()))
+        return self._cache_key() + "|split|" + ",".join(map(str, self.plan.generate_overflow))
 
     def _cached_split_trials(self) -> dict[int, float] | None:
         try:
             trials = {int(n): float(t) for n, t in self._cache()[self._split_key()].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        return trials if trials and all(0 <= n <= len(self.generate_overflow()) for n in trials) else None
+        return trials if trials and all(0 <= n <= len(self.plan.generate_overflow) for n in trials) else None
 
     def _small_context_params(self, n_batch: int):
         """Params of the engine's own short-lived contexts (256 cells)."""
@@ -352,7 +346,7 @@ class Streamer:
         # Generate-resident layers go to a buffer of the engine's own meanwhile:
         # the real context's compute buffer, where they will live, does not
         # exist yet (the memory it will take is free now).
-        e.set_generate_resident(self.generate_resident, own=True)
+        e.set_generate_resident(self.plan.generate_resident, own=True)
         try:
             with no_graph_reuse():  # CPU layers change under it between trials
                 ctx = lc.llama_init_from_model(model, p)
@@ -371,7 +365,7 @@ class Streamer:
                 e.set_cpu_layers(())
                 e.reset_counters()
         finally:
-            e.set_generate_resident(self.generate_resident, self._gr_reserve)
+            e.set_generate_resident(self.plan.generate_resident, self._gr_reserve)
 
     def _decode_token(self, ctx, token: int) -> float:
         """One generate-phase token; seconds until its results are ready."""
@@ -420,7 +414,7 @@ class Streamer:
         first = plan.streamed[0]
         seconds = e.measure_upload(first, 3)
         pcie = mf.layer_bytes[first] / seconds
-        overflow = self.generate_overflow()
+        overflow = self.plan.generate_overflow
         S = len(overflow)
         n_cpu = min(S, CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(overflow[j] for j in interleaved_layers(S, n_cpu))

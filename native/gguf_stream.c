@@ -614,14 +614,29 @@ static size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 /* ---- copy engine ------------------------------------------------------------- */
 
-static void host_copy_layer(gs_engine *e, int slot, int layer) {
+/* Copy `layer`'s weights to dst (a slot, or the generate-resident region) in
+ * its slot layout: on CUDA queued on the copy stream, in host mode now. */
+static int copy_layer_to(gs_engine *e, int layer, char *dst) {
     const layer_info *ly = &e->layers[layer];
-    char *base = e->slots[slot].base;
     for (int k = ly->first; k < ly->first + ly->count; k++) {
         const srec *r = &e->recs[k];
-        memcpy(base + r->offset, r->src, r->nbytes);
-        if (r->alloc > r->nbytes) memset(base + r->offset + r->nbytes, 0, r->alloc - r->nbytes);
+        /* Quantized rows are padded on CUDA; the padding must read as zero. */
+        size_t pad = r->alloc - r->nbytes;
+        if (!e->cfg.use_cuda) {
+            memcpy(dst + r->offset, r->src, r->nbytes);
+            if (pad) memset(dst + r->offset + r->nbytes, 0, pad);
+            continue;
+        }
+        int err = C.MemcpyAsync(dst + r->offset, r->src, r->nbytes, CUDA_H2D, e->stream);
+        if (err) return cuda_fail("cudaMemcpyAsync", err);
+        if (pad && (err = C.MemsetAsync(dst + r->offset + r->nbytes, 0, pad, e->stream)))
+            return cuda_fail("cudaMemsetAsync", err);
     }
+    return GS_OK;
+}
+
+static void host_copy_layer(gs_engine *e, int slot, int layer) {
+    copy_layer_to(e, layer, e->slots[slot].base);
     if (e->cfg.host_copy_delay_us > 0) usleep(e->cfg.host_copy_delay_us);
 }
 
@@ -676,16 +691,8 @@ static int copy_issue(gs_engine *e, int slot, int layer) {
     e->stats.uploads++;
     e->stats.bytes_uploaded += ly->bytes;
     if (e->cfg.use_cuda) {
-        for (int k = ly->first; k < ly->first + ly->count; k++) {
-            const srec *r = &e->recs[k];
-            int err = C.MemcpyAsync(sl->base + r->offset, r->src, r->nbytes, CUDA_H2D, e->stream);
-            if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaMemcpyAsync", err); }
-            /* Quantized rows are padded on CUDA; the padding must read as zero. */
-            if (r->alloc > r->nbytes) {
-                err = C.MemsetAsync(sl->base + r->offset + r->nbytes, 0, r->alloc - r->nbytes, e->stream);
-                if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaMemsetAsync", err); }
-            }
-        }
+        int rc = copy_layer_to(e, layer, sl->base);
+        if (rc) { sl->state = SLOT_EMPTY; sl->layer = -1; return rc; }
         int err = C.EventRecord(sl->event, e->stream);
         if (err) { sl->state = SLOT_EMPTY; sl->layer = -1; return cuda_fail("cudaEventRecord", err); }
         return GS_OK;
@@ -1039,22 +1046,11 @@ static int gr_enter(gs_engine *e) {
         int err = C.DeviceSynchronize();
         if (err) return cuda_fail("cudaDeviceSynchronize", err);
     }
+    /* Layers in order, one slot's size each; pointed there once all have landed. */
     for (int i = 0; i < e->cfg.n_layer && k < fit; i++) {
-        const layer_info *ly = &e->layers[i];
-        if (!ly->gen_resident) continue;
-        char *dst = base + k++ * e->slot_bytes;
-        for (int j = ly->first; j < ly->first + ly->count; j++) {
-            const srec *r = &e->recs[j];
-            size_t pad = r->alloc - r->nbytes;
-            if (e->cfg.use_cuda) {
-                int err = C.MemcpyAsync(dst + r->offset, r->src, r->nbytes, CUDA_H2D, e->stream);
-                if (!err && pad) err = C.MemsetAsync(dst + r->offset + r->nbytes, 0, pad, e->stream);
-                if (err) return cuda_fail("cudaMemcpyAsync (generate-resident layer)", err);
-            } else {
-                memcpy(dst + r->offset, r->src, r->nbytes);
-                if (pad) memset(dst + r->offset + r->nbytes, 0, pad);
-            }
-        }
+        if (!e->layers[i].gen_resident) continue;
+        int rc = copy_layer_to(e, i, base + k++ * e->slot_bytes);
+        if (rc) return rc;
     }
     int rc = copy_engine_drain(e);
     if (rc) return rc;

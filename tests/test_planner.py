@@ -128,6 +128,8 @@ def test_generate_resident_count_and_placement(tiny_path):
     assert generate_resident_count(mf, plan, 512, 0) == min(4, 512 * mf.hparams["n_vocab"] * 4 // plan.slot_bytes)
     p = with_generate_placement(plan, cpu_layers=plan.streamed[:1], resident_layers=plan.streamed[1:3])
     assert p.cpu_layers == plan.streamed[:1] and p.generate_resident == plan.streamed[1:3]
+    assert p.generate_overflow == (plan.streamed[0], plan.streamed[3])
+    assert p.generate_overflow_bytes == sum(mf.layer_bytes[i] for i in p.generate_overflow)
     assert "2 stay resident while generating" in p.table()
     with pytest.raises(ValueError, match="both"):
         with_generate_placement(plan, plan.streamed[:1], plan.streamed[:1])
