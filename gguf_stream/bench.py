@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import GGUFStreamError
+from .perfmodel import pp_bound_tps, tg_bound_seconds
 from .planner import format_size, parse_size
 
 GATE_PROMPT = "The capital of France is"
@@ -211,25 +212,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def tg_bound_seconds(G: float, c: float, p: float, O: float) -> float:
-    """Best token time when O overflow bytes are split between streaming (p s/B
-    over PCIe) and CPU compute (c s/B), both running beside the G-second
-    all-in-VRAM token: min over x in [0, O] of max(G + c(O - x), p x).
-
-    The first term falls and the second rises with x, so the minimum is at
-    their crossing, clamped to [0, O]."""
-    x = min(max((G + c * O) / (p + c), 0.0), O) if p + c > 0 else O
-    return max(G + c * (O - x), p * x)
-
-
-def pp_bound_tps(n_prompt: int, n_ubatch: int, ceiling_tps: float, streamed_bytes: float, bandwidth: float) -> float:
-    """pp t/s bound: each ubatch takes at least max(all-in-VRAM compute,
-    streamed bytes / PCIe bandwidth)."""
-    n_ub = math.ceil(n_prompt / n_ubatch)
-    per_ub = max(n_prompt / ceiling_tps / n_ub, streamed_bytes / bandwidth)
-    return n_prompt / (n_ub * per_ub)
 
 
 @dataclass(frozen=True)

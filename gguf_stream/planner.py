@@ -260,38 +260,6 @@ def generate_resident_count(model: ModelFile, plan: Plan, n_ubatch: int, reserve
     return min(len(plan.streamed), idle // plan.slot_bytes)
 
 
-@dataclass(frozen=True)
-class Rates:
-    """Measured on the machine: what a byte costs on each path while generating."""
-    pcie_bytes_per_s: float     # pinned host -> device copy
-    cpu_bytes_per_s: float      # CPU computing a layer from host memory (incl. its transfers)
-    gpu_token_seconds: float    # G: one token with every layer in VRAM
-
-
-def generate_splits(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> list[tuple[tuple[int, ...], float]]:
-    """Every way to split the overflow layers while generating, indexed by
-    the number the CPU computes: (cpu layers, predicted seconds per token).
-
-    Streaming x bytes and computing the other O - x on the CPU run at the
-    same time, so a token takes about max(G + c*(O - x), p*x) (performance.md);
-    the streamed layers are spread evenly through the overflow.
-    """
-    p, c, G = 1.0 / rates.pcie_bytes_per_s, 1.0 / rates.cpu_bytes_per_s, rates.gpu_token_seconds
-    total = sum(layer_bytes[i] for i in overflow)
-    splits = []
-    for n_cpu in range(len(overflow) + 1):
-        streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
-        x = sum(layer_bytes[i] for i in streamed)
-        splits.append((tuple(i for i in overflow if i not in streamed), max(G + c * (total - x), p * x)))
-    return splits
-
-
-def best_split(splits) -> int:
-    """Index (CPU-layer count) of the fastest predicted split; on a tie the
-    one with more CPU layers (fewer bytes over PCIe)."""
-    return min(range(len(splits)), key=lambda n: (round(splits[n][1], 12), -n))
-
-
 def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:
     return max((model.layer_bytes[i] for i in streamed), default=0) + slot_pad
 

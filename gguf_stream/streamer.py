@@ -25,8 +25,9 @@ from pathlib import Path
 from . import llama_abi, native
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
-from .planner import (Plan, Rates, best_split, format_size, generate_graph_bytes, generate_resident_count,
-                      generate_splits, interleaved_layers, make_plan, parse_size, with_generate_placement)
+from .perfmodel import Rates, best_split, generate_splits
+from .planner import (Plan, format_size, generate_graph_bytes, generate_resident_count, interleaved_layers, make_plan,
+                      parse_size, with_generate_placement)
 
 LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight

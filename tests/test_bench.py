@@ -162,26 +162,6 @@ def test_mean_sd_is_sample_stddev():
     assert bench.mean_sd([5.0]) == (5.0, 0.0)
 
 
-def test_tg_bound():
-    G, c, p, O = 0.004, 1 / 60e9, 1 / 50e9, 1e9
-    t = bench.tg_bound_seconds(G, c, p, O)
-    # better than either pure strategy, and both paths finish together
-    assert t < min(G + c * O, max(G, p * O))
-    x = (G + c * O) / (p + c)
-    assert t == pytest.approx(p * x) == pytest.approx(G + c * (O - x))
-    assert bench.tg_bound_seconds(G, c, p, 0) == G  # nothing to move
-    # a very slow CPU: stream everything
-    assert bench.tg_bound_seconds(G, 1.0, p, O) == pytest.approx(max(G, p * O), rel=1e-4)
-
-
-def test_pp_bound():
-    # copy shorter than compute: the all-in-VRAM speed
-    assert bench.pp_bound_tps(2048, 2048, 10000, 1e9, 50e9) == pytest.approx(10000)
-    # copy longer than compute: bytes / bandwidth per ubatch
-    assert bench.pp_bound_tps(2048, 2048, 10000, 20e9, 50e9) == pytest.approx(2048 / 0.4)
-    assert bench.pp_bound_tps(4096, 2048, 10000, 20e9, 50e9) == pytest.approx(4096 / 0.8)
-
-
 # ------------------------------------------------------------ rendering
 
 def _row(**kw) -> Row:

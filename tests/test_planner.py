@@ -1,7 +1,7 @@
 import pytest
 
 from gguf_stream import BudgetError, make_plan, parse_size, read_model
-from gguf_stream.planner import GiB, MiB, Rates, best_split, generate_splits, interleaved_layers, slot_schedule
+from gguf_stream.planner import GiB, MiB, interleaved_layers, slot_schedule
 
 
 @pytest.mark.parametrize("n_layer,n_streamed,expected", [
@@ -99,21 +99,6 @@ def test_budget_below_streaming_minimum_takes_the_stock_split(tiny_path):
     assert "llama.cpp's own split" in plan.table()
     with pytest.raises(BudgetError, match="below the minimum .* even with every layer in host memory"):
         make_plan(m, vram_budget=stock_device_bytes(m, 0, 256, 64) - 1, **opts)
-
-
-def test_generate_splits_follow_the_token_time_model():
-    """4 overflow layers of 100 bytes, 1 s per layer on each path: a token
-    takes max(G + CPU layers, streamed layers) seconds."""
-    overflow, layer_bytes = (2, 5, 8, 11), {i: 100 for i in range(12)}
-    for G, best in ((0.0, 2), (1.0, 2), (3.0, 1)):
-        splits = generate_splits(overflow, layer_bytes, Rates(100.0, 100.0, G))
-        assert [t for _, t in splits] == pytest.approx([max(G + n, 4 - n) for n in range(5)])
-        assert [len(cpu) for cpu, _ in splits] == [0, 1, 2, 3, 4]
-        assert all(set(cpu) <= set(overflow) for cpu, _ in splits)
-        assert best_split(splits) == best  # G=1: 1 and 2 CPU layers tie at 3 s; more CPU, fewer bytes over PCIe
-    # the streamed ones are spread through the overflow, like every placement
-    cpu, _ = generate_splits(overflow, layer_bytes, Rates(100.0, 100.0, 0.0))[2]
-    assert tuple(i for i in overflow if i not in cpu) == tuple(overflow[j] for j in interleaved_layers(4, 2))
 
 
 def test_generate_resident_count_and_placement(tiny_path):

@@ -609,7 +609,7 @@ def test_split_trials_time_each_candidate_and_are_cached(case, tmp_path, monkeyp
     in a context of its own (normally before the real context exists), keeps
     the timings per overflow, and leaves the engine as it found it."""
     from gguf_stream import read_model
-    from gguf_stream.planner import Rates, generate_splits
+    from gguf_stream.perfmodel import Rates, generate_splits
 
     path, _, _, _ = case
     monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from probe_util import tg  # noqa: E402
 from gguf_stream import llama_abi, native  # noqa: E402
-from gguf_stream.planner import generate_splits  # noqa: E402
+from gguf_stream.perfmodel import generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 ap = argparse.ArgumentParser()

@@ -20,7 +20,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from probe_util import timeline_ms  # noqa: E402
-from gguf_stream.planner import Rates, generate_splits  # noqa: E402
+from gguf_stream.perfmodel import Rates, generate_splits  # noqa: E402
 from gguf_stream.runtime import StreamedModel  # noqa: E402
 
 ap = argparse.ArgumentParser()
