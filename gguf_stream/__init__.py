@@ -28,15 +28,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "DecodeError", "EngineConfig", "EnvironmentMismatchError", "GGUFStreamError",
-    "ModelFile", "ModelFileError", "NativeError", "Plan", "Stats", "StockModel", "StreamedModel",
+    "ModelFile", "ModelFileError", "NativeError", "Plan", "Stats", "StockModel", "StreamedLlama", "StreamedModel",
     "TensorInfo", "UnsupportedModelError", "load", "make_plan", "parse_size", "read_model",
 ]
 
+# Imported on first use: they load llama_cpp and the native helper, and
+# `import gguf_stream` stays light.
+_LAZY = {"EngineConfig": "config", "Stats": "model", "StockModel": "model", "StreamedModel": "model",
+         "load": "model", "StreamedLlama": "llama_compat"}
+
 
 def __getattr__(name):
-    # The runtime imports llama_cpp and the native helper; keep `import gguf_stream` light.
-    if name in ("EngineConfig", "Stats", "StockModel", "StreamedModel", "load"):
-        from . import runtime
+    if name in _LAZY:
+        import importlib
 
-        return getattr(runtime, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gguf_stream' has no attribute {name!r}")

@@ -540,7 +540,7 @@ class _Ctx:
     stock_times: dict = field(default_factory=dict)  # ngl -> Timing (reused across budgets)
 
     def config(self, **kw):
-        from .runtime import EngineConfig
+        from .config import EngineConfig
 
         # streamed runs use the measured CPU+PCIe split while generating
         kw.setdefault("generate_cpu_layers", "auto")
@@ -580,7 +580,7 @@ class _Ctx:
         return out
 
     def run_stock(self, ngl: int) -> Timing:
-        from .runtime import StockModel
+        from .model import StockModel
 
         if ngl not in self.stock_times:
             self.progress(f"loading stock ngl={ngl}")
@@ -589,7 +589,7 @@ class _Ctx:
         return self.stock_times[ngl]
 
     def run_streamed(self, **kw) -> Timing:
-        from .runtime import StreamedModel
+        from .model import StreamedModel
 
         self.progress(f"loading streamed {kw}")
         with StreamedModel(self.path, config=self.config(**kw)) as m:
@@ -598,16 +598,16 @@ class _Ctx:
             self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
                           f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}, "
                           f"{m.plan.generate_resident} stay resident")
-            s, notes, cpu_rate = m.streamer, [], None
-            if s.rates is not None:
-                r = s.rates
+            cal, notes, cpu_rate = m.calibration, [], None
+            if cal is not None:
+                r = cal.rates
                 cpu_rate = r.cpu_bytes_per_s
-                trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted((s.split_trials or {}).items()))
+                trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted(cal.split_trials.items()))
                 notes.append(f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
                              f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
                              f"{r.gpu_token_seconds * 1e3:.2f} ms; "
                              f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
-                             f"(the rates predict {1 / s.predicted_token_seconds:.1f} t/s for it)")
+                             f"(the rates predict {1 / cal.predicted_token_seconds:.1f} t/s for it)")
                 self.progress(notes[-1])
             timing = time_model(m, self.w, self.progress, "streamed")
             c = m.stats.counters
@@ -623,7 +623,7 @@ class _Ctx:
     def measure_stock_vram(self, ngl: int) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
         grow at first use); inf when llama.cpp cannot load it."""
-        from .runtime import stock_vram_peak
+        from .model import stock_vram_peak
 
         self.progress(f"probing stock ngl={ngl}")
         try:
@@ -849,7 +849,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     """Resolve the model, pick the mode, run, and collect rows and notes."""
     from .gguf_file import read_model
     from .models import load_registry, resolve
-    from .runtime import cuda_available
+    from .config import cuda_available
 
     progress = progress or Progress(args.quiet)
     if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \

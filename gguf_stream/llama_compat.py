@@ -4,7 +4,9 @@ Everything Llama offers (completion, chat completion with the GGUF's chat
 template, streaming, tokenization, reset, save_state/load_state, embeddings,
 close) works unchanged, because only two objects differ: the model (loaded
 with streamed layers in pinned host memory, then re-homed into the slot ring)
-and the context (created with the streaming hook, checked after every decode).
+and the context (created with the streaming hook, decoding through the
+Streamer): streamer.StreamedLlamaModel and StreamedLlamaContext, the same
+objects StreamedModel holds.
 
 Llama.__init__ builds those two objects through the module-level name
 ``llama_cpp.llama.internals``; StreamedLlama swaps in a namespace that builds
@@ -13,15 +15,13 @@ llama-cpp-python 0.3.36's exact constructor, which gguf-stream pins anyway.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from contextlib import contextmanager
 
 from . import llama_abi
-from .errors import DecodeError
-from .runtime import EngineConfig
-from .streamer import Streamer
+from .config import EngineConfig
+from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
 import llama_cpp  # noqa: E402
@@ -43,66 +43,6 @@ def swapped(module, name: str, value):
             setattr(module, name, saved)
 
 
-class _StreamedModel(internals.LlamaModel):
-    def __init__(self, streamer: Streamer, *, path_model, params, verbose=True):
-        self._streamer = streamer
-        streamer.patch_model_params(params)
-        super().__init__(path_model=path_model, params=params, verbose=verbose)
-        try:
-            streamer.attach(self.model)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        super().close()  # the context (registered on our stack) and the model first,
-        streamer = getattr(self, "_streamer", None)
-        if streamer is not None:  # then the slots they pointed into
-            streamer.close()
-
-
-class _StreamedContext(internals.LlamaContext):
-    def __init__(self, streamer: Streamer, *, model, params, verbose=True):
-        self._streamer = streamer
-        streamer.patch_context_params(params)
-        with streamer.creating_context():
-            super().__init__(model=model, params=params, verbose=verbose)
-        streamer.context_opened()
-        self._exit_stack.callback(streamer.context_closing)  # runs before llama_free (LIFO)
-
-    def kv_cache_clear(self):
-        super().kv_cache_clear()
-        self._streamer.kv_cleared()
-
-    def decode(self, batch):
-        n_all = batch.n_tokens()
-        sizes, b = self._streamer.decode_sizes(n_all), batch.batch
-        if len(sizes) > 1 and (b.embd or any(b.logits[i] for i in range(sizes[0]))):
-            # the split would lose those outputs (each llama_decode call replaces them)
-            raise DecodeError("this context reuses graphs, so a prompt's short tail is decoded on its own, "
-                              "which loses outputs requested before it; create the model with "
-                              "graph_reuse=False to keep them")
-        start = 0
-        for n in sizes:
-            self._streamer.before_decode(n)
-            rc = llama_cpp.llama_decode(self.ctx, b if n == n_all else _batch_view(b, start, n))
-            self._streamer.check("llama_decode")
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-            start += n
-
-
-def _batch_view(b, start: int, n: int):
-    """Tokens start..start+n of a token llama_batch, sharing its arrays."""
-    def at(ptr):
-        if not ptr:
-            return ptr
-        return ctypes.cast(ctypes.addressof(ptr.contents) + start * ctypes.sizeof(ptr._type_), type(ptr))
-
-    return llama_cpp.llama_batch(n_tokens=n, token=at(b.token), embd=b.embd, pos=at(b.pos),
-                                 n_seq_id=at(b.n_seq_id), seq_id=at(b.seq_id), logits=at(b.logits))
-
-
 class _Internals:
     """llama_cpp._internals, except that models and contexts stream."""
 
@@ -113,10 +53,10 @@ class _Internals:
         return getattr(internals, name)
 
     def LlamaModel(self, **kw):  # noqa: N802 (mirrors the class name)
-        return _StreamedModel(self._streamer, **kw)
+        return StreamedLlamaModel(self._streamer, **kw)
 
     def LlamaContext(self, **kw):  # noqa: N802
-        return _StreamedContext(self._streamer, **kw)
+        return StreamedLlamaContext(self._streamer, **kw)
 
 
 class StreamedLlama(llama_cpp.Llama):
@@ -178,3 +118,26 @@ class StreamedLlama(llama_cpp.Llama):
             "vram_used_bytes": None if free is None else self._vram_base - free,
             "pinned_host_bytes": s.pinned_bytes,
         }
+
+
+def chat_format_for(llm, requested: str | None) -> str | None:
+    """The chat format to use: the requested one, else the GGUF's template
+    (llama-cpp-python picks it up by itself). A GGUF without a template falls
+    back to llama-cpp-python's 'llama-2' format, which Gemma models do not
+    understand; use the 'gemma' format for them instead."""
+    if requested is not None:
+        return requested
+    meta = getattr(llm, "metadata", {}) or {}
+    if meta.get("tokenizer.chat_template"):
+        return None
+    if str(meta.get("general.architecture", "")).startswith("gemma"):
+        return "gemma"
+    return None
+
+
+def apply_chat_format(llm, requested: str | None) -> str:
+    """Set chat_format_for's choice on llm (unless a chat handler is set); its name."""
+    fmt = chat_format_for(llm, requested)
+    if fmt is not None and llm.chat_handler is None:
+        llm.chat_format = fmt
+    return llm.chat_format or "?"

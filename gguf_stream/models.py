@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .config import ENV_CACHE, cache_dir  # noqa: F401  (ENV_CACHE: part of this module's documented surface)
 from .errors import ModelFileError
 
 if sys.version_info >= (3, 11):
@@ -37,7 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_FILE = REPO_ROOT / "models.toml"
 SYNTH_FILE = REPO_ROOT / "tools" / "synth.py"
 ENV_MODELS = "GGUF_STREAM_MODELS"
-ENV_CACHE = "GGUF_STREAM_CACHE"
 DEFAULT_MODEL = "gemma3-270m"
 
 # Used only when models.toml is not next to the package (an installed wheel
@@ -83,12 +83,6 @@ class ModelEntry:
 class Registry:
     default: str | None
     models: dict[str, ModelEntry]
-
-
-def cache_dir() -> Path:
-    """Where synthetic models are written: $GGUF_STREAM_CACHE or ~/.cache/gguf-stream."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gguf-stream"
 
 
 def _entry(name: str, table: dict, origin: Path | None) -> ModelEntry:

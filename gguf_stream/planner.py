@@ -1,11 +1,13 @@
-"""Decide, for a VRAM budget, which layers stay resident and which stream.
+"""Decide, for a VRAM budget, which layers stay resident and which stream,
+and how each decode is placed.
 
 Everything here is pure: sizes come from the GGUF header (ModelFile) and the
 memory estimates below, so plans can be table-tested without a GPU. The
-runtime measures the real figures after loading and reports both.
+engine measures the real figures after loading and reports both.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 
@@ -15,6 +17,9 @@ from .gguf_file import ModelFile
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_MAX_SLOTS = 2
+# llama.cpp's scheduler runs host-resident weights on the CPU for batches
+# under this many tokens and copies them to the GPU op by op above it.
+OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
 # Headroom for what the estimates below do not model: cuBLAS workspace,
 # alignment (the CUDA pool for cuBLAS is in compute_bytes' estimate).
 COMPUTE_HEADROOM = 16 * MiB
@@ -259,6 +264,44 @@ def generate_resident_count(model: ModelFile, plan: Plan, n_ubatch: int, reserve
         return 0
     return min(len(plan.streamed), idle // plan.slot_bytes)
 
+
+
+def generate_resident_layers(model: ModelFile, plan: Plan, n_ubatch: int, reserve: int,
+                             exclude=()) -> tuple[int, ...]:
+    """The streamed layers (less `exclude`, the CPU layers) that stay
+    resident while generating: as many as generate_resident_count says fit,
+    spread evenly through them."""
+    candidates = [i for i in plan.streamed if i not in set(exclude)]
+    n = min(len(candidates), generate_resident_count(model, plan, n_ubatch, reserve))
+    return tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
+
+
+# ------------------------------------------------------------------ decodes
+
+def decode_sizes(n_tokens: int, n_ubatch: int, split_tail: bool) -> list[int]:
+    """How many tokens each llama_decode call takes for a batch of n_tokens
+    (at most n_batch). One call, except with split_tail (a context that
+    reuses graphs, with CPU layers): a prompt whose tail ubatch is under
+    OFFLOAD_MIN_BATCH tokens decodes that tail on its own, in the generate
+    placement (where stock -ngl runs such a ubatch too), so that every
+    graph's shape decides its placement."""
+    tail = n_tokens % n_ubatch
+    if (not split_tail or n_ubatch < OFFLOAD_MIN_BATCH or n_tokens <= n_ubatch
+            or not 0 < tail < OFFLOAD_MIN_BATCH):
+        return [n_tokens]
+    return [n_tokens - tail, tail]
+
+
+def decode_ubatches(n_tokens: int, n_ubatch: int) -> tuple[int, int]:
+    """Tokens in the first and in the last ubatch of one llama_decode call."""
+    return min(n_tokens, n_ubatch), (n_tokens - 1) % n_ubatch + 1
+
+
+def is_generate_phase(first_ubatch: int) -> bool:
+    """Prompt-sized ubatches stream every non-resident layer; small ones
+    leave the CPU layers to the CPU (the scheduler runs host weights on the
+    CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
+    return first_ubatch < OFFLOAD_MIN_BATCH
 
 def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:
     return max((model.layer_bytes[i] for i in streamed), default=0) + slot_pad

@@ -26,7 +26,7 @@ from __future__ import annotations
 import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
-from .llama_compat import StreamedLlama, swapped
+from .llama_compat import StreamedLlama, apply_chat_format, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
 import llama_cpp
@@ -71,8 +71,6 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
             raise ValueError("gguf-stream serves local GGUF files: give a path, not hf_model_repo_id")
         with swapped(server_model, "llama_cpp", _LlamaCppWithStreamed(self._engine_options)):
             llm = server_model.LlamaProxy.load_llama_from_model_settings(settings)
-        from .cli import apply_chat_format
-
         try:
             apply_chat_format(llm, settings.chat_format)  # GGUFs without a chat template (Gemma)
         except BaseException:

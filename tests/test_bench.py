@@ -331,7 +331,7 @@ def test_wrapper_script_help():
 
 @pytest.mark.gpu
 def test_tool_on_gpu(bench_tiny, capsys):
-    from gguf_stream.runtime import cuda_available
+    from gguf_stream.config import cuda_available
 
     if not cuda_available():
         pytest.skip("no CUDA device")

@@ -14,7 +14,8 @@ from conftest import CPU, interrupt, subprocess_env
 from gguf_stream import cli
 from gguf_stream.gguf_file import read_model
 from gguf_stream.planner import make_plan
-from gguf_stream.runtime import StockModel, cuda_available
+from gguf_stream.config import cuda_available
+from gguf_stream.model import StockModel
 
 ROOT = Path(__file__).resolve().parent.parent
 T = str(CPU["n_threads"])

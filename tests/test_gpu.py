@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from gguf_stream.runtime import StockModel, StreamedModel, cuda_available
+from gguf_stream.config import cuda_available
+from gguf_stream.model import StockModel, StreamedModel
 
 pytestmark = pytest.mark.gpu
 if not cuda_available():

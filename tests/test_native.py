@@ -2,7 +2,8 @@
 import pytest
 
 from gguf_stream import NativeError, UnsupportedModelError, read_model
-from gguf_stream.streamer import load_native, validate_graph
+from gguf_stream.config import load_native
+from gguf_stream.streamer import validate_graph
 
 
 @pytest.fixture(scope="module")

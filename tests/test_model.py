@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CPU
 from gguf_stream import BudgetError, DecodeError, EnvironmentMismatchError, ModelFileError
-from gguf_stream.runtime import StockModel, StreamedModel
+from gguf_stream.model import StockModel, StreamedModel
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
 N_GEN = 8
@@ -336,7 +336,7 @@ def test_bad_inputs(tmp_path, tiny_path):
 
 
 def test_gpu_request_without_cuda_build(tiny_path):
-    from gguf_stream.runtime import cuda_available
+    from gguf_stream.config import cuda_available
 
     if cuda_available():
         pytest.skip("this llama-cpp-python has CUDA")
@@ -385,7 +385,7 @@ def test_close_waits_for_uploads_in_flight(gemma_path):
 
     script = (
         "import gguf_stream\n"
-        "from gguf_stream.runtime import StreamedModel\n"
+        "from gguf_stream.model import StreamedModel\n"
         f"with StreamedModel({str(gemma_path)!r}, device='host', n_ctx=256, n_batch=64, n_ubatch=64,"
         " n_threads=2, n_streamed=8, n_slots=2, host_copy_delay_us=300000) as m:\n"
         "    m.eval([max(m.token_bos(), 0)])\n"
@@ -604,64 +604,6 @@ def test_cpu_layers_count_as_cpu_layers_while_generating(case):
     assert tokens == ref_tokens and np.array_equal(np.stack(logits), ref_logits)
 
 
-def test_split_trials_time_each_candidate_and_are_cached(case, tmp_path, monkeypatch):
-    """The automatic generate split times the model's pick and its neighbours
-    in a context of its own (normally before the real context exists), keeps
-    the timings per overflow, and leaves the engine as it found it."""
-    from gguf_stream import read_model
-    from gguf_stream.perfmodel import Rates, generate_splits
-
-    path, _, _, _ = case
-    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
-    with StockModel(path, **CPU) as s:
-        prompt = s.tokenize(PROMPT * 4)
-        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
-    with StreamedModel(path, **CPU, **HYBRID) as m:
-        streamer = m.streamer
-        monkeypatch.setattr(streamer, "_cache_key", lambda: "test")  # the real key names the CUDA device
-        splits = generate_splits(m.plan.streamed, read_model(path).layer_bytes, Rates(1e9, 1e9, 1e-3))
-        assert streamer._cached_split_trials() is None
-        streamer.context_closing()  # one attached context at a time
-        try:
-            trials = streamer._time_splits(m.model, splits, 1)
-        finally:
-            streamer.context_opened()
-        assert 1 in trials and sorted(trials) == list(range(min(trials), max(trials) + 1))
-        assert all(0 < t < 10 for t in trials.values())
-        assert streamer._cached_split_trials() == trials
-        tokens, logits = m.generate(prompt, 4, with_logits=True)
-        c = m.stats.counters
-    # no CPU layer left behind: every token adopts all 6 streamed layers
-    assert c.adoptions == 6 * (-(-len(prompt) // CPU["n_batch"]) + 4) and c.host_kv_bytes == 0
-    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
-
-
-@pytest.mark.parametrize("fastest,best,expected", [
-    (3, 1, [1, 2, 3, 4]),   # up while faster, one past the fastest
-    (0, 2, [0, 1, 2, 3]),   # up is slower: down while faster
-    (2, 2, [1, 2, 3]),      # the pick is the fastest
-    (4, 3, [3, 4]),         # the top: nothing further up
-])
-def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, fastest, best, expected):
-    """The search, on token times that depend only on the CPU-layer count."""
-    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
-    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
-        streamer, engine = m.streamer, m.streamer.engine
-        splits = [(tuple(m.plan.streamed[:n]), 0.0) for n in range(5)]
-        current = [0]
-        set_cpu_layers = engine.set_cpu_layers
-        monkeypatch.setattr(streamer, "_cache_key", lambda: "test")
-        monkeypatch.setattr(engine, "set_cpu_layers", lambda cpu: (current.__setitem__(0, len(cpu)),
-                                                                    set_cpu_layers(cpu)))
-        monkeypatch.setattr(streamer, "_decode_token", lambda ctx, tok: 1.0 + abs(current[0] - fastest))
-        streamer.context_closing()
-        try:
-            trials = streamer._time_splits(m.model, splits, best)
-        finally:
-            streamer.context_opened()
-    assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
-
-
 GEN_RES_OPTS = {**CPU, "n_ctx": 512, "n_batch": 256, "n_ubatch": 256}  # a compute buffer with room
 
 
@@ -741,7 +683,7 @@ def test_graph_laid_out_over_the_region_streams_its_layers(case):
 
 def test_generate_resident_choice_is_checked(tiny_path):
     from gguf_stream import NativeError
-    from gguf_stream.runtime import EngineConfig
+    from gguf_stream.config import EngineConfig
 
     with pytest.raises(ValueError, match="generate_resident must be"):
         EngineConfig(generate_resident="all")

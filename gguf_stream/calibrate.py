@@ -1,0 +1,250 @@
+"""Measured on this machine, once per model: which streamed layers the CPU
+computes while generating (the generate split), and the rates behind it.
+
+The performance model (perfmodel.py) predicts a token's time for every split
+from three rates: p from timed uploads of a streamed layer, c and G from one
+short generation with a sample of the overflow layers on the CPU, timed
+layer by layer. Its best split is then checked by timing it against its
+neighbours: the rates come from separate measurements, and the two paths
+slow each other down in ways they do not capture (shared host memory).
+Measured: the fastest split had 1-3 more CPU layers than the model's pick,
+3-15% faster. Both results are cached per machine, model and overflow.
+
+Calibration runs in short-lived contexts of its own, before the real
+context exists (its memory is free then).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import native
+from .config import cache_dir
+from .errors import BudgetError, DecodeError
+from .perfmodel import Rates, best_split, generate_splits
+from .planner import interleaved_layers
+
+RATES_VERSION = "4"  # bump when what measure_rates measures changes
+CALIBRATION_BATCH = 8
+CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a warm-up)
+# CPU layers during calibration: a sample, so that at most this much is
+# repacked for it (host memory, load time); the others stream meanwhile, as
+# they will while generating (the CPU then shares host memory with the DMA).
+CALIBRATION_CPU_BYTES = 1 << 30
+CALIBRATION_CPU_LAYERS = 8
+SPLIT_TRIAL_TOKENS = 12  # timed single-token decodes per split (after 2 warm-ups), median taken
+SPLIT_TRIAL_WARMUP = 2
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the automatic generate split was chosen from."""
+
+    rates: Rates
+    split_trials: dict[int, float]  # CPU-layer count -> measured seconds per token
+    predicted_token_seconds: float  # the performance model's time for the chosen split
+
+
+class RatesCache:
+    """rates.json in the cache directory: one entry per key. Written
+    atomically; entries that do not read back as what was stored count as
+    absent (a damaged or edited file only costs a re-measurement)."""
+
+    def __init__(self, key: str, path: Path | None = None):
+        self.key = key
+        self.path = path or cache_dir() / "rates.json"
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, key: str, value) -> None:
+        data = self._read()
+        data[key] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".rates-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+
+    def rates(self) -> Rates | None:
+        entry = self._read().get(self.key)
+        try:
+            rates = Rates(**entry)
+        except TypeError:
+            return None
+        values = asdict(rates).values()
+        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        return rates if ok and rates.pcie_bytes_per_s > 0 and rates.cpu_bytes_per_s > 0 \
+            and rates.gpu_token_seconds >= 0 else None
+
+    def put_rates(self, rates: Rates) -> None:
+        self._write(self.key, asdict(rates))
+
+    def split_trials(self, overflow: tuple[int, ...]) -> dict[int, float] | None:
+        entry = self._read().get(self._split_key(overflow))
+        try:
+            trials = {int(n): float(t) for n, t in entry.items()}
+        except (AttributeError, TypeError, ValueError):
+            return None
+        ok = trials and all(0 <= n <= len(overflow) and math.isfinite(t) and t > 0 for n, t in trials.items())
+        return trials if ok else None
+
+    def put_split_trials(self, overflow: tuple[int, ...], trials: dict[int, float]) -> None:
+        self._write(self._split_key(overflow), trials)
+
+    def _split_key(self, overflow: tuple[int, ...]) -> str:
+        return self.key + "|split|" + ",".join(map(str, overflow))
+
+
+def cache_key(path: str, config, device_total: int | None) -> str:
+    """What the measured rates depend on: this code's version, the machine
+    and its GPU, the model file, and the options that change the CPU path."""
+    st = os.stat(path)
+    return "|".join([RATES_VERSION, platform.node(), str(device_total), os.path.abspath(path), str(st.st_size),
+                     str(int(st.st_mtime)), str(config.threads), str(config.repack),
+                     str(config.cpu_layer_host_kv), str(config.cpu_layer_device)])
+
+
+class Calibrator:
+    """Measures one loaded model through its Streamer (between loading the
+    model and creating the context that will decode)."""
+
+    def __init__(self, streamer, model):
+        self.s, self.model = streamer, model
+        total = native.device_memory("CUDA0")[1] if streamer.cuda else None
+        self.cache = RatesCache(cache_key(streamer.path, streamer.config, total))
+
+    def choose_split(self) -> tuple[tuple[int, ...], Calibration]:
+        """The CPU layers of the fastest split that was timed."""
+        overflow = self.s.plan.generate_overflow
+        rates = self.cache.rates() or self.measure_rates()
+        splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
+        trials = self.cache.split_trials(overflow)
+        if trials is None:
+            trials = self.time_splits(splits, best_split(splits))
+        n_cpu = min(trials, key=lambda n: (trials[n], -n))
+        cpu, predicted = splits[n_cpu]
+        return cpu, Calibration(rates, trials, predicted)
+
+    @contextmanager
+    def context(self):
+        """A small context with the hook, its KV caches attached; generation
+        in it runs the generate phase (one token per decode)."""
+        s, e = self.s, self.s.engine
+        lc = s.lc
+        p = s.small_context_params(CALIBRATION_BATCH)
+        p.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.config.flash_attn
+                             else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        s.patch_context_params(p)
+        # Generate-resident layers go to a buffer of the engine's own meanwhile:
+        # the real context's compute buffer, where they will live, does not
+        # exist yet (the memory it will take is free now).
+        e.set_generate_resident(s.plan.generate_resident, own=True)
+        try:
+            with s.no_graph_reuse():  # CPU layers change under it between trials
+                ctx = lc.llama_init_from_model(self.model, p)
+            if not ctx:
+                raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
+            try:
+                e.kv_attach()  # (a context that rebuilds every graph)
+                with s.own_context():
+                    yield ctx
+            finally:
+                try:
+                    e.set_timing(False)
+                    e.set_phase(native.PHASE_PROMPT)
+                    s.context_closing()
+                finally:
+                    lc.llama_free(ctx)
+                e.set_cpu_layers(())
+                e.reset_counters()
+        finally:
+            e.set_generate_resident(s.plan.generate_resident, s.generate_reserve)
+
+    def decode_token(self, ctx, token: int) -> float:
+        """One generate-phase token; seconds until its results are ready."""
+        lc = self.s.lc
+        arr = (lc.llama_token * 1)(token)
+        t0 = time.perf_counter()
+        rc = self.s.decode(ctx, lc.llama_batch_get_one(arr, 1))
+        lc.llama_synchronize(ctx)
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            raise DecodeError(f"calibration decode failed with llama_decode = {rc}")
+        return seconds
+
+    def time_splits(self, splits, best: int) -> dict[int, float]:
+        """Median seconds per token of the model's best split, then of
+        neighbours one CPU layer at a time (more first), for as long as they
+        are faster; timed in one context, so load-to-load variation of the
+        CPU path does not enter the comparison."""
+        e, bos = self.s.engine, self.s.bos(self.model)
+        trials = {}
+        with self.context() as ctx:
+            def timed(n_cpu):
+                e.set_cpu_layers(splits[n_cpu][0])
+                times = [self.decode_token(ctx, bos) for _ in range(SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)]
+                times = times[SPLIT_TRIAL_WARMUP:]
+                trials[n_cpu] = sorted(times)[len(times) // 2]
+                return trials[n_cpu]
+
+            fastest = timed(best)
+            for step in (1, -1):
+                n, moved = best + step, False
+                while 0 <= n < len(splits) and timed(n) < fastest:
+                    fastest, n, moved = trials[n], n + step, True
+                if moved:
+                    break
+        self.cache.put_split_trials(self.s.plan.generate_overflow, trials)
+        return trials
+
+    def measure_rates(self) -> Rates:
+        """p from timed uploads of a streamed layer; c and G from one short
+        generation with a sample of the overflow layers on the CPU (the rest
+        streaming), timed layer by layer."""
+        s, e = self.s, self.s.engine
+        mf, plan = s.model_file, s.plan
+        first = plan.streamed[0]
+        pcie = mf.layer_bytes[first] / e.measure_upload(first, 3)
+        overflow = plan.generate_overflow
+        n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
+        sample = tuple(overflow[j] for j in interleaved_layers(len(overflow), n_cpu))
+        bos = s.bos(self.model)
+        with self.context() as ctx:
+            e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path
+            token_times = []
+            for k in range(CALIBRATION_TOKENS):
+                if k == 1:  # after the warm-up token (which shows the KV caches to the engine)
+                    e.reset_counters()
+                    e.set_timing(True)
+                token_times.append(self.decode_token(ctx, bos))
+            times = e.layer_times(mf.n_layer)
+        per_layer = {i: t / n for i, (t, n) in enumerate(times) if n}
+        cpu = [i for i in sample if i in per_layer]
+        gpu = [i for i in plan.resident if i in per_layer]
+        cpu_rate = sum(mf.layer_bytes[i] for i in cpu) / max(sum(per_layer[i] for i in cpu), 1e-9)
+        # A resident layer's time stands for any layer on the GPU; without
+        # resident layers, assume HBM speed (it is small next to c and p).
+        gpu_layer = (sum(per_layer[i] for i in gpu) / len(gpu)) if gpu else max(mf.layer_bytes) / 2e12 + 3e-5
+        token = sorted(token_times[1:])[len(token_times[1:]) // 2]
+        # what the per-layer segments do not cover: embedding, output head,
+        # layer 0 (timed from the previous token's end) and host overheads
+        edges = max(token - sum(per_layer.values()), 0.0)
+        rates = Rates(pcie_bytes_per_s=pcie, cpu_bytes_per_s=cpu_rate,
+                      gpu_token_seconds=mf.n_layer * gpu_layer + edges)
+        self.cache.put_rates(rates)
+        return rates

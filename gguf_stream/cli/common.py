@@ -1,0 +1,291 @@
+"""What every command shares: output, flag checks, the model and its
+placement, the parser's option groups, Ctrl-C handling."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+from ..planner import format_size
+
+PROG = "gguf-stream"
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
+# Without a budget on a GPU: plan for the free VRAM minus this much (other
+# processes, CUDA context growth, fragmentation).
+GPU_HEADROOM = 1 << 30
+
+
+class _Output:
+    verbose = False  # llama.cpp's log and tracebacks (-v)
+    quiet = False  # no progress lines (-q)
+
+
+output = _Output()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (not with -q)."""
+    if not output.quiet:
+        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+# library messages speak to the Python API; on the command line these are flags
+_API_TO_FLAGS = (("run with verbose=True", "run with -v"), ("lower n_ctx / n_ubatch", "lower -c / -ub"),
+                 ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"))
+
+
+def one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    for api, flag in _API_TO_FLAGS:
+        msg = msg.replace(api, flag)
+    return msg
+
+
+def error(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+_log_callback = None  # keeps the ctypes callback alive
+
+
+def quiet_llama_log(verbose: bool) -> None:
+    """Route llama.cpp's and ggml's log to stderr only with -v.
+
+    llama-cpp-python's own callback prints error-level lines (and a few
+    unlevelled ones) even with verbose=False; a failed load would then print
+    several lines before our one-line error. Its module installs that callback
+    when imported, so import it first and replace it.
+    """
+    global _log_callback
+    import llama_cpp
+    import llama_cpp._logger  # installs its callback; ours must come after
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if output.verbose:
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, None)
+
+
+def restore_llama_log() -> None:
+    """Give llama-cpp-python its own log callback back (main() called in process)."""
+    global _log_callback
+    if _log_callback is not None:
+        import llama_cpp
+        import llama_cpp._logger
+
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+        _log_callback = None
+
+
+# ------------------------------------------------------------ the model
+
+def resolve_model(name: str | None) -> os.PathLike:
+    """A GGUF path for a path or a models.toml name (None: the default model)."""
+    from ..models import resolve
+
+    if name is None:
+        say("no MODEL given: using the embedded default model (gemma3-270m, Gemma 3 270M Q4_K_M)")
+    t0 = time.perf_counter()
+    path = resolve(name, progress=lambda m: say(m + " (first use only)"))
+    if time.perf_counter() - t0 > 1:
+        say(f"model ready: {path}")
+    return path
+
+
+def model_arg(args) -> str | None:
+    """MODEL given positionally or with -m (llama.cpp's spelling)."""
+    pos, opt = getattr(args, "model", None), getattr(args, "model_opt", None)
+    if pos is not None and opt is not None and pos != opt:
+        raise ValueError(f"two models given ({pos!r} and -m {opt!r}); give one")
+    return pos if pos is not None else opt
+
+
+def check_flags(args) -> None:
+    chosen = [f for f, v in (("--vram-budget", args.vram_budget), ("--n-streamed", args.n_streamed),
+                             ("-ngl", args.n_gpu_layers)) if v is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} both choose the placement; give only one")
+    if args.n_streamed is not None and args.n_streamed < 0:
+        raise ValueError(f"--n-streamed must be >= 0, got {args.n_streamed}")
+    if args.n_slots is not None and args.n_slots < 1:
+        raise ValueError(f"--n-slots must be >= 1, got {args.n_slots}")
+    for flag, name in (("-c", "ctx_size"), ("-b", "batch_size"), ("-ub", "ubatch_size")):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads <= 0:
+        raise ValueError(f"-t must be positive, got {threads}")
+    if args.vram_budget is not None:
+        from ..planner import parse_size
+
+        parse_size(args.vram_budget)  # a clear message for '8 gigs'
+
+
+def check_n_predict(args, until: str) -> None:
+    if args.n_predict == 0 or args.n_predict < -1:
+        raise ValueError(f"-n must be positive or -1 (until {until}), got {args.n_predict}")
+
+
+def parse_layers(spec: str):
+    """'auto' | 'none' | '3,7,11' for --generate-cpu-layers."""
+    spec = spec.strip().lower()
+    if spec in ("auto", "none"):
+        return spec
+    try:
+        layers = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--generate-cpu-layers takes auto, none or layer numbers like 3,7,11; got {spec!r}") from None
+    if not layers or min(layers) < 0:
+        raise ValueError(f"--generate-cpu-layers: give auto, none or non-negative layer numbers; got {spec!r}")
+    return layers
+
+
+def pick_device(requested: str) -> str:
+    """'cuda' or 'host' for --device auto|cuda|host (config.select_device)."""
+    from ..config import select_device
+
+    return select_device(requested)
+
+
+def context_options(args) -> dict:
+    """n_ctx, n_batch, n_ubatch and flash_attn from -c / -b / -ub / -fa, as
+    llama.cpp clamps them (a batch no larger than the context, a ubatch no
+    larger than the batch): one derivation for plan, run, chat and serve."""
+    n_batch = min(args.batch_size, args.ctx_size)
+    return dict(n_ctx=args.ctx_size, n_batch=n_batch, n_ubatch=min(args.ubatch_size, n_batch),
+                flash_attn=args.flash_attn == "on")
+
+
+def explicit_placement(args, mf) -> dict | None:
+    """make_plan options from --vram-budget / --n-streamed / -ngl, or None."""
+    if args.n_gpu_layers is not None:
+        ngl = args.n_gpu_layers
+        return {"n_streamed": 0 if ngl < 0 or ngl >= mf.n_layer else mf.n_layer - ngl, "n_slots": args.n_slots}
+    if args.n_streamed is not None:
+        if args.n_streamed > mf.n_layer:
+            raise ValueError(f"--n-streamed {args.n_streamed}: the model has only {mf.n_layer} layers")
+        return {"n_streamed": args.n_streamed, "n_slots": args.n_slots}
+    if args.vram_budget is not None:
+        return {"vram_budget": args.vram_budget, "n_slots": args.n_slots}
+    return None
+
+
+def placement(args, path, device: str) -> dict:
+    """EngineConfig placement options from the flags, or the defaults; says what it chose."""
+    from ..gguf_file import read_model
+
+    mf = read_model(path)
+    chosen = explicit_placement(args, mf)
+    if chosen is not None:
+        if "vram_budget" in chosen and device == "host":
+            say(f"no CUDA device: simulating the plan for a {args.vram_budget} VRAM budget with slots in host "
+                "memory (exact, for testing, not fast)")
+        return chosen
+    if device == "cuda":
+        from .. import native
+
+        free = native.device_memory("CUDA0")[0]
+        budget = max(free - GPU_HEADROOM, 0)
+        say(f"no --vram-budget: planning for {format_size(budget)} (free VRAM {format_size(free)} minus "
+            f"{format_size(GPU_HEADROOM)} headroom); give --vram-budget B to choose")
+        return {"vram_budget": budget, "n_slots": args.n_slots}
+    n_streamed = max(mf.n_layer // 2, 1)
+    say(f"no CUDA device and no budget: streaming {n_streamed} of {mf.n_layer} layers through host-memory "
+        "slots so the engine runs (exact, for testing, not fast); give --n-streamed K or -ngl N to change")
+    return {"n_streamed": n_streamed, "n_slots": args.n_slots}
+
+
+def describe_plan(plan, device: str) -> str:
+    where = "VRAM" if device == "cuda" else "host memory"
+    if getattr(plan, "stock_gpu_layers", None) is not None:
+        return (f"plan: below streaming's minimum, llama.cpp's own split -ngl {plan.stock_gpu_layers} "
+                f"({plan.n_layer - plan.stock_gpu_layers} of {plan.n_layer} layers in host memory)")
+    if not plan.streamed:
+        return f"plan: all {plan.n_layer} layers resident, nothing streamed"
+    layers = ", ".join(map(str, plan.streamed))
+    cpu = tuple(getattr(plan, "cpu_layers", ()) or ())
+    generate = f"; while generating, the CPU computes layers {', '.join(map(str, cpu))}" if cpu else ""
+    return (f"plan: {len(plan.streamed)} of {plan.n_layer} layers streamed ({layers}) through "
+            f"{plan.n_slots} slot(s) of {format_size(plan.slot_bytes)} in {where}; estimated device memory "
+            f"{format_size(plan.device_bytes)}{generate}")
+
+
+def streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
+    """The StreamedLlama behind chat (serve builds its own through llama_cpp.server)."""
+    from ..llama_compat import StreamedLlama
+
+    return StreamedLlama(path, device=device, prefetch=not args.no_prefetch, **context_options(args),
+                         n_threads=args.threads, verbose=args.verbose, **options, **llama_kwargs)
+
+
+class CtrlC:
+    """During generation, the first Ctrl-C sets a flag the token loop checks
+    (so it stops between tokens, with everything generated printed); a second
+    one interrupts at once."""
+
+    def __init__(self):
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# ------------------------------------------------------------ parser pieces
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+
+def add_model(p, required: bool) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="GGUF path or models.toml name" + ("" if required else
+                                                          " (default: the embedded gemma3-270m)"))
+    p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help=argparse.SUPPRESS)
+
+
+def add_placement(p, *, device: bool = True) -> None:
+    g = p.add_argument_group("placement (give at most one of --vram-budget, --n-streamed, -ngl)")
+    g.add_argument("--vram-budget", metavar="B", help="GPU memory the run may use (e.g. 6GiB, 7.5GB); the "
+                   "planner streams the layers that do not fit")
+    g.add_argument("--n-streamed", type=int, metavar="K", help="stream K layers (spread evenly)")
+    g.add_argument("-ngl", "--n-gpu-layers", type=int, metavar="N",
+                   help="keep N layers resident, stream the others (llama.cpp would compute them on the CPU)")
+    g.add_argument("--n-slots", type=int, metavar="S", help="slots streamed layers rotate through (default: "
+                   "planner's choice, at most 2)")
+    if device:
+        g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
+                       help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "
+                       "memory, CPU compute (exact, for testing, not fast); auto: cuda if there is one")
+        g.add_argument("--no-prefetch", action="store_true", help="upload streamed layers synchronously")
+
+
+def add_context(p, *, threads: bool = True) -> None:
+    g = p.add_argument_group("context (as in llama.cpp)")
+    g.add_argument("-c", "--ctx-size", type=int, default=4096, metavar="N", help="context size (default 4096)")
+    g.add_argument("-b", "--batch-size", type=int, default=512, metavar="N", help="logical batch (default 512)")
+    g.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N",
+                   help="physical batch (default 512)")
+    g.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="on", help="flash attention (default on)")
+    if threads:
+        g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: all cores)")

@@ -1,0 +1,103 @@
+"""gguf-stream run: greedy generation from a prompt, then t/s and counters."""
+from __future__ import annotations
+
+import codecs
+import sys
+import time
+
+from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
+    check_flags, check_n_predict, context_options, describe_plan, error, model_arg, parse_layers, pick_device, \
+    placement, resolve_model, say
+
+DEFAULT_N_PREDICT = 128
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("run", parents=parents,
+                       help="generate text greedily from a prompt, then print t/s and the counters",
+                       formatter_class=Formatter, description="Greedy generation from a prompt. Text goes to "
+                       "stdout; load progress, t/s and streaming counters to stderr.")
+    add_model(p, required=False)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt")
+    p.add_argument("-n", "--n-predict", type=int, default=DEFAULT_N_PREDICT, metavar="N",
+                   help=f"tokens to generate (default {DEFAULT_N_PREDICT}; -1: until end of text)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after an end-of-text token")
+    p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
+    p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
+                   help="CUDA: streamed layers the CPU computes while generating instead of uploading them "
+                   "(none, the default: every streamed layer is uploaded, results bit-identical to "
+                   "all-in-VRAM; auto: split measured on this machine, faster generation with CPU rounding "
+                   "like stock -ngl's; or layer numbers)")
+    add_placement(p)
+    add_context(p)
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from ..model import load
+
+    check_flags(args)
+    check_n_predict(args, "end of text")
+    split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
+    device = pick_device(args.device)  # fail fast, before assembling or loading anything
+    path = resolve_model(model_arg(args))
+    options = placement(args, path, device)
+    if split is not None:
+        options["generate_cpu_layers"] = split
+    say(f"loading {path} ({device} mode)")
+    t0 = time.perf_counter()
+    model = load(path, device=device, **context_options(args), n_threads=args.threads,
+                 prefetch=not args.no_prefetch, verbose=args.verbose, **options)
+    try:
+        say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
+        return _generate(model, args)
+    finally:
+        model.close()
+
+
+def _generate(model, args) -> int:
+    import numpy as np
+
+    prompt = model.tokenize(args.prompt, add_bos=True, special=True)
+    room = args.ctx_size - len(prompt)
+    n = room if args.n_predict == -1 else args.n_predict
+    if n > room:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus -n {n} exceed the context -c {args.ctx_size}; "
+                         "raise -c or lower -n")
+    out = sys.stdout
+    if not args.no_display_prompt:
+        out.write(args.prompt)
+        out.flush()
+    tokens: list[int] = []
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split multi-byte character back
+    t_prompt = t_gen = 0.0
+    with CtrlC() as ctrl_c:
+        try:
+            t0 = time.perf_counter()
+            model.eval(prompt)
+            t_prompt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(n):
+                if ctrl_c.hit:
+                    break
+                tok = int(np.argmax(model.logits()))
+                if model.is_eog(tok) and not args.ignore_eos:
+                    break
+                tokens.append(tok)
+                out.write(text.decode(model.token_bytes(tok)))
+                out.flush()
+                if i + 1 < n:
+                    model.eval([tok])
+        except KeyboardInterrupt:  # a second Ctrl-C
+            ctrl_c.hit = True
+        t_gen = time.perf_counter() - t0
+    out.write(text.decode(b"", final=True) + "\n")
+    out.flush()
+    if t_prompt:
+        say(f"prompt: {len(prompt)} tokens in {t_prompt:.2f} s ({len(prompt) / t_prompt:.1f} t/s); "
+            f"generated: {len(tokens)} tokens in {t_gen:.2f} s ({len(tokens) / t_gen if t_gen else 0:.1f} t/s)")
+    say(model.stats.summary())
+    if ctrl_c.hit:
+        error(f"interrupted (Ctrl-C) after {len(tokens)} generated tokens")
+        return EXIT_INTERRUPTED
+    return EXIT_OK

@@ -1,0 +1,56 @@
+"""gguf-stream serve: llama-cpp-python's OpenAI-compatible server on a StreamedLlama."""
+from __future__ import annotations
+
+import time
+
+from ..errors import EnvironmentMismatchError
+from .common import EXIT_OK, Formatter, add_context, add_model, add_placement, check_flags, context_options, \
+    describe_plan, model_arg, pick_device, placement, resolve_model, say
+
+
+def add_parser(sub, parents) -> None:
+    p = sub.add_parser("serve", parents=parents,
+                       help="OpenAI-compatible HTTP server (llama_cpp.server) on a streamed model",
+                       formatter_class=Formatter, description="Serve MODEL through llama-cpp-python's server "
+                       "(/v1/completions, /v1/chat/completions, ...) with a StreamedLlama. Needs the server "
+                       "extra: pip install 'gguf-stream[server]'.")
+    add_model(p, required=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--alias", metavar="NAME", help="model name clients use (default: the path)")
+    p.add_argument("--chat-format", metavar="NAME", help="as in chat")
+    add_placement(p)
+    add_context(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from ..config import physical_cores
+
+    check_flags(args)
+    try:
+        import uvicorn
+
+        from .. import server
+    except ImportError as exc:
+        raise EnvironmentMismatchError(
+            f"serve needs llama-cpp-python's server packages ({exc.name or exc} is missing): "
+            "pip install 'gguf-stream[server]' (or pip install 'llama-cpp-python[server]==0.3.36')") from None
+    server.check_port(args.host, args.port)
+    device = pick_device(args.device)
+    path = resolve_model(model_arg(args))
+    options = placement(args, path, device)
+    say(f"loading {path} ({device} mode)")
+    t0 = time.perf_counter()
+    app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
+                            **context_options(args), n_threads=args.threads or physical_cores(),
+                            chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose, **options)
+    try:
+        llm = server.app_model(app)
+        say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
+        say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    finally:
+        server.close_app(app)
+    say("server stopped, model closed")
+    return EXIT_OK

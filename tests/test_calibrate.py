@@ -1,0 +1,123 @@
+"""Calibration of the generate split (calibrate.py): the timed split search on
+the real engine in host mode, and the rates cache."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import CPU
+from gguf_stream import read_model
+from gguf_stream.calibrate import Calibrator, RatesCache, cache_key
+from gguf_stream.config import EngineConfig
+from gguf_stream.model import StockModel, StreamedModel
+from gguf_stream.perfmodel import Rates, generate_splits
+
+PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
+HYBRID = dict(n_streamed=6, n_slots=2)
+
+
+@pytest.fixture(params=["gemma", "tiny"])
+def path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+def test_split_trials_time_each_candidate_and_are_cached(path, tmp_path, monkeypatch):
+    """The automatic generate split times the model's pick and its neighbours
+    in a context of its own (normally before the real context exists), keeps
+    the timings per overflow, and leaves the engine as it found it."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
+    with StreamedModel(path, **CPU, **HYBRID) as m:
+        streamer = m.streamer
+        cal = Calibrator(streamer, m.model)
+        splits = generate_splits(m.plan.streamed, read_model(path).layer_bytes, Rates(1e9, 1e9, 1e-3))
+        assert cal.cache.split_trials(m.plan.generate_overflow) is None
+        streamer.context_closing()  # one attached context at a time
+        try:
+            trials = cal.time_splits(splits, 1)
+        finally:
+            streamer.context_opened()
+        assert 1 in trials and sorted(trials) == list(range(min(trials), max(trials) + 1))
+        assert all(0 < t < 10 for t in trials.values())
+        assert cal.cache.split_trials(m.plan.generate_overflow) == trials
+        tokens, logits = m.generate(prompt, 4, with_logits=True)
+        c = m.stats.counters
+    # no CPU layer left behind: every token adopts all 6 streamed layers
+    assert c.adoptions == 6 * (-(-len(prompt) // CPU["n_batch"]) + 4) and c.host_kv_bytes == 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("fastest,best,expected", [
+    (3, 1, [1, 2, 3, 4]),   # up while faster, one past the fastest
+    (0, 2, [0, 1, 2, 3]),   # up is slower: down while faster
+    (2, 2, [1, 2, 3]),      # the pick is the fastest
+    (4, 3, [3, 4]),         # the top: nothing further up
+])
+def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, fastest, best, expected):
+    """The search, on token times that depend only on the CPU-layer count."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        streamer, engine = m.streamer, m.streamer.engine
+        cal = Calibrator(streamer, m.model)
+        splits = [(tuple(m.plan.streamed[:n]), 0.0) for n in range(5)]
+        current = [0]
+        set_cpu_layers = engine.set_cpu_layers
+        monkeypatch.setattr(engine, "set_cpu_layers", lambda cpu: (current.__setitem__(0, len(cpu)),
+                                                                    set_cpu_layers(cpu)))
+        monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: 1.0 + abs(current[0] - fastest))
+        streamer.context_closing()
+        try:
+            trials = cal.time_splits(splits, best)
+        finally:
+            streamer.context_opened()
+    assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
+
+
+def test_rates_measured_layer_by_layer_are_plausible(tiny_path, tmp_path, monkeypatch):
+    """measure_rates on the real engine in host mode: positive, finite
+    rates, cached, and the engine left without CPU layers."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        cal = Calibrator(m.streamer, m.model)
+        m.streamer.context_closing()
+        try:
+            rates = cal.measure_rates()
+        finally:
+            m.streamer.context_opened()
+        assert cal.cache.rates() == rates
+        assert m.stats.counters.host_kv_bytes == 0 and m.plan.cpu_layers == ()
+    for v in (rates.pcie_bytes_per_s, rates.cpu_bytes_per_s, rates.gpu_token_seconds):
+        assert math.isfinite(v) and v > 0
+
+
+def test_cache_is_written_atomically_and_validated(tmp_path):
+    cache = RatesCache("k", tmp_path / "sub" / "rates.json")
+    assert cache.rates() is None and cache.split_trials((1, 2)) is None
+    cache.put_rates(Rates(5e10, 6e10, 0.004))
+    cache.put_split_trials((1, 2), {0: 0.02, 1: 0.019})
+    assert cache.rates() == Rates(5e10, 6e10, 0.004)
+    assert cache.split_trials((1, 2)) == {0: 0.02, 1: 0.019}
+    assert cache.split_trials((1, 2, 3)) is None  # another overflow
+    assert [p.name for p in cache.path.parent.iterdir()] == ["rates.json"]  # no temporary file left
+    # what a damaged or edited file holds counts as absent, never as an error
+    for bad in ({"pcie_bytes_per_s": 0, "cpu_bytes_per_s": 1, "gpu_token_seconds": 1},
+                {"pcie_bytes_per_s": "fast", "cpu_bytes_per_s": 1, "gpu_token_seconds": 1},
+                {"pcie_bytes_per_s": 1}, [1, 2], "x"):
+        cache.path.write_text(json.dumps({"k": bad, "k|split|1,2": {"0": -1}}))
+        assert cache.rates() is None and cache.split_trials((1, 2)) is None
+    cache.path.write_text("{not json")
+    assert cache.rates() is None
+    cache.put_rates(Rates(1.0, 1.0, 0.0))  # rewrites a damaged file
+    assert cache.rates() == Rates(1.0, 1.0, 0.0)
+
+
+def test_cache_key_names_what_the_rates_depend_on(tiny_path):
+    a = cache_key(str(tiny_path), EngineConfig(n_threads=2), None)
+    assert a == cache_key(str(tiny_path), EngineConfig(n_threads=2), None)
+    assert a != cache_key(str(tiny_path), EngineConfig(n_threads=3), None)
+    assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2, cpu_repack=False), None)
+    assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2), 80 << 30)
+
