@@ -58,5 +58,47 @@ def interrupt(p, timeout: float = 30):
             p.wait()
 
 
+def _llama_cpp_has_amx() -> bool:
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+# llama.cpp repacks CPU weights for its AMX kernels where the build has them,
+# and those crash (ggml-org/llama.cpp#20824). CI builds llama-cpp-python
+# without AMX (.ci/run); a build for an AMX machine skips what repacks.
+needs_no_amx = pytest.mark.skipif(_llama_cpp_has_amx(), reason="this llama-cpp-python build repacks weights for "
+                                  "AMX, whose kernels crash (ggml-org/llama.cpp#20824); build it as .ci/run does")
+
 # CPU runs: small context, both cores.
 CPU = dict(device="host", n_ctx=256, n_batch=64, n_ubatch=64, n_threads=min(4, os.cpu_count() or 1))
+
+
+# The exactness tests' shared workload: a prompt, greedy tokens, and a
+# hybrid placement (6 streamed layers, 2 of them CPU layers while generating).
+PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
+N_GEN = 8
+HYBRID = dict(n_streamed=6, n_slots=2)
+
+
+@pytest.fixture(scope="module", params=["gemma", "tiny"])
+def case(request):
+    """(path, prompt, stock's greedy tokens, stock's logits) on each model."""
+    import numpy as np
+
+    from gguf_stream.model import StockModel
+
+    path = request.getfixturevalue(f"{request.param}_path")
+    with StockModel(path, n_gpu_layers=0, **CPU) as stock:
+        prompt = stock.tokenize(PROMPT)
+        tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
+    assert np.isfinite(logits).all()
+    return path, prompt, tokens, logits
+
+
+def hybrid_cpu_layers(path):
+    """2 of HYBRID's 6 streamed layers."""
+    from gguf_stream import read_model
+    from gguf_stream.planner import interleaved_layers
+
+    return interleaved_layers(read_model(path).n_layer, 6)[1::3]

@@ -7,23 +7,9 @@ import ctypes
 import numpy as np
 import pytest
 
-from conftest import CPU
+from conftest import CPU, HYBRID, N_GEN, PROMPT, hybrid_cpu_layers, needs_no_amx
 from gguf_stream import BudgetError, DecodeError, EnvironmentMismatchError, ModelFileError
 from gguf_stream.model import StockModel, StreamedModel
-
-PROMPT = "The quick brown fox jumps over the lazy dog. In the beginning"
-N_GEN = 8
-
-
-@pytest.fixture(scope="module", params=["gemma", "tiny"])
-def case(request):
-    path = request.getfixturevalue(f"{request.param}_path")
-    with StockModel(path, n_gpu_layers=0, **CPU) as stock:
-        prompt = stock.tokenize(PROMPT)
-        tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
-    assert np.isfinite(logits).all()
-    return path, prompt, tokens, logits
-
 
 def run_streamed(path, prompt, **options):
     with StreamedModel(path, **CPU, **options) as m:
@@ -65,17 +51,6 @@ def test_streamed_is_bit_identical_to_stock(case, name):
         assert c.sync_fallbacks == 0
     if options.get("host_copy_delay_us"):
         assert c.adopted_waited > 0 and c.wait_seconds > 0
-
-
-HYBRID = dict(n_streamed=6, n_slots=2)
-
-
-def hybrid_cpu_layers(path):
-    """2 of HYBRID's 6 streamed layers."""
-    from gguf_stream import read_model
-    from gguf_stream.planner import interleaved_layers
-
-    return interleaved_layers(read_model(path).n_layer, 6)[1::3]
 
 
 def test_generate_phase_cpu_layers_match(case):
@@ -225,6 +200,7 @@ def test_cpu_layer_kv_can_stay_on_the_device(case):
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
+@needs_no_amx
 def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
     """With repacking on, CPU layers compute from a repacked copy (what stock
     does with its CPU layers): a short prompt and generation (all in the
@@ -251,6 +227,7 @@ def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
     assert tokens == refs[True][0] and np.array_equal(logits, refs[True][1])
 
 
+@needs_no_amx
 def test_host_mode_sources_stay_plain_with_repacking(gemma_path):
     """llama.cpp turns an override to the CPU buffer type into its repacked
     variant when repacking is on; host-mode upload sources must stay plain
@@ -344,20 +321,6 @@ def test_gpu_request_without_cuda_build(tiny_path):
         StreamedModel(tiny_path, device="cuda", n_streamed=2, **{k: v for k, v in CPU.items() if k != "device"})
 
 
-def test_wrong_llama_cpp_version(monkeypatch):
-    import llama_cpp
-
-    from gguf_stream import llama_abi
-
-    llama_abi.llama.cache_clear()
-    monkeypatch.setattr(llama_cpp, "__version__", "0.3.99")
-    try:
-        with pytest.raises(EnvironmentMismatchError, match=r"needs llama-cpp-python==0\.3\.36.*found 0\.3\.99"):
-            llama_abi.llama()
-    finally:
-        llama_abi.llama.cache_clear()
-
-
 def test_close_is_idempotent_and_final(tiny_path):
     m = StreamedModel(tiny_path, n_streamed=2, **CPU)
     m.close()
@@ -421,187 +384,6 @@ def test_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
         assert m.stats.mode.startswith("stock split")
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
     assert tokens == ref[0] and np.array_equal(logits, ref[1])
-
-
-def test_cpu_layers_change_only_under_contexts_that_rebuild_graphs(tiny_path):
-    """A reused graph keeps the placement it was built with: on a context
-    that reuses graphs (the default) CPU layers are chosen before it exists;
-    with graph_reuse=False they may change between any two decodes."""
-    from gguf_stream import NativeError
-
-    cpu = hybrid_cpu_layers(tiny_path)
-    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:
-        with pytest.raises(NativeError, match="reuses graphs"):
-            m.engine.set_cpu_layers(cpu)
-    with StreamedModel(tiny_path, **CPU, **HYBRID, graph_reuse=False) as m:
-        m.eval([max(m.token_bos(), 0)])
-        m.engine.set_cpu_layers(cpu)
-        m.eval([5])
-        m.eval([6])
-        assert m.stats.counters.host_kv_bytes > 0
-
-
-def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
-    """The engine's safety net: a KV move behind the driver's back (which
-    would have held the caches for a decode of the last graph's shape)
-    under a reused graph is named instead of computed with stale values."""
-    from gguf_stream import NativeError, native
-
-    with StreamedModel(tiny_path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path)) as m:
-        m.eval([max(m.token_bos(), 0)])  # generate phase; the engine sees the KV caches
-        m.engine.set_phase(native.PHASE_GENERATE)  # no hold: the CPU layers' caches move now
-        with pytest.raises(NativeError, match="reused a graph"):
-            m.eval([5])  # same shape: llama.cpp reuses the graph, built before the move
-
-
-def test_prompt_phase_tail_is_an_error_when_graphs_are_reused(tiny_path):
-    """Decoding a prompt's short tail ubatch in the prompt phase (what the
-    driver splits off) would leave a graph that a generated token of the same
-    size could reuse under the wrong placement: the engine refuses it."""
-    from gguf_stream import NativeError, native
-
-    with StreamedModel(tiny_path, **{**CPU, "n_ctx": 512, "n_batch": 128}, **HYBRID,
-                       generate_cpu_layers=hybrid_cpu_layers(tiny_path)) as m:
-        assert m.streamer.decode_sizes(69) == [64, 5]
-        lc = m._lc
-        arr = (lc.llama_token * 69)(*([max(m.token_bos(), 0)] + [7] * 68))
-        m.engine.set_phase(native.PHASE_PROMPT)
-        lc.llama_decode(m.ctx, lc.llama_batch_get_one(arr, 69))
-        with pytest.raises(NativeError, match="ran in the prompt phase"):
-            m.streamer.check("llama_decode")
-
-
-def test_graph_reuse_with_cpu_layers_matches_stock(case, monkeypatch):
-    """Graph reuse (the default) with CPU layers, through every case the
-    driver handles: a first decode and the next of the same shape (the KV
-    move waits), prompts ending in a short tail ubatch (decoded on its own,
-    in the generate placement), a one-token tail followed by generated
-    tokens of its shape. Greedy tokens and logits equal stock's bit for
-    bit, and llama.cpp did reuse graphs."""
-    path = case[0]
-    opts = {**CPU, "n_ctx": 512, "n_batch": 128}  # n_ubatch 64: 64 + k tokens end in a k-token tail
-
-    def chat(m):
-        bos = max(m.token_bos(), 0)
-        words = m.tokenize(PROMPT * 16, add_bos=False)
-        assert len(words) >= 135
-        m.eval([bos])
-        m.eval([words[0]])
-        first = m.generate(words[1:70], 3, with_logits=True)     # 69 tokens: 64 + 5
-        second = m.generate(words[70:135], 3, with_logits=True)  # 65 tokens: 64 + 1
-        return first[0] + second[0], np.concatenate([first[1], second[1]])
-
-    with StockModel(path, **opts) as s:
-        ref_tokens, ref_logits = chat(s)
-    with StreamedModel(path, **opts, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
-        calls, decode = [], m._lc.llama_decode
-        monkeypatch.setattr(m._lc, "llama_decode", lambda ctx, batch: (calls.append(batch.n_tokens),
-                                                                       decode(ctx, batch))[1])
-        tokens, logits = chat(m)
-        reused = m._lc.llama_perf_context(m.ctx).n_reused
-        c = m.stats.counters
-    assert m.streamer.reuses_graphs and reused > 0
-    assert calls[:4] == [1, 1, 64, 5] and [64, 1] in [calls[i:i + 2] for i in range(4, len(calls))]
-    assert c.host_kv_bytes > 0 and c.kv_moved_bytes > 0
-    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
-
-
-def test_cleared_cache_moves_without_copying(case):
-    """After reset() (llama_memory_clear) no cell is in use: the next phase
-    switches re-point the CPU layers' caches without copying bytes, and the
-    next sequences still equal stock's."""
-    path = case[0]
-
-    def two_sequences(m):
-        out = []
-        for text in (PROMPT * 4, "Far away, behind the word mountains " * 6):
-            m.reset()
-            prompt = m.tokenize(text)
-            assert 32 <= len(prompt) <= 250  # prompt phase, and it fits the context
-            out.append(m.generate(prompt, 3, with_logits=True))
-        return out
-
-    with StockModel(path, **CPU) as s:
-        ref = two_sequences(s)
-    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
-        got = two_sequences(m)
-        c = m.stats.counters
-    for (t, lg), (rt, rlg) in zip(got, ref):
-        assert t == rt and np.array_equal(lg, rlg)
-    # each sequence: prompt (a cleared cache goes home: nothing copied) -> tokens (copied once)
-    assert c.host_kv_bytes > 0 and c.kv_moved_bytes == 2 * c.host_kv_bytes
-
-
-def dev_layer(model, il):
-    from gguf_stream import llama_abi
-
-    fn = getattr(llama_abi.llama()._lib, "_ZNK11llama_model9dev_layerEi")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_void_p
-    return fn(model, il)
-
-
-def test_layer_device_cells_are_llama_cpps(tiny_path, monkeypatch):
-    """The cells the engine writes are where llama.cpp reads each layer's
-    device; a wrong layout is refused (None), not written through."""
-    from gguf_stream import llama_abi, read_model
-
-    n = read_model(tiny_path).n_layer
-    with StreamedModel(tiny_path, **CPU) as m:
-        cells = llama_abi.layer_device_cells(m.model, n)
-        assert cells is not None and len(cells) == n
-        assert [ctypes.c_void_p.from_address(c).value for c in cells] == [dev_layer(m.model, i) for i in range(n)]
-        assert llama_abi.layer_device_cells(m.model, n + 1) is None
-        assert llama_abi.layer_device_cells(0, n) is None
-        monkeypatch.setattr(llama_abi, "_IMPL_DEV_LAYER_OFFSET", llama_abi._IMPL_DEV_LAYER_OFFSET + 8)
-        assert llama_abi.layer_device_cells(m.model, n) is None
-        monkeypatch.setattr(llama_abi, "_MODEL_PIMPL_OFFSET", 8)
-        assert llama_abi.layer_device_cells(m.model, n) is None
-
-
-def test_cpu_layers_count_as_cpu_layers_while_generating(case):
-    """In the generate phase a CPU layer's device (what llama.cpp pins its
-    norms to) is the CPU; in the prompt phase, and for the other layers, the
-    device it was loaded for. On a CPU-only build every layer loads for the
-    CPU, so the loaded devices are replaced by markers that match no backend
-    (llama.cpp then pins nothing: placement and output unchanged)."""
-    path, _, _, _ = case
-    with StockModel(path, **CPU) as s:
-        prompt = s.tokenize(PROMPT * 4)
-        ref_tokens, ref_logits = s.generate(prompt, 4, with_logits=True)
-    cpu = hybrid_cpu_layers(path)
-    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=cpu) as m:
-        streamer = m.streamer
-        assert streamer.layer_devices_bound
-        n = m.plan.n_layer
-        cpu_dev = dev_layer(m.model, 0)
-        from gguf_stream import llama_abi
-
-        cells = llama_abi.layer_device_cells(m.model, n)
-        markers = (ctypes.c_char * n)()
-        marker = [ctypes.addressof(markers) + i for i in range(n)]
-        streamer.engine.bind_layer_devices(None)
-        for c, v in zip(cells, marker):
-            ctypes.c_void_p.from_address(c).value = v
-        streamer.engine.bind_layer_devices(cells)
-        try:
-            m.eval(prompt)
-            assert [dev_layer(m.model, i) for i in range(n)] == marker
-            tokens, logits = [], []
-            for _ in range(4):
-                lg = m.logits()
-                tokens.append(int(np.argmax(lg)))
-                logits.append(lg)
-                m.eval([tokens[-1]])
-                assert [dev_layer(m.model, i) for i in range(n)] == [
-                    cpu_dev if i in cpu else marker[i] for i in range(n)]
-            m.reset()
-            m.eval(prompt[:32])  # a prompt-sized batch: back to the loaded devices
-            assert [dev_layer(m.model, i) for i in range(n)] == marker
-        finally:
-            streamer.engine.bind_layer_devices(None)
-            for c in cells:
-                ctypes.c_void_p.from_address(c).value = cpu_dev
-    assert tokens == ref_tokens and np.array_equal(np.stack(logits), ref_logits)
 
 
 GEN_RES_OPTS = {**CPU, "n_ctx": 512, "n_batch": 256, "n_ubatch": 256}  # a compute buffer with room

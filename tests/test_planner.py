@@ -120,3 +120,39 @@ def test_generate_resident_count_and_placement(tiny_path):
         with_generate_placement(plan, plan.streamed[:1], plan.streamed[:1])
     with pytest.raises(ValueError, match="not streamed"):
         with_generate_placement(plan, (), plan.resident[:1])
+
+
+@pytest.mark.parametrize("n_tokens,n_ubatch,split,expected", [
+    (69, 64, True, [64, 5]),      # a short tail is decoded on its own
+    (65, 64, True, [64, 1]),
+    (96, 64, True, [96]),         # a tail of 32 is prompt-sized: one call
+    (64, 64, True, [64]),         # no tail
+    (20, 64, True, [20]),         # one ubatch, whatever its size
+    (69, 64, False, [69]),        # no graph reuse or no CPU layers: one call
+    (40, 16, True, [40]),         # ubatches under the threshold: all generate-phase anyway
+])
+def test_decode_sizes(n_tokens, n_ubatch, split, expected):
+    from gguf_stream.planner import decode_sizes
+
+    assert decode_sizes(n_tokens, n_ubatch, split) == expected
+    assert sum(expected) == n_tokens
+
+
+def test_decode_phase_is_the_first_ubatchs():
+    from gguf_stream.planner import OFFLOAD_MIN_BATCH, decode_ubatches, is_generate_phase
+
+    assert decode_ubatches(69, 64) == (64, 5) and decode_ubatches(5, 64) == (5, 5) and decode_ubatches(128, 64) == (64, 64)
+    assert is_generate_phase(1) and is_generate_phase(OFFLOAD_MIN_BATCH - 1)
+    assert not is_generate_phase(OFFLOAD_MIN_BATCH)
+
+
+def test_generate_resident_layers_spread_and_exclude(tiny_path):
+    from gguf_stream.planner import generate_resident_count, generate_resident_layers
+
+    mf = read_model(tiny_path)
+    plan = make_plan(mf, n_ctx=512, n_ubatch=512, n_streamed=6)
+    every = generate_resident_layers(mf, plan, 512, 0)
+    assert set(every) <= set(plan.streamed) and len(every) == generate_resident_count(mf, plan, 512, 0)
+    some = generate_resident_layers(mf, plan, 512, 0, exclude=plan.streamed[:2])
+    assert not set(some) & set(plan.streamed[:2])
+    assert generate_resident_layers(mf, plan, 512, 1 << 40) == ()
