@@ -1,7 +1,6 @@
-"""Tests for tools/synth.py: random-weight GGUF files with real model shapes."""
+"""Tests for gguf_stream/synth.py: random-weight GGUF files with real model shapes."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.synth import SHAPES, main, write_synthetic  # noqa: E402
+from gguf_stream.synth import SHAPES, main, write_synthetic
 
 TINY = SHAPES["tiny"]
 QTYPES = ["Q4_K", "Q8_0"]

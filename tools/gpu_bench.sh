@@ -11,7 +11,7 @@ mkdir -p "$out" /tmp/m
 nvidia-smi -L > "$out/device.txt"
 python3 -m gguf_stream._build_native > "$out/build.log" 2>&1 || { tail "$out/build.log"; exit 1; }
 model=/tmp/m/llama3-8b.gguf
-[ -f $model ] || python3 tools/synth.py $model --shape llama3-8b --type Q4_K --seed 0 -q
+[ -f $model ] || python3 -m gguf_stream.synth $model --shape llama3-8b --type Q4_K --seed 0 -q
 for ub in $ubatches; do
   if [ "$ub" = check ]; then
     # pytest: an auto-loaded plugin there imports numpy before llama.cpp (see gguf_stream/__init__.py)

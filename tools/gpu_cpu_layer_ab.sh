@@ -11,7 +11,7 @@ out=${1:?output directory}; knob=${2:---host-kv}; budget=${3:-3.16GiB}; ngl=${4:
 export PYTHONUNBUFFERED=1
 mkdir -p "$out" /tmp/m
 model=/tmp/m/llama3-8b.gguf
-[ -f $model ] || python3 tools/synth.py $model --shape llama3-8b --type Q4_K --seed 0 -q
+[ -f $model ] || python3 -m gguf_stream.synth $model --shape llama3-8b --type Q4_K --seed 0 -q
 tag=${knob#--}
 for v in 1 0; do
   timeout 120 python3 tools/probe_sched.py $model --budget "$budget" $knob $v --sched-debug \
