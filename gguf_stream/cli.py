@@ -619,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_context(p)
     p.set_defaults(func=cmd_chat)
 
-    sub.add_parser("bench", help="streamed vs stock llama.cpp at the same VRAM budget (see `bench -h`)",
-                   add_help=False)
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub, parents=[common])
 
     p = sub.add_parser("models", parents=[common],
                        help="list models.toml entries and whether they are available locally",
@@ -648,22 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gguf-stream`` and ``python -m gguf_stream``; returns the exit code."""
     global _verbose, _quiet
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # bench has its own parser: hand it everything after the subcommand
-    # (global flags before it still apply).
-    lead = []
-    while argv and argv[0] in ("-v", "--verbose", "-q", "--quiet"):
-        lead.append(argv.pop(0))
-    if argv and argv[0] == "bench":
-        from . import bench
-
-        _verbose = any(f in ("-v", "--verbose") for f in lead)
-        quiet_llama_log(_verbose)
-        try:
-            return bench.main(argv[1:] + (["-q"] if any(f in ("-q", "--quiet") for f in lead) else []))
-        finally:
-            restore_llama_log()
-    args = build_parser().parse_args(lead + argv)
+    args = build_parser().parse_args(argv)
     _verbose, _quiet = args.verbose, args.quiet
     try:
         quiet_llama_log(args.verbose)

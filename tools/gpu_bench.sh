@@ -27,7 +27,10 @@ for ub in $ubatches; do
       | tee "$out/llama-bench.md"
     continue
   fi
-  python3 tools/bench.py -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 --vram-budget "${BUDGETS:-all,0.75x,0.5x,0.35x}" \
-    --allow-near-ties --plot "$out/bench_ub$ub.png" --output md > "$out/bench_ub$ub.md" 2> "$out/bench_ub$ub.err"
+  plot=()  # bench refuses --plot up front without matplotlib: then the table alone
+  python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/bench_ub$ub.png")
+  python3 -m gguf_stream bench -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 \
+    --vram-budget "${BUDGETS:-all,0.75x,0.5x,0.35x}" --allow-near-ties ${plot[@]+"${plot[@]}"} --output md \
+    > "$out/bench_ub$ub.md" 2> "$out/bench_ub$ub.err"
   echo "bench ub=$ub rc=$?"; cat "$out/bench_ub$ub.md"
 done
