@@ -7,7 +7,7 @@ has one of three origins:
 * ``source = "pypi:DIST"``: a pip package shipping the file in chunks, put
   together by its ``assemble()`` (works offline once the package is installed);
 * ``source = "synthetic:SHAPE"`` (+ ``qtype``, ``seed``): a random-weight
-  model written by tools/synth.py into the cache directory on first use;
+  model written by gguf_stream.synth into the cache directory on first use;
 * ``path = "..."``: a file the user already has.
 
 Nothing here imports llama.cpp, so listing and resolving stay cheap.
@@ -36,7 +36,6 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_FILE = REPO_ROOT / "models.toml"
-SYNTH_FILE = REPO_ROOT / "tools" / "synth.py"
 ENV_MODELS = "GGUF_STREAM_MODELS"
 DEFAULT_MODEL = "gemma3-270m"
 
@@ -159,25 +158,14 @@ def load_registry(files: list[Path] | None = None) -> Registry:
 
 
 def load_synth():
-    """Import tools/synth.py from the repository, wherever the caller runs.
-
-    tools/ is not a package of the wheel, so load it by file path instead of
-    relying on sys.path; the error says what to do when it is absent.
-    """
-    if "gguf_stream_synth" in sys.modules:
-        return sys.modules["gguf_stream_synth"]
-    if not SYNTH_FILE.exists():
-        raise ModelFileError(f"synthetic models need tools/synth.py from the gguf-stream repository "
-                             f"(looked for {SYNTH_FILE}); run from a checkout or use a path entry")
-    spec = importlib.util.spec_from_file_location("gguf_stream_synth", SYNTH_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    """The synthetic-model generator, gguf_stream.synth, imported on first use
+    (it needs the gguf and numpy packages; listing and resolving do not)."""
     try:
-        spec.loader.exec_module(module)
+        from . import synth
     except ImportError as exc:
-        del sys.modules[spec.name]
-        raise ModelFileError(f"tools/synth.py could not be imported ({exc}); `pip install gguf numpy`") from exc
-    return module
+        raise ModelFileError(f"synthetic models need gguf_stream.synth, which could not be imported ({exc}); "
+                             "`pip install gguf numpy`") from exc
+    return synth
 
 
 def synthetic_path(entry: ModelEntry) -> Path:
@@ -226,7 +214,7 @@ def is_available(entry: ModelEntry) -> bool:
     if entry.kind == "pypi":
         return importlib.util.find_spec(_pypi_module(entry)) is not None
     if entry.kind == "synthetic":
-        return SYNTH_FILE.exists()
+        return importlib.util.find_spec("gguf") is not None  # gguf_stream.synth needs it
     return False
 
 

@@ -6,7 +6,7 @@ import gguf_stream  # noqa: F401  (loads llama.cpp before numpy, see gguf_stream
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tools/ (synthetic model generator)
+sys.path.insert(0, str(ROOT))  # tools/ (the probe harness, tests/test_probe.py)
 
 
 @pytest.fixture(scope="session")
@@ -26,14 +26,14 @@ def gemma_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory) -> Path:
     """Synthetic 8-layer llama with distinct random Q4_K bytes per layer."""
-    from tools.synth import write_synthetic
+    from gguf_stream.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", "Q4_K", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_q8_path(tmp_path_factory) -> Path:
-    from tools.synth import write_synthetic
+    from gguf_stream.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-q8.gguf", "tiny", "Q8_0", seed=2)
 

@@ -1,7 +1,6 @@
-"""Tests for tools/synth.py: random-weight GGUF files with real model shapes."""
+"""Tests for gguf_stream/synth.py: random-weight GGUF files with real model shapes."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.synth import SHAPES, main, write_synthetic  # noqa: E402
+from conftest import needs_no_amx
+from gguf_stream.synth import SHAPES, main, write_synthetic
 
 TINY = SHAPES["tiny"]
 QTYPES = ["Q4_K", "Q8_0"]
@@ -126,6 +125,7 @@ def _logits(path: Path, tokens: list[int]) -> np.ndarray:
         m.close()
 
 
+@needs_no_amx  # a plain llama_cpp.Llama repacks its weights
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_llama_cpp_runs(tiny_files, qtype):
     llama_cpp = pytest.importorskip("llama_cpp")

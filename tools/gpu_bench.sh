@@ -11,7 +11,7 @@ mkdir -p "$out" /tmp/m
 nvidia-smi -L > "$out/device.txt"
 python3 -m gguf_stream._build_native > "$out/build.log" 2>&1 || { tail "$out/build.log"; exit 1; }
 model=/tmp/m/llama3-8b.gguf
-[ -f $model ] || python3 tools/synth.py $model --shape llama3-8b --type Q4_K --seed 0 -q
+[ -f $model ] || python3 -m gguf_stream.synth $model --shape llama3-8b --type Q4_K --seed 0 -q
 for ub in $ubatches; do
   if [ "$ub" = check ]; then
     # pytest: an auto-loaded plugin there imports numpy before llama.cpp (see gguf_stream/__init__.py)
@@ -27,7 +27,10 @@ for ub in $ubatches; do
       | tee "$out/llama-bench.md"
     continue
   fi
-  python3 tools/bench.py -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 --vram-budget "${BUDGETS:-all,0.75x,0.5x,0.35x}" \
-    --allow-near-ties --plot "$out/bench_ub$ub.png" --output md > "$out/bench_ub$ub.md" 2> "$out/bench_ub$ub.err"
+  plot=()  # bench refuses --plot up front without matplotlib: then the table alone
+  python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/bench_ub$ub.png")
+  python3 -m gguf_stream bench -m $model -p 2048 -n 128 -b "$ub" -ub "$ub" -r 2 \
+    --vram-budget "${BUDGETS:-all,0.75x,0.5x,0.35x}" --allow-near-ties ${plot[@]+"${plot[@]}"} --output md \
+    > "$out/bench_ub$ub.md" 2> "$out/bench_ub$ub.err"
   echo "bench ub=$ub rc=$?"; cat "$out/bench_ub$ub.md"
 done

@@ -17,13 +17,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gguf_stream import make_plan, read_model  # noqa: E402  (before numpy, see gguf_stream/__init__.py)
-import numpy as np  # noqa: E402
-from gguf_stream.planner import format_size  # noqa: E402
-from gguf_stream.bench import Greedy, deviation_to_flip  # noqa: E402
-from gguf_stream.runtime import StockModel, StreamedModel, native  # noqa: E402
+from probe import timed  # first: the checkout on sys.path, llama.cpp before numpy (see probe.py)
+import numpy as np
+from gguf_stream import make_plan, read_model
+from gguf_stream.planner import format_size
+from gguf_stream.bench import Greedy, deviation_to_flip
+from gguf_stream import native
+from gguf_stream.model import StockModel, StreamedModel
 
 PROMPT = "The history of the transistor begins with"
 
@@ -71,12 +71,7 @@ def main() -> int:
         print(m.plan.table(), flush=True)
         tokens, logits = m.generate(prompt, a.tokens, with_logits=True)
         gen_stats = m.stats
-        m.reset()
-        m.reset_counters()
-        pp = list(np.random.default_rng(0).integers(100, mf.hparams["n_vocab"] - 1, a.n_ubatch - 1))
-        t_pp = time.perf_counter()
-        m.eval([max(m.token_bos(), 0)] + [int(x) for x in pp])
-        pp_seconds = time.perf_counter() - t_pp
+        pp_seconds = a.n_ubatch / timed(m, "pp", a.n_ubatch, after_reset=m.reset_counters)
         pp_counters = m.stats.counters
         # What the benchmark's gate sees from a streaming bug: two streamed
         # layers' sources swapped (uploads from then on bring the wrong bytes).

@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from .. import __version__  # first: loads llama.cpp before anything imports numpy
+from ..bench import cli as bench
 from ..errors import GGUFStreamError
 from . import chat, list_models, plan, run, serve
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, Formatter, error, one_line, output, \
@@ -54,33 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = [_common_flags()]
-    for command in (plan, run, chat):
-        command.add_parser(sub, parents)
-    sub.add_parser("bench", help="streamed vs stock llama.cpp at the same VRAM budget (see `bench -h`)",
-                   add_help=False)
-    for command in (list_models, serve):
+    for command in (plan, run, chat, bench, list_models, serve):
         command.add_parser(sub, parents)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gguf-stream`` and ``python -m gguf_stream``; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # bench has its own parser: hand it everything after the subcommand
-    # (global flags before it still apply).
-    lead = []
-    while argv and argv[0] in ("-v", "--verbose", "-q", "--quiet"):
-        lead.append(argv.pop(0))
-    if argv and argv[0] == "bench":
-        from .. import bench
-
-        output.verbose = any(f in ("-v", "--verbose") for f in lead)
-        quiet_llama_log(output.verbose)
-        try:
-            return bench.main(argv[1:] + (["-q"] if any(f in ("-q", "--quiet") for f in lead) else []))
-        finally:
-            restore_llama_log()
-    args = build_parser().parse_args(lead + argv)
+    args = build_parser().parse_args(argv)
     output.verbose, output.quiet = args.verbose, args.quiet
     try:
         quiet_llama_log(args.verbose)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write random-weight GGUF files with real model shapes (for benchmarks and tests).
 
 The files are complete llama-architecture GGUF models that llama.cpp can load and
@@ -18,8 +17,8 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
-CLI:  python tools/synth.py OUT.gguf --shape llama3-8b --type Q4_K --seed 0
-      python tools/synth.py --list
+CLI:  python -m gguf_stream.synth OUT.gguf --shape llama3-8b --type Q4_K --seed 0
+      python -m gguf_stream.synth --list
 """
 from __future__ import annotations
 
@@ -304,7 +303,7 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a random-weight GGUF model with real shapes.")
+    ap = argparse.ArgumentParser(prog="python -m gguf_stream.synth", description="Write a random-weight GGUF model with real shapes.")
     ap.add_argument("out", nargs="?", help="output .gguf path")
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     ap.add_argument("--type", dest="qtype", default="Q4_K", choices=sorted(QTYPES))

@@ -1,0 +1,70 @@
+"""VRAM budgets of the command line, and stock's largest fitting -ngl."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..planner import parse_size
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One VRAM budget of the command line; nbytes None means 'all' (the
+    measured all-in-VRAM ceiling, known only after measuring it)."""
+
+    label: str
+    nbytes: int | None
+
+
+def parse_budgets(spec: str, model_bytes: int) -> list[Budget]:
+    """'4GiB,0.5x,all' -> budgets; 'Nx' is N times the model's weight bytes."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part.lower() == "all":
+            out.append(Budget("all", None))
+        elif part.lower().endswith("x"):
+            try:
+                factor = float(part[:-1])
+            except ValueError:
+                raise ValueError(f"cannot read budget {part!r}: use e.g. 0.5x, 4GiB or all") from None
+            if factor <= 0:
+                raise ValueError(f"budget factor must be positive, got {part!r}")
+            out.append(Budget(part, int(factor * model_bytes)))
+        else:
+            out.append(Budget(part, parse_size(part)))
+    if not out:
+        raise ValueError(f"no budgets in {spec!r}")
+    return out
+
+
+def largest_fitting(lo: int, hi: int, fits: Callable[[int], bool]) -> int | None:
+    """Largest x in [lo, hi] with fits(x), for a monotone fits (true up to
+    some x, false after); None if not even fits(lo). O(log) calls, each of
+    which may load a model."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def search_stock_ngl(n_max: int, budget: int, measure: Callable[[int], float]) -> tuple[int, float] | None:
+    """(ngl, measured bytes) of the largest ngl in 0..n_max whose measured GPU
+    memory fits budget, or None if even ngl=0 does not. measure(ngl) loads
+    and measures (math.inf when the load fails); pass a memoized measure to
+    share probes between budgets."""
+    cache: dict[int, float] = {}
+
+    def vram(ngl: int) -> float:
+        if ngl not in cache:
+            cache[ngl] = measure(ngl)
+        return cache[ngl]
+
+    ngl = largest_fitting(0, n_max, lambda n: vram(n) <= budget)
+    return None if ngl is None else (ngl, vram(ngl))

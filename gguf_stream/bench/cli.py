@@ -1,0 +1,157 @@
+"""`gguf-stream bench`: its arguments, and the command that runs the sweep
+and prints the table (stdout) and progress (stderr).
+
+Exit codes: 0, 1 when the gate finds a mismatch (unless --allow-mismatch),
+2 on an error (one line, `bench: error: ...`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import GGUFStreamError
+from ..planner import format_size
+from . import plot
+from .budgets import parse_budgets
+from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN
+from .report import RENDERERS
+from .rows import BenchResult
+from .sweep import Ctx, run_gpu, run_host
+from .timing import Progress, Workload
+
+EXIT_MISMATCH = 1
+EXIT_ERROR = 2
+
+DESCRIPTION = """\
+Streamed vs stock llama.cpp at the same VRAM budget (docs/performance.md).
+
+llama-bench's workload: pp = one eval of -p tokens (BOS + random ids), tg =
+-n single-token evals from an empty KV cache, one warm-up, -r repetitions,
+t/s mean ± sample sd. For every VRAM budget B the fair pair: stock, llama.cpp's
+-ngl split with the largest ngl whose measured GPU memory (after an -ub
+prompt) fits B, found by loading candidates; streamed, gguf-stream at budget
+B; plus the all-in-VRAM ceiling. A correctness gate (greedy tokens of stock
+and streamed must agree) runs before any speed is reported. Without a GPU a
+reduced host mode compares stock ngl=0 with --n-streamed layers through 2
+host-memory slots."""
+
+EPILOG = """\
+examples:
+  gguf-stream bench -m llama3-8b --vram-budget 2.5GiB,0.75x,all -r 3
+  gguf-stream bench -m tiny --device host -p 64 -n 8 -b 64 -ub 64 -r 1   # CPU-only reduced mode
+exit codes: 0 ok, 1 the gate found a mismatch (unless --allow-mismatch), 2 error"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30)
+
+
+def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
+    """Register `bench` (its flags, func=command) on the gguf-stream parser's subparsers."""
+    p = subparsers.add_parser("bench", parents=list(parents), formatter_class=_Formatter,
+                              help="streamed vs stock llama.cpp at the same VRAM budget (llama-bench style)",
+                              description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("-m", "--model", default=None, metavar="MODEL",
+                   help="model name from models.toml or a GGUF path (default: the registry default, gemma3-270m)")
+    g = p.add_argument_group("workload (as llama-bench)")
+    g.add_argument("-p", "--n-prompt", type=int, default=2048, metavar="N",
+                   help="prompt tokens of the pp test (0: none; default 2048)")
+    g.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
+                   help="generated tokens of the tg test (0: none; default 128)")
+    g.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N", help="logical batch (default 2048)")
+    g.add_argument("-ub", "--ubatch-size", type=int, default=2048, metavar="N",
+                   help="physical batch (default 2048; at most -b)")
+    g.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
+                   help="timed repetitions after one warm-up (default 3)")
+    g.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    g.add_argument("--seed", type=int, default=42, metavar="N", help="seed of the random prompt/tg token ids (default 42)")
+    g.add_argument("--cpu-rate-tokens", type=int, default=16, metavar="N",
+                   help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip; default 16)")
+    g = p.add_argument_group("placement")
+    g.add_argument("--vram-budget", default="0.5x,0.75x,all", metavar="LIST",
+                   help="comma list of budgets: sizes (4GiB), fractions of the model's weight bytes (0.5x), all "
+                   "(the measured all-in-VRAM peak) (default 0.5x,0.75x,all)")
+    g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
+                   help="cuda: the budget sweep; host: the reduced CPU-only comparison; auto: cuda if there is "
+                   "one (default auto)")
+    g.add_argument("-ngl", "--ngl", type=int, default=None, metavar="N",
+                   help="force the stock ngl instead of searching (default: search per budget)")
+    g.add_argument("--no-ceiling", action="store_true", help="skip the all-in-VRAM row (default: run it)")
+    g.add_argument("--n-streamed", type=int, default=None, metavar="K",
+                   help="host mode: streamed layers (default: half of them)")
+    g = p.add_argument_group("correctness gate")
+    g.add_argument("--check-tokens", type=int, default=16, metavar="N",
+                   help=f"greedy tokens after {GATE_PROMPT!r} compared (0: off; default 16)")
+    g.add_argument("--allow-mismatch", action="store_true",
+                   help="exit 0 even when the gate fails (default: exit 1)")
+    g.add_argument("--allow-near-ties", action="store_true",
+                   help=f"pass a token flip whose rms logit deviation is within {NEAR_TIE} std, or within "
+                   f"{PEER_MARGIN:g}x the largest deviation of a stock -ngl split of the run from all-in-VRAM "
+                   "(default: such a flip is a MISMATCH)")
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", choices=sorted(RENDERERS), default="md",
+                   help="table format on stdout (default md)")
+    g.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw a bar chart to PNG (needs matplotlib; default: none)")
+    p.set_defaults(func=command)
+    return p
+
+
+def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResult:
+    """Resolve the model, pick the mode, run, and collect rows and notes."""
+    from ..gguf_file import read_model
+    from ..models import load_registry, resolve
+    from ..config import cuda_available
+
+    progress = progress or Progress(args.quiet)
+    if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \
+            args.n_prompt + args.n_gen == 0:
+        raise ValueError("-p/-n/--check-tokens must be >= 0 (not both -p and -n zero) and -r >= 1")
+    path = resolve(args.model, progress=progress)
+    mf = read_model(path)
+    progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
+    w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
+                 args.repetitions, args.check_tokens, args.seed, args.threads)
+    use_cuda = args.device != "host" and cuda_available()
+    if args.device == "cuda" and not use_cuda:
+        raise GGUFStreamError("--device cuda: this llama-cpp-python build has no CUDA device")
+    # a registry name as given; a file by its stem; the default by its registry name
+    name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
+    ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
+               args.allow_near_ties)
+    meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
+            "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
+            "workload": asdict(w), "command": " ".join(sys.argv)}
+    if use_cuda:
+        budgets = parse_budgets(args.vram_budget, mf.total_bytes)
+        rows, notes, extra = run_gpu(ctx, budgets, args.ngl, not args.no_ceiling, args.cpu_rate_tokens)
+        meta.update(extra)
+    else:
+        rows, notes = run_host(ctx, args.n_streamed)
+    notes.append(f"workload: pp{w.n_prompt} tg{w.n_gen}, n_batch {w.n_batch}, n_ubatch {w.n_ubatch}, "
+                 f"flash attention on, {w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
+                 f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
+    return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def command(args: argparse.Namespace) -> int:
+    """`gguf-stream bench`: run, print the table; the exit code."""
+    if args.plot and not plot.available():  # refuse before minutes of loading, not after
+        print(f"bench: error: --plot {args.plot} needs matplotlib, which is not installed (`pip install "
+              "matplotlib`); nothing was run", file=sys.stderr)
+        return EXIT_ERROR
+    progress = Progress(args.quiet)
+    try:
+        result = run(args, progress)
+    except (GGUFStreamError, ValueError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    sys.stdout.write(RENDERERS[args.output](result))
+    if args.plot:
+        print(plot.plot(result, args.plot), file=sys.stderr)
+    if result.mismatch:
+        print("bench: MISMATCH between stock and streamed greedy tokens", file=sys.stderr)
+        return 0 if args.allow_mismatch else EXIT_MISMATCH
+    return 0

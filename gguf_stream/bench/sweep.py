@@ -1,0 +1,273 @@
+"""The budget sweep: for every VRAM budget, stock llama.cpp at its largest
+fitting -ngl and gguf-stream at the same budget, plus the all-in-VRAM
+ceiling, gated and put in rows (run_gpu); without a GPU a reduced host-mode
+comparison (run_host). The bounds of docs/performance.md are in bounds.py."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from ..errors import GGUFStreamError
+from ..planner import format_size
+from .bounds import bound_notes, weights_per_token
+from .budgets import Budget, search_stock_ngl
+from .gate import Greedy, gate
+from .rows import Row, count_params, mean_sd
+from .timing import Progress, Timing, Workload, measure_h2d_bandwidth, time_model
+
+
+def engine_calibration(model):
+    """(rates, {CPU layers: seconds per token timed}, predicted seconds per
+    token) that the engine measured for its generate split on this load, or
+    None when it measured none (StreamedModel.calibration)."""
+    cal = model.calibration
+    if cal is None:
+        return None
+    return cal.rates, dict(cal.split_trials), cal.predicted_token_seconds
+
+
+@dataclass
+class Ctx:
+    """Everything the row builders share for one model."""
+
+    path: str
+    mf: object
+    w: Workload
+    backend: str
+    device: str
+    progress: Progress
+    model_name: str
+    allow_near_ties: bool = False
+    stock_times: dict = field(default_factory=dict)  # ngl -> Timing (reused across budgets)
+
+    def config(self, **kw):
+        from ..config import EngineConfig
+
+        # streamed runs use the measured CPU+PCIe split while generating
+        kw.setdefault("generate_cpu_layers", "auto")
+        return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
+                            flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
+
+    def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, note="", check="",
+             stock: Timing | None = None) -> list[Row]:
+        out = []
+        for test, n in (("pp", self.w.n_prompt), ("tg", self.w.n_gen)):
+            if not n:
+                continue
+            vals = getattr(t, test) if t else ()
+            mean, sd = mean_sd(vals) if vals else (None, None)
+            ref = mean_sd(getattr(stock, test))[0] if stock and getattr(stock, test) else None
+            ctr = t.counters.get(test) if t else None
+            plan = t.plan if t else None
+            if plan is not None and plan.stock_gpu_layers is not None:
+                ngl = plan.stock_gpu_layers
+            out.append(Row(
+                model=self.model_name, size_bytes=self.mf.total_bytes, params=count_params(self.mf),
+                backend=self.backend, budget=budget.label, budget_bytes=budget.nbytes, mode=mode, ngl=ngl,
+                n_streamed=len(plan.streamed) if plan is not None else None,
+                n_cpu_generate=len(plan.cpu_layers) if plan is not None else None,
+                n_resident_generate=len(plan.generate_resident) if plan is not None else None,
+                generate_overflow_bytes=plan.generate_overflow_bytes if plan is not None else None,
+                n_slots=plan.n_slots if plan is not None else None,
+                streamed_bytes=plan.streamed_bytes if plan is not None else None,
+                n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,
+                ratio=mean / ref if mean is not None and ref else None,
+                vram_peak_bytes=t.vram_peak if t else None,
+                # StockModel reports 0 pinned bytes although its CPU layers are pinned on CUDA: leave it blank
+                pinned_host_bytes=t.pinned if t and mode == "streamed" and plan and plan.streamed else None,
+                waits=ctr[0] if ctr else None, sync_fallbacks=ctr[1] if ctr else None,
+                uploads=ctr[2] if ctr else None, check=check, note=note,
+                cpu_rate_streaming=t.cpu_rate_streaming if t else None))
+        return out
+
+    def run_stock(self, ngl: int) -> Timing:
+        from ..model import StockModel
+
+        if ngl not in self.stock_times:
+            self.progress(f"loading stock ngl={ngl}")
+            with StockModel(self.path, ngl, config=self.config()) as m:
+                self.stock_times[ngl] = time_model(m, self.w, self.progress, f"stock ngl={ngl}")
+        return self.stock_times[ngl]
+
+    def run_streamed(self, **kw) -> Timing:
+        from ..model import StreamedModel
+
+        self.progress(f"loading streamed {kw}")
+        with StreamedModel(self.path, config=self.config(**kw)) as m:
+            if m.plan is None:
+                return time_model(m, self.w, self.progress, "streamed")
+            self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
+                          f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}, "
+                          f"{m.plan.generate_resident} stay resident")
+            notes, cpu_rate, calibration = [], None, engine_calibration(m)
+            if calibration is not None:
+                r, split_trials, predicted = calibration
+                cpu_rate = r.cpu_bytes_per_s
+                trials = ", ".join(f"{n}: {1 / t:.1f}" for n, t in sorted(split_trials.items()))
+                notes.append(f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
+                             f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
+                             f"{r.gpu_token_seconds * 1e3:.2f} ms; "
+                             f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
+                             f"(the rates predict {1 / predicted:.1f} t/s for it)")
+                self.progress(notes[-1])
+            timing = time_model(m, self.w, self.progress, "streamed")
+            c = m.stats.counters
+            if m.plan.cpu_layers:
+                notes.append(f"CPU layers' repacked copy {format_size(c.repacked_bytes)} (pageable host memory); "
+                             f"their KV caches in host memory while generating {format_size(c.host_kv_bytes)}")
+            if m.plan.generate_resident:
+                notes.append(f"{c.gen_resident} of {len(m.plan.generate_resident)} generate-resident layers in the "
+                             f"compute buffer's tail at the end ({format_size(c.compute_buffer_bytes)} buffer, of which "
+                             f"generate graphs used {format_size(c.generate_extent)})")
+            return replace(timing, engine_note="; ".join(notes), cpu_rate_streaming=cpu_rate)
+
+    def measure_stock_vram(self, ngl: int) -> float | None:
+        """GPU bytes of a stock load after one n_ubatch prompt (compute pools
+        grow at first use); inf when llama.cpp cannot load it."""
+        from ..model import stock_vram_peak
+
+        self.progress(f"probing stock ngl={ngl}")
+        try:
+            peak = stock_vram_peak(self.path, ngl, self.config())
+        except GGUFStreamError as exc:
+            self.progress(f"  ngl={ngl} does not load: {exc}")
+            return math.inf
+        # StockModel measures no VRAM at ngl=0 (no layer on the GPU): None, counted as fitting
+        self.progress(f"  ngl={ngl}: {format_size(peak) if peak is not None else 'not measured'}")
+        return None if peak is None else float(peak)
+
+
+def _greedy(t: Timing | None) -> Greedy | None:
+    return None if t is None else t.greedy
+
+
+def run_host(ctx: Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
+    """Reduced mode without a GPU: budgets mean nothing, so compare stock
+    ngl=0 with a fixed set of streamed layers through 2 host slots."""
+    n = n_streamed if n_streamed is not None else ctx.mf.n_layer // 2
+    budget = Budget(f"host ({n}/{ctx.mf.n_layer} streamed)", None)
+    stock = ctx.run_stock(0)
+    rows = ctx.rows(stock, budget=budget, mode="stock", ngl=0, stock=stock)
+    try:
+        streamed = ctx.run_streamed(n_streamed=n, n_slots=min(2, n) if n else None)
+        check = gate(_greedy(streamed), [("stock", _greedy(stock))], ctx.allow_near_ties)
+        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=check, stock=stock)
+    except GGUFStreamError as exc:
+        rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
+    notes = ["host mode (no GPU): VRAM budgets do not apply; stock is ngl=0, streamed runs "
+             f"{n} of {ctx.mf.n_layer} layers through 2 host-memory slots (CPU compute, memcpy uploads)"]
+    if stock.tg:
+        rate = weights_per_token(ctx.mf) * mean_sd(stock.tg)[0]
+        notes.append(f"CPU path: stock ngl=0 tg {mean_sd(stock.tg)[0]:.2f} t/s x "
+                     f"{format_size(weights_per_token(ctx.mf))} of weights per token = {rate / 1e9:.2f} GB/s effective")
+    return rows, notes
+
+
+def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bool,
+            cpu_rate_tokens: int) -> tuple[list[Row], list[str], dict]:
+    """Per budget: stock at the largest fitting measured ngl, streamed at the
+    same budget; plus the all-in-VRAM ceiling; then the bounds of performance.md."""
+    from .. import native
+
+    notes, extra = [], {}
+    ctx.progress("measuring host->device bandwidth")
+    bw, bw_note = measure_h2d_bandwidth()
+    notes.append(bw_note)
+    extra["h2d_bytes_per_s"] = bw
+    n_all = ctx.mf.n_layer + 1  # llama.cpp counts the output layer as one more
+    probes: dict[int, float | None] = {}  # None: loaded, but StockModel measured no VRAM (ngl=0)
+
+    def measure(ngl: int) -> float:
+        if ngl not in probes:
+            probes[ngl] = ctx.measure_stock_vram(ngl)
+        return probes[ngl] or 0.0
+
+    rows: list[Row] = []
+    ceiling_t = None
+    if ceiling or any(b.nbytes is None for b in budgets):
+        if math.isfinite(measure(n_all)):
+            ceiling_t = ctx.run_stock(n_all)
+            if ceiling:
+                total = native.device_memory("CUDA0")[1]
+                rows += ctx.rows(ceiling_t, budget=Budget("device", total), mode="all-in-VRAM", ngl=n_all)
+        else:
+            notes.append("all-in-VRAM ceiling skipped: the whole model does not load on this device")
+    for b in sorted(budgets, key=lambda b: math.inf if b.nbytes is None else b.nbytes):  # see _peers
+        if b.nbytes is None:
+            if ceiling_t is None:
+                continue
+            b = Budget("all", int(measure(n_all)))
+        ctx.progress(f"budget {b.label} ({format_size(b.nbytes)})")
+        choice = (forced_ngl, None) if forced_ngl is not None else search_stock_ngl(n_all, b.nbytes, measure)
+        rows += _budget_rows(ctx, b, None if choice is None else choice[0], ceiling_t, notes)
+    if probes:
+        notes.append(f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): " + ", ".join(
+            f"ngl={k}: " + ("not measured" if v is None else format_size(int(v)) if math.isfinite(v) else "failed")
+            for k, v in sorted(probes.items())))
+    notes.append("gate: streamed greedy tokens must equal the all-in-VRAM run's ('ok') or the same budget's "
+                 "stock run's ('ok (=stock ngl=N)'); otherwise MISMATCH with the logit deviation up to the first "
+                 "differing token, next to the largest deviation from all-in-VRAM that a stock -ngl split of this run "
+                 "shows over the same tokens (CPU layers round differently; on random-weight models that grows to "
+                 "tenths of a std; a wrong layer gives unrelated logits). --allow-near-ties passes flips within it")
+    cpu_rate = _cpu_rate(ctx, cpu_rate_tokens, notes)
+    extra["cpu_bytes_per_s"] = cpu_rate
+    if ceiling_t and bw and cpu_rate:
+        notes += bound_notes(rows, ctx.w, ceiling_t, bw["pinned"], cpu_rate)
+    return rows, notes, extra
+
+
+def _budget_rows(ctx: Ctx, b: Budget, ngl: int | None, ceiling: Timing | None, notes: list[str]) -> list[Row]:
+    """Stock at ngl and streamed at budget b. The gate compares streamed
+    with the all-in-VRAM tokens when there are some, else with this stock."""
+    rows, stock = [], None
+    if ngl is None:
+        rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
+    else:
+        stock = ctx.run_stock(ngl)
+        over = stock.vram_peak is not None and stock.vram_peak > b.nbytes
+        rows += ctx.rows(stock, budget=b, mode="stock", ngl=ngl, stock=stock, note="over budget" if over else "")
+        own = gate(_greedy(stock), [("all-in-VRAM", _greedy(ceiling))])
+        if own not in ("", "ok"):
+            notes.append(f"budget {b.label}: stock ngl={ngl} itself differs from all-in-VRAM ({own}: "
+                         "its CPU layers round differently)")
+    try:
+        streamed = ctx.run_streamed(vram_budget=b.nbytes)
+    except GGUFStreamError as exc:
+        notes.append(f"budget {b.label}: streamed run failed: {exc}")
+        return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}")
+    refs = [("all-in-VRAM", _greedy(ceiling)), (f"stock ngl={ngl}", _greedy(stock))]
+    check = gate(_greedy(streamed), refs, ctx.allow_near_ties, _peers(ctx, ngl, stock, ceiling))
+    rows += ctx.rows(streamed, budget=b, mode="streamed", check=check, stock=stock)
+    if streamed.engine_note:
+        notes.append(f"budget {b.label}: {streamed.engine_note}")
+    if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
+        notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
+    return rows
+
+
+def _peers(ctx: Ctx, ngl: int | None, stock: Timing | None, ceiling: Timing | None):
+    """The stock runs whose own deviation from all-in-VRAM calibrates the
+    gate: this budget's first, then every other partial -ngl run so far
+    (budgets run smallest first, so the largest budget sees them all). Each
+    is one legitimate way of rounding the same model."""
+    if ceiling is None:
+        return []
+    peers = [(f"stock ngl={ngl}", stock.greedy)] if stock is not None and stock is not ceiling else []
+    peers += [(f"stock ngl={k}", t.greedy) for k, t in sorted(ctx.stock_times.items())
+              if t is not ceiling and t is not stock and t.greedy is not None]
+    return peers
+
+
+def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str]) -> float | None:
+    """Effective CPU weight-streaming rate: stock ngl=0 single-token decodes
+    times the bytes each one reads (the 'c' of performance.md's tg bound)."""
+    if n_tokens <= 0:
+        return None
+    w = ctx.w
+    cpu_ctx = replace(ctx, w=replace(w, n_prompt=0, n_gen=n_tokens, reps=1, check_tokens=0), stock_times={})
+    t = cpu_ctx.run_stock(0)
+    tps = mean_sd(t.tg)[0]
+    rate = tps * weights_per_token(ctx.mf)
+    notes.append(f"CPU path: stock ngl=0 tg{n_tokens} {tps:.2f} t/s x {format_size(weights_per_token(ctx.mf))} "
+                 f"per token = {rate / 1e9:.2f} GB/s effective")
+    return rate

