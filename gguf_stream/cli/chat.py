@@ -5,8 +5,7 @@ import sys
 import time
 
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    check_flags, check_n_predict, describe_plan, error, model_arg, one_line, pick_device, placement, \
-    resolve_model, say, streamed_llama
+    check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, say, streamed_llama
 
 CHAT_N_PREDICT = 256
 
@@ -35,10 +34,7 @@ def cmd_chat(args) -> int:
 
     check_flags(args)
     check_n_predict(args, "end of turn")
-    device = pick_device(args.device)
-    path = resolve_model(model_arg(args))
-    options = placement(args, path, device)
-    say(f"loading {path} ({device} mode)")
+    device, path, options = prepare_load(args)
     t0 = time.perf_counter()
     llm = streamed_llama(args, path, device, options, seed=args.seed, chat_format=args.chat_format)
     try:

@@ -202,6 +202,17 @@ def placement(args, path, device: str) -> dict:
     return {"n_streamed": n_streamed, "n_slots": args.n_slots}
 
 
+def prepare_load(args) -> tuple[str, os.PathLike, dict]:
+    """(device, model path, placement options) for a command that loads a
+    model; the device first, so that a GPU asked for without CUDA fails
+    before anything is assembled or loaded."""
+    device = pick_device(args.device)
+    path = resolve_model(model_arg(args))
+    options = placement(args, path, device)
+    say(f"loading {path} ({device} mode)")
+    return device, path, options
+
+
 def describe_plan(plan, device: str) -> str:
     where = "VRAM" if device == "cuda" else "host memory"
     if getattr(plan, "stock_gpu_layers", None) is not None:

@@ -6,8 +6,7 @@ import sys
 import time
 
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    check_flags, check_n_predict, context_options, describe_plan, error, model_arg, parse_layers, pick_device, \
-    placement, resolve_model, say
+    check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, say
 
 DEFAULT_N_PREDICT = 128
 
@@ -39,12 +38,9 @@ def cmd_run(args) -> int:
     check_flags(args)
     check_n_predict(args, "end of text")
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
-    device = pick_device(args.device)  # fail fast, before assembling or loading anything
-    path = resolve_model(model_arg(args))
-    options = placement(args, path, device)
+    device, path, options = prepare_load(args)
     if split is not None:
         options["generate_cpu_layers"] = split
-    say(f"loading {path} ({device} mode)")
     t0 = time.perf_counter()
     model = load(path, device=device, **context_options(args), n_threads=args.threads,
                  prefetch=not args.no_prefetch, verbose=args.verbose, **options)

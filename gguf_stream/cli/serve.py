@@ -5,7 +5,7 @@ import time
 
 from ..errors import EnvironmentMismatchError
 from .common import EXIT_OK, Formatter, add_context, add_model, add_placement, check_flags, context_options, \
-    describe_plan, model_arg, pick_device, placement, resolve_model, say
+    describe_plan, prepare_load, say
 
 
 def add_parser(sub, parents) -> None:
@@ -37,10 +37,7 @@ def cmd_serve(args) -> int:
             f"serve needs llama-cpp-python's server packages ({exc.name or exc} is missing): "
             "pip install 'gguf-stream[server]' (or pip install 'llama-cpp-python[server]==0.3.36')") from None
     server.check_port(args.host, args.port)
-    device = pick_device(args.device)
-    path = resolve_model(model_arg(args))
-    options = placement(args, path, device)
-    say(f"loading {path} ({device} mode)")
+    device, path, options = prepare_load(args)
     t0 = time.perf_counter()
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
                             **context_options(args), n_threads=args.threads or physical_cores(),
