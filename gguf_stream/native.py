@@ -298,3 +298,112 @@ class Engine:
             lib.gs_engine_destroy(self._e)
             self._e = None
 
+
+class Ring:
+    """The slot ring alone (gs_ring), for its tests: no engine, no llama.cpp.
+    Its copies go to `ops`, a Python copy engine with issue(slot, layer),
+    done(slot) -> bool, wait(slot), drain() and optionally point(layer, slot);
+    an exception there fails the ring call with a NativeError from it."""
+
+    def __init__(self, *, n_layer: int, n_slots: int, ops, prefetch: bool = True, layer_bytes=None):
+        self._error = None
+
+        def call(fn, result=lambda r: 0, failed=lib.GS_E_INVALID):
+            def op(_ctx, *args):
+                try:
+                    return result(fn(*args))
+                except Exception as exc:  # reported by the ring call that made it (see _check)
+                    self._error = self._error or exc
+                    return failed
+            return op
+
+        point = getattr(ops, "point", None)
+        self._callbacks = [  # kept alive as long as the ring
+            ffi.callback("int(void *, int, int)", call(ops.issue)),
+            ffi.callback("int(void *, int)", call(ops.done, lambda done: int(bool(done)))),
+            ffi.callback("int(void *, int)", call(ops.wait)),
+            ffi.callback("int(void *)", call(ops.drain)),
+            ffi.callback("void(void *, int, int)", call(point, lambda r: None, None)) if point else ffi.NULL,
+        ]
+        self._counters = ffi.new("gs_counters *")
+        self._bytes = ffi.new("uint64_t[]", list(layer_bytes) if layer_bytes is not None else [0] * n_layer)
+        cfg = ffi.new("gs_ring_config *", {"n_layer": n_layer, "n_slots": n_slots, "prefetch": int(prefetch),
+                                           "layer_bytes": self._bytes, "counters": self._counters})
+        cfg.ops.issue, cfg.ops.done, cfg.ops.wait, cfg.ops.drain, cfg.ops.point = self._callbacks
+        out = ffi.new("gs_ring **")
+        _check("gs_ring_create", lib.gs_ring_create(cfg, out))
+        self._r = out[0]
+        self.n_slots = n_slots
+
+    def _check(self, call: str, rc: int) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise NativeError(call, rc, f"a copy operation failed: {error!r}") from error
+        _check(call, rc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def destroy(self) -> None:
+        if self._r is not None:
+            lib.gs_ring_destroy(self._r)
+            self._r = None
+
+    def set_order(self, phase: int, layers) -> None:
+        arr = ffi.new("int[]", list(layers) or [0])
+        self._check("gs_ring_set_order", lib.gs_ring_set_order(self._r, phase, arr, len(layers)))
+
+    def position(self, phase: int, layer: int) -> int:
+        pos = ffi.new("int *")
+        self._check("gs_ring_get_position", lib.gs_ring_get_position(self._r, phase, layer, pos))
+        return pos[0]
+
+    def adopt(self, phase: int, layer: int) -> None:
+        self._check("gs_ring_adopt", lib.gs_ring_adopt(self._r, phase, layer))
+
+    def release(self, phase: int, layer: int) -> None:
+        self._check("gs_ring_release", lib.gs_ring_release(self._r, phase, layer))
+
+    def landed(self, layer: int) -> bool:
+        out = ffi.new("int *")
+        self._check("gs_ring_landed", lib.gs_ring_landed(self._r, layer, out))
+        return bool(out[0])
+
+    def keep_first(self, phase: int) -> None:
+        self._check("gs_ring_keep_first", lib.gs_ring_keep_first(self._r, phase))
+
+    def prefetch_first(self, phase: int) -> None:
+        self._check("gs_ring_prefetch_first", lib.gs_ring_prefetch_first(self._r, phase))
+
+    def time_upload(self, layer: int, n: int) -> float:
+        best = ffi.new("double *")
+        self._check("gs_ring_time_upload", lib.gs_ring_time_upload(self._r, layer, n, best))
+        return float(best[0])
+
+    def discard(self) -> None:
+        self._check("gs_ring_discard", lib.gs_ring_discard(self._r))
+
+    def slots(self) -> list[tuple[int, int]]:
+        """(layer or -1, SLOT_* state) of each slot."""
+        layer, state, out = ffi.new("int *"), ffi.new("int *"), []
+        for s in range(self.n_slots):
+            _check("gs_ring_get_slot", lib.gs_ring_get_slot(self._r, s, layer, state))
+            out.append((layer[0], state[0]))
+        return out
+
+    def adopted(self, layer: int) -> int:
+        """The slot layer was adopted into for the current evaluation, -1 if none."""
+        slot = ffi.new("int *")
+        self._check("gs_ring_get_adopted", lib.gs_ring_get_adopted(self._r, layer, slot))
+        return slot[0]
+
+    def counters(self) -> dict:
+        """What the ring counted (gs_counters' ring fields; the others stay 0)."""
+        return _fields(self._counters, _COUNTED)
+
+
+SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_IN_USE = (lib.GS_SLOT_EMPTY, lib.GS_SLOT_LOADING,
+                                                     lib.GS_SLOT_READY, lib.GS_SLOT_IN_USE)
