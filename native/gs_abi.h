@@ -99,5 +99,7 @@ struct gs_cudart_syms {
     const char *(*GetErrorString)(int);
 };
 extern struct gs_cudart_syms C;
+/* gs_libs_load's CUDA half, alone (native/check/cuda_check.c runs without ggml). */
+int load_cudart(const char *cudart);
 
 #endif

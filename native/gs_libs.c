@@ -58,7 +58,7 @@ static int load_ggml(const char *ggml_base, const char *ggml) {
     return GS_OK;
 }
 
-static int load_cudart(const char *cudart) {
+int load_cudart(const char *cudart) {
     void *hc = open_loaded(cudart);
     if (!hc) return fail(GS_E_DLOPEN, "dlopen(%s): %s", cudart, dlerror());
     RESOLVE(hc, NULL, C.SetDevice, "cudaSetDevice");
