@@ -1,7 +1,7 @@
 """What gguf-stream relies on from llama-cpp-python, checked in one place.
 
 The hooks depend on the exact ABI of llama-cpp-python 0.3.36 (llama.cpp
-0c1e57098): the struct layouts in native/gguf_stream.c, the scheduler's
+0c1e57098): the struct layouts in native/gs_abi.h, the scheduler's
 cb_eval contract and the tensor_buft_overrides field. Any other version is
 refused with a clear error rather than risking silent corruption.
 """

@@ -32,38 +32,38 @@ def load_libraries(ggml_base: str, ggml: str, cudart: str | None) -> None:
 def device_bufts(name: str) -> tuple[int, int]:
     """(buffer type, host buffer type or 0) of a ggml device, as addresses."""
     buft, host = ffi.new("void **"), ffi.new("void **")
-    _check(f"gs_device_bufts({name})", lib.gs_device_bufts(name.encode(), buft, host))
+    _check(f"gs_device_get_bufts({name})", lib.gs_device_get_bufts(name.encode(), buft, host))
     return int(ffi.cast("uintptr_t", buft[0])), int(ffi.cast("uintptr_t", host[0]))
 
 
 def plain_cpu_buft() -> int:
     """The plain CPU buffer type under an address llama.cpp does not turn into CPU_REPACK."""
     buft = ffi.new("void **")
-    _check("gs_plain_cpu_buft", lib.gs_plain_cpu_buft(buft))
+    _check("gs_cpu_get_plain_buft", lib.gs_cpu_get_plain_buft(buft))
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
 def cpu_repack_buft() -> int:
     """Address of the CPU backend's CPU_REPACK buffer type, 0 if this build has none."""
     buft = ffi.new("void **")
-    _check("gs_cpu_repack_buft", lib.gs_cpu_repack_buft(buft))
+    _check("gs_cpu_get_repack_buft", lib.gs_cpu_get_repack_buft(buft))
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
 def has_device(name: str) -> bool:
     buft = ffi.new("void **")
-    return lib.gs_device_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
+    return lib.gs_device_get_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
 
 
 def device_memory(name: str) -> tuple[int, int]:
     free, total = ffi.new("size_t *"), ffi.new("size_t *")
-    _check(f"gs_device_memory({name})", lib.gs_device_memory(name.encode(), free, total))
+    _check(f"gs_device_get_memory({name})", lib.gs_device_get_memory(name.encode(), free, total))
     return int(free[0]), int(total[0])
 
 
 def tensor_buffer(tensor: int) -> tuple[str, int]:
     name, size = ffi.new("const char **"), ffi.new("size_t *")
-    _check("gs_tensor_buffer", lib.gs_tensor_buffer(ffi.cast("void *", tensor), name, size))
+    _check("gs_tensor_get_buffer", lib.gs_tensor_get_buffer(ffi.cast("void *", tensor), name, size))
     return ffi.string(name[0]).decode(), int(size[0])
 
 
@@ -86,6 +86,8 @@ class GraphCheck:
 
 @dataclass(frozen=True)
 class Counters:
+    """The engine's counters (reset by Engine.reset_counters) and its sizes
+    (which a reset keeps), as one record: gs_counters and gs_sizes."""
     evaluations: int
     adopted_ready: int
     adopted_waited: int
@@ -112,9 +114,21 @@ class Counters:
         return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
 
 
+def _struct_fields(ctype: str) -> tuple[str, ...]:
+    return tuple(name for name, _ in ffi.typeof(ctype).fields)
+
+
+def _fields(cdata, names) -> dict:
+    return {f: getattr(cdata, f) for f in names}
+
+
+_COUNTED, _SIZES = _struct_fields("gs_counters"), _struct_fields("gs_sizes")
+assert set(_COUNTED) | set(_SIZES) == set(Counters.__dataclass_fields__), "Counters out of step with gguf_stream.h"
+
+
 @dataclass(frozen=True)
 class Timeline:
-    """Sums over the decodes bracketed with Engine.timeline_mark (see gguf_stream.h)."""
+    """Sums over the decodes bracketed with Engine.timeline_mark (gs_timeline in gguf_stream.h)."""
     decodes: int
     cpu_segments: int
     gpu_segments: int
@@ -129,7 +143,7 @@ PHASE_PROMPT = lib.GS_PHASE_PROMPT
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
 
 # Addresses of the two hooks, for llama_context_params.cb_eval.
-DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_discover_cb")))
+DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_discover_cb")))
 EVAL_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_eval_cb")))
 
 
@@ -166,19 +180,20 @@ class Engine:
         return int(ffi.cast("uintptr_t", self._h))
 
     def discover_reset(self) -> None:
-        lib.gs_engine_discover_reset(self._h)
+        _check("gs_engine_reset_discovery", lib.gs_engine_reset_discovery(self._h))
 
     def weights(self) -> list[Weight]:
-        out, w = [], ffi.new("gs_weight *")
-        for i in range(lib.gs_engine_weight_count(self._h)):
-            _check("gs_engine_weight_get", lib.gs_engine_weight_get(self._h, i, w))
+        out, w, n = [], ffi.new("gs_weight *"), ffi.new("int *")
+        _check("gs_engine_count_weights", lib.gs_engine_count_weights(self._h, n))
+        for i in range(n[0]):
+            _check("gs_engine_get_weight", lib.gs_engine_get_weight(self._h, i, w))
             out.append(Weight(int(ffi.cast("uintptr_t", w.tensor)), ffi.string(w.name).decode(),
                               None if w.layer < 0 else w.layer, int(w.nbytes), bool(w.viewed)))
         return out
 
     def graph_check(self) -> GraphCheck:
         c = ffi.new("gs_graph_check *")
-        _check("gs_engine_graph_check", lib.gs_engine_graph_check(self._h, c))
+        _check("gs_engine_get_graph_check", lib.gs_engine_get_graph_check(self._h, c))
         return GraphCheck(c.n_lout, c.max_lout, c.violations, ffi.string(c.first_violation).decode())
 
     def add_tensor(self, layer: int, tensor: int) -> None:
@@ -210,15 +225,15 @@ class Engine:
         generating. reuse_min_batch > 0: the context reuses graphs, and
         ubatches of that many tokens or more must run in the prompt phase,
         smaller ones in the generate phase (see gs_engine_kv_attach)."""
-        _check("gs_engine_kv_attach", lib.gs_engine_kv_attach(self._h, reuse_min_batch))
+        _check("gs_engine_attach_kv", lib.gs_engine_attach_kv(self._h, reuse_min_batch))
 
     def kv_detach(self) -> None:
         """Before freeing that context: every KV cache goes back to llama.cpp's buffers."""
-        _check("gs_engine_kv_detach", lib.gs_engine_kv_detach(self._h))
+        _check("gs_engine_detach_kv", lib.gs_engine_detach_kv(self._h))
 
     def kv_cleared(self) -> None:
         """After llama_memory_clear: the next moves need not copy the (unused) cache bytes."""
-        _check("gs_engine_kv_cleared", lib.gs_engine_kv_cleared(self._h))
+        _check("gs_engine_mark_kv_cleared", lib.gs_engine_mark_kv_cleared(self._h))
 
     def bind_layer_devices(self, cells: list[int] | None) -> None:
         """Addresses of llama.cpp's per-layer device pointers (llama_abi.layer_device_cells):
@@ -237,22 +252,22 @@ class Engine:
         """(seconds, count) accumulated per layer while timing was on."""
         sec, cnt, out = ffi.new("double *"), ffi.new("uint64_t *"), []
         for i in range(n_layer):
-            _check("gs_engine_layer_time", lib.gs_engine_layer_time(self._h, i, sec, cnt))
+            _check("gs_engine_get_layer_time", lib.gs_engine_get_layer_time(self._h, i, sec, cnt))
             out.append((float(sec[0]), int(cnt[0])))
         return out
 
     def timeline(self, on: bool) -> None:
         """Probe: (re)start or stop summing where decodes' time goes (no boundaries added)."""
-        _check("gs_engine_timeline", lib.gs_engine_timeline(self._h, int(on)))
+        _check("gs_engine_set_timeline", lib.gs_engine_set_timeline(self._h, int(on)))
 
     def timeline_mark(self, begin: bool) -> None:
         """Bracket each decode: True right before llama_decode, False right after."""
-        _check("gs_engine_timeline_mark", lib.gs_engine_timeline_mark(self._h, int(begin)))
+        _check("gs_engine_mark_timeline", lib.gs_engine_mark_timeline(self._h, int(begin)))
 
     def timeline_get(self) -> Timeline:
         t = ffi.new("gs_timeline *")
-        _check("gs_engine_timeline_get", lib.gs_engine_timeline_get(self._h, t))
-        return Timeline(**{f: getattr(t, f) for f in Timeline.__dataclass_fields__})
+        _check("gs_engine_get_timeline", lib.gs_engine_get_timeline(self._h, t))
+        return Timeline(**_fields(t, Timeline.__dataclass_fields__))
 
     def measure_upload(self, layer: int, n: int = 3) -> float:
         """Fastest of n synchronous uploads of a layer, in seconds."""
@@ -262,22 +277,133 @@ class Engine:
 
     def check_status(self, during: str) -> None:
         msg = ffi.new("char[512]")
-        rc = lib.gs_engine_status(self._h, msg, 512)
+        rc = lib.gs_engine_get_status(self._h, msg, 512)
         if rc != lib.GS_OK:
             raise NativeError(f"streaming hook during {during}", rc, ffi.string(msg).decode(errors="replace"))
 
     def counters(self) -> Counters:
-        s = ffi.new("gs_stats *")
-        _check("gs_engine_stats", lib.gs_engine_stats(self._h, s))
-        return Counters(**{f: getattr(s, f) for f in Counters.__dataclass_fields__})
+        c, s = ffi.new("gs_counters *"), ffi.new("gs_sizes *")
+        _check("gs_engine_get_counters", lib.gs_engine_get_counters(self._h, c))
+        _check("gs_engine_get_sizes", lib.gs_engine_get_sizes(self._h, s))
+        return Counters(**_fields(c, _COUNTED), **_fields(s, _SIZES))
 
     def reset_counters(self) -> None:
-        lib.gs_engine_reset_stats(self._h)
+        _check("gs_engine_reset_counters", lib.gs_engine_reset_counters(self._h))
 
     def debug_swap_sources(self, layer_a: int, layer_b: int) -> None:
-        _check("gs_engine_debug_swap_sources", lib.gs_engine_debug_swap_sources(self._h, layer_a, layer_b))
+        _check("gs_engine_swap_sources", lib.gs_engine_swap_sources(self._h, layer_a, layer_b))
 
     def destroy(self) -> None:
         if self._e is not None:
             lib.gs_engine_destroy(self._e)
             self._e = None
+
+
+class Ring:
+    """The slot ring alone (gs_ring), for its tests: no engine, no llama.cpp.
+    Its copies go to `ops`, a Python copy engine with issue(slot, layer),
+    done(slot) -> bool, wait(slot), drain() and optionally point(layer, slot);
+    an exception there fails the ring call with a NativeError from it."""
+
+    def __init__(self, *, n_layer: int, n_slots: int, ops, prefetch: bool = True, layer_bytes=None):
+        self._error = None
+
+        def call(fn, result=lambda r: 0, failed=lib.GS_E_INVALID):
+            def op(_ctx, *args):
+                try:
+                    return result(fn(*args))
+                except Exception as exc:  # reported by the ring call that made it (see _check)
+                    self._error = self._error or exc
+                    return failed
+            return op
+
+        point = getattr(ops, "point", None)
+        self._callbacks = [  # kept alive as long as the ring
+            ffi.callback("int(void *, int, int)", call(ops.issue)),
+            ffi.callback("int(void *, int)", call(ops.done, lambda done: int(bool(done)))),
+            ffi.callback("int(void *, int)", call(ops.wait)),
+            ffi.callback("int(void *)", call(ops.drain)),
+            ffi.callback("void(void *, int, int)", call(point, lambda r: None, None)) if point else ffi.NULL,
+        ]
+        self._counters = ffi.new("gs_counters *")
+        self._bytes = ffi.new("uint64_t[]", list(layer_bytes) if layer_bytes is not None else [0] * n_layer)
+        cfg = ffi.new("gs_ring_config *", {"n_layer": n_layer, "n_slots": n_slots, "prefetch": int(prefetch),
+                                           "layer_bytes": self._bytes, "counters": self._counters})
+        cfg.ops.issue, cfg.ops.done, cfg.ops.wait, cfg.ops.drain, cfg.ops.point = self._callbacks
+        out = ffi.new("gs_ring **")
+        _check("gs_ring_create", lib.gs_ring_create(cfg, out))
+        self._r = out[0]
+        self.n_slots = n_slots
+
+    def _check(self, call: str, rc: int) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise NativeError(call, rc, f"a copy operation failed: {error!r}") from error
+        _check(call, rc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def destroy(self) -> None:
+        if self._r is not None:
+            lib.gs_ring_destroy(self._r)
+            self._r = None
+
+    def set_order(self, phase: int, layers) -> None:
+        arr = ffi.new("int[]", list(layers) or [0])
+        self._check("gs_ring_set_order", lib.gs_ring_set_order(self._r, phase, arr, len(layers)))
+
+    def position(self, phase: int, layer: int) -> int:
+        pos = ffi.new("int *")
+        self._check("gs_ring_get_position", lib.gs_ring_get_position(self._r, phase, layer, pos))
+        return pos[0]
+
+    def adopt(self, phase: int, layer: int) -> None:
+        self._check("gs_ring_adopt", lib.gs_ring_adopt(self._r, phase, layer))
+
+    def release(self, phase: int, layer: int) -> None:
+        self._check("gs_ring_release", lib.gs_ring_release(self._r, phase, layer))
+
+    def landed(self, layer: int) -> bool:
+        out = ffi.new("int *")
+        self._check("gs_ring_landed", lib.gs_ring_landed(self._r, layer, out))
+        return bool(out[0])
+
+    def keep_first(self, phase: int) -> None:
+        self._check("gs_ring_keep_first", lib.gs_ring_keep_first(self._r, phase))
+
+    def prefetch_first(self, phase: int) -> None:
+        self._check("gs_ring_prefetch_first", lib.gs_ring_prefetch_first(self._r, phase))
+
+    def time_upload(self, layer: int, n: int) -> float:
+        best = ffi.new("double *")
+        self._check("gs_ring_time_upload", lib.gs_ring_time_upload(self._r, layer, n, best))
+        return float(best[0])
+
+    def discard(self) -> None:
+        self._check("gs_ring_discard", lib.gs_ring_discard(self._r))
+
+    def slots(self) -> list[tuple[int, int]]:
+        """(layer or -1, SLOT_* state) of each slot."""
+        layer, state, out = ffi.new("int *"), ffi.new("int *"), []
+        for s in range(self.n_slots):
+            _check("gs_ring_get_slot", lib.gs_ring_get_slot(self._r, s, layer, state))
+            out.append((layer[0], state[0]))
+        return out
+
+    def adopted(self, layer: int) -> int:
+        """The slot layer was adopted into for the current evaluation, -1 if none."""
+        slot = ffi.new("int *")
+        self._check("gs_ring_get_adopted", lib.gs_ring_get_adopted(self._r, layer, slot))
+        return slot[0]
+
+    def counters(self) -> dict:
+        """What the ring counted (gs_counters' ring fields; the others stay 0)."""
+        return _fields(self._counters, _COUNTED)
+
+
+SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_IN_USE = (lib.GS_SLOT_EMPTY, lib.GS_SLOT_LOADING,
+                                                     lib.GS_SLOT_READY, lib.GS_SLOT_IN_USE)

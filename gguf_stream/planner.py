@@ -63,7 +63,7 @@ def slot_schedule(streamed: tuple[int, ...], n_slots: int, n_evals: int = 1) -> 
 
     The k-th streamed layer executed overall uses slot k % n_slots: a freed
     slot always receives the layer n_slots steps ahead, wrapping round to the
-    next evaluation. Mirrors release()/adopt() in native/gguf_stream.c.
+    next evaluation. Mirrors gs_ring_release()/gs_ring_adopt() in native/gs_ring.c.
     """
     n_slots = min(n_slots, len(streamed))
     return [(streamed[k % len(streamed)], k % n_slots) for k in range(len(streamed) * n_evals)] if n_slots else []

@@ -7,8 +7,19 @@
  * llama-cpp-python has already loaded, so the helper always talks to the same
  * copies (and the same CUDA runtime) as llama.cpp itself.
  *
+ * Objects are opaque handles, functions are gs_<object>_<verb>:
+ *   gs_engine  the streaming of one model (what Python drives);
+ *   gs_ring    the slots' state machine, which the engine runs and tests
+ *              drive alone through a fake copy engine (gs_ring_ops);
+ *   gs_copy    a copy engine: a CUDA stream, or a host thread.
  * Every function returns GS_OK (0) or a negative GS_E_* code; gs_last_error()
  * holds a message naming the failing call. Nothing aborts the process.
+ * Exceptions: gs_strerror / gs_last_error (strings), the *_destroy functions
+ * (nothing to report) and the two scheduler hooks (see their contract).
+ *
+ * This header is also the cffi declaration (gguf_stream/_build_native.py
+ * drops its preprocessor lines except the integer #defines): plain C
+ * declarations only, and #define only to integer literals.
  */
 #ifndef GGUF_STREAM_H
 #define GGUF_STREAM_H
@@ -30,31 +41,166 @@ const char *gs_strerror(int code);
 /* Message of the last failure on this thread: "cudaMemcpyAsync: invalid argument". */
 const char *gs_last_error(void);
 
+/* ---- libraries and devices ------------------------------------------------ */
+
 /* ggml_base/ggml: paths of the libraries llama-cpp-python loaded.
  * cudart: path of the CUDA runtime libggml-cuda uses, or NULL for host mode. */
 int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart);
 
 /* Device lookup by ggml name ("CUDA0", "CPU"): its buffer type, its host
  * (pinned) buffer type (NULL if it has none) and its memory figures. */
-int gs_device_bufts(const char *name, void **buft, void **host_buft);
-int gs_device_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
+int gs_device_get_bufts(const char *name, void **buft, void **host_buft);
+int gs_device_get_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
 /* The plain CPU buffer type under another address. llama.cpp turns a
  * tensor override to the CPU buffer type (matched by address) into its
  * CPU_REPACK variant when repacking is on; host-mode upload sources must
  * stay in the plain layout the slots hold. */
-int gs_plain_cpu_buft(void **buft);
+int gs_cpu_get_plain_buft(void **buft);
 /* The CPU backend's "CPU_REPACK" buffer type, NULL if this build has none. */
-int gs_cpu_repack_buft(void **buft);
+int gs_cpu_get_repack_buft(void **buft);
 
 /* Pinned host memory in ggml "CUDA_Host" buffers is allocated by llama.cpp;
  * this reports the name and size of the buffer a tensor lives in. */
-int gs_tensor_buffer(const void *tensor, const char **buffer_name, size_t *buffer_size);
+int gs_tensor_get_buffer(const void *tensor, const char **buffer_name, size_t *buffer_size);
 
-typedef struct gs_engine gs_engine;
+/* ---- counters -------------------------------------------------------------- */
 
 #define GS_PHASE_PROMPT   0   /* large batches: every non-resident layer streams */
 #define GS_PHASE_GENERATE 1   /* small batches: "cpu" layers are computed from host memory */
 #define GS_N_PHASES       2
+
+/* What happened since the last reset (gs_engine_reset_counters zeroes it). */
+typedef struct {
+    uint64_t evaluations;      /* graph evaluations that adopted at least one layer */
+    uint64_t adopted_ready;    /* adoptions whose copy had already finished */
+    uint64_t adopted_waited;   /* adoptions that waited for an in-flight copy */
+    uint64_t sync_fallbacks;   /* adoptions with no copy issued: uploaded synchronously */
+    uint64_t uploads;          /* layer copies issued */
+    uint64_t bytes_uploaded;
+    uint64_t boundaries;       /* segment boundaries requested (one backend sync each) */
+    double   wait_seconds;     /* time spent waiting in adoptions (incl. fallbacks) */
+    uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
+    uint64_t gen_resident_loads;     /* times the region was filled (once per switch to generating) */
+    uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
+} gs_counters;
+
+/* What the engine holds now (a reset keeps it). */
+typedef struct {
+    uint64_t slot_bytes;       /* bytes of one slot */
+    uint64_t ring_bytes;       /* bytes of all slots */
+    int      n_streamed;
+    int      n_slots;
+    uint64_t repacked_bytes;   /* pageable host memory holding CPU layers' repacked weights */
+    uint64_t host_kv_bytes;    /* host memory holding CPU layers' KV caches while generating */
+    int      gen_resident;     /* generate-resident layers in their region now */
+    uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
+    uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
+} gs_sizes;
+
+/* ---- the copy engine --------------------------------------------------------- */
+
+/* One tensor of a layer image: nbytes from src to dst + offset, then zeros up
+ * to alloc (quantized rows are padded on CUDA; the padding must read as zero). */
+typedef struct {
+    const void *src;
+    size_t      nbytes, alloc, offset;
+} gs_piece;
+
+typedef struct gs_copy gs_copy;
+
+/* Copies are FIFO (one stream or one thread), so a later copy into a slot is
+ * ordered after an earlier one. Host: a worker thread that sleeps delay_us
+ * after each issued copy (simulates a slow link). CUDA: its own non-blocking
+ * stream on `device` and one event per slot. */
+int  gs_copy_create_host(int n_slots, int delay_us, gs_copy **out);
+int  gs_copy_create_cuda(int device, int n_slots, gs_copy **out);
+/* Waits for the copies in flight, then frees. */
+void gs_copy_destroy(gs_copy *c);
+/* Queue the copy of pieces[0..n) to dst; it ends the slot's fence. pieces
+ * and their sources must stay valid until it has landed. */
+int  gs_copy_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n);
+/* Copy pieces to dst outside any slot: queued on the stream (CUDA, see
+ * drain) or done before returning (host). */
+int  gs_copy_put(gs_copy *c, void *dst, const gs_piece *pieces, int n);
+/* *done = 1 if the slot's last issued copy has landed (or none was issued). */
+int  gs_copy_done(gs_copy *c, int slot, int *done);
+int  gs_copy_wait(gs_copy *c, int slot);
+/* Until every copy issued or put so far has landed. */
+int  gs_copy_drain(gs_copy *c);
+/* Until the device is idle, llama.cpp's work included (CUDA; host: nothing). */
+int  gs_copy_sync_device(gs_copy *c);
+
+/* ---- the ring ------------------------------------------------------------------ */
+
+#define GS_SLOT_EMPTY   0
+#define GS_SLOT_LOADING 1   /* a copy into it was issued */
+#define GS_SLOT_READY   2   /* its copy has been seen landed, or it was released */
+#define GS_SLOT_IN_USE  3   /* adopted by the current evaluation */
+
+typedef struct gs_ring gs_ring;
+
+/* What the ring asks of its owner, with ctx. The ring keeps no memory: a
+ * slot is an index, the owner knows where it lies and what a layer is.
+ *   issue(slot, layer)  queue the upload of layer into slot (FIFO); 0 or <0.
+ *   done(slot)          1 if the slot's last copy has landed, 0 if in flight, <0 error.
+ *   wait(slot)          block until it has landed; 0 or <0.
+ *   drain()             block until every copy issued has landed; 0 or <0.
+ *   point(layer, slot)  may be NULL: layer was adopted into slot, its
+ *                       tensors must read it from now on. */
+typedef struct {
+    void *ctx;
+    int  (*issue)(void *ctx, int slot, int layer);
+    int  (*done)(void *ctx, int slot);
+    int  (*wait)(void *ctx, int slot);
+    int  (*drain)(void *ctx);
+    void (*point)(void *ctx, int layer, int slot);
+} gs_ring_ops;
+
+typedef struct {
+    int             n_layer;      /* layers are numbered 0 .. n_layer - 1 */
+    int             n_slots;      /* >= 1 */
+    int             prefetch;     /* 0: never upload ahead (adoptions upload synchronously) */
+    const uint64_t *layer_bytes;  /* n_layer entries: bytes one upload moves (copied); NULL: 0 */
+    gs_counters    *counters;     /* where the ring counts (adoptions, uploads, waits) */
+    gs_ring_ops     ops;
+} gs_ring_config;
+
+/* Every phase starts with an empty order: set_order before adopting. */
+int  gs_ring_create(const gs_ring_config *cfg, gs_ring **out);
+void gs_ring_destroy(gs_ring *r);
+/* The layers streamed in `phase`, in execution order (distinct). */
+int  gs_ring_set_order(gs_ring *r, int phase, const int *layers, int n);
+/* *pos = layer's place in phase's order, -1 if it does not stream then. */
+int  gs_ring_get_position(const gs_ring *r, int phase, int layer, int *pos);
+/* Before the layer's weights are read: its slot, reusing a landed copy,
+ * waiting for one in flight, or uploading into a victim slot now. Counts
+ * the adoption; an evaluation starts at the phase's first layer. A layer
+ * already adopted in this evaluation is left as it is. */
+int  gs_ring_adopt(gs_ring *r, int phase, int layer);
+/* The layer has finished: its slot may be overwritten. Early trigger: it
+ * receives the layer n_slots steps ahead in phase's order right away
+ * (wrapping round to the next evaluation), unless a slot holds that one. */
+int  gs_ring_release(gs_ring *r, int phase, int layer);
+/* *landed = 1 if layer sits complete in a slot not in use (adoption would not wait). */
+int  gs_ring_landed(gs_ring *r, int layer, int *landed);
+/* Phase switch: slots keep only the first layers `phase` will need (a slot
+ * left in use by an aborted evaluation is reclaimed) ... */
+int  gs_ring_keep_first(gs_ring *r, int phase);
+/* ... and empty slots receive the rest of them (nothing without prefetch). */
+int  gs_ring_prefetch_first(gs_ring *r, int phase);
+/* Calibration, between evaluations: every copy landed, then the best of n
+ * synchronous uploads of layer into slot 0 (which keeps it, ready). */
+int  gs_ring_time_upload(gs_ring *r, int layer, int n, double *best_seconds);
+/* Every copy landed, then the slots not in use forget what they hold. */
+int  gs_ring_discard(gs_ring *r);
+/* Slot s: the layer it holds (-1 if empty) and its GS_SLOT_* state. */
+int  gs_ring_get_slot(const gs_ring *r, int slot, int *layer, int *state);
+/* The slot layer was adopted into for the current evaluation, -1 if none. */
+int  gs_ring_get_adopted(const gs_ring *r, int layer, int *slot);
+
+/* ---- the engine ------------------------------------------------------------------ */
+
+typedef struct gs_engine gs_engine;
 
 typedef struct {
     int    n_layer;            /* layers of the model */
@@ -65,42 +211,19 @@ typedef struct {
     int    prefetch;           /* 0: never prefetch (every adoption uploads synchronously) */
     int    host_copy_delay_us; /* host mode only: sleep per layer copy (simulates a slow link) */
     void  *repack_buft;        /* CPU layers get a copy repacked in this buffer type
-                                  (gs_cpu_repack_buft); NULL: they read the plain host copy */
+                                  (gs_cpu_get_repack_buft); NULL: they read the plain host copy */
     void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
-                                  generating (see gs_engine_kv_attach); NULL: they stay put */
+                                  generating (see gs_engine_attach_kv); NULL: they stay put */
 } gs_engine_config;
 
-typedef struct {
-    uint64_t evaluations;      /* graph evaluations that adopted at least one layer */
-    uint64_t adopted_ready;    /* adoptions whose copy had already finished */
-    uint64_t adopted_waited;   /* adoptions that waited for an in-flight copy */
-    uint64_t sync_fallbacks;   /* adoptions with no copy issued: uploaded synchronously */
-    uint64_t uploads;          /* layer copies issued */
-    uint64_t bytes_uploaded;
-    uint64_t boundaries;       /* segment boundaries requested (one backend sync each) */
-    double   wait_seconds;     /* time spent waiting in adoptions (incl. fallbacks) */
-    uint64_t slot_bytes;       /* bytes of one slot */
-    uint64_t ring_bytes;       /* bytes of all slots */
-    int      n_streamed;
-    int      n_slots;
-    uint64_t repacked_bytes;   /* pageable host memory holding CPU layers' repacked weights */
-    uint64_t host_kv_bytes;    /* host memory holding CPU layers' KV caches while generating */
-    uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
-    int      gen_resident;     /* generate-resident layers in their region now */
-    uint64_t gen_resident_loads;   /* times the region was filled (once per switch to generating) */
-    uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
-    uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
-    uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
-} gs_stats;
-
-/* Where decodes' wall time goes (probe; see gs_engine_timeline). A segment
+/* Where decodes' wall time goes (probe; see gs_engine_set_timeline). A segment
  * is what the scheduler launches between two host syncs; its time runs from
  * its first node being asked to the sync after it (or to the next segment's
  * first node, so it includes the hand-over copy into the next graph split). */
 typedef struct {
     uint64_t decodes;
     uint64_t cpu_segments, gpu_segments;
-    double   wall_s;      /* between gs_engine_timeline_mark(1) and (0) */
+    double   wall_s;      /* between gs_engine_mark_timeline(1) and (0) */
     double   pre_s;       /* mark(1) to the first node asked: graph build, allocation, inputs */
     double   cpu_s, gpu_s;
     double   between_s;   /* sync to the next node asked: the hook's own work (adoption incl.
@@ -127,15 +250,15 @@ int  gs_engine_create(const gs_engine_config *cfg, gs_engine **out);
  * are freed: streamed tensors point into the slots until then. */
 void gs_engine_destroy(gs_engine *e);
 
-/* Discovery: set as cb_eval (user data = engine) on a throwaway context and
- * decode one small batch (< 32 tokens, so no op-offload copy stands in for a
- * weight). It records every weight tensor and checks that layer i's weights
- * are only used between l_out-(i-1) and l_out-i. Always answers false. */
-bool gs_discover_cb(void *tensor, bool ask, void *user);
-void gs_engine_discover_reset(gs_engine *e);
-int  gs_engine_weight_count(gs_engine *e);
-int  gs_engine_weight_get(gs_engine *e, int i, gs_weight *out);
-int  gs_engine_graph_check(gs_engine *e, gs_graph_check *out);
+/* Discovery hook: set as cb_eval (user data = engine) on a throwaway context
+ * and decode one small batch (< 32 tokens, so no op-offload copy stands in
+ * for a weight). It records every weight tensor and checks that layer i's
+ * weights are only used between l_out-(i-1) and l_out-i. Always answers false. */
+bool gs_engine_discover_cb(void *tensor, bool ask, void *user);
+int  gs_engine_reset_discovery(gs_engine *e);
+int  gs_engine_count_weights(gs_engine *e, int *n);
+int  gs_engine_get_weight(gs_engine *e, int i, gs_weight *out);
+int  gs_engine_get_graph_check(gs_engine *e, gs_graph_check *out);
 
 /* Marks a discovered weight of a streamed layer; its current data (llama.cpp's
  * host copy, pinned on CUDA) becomes the upload source. */
@@ -153,13 +276,13 @@ int  gs_engine_start(gs_engine *e);
  * ask=false: acts at that boundary and always answers true (false would
  *            silently drop the rest of the split).
  * Errors cannot be returned through the scheduler: they are recorded and read
- * with gs_engine_status() after llama_decode. */
+ * with gs_engine_get_status() after llama_decode. */
 bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 
 /* Layers the CPU computes in the generate phase (added like streamed ones:
  * they stream in the prompt phase). Before start, or between decodes: the
  * engine then returns to the prompt phase. Refused while a context that
- * reuses graphs is attached (see gs_engine_kv_attach). */
+ * reuses graphs is attached (see gs_engine_attach_kv). */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
 /* Generate-resident layers: streamed for prompts, resident while generating
  * in device memory that prompts use. own = 1: the engine's own buffer (for
@@ -177,13 +300,13 @@ int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, siz
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are
  * for the coming decode, which may reuse a graph built before they could
- * move (see gs_engine_kv_attach). */
+ * move (see gs_engine_attach_kv). */
 int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
 /* KV caches of the CPU layers. Attention runs where a layer's KV cache
  * lives: left on the device, every CPU layer would hand its activations to
  * the GPU and back three times per token. With host_kv_buft set, the cache
  * tensors (cache_k_l<i> / cache_v_l<i>) of one context are recorded during
- * its first decode after gs_engine_kv_attach; in the generate phase those of
+ * its first decode after gs_engine_attach_kv; in the generate phase those of
  * the CPU layers then live in host memory (copied across at each phase
  * switch, together with the per-stream views llama.cpp's state save/load
  * reads), so the CPU computes the whole layer like stock does.
@@ -199,11 +322,11 @@ int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
  * moves to host memory wait (hold_kv) while the coming decode has the last
  * graph's shape. 0: the context rebuilds every graph (created with
  * LLAMA_GRAPH_REUSE_DISABLE=1). */
-int  gs_engine_kv_attach(gs_engine *e, int reuse_min_batch);
-int  gs_engine_kv_detach(gs_engine *e);
+int  gs_engine_attach_kv(gs_engine *e, int reuse_min_batch);
+int  gs_engine_detach_kv(gs_engine *e);
 /* After llama_memory_clear: every cell is free, so moves until the next
  * decode only re-point the caches (their bytes no longer matter). */
-int  gs_engine_kv_cleared(gs_engine *e);
+int  gs_engine_mark_kv_cleared(gs_engine *e);
 
 /* llama.cpp pins each layer's "norm" ops (and "l_last") to the layer's
  * device for batches under 32 tokens. Our layers are all loaded as GPU layers
@@ -221,23 +344,26 @@ int  gs_engine_bind_layer_devices(gs_engine *e, void *const *cells, int n);
 /* Link calibration: best of n synchronous uploads of `layer`, between decodes. */
 int  gs_engine_measure_upload(gs_engine *e, int layer, int n, double *best_seconds);
 /* Calibration: a boundary at every l_out-<i>, accumulating the wall time
- * from l_out-(i-1) to l_out-i per layer (reset with gs_engine_reset_stats). */
+ * from l_out-(i-1) to l_out-i per layer (reset with gs_engine_reset_counters). */
 int  gs_engine_set_timing(gs_engine *e, int on);
-int  gs_engine_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
+int  gs_engine_get_layer_time(gs_engine *e, int layer, double *seconds, uint64_t *count);
 /* Probe: break decodes' wall time into graph building, CPU and GPU segments
  * and the hook's work between them, adding no boundaries (unlike timing).
  * on resets the sums; bracket each decode with mark(1) / mark(0). */
-int  gs_engine_timeline(gs_engine *e, int on);
-int  gs_engine_timeline_mark(gs_engine *e, int begin);
-int  gs_engine_timeline_get(gs_engine *e, gs_timeline *out);
+int  gs_engine_set_timeline(gs_engine *e, int on);
+int  gs_engine_mark_timeline(gs_engine *e, int begin);
+int  gs_engine_get_timeline(gs_engine *e, gs_timeline *out);
 
-int  gs_engine_status(gs_engine *e, char *msg, size_t msg_len);
-int  gs_engine_stats(gs_engine *e, gs_stats *out);
-void gs_engine_reset_stats(gs_engine *e);
+/* The first failure recorded by a hook (GS_OK if none) and its message. */
+int  gs_engine_get_status(gs_engine *e, char *msg, size_t msg_len);
+int  gs_engine_get_counters(gs_engine *e, gs_counters *out);
+int  gs_engine_get_sizes(gs_engine *e, gs_sizes *out);
+/* Zeroes the counters and the per-layer timing; sizes stay. */
+int  gs_engine_reset_counters(gs_engine *e);
 
 /* Test aid: exchange the upload sources of two streamed layers of identical
  * layout, so each is fed the other's weights. Used to prove that the
  * exactness tests can fail. */
-int  gs_engine_debug_swap_sources(gs_engine *e, int layer_a, int layer_b);
+int  gs_engine_swap_sources(gs_engine *e, int layer_a, int layer_b);
 
 #endif

@@ -15,7 +15,7 @@ model=/tmp/m/llama3-8b.gguf
 for ub in $ubatches; do
   if [ "$ub" = check ]; then
     # pytest: an auto-loaded plugin there imports numpy before llama.cpp (see gguf_stream/__init__.py)
-    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_native.py \
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_native*.py \
       > "$out/pytest_gpu.log" 2>&1; tail -3 "$out/pytest_gpu.log"
     python3 tools/gpu_check.py --model $model --min-streamed 8 --out "$out/gpu_check.json" 2>&1 \
       | grep -v -E "^(llama_|load|print_info|create_tensor|ggml_cuda|sched_|graph_|init_|set_|common|\.)" \

@@ -1,0 +1,145 @@
+/* GPU check of the CUDA copy engine, alone and driving the ring, with no
+ * ggml and no llama.cpp: what the CPU-only tests cannot run. On a machine
+ * with a GPU and the CUDA runtime, from the repository root:
+ *
+ *   gcc -O2 -std=gnu11 -Wall -Inative -o /tmp/cuda_check native/check/cuda_check.c \
+ *       native/gs_copy.c native/gs_copy_cuda.c native/gs_copy_host.c native/gs_ring.c \
+ *       native/gs_util.c native/gs_libs.c -ldl -lpthread
+ *   /tmp/cuda_check /usr/local/cuda/lib64/libcudart.so
+ *
+ * Prints one line per check and exits 0 if all pass. */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gguf_stream.h"
+#include "gs_abi.h"
+
+static int failures;
+static int (*Malloc)(void **, size_t);
+static int (*Free)(void *);
+static int (*Memcpy)(void *, const void *, size_t, int);
+static int (*Memset)(void *, int, size_t);
+#define D2H 2
+
+#define CHECK(what, cond) do { int ok_ = (cond); failures += !ok_; \
+    printf("%s %s\n", ok_ ? "ok  " : "FAIL", what); if (!ok_) printf("     %s\n", gs_last_error()); } while (0)
+
+static void *dev_alloc(size_t n, int fill) {
+    void *p = NULL;
+    if (Malloc(&p, n) || Memset(p, fill, n)) { printf("FAIL cudaMalloc/cudaMemset\n"); exit(1); }
+    return p;
+}
+
+static void readback(void *dst, const void *dev, size_t n) {
+    if (Memcpy(dst, dev, n, D2H)) { printf("FAIL cudaMemcpy D2H\n"); exit(1); }
+}
+
+/* Pieces, padding zeroed, done / wait / drain / put / device sync. */
+static void copy_engine_alone(void) {
+    gs_copy *c;
+    CHECK("create the CUDA copy engine", gs_copy_create_cuda(0, 3, &c) == GS_OK);
+    if (!c) return;
+    char a[6] = "abcdef", b[3] = "XYZ", got[64], want[64];
+    gs_piece p[2] = { { a, 6, 8, 0 }, { b, 3, 16, 32 } };
+    char *dst = dev_alloc(64, 0xAA);
+    int done = -1;
+    CHECK("issue", gs_copy_issue(c, 1, dst, p, 2) == GS_OK);
+    CHECK("wait", gs_copy_wait(c, 1) == GS_OK);
+    CHECK("done after wait", gs_copy_done(c, 1, &done) == GS_OK && done == 1);
+    readback(got, dst, 64);
+    memset(want, 0xAA, 64);
+    memcpy(want, "abcdef\0\0", 8);
+    memcpy(want + 32, "XYZ", 3);
+    memset(want + 35, 0, 13);
+    CHECK("bytes and zeroed padding", memcmp(got, want, 64) == 0);
+
+    size_t big = 256u << 20;                  /* FIFO: a large copy, then a small one after it */
+    char *src = malloc(big), *dbig = dev_alloc(big, 0);
+    memset(src, 7, big);
+    gs_piece pb = { src, big, big, 0 }, ps = { "z", 1, 1, 0 };
+    CHECK("issue a large copy", gs_copy_issue(c, 0, dbig, &pb, 1) == GS_OK);
+    CHECK("issue a small one after it", gs_copy_issue(c, 2, dbig, &ps, 1) == GS_OK);
+    CHECK("wait for the small one", gs_copy_wait(c, 2) == GS_OK);
+    CHECK("the large one landed first", gs_copy_done(c, 0, &done) == GS_OK && done == 1);
+    readback(got, dbig, 2);
+    CHECK("FIFO: the later copy wins", got[0] == 'z' && got[1] == 7);
+    CHECK("put", gs_copy_put(c, dst, p, 1) == GS_OK);
+    CHECK("drain", gs_copy_drain(c) == GS_OK);
+    CHECK("sync the device", gs_copy_sync_device(c) == GS_OK);
+    CHECK("a bad slot is refused", gs_copy_wait(c, 3) == GS_E_INVALID);
+    gs_copy_destroy(c);
+    Free(dbig); Free(dst); free(src);
+}
+
+/* The ring driving the CUDA copy engine, as the engine does: every adopted
+ * slot holds its layer's bytes. */
+#define N_LAYER 7
+#define N_SLOTS 3
+#define LAYER_BYTES (4u << 20)
+typedef struct { gs_copy *c; char *slots; gs_piece piece[N_LAYER]; } bench;
+
+static int op_issue(void *ctx, int s, int l) {
+    bench *b = ctx;
+    return gs_copy_issue(b->c, s, b->slots + (size_t)s * LAYER_BYTES, &b->piece[l], 1);
+}
+static int op_done(void *ctx, int s) { int d, rc = gs_copy_done(((bench *)ctx)->c, s, &d); return rc ? rc : d; }
+static int op_wait(void *ctx, int s) { return gs_copy_wait(((bench *)ctx)->c, s); }
+static int op_drain(void *ctx) { return gs_copy_drain(((bench *)ctx)->c); }
+
+static void ring_on_cuda(void) {
+    bench b;
+    static char src[N_LAYER][LAYER_BYTES];
+    for (int l = 0; l < N_LAYER; l++) {
+        memset(src[l], 'A' + l, LAYER_BYTES);
+        b.piece[l] = (gs_piece){ src[l], LAYER_BYTES, LAYER_BYTES, 0 };
+    }
+    CHECK("create the copy engine for the ring", gs_copy_create_cuda(0, N_SLOTS, &b.c) == GS_OK);
+    if (!b.c) return;
+    b.slots = dev_alloc((size_t)N_SLOTS * LAYER_BYTES, 0);
+    gs_counters ctr = { 0 };
+    gs_ring_config cfg = { N_LAYER, N_SLOTS, 1, NULL, &ctr, { &b, op_issue, op_done, op_wait, op_drain, NULL } };
+    gs_ring *r;
+    int order[N_LAYER] = { 0, 1, 2, 3, 4, 5, 6 }, right = 1, rc = GS_OK;
+    CHECK("create the ring", gs_ring_create(&cfg, &r) == GS_OK && gs_ring_set_order(r, 0, order, N_LAYER) == GS_OK);
+    rc |= gs_ring_prefetch_first(r, 0);
+    char got[2];
+    for (int ev = 0; ev < 4; ev++) {
+        for (int l = 0; l < N_LAYER; l++) {
+            int slot;
+            rc |= gs_ring_adopt(r, 0, l);
+            rc |= gs_ring_get_adopted(r, l, &slot);
+            readback(got, b.slots + (size_t)slot * LAYER_BYTES + LAYER_BYTES - 2, 2);
+            right &= got[0] == 'A' + l && got[1] == 'A' + l;
+            rc |= gs_ring_release(r, 0, l);
+        }
+    }
+    CHECK("4 evaluations of 7 layers through 3 slots", rc == GS_OK);
+    CHECK("every adopted slot held its layer", right);
+    printf("     adopted ready %llu, waited %llu, sync %llu, uploads %llu, wait %.1f ms\n",
+           (unsigned long long)ctr.adopted_ready, (unsigned long long)ctr.adopted_waited,
+           (unsigned long long)ctr.sync_fallbacks, (unsigned long long)ctr.uploads, ctr.wait_seconds * 1e3);
+    CHECK("counters", ctr.evaluations == 4 && ctr.uploads == N_SLOTS + 4 * N_LAYER && ctr.sync_fallbacks == 0
+          && ctr.adopted_ready + ctr.adopted_waited == 4 * N_LAYER);
+    double best;
+    CHECK("time an upload", gs_ring_time_upload(r, 3, 3, &best) == GS_OK && best > 0);
+    printf("     %u MiB from pageable memory in %.2f ms\n", LAYER_BYTES >> 20, best * 1e3);
+    gs_ring_destroy(r);
+    gs_copy_destroy(b.c);
+    Free(b.slots);
+}
+
+int main(int argc, char **argv) {
+    const char *cudart = argc > 1 ? argv[1] : "libcudart.so";
+    if (load_cudart(cudart) != GS_OK) { printf("FAIL %s\n", gs_last_error()); return 1; }
+    void *h = dlopen(cudart, RTLD_NOW | RTLD_NOLOAD);
+    Malloc = dlsym(h, "cudaMalloc");
+    Free = dlsym(h, "cudaFree");
+    Memcpy = dlsym(h, "cudaMemcpy");
+    Memset = dlsym(h, "cudaMemset");
+    copy_engine_alone();
+    ring_on_cuda();
+    printf("%s\n", failures ? "FAILED" : "all passed");
+    return failures != 0;
+}

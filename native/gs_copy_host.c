@@ -1,0 +1,137 @@
+/* The host copy engine: one worker thread copies issued layers in FIFO order
+ * (host-slot mode, where the "device" is host memory). Completion is a
+ * ticket: copy k has landed once `completed` reaches k. */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gs_copy.h"
+#include "gs_util.h"
+
+typedef struct { void *dst; const gs_piece *pieces; int n; uint64_t ticket; } host_job;
+
+typedef struct {
+    gs_copy    base;
+    int        delay_us;
+    pthread_t  thread;
+    int        thread_started, stop;
+    pthread_mutex_t mu;
+    pthread_cond_t  cv_job, cv_done;
+    host_job  *jobs;                 /* ring buffer of queued copies */
+    int        job_cap, job_head, job_len;
+    uint64_t   issued, completed;
+    uint64_t  *ticket;               /* per slot: its last copy */
+} host_copy;
+
+static int host_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
+    (void)c;
+    for (int k = 0; k < n; k++) {
+        memcpy((char *)dst + p[k].offset, p[k].src, p[k].nbytes);
+        if (p[k].alloc > p[k].nbytes) memset((char *)dst + p[k].offset + p[k].nbytes, 0, p[k].alloc - p[k].nbytes);
+    }
+    return GS_OK;
+}
+
+static void *worker(void *arg) {
+    host_copy *h = arg;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (!h->stop && h->job_len == 0) pthread_cond_wait(&h->cv_job, &h->mu);
+        if (h->job_len == 0) break;          /* stop requested and queue drained */
+        host_job job = h->jobs[h->job_head];
+        pthread_mutex_unlock(&h->mu);
+        host_put(&h->base, job.dst, job.pieces, job.n);
+        if (h->delay_us > 0) usleep(h->delay_us);
+        pthread_mutex_lock(&h->mu);
+        h->job_head = (h->job_head + 1) % h->job_cap;
+        h->job_len--;
+        h->completed = job.ticket;
+        pthread_cond_broadcast(&h->cv_done);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+static int host_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n) {
+    host_copy *h = (host_copy *)c;
+    pthread_mutex_lock(&h->mu);
+    while (h->job_len == h->job_cap) pthread_cond_wait(&h->cv_done, &h->mu);
+    host_job *j = &h->jobs[(h->job_head + h->job_len) % h->job_cap];
+    *j = (host_job){ dst, pieces, n, ++h->issued };
+    h->ticket[slot] = j->ticket;
+    h->job_len++;
+    pthread_cond_signal(&h->cv_job);
+    pthread_mutex_unlock(&h->mu);
+    return GS_OK;
+}
+
+static int host_done(gs_copy *c, int slot) {
+    host_copy *h = (host_copy *)c;
+    pthread_mutex_lock(&h->mu);
+    int done = h->completed >= h->ticket[slot];
+    pthread_mutex_unlock(&h->mu);
+    return done;
+}
+
+static int host_wait(gs_copy *c, int slot) {
+    host_copy *h = (host_copy *)c;
+    pthread_mutex_lock(&h->mu);
+    while (h->completed < h->ticket[slot]) pthread_cond_wait(&h->cv_done, &h->mu);
+    pthread_mutex_unlock(&h->mu);
+    return GS_OK;
+}
+
+static int host_drain(gs_copy *c) {
+    host_copy *h = (host_copy *)c;
+    pthread_mutex_lock(&h->mu);
+    while (h->thread_started && h->completed < h->issued) pthread_cond_wait(&h->cv_done, &h->mu);
+    pthread_mutex_unlock(&h->mu);
+    return GS_OK;
+}
+
+static int host_sync_device(gs_copy *c) { (void)c; return GS_OK; }
+
+static void host_destroy(gs_copy *c) {
+    host_copy *h = (host_copy *)c;
+    if (h->thread_started) {       /* the worker drains the queue before it stops */
+        pthread_mutex_lock(&h->mu);
+        h->stop = 1;
+        pthread_cond_broadcast(&h->cv_job);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->thread, NULL);
+    }
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv_job);
+    pthread_cond_destroy(&h->cv_done);
+    free(h->jobs);
+    free(h->ticket);
+    free(h);
+}
+
+static const gs_copy_vt host_vt = {
+    host_issue, host_put, host_done, host_wait, host_drain, host_sync_device, host_destroy,
+};
+
+int gs_copy_create_host(int n_slots, int delay_us, gs_copy **out) {
+    *out = NULL;
+    if (n_slots <= 0) return fail(GS_E_INVALID, "gs_copy_create_host: n_slots %d <= 0", n_slots);
+    host_copy *h = calloc(1, sizeof *h);
+    if (!h) return fail(GS_E_NOMEM, "copy engine: calloc");
+    h->base = (gs_copy){ &host_vt, n_slots };
+    h->delay_us = delay_us;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv_job, NULL);
+    pthread_cond_init(&h->cv_done, NULL);
+    h->job_cap = 4 * n_slots + 8;
+    h->jobs = calloc(h->job_cap, sizeof *h->jobs);
+    h->ticket = calloc(n_slots, sizeof *h->ticket);
+    if (!h->jobs || !h->ticket) { host_destroy(&h->base); return fail(GS_E_NOMEM, "copy engine: calloc"); }
+    if (pthread_create(&h->thread, NULL, worker, h)) {
+        host_destroy(&h->base);
+        return fail(GS_E_THREAD, "pthread_create: host copy thread");
+    }
+    h->thread_started = 1;
+    *out = &h->base;
+    return GS_OK;
+}

@@ -1,0 +1,165 @@
+/* The engine's state, shared by its units, and what each unit offers the
+ * others. Internal. A unit owns the fields of its sub-struct; the others
+ * read them. */
+#ifndef GS_ENGINE_H
+#define GS_ENGINE_H
+
+#include "gguf_stream.h"
+#include "gs_abi.h"
+#include "gs_util.h"
+
+/* A streamed tensor: where llama.cpp put it, and its CPU-layer home. Its
+ * upload (source, size, place in a slot) is e->up[k], same index. */
+typedef struct {
+    struct gs_tensor *t;
+    void   *src_buffer;   /* the buffer t lived in before re-homing */
+    void   *src_extra;    /* its backend-private extra pointer there */
+    /* Generate-phase home of a CPU layer's weight when repacked for the CPU
+     * kernels (NULL: the CPU reads the plain host copy at up[k].src). */
+    void   *cpu_buffer, *cpu_data, *cpu_extra;
+    int     layer;
+    int     matmul_only;  /* discovery saw it only as src[0] of a matrix product */
+} srec;
+
+/* A KV cache tensor of the attached context and where llama.cpp put it. */
+#define KV_MAX_VIEWS 8
+typedef struct {
+    struct gs_tensor *t;          /* cache_k_l<i> or cache_v_l<i>; NULL until seen */
+    void   *dev_buffer, *dev_data, *dev_extra;
+    struct gs_tensor *views[KV_MAX_VIEWS];   /* per-stream views allocated with it */
+    void   *view_extra[KV_MAX_VIEWS];
+    int     n_views;              /* -1: more than we track, so it never moves */
+    size_t  nbytes, offset;       /* offset: in the layer's host KV buffer */
+} kv_rec;
+
+typedef struct {
+    int    first, count;  /* its records in e->recs (contiguous after start); count 0: not streamed */
+    size_t bytes;         /* laid-out size in a slot */
+    int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
+    int    gen_resident;  /* resident while generating, in the generate-resident region */
+    int    gr_live;       /* ...and there now: its tensors point into the region */
+    void  *repack_buf;    /* CPU layers: their repacked weights (pageable host) */
+    size_t repacked_bytes;
+    kv_rec kv[2];         /* K, V of the attached context */
+    void  *kv_host_buf;   /* CPU layers: their KV cache while generating */
+    int    kv_on_host;
+    void **dev_cell;      /* llama.cpp's device of this layer (see gs_engine_bind_layer_devices) */
+    void  *dev_orig;      /* its value at binding: the device the layer was loaded for */
+} layer_info;
+
+struct gs_engine {
+    gs_engine_config cfg;
+    int         started, start_attempted;
+    int         phase;                /* GS_PHASE_PROMPT or GS_PHASE_GENERATE */
+    int         status;               /* the first failure a hook recorded */
+    char        status_msg[512];
+    gs_counters ctr;                  /* zeroed by gs_engine_reset_counters */
+    gs_sizes    size;                 /* kept by it */
+
+    struct {                          /* gs_discovery.c */
+        gs_weight *w;
+        char     (*names)[64];
+        unsigned char *matmul_only;
+        int        n, cap;
+        ptrmap     map;
+        int        last_lout;
+        gs_graph_check check;
+        unsigned char *lout_seen;
+    } disc;
+
+    /* streamed tensors, their layers and the slots (gs_start.c) */
+    srec      *recs;
+    gs_piece  *up;                    /* per record: its upload into a slot */
+    int        n_recs, cap_recs;
+    ptrmap     rec_map;
+    layer_info *layers;
+    void      *ring_buf;              /* the slots' ggml buffer */
+    char      *ring_base;
+    gs_ring   *ring;
+    gs_copy   *copy;
+    void      *cpu_dev;               /* set while layer devices are bound (gs_phase.c) */
+
+    struct {                          /* KV caches of the attached context (gs_kv.c) */
+        int attached, scan;           /* a context's KV caches are (being) recorded */
+        int cleared;                  /* no cell in use since llama_memory_clear: moves copy nothing */
+        int reuse_min_batch;          /* >0: the attached context reuses graphs (see gs_engine_attach_kv) */
+        int check_shape;              /* ...and CPU layers exist: check each ubatch's phase (fixed while attached) */
+        int hold;                     /* generate phase: leave the CPU layers' caches where they are */
+    } kv;
+
+    struct {                          /* generate-resident layers (gs_resident.c) */
+        int     n;                    /* layers chosen */
+        int     own_mode;             /* region: own buffer (1) or the compute buffer's tail (0) */
+        void   *own;                  /* own buffer */
+        size_t  reserve;              /* compute buffer bytes left to generate-phase graphs */
+        char   *base;                 /* region while the layers are in it, else NULL */
+        size_t  bytes;
+        int     walk;                 /* the next node asked starts a graph: look at all of it */
+        void   *cbuf;                 /* the attached context's compute buffer for its GPU layers */
+        char   *cbuf_base;            /* (its size: size.compute_buffer_bytes) */
+        size_t  extent;               /* how much of it generate graphs used */
+    } gr;
+
+    struct {                          /* per-layer timing, for calibration (gs_probe.c) */
+        int       on;
+        double    t_last;
+        double   *seconds;
+        uint64_t *count;
+    } timing;
+
+    struct {                          /* the timeline probe (gs_probe.c) */
+        int     on, in_decode, open, open_gpu, graph_done;
+        double  begin, mark;
+        void   *buffer;               /* last buffer classified, and its answer */
+        int     buffer_gpu;
+        gs_timeline sum;
+    } tl;
+};
+
+/* gs_engine.c: keep the first failure (and gs_last_error's message) for gs_engine_get_status. */
+void engine_fail(gs_engine *e, int code);
+
+/* gs_start.c: where a layer's tensors read from. */
+char *slot_base(const gs_engine *e, int slot);
+void  point_layer(gs_engine *e, int layer, char *base);     /* data only */
+void  rehome_layer(gs_engine *e, int layer, char *base);    /* into the ring's buffer at base */
+int   layer_streams(const gs_engine *e, int phase, int layer);  /* in phase's order */
+int   copy_layer_to(gs_engine *e, int layer, char *dst);    /* outside the slots; see gs_copy_put */
+
+/* gs_phase.c */
+void generate_order(gs_engine *e);
+int  switch_phase(gs_engine *e, int phase);
+int  phase_node(gs_engine *e, const struct gs_tensor *t, int layer);
+
+/* gs_stream.c: the hook's streaming, before a node runs (ask) and at a boundary. */
+enum { STREAM_PASS, STREAM_SYNC, STREAM_ADOPTED };
+int  stream_ask(gs_engine *e, const struct gs_tensor *t, int layer);
+void stream_synced(gs_engine *e, int layer);
+
+/* gs_resident.c */
+int  gr_enter(gs_engine *e);
+void gr_leave(gs_engine *e);
+int  resident_node(gs_engine *e, const struct gs_tensor *t, int layer);
+void gr_forget_context(gs_engine *e);
+void gr_free(gs_engine *e);
+
+/* gs_repack.c */
+void point_home(gs_engine *e, int layer);
+int  sync_repacks(gs_engine *e);
+void drop_repack(gs_engine *e, int layer);
+
+/* gs_kv.c */
+int  kv_node(gs_engine *e, const struct gs_tensor *t, bool ask);
+int  sync_kv(gs_engine *e);
+void kv_free_host(gs_engine *e, int layer);
+void kv_scan_done(gs_engine *e);
+
+/* gs_probe.c */
+int  timeline_node(gs_engine *e, const struct gs_tensor *t, bool ask);
+void timing_boundary(gs_engine *e, int layer);
+
+/* gs_discovery.c */
+int  weight_matmul_only(const gs_engine *e, const struct gs_tensor *t);
+void discovery_free(gs_engine *e);
+
+#endif

@@ -1,0 +1,187 @@
+/* Streamed tensors: registration, the slots' layout, start (re-homing every
+ * tensor into the ring) and the ring's bindings to the copy engine. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "gs_engine.h"
+
+int gs_engine_add_tensor(gs_engine *e, int layer, void *tensor) {
+    struct gs_tensor *t = tensor;
+    if (e->started) return fail(GS_E_INVALID, "gs_engine_add_tensor: engine already started");
+    if (layer < 0 || layer >= e->cfg.n_layer) return fail(GS_E_INVALID, "layer %d out of range", layer);
+    if (!t || !t->buffer || !t->data || t->view_src)
+        return fail(GS_E_INVALID, "tensor %s is not an allocated weight", t ? t->name : "(null)");
+    if (ptrmap_get(&e->rec_map, t) >= 0) return fail(GS_E_INVALID, "tensor %s added twice", t->name);
+    if (e->n_recs == e->cap_recs) {
+        int ncap = e->cap_recs ? 2 * e->cap_recs : 256;
+        srec *n = realloc(e->recs, ncap * sizeof *n);
+        if (!n) return fail(GS_E_NOMEM, "gs_engine_add_tensor: realloc");
+        e->recs = n;
+        e->cap_recs = ncap;
+    }
+    srec *r = &e->recs[e->n_recs];
+    memset(r, 0, sizeof *r);
+    r->t = t;
+    r->src_buffer = t->buffer;
+    r->src_extra = t->extra;
+    r->matmul_only = weight_matmul_only(e, t);
+    r->layer = layer;
+    if (ptrmap_put(&e->rec_map, t, e->n_recs, e->n_recs)) return fail(GS_E_NOMEM, "gs_engine_add_tensor: map");
+    e->n_recs++;
+    return GS_OK;
+}
+
+static int cmp_rec(const void *a, const void *b) {
+    const srec *x = a, *y = b;
+    if (x->layer != y->layer) return x->layer - y->layer;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
+/* Records grouped by layer (the map is rebuilt after sorting), each with its
+ * upload from llama.cpp's copy (t->data until re-homed) to its offset in a slot. */
+static int layout(gs_engine *e, size_t align, size_t *max_bytes) {
+    qsort(e->recs, e->n_recs, sizeof *e->recs, cmp_rec);
+    ptrmap_free(&e->rec_map);
+    e->up = calloc(e->n_recs, sizeof *e->up);
+    if (!e->up) return fail(GS_E_NOMEM, "gs_engine_start: calloc");
+    *max_bytes = 0;
+    for (int k = 0; k < e->n_recs; k++) {
+        srec *r = &e->recs[k];
+        gs_piece *p = &e->up[k];
+        layer_info *ly = &e->layers[r->layer];
+        if (ly->count == 0) { ly->first = k; ly->bytes = 0; }
+        ly->count++;
+        p->src = r->t->data;
+        p->nbytes = G.nbytes(r->t);
+        p->alloc = G.buft_get_alloc_size(e->cfg.ring_buft, r->t);
+        p->offset = align_up(ly->bytes, align);
+        ly->bytes = p->offset + p->alloc;
+        if (ly->bytes > *max_bytes) *max_bytes = ly->bytes;
+        if (ptrmap_put(&e->rec_map, r->t, k, k)) return fail(GS_E_NOMEM, "gs_engine_start: map");
+    }
+    return GS_OK;
+}
+
+/* ---- the ring's copy operations: layers and slots as the copy engine sees them ---- */
+
+char *slot_base(const gs_engine *e, int slot) { return e->ring_base + (size_t)slot * e->size.slot_bytes; }
+
+static int op_issue(void *ctx, int slot, int layer) {
+    gs_engine *e = ctx;
+    const layer_info *ly = &e->layers[layer];
+    return gs_copy_issue(e->copy, slot, slot_base(e, slot), &e->up[ly->first], ly->count);
+}
+
+static int op_done(void *ctx, int slot) {
+    int done, rc = gs_copy_done(((gs_engine *)ctx)->copy, slot, &done);
+    return rc ? rc : done;
+}
+
+static int op_wait(void *ctx, int slot) { return gs_copy_wait(((gs_engine *)ctx)->copy, slot); }
+static int op_drain(void *ctx) { return gs_copy_drain(((gs_engine *)ctx)->copy); }
+static void op_point(void *ctx, int layer, int slot) { point_layer(ctx, layer, slot_base(ctx, slot)); }
+
+/* The ring over the streamed layers, in layer order for prompts. */
+static int make_ring(gs_engine *e, int *n_streamed, int *n_slots) {
+    int n = e->cfg.n_layer, *order = calloc(n, sizeof *order);
+    uint64_t *bytes = calloc(n, sizeof *bytes);
+    int rc = order && bytes ? GS_OK : fail(GS_E_NOMEM, "gs_engine_start: calloc");
+    *n_streamed = 0;
+    for (int i = 0; !rc && i < n; i++) {
+        bytes[i] = e->layers[i].bytes;
+        if (e->layers[i].count > 0) order[(*n_streamed)++] = i;
+    }
+    *n_slots = e->cfg.n_slots < *n_streamed ? e->cfg.n_slots : *n_streamed;
+    gs_ring_config rcfg = { n, *n_slots, e->cfg.prefetch, bytes, &e->ctr,
+                            { e, op_issue, op_done, op_wait, op_drain, op_point } };
+    if (!rc) rc = gs_ring_create(&rcfg, &e->ring);
+    if (!rc) rc = gs_ring_set_order(e->ring, GS_PHASE_PROMPT, order, *n_streamed);
+    free(order);
+    free(bytes);
+    return rc;
+}
+
+/* ---- start ------------------------------------------------------------------- */
+
+static void rehome_undo(gs_engine *e, int upto) {
+    for (int k = 0; k < upto; k++) {
+        e->recs[k].t->buffer = e->recs[k].src_buffer;
+        e->recs[k].t->data = (void *)e->up[k].src;
+        e->recs[k].t->extra = e->recs[k].src_extra;
+    }
+}
+
+/* The slots' buffer, every streamed tensor allocated in it at slot 0. */
+static int alloc_slots(gs_engine *e, int n_slots) {
+    size_t ring_bytes = e->size.slot_bytes * (size_t)n_slots;
+    e->ring_buf = G.buft_alloc_buffer(e->cfg.ring_buft, ring_bytes);
+    if (!e->ring_buf)
+        return fail(GS_E_GGML, "ggml_backend_buft_alloc_buffer(%s, %zu bytes) failed: not enough memory for %d slots",
+                    G.buft_name(e->cfg.ring_buft), ring_bytes, n_slots);
+    /* Without WEIGHTS usage the scheduler would not place ops by these tensors. */
+    G.buffer_set_usage(e->ring_buf, GGML_USAGE_WEIGHTS);
+    G.buffer_clear(e->ring_buf, 0);
+    e->ring_base = G.buffer_get_base(e->ring_buf);
+    for (int k = 0; k < e->n_recs; k++) {
+        srec *r = &e->recs[k];
+        r->t->buffer = NULL;
+        r->t->data = NULL;
+        int st = G.tensor_alloc(e->ring_buf, r->t, slot_base(e, 0) + e->up[k].offset);
+        if (st != 0) {
+            rehome_undo(e, k + 1);
+            return fail(GS_E_GGML, "ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st);
+        }
+    }
+    return GS_OK;
+}
+
+int gs_engine_start(gs_engine *e) {
+    if (e->started || e->start_attempted)
+        return fail(GS_E_INVALID, "gs_engine_start: already started (or a failed start left it unusable)");
+    e->start_attempted = 1;
+    if (e->n_recs == 0) return fail(GS_E_INVALID, "gs_engine_start: no streamed tensors were added");
+    size_t align = G.buft_get_alignment(e->cfg.ring_buft), max_bytes = 0;
+    if (align == 0) align = 1;
+    int n_streamed, n_slots, rc = layout(e, align, &max_bytes);
+    if (!rc) rc = make_ring(e, &n_streamed, &n_slots);
+    if (rc) return rc;
+    generate_order(e);
+    e->phase = GS_PHASE_PROMPT;
+    e->size.slot_bytes = align_up(max_bytes, align);
+    if ((rc = alloc_slots(e, n_slots))) return rc;
+    rc = e->cfg.use_cuda ? gs_copy_create_cuda(e->cfg.cuda_device, n_slots, &e->copy)
+                         : gs_copy_create_host(n_slots, e->cfg.host_copy_delay_us, &e->copy);
+    if (rc || (rc = sync_repacks(e))) return rc;
+    e->started = 1;
+    e->size.ring_bytes = e->size.slot_bytes * (size_t)n_slots;
+    e->size.n_streamed = n_streamed;
+    e->size.n_slots = n_slots;
+    return gs_ring_prefetch_first(e->ring, GS_PHASE_PROMPT);
+}
+
+/* ---- where a layer's tensors read from ------------------------------------------ */
+
+void point_layer(gs_engine *e, int layer, char *base) {
+    const layer_info *ly = &e->layers[layer];
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        e->recs[k].t->data = base + e->up[k].offset;
+}
+
+void rehome_layer(gs_engine *e, int layer, char *base) {
+    const layer_info *ly = &e->layers[layer];
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        e->recs[k].t->buffer = e->ring_buf;
+        e->recs[k].t->extra = e->recs[k].src_extra;
+    }
+    point_layer(e, layer, base);
+}
+
+int layer_streams(const gs_engine *e, int phase, int layer) {
+    int pos;
+    return e->ring && gs_ring_get_position(e->ring, phase, layer, &pos) == GS_OK && pos >= 0;
+}
+
+int copy_layer_to(gs_engine *e, int layer, char *dst) {
+    const layer_info *ly = &e->layers[layer];
+    return gs_copy_put(e->copy, dst, &e->up[ly->first], ly->count);
+}
