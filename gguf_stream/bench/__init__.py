@@ -1,9 +1,9 @@
 """Benchmark: streamed vs stock llama.cpp at the same VRAM budget.
 
-Follows docs/performance.md: llama-bench's workload (pp = one eval of
-n_prompt tokens, BOS + random ids; tg = n_gen single-token evals from an
-empty KV cache; one warm-up; KV cleared between repetitions; t/s mean ±
-sample stddev), and for every VRAM budget B the fair pair
+llama-bench's workload (pp = one eval of n_prompt tokens, BOS + random ids;
+tg = n_gen single-token evals from an empty KV cache; one warm-up; KV cleared
+between repetitions; t/s mean ± sample stddev), and for every VRAM budget B
+the fair pair
 
 * stock: llama.cpp's -ngl split with the largest ngl whose *measured* GPU
   memory (after an n_ubatch prompt, since compute pools grow at first use)

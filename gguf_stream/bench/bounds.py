@@ -1,4 +1,4 @@
-"""docs/performance.md's bounds for each streamed row (from perfmodel.py,
+"""The performance model's bounds for each streamed row (perfmodel.py,
 shared with the planner), next to what the row reached."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ EXIT_MISMATCH = 1
 EXIT_ERROR = 2
 
 DESCRIPTION = """\
-Streamed vs stock llama.cpp at the same VRAM budget (docs/performance.md).
+Streamed vs stock llama.cpp at the same VRAM budget (bounds from gguf_stream/perfmodel.py).
 
 llama-bench's workload: pp = one eval of -p tokens (BOS + random ids), tg =
 -n single-token evals from an empty KV cache, one warm-up, -r repetitions,
@@ -101,9 +101,9 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResult:
     """Resolve the model, pick the mode, run, and collect rows and notes."""
+    from ..config import select_device
     from ..gguf_file import read_model
     from ..models import load_registry, resolve
-    from ..config import cuda_available
 
     progress = progress or Progress(args.quiet)
     if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \
@@ -114,9 +114,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
     w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
                  args.repetitions, args.check_tokens, args.seed, args.threads)
-    use_cuda = args.device != "host" and cuda_available()
-    if args.device == "cuda" and not use_cuda:
-        raise GGUFStreamError("--device cuda: this llama-cpp-python build has no CUDA device")
+    use_cuda = select_device(args.device) == "cuda"
     # a registry name as given; a file by its stem; the default by its registry name
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
     ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,

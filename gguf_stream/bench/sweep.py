@@ -1,7 +1,7 @@
 """The budget sweep: for every VRAM budget, stock llama.cpp at its largest
 fitting -ngl and gguf-stream at the same budget, plus the all-in-VRAM
 ceiling, gated and put in rows (run_gpu); without a GPU a reduced host-mode
-comparison (run_host). The bounds of docs/performance.md are in bounds.py."""
+comparison (run_host). The bounds (perfmodel.py) are in bounds.py."""
 from __future__ import annotations
 
 import math
@@ -166,7 +166,7 @@ def run_host(ctx: Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
 def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bool,
             cpu_rate_tokens: int) -> tuple[list[Row], list[str], dict]:
     """Per budget: stock at the largest fitting measured ngl, streamed at the
-    same budget; plus the all-in-VRAM ceiling; then the bounds of performance.md."""
+    same budget; plus the all-in-VRAM ceiling; then the performance model's bounds."""
     from .. import native
 
     notes, extra = [], {}
@@ -260,7 +260,7 @@ def _peers(ctx: Ctx, ngl: int | None, stock: Timing | None, ceiling: Timing | No
 
 def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str]) -> float | None:
     """Effective CPU weight-streaming rate: stock ngl=0 single-token decodes
-    times the bytes each one reads (the 'c' of performance.md's tg bound)."""
+    times the bytes each one reads (the 'c' of perfmodel's tg bound)."""
     if n_tokens <= 0:
         return None
     w = ctx.w
