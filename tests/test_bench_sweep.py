@@ -128,3 +128,31 @@ def test_tool_on_gpu(bench_tiny, capsys):
     assert all(r["check"] in ("", "ok") for r in doc["rows"])
     assert any(n.startswith("gate: streamed greedy tokens") for n in doc["notes"])
     assert doc["meta"]["h2d_bytes_per_s"]["pinned"] > 1e9 and doc["meta"]["cpu_bytes_per_s"] > 0
+
+
+@pytest.mark.parametrize("cpu, resident, want", [
+    ((), (), "; while generating every streamed layer is uploaded for each token"),
+    ((3,), (), "; while generating the CPU computes layer 3 and the other 3 are uploaded for each token"),
+    ((), (5, 7), "; while generating layers 5 and 7 stay resident and the other 2 are uploaded for each token"),
+    ((1, 3), (5,), "; while generating the CPU computes layers 1 and 3, layer 5 stays resident and the other one "
+                   "is uploaded for each token"),
+    ((1, 3, 5), (7,), "; while generating the CPU computes layers 1, 3 and 5, layer 7 stays resident and nothing "
+                      "is uploaded"),
+])
+def test_plan_line_reads_in_every_case(cpu, resident, want):
+    from gguf_stream.planner import LayerSpan, Plan
+
+    def span(layer):
+        if layer % 2 == 0:
+            return LayerSpan(layer, 1, "resident")
+        return LayerSpan(layer, 1, "streamed", 0, "cpu" if layer in cpu else "resident" if layer in resident
+                         else "streamed")
+
+    plan = Plan("m", "llama", 8, tuple(span(i) for i in range(8)), 2, 1, 0, 0, 0, None, 256, 64)
+    assert sweep.plan_line(plan) == "plan: 4/8 layers streamed through 2 slot(s)" + want
+    nothing = Plan("m", "llama", 8, tuple(LayerSpan(i, 1, "resident") for i in range(8)), 0, 0, 0, 0, 0, None, 256, 64)
+    assert sweep.plan_line(nothing) == "plan: all 8 layers resident, nothing streams"
+    stock = Plan("m", "llama", 8, tuple(LayerSpan(i, 1, "host") for i in range(8)), 0, 0, 0, 0, 0, None, 256, 64,
+                 stock_gpu_layers=3)
+    assert sweep.plan_line(stock).startswith("plan: below streaming's minimum at this budget: llama.cpp's own "
+                                             "split -ngl 3 (5 of 8 layers on the CPU)")

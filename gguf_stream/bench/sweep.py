@@ -96,9 +96,7 @@ class Ctx:
         with StreamedModel(self.path, config=self.config(**kw)) as m:
             if m.plan is None:
                 return time_model(m, self.w, self.progress, "streamed")
-            self.progress(f"plan: {len(m.plan.streamed)}/{m.plan.n_layer} layers streamed, "
-                          f"{m.plan.n_slots} slot(s); while generating the CPU computes {m.plan.cpu_layers}, "
-                          f"{m.plan.generate_resident} stay resident")
+            self.progress(plan_line(m.plan))
             notes, cpu_rate, calibration = [], None, engine_calibration(m)
             if calibration is not None:
                 r, split_trials, predicted = calibration
@@ -135,6 +133,49 @@ class Ctx:
         # StockModel measures no VRAM at ngl=0 (no layer on the GPU): None, counted as fitting
         self.progress(f"  ngl={ngl}: {format_size(peak) if peak is not None else 'not measured'}")
         return None if peak is None else float(peak)
+
+
+def _layers(layers) -> str:
+    """'layer 3' / 'layers 3, 7 and 11'."""
+    layers = [str(x) for x in layers]
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    return f"layers {', '.join(layers[:-1])} and {layers[-1]}"
+
+
+def _and(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def plan_line(plan) -> str:
+    """The progress line of a streamed load: what streams, and what happens
+    to the streamed layers while generating (some the CPU computes, some stay
+    resident in the compute buffer's idle tail, the rest are uploaded for
+    every token), in a sentence that reads in each case."""
+    if plan.stock_gpu_layers is not None:
+        return (f"plan: below streaming's minimum at this budget: llama.cpp's own split -ngl "
+                f"{plan.stock_gpu_layers} ({plan.n_layer - plan.stock_gpu_layers} of {plan.n_layer} layers "
+                "on the CPU), nothing streams")
+    streamed = plan.streamed
+    if not streamed:
+        return f"plan: all {plan.n_layer} layers resident, nothing streams"
+    head = f"plan: {len(streamed)}/{plan.n_layer} layers streamed through {plan.n_slots} slot(s)"
+    cpu, resident = set(plan.cpu_layers), set(plan.generate_resident)
+    uploaded = [x for x in streamed if x not in cpu and x not in resident]
+    if not cpu and not resident:
+        return f"{head}; while generating every streamed layer is uploaded for each token"
+    parts = []
+    if cpu:
+        parts.append(f"the CPU computes {_layers(sorted(cpu))}")
+    if resident:
+        parts.append(f"{_layers(sorted(resident))} {'stays' if len(resident) == 1 else 'stay'} resident")
+    if uploaded:
+        n = len(uploaded)
+        parts.append("the other one is uploaded for each token" if n == 1 else
+                     f"the other {n} are uploaded for each token")
+    else:
+        parts.append("nothing is uploaded")
+    return f"{head}; while generating {_and(parts)}"
 
 
 def _greedy(t: Timing | None) -> Greedy | None:
