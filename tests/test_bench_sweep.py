@@ -130,6 +130,76 @@ def test_tool_on_gpu(bench_tiny, capsys):
     assert doc["meta"]["h2d_bytes_per_s"]["pinned"] > 1e9 and doc["meta"]["cpu_bytes_per_s"] > 0
 
 
+# ------------------------------------------ run_gpu's gate, with fabricated loads (no GPU)
+
+class FakeCtx(sweep.Ctx):
+    """run_gpu's loads replaced by fabricated Timings: stock ngl=k uses
+    GREEDY[k] (VRAM k GiB), streamed uses STREAMED; run_stock records the
+    gate tokens each load was asked for."""
+
+    GREEDY: dict = {}
+    STREAMED = None
+    CALLS: list = []
+
+    def _timing(self, greedy):
+        return Timing(greedy if self.w.check_tokens else None, (100.0,), (10.0,), {}, None, 0)
+
+    def run_stock(self, ngl):
+        if ngl not in self.stock_times:
+            FakeCtx.CALLS.append((ngl, self.w.check_tokens))
+            self.stock_times[ngl] = self._timing(self.GREEDY[ngl])
+        return self.stock_times[ngl]
+
+    def run_streamed(self, **kw):
+        return self._timing(self.STREAMED)
+
+    def measure_stock_vram(self, ngl):
+        return float(ngl << 30)
+
+
+def _fake_run_gpu(bench_tiny, monkeypatch, streamed, budgets):
+    from gguf_stream.bench.budgets import Budget
+    from gguf_stream.gguf_file import read_model
+    from test_bench_gate import split_runs
+
+    truth, s30, splits, good, wrong = split_runs()
+    mf = read_model(bench_tiny)  # 8 layers: all in VRAM is ngl=9
+    FakeCtx.GREEDY = {0: splits[0], 3: s30, 6: splits[45], 9: truth}
+    FakeCtx.STREAMED = {"good": good, "wrong": wrong}[streamed]
+    FakeCtx.CALLS = []
+    monkeypatch.setattr(sweep, "measure_h2d_bandwidth", lambda: (None, "no copy measured"))
+    ctx = FakeCtx(str(bench_tiny), mf, Workload(8, 4, 8, 8, 1, 8), "CUDA", "cuda", Progress(quiet=True), "tiny")
+    gib = 1 << 30
+    bs = [Budget("3GiB", 3 * gib), Budget("6GiB", 6 * gib)] + ([Budget("all", None)] if budgets == "all" else [])
+    rows, notes, _ = sweep.run_gpu(ctx, bs, None, False, 4)
+    return {(r.budget, r.test): r.check for r in rows if r.mode == "streamed"}, notes
+
+
+def test_no_ceiling_gate_in_the_sweep(bench_tiny, monkeypatch):
+    """--no-ceiling on budgets without 'all': the gate runs after the sweep,
+    each budget against its own stock split, calibrated by the others and by
+    the CPU-rate run (stock ngl=0, asked for gate tokens for this)."""
+    checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "")
+    assert checks[("3GiB", "tg4")].startswith("ok (near tie vs stock ngl=3 @2, Δlogit")
+    assert checks[("3GiB", "pp8")] == checks[("3GiB", "tg4")]
+    assert checks[("6GiB", "tg4")] == "ok"  # stock ngl=6 did not flip
+    assert (0, 8) in FakeCtx.CALLS  # the CPU-rate run carried the gate's 8 tokens
+    assert any(n.startswith("gate without an all-in-VRAM run") for n in notes)
+    checks, _ = _fake_run_gpu(bench_tiny, monkeypatch, "wrong", "")
+    assert all(c.startswith("MISMATCH@") and "above 1.5x" in c for c in checks.values()), checks
+
+
+def test_all_budget_gives_the_gate_its_exact_reference(bench_tiny, monkeypatch):
+    """With an 'all' budget all-in-VRAM tokens exist (without the row): the
+    reference, and no calibration tokens are asked of the CPU-rate run."""
+    checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "all")
+    assert set(checks.values()) == {"ok"} and ("all", "tg4") in checks
+    assert (0, 0) in FakeCtx.CALLS and (0, 8) not in FakeCtx.CALLS
+    assert any(n.startswith("gate: streamed greedy tokens must equal the all-in-VRAM") for n in notes)
+    checks, _ = _fake_run_gpu(bench_tiny, monkeypatch, "wrong", "all")
+    assert all(c.startswith("MISMATCH@") for c in checks.values()), checks
+
+
 @pytest.mark.parametrize("cpu, resident, want", [
     ((), (), "; while generating every streamed layer is uploaded for each token"),
     ((3,), (), "; while generating the CPU computes layer 3 and the other 3 are uploaded for each token"),

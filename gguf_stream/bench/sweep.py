@@ -11,7 +11,7 @@ from ..errors import GGUFStreamError
 from ..planner import format_size
 from .bounds import bound_notes, weights_per_token
 from .budgets import Budget, search_stock_ngl
-from .gate import Greedy, gate
+from .gate import PEER_MARGIN, Greedy, gate
 from .rows import Row, count_params, mean_sd
 from .timing import Progress, Timing, Workload, measure_h2d_bandwidth, time_model
 
@@ -233,33 +233,95 @@ def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bo
                 rows += ctx.rows(ceiling_t, budget=Budget("device", total), mode="all-in-VRAM", ngl=n_all)
         else:
             notes.append("all-in-VRAM ceiling skipped: the whole model does not load on this device")
-    for b in sorted(budgets, key=lambda b: math.inf if b.nbytes is None else b.nbytes):  # see _peers
+    gated: list[tuple[int, int, GateRun]] = []  # rows[lo:hi] of a budget, and what its gate compares
+    for b in sorted(budgets, key=lambda b: math.inf if b.nbytes is None else b.nbytes):
         if b.nbytes is None:
             if ceiling_t is None:
                 continue
             b = Budget("all", int(measure(n_all)))
         ctx.progress(f"budget {b.label} ({format_size(b.nbytes)})")
         choice = (forced_ngl, None) if forced_ngl is not None else search_stock_ngl(n_all, b.nbytes, measure)
-        rows += _budget_rows(ctx, b, None if choice is None else choice[0], ceiling_t, notes)
+        lo = len(rows)
+        budget_rows, run = _budget_rows(ctx, b, None if choice is None else choice[0], ceiling_t, notes)
+        rows += budget_rows
+        if run is not None:
+            gated.append((lo, len(rows), run))
     if probes:
         notes.append(f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): " + ", ".join(
             f"ngl={k}: " + ("not measured" if v is None else format_size(int(v)) if math.isfinite(v) else "failed")
             for k, v in sorted(probes.items())))
-    notes.append("gate: streamed greedy tokens must equal the all-in-VRAM run's ('ok') or the same budget's "
-                 "stock run's ('ok (=stock ngl=N)'); otherwise MISMATCH with the logit deviation up to the first "
-                 "differing token, next to the largest deviation from all-in-VRAM that a stock -ngl split of this run "
-                 "shows over the same tokens (CPU layers round differently; on random-weight models that grows to "
-                 "tenths of a std; a wrong layer gives unrelated logits). --allow-near-ties passes flips within it")
-    cpu_rate = _cpu_rate(ctx, cpu_rate_tokens, notes)
+    # a budget whose stock split holds every layer ran all-in-VRAM too: its tokens are the exact reference
+    reference = ceiling_t if ceiling_t is not None else ctx.stock_times.get(n_all)
+    # without all-in-VRAM tokens the gate calibrates with the stock splits' mutual deviations: the CPU-rate
+    # run (stock ngl=0) adds one split far from the GPU-heavy ones (its gate tokens cost a few CPU tokens)
+    calibrate = reference is None and ctx.w.check_tokens > 0 and bool(gated) and 0 not in ctx.stock_times
+    cpu_rate, cpu_stock = _cpu_rate(ctx, cpu_rate_tokens, notes, with_gate_tokens=calibrate)
     extra["cpu_bytes_per_s"] = cpu_rate
+    splits = {k: t.greedy for k, t in ctx.stock_times.items() if t is not reference}
+    if cpu_stock is not None and 0 not in splits:
+        splits[0] = cpu_stock.greedy
+    checks = gate_runs([run for _, _, run in gated], _greedy(reference), splits, ctx.allow_near_ties)
+    for (lo, hi, _), check in zip(gated, checks):
+        rows[lo:hi] = [replace(r, check=check) if r.mode == "streamed" else r for r in rows[lo:hi]]
+    notes.append(GATE_NOTE_CEILING if reference is not None else GATE_NOTE_STOCK)
     if ceiling_t and bw and cpu_rate:
         notes += bound_notes(rows, ctx.w, ceiling_t, bw["pinned"], cpu_rate)
     return rows, notes, extra
 
 
-def _budget_rows(ctx: Ctx, b: Budget, ngl: int | None, ceiling: Timing | None, notes: list[str]) -> list[Row]:
-    """Stock at ngl and streamed at budget b. The gate compares streamed
-    with the all-in-VRAM tokens when there are some, else with this stock."""
+GATE_NOTE_CEILING = (
+    "gate: streamed greedy tokens must equal the all-in-VRAM run's ('ok') or the same budget's stock run's "
+    "('ok (=stock ngl=N)'); otherwise MISMATCH with the logit deviation up to the first differing token, next to "
+    f"{PEER_MARGIN:g}x the largest deviation from all-in-VRAM that a stock -ngl split of this run shows up to its "
+    "own first differing token (CPU layers round differently; on random-weight models that grows to tenths of a "
+    "std; a wrong layer gives unrelated logits, ~1.4 std). --allow-near-ties passes flips within it")
+GATE_NOTE_STOCK = (
+    "gate without an all-in-VRAM run: streamed greedy tokens are compared with the same budget's stock run, "
+    "which itself rounds its CPU layers differently from all-in-VRAM, so exactness is not checked. Equal tokens "
+    "read 'ok'; a flip passes as 'ok (near tie vs stock ngl=N @i, ...)' when the logit deviation up to it is "
+    f"within {PEER_MARGIN:g}x the largest deviation from that stock run that another stock split of this run "
+    "(the CPU-rate run's ngl=0 included) shows up to its own first differing token, and is a MISMATCH above it "
+    "(a wrong layer gives unrelated logits, ~1.4 std). Run with the all-in-VRAM ceiling (or an 'all' budget) "
+    "where the model fits for the exact check")
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """What the gate of one budget compares: its stock split (ngl, tokens)
+    and its streamed tokens."""
+
+    ngl: int | None
+    stock: Greedy | None
+    streamed: Greedy | None
+
+
+def gate_runs(runs: list[GateRun], ceiling: Greedy | None, splits: dict[int, Greedy | None],
+              allow_near_ties: bool = False) -> list[str]:
+    """The check of each budget's streamed run, once every stock split of
+    the sweep is known (so that each budget is calibrated by all of them).
+
+    With all-in-VRAM tokens (ceiling) they are the reference, and the peers
+    are the stock splits' deviations from them, this budget's first. Without
+    them the reference is the budget's own stock split, and the peers are
+    the other splits (splits: ngl -> tokens), their deviation measured from
+    that reference: each pair is two legitimate roundings of the model, which
+    is what streamed against stock is too (gate's exact=False)."""
+    checks = []
+    for run in runs:
+        name = f"stock ngl={run.ngl}"
+        refs = [("all-in-VRAM", ceiling), (name, run.stock)]
+        own = [(name, run.stock)] if ceiling is not None and run.stock is not None else []
+        others = [(f"stock ngl={k}", g) for k, g in sorted(splits.items())
+                  if g is not None and g is not run.stock and g is not ceiling]
+        checks.append(gate(run.streamed, refs, allow_near_ties, own + others, exact=ceiling is not None))
+    return checks
+
+
+def _budget_rows(ctx: Ctx, b: Budget, ngl: int | None, ceiling: Timing | None,
+                 notes: list[str]) -> tuple[list[Row], GateRun | None]:
+    """Stock at ngl and streamed at budget b; the streamed rows' check is
+    left to gate_runs (after the sweep), which gets the returned GateRun
+    (None when the streamed run failed)."""
     rows, stock = [], None
     if ngl is None:
         rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
@@ -275,40 +337,32 @@ def _budget_rows(ctx: Ctx, b: Budget, ngl: int | None, ceiling: Timing | None, n
         streamed = ctx.run_streamed(vram_budget=b.nbytes)
     except GGUFStreamError as exc:
         notes.append(f"budget {b.label}: streamed run failed: {exc}")
-        return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}")
-    refs = [("all-in-VRAM", _greedy(ceiling)), (f"stock ngl={ngl}", _greedy(stock))]
-    check = gate(_greedy(streamed), refs, ctx.allow_near_ties, _peers(ctx, ngl, stock, ceiling))
-    rows += ctx.rows(streamed, budget=b, mode="streamed", check=check, stock=stock)
+        return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}"), None
+    rows += ctx.rows(streamed, budget=b, mode="streamed", stock=stock)
     if streamed.engine_note:
         notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
         notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
-    return rows
+    return rows, GateRun(ngl, _greedy(stock), _greedy(streamed))
 
 
-def _peers(ctx: Ctx, ngl: int | None, stock: Timing | None, ceiling: Timing | None):
-    """The stock runs whose own deviation from all-in-VRAM calibrates the
-    gate: this budget's first, then every other partial -ngl run so far
-    (budgets run smallest first, so the largest budget sees them all). Each
-    is one legitimate way of rounding the same model."""
-    if ceiling is None:
-        return []
-    peers = [(f"stock ngl={ngl}", stock.greedy)] if stock is not None and stock is not ceiling else []
-    peers += [(f"stock ngl={k}", t.greedy) for k, t in sorted(ctx.stock_times.items())
-              if t is not ceiling and t is not stock and t.greedy is not None]
-    return peers
-
-
-def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str]) -> float | None:
+def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str],
+              with_gate_tokens: bool = False) -> tuple[float | None, Timing | None]:
     """Effective CPU weight-streaming rate: stock ngl=0 single-token decodes
-    times the bytes each one reads (the 'c' of perfmodel's tg bound)."""
-    if n_tokens <= 0:
-        return None
+    times the bytes each one reads (the 'c' of perfmodel's tg bound); and
+    that run's Timing, with the gate's tokens when with_gate_tokens (a stock
+    split for gate_runs to calibrate with; then it runs even for 0 tokens)."""
+    if n_tokens <= 0 and not with_gate_tokens:
+        return None, None
     w = ctx.w
-    cpu_ctx = replace(ctx, w=replace(w, n_prompt=0, n_gen=n_tokens, reps=1, check_tokens=0), stock_times={})
+    check = w.check_tokens if with_gate_tokens else 0
+    cpu_ctx = replace(ctx, w=replace(w, n_prompt=0, n_gen=max(n_tokens, 0), reps=1, check_tokens=check),
+                      stock_times={})
     t = cpu_ctx.run_stock(0)
+    if n_tokens <= 0:
+        return None, t
     tps = mean_sd(t.tg)[0]
     rate = tps * weights_per_token(ctx.mf)
     notes.append(f"CPU path: stock ngl=0 tg{n_tokens} {tps:.2f} t/s x {format_size(weights_per_token(ctx.mf))} "
                  f"per token = {rate / 1e9:.2f} GB/s effective")
-    return rate
+    return rate, t
