@@ -1,5 +1,9 @@
 """Bar chart of a bench result: t/s per VRAM budget, stock against
-streamed, the all-in-VRAM ceiling as a dashed line; one panel per test.
+streamed (mean with the ± sample sd as error bars, the value and streamed's
+ratio to stock over each bar), the all-in-VRAM ceiling as a dashed line with
+its sd as a band; one panel per test, a log axis where the ceiling dwarfs the
+bars (tg), the legend below the axes. panels() computes all of it from the
+rows; draw() only renders it.
 
     python -m gguf_stream.bench.plot RESULT.json OUT.png   # RESULT.json from `gguf-stream bench -o json`
 
@@ -15,15 +19,109 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+MODES = ("stock", "streamed")  # the bars of each budget, in this order
+LOG_RATIO = 5.0  # a panel whose largest value exceeds its smallest bar this many times gets a log axis
 
 
 def available() -> bool:
     """Whether the child can draw (it runs this same interpreter)."""
     return importlib.util.find_spec("matplotlib") is not None
+
+
+@dataclass(frozen=True)
+class Series:
+    """One mode's bars across a panel's budgets: mean (None: no value, see
+    the label), sample sd, and the text over each bar."""
+
+    mode: str
+    means: tuple
+    sds: tuple
+    labels: tuple
+
+
+@dataclass(frozen=True)
+class Panel:
+    """Everything one test's chart shows, computed from the rows alone."""
+
+    test: str
+    title: str
+    budgets: tuple  # x tick labels
+    series: tuple  # Series per mode
+    ceiling: tuple | None  # (mean, sd, legend label) of the all-in-VRAM row
+    log: bool  # log y axis: bars of 20-50 t/s stay readable next to a ~280 t/s ceiling
+    ylim: tuple  # (bottom, top), with room for the labels over the bars
+
+
+def _decimals(v: float) -> int:
+    return 0 if abs(v) >= 100 else 1 if abs(v) >= 10 else 2
+
+
+def fmt(mean: float, sd: float | None = None) -> str:
+    """Three significant figures or more (10546, 280, 33.5, 2.04); the sd
+    with the mean's decimals, or one significant figure where those show 0."""
+    text = f"{mean:.{_decimals(mean)}f}"
+    if sd:
+        d = _decimals(mean)
+        if round(sd, d) == 0:
+            d = max(d, -math.floor(math.log10(abs(sd))))
+        text += f" ± {sd:.{d}f}"
+    return text
+
+
+def _label(row: dict) -> str:
+    if row.get("tps_mean") is None:
+        return "n/a" + (f": {row['note']}" if row.get("note") else "")
+    text = fmt(row["tps_mean"], row.get("tps_sd"))
+    if row["mode"] == "streamed" and row.get("ratio"):
+        text += f"\n{row['ratio']:.2f}x stock"
+    return text
+
+
+def panels(doc: dict) -> list[Panel]:
+    """The charts of a result's JSON document (render_json's): one panel per
+    test (pp first), bars per budget and mode with their sd and labels, the
+    all-in-VRAM row as a line, and the axis each needs. Pure: draw() only
+    renders what this returns."""
+    rows = doc["rows"]
+    tests = sorted(dict.fromkeys(r["test"] for r in rows), key=lambda t: not t.startswith("pp"))
+    out = []
+    for test in tests:
+        these = [r for r in rows if r["test"] == test]
+        budgets = tuple(dict.fromkeys(r["budget"] for r in these if r["mode"] != "all-in-VRAM"))
+        series = []
+        for mode in MODES:
+            found = [next((r for r in these if r["budget"] == b and r["mode"] == mode), None) for b in budgets]
+            if not any(found):
+                continue
+            series.append(Series(mode, tuple(None if r is None else r["tps_mean"] for r in found),
+                                 tuple(0.0 if r is None or r["tps_sd"] is None else r["tps_sd"] for r in found),
+                                 tuple("" if r is None else _label(r) for r in found)))
+        top = next((r for r in these if r["mode"] == "all-in-VRAM" and r["tps_mean"] is not None), None)
+        ceiling = None if top is None else (top["tps_mean"], top["tps_sd"] or 0.0,
+                                            f"all in VRAM: {_label(top)} t/s")
+        bars = [(m, sd) for s in series for m, sd in zip(s.means, s.sds) if m is not None]
+        highs = [m + sd for m, sd in bars] + ([ceiling[0] + ceiling[1]] if ceiling else [])
+        lows = [m for m, _ in bars if m > 0]
+        log = bool(lows) and max(highs) > LOG_RATIO * min(lows)
+        if not highs:
+            ylim = (0.0, 1.0)
+        elif log:
+            bottom = min(min(lows), *(max(m - sd, m / 2) for m, sd in bars if m > 0)) / 2
+            ylim = (bottom, max(highs) * 3.0)  # a decade of headroom reads like 15% on a linear axis
+        else:
+            ylim = (0.0, max(highs) * 1.25)
+        model = doc.get("meta", {}).get("model", "")
+        ubatch = next((r["n_ubatch"] for r in these if r.get("n_ubatch")), None)
+        title = f"{model} {test}".strip() + (f", n_ubatch {ubatch}" if ubatch else "")
+        out.append(Panel(test, title, budgets, tuple(series), ceiling, log, ylim))
+    return out
 
 
 def draw(doc: dict, png: str) -> None:
@@ -32,27 +130,50 @@ def draw(doc: dict, png: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.transforms import blended_transform_factory
 
-    rows = [r for r in doc["rows"] if r["tps_mean"] is not None]
-    tests = sorted({r["test"] for r in rows}, key=lambda t: not t.startswith("pp"))
-    fig, axes = plt.subplots(1, len(tests), figsize=(6 * len(tests), 4), squeeze=False)
-    for ax, test in zip(axes[0], tests):
-        these = [r for r in rows if r["test"] == test]
-        budgets = list(dict.fromkeys(r["budget"] for r in these if r["mode"] != "all-in-VRAM"))
-        for k, mode in enumerate(("stock", "streamed")):
-            vals = [next((r["tps_mean"] for r in these if r["budget"] == b and r["mode"] == mode), 0)
-                    for b in budgets]
-            ax.bar([i + 0.4 * k for i in range(len(budgets))], vals, width=0.4, label=mode)
-        for r in these:
-            if r["mode"] == "all-in-VRAM":
-                ax.axhline(r["tps_mean"], color="gray", linestyle="--", label="all in VRAM")
-        ax.set_xticks([i + 0.2 for i in range(len(budgets))], budgets)
+    ps = panels(doc)
+    fig, axes = plt.subplots(1, max(len(ps), 1), figsize=(6.5 * max(len(ps), 1), 4.8), squeeze=False)
+    width = 0.8 / max(len(MODES), 1)
+    for ax, p in zip(axes[0], ps):
+        base = blended_transform_factory(ax.transData, ax.transAxes)
+        for k, s in enumerate(p.series):
+            xs = [i + (k - (len(p.series) - 1) / 2) * width for i in range(len(p.budgets))]
+            heights = [float("nan") if m is None else m for m in s.means]
+            ax.bar(xs, heights, width=width * 0.95, yerr=list(s.sds), capsize=3, label=s.mode,
+                   color=f"C{MODES.index(s.mode)}", error_kw={"elinewidth": 1, "ecolor": "0.25"})
+            for x, m, sd, text in zip(xs, s.means, s.sds, s.labels):
+                if m is None:  # no bar: say why, from the bottom of the axes
+                    ax.text(x, 0.02, text, transform=base, rotation=90, ha="center", va="bottom",
+                            fontsize=7, color="0.4")
+                else:
+                    ax.annotate(text, (x, m + sd), xytext=(0, 2), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=7, linespacing=1.1,
+                                bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
+        if p.ceiling is not None:
+            mean, sd, label = p.ceiling
+            if sd:
+                ax.axhspan(mean - sd, mean + sd, color="0.5", alpha=0.15, lw=0)
+            ax.axhline(mean, color="0.35", linestyle="--", linewidth=1.2, label=label)
+        if p.log:  # ticks at 1, 2, 5 x 10^k, written as plain numbers
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(*p.ylim)
+        ax.set_xticks(range(len(p.budgets)), p.budgets)
+        ax.set_xlim(-0.6, len(p.budgets) - 0.4)
         ax.set_xlabel("VRAM budget")
-        ax.set_ylabel("t/s")
-        ax.set_title(doc["meta"].get("model", "") + " " + test)
-        ax.legend()
+        ax.set_ylabel("t/s (log scale)" if p.log else "t/s")
+        ax.set_title(p.title, fontsize=10)
+        ax.grid(axis="y", which="major", alpha=0.3)
+        ax.set_axisbelow(True)
+        # below the axes, never over the bars
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False, fontsize=8)
     fig.tight_layout()
-    fig.savefig(png)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(result, path: str) -> str:
