@@ -20,7 +20,8 @@ import threading
 from contextlib import contextmanager
 
 from . import llama_abi
-from .config import EngineConfig
+from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
+from .gguf_file import read_model
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
@@ -73,20 +74,24 @@ class StreamedLlama(llama_cpp.Llama):
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
                  n_slots=None, device: str = "auto", prefetch: bool = True,
                  generate_cpu_layers="none", graph_reuse: bool = True, **llama_kwargs):
-        n_ctx = llama_kwargs.get("n_ctx", 512)
-        n_batch = min(llama_kwargs.get("n_batch", 512), n_ctx) if n_ctx else llama_kwargs.get("n_batch", 512)
+        model_file = read_model(model_path)
+        n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
+        check_int("n_batch", n_batch, 1, MAX_CONTEXT)
+        check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
         config = EngineConfig(
             vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
             device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers,
-            n_ctx=n_ctx or 4096, n_batch=n_batch,
-            n_ubatch=min(llama_kwargs.get("n_ubatch", 512), n_batch),
-            flash_attn=llama_kwargs.get("flash_attn", False), n_threads=llama_kwargs.get("n_threads"),
-            verbose=llama_kwargs.get("verbose", True),
+            # n_ctx 0: the training context, as Llama reads it (resolve_context)
+            n_ctx=llama_kwargs.get("n_ctx", 512), n_batch=n_batch,
+            n_ubatch=min(n_ubatch, n_batch),
+            flash_attn=bool(llama_kwargs.get("flash_attn", False)), n_threads=llama_kwargs.get("n_threads"),
+            verbose=bool(llama_kwargs.get("verbose", True)),
             # splitting a prompt's short tail off (see EngineConfig.graph_reuse)
             # would lose the outputs of every token before it
             graph_reuse=graph_reuse and not (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")),
         )
-        self._streamer = streamer = Streamer(model_path, config)
+        config = resolve_context(config, model_file.hparams["n_ctx_train"])
+        self._streamer = streamer = Streamer(model_path, config, model_file=model_file)
         self._vram_base = streamer.vram_free()
         try:
             with swapped(llama_module, "internals", _Internals(streamer)):

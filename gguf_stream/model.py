@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, select_device
+from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .planner import Plan, format_size, make_plan, parse_size, stock_split_plan
@@ -263,7 +263,8 @@ class StockModel(_Session):
         self._guarded_init(self._build)
 
     def _build(self):
-        read_model(self.path)  # clear errors for missing / damaged files
+        mf = read_model(self.path)  # clear errors for missing / damaged files
+        self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         t0 = time.perf_counter()
         self._cuda = select_device(self.config.device) == "cuda"
         self._vram_base = self._vram_free()
@@ -292,6 +293,7 @@ class StreamedModel(_Session):
     def _build(self):
         t0 = time.perf_counter()
         mf = read_model(self.path)
+        self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         self._cuda = select_device(self.config.device) == "cuda"
         plan = initial_plan(mf, self.config, self._cuda)
         if self._cuda:

@@ -8,6 +8,7 @@ engine measures the real figures after loading and reports both.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -26,21 +27,25 @@ OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
 COMPUTE_HEADROOM = 16 * MiB
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+MAX_SIZE = 1 << 60  # 1 EiB: past any device; a larger size is a typo
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
           "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
 
 
 def parse_size(value: int | float | str) -> int:
-    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024."""
+    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024; a size
+    must be a finite number of bytes in 1..MAX_SIZE."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return int(value)
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"cannot read {value!r} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    return int(float(m.group(1)) * _UNITS[unit])
+        number = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"cannot read {value!r:.60} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
+        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper().rstrip("B")]
+    if isinstance(number, float) and not math.isfinite(number) or not 1 <= number <= MAX_SIZE:
+        raise ValueError(f"size {value!r:.60} must be a finite number of bytes in 1..{MAX_SIZE} (1 EiB); "
+                         "use e.g. '8GiB'")
+    return int(number)
 
 
 def format_size(n: int) -> str:

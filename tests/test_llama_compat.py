@@ -196,3 +196,31 @@ def test_every_token_outputs_turn_graph_reuse_off(gemma_path):
         assert llm._streamer.decode_sizes(69) == [69]
     finally:
         llm.close()
+
+
+def test_context_0_plans_for_the_training_context(tiny_path):
+    """n_ctx=0 is llama.cpp's "the training context": the plan (and its KV
+    estimate) is for the context llama.cpp really allocates."""
+    llm = StreamedLlama(tiny_path, n_ctx=0, n_streamed=2, device="host", n_threads=CPU["n_threads"], verbose=False)
+    try:
+        assert llm.n_ctx() == 512 == llm.plan.n_ctx == llm._streamer.config.n_ctx
+    finally:
+        llm.close()
+
+
+def test_quantized_v_cache_without_flash_attention_raises_like_llama(tiny_path):
+    """llama.cpp refuses a quantized V cache without flash attention: the
+    error llama_cpp.Llama raises, and a clean exit afterwards (no crash while
+    the half-built model is released), in a child process."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import gguf_stream\n"
+            "from gguf_stream.llama_compat import StreamedLlama\n"
+            f"StreamedLlama({str(tiny_path)!r}, n_streamed=2, device='host', n_ctx=256, type_k=8, type_v=8, "
+            "flash_attn=False, verbose=False)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith("ValueError: Failed to create llama_context")
