@@ -20,6 +20,7 @@ import threading
 from contextlib import contextmanager
 
 from . import llama_abi
+from .errors import DecodeError
 from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
 from .gguf_file import read_model
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
@@ -28,6 +29,7 @@ llama_abi.llama()  # version check before touching Llama's internals
 import llama_cpp  # noqa: E402
 import llama_cpp._internals as internals  # noqa: E402
 import llama_cpp.llama as llama_module  # noqa: E402
+from llama_cpp.llama_tokenizer import LlamaTokenizer  # noqa: E402
 
 _swap_lock = threading.RLock()
 
@@ -58,6 +60,16 @@ class _Internals:
 
     def LlamaContext(self, **kw):  # noqa: N802
         return StreamedLlamaContext(self._streamer, **kw)
+
+
+class _Closed:
+    """Stands in for a closed Llama's model, context and batch: any use is an error."""
+
+    def __getattr__(self, name):
+        raise DecodeError("this model is closed")
+
+
+_CLOSED = _Closed()
 
 
 class StreamedLlama(llama_cpp.Llama):
@@ -107,6 +119,13 @@ class StreamedLlama(llama_cpp.Llama):
         # Llama.__init__ created its exit stack.
         if hasattr(self, "_stack"):
             super().close()
+        # Llama keeps its model, context and batch wrappers after close,
+        # pointing at freed memory: the next tokenize or eval would crash.
+        for name in ("_model", "_ctx", "_batch"):
+            if name in vars(self):
+                setattr(self, name, _CLOSED)
+        if isinstance(vars(self).get("tokenizer_"), LlamaTokenizer):  # it holds the model wrapper too
+            self.tokenizer_._model = _CLOSED
 
     @property
     def plan(self):

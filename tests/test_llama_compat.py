@@ -224,3 +224,31 @@ def test_quantized_v_cache_without_flash_attention_raises_like_llama(tiny_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.rstrip().endswith("ValueError: Failed to create llama_context")
+
+
+def test_every_call_after_close_raises(tiny_path):
+    """llama-cpp-python keeps the closed model's wrappers, pointing at freed
+    memory: tokenize, eval, completions... segfaulted. In a child process,
+    where a crash cannot take the test run with it."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    calls = ["tokenize(b'hi')", "detokenize([1, 2])", "eval([1])", "create_completion('hi', max_tokens=2)",
+             "create_chat_completion([{'role': 'user', 'content': 'hi'}], max_tokens=2)", "n_vocab()", "n_ctx()",
+             "save_state()", "token_bos()", "embed('hi')", "next(llm.generate([1]))", "__call__('hi', max_tokens=2)",
+             "tokenizer().encode('hi')"]
+    code = ("import gguf_stream\n"
+            "from gguf_stream.llama_compat import StreamedLlama\n"
+            f"llm = StreamedLlama({str(tiny_path)!r}, n_streamed=2, device='host', n_ctx=256, verbose=False)\n"
+            "llm.close()\n"
+            f"for call in {calls!r}:\n"
+            "    try:\n"
+            "        eval(call if call.startswith('next') else 'llm.' + call)\n"
+            "        print('returned', call)\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, exc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["DecodeError this model is closed"] * len(calls)
