@@ -23,6 +23,7 @@ from . import llama_abi
 from .errors import DecodeError
 from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
 from .gguf_file import read_model
+from .grammar import grammar_error
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
@@ -126,6 +127,24 @@ class StreamedLlama(llama_cpp.Llama):
                 setattr(self, name, _CLOSED)
         if isinstance(vars(self).get("tokenizer_"), LlamaTokenizer):  # it holds the model wrapper too
             self.tokenizer_._model = _CLOSED
+
+    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        # llama.cpp looks token ids up with .at(): one outside the vocabulary
+        # is a C++ exception through ctypes, which aborts the process
+        n_vocab = self.n_vocab()
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
+        return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def _init_sampler(self, *args, grammar=None, **kwargs):
+        # llama.cpp makes no sampler of a grammar it cannot parse, and
+        # llama-cpp-python chains that NULL in: the next sample crashes
+        if grammar is not None:
+            reason = grammar_error(self.model_path, grammar._grammar, grammar._root)
+            if reason is not None:
+                raise ValueError(f"llama.cpp cannot use this grammar: {reason}")
+        return super()._init_sampler(*args, grammar=grammar, **kwargs)
 
     @property
     def plan(self):
