@@ -252,3 +252,35 @@ def test_every_call_after_close_raises(tiny_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines() == ["DecodeError this model is closed"] * len(calls)
+
+
+@pytest.mark.parametrize("placement", [
+    dict(n_streamed=6),                                   # 12 resident, 6 streamed
+    dict(streamed_layers=(1, 2), generate_cpu_layers=(2,)),  # mostly resident; a CPU layer while generating
+    dict(n_streamed=6, generate_cpu_layers=(5, 14)),
+], ids=["resident+streamed", "mostly-resident+cpu", "streamed+cpu"])
+def test_logits_all_match_stock_at_every_position(gemma_path, placement):
+    """logits_all with resident, streamed and CPU layers together: every
+    position's logits equal stock's (repacking off on both sides), through a
+    prompt in pieces of prompt and generate size and single tokens."""
+    sizes = dict(LLAMA, n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True)
+
+    def run(llm, tokens):
+        llm.reset()
+        for a, b in ((0, 10), (10, 80), (80, 81), (81, 82), (82, 100)):
+            llm.eval(tokens[a:b])
+        return np.array(llm.scores[:100])
+
+    with swapped(llama_module, "internals", _NoRepack()):
+        stock = llama_cpp.Llama(str(gemma_path), **sizes)
+    llm = StreamedLlama(gemma_path, device="host", **placement, **sizes)
+    try:
+        tokens = stock.tokenize((PROMPT + " Paris. ").encode() * 16)[:100]
+        assert len(tokens) == 100
+        want, got = run(stock, tokens), run(llm, tokens)
+        assert np.count_nonzero(want[-1]) > 0
+        differ = np.nonzero(np.abs(got - want).max(axis=1))[0]
+        assert differ.size == 0, f"positions {differ[:10]} differ, max {np.abs(got - want).max()}"
+    finally:
+        llm.close()
+        stock.close()
