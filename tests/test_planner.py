@@ -158,7 +158,7 @@ def test_generate_resident_layers_spread_and_exclude(tiny_path):
     assert generate_resident_layers(mf, plan, 512, 1 << 40) == ()
 
 
-def _many_layers(sizes) -> "ModelFile":
+def _many_layers(sizes):
     """A ModelFile with these layer sizes (one tensor each), built without a file."""
     from pathlib import Path
 
