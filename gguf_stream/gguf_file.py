@@ -350,6 +350,9 @@ def read_model(path: str | os.PathLike) -> ModelFile:
             if t.layer >= n_layer:
                 raise ModelFileError(f"{path}: tensor {t.name} names layer {t.layer} of {n_layer}")
             layer_bytes[t.layer] += t.nbytes
+    if 0 in layer_bytes:  # llama.cpp would miss its tensors; plans would divide by a zero-byte slot
+        raise ModelFileError(f"{path}: layer {layer_bytes.index(0)} of the {n_layer} in {arch}.block_count "
+                             "has no tensor data")
     validate.check_tensors(tensors, str(path))
     validate.check_vocabulary(kv, str(path))
     tokens = kv.get(validate.VOCABULARY_KEY)

@@ -101,6 +101,8 @@ HOSTILE = {
         r"qwen2 needs equal key_length \(64\), value_length \(64\) and rope.dimension_count \(32\)", True),
     "query heads not a multiple of kv heads": (lambda h: h.set("llama.attention.head_count_kv", U32, 3),
                                                "4 query heads for 3 key/value heads", False),
+    "more layers than tensors": (lambda h: h.set("llama.block_count", U32, 9),
+                                 "layer 8 of the 9 in llama.block_count has no tensor data", False),
     "per-layer heads of the wrong length": (lambda h: h.set("llama.attention.head_count", ARR, [4] * 7, U32),
                                             r"head_count has 7 elements; llama.cpp needs one per layer \(8\)", False),
     "alignment 0": (lambda h: h.set("general.alignment", U32, 0), "general.alignment is 0; it must be a power of 2", False),
