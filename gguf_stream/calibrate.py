@@ -52,6 +52,11 @@ class Calibration:
     predicted_token_seconds: float  # the performance model's time for the chosen split
 
 
+def _number(v) -> bool:
+    """A finite JSON number (not a string or a bool that would convert to one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class RatesCache:
     """rates.json in the cache directory: one entry per key. Written
     atomically; entries that do not read back as what was stored count as
@@ -86,8 +91,7 @@ class RatesCache:
             rates = Rates(**entry)
         except TypeError:
             return None
-        values = asdict(rates).values()
-        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        ok = all(_number(v) for v in asdict(rates).values())
         return rates if ok and rates.pcie_bytes_per_s > 0 and rates.cpu_bytes_per_s > 0 \
             and rates.gpu_token_seconds >= 0 else None
 
@@ -97,10 +101,10 @@ class RatesCache:
     def split_trials(self, overflow: tuple[int, ...]) -> dict[int, float] | None:
         entry = self._read().get(self._split_key(overflow))
         try:
-            trials = {int(n): float(t) for n, t in entry.items()}
+            trials = {int(n): t for n, t in entry.items()}
         except (AttributeError, TypeError, ValueError):
             return None
-        ok = trials and all(0 <= n <= len(overflow) and math.isfinite(t) and t > 0 for n, t in trials.items())
+        ok = trials and all(0 <= n <= len(overflow) and _number(t) and t > 0 for n, t in trials.items())
         return trials if ok else None
 
     def put_split_trials(self, overflow: tuple[int, ...], trials: dict[int, float]) -> None:

@@ -4,13 +4,22 @@ the device (CUDA or host-slot mode), the thread count and the cache directory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import EnvironmentMismatchError
 
 ENV_CACHE = "GGUF_STREAM_CACHE"
+# llama.cpp's positions are int32 (llama_pos), its context sizes uint32: a
+# larger number would wrap on the way through ctypes
+MAX_CONTEXT = 2**31 - 1
+# Past the training context llama.cpp only warns (RoPE scaling can stretch a
+# model a few times); this far past it is a typo
+LONG_CONTEXT_FACTOR = 8
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+MAX_SLOTS = 512  # one per layer at most (LLAMA_MAX_LAYERS)
+MAX_COPY_DELAY_US = 10_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,14 +76,37 @@ class EngineConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cuda", "host"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'host', not {self.device!r}")
+        if self.vram_budget is not None:
+            from .planner import parse_size
+
+            parse_size(self.vram_budget)  # names what is wrong with it
+        check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
+        check_int("n_batch", self.n_batch, 1, MAX_CONTEXT)
+        check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
+        if self.n_threads is not None:
+            check_int("n_threads", self.n_threads, 1, max_threads())
+        if self.n_streamed is not None:
+            check_int("n_streamed", self.n_streamed, 0, MAX_SLOTS)
+        if self.n_slots is not None:
+            check_int("n_slots", self.n_slots, 1, MAX_SLOTS)
+        check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
+        check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
+        for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.cpu_repack is not None and not isinstance(self.cpu_repack, bool):
+            raise ValueError(f"cpu_repack must be None, True or False, not {self.cpu_repack!r}")
+        if self.streamed_layers is not None:
+            object.__setattr__(self, "streamed_layers", layer_numbers("streamed_layers", self.streamed_layers))
         for name in ("generate_cpu_layers", "generate_resident"):
             value = getattr(self, name)
-            if isinstance(value, str) and value not in ("auto", "none"):
-                raise ValueError(f"{name} must be 'auto', 'none' or layer numbers, not {value!r}")
-        if self.n_slots is not None and self.n_slots < 1:
-            raise ValueError(f"n_slots must be at least 1, got {self.n_slots}")
+            if isinstance(value, str):
+                if value not in ("auto", "none"):
+                    raise ValueError(f"{name} must be 'auto', 'none' or layer numbers, not {value!r}")
+            else:
+                object.__setattr__(self, name, layer_numbers(name, value))
 
     @property
     def repack(self) -> bool:
@@ -88,6 +120,49 @@ class EngineConfig:
     def places_layers(self) -> bool:
         """A budget or streamed layers were given (else everything stays resident)."""
         return not (self.vram_budget is None and self.n_streamed is None and self.streamed_layers is None)
+
+
+def check_int(name: str, value, lo: int, hi: int, note: str = "") -> None:
+    """value must be an int (not a bool, float or string) in lo..hi."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be at least {lo} and at most {hi} (an integer{f'; {note}' if note else ''}), "
+                         f"got {shown}")
+
+
+def layer_numbers(name: str, value) -> tuple[int, ...]:
+    """A tuple of layer numbers from a tuple or list of ints ("1,2", floats and bools are refused)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, range)):
+        raise ValueError(f"{name} must be a tuple of layer numbers like (1, 2), not {value!r:.60}")
+    for v in value:
+        check_int(f"each of {name}", v, 0, MAX_SLOTS - 1)
+    return tuple(value)
+
+
+def max_threads() -> int:
+    """A generous multiple of the CPUs, within ggml's limit."""
+    return min(MAX_THREADS, 8 * (os.cpu_count() or 1))
+
+
+def context_sizes(n_ctx: int, n_batch: int, n_ubatch: int, n_ctx_train: int) -> tuple[int, int, int]:
+    """(n_ctx, n_batch, n_ubatch) as llama.cpp will use them: n_ctx 0 is the
+    model's training context, a batch no larger than the context, a ubatch
+    no larger than the batch. A context far past the training one is refused."""
+    n_ctx = n_ctx or n_ctx_train
+    if n_ctx <= 0:
+        raise ValueError("n_ctx is 0 (the model's training context) but the model does not give one; "
+                         "give n_ctx")
+    if n_ctx_train and n_ctx > LONG_CONTEXT_FACTOR * n_ctx_train:
+        raise ValueError(f"n_ctx {n_ctx} is over {LONG_CONTEXT_FACTOR} times the model's training context "
+                         f"({n_ctx_train}); give at most {LONG_CONTEXT_FACTOR * n_ctx_train} (0: {n_ctx_train})")
+    n_batch = min(n_batch, n_ctx)
+    return n_ctx, n_batch, min(n_ubatch, n_batch)
+
+
+def resolve_context(config: EngineConfig, n_ctx_train: int) -> EngineConfig:
+    """The config with its context sizes as llama.cpp will use them (context_sizes)."""
+    n_ctx, n_batch, n_ubatch = context_sizes(config.n_ctx, config.n_batch, config.n_ubatch, n_ctx_train)
+    return replace(config, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch)
 
 
 # ------------------------------------------------------------------ device

@@ -20,13 +20,17 @@ import threading
 from contextlib import contextmanager
 
 from . import llama_abi
-from .config import EngineConfig
+from .errors import DecodeError
+from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
+from .gguf_file import read_model
+from .grammar import grammar_error
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
 import llama_cpp  # noqa: E402
 import llama_cpp._internals as internals  # noqa: E402
 import llama_cpp.llama as llama_module  # noqa: E402
+from llama_cpp.llama_tokenizer import LlamaTokenizer  # noqa: E402
 
 _swap_lock = threading.RLock()
 
@@ -59,6 +63,16 @@ class _Internals:
         return StreamedLlamaContext(self._streamer, **kw)
 
 
+class _Closed:
+    """Stands in for a closed Llama's model, context and batch: any use is an error."""
+
+    def __getattr__(self, name):
+        raise DecodeError("this model is closed")
+
+
+_CLOSED = _Closed()
+
+
 class StreamedLlama(llama_cpp.Llama):
     """``llama_cpp.Llama`` with gguf-stream placement.
 
@@ -73,20 +87,24 @@ class StreamedLlama(llama_cpp.Llama):
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
                  n_slots=None, device: str = "auto", prefetch: bool = True,
                  generate_cpu_layers="none", graph_reuse: bool = True, **llama_kwargs):
-        n_ctx = llama_kwargs.get("n_ctx", 512)
-        n_batch = min(llama_kwargs.get("n_batch", 512), n_ctx) if n_ctx else llama_kwargs.get("n_batch", 512)
+        model_file = read_model(model_path)
+        n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
+        check_int("n_batch", n_batch, 1, MAX_CONTEXT)
+        check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
         config = EngineConfig(
             vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
             device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers,
-            n_ctx=n_ctx or 4096, n_batch=n_batch,
-            n_ubatch=min(llama_kwargs.get("n_ubatch", 512), n_batch),
-            flash_attn=llama_kwargs.get("flash_attn", False), n_threads=llama_kwargs.get("n_threads"),
-            verbose=llama_kwargs.get("verbose", True),
+            # n_ctx 0: the training context, as Llama reads it (resolve_context)
+            n_ctx=llama_kwargs.get("n_ctx", 512), n_batch=n_batch,
+            n_ubatch=min(n_ubatch, n_batch),
+            flash_attn=bool(llama_kwargs.get("flash_attn", False)), n_threads=llama_kwargs.get("n_threads"),
+            verbose=bool(llama_kwargs.get("verbose", True)),
             # splitting a prompt's short tail off (see EngineConfig.graph_reuse)
             # would lose the outputs of every token before it
             graph_reuse=graph_reuse and not (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")),
         )
-        self._streamer = streamer = Streamer(model_path, config)
+        config = resolve_context(config, model_file.hparams["n_ctx_train"])
+        self._streamer = streamer = Streamer(model_path, config, model_file=model_file)
         self._vram_base = streamer.vram_free()
         try:
             with swapped(llama_module, "internals", _Internals(streamer)):
@@ -102,6 +120,31 @@ class StreamedLlama(llama_cpp.Llama):
         # Llama.__init__ created its exit stack.
         if hasattr(self, "_stack"):
             super().close()
+        # Llama keeps its model, context and batch wrappers after close,
+        # pointing at freed memory: the next tokenize or eval would crash.
+        for name in ("_model", "_ctx", "_batch"):
+            if name in vars(self):
+                setattr(self, name, _CLOSED)
+        if isinstance(vars(self).get("tokenizer_"), LlamaTokenizer):  # it holds the model wrapper too
+            self.tokenizer_._model = _CLOSED
+
+    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        # llama.cpp looks token ids up with .at(): one outside the vocabulary
+        # is a C++ exception through ctypes, which aborts the process
+        n_vocab = self.n_vocab()
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
+        return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def _init_sampler(self, *args, grammar=None, **kwargs):
+        # llama.cpp makes no sampler of a grammar it cannot parse, and
+        # llama-cpp-python chains that NULL in: the next sample crashes
+        if grammar is not None:
+            reason = grammar_error(self.model_path, grammar._grammar, grammar._root)
+            if reason is not None:
+                raise ValueError(f"llama.cpp cannot use this grammar: {reason}")
+        return super()._init_sampler(*args, grammar=grammar, **kwargs)
 
     @property
     def plan(self):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, select_device
+from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .planner import Plan, format_size, make_plan, parse_size, stock_split_plan
@@ -120,6 +120,12 @@ class _Session:
             raise DecodeError("this model is closed")
         return self.ctx
 
+    def _live_model(self):
+        """The llama_model pointer; llama.cpp would dereference a NULL one."""
+        if self.model is None:
+            raise DecodeError("this model is closed")
+        return self.model
+
     @property
     def vocab(self):
         if self.llama_model is None or self.llama_model.vocab is None:
@@ -148,7 +154,7 @@ class _Session:
 
     @property
     def n_layer(self) -> int:
-        return self._lc.llama_model_n_layer(self.model)
+        return self._lc.llama_model_n_layer(self._live_model())
 
     def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         data = text.encode() if isinstance(text, str) else text
@@ -263,7 +269,8 @@ class StockModel(_Session):
         self._guarded_init(self._build)
 
     def _build(self):
-        read_model(self.path)  # clear errors for missing / damaged files
+        mf = read_model(self.path)  # clear errors for missing / damaged files
+        self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         t0 = time.perf_counter()
         self._cuda = select_device(self.config.device) == "cuda"
         self._vram_base = self._vram_free()
@@ -276,6 +283,7 @@ class StockModel(_Session):
 
     @property
     def stats(self) -> Stats:
+        self._live_ctx()
         return Stats(f"stock ngl={self.n_gpu_layers}", None, None, self._vram_loaded, self._vram_peak, 0,
                      self._load_seconds)
 
@@ -292,6 +300,7 @@ class StreamedModel(_Session):
     def _build(self):
         t0 = time.perf_counter()
         mf = read_model(self.path)
+        self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         self._cuda = select_device(self.config.device) == "cuda"
         plan = initial_plan(mf, self.config, self._cuda)
         if self._cuda:
@@ -321,6 +330,7 @@ class StreamedModel(_Session):
 
     @property
     def stats(self) -> Stats:
+        self._live_ctx()  # closed: no engine, nothing to count
         s = self.streamer
         mode = ("streamed" if s.engine else "resident" if s.plan.stock_gpu_layers is None
                 else f"stock split ngl={s.plan.stock_gpu_layers}")
@@ -328,6 +338,7 @@ class StreamedModel(_Session):
                      self._load_seconds)
 
     def reset_counters(self) -> None:
+        self._live_ctx()
         if self.engine is not None:
             self.engine.reset_counters()
 

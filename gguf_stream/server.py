@@ -9,6 +9,14 @@
 
 or ``gguf-stream serve model.gguf --vram-budget 6GiB --port 8000``.
 
+What differs from llama_cpp.server's own app: requests are checked before its
+routes see them (RequestGuard: a JSON object of the endpoint's fields in their
+ranges, a known model name, grammars and JSON schemas llama.cpp can parse,
+token ids inside the vocabulary: else 4xx instead of a 500 or a crashed
+process); ``api_key`` is required when given; CORS is off unless origins are
+named; concurrent requests queue instead of cutting a running stream off
+(interrupt_requests); ``/health`` answers.
+
 llama_cpp.server.app.create_app builds its model through
 ``set_llama_proxy -> LlamaProxy(models) -> LlamaProxy.load_llama_from_model_settings
 -> llama_cpp.Llama(...)``. create_app here runs it with ``LlamaProxy`` swapped
@@ -23,21 +31,44 @@ of the first. Needs ``pip install 'gguf-stream[server]'``.
 """
 from __future__ import annotations
 
+import hmac
+import json
 import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
+from .grammar import grammar_error
 from .llama_compat import StreamedLlama, apply_chat_format, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
+import anyio
 import llama_cpp
 import llama_cpp.server.app as server_app
 import llama_cpp.server.model as server_model
+import pydantic
 from fastapi import FastAPI, HTTPException
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
+from starlette.middleware import Middleware
 
 ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "device", "prefetch")
 CLOSED_MESSAGE = ("gguf-stream: error: the model of this server was closed (server shutting down or "
                   "close_app called); restart the server to serve requests again")
+# The request body each endpoint takes (llama_cpp.server.types), checked by RequestGuard
+BODIES = {
+    "/v1/completions": server_types.CreateCompletionRequest,
+    "/v1/engines/copilot-codex/completions": server_types.CreateCompletionRequest,
+    "/v1/chat/completions": server_types.CreateChatCompletionRequest,
+    "/v1/embeddings": server_types.CreateEmbeddingRequest,
+    "/extras/tokenize": server_types.TokenizeInputRequest,
+    "/extras/tokenize/count": server_types.TokenizeInputRequest,
+    "/extras/detokenize": server_types.DetokenizeInputRequest,
+}
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")  # no API key needed
+MAX_BODY_BYTES = 16 << 20  # a 128k-token prompt is about 0.5 MiB of text
+MAX_SCHEMA_REPEAT = 10_000  # minItems / maxLength ...: the grammar spells each repetition out
 
 
 class _LlamaCppWithStreamed:
@@ -103,21 +134,178 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
     free = close  # LlamaProxy's name for it
 
 
+class BadRequest(Exception):
+    """A request the guard answers itself: HTTP status and message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+class RequestGuard:
+    """ASGI middleware in front of llama_cpp.server's routes. It checks the
+    API key, then reads a POST body whole (at most MAX_BODY_BYTES) and checks
+    it (check_request) before the route sees it: llama_cpp.server answers a
+    malformed body with a 500, an unknown model name with the one model,
+    and a grammar llama.cpp cannot parse with a crashed process. Streaming
+    responses start before the route touches the model, so this is the only
+    place such a request can still get a 4xx."""
+
+    def __init__(self, app, *, proxy, api_key: str | None):
+        self.app, self.proxy, self.api_key = app, proxy, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"][len(scope.get("root_path", "")):] if scope.get("root_path") else scope["path"]
+        try:
+            if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
+                raise BadRequest(401, "invalid or missing API key; send the header 'Authorization: Bearer KEY'")
+            if scope["method"] == "POST" and path in BODIES:
+                body = await _read_body(receive)
+                await anyio.to_thread.run_sync(check_request, path, body, self.proxy)
+                receive = _replay(body, receive)
+        except BadRequest as exc:
+            if exc.status == 503:  # as the proxy answers it (an HTTPException)
+                content = {"detail": exc.message}
+            else:  # as OpenAI answers bad requests
+                content = {"error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param,
+                                     "code": None}}
+            return await JSONResponse(content, status_code=exc.status)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(header, b"Bearer " + self.api_key.encode())
+
+
+async def _read_body(receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest(400, "the client went away before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """The body read, then the connection's own messages (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def check_request(path: str, body: bytes, proxy) -> None:
+    """Raise BadRequest for what llama_cpp.server would answer with a 500 or a crash."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(400, "the request body is empty; send a JSON object" if not body.strip()
+                         else f"the request body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        request = BODIES[path].model_validate(data)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(400, f"{where}: {first['msg']} (got {str(first.get('input'))[:60]!r})", where) from None
+    llm = proxy.model
+    if llm is None:
+        raise BadRequest(503, CLOSED_MESSAGE)
+    model = data.get("model")
+    if model is not None and model not in list(proxy):
+        raise BadRequest(404, f"model {str(model)[:80]!r} is not served here: this server serves "
+                         f"{', '.join(map(repr, proxy))} (or leave model out)", "model")
+    if path == "/v1/embeddings" and not llm.context_params.embeddings:
+        raise BadRequest(400, "this server's model computes no embeddings (it was not loaded with embedding=True)")
+    n_vocab = llm.n_vocab()
+    tokens = data.get("tokens") if path == "/extras/detokenize" else None
+    if tokens and not all(0 <= t < n_vocab for t in tokens):
+        raise BadRequest(400, f"tokens must be ids in 0..{n_vocab - 1}", "tokens")
+    if getattr(request, "logit_bias", None) and request.logit_bias_type != "tokens":
+        _check_logit_bias(request.logit_bias, n_vocab)
+    grammar = getattr(request, "grammar", None)
+    if grammar is not None:
+        _check_grammar(llm, grammar, "grammar")
+    schema = (getattr(request, "response_format", None) or {}).get("schema")
+    if schema is not None:
+        _check_grammar(llm, _schema_grammar(schema), "response_format")
+
+
+def _check_logit_bias(bias: dict, n_vocab: int) -> None:
+    for key in bias:
+        if not (key.strip().lstrip("-").isdigit() and 0 <= int(key) < n_vocab):
+            raise BadRequest(400, f"logit_bias keys must be token ids in 0..{n_vocab - 1}, got {key[:40]!r}",
+                             "logit_bias")
+
+
+def _check_grammar(llm, grammar: str, param: str) -> None:
+    reason = grammar_error(llm.model_path, grammar)
+    if reason is not None:
+        raise BadRequest(400, f"{param}: llama.cpp cannot use this grammar: {reason}", param)
+
+
+def _schema_grammar(schema) -> str:
+    """The grammar llama-cpp-python makes of a response_format schema (it
+    would fall back to any JSON where it cannot: the schema asked for is
+    refused instead)."""
+    big = _largest_repeat(schema)
+    if big > MAX_SCHEMA_REPEAT:
+        raise BadRequest(400, f"response_format: the schema repeats something {big} times; at most "
+                         f"{MAX_SCHEMA_REPEAT} (the grammar spells out each repetition)", "response_format")
+    try:
+        grammar = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # noqa: BLE001 - any failure of the converter is the schema's
+        raise BadRequest(400, f"response_format: the schema cannot be turned into a grammar "
+                         f"({type(exc).__name__}: {str(exc)[:200]})", "response_format") from None
+    return grammar
+
+
+def _largest_repeat(schema, depth: int = 0) -> int:
+    if depth > 100:
+        raise BadRequest(400, "response_format: the schema is nested over 100 levels deep", "response_format")
+    if isinstance(schema, dict):
+        own = [v for k, v in schema.items() if k in ("minItems", "maxItems", "minLength", "maxLength")
+               and isinstance(v, int)]
+        return max(own + [_largest_repeat(v, depth + 1) for v in schema.values()] + [0])
+    if isinstance(schema, list):
+        return max([_largest_repeat(v, depth + 1) for v in schema] + [0])
+    return 0
+
+
 def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
                device: str = "auto", prefetch: bool = True, host: str = "127.0.0.1", port: int = 8000,
-               **model_settings) -> FastAPI:
+               api_key: str | None = None, cors_origins=(), **model_settings) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``model_settings`` are llama_cpp.server ModelSettings fields (n_ctx,
     n_batch, n_ubatch, n_threads, chat_format, model_alias, flash_attn,
-    verbose, ...); the engine options are StreamedLlama's. The model is loaded
-    here (errors raise here); it is closed by close_app(app) or when the server
-    shuts down.
+    verbose, ...); the engine options are StreamedLlama's. ``api_key``:
+    requests must send ``Authorization: Bearer KEY``; ``cors_origins``: the
+    browser origins allowed to call it (none by default). The model is loaded
+    here (errors raise here); it is closed by close_app(app) or when the
+    server shuts down.
     """
     engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
                   n_slots=n_slots, device=device, prefetch=prefetch)
     settings = ModelSettings(model=str(model_path), **model_settings)
-    server_settings = ServerSettings(host=host, port=port)
+    # interrupt_requests=False: a second request waits for the running one
+    # (llama_cpp.server's default ends a running stream when one arrives)
+    server_settings = ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=False)
     previous = server_app._llama_proxy
     if isinstance(previous, StreamedLlamaProxy):
         previous.close()  # one model per process, as in llama_cpp.server
@@ -129,6 +317,8 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
         app = server_app.create_app(server_settings=server_settings, model_settings=[settings])
     proxy = server_app._llama_proxy
     app.state.gguf_stream_proxy = proxy
+    _set_middleware(app, proxy, api_key, tuple(cors_origins))
+    app.add_api_route("/health", lambda: _health(proxy), methods=["GET"], include_in_schema=False)
 
     async def close_on_shutdown():
         # after uvicorn drained the connections; the locks wait for a request still generating
@@ -137,6 +327,23 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
 
     app.router.on_shutdown.append(close_on_shutdown)
     return app
+
+
+def _set_middleware(app: FastAPI, proxy, api_key: str | None, cors_origins: tuple[str, ...]) -> None:
+    """llama_cpp.server allows every origin, with credentials: CORS only for
+    the origins named; the guard inside it (a browser's preflight needs no key)."""
+    kept = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    ours = [Middleware(RequestGuard, proxy=proxy, api_key=api_key)]
+    if cors_origins:
+        ours.insert(0, Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                                  allow_headers=["Authorization", "Content-Type"]))
+    app.user_middleware[:] = ours + kept
+
+
+def _health(proxy) -> JSONResponse:
+    if proxy.closed:
+        return JSONResponse({"status": "closed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 def app_model(app: FastAPI) -> StreamedLlama:

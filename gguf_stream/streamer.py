@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
-from .config import EngineConfig, select_device
+from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, read_model
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, format_size, generate_graph_bytes,
@@ -42,7 +42,7 @@ SMALL_CONTEXT_CELLS = 256
 def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Plan:
     """The planner's estimate for the config (everything resident without a
     budget or streamed layers); a budget beyond the device is an error."""
-    c = config
+    c = resolve_context(config, model_file.hparams["n_ctx_train"])
     if c.vram_budget is not None and cuda:
         total = native.device_memory("CUDA0")[1]
         if parse_size(c.vram_budget) > total:
@@ -77,9 +77,9 @@ class Streamer:
     def __init__(self, path: str | os.PathLike, config: EngineConfig, *, model_file: ModelFile | None = None,
                  plan: Plan | None = None, cuda: bool | None = None):
         self.path = str(path)
-        self.config = config
         self.lc = llama_abi.llama()
         self.model_file = model_file or read_model(self.path)
+        self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
         self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
         self.engine: native.Engine | None = None
@@ -299,6 +299,14 @@ class Streamer:
         if self.engine is not None and self.engine.alive:
             self.engine.kv_detach()
 
+    def model_closing(self) -> None:
+        """Before freeing the model: no upload may still be reading its host
+        memory. The engine prefetches from attach on; closing a context
+        drains that (kv_detach), but a context that failed to open (a
+        quantized V cache without flash attention) never closes, and the
+        copy thread then read freed memory."""
+        self.context_closing()
+
     # ------------------------------------------------------------ decoding
     def decode_sizes(self, n_tokens: int) -> list[int]:
         """Tokens per llama_decode call for a batch of n_tokens (planner.decode_sizes)."""
@@ -393,8 +401,10 @@ class StreamedLlamaModel(internals.LlamaModel):
             raise
 
     def close(self):
-        super().close()  # the context (registered on our stack) and the model first,
         streamer = getattr(self, "_streamer", None)
+        if streamer is not None:
+            streamer.model_closing()
+        super().close()  # the context (registered on our stack) and the model first,
         if streamer is not None:  # then the slots they pointed into
             streamer.close()
 

@@ -102,3 +102,19 @@ def hybrid_cpu_layers(path):
     from gguf_stream.planner import interleaved_layers
 
     return interleaved_layers(read_model(path).n_layer, 6)[1::3]
+
+
+# ------------------------------------------------------------------ slow tests: opt-in
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run tests marked slow (the large fuzz run); or set GGUF_STREAM_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("GGUF_STREAM_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or GGUF_STREAM_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

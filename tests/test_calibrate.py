@@ -105,9 +105,13 @@ def test_cache_is_written_atomically_and_validated(tmp_path):
     # what a damaged or edited file holds counts as absent, never as an error
     for bad in ({"pcie_bytes_per_s": 0, "cpu_bytes_per_s": 1, "gpu_token_seconds": 1},
                 {"pcie_bytes_per_s": "fast", "cpu_bytes_per_s": 1, "gpu_token_seconds": 1},
-                {"pcie_bytes_per_s": 1}, [1, 2], "x"):
+                {"pcie_bytes_per_s": 1}, [1, 2], "x",
+                {"pcie_bytes_per_s": True, "cpu_bytes_per_s": 1, "gpu_token_seconds": 1}):
         cache.path.write_text(json.dumps({"k": bad, "k|split|1,2": {"0": -1}}))
         assert cache.rates() is None and cache.split_trials((1, 2)) is None
+    for trials in ({"0": "0.02"}, {"0": True}, {"0": 0}, {"x": 0.02}, {"5": 0.02}, {}):
+        cache.path.write_text(json.dumps({"k|split|1,2": trials}))
+        assert cache.split_trials((1, 2)) is None, trials
     cache.path.write_text("{not json")
     assert cache.rates() is None
     cache.put_rates(Rates(1.0, 1.0, 0.0))  # rewrites a damaged file
@@ -121,3 +125,31 @@ def test_cache_key_names_what_the_rates_depend_on(tiny_path):
     assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2, cpu_repack=False), None)
     assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2), 80 << 30)
 
+
+
+def test_tampered_rates_are_measured_again_end_to_end(tiny_path, tmp_path, monkeypatch):
+    """A rates.json edited to a 0 rate and string trials: the calibration
+    measures instead of dividing by zero, and writes valid entries back."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        cal = Calibrator(m.streamer, m.model)
+        overflow = m.plan.generate_overflow
+        cal.cache.path.write_text(json.dumps({
+            cal.cache.key: {"pcie_bytes_per_s": 0, "cpu_bytes_per_s": "fast", "gpu_token_seconds": 0.01},
+            cal.cache._split_key(overflow): {"0": "0.5", "1": "0.1"}}))
+        def time_splits(splits, best):  # the rates are measured for real, the (slow) split timing is not
+            trials = {n: 0.01 * (1 + n) for n in range(len(splits))}
+            cal.cache.put_split_trials(overflow, trials)
+            return trials
+
+        monkeypatch.setattr(cal, "time_splits", time_splits)
+        m.streamer.context_closing()
+        try:
+            cpu, calibration = cal.choose_split()
+        finally:
+            m.streamer.context_opened()
+    r = calibration.rates
+    assert r.pcie_bytes_per_s > 0 and r.cpu_bytes_per_s > 0 and math.isfinite(r.gpu_token_seconds)
+    assert all(isinstance(t, float) and t > 0 for t in calibration.split_trials.values())
+    assert set(cpu) <= set(overflow)
+    assert cal.cache.rates() == r and cal.cache.split_trials(overflow) == calibration.split_trials

@@ -185,13 +185,46 @@ def test_device_cuda_without_cuda(capsys, gemma_path):
     (["--n-streamed", "99"], "only 18 layers"),
     (["-n", "300"], "exceed the context"),
     (["--generate-cpu-layers", "odd"], "--generate-cpu-layers takes auto, none or layer numbers"),
+    # out of range: refused before anything loads, never wrapped in ctypes
+    (["-c", "4294967297"], "-c must be in 0..2147483647 (0: the model's training context), got 4294967297"),
+    (["-c", "1000000"], "n_ctx 1000000 is over 8 times the model's training context (32768)"),
+    (["-b", "0"], "-b must be in 1..2147483647, got 0"),
+    (["-t", "0"], "-t must be in 1.."),
+    (["-t", "100000"], "-t must be in 1.."),
+    (["--n-slots", "0"], "--n-slots must be in 1..512, got 0"),
+    (["--n-streamed", "-2"], "--n-streamed must be in 0..512, got -2"),
+    (["--vram-budget", "inf"], "cannot read 'inf' as a size"),
+    (["--vram-budget", "9" * 400], "must be a finite number of bytes"),
 ])
 def test_bad_flags(capsys, gemma_path, argv, needle):
     rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--device", "host", "-t", T, *SMALL, *argv)
     assert_user_error(rc, err, needle)
 
 
+def test_context_0_is_the_training_context(capsys, tiny_path):
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "2", "-c", "0")
+    assert rc == 0, err
+    assert "at -c 512 -ub 512" in out  # tiny's training context; the ubatch clamped to it
+    rc, out, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "-c", "0", "--device", "host",
+                            "-t", T)
+    assert rc == 0, err
+
+
+def test_non_utf8_prompt_fails_before_the_load(capsys):
+    """Python keeps argv bytes that are not UTF-8 as surrogates: refused at
+    once (here before the missing model would be noticed)."""
+    rc, _, err = run_main(capsys, "run", "no-such-model.gguf", "-p", "caf\udce9")
+    assert_user_error(rc, err, "-p is not valid UTF-8 (at character 3)")
+
+
 # ------------------------------------------------------ as a real process
+
+def test_subprocess_non_utf8_prompt():
+    r = subprocess.run([sys.executable, "-m", "gguf_stream", "-q", "run", "-p", b"caf\xe9"], capture_output=True,
+                       env=subprocess_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == cli.EXIT_ERROR
+    assert r.stderr.decode().splitlines() == ["gguf-stream: error: -p is not valid UTF-8 (at character 3); "
+                                              "give UTF-8 text"]
 
 def test_subprocess_user_errors_are_one_line(bad_files, gemma_path):
     cases = [

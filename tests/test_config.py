@@ -13,6 +13,34 @@ from gguf_stream.config import EngineConfig, cache_dir, cuda_available, physical
     (dict(generate_cpu_layers="all"), "generate_cpu_layers must be"),
     (dict(generate_resident="some"), "generate_resident must be"),
     (dict(n_slots=0), "n_slots must be at least 1"),
+    # numbers that would wrap in ctypes, or are not numbers of the right kind
+    (dict(n_ctx=2**32 + 1), r"n_ctx must be at least 0 and at most 2147483647 .*got 4294967297"),
+    (dict(n_ctx=-1), "n_ctx must be at least 0"),
+    (dict(n_ctx=4096.0), "n_ctx must be .*got 4096.0"),
+    (dict(n_ctx="4096"), "n_ctx must be .*got '4096'"),
+    (dict(n_batch=0, n_ubatch=0), "n_batch must be at least 1"),
+    (dict(n_batch=2**31), "n_batch must be at least 1 and at most 2147483647"),
+    (dict(n_ubatch=True), "n_ubatch must be .*got True"),
+    (dict(n_threads=0), "n_threads must be at least 1"),
+    (dict(n_threads=10**6), "n_threads must be at least 1 and at most"),
+    (dict(vram_budget=float("inf")), "size inf must be a finite number of bytes"),
+    (dict(vram_budget=float("nan")), "size nan must be a finite number"),
+    (dict(vram_budget=10**400), r"size 10{59} must be a finite number"),  # the value, cut short
+    (dict(vram_budget="9" * 400 + "GiB"), "must be a finite number"),
+    (dict(vram_budget="1e400GiB"), "cannot read '1e400GiB' as a size"),
+    (dict(vram_budget=0), "size 0 must be a finite number of bytes in 1.."),
+    (dict(vram_budget=True), "cannot read True as a size"),
+    (dict(streamed_layers="1,2"), r"streamed_layers must be a tuple of layer numbers like \(1, 2\), not '1,2'"),
+    (dict(streamed_layers=(1.0, 2)), "each of streamed_layers must be .*got 1.0"),
+    (dict(streamed_layers=(True,)), "each of streamed_layers must be .*got True"),
+    (dict(streamed_layers=(-1,)), "each of streamed_layers must be at least 0"),
+    (dict(n_streamed=-1), "n_streamed must be at least 0"),
+    (dict(n_streamed="3"), "n_streamed must be .*got '3'"),
+    (dict(n_slots=1.5), "n_slots must be at least 1 .*got 1.5"),
+    (dict(n_slots=True), "n_slots must be .*got True"),
+    (dict(generate_cpu_layers=(1.5,)), "each of generate_cpu_layers"),
+    (dict(flash_attn="no"), "flash_attn must be True or False, not 'no'"),
+    (dict(host_copy_delay_us=-1), "host_copy_delay_us must be at least 0"),
 ])
 def test_bad_options_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -52,3 +80,21 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "home" / ".cache" / "gguf-stream"
     monkeypatch.setenv("GGUF_STREAM_CACHE", "~/mine")
     assert cache_dir() == Path(tmp_path / "home" / "mine")
+
+
+def test_layer_lists_become_tuples():
+    assert EngineConfig(streamed_layers=[3, 1]).streamed_layers == (3, 1)
+    assert EngineConfig(generate_cpu_layers=[2]).generate_cpu_layers == (2,)
+
+
+def test_context_sizes_as_llama_cpp_uses_them():
+    from gguf_stream.config import context_sizes, resolve_context
+
+    assert context_sizes(0, 512, 512, 256) == (256, 256, 256)  # 0: the training context, batches clamped
+    assert context_sizes(1024, 2048, 512, 256) == (1024, 1024, 512)  # past training: allowed (a warning in the CLI)
+    assert context_sizes(2048, 512, 512, 256) == (2048, 512, 512)  # 8 times: still allowed
+    with pytest.raises(ValueError, match="n_ctx 2049 is over 8 times the model's training context"):
+        context_sizes(2049, 512, 512, 256)
+    with pytest.raises(ValueError, match="does not give one"):
+        context_sizes(0, 512, 512, 0)
+    assert resolve_context(EngineConfig(n_ctx=0), 300).n_ctx == 300

@@ -196,3 +196,91 @@ def test_every_token_outputs_turn_graph_reuse_off(gemma_path):
         assert llm._streamer.decode_sizes(69) == [69]
     finally:
         llm.close()
+
+
+def test_context_0_plans_for_the_training_context(tiny_path):
+    """n_ctx=0 is llama.cpp's "the training context": the plan (and its KV
+    estimate) is for the context llama.cpp really allocates."""
+    llm = StreamedLlama(tiny_path, n_ctx=0, n_streamed=2, device="host", n_threads=CPU["n_threads"], verbose=False)
+    try:
+        assert llm.n_ctx() == 512 == llm.plan.n_ctx == llm._streamer.config.n_ctx
+    finally:
+        llm.close()
+
+
+def test_quantized_v_cache_without_flash_attention_raises_like_llama(tiny_path):
+    """llama.cpp refuses a quantized V cache without flash attention: the
+    error llama_cpp.Llama raises, and a clean exit afterwards (no crash while
+    the half-built model is released), in a child process."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import gguf_stream\n"
+            "from gguf_stream.llama_compat import StreamedLlama\n"
+            f"StreamedLlama({str(tiny_path)!r}, n_streamed=2, device='host', n_ctx=256, type_k=8, type_v=8, "
+            "flash_attn=False, verbose=False)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith("ValueError: Failed to create llama_context")
+
+
+def test_every_call_after_close_raises(tiny_path):
+    """llama-cpp-python keeps the closed model's wrappers, pointing at freed
+    memory: tokenize, eval, completions... segfaulted. In a child process,
+    where a crash cannot take the test run with it."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    calls = ["tokenize(b'hi')", "detokenize([1, 2])", "eval([1])", "create_completion('hi', max_tokens=2)",
+             "create_chat_completion([{'role': 'user', 'content': 'hi'}], max_tokens=2)", "n_vocab()", "n_ctx()",
+             "save_state()", "token_bos()", "embed('hi')", "next(llm.generate([1]))", "__call__('hi', max_tokens=2)",
+             "tokenizer().encode('hi')"]
+    code = ("import gguf_stream\n"
+            "from gguf_stream.llama_compat import StreamedLlama\n"
+            f"llm = StreamedLlama({str(tiny_path)!r}, n_streamed=2, device='host', n_ctx=256, verbose=False)\n"
+            "llm.close()\n"
+            f"for call in {calls!r}:\n"
+            "    try:\n"
+            "        eval(call if call.startswith('next') else 'llm.' + call)\n"
+            "        print('returned', call)\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, exc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["DecodeError this model is closed"] * len(calls)
+
+
+@pytest.mark.parametrize("placement", [
+    dict(n_streamed=6),                                   # 12 resident, 6 streamed
+    dict(streamed_layers=(1, 2), generate_cpu_layers=(2,)),  # mostly resident; a CPU layer while generating
+    dict(n_streamed=6, generate_cpu_layers=(5, 14)),
+], ids=["resident+streamed", "mostly-resident+cpu", "streamed+cpu"])
+def test_logits_all_match_stock_at_every_position(gemma_path, placement):
+    """logits_all with resident, streamed and CPU layers together: every
+    position's logits equal stock's (repacking off on both sides), through a
+    prompt in pieces of prompt and generate size and single tokens."""
+    sizes = dict(LLAMA, n_ctx=512, n_batch=64, n_ubatch=64, logits_all=True)
+
+    def run(llm, tokens):
+        llm.reset()
+        for a, b in ((0, 10), (10, 80), (80, 81), (81, 82), (82, 100)):
+            llm.eval(tokens[a:b])
+        return np.array(llm.scores[:100])
+
+    with swapped(llama_module, "internals", _NoRepack()):
+        stock = llama_cpp.Llama(str(gemma_path), **sizes)
+    llm = StreamedLlama(gemma_path, device="host", **placement, **sizes)
+    try:
+        tokens = stock.tokenize((PROMPT + " Paris. ").encode() * 16)[:100]
+        assert len(tokens) == 100
+        want, got = run(stock, tokens), run(llm, tokens)
+        assert np.count_nonzero(want[-1]) > 0
+        differ = np.nonzero(np.abs(got - want).max(axis=1))[0]
+        assert differ.size == 0, f"positions {differ[:10]} differ, max {np.abs(got - want).max()}"
+    finally:
+        llm.close()
+        stock.close()

@@ -329,6 +329,28 @@ def test_close_is_idempotent_and_final(tiny_path):
         m.eval([1, 2])
 
 
+AFTER_CLOSE = {
+    "eval": lambda m: m.eval([1, 2]), "logits": lambda m: m.logits(), "reset": lambda m: m.reset(),
+    "tokenize": lambda m: m.tokenize("hi"), "detokenize": lambda m: m.detokenize([1, 2]),
+    "token_bytes": lambda m: m.token_bytes(5), "token_bos": lambda m: m.token_bos(), "is_eog": lambda m: m.is_eog(2),
+    "generate": lambda m: m.generate([1], 2), "synchronize": lambda m: m.synchronize(), "stats": lambda m: m.stats,
+    "n_vocab": lambda m: m.n_vocab, "n_layer": lambda m: m.n_layer, "reset_counters": lambda m: m.reset_counters(),
+}
+
+
+@pytest.mark.parametrize("kind", ["streamed", "stock"])
+def test_every_call_after_close_is_refused(tiny_path, kind):
+    """Not a call into freed llama.cpp memory (n_layer crashed; stats said 'resident')."""
+    m = StreamedModel(tiny_path, n_streamed=2, **CPU) if kind == "streamed" else StockModel(tiny_path, **CPU)
+    m.eval(m.tokenize("hi"))
+    m.close()
+    for name, call in AFTER_CLOSE.items():
+        if name == "reset_counters" and kind == "stock":
+            continue
+        with pytest.raises(DecodeError, match="this model is closed"):
+            call(m)
+
+
 def _rss_kib():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))

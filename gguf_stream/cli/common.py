@@ -3,6 +3,7 @@ placement, the parser's option groups, Ctrl-C handling."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -107,25 +108,42 @@ def model_arg(args) -> str | None:
 
 
 def check_flags(args) -> None:
+    """Every number in range before anything loads (argparse only checks it is an int)."""
+    from ..config import MAX_CONTEXT, MAX_SLOTS, max_threads
+
     chosen = [f for f, v in (("--vram-budget", args.vram_budget), ("--n-streamed", args.n_streamed),
                              ("-ngl", args.n_gpu_layers)) if v is not None]
     if len(chosen) > 1:
         raise ValueError(f"{' and '.join(chosen)} both choose the placement; give only one")
-    if args.n_streamed is not None and args.n_streamed < 0:
-        raise ValueError(f"--n-streamed must be >= 0, got {args.n_streamed}")
-    if args.n_slots is not None and args.n_slots < 1:
-        raise ValueError(f"--n-slots must be >= 1, got {args.n_slots}")
-    for flag, name in (("-c", "ctx_size"), ("-b", "batch_size"), ("-ub", "ubatch_size")):
+    for flag, name, lo, hi, note in (
+            ("-c", "ctx_size", 0, MAX_CONTEXT, "0: the model's training context"),
+            ("-b", "batch_size", 1, MAX_CONTEXT, ""), ("-ub", "ubatch_size", 1, MAX_CONTEXT, ""),
+            ("-t", "threads", 1, max_threads(), "8 per CPU at most"),
+            ("--n-streamed", "n_streamed", 0, MAX_SLOTS, ""), ("--n-slots", "n_slots", 1, MAX_SLOTS, ""),
+            ("-ngl", "n_gpu_layers", -1, MAX_CONTEXT, "-1: all"), ("--seed", "seed", 0, 2**32 - 1, "")):
         value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads <= 0:
-        raise ValueError(f"-t must be positive, got {threads}")
+        if value is not None and not lo <= value <= hi:
+            raise ValueError(f"{flag} must be in {lo}..{hi}{f' ({note})' if note else ''}, got {value}")
+    temp = getattr(args, "temp", None)
+    if temp is not None and not (math.isfinite(temp) and 0 <= temp <= 100):
+        raise ValueError(f"--temp must be a number in 0..100 (0: greedy), got {temp}")
     if args.vram_budget is not None:
         from ..planner import parse_size
 
         parse_size(args.vram_budget)  # a clear message for '8 gigs'
+    for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
+        check_utf8(flag, getattr(args, name, None))
+
+
+def check_utf8(flag: str, text: str | None) -> None:
+    """Text from the command line the model can tokenize: Python keeps bytes
+    that are not UTF-8 as surrogates, which only fail when encoded."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{flag} is not valid UTF-8 (at character {exc.start}); give UTF-8 text") from None
 
 
 def check_n_predict(args, until: str) -> None:
@@ -154,13 +172,17 @@ def pick_device(requested: str) -> str:
     return select_device(requested)
 
 
-def context_options(args) -> dict:
+def context_options(args, n_ctx_train: int | None = None) -> dict:
     """n_ctx, n_batch, n_ubatch and flash_attn from -c / -b / -ub / -fa, as
     llama.cpp clamps them (a batch no larger than the context, a ubatch no
-    larger than the batch): one derivation for plan, run, chat and serve."""
-    n_batch = min(args.batch_size, args.ctx_size)
-    return dict(n_ctx=args.ctx_size, n_batch=n_batch, n_ubatch=min(args.ubatch_size, n_batch),
-                flash_attn=args.flash_attn == "on")
+    larger than the batch; -c 0: the training context, once the model's is
+    known, else left to the engine): one derivation for plan, run, chat and serve."""
+    n_ctx, n_batch, n_ubatch = args.ctx_size, args.batch_size, args.ubatch_size
+    if n_ctx or n_ctx_train is not None:
+        from ..config import context_sizes
+
+        n_ctx, n_batch, n_ubatch = context_sizes(n_ctx, n_batch, n_ubatch, n_ctx_train or 0)
+    return dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), flash_attn=args.flash_attn == "on")
 
 
 def explicit_placement(args, mf) -> dict | None:
@@ -182,6 +204,11 @@ def placement(args, path, device: str) -> dict:
     from ..gguf_file import read_model
 
     mf = read_model(path)
+    train = mf.hparams["n_ctx_train"]
+    if train and args.ctx_size > train:
+        say(f"-c {args.ctx_size} is past the model's training context ({train}): llama.cpp runs it, but "
+            "output may degrade there")
+    context_options(args, train)  # a context far past it is an error before anything loads
     chosen = explicit_placement(args, mf)
     if chosen is not None:
         if "vram_budget" in chosen and device == "host":

@@ -27,7 +27,7 @@ def cmd_plan(args) -> int:
         raise ValueError("plan needs --vram-budget B (or --n-streamed K / -ngl N)")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
-    ctx = context_options(args)
+    ctx = context_options(args, mf.hparams["n_ctx_train"])
     plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
                      **explicit_placement(args, mf))
     print(plan.table())

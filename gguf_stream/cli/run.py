@@ -55,10 +55,11 @@ def _generate(model, args) -> int:
     import numpy as np
 
     prompt = model.tokenize(args.prompt, add_bos=True, special=True)
-    room = args.ctx_size - len(prompt)
+    n_ctx = model.config.n_ctx  # -c 0: the training context
+    room = n_ctx - len(prompt)
     n = room if args.n_predict == -1 else args.n_predict
     if n > room:
-        raise ValueError(f"the prompt ({len(prompt)} tokens) plus -n {n} exceed the context -c {args.ctx_size}; "
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus -n {n} exceed the context -c {n_ctx}; "
                          "raise -c or lower -n")
     out = sys.stdout
     if not args.no_display_prompt:

@@ -19,6 +19,11 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--alias", metavar="NAME", help="model name clients use (default: the path)")
     p.add_argument("--chat-format", metavar="NAME", help="as in chat")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every request "
+                   "(default: none)")
+    p.add_argument("--cors", metavar="ORIGIN", action="append", default=[],
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000) call the server; repeatable "
+                   "(default: no cross-origin requests)")
     add_placement(p)
     add_context(p)
     p.set_defaults(func=cmd_serve)
@@ -37,15 +42,20 @@ def cmd_serve(args) -> int:
             f"serve needs llama-cpp-python's server packages ({exc.name or exc} is missing): "
             "pip install 'gguf-stream[server]' (or pip install 'llama-cpp-python[server]==0.3.36')") from None
     server.check_port(args.host, args.port)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty; give a key or leave the flag out")
     device, path, options = prepare_load(args)
     t0 = time.perf_counter()
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
                             **context_options(args), n_threads=args.threads or physical_cores(),
-                            chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose, **options)
+                            chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose,
+                            api_key=args.api_key, cors_origins=args.cors, **options)
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
         say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
+        if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            say(f"anyone who can reach {args.host}:{args.port} can use it: give --api-key KEY to require a key")
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     finally:
         server.close_app(app)
