@@ -271,3 +271,24 @@ def test_ctrl_c_stops_cleanly_and_exits_130(gemma_path):
     assert "Traceback" not in err
     assert error_lines(err) == [error_lines(err)[0]] and "interrupted (Ctrl-C) after" in err
     assert "adopted ready" in err  # the counters still come out
+
+
+def test_chat_threads_apply_to_batches_too(capsys, monkeypatch, gemma_path):
+    """-t sets n_threads and n_threads_batch, as llama.cpp's -t does (llama_cpp.Llama
+    would otherwise run prompts on every core)."""
+    import gguf_stream.llama_compat as compat
+
+    seen = {}
+
+    class Refused(Exception):
+        pass
+
+    def fake(path, **kwargs):
+        seen.update(kwargs)
+        raise Refused
+
+    monkeypatch.setattr(compat, "StreamedLlama", fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(Refused):
+        cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", *SMALL, "-q"])
+    assert seen["n_threads"] == seen["n_threads_batch"] == 3

@@ -257,10 +257,13 @@ def describe_plan(plan, device: str) -> str:
 
 def streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
     """The StreamedLlama behind chat (serve builds its own through llama_cpp.server)."""
+    from ..config import physical_cores
     from ..llama_compat import StreamedLlama
 
+    threads = args.threads or physical_cores()   # -t sets both, as in llama.cpp (no -tb here)
     return StreamedLlama(path, device=device, prefetch=not args.no_prefetch, **context_options(args),
-                         n_threads=args.threads, verbose=args.verbose, **options, **llama_kwargs)
+                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose, **options,
+                         **llama_kwargs)
 
 
 class CtrlC:

@@ -48,6 +48,7 @@ def cmd_serve(args) -> int:
     t0 = time.perf_counter()
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
                             **context_options(args), n_threads=args.threads or physical_cores(),
+                            n_threads_batch=args.threads or physical_cores(),
                             chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose,
                             api_key=args.api_key, cors_origins=args.cors, **options)
     try:
