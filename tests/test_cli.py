@@ -290,5 +290,5 @@ def test_chat_threads_apply_to_batches_too(capsys, monkeypatch, gemma_path):
     monkeypatch.setattr(compat, "StreamedLlama", fake)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(Refused):
-        cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", *SMALL, "-q"])
+        cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", *SMALL])
     assert seen["n_threads"] == seen["n_threads_batch"] == 3

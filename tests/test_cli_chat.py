@@ -220,7 +220,9 @@ def run_loop(monkeypatch, capsys, llm, lines):
     import io
 
     from gguf_stream.cli import chat as chat_cmd
+    from gguf_stream.cli.common import output
 
+    monkeypatch.setattr(output, "quiet", False)  # an earlier cli.main(-q) leaves it set
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     args = argparse.Namespace(system_prompt=None, temp=0.0, n_predict=64)
     rc = chat_cmd._chat_loop(llm, args)
