@@ -91,6 +91,38 @@ class ModelFile:
     def layer_tensors(self, layer: int) -> list[TensorInfo]:
         return [t for t in self.tensors if t.layer == layer]
 
+    @cached_property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts model: its layers hold expert tensors."""
+        return any(is_expert_tensor(t.name) for t in self.tensors)
+
+    @cached_property
+    def stream_bytes(self) -> tuple[int, ...]:
+        """Per layer, the bytes placement moves: a mixture-of-experts layer's
+        expert tensors (its attention, norms and router are small, read by
+        every token, and stay resident), or the whole layer."""
+        if not self.is_moe:
+            return self.layer_bytes
+        out = [0] * self.n_layer
+        for t in self.tensors:
+            if t.layer is not None and is_expert_tensor(t.name):
+                out[t.layer] += t.nbytes
+        return tuple(out)
+
+    @cached_property
+    def fixed_layer_bytes(self) -> tuple[int, ...]:
+        """Per layer, the bytes that stay resident whatever the plan."""
+        return tuple(a - b for a, b in zip(self.layer_bytes, self.stream_bytes))
+
+
+# ffn_{gate,up,down}_exps, ffn_gate_up_exps (fused); not the shared experts
+# (ffn_*_shexp), which every token reads.
+_EXPERT_TENSOR = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.")
+
+
+def is_expert_tensor(name: str) -> bool:
+    return _EXPERT_TENSOR.match(name) is not None
+
 
 class KV(NamedTuple):
     """A metadata value with its GGUF type (and element type for arrays)."""

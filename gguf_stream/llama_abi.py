@@ -108,6 +108,12 @@ def layer_pattern(layers) -> str:
     return r"^blk\.(" + "|".join(str(i) for i in sorted(layers)) + r")\."
 
 
+def expert_pattern(layers) -> str:
+    """Regex matching the expert tensors of the given layers (what
+    gguf_file.is_expert_tensor calls experts), as --n-cpu-moe's rules do."""
+    return layer_pattern(layers) + r"ffn_(gate|up|down|gate_up)_exps\."
+
+
 # Where llama.cpp keeps each layer's device: llama_model::pimpl (a
 # unique_ptr<impl>) and, in it, dev_layer (a std::vector of {dev, buft_list}).
 # Offsets of 0.3.36 on x86-64 / libstdc++, as llama_model::dev_layer(int)

@@ -97,7 +97,11 @@ def compute_bytes(model: ModelFile, n_ctx: int, n_ubatch: int, flash_attn: bool 
     logits = u * hp["n_vocab"] * 4
     activations = u * (hp["n_embd"] + hp["n_ff"]) * 4
     attention = 0 if flash_attn else u * n_ctx * hp["n_head"] * 4
-    return logits + activations + attention + COMPUTE_HEADROOM
+    # build_moe_ffn: every token's gate and up rows for each expert it uses,
+    # the down outputs before they are summed, and the CUDA pool's sorted
+    # copies of the inputs for the grouped matrix products
+    moe = u * hp.get("n_expert_used", 0) * (2 * hp.get("n_ff_exp", 0) + 2 * hp["n_embd"]) * 4
+    return logits + activations + attention + moe + COMPUTE_HEADROOM
 
 
 def shared_device_bytes(model: ModelFile) -> int:
@@ -134,6 +138,10 @@ class LayerSpan:
     placement: str
     slot: int | None = None  # first-evaluation slot of a streamed layer
     generate: str = ""  # generate phase: "resident", "streamed" or "cpu" (computed from host memory)
+    # Bytes of the layer resident whatever the placement says (attention,
+    # norms, router of a mixture-of-experts layer, whose `bytes` are its
+    # experts); 0 when the placement moves the whole layer.
+    fixed_bytes: int = 0
 
     def __post_init__(self):
         if not self.generate:
@@ -157,6 +165,9 @@ class Plan:
     # Set when the budget cannot hold the streaming minimum: llama.cpp's own
     # split with this many GPU layers (nothing streams).
     stock_gpu_layers: int | None = None
+    # What a layer's placement moves: "layer" (all of it) or "experts" (a
+    # mixture-of-experts layer's expert tensors; the rest stays resident)
+    part: str = "layer"
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -194,7 +205,11 @@ class Plan:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(s.bytes for s in self.layers if s.placement == "resident")
+        return sum(s.bytes for s in self.layers if s.placement == "resident") + self.fixed_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(s.fixed_bytes for s in self.layers)
 
     @property
     def streamed_bytes(self) -> int:
@@ -207,15 +222,21 @@ class Plan:
                 + self.kv_bytes + self.compute_bytes)
 
     def table(self) -> str:
+        experts = self.part == "experts"
         lines = [
             f"plan for {self.model_name} ({self.arch}, {self.n_layer} layers)"
             + (f", VRAM budget {format_size(self.budget)}" if self.budget is not None else ""),
+            "| layer | dense part | experts | prompt | generate | slot |" if experts else
             "| layer | bytes | prompt | generate | slot |",
-            "| ---: | ---: | :--- | :--- | ---: |",
+            "| ---: | ---: | ---: | :--- | :--- | ---: |" if experts else "| ---: | ---: | :--- | :--- | ---: |",
         ]
         for s in self.layers:
-            lines.append(f"| {s.layer} | {format_size(s.bytes)} | {s.placement} | {s.generate} | "
+            size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + format_size(s.bytes)
+            lines.append(f"| {s.layer} | {size} | {s.placement} | {s.generate} | "
                          f"{'' if s.slot is None else s.slot} |")
+        if experts:
+            lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router) stays "
+                      "resident; prompt/generate say where its experts are)"]
         if self.stock_gpu_layers is not None:
             return "\n".join(lines + [
                 "",
@@ -224,9 +245,11 @@ class Plan:
                 f"device estimate: resident {format_size(self.resident_bytes)} + KV {format_size(self.kv_bytes)}"
                 f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
             ])
+        unit = "expert parts" if experts else "layers"
         lines += [
             "",
-            f"resident layers {len(self.resident)} ({format_size(self.resident_bytes)}), "
+            (f"dense parts {format_size(self.fixed_bytes)}, " if experts else "")
+            + f"resident {unit} {len(self.resident)} ({format_size(self.resident_bytes - self.fixed_bytes)}), "
             f"streamed {len(self.streamed)} ({format_size(self.streamed_bytes)}) through "
             f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}"
             + (f"; while generating, {len(self.cpu_layers)} of them are computed by the CPU" if self.cpu_layers else "")
@@ -312,7 +335,7 @@ def is_generate_phase(first_ubatch: int) -> bool:
     return first_ubatch < OFFLOAD_MIN_BATCH
 
 def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:
-    return max((model.layer_bytes[i] for i in streamed), default=0) + slot_pad
+    return max((model.stream_bytes[i] for i in streamed), default=0) + slot_pad
 
 
 def make_plan(
@@ -341,22 +364,32 @@ def make_plan(
     if n_ctx <= 0 or n_ubatch <= 0:
         raise ValueError(f"n_ctx and n_ubatch must be positive (got {n_ctx}, {n_ubatch})")
     N = model.n_layer
+    unit = model.stream_bytes
+    candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
     kv = kv_cache_bytes(model, n_ctx)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
-    fixed = shared + kv + comp
-    total = sum(model.layer_bytes)
+    fixed = shared + kv + comp + sum(model.fixed_layer_bytes)
+    total = sum(unit)
 
     def fits(streamed: tuple[int, ...], k: int) -> bool:
-        resident = total - sum(model.layer_bytes[i] for i in streamed)
+        resident = total - sum(unit[i] for i in streamed)
         return budget is None or fixed + resident + k * _slot_bytes(model, streamed, slot_pad) <= budget
+
+    def spread(n: int) -> tuple[int, ...]:
+        return tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
 
     if streamed_layers is not None:
         streamed = tuple(sorted(set(streamed_layers)))
         if any(not 0 <= i < N for i in streamed):
             raise ValueError(f"streamed layers {streamed} out of range for {N} layers")
+        if any(not unit[i] for i in streamed):
+            raise ValueError(f"layers {[i for i in streamed if not unit[i]]} have no expert tensors to stream "
+                             "(a mixture-of-experts model streams experts; its dense layers stay resident)")
     elif n_streamed is not None:
-        streamed = interleaved_layers(N, n_streamed)
+        if not 0 <= n_streamed <= len(candidates):
+            raise ValueError(f"cannot stream {n_streamed} of {len(candidates)} layers")
+        streamed = spread(n_streamed)
     else:
         streamed = None
 
@@ -365,23 +398,24 @@ def make_plan(
         if budget is not None and not fits(streamed, k):
             raise BudgetError(
                 f"{len(streamed)} streamed layers with {k} slot(s) need about "
-                f"{format_size(fixed + sum(model.layer_bytes) - sum(model.layer_bytes[i] for i in streamed) + k * _slot_bytes(model, streamed, slot_pad))}"
+                f"{format_size(fixed + total - sum(unit[i] for i in streamed) + k * _slot_bytes(model, streamed, slot_pad))}"
                 f", over the budget of {format_size(budget)}"
             )
     else:
         if budget is None:
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
-        minimum = fixed + _slot_bytes(model, tuple(range(N)), slot_pad)
+        minimum = fixed + _slot_bytes(model, candidates, slot_pad)
         if budget < minimum:
             return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
-        streamed, k = _fewest_streamed(model, fits, n_slots, max_slots, need, slot_pad)
+        streamed, k = _fewest_streamed([unit[i] for i in candidates], spread, fits, n_slots, max_slots, need,
+                                       slot_pad)
 
     spans = []
     first_slot = {layer: slot for layer, slot in slot_schedule(streamed, k)}
     for i in range(N):
         placement = "streamed" if i in first_slot else "resident"
-        spans.append(LayerSpan(i, model.layer_bytes[i], placement, first_slot.get(i)))
+        spans.append(LayerSpan(i, unit[i], placement, first_slot.get(i), fixed_bytes=model.fixed_layer_bytes[i]))
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),
         arch=model.arch,
@@ -395,6 +429,7 @@ def make_plan(
         budget=budget,
         n_ctx=n_ctx,
         n_ubatch=n_ubatch,
+        part="experts" if model.is_moe else "layer",
     )
 
 
@@ -429,20 +464,20 @@ def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int,
         budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl)
 
 
-def _fewest_streamed(model, fits, n_slots, max_slots, need: int, slot_pad: int):
+def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: int, slot_pad: int):
     """Fewest streamed layers that fit, preferring two slots. With one slot an
     upload can only start once the previous streamed layer has finished, so
     only the resident layers between them hide it: not at all when streamed
     layers sit next to each other (more than half streamed), barely with
     small ubatches. Two slots are taken when streamed layers are adjacent, or
     when they cost at most one more streamed layer."""
-    N = model.n_layer
+    N = len(sizes)  # the layers that can stream; spread(s) picks s of them
     if fits((), 0):
         return (), 0
     options = []
     for k in ([n_slots] if n_slots else range(1, max_slots + 1)):
-        first = max(k, 1, _fewest_possible(model.layer_bytes, need, k, slot_pad))
-        s = next((s for s in range(first, N + 1) if fits(interleaved_layers(N, s), k)), None)
+        first = max(k, 1, _fewest_possible(sizes, need, k, slot_pad))
+        s = next((s for s in range(first, N + 1) if fits(spread(s), k)), None)
         if s is not None:
             options.append((s, k))
     if not options:
@@ -455,7 +490,7 @@ def _fewest_streamed(model, fits, n_slots, max_slots, need: int, slot_pad: int):
         # streamed layer (small ubatches compute a layer faster than it crosses)
         if s1 > N // 2 or s2 <= s1 + 1:
             s1, k1 = s2, k2
-    return interleaved_layers(N, s1), k1
+    return spread(s1), k1
 
 
 def _fewest_possible(layer_bytes, need: int, k: int, slot_pad: int) -> int:

@@ -25,7 +25,7 @@ from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
-from .gguf_file import ModelFile, read_model
+from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, format_size, generate_graph_bytes,
                       generate_resident_layers, is_generate_phase, make_plan, parse_size, with_generate_placement)
 
@@ -107,7 +107,23 @@ class Streamer:
                                     host_copy_delay_us=config.host_copy_delay_us,
                                     # CPU layers get llama.cpp's repacked layout, as stock's do
                                     repack_buft=native.cpu_repack_buft() if config.repack else 0,
-                                    host_kv_buft=native.device_bufts("CPU")[0] if config.cpu_layer_host_kv else 0)
+                                    host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
+                                    and config.cpu_layer_host_kv else 0)
+
+    @property
+    def experts_only(self) -> bool:
+        """A mixture-of-experts plan: only expert tensors stream or go to the
+        CPU; attention, norms, router and KV caches stay on the GPU."""
+        return self.plan.part == "experts"
+
+    @property
+    def _cpu_computes_layers(self) -> bool:
+        """CPU layers are whole layers (their KV and norms follow them)."""
+        return not self.experts_only
+
+    def streams(self, name: str, layer: int) -> bool:
+        """Whether weight `name` of `layer` is one the engine moves."""
+        return layer in self.plan.streamed and (not self.experts_only or is_expert_tensor(name))
 
     # ------------------------------------------------------------ the model
     def patch_model_params(self, params) -> None:
@@ -118,7 +134,8 @@ class Streamer:
         params.load_mode = LOAD_MODE_NONE
         params.use_extra_bufts = self.config.repack
         if self.engine is not None:
-            rules = llama_abi.buft_overrides([(llama_abi.layer_pattern(self.plan.streamed), self._source_buft)])
+            pattern = (llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern)(self.plan.streamed)
+            rules = llama_abi.buft_overrides([(pattern, self._source_buft)])
             self._keep.append(rules)
             params.tensor_buft_overrides = ctypes.addressof(rules)
 
@@ -128,7 +145,7 @@ class Streamer:
         if self.engine is None:
             return
         for w in self._discover(model):
-            if w.layer not in self.plan.streamed:
+            if not self.streams(w.name, w.layer):
                 continue
             if self.cuda:
                 buf_name, _ = native.tensor_buffer(w.tensor)
@@ -170,7 +187,7 @@ class Streamer:
                 raise EnvironmentMismatchError(
                     f"tensor {w.name!r} ({w.nbytes} bytes) does not match the GGUF file: the ggml ABI differs "
                     f"from llama-cpp-python {llama_abi.REQUIRED_VERSION}'s")
-            if w.viewed and w.layer in self.plan.streamed:
+            if w.viewed and self.streams(w.name, w.layer):
                 raise UnsupportedModelError(f"architecture {mf.arch} uses weight {w.name} through a view; "
                                             "streaming it is not supported")
         return weights
@@ -178,7 +195,7 @@ class Streamer:
     def _bind_layer_devices(self, model) -> None:
         """Let the engine make CPU layers CPU layers for llama.cpp while
         generating (where this build's model layout is the one we know)."""
-        if not self.config.cpu_layer_device:
+        if not self.config.cpu_layer_device or not self._cpu_computes_layers:
             return
         cells = llama_abi.layer_device_cells(model, self.model_file.n_layer)
         if cells is None:
@@ -211,7 +228,11 @@ class Streamer:
         """Which overflow layers the CPU computes while generating: measured
         (calibrate.py) with 'auto' on CUDA, else as given."""
         choice, cpu = self.config.generate_cpu_layers, ()
-        if choice == "auto" and self.cuda and self.plan.generate_overflow:
+        if choice == "auto" and self.experts_only:
+            # A token reads the few experts it routes to: the CPU moves ~k/n
+            # of the bytes an upload would move (8 of 128 experts, 1/16)
+            cpu = self.plan.generate_overflow
+        elif choice == "auto" and self.cuda and self.plan.generate_overflow:
             cpu, self.calibration = Calibrator(self, model).choose_split()
         elif not isinstance(choice, str):
             cpu = tuple(choice)

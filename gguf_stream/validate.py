@@ -145,6 +145,9 @@ def hyperparameters(kv: dict, where: str) -> tuple[str, dict]:
         "key_length": key_length,
         "value_length": value_length,
         "n_ctx_train": k.u32("context_length", 0),
+        "n_expert": k.u32("expert_count", 0),
+        "n_expert_used": max(k.per_layer("expert_used_count", n_layer, [0])),
+        "n_ff_exp": k.u32("expert_feed_forward_length", 0),
     }
     if arch in ATTENTION_ARCHS:
         _check_attention(k, hp, n_head, n_head_kv, n_rot)
