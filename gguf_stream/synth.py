@@ -1,9 +1,15 @@
 """Write random-weight GGUF files with real model shapes (for benchmarks and tests).
 
-The files are complete llama-architecture GGUF models that llama.cpp can load and
-run: real hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer,
-and quantized weight tensors whose blocks are generated *directly as raw bytes*
-(quantizing floats would take minutes for an 8B model).
+The files are complete GGUF models that llama.cpp can load and run: real
+hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer, and
+quantized weight tensors whose blocks are generated *directly as raw bytes*
+(quantizing floats would take minutes for an 8B model).  Two architectures:
+
+* dense "llama" (Llama 3 shapes);
+* mixture-of-experts "qwen3moe" (Qwen3-30B-A3B shapes): per layer a float32 router
+  `ffn_gate_inp` and 3-D expert tensors `ffn_{gate,up,down}_exps` (one slab of
+  n_ff_exp x n_embd weights per expert), plus Qwen3's per-head RMS norms
+  `attn_q_norm` / `attn_k_norm` and a head_dim that need not be n_embd / n_head.
 
 Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
 
@@ -13,7 +19,11 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
   through dozens of layers;
 * distinct bytes: every tensor draws from its own RNG stream keyed by
   (seed, layer, tensor kind), so no two layers share data and swapping layers, or
-  changing the seed, changes the model's output;
+  changing the seed, changes the model's output; the experts of a tensor are
+  consecutive slabs of that stream, so they differ too;
+* routing that spreads: the router is F32 with std ROUTER_LOGIT_STD / sqrt(n_embd),
+  so its logits on the RMS-normed hidden state have std ~ ROUTER_LOGIT_STD and the
+  top-k experts change from token to token;
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
@@ -41,7 +51,12 @@ __all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "q4_k_blocks", "q8_0_blo
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Hyper-parameters of a llama-architecture model."""
+    """Hyper-parameters of a dense llama or a qwen3moe mixture-of-experts model.
+
+    head_dim 0 means n_embd // n_head (llama); n_expert 0 means a dense model.
+    For MoE, n_ff is only the `feed_forward_length` metadata (qwen3moe's graph uses
+    n_ff_exp, the hidden size of one expert).
+    """
     arch: str
     n_layer: int
     n_embd: int
@@ -52,10 +67,18 @@ class Shape:
     ctx_len: int
     rope_theta: float
     rms_eps: float = 1e-5
+    head_dim: int = 0
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
 
 
 SHAPES: dict[str, Shape] = {
@@ -68,6 +91,14 @@ SHAPES: dict[str, Shape] = {
     # for tests: every row length is a multiple of 256 (the K-quant super-block)
     "tiny": Shape("llama", n_layer=8, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                   n_vocab=512, ctx_len=512, rope_theta=10000.0),
+    # Qwen3-30B-A3B: 128 experts of n_ff 768, 8 used per token; 32 heads of 128 (> n_embd)
+    "qwen3-30b-a3b": Shape("qwen3moe", n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4,
+                           n_vocab=151936, ctx_len=40960, rope_theta=1000000.0, rms_eps=1e-6,
+                           head_dim=128, n_expert=128, n_expert_used=8, n_ff_exp=768),
+    # for tests: qwen3moe in miniature, K-quant friendly (rows of 256)
+    "tiny-moe": Shape("qwen3moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                      n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
+                      head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=256),
 }
 
 QTYPES: dict[str, QT] = {"Q4_K": QT.Q4_K, "Q8_0": QT.Q8_0}
@@ -76,11 +107,19 @@ _FILE_TYPE = {"Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q8_0": gguf.LlamaFileTy
 MATRIX_STD = 0.02   # std of the dequantized weight matrices
 EMBD_STD = 1.0      # std of token_embd
 NORM_NOISE = 0.02   # norm weights are 1 + NORM_NOISE * N(0, 1)
+ROUTER_LOGIT_STD = 1.0  # std of the router logits on an RMS-normed hidden state
 
 # Order of the per-layer tensors; the index is part of each tensor's RNG key.
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+# qwen3moe's extra kinds are numbered after the dense ones, so the tensors both
+# architectures share keep their RNG keys (and the dense files their bytes).
+MOE_KINDS = ("attn_q_norm", "attn_k_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
+                     "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS)}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
+ARCHS = ("llama", "qwen3moe")  # qwen3moe is MoE, llama dense
 
 
 # --------------------------------------------------------------------------- blocks
@@ -148,41 +187,67 @@ _BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32)}
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One tensor: GGUF name, numpy-order shape (rows, row_length), and RNG key."""
+    """One tensor: GGUF name, numpy-order shape (..., rows, row_length), and RNG key.
+
+    Expert tensors are 3-D: (n_expert, rows, row_length), i.e. ggml's
+    ne = [row_length, rows, n_expert]; their data is one quantized 2-D slab per expert.
+    """
     name: str
     shape: tuple[int, ...]
     key: tuple[int, int]      # (layer + 1, kind); layer -1 is for the global tensors
     is_norm: bool
+    is_router: bool = False   # F32 random (not 1 + noise), not quantized
+
+
+def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+    """numpy-order shape of every per-layer tensor kind (numpy order = ggml ne reversed)."""
+    e, ff, hd = shape.n_embd, shape.n_ff, shape.head_dim
+    q, kv = shape.n_head * hd, shape.n_head_kv * hd
+    shapes = {"attn_norm": (e,), "attn_q": (q, e), "attn_k": (kv, e), "attn_v": (kv, e),
+              "attn_output": (e, q), "ffn_norm": (e,), "ffn_gate": (ff, e),
+              "ffn_up": (ff, e), "ffn_down": (e, ff)}
+    if shape.is_moe:
+        n_exp, ff_exp = shape.n_expert, shape.n_ff_exp
+        shapes.update({"attn_q_norm": (hd,), "attn_k_norm": (hd,), "ffn_gate_inp": (n_exp, e),
+                       "ffn_gate_exps": (n_exp, ff_exp, e), "ffn_up_exps": (n_exp, ff_exp, e),
+                       "ffn_down_exps": (n_exp, e, ff_exp)})
+    return shapes
 
 
 def tensor_specs(shape: Shape) -> list[TensorSpec]:
-    """All tensors of a llama model, in file order, with standard llama.cpp names."""
-    e, ff, kv = shape.n_embd, shape.n_ff, shape.n_head_kv * shape.head_dim
-    layer_shapes = {"attn_norm": (e,), "attn_q": (e, e), "attn_k": (kv, e), "attn_v": (kv, e),
-                    "attn_output": (e, e), "ffn_norm": (e,), "ffn_gate": (ff, e),
-                    "ffn_up": (ff, e), "ffn_down": (e, ff)}
+    """All tensors of the model, in file order, with standard llama.cpp names."""
+    e = shape.n_embd
+    layer_shapes = _layer_shapes(shape)
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
-        for kind, name in enumerate(LAYER_TENSORS):
-            specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, kind),
-                                    name.endswith("_norm")))
+        for name in MOE_LAYER_TENSORS if shape.is_moe else LAYER_TENSORS:
+            specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, _KIND_INDEX[name]),
+                                    name.endswith("_norm"), name == "ffn_gate_inp"))
     specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
     specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
     return specs
 
 
+def _is_float(spec: TensorSpec) -> bool:
+    """Stored as F32: norms and the router (llama.cpp needs a float router)."""
+    return spec.is_norm or spec.is_router
+
+
 def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
-    """The tensor's bytes (quantized: (rows, row_bytes) uint8; norms: float32)."""
+    """The tensor's bytes (quantized: (..., rows, row_bytes) uint8; norms, router: float32)."""
     rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=spec.key)))
     if spec.is_norm:
         return (1.0 + NORM_NOISE * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
+    if spec.is_router:
+        std = ROUTER_LOGIT_STD / math.sqrt(spec.shape[-1])
+        return (std * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
     make, block_size = _BLOCKS[qtype]
-    rows, cols = spec.shape
+    cols = spec.shape[-1]
     if cols % block_size:
         raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {block_size} ({qtype})")
     std = EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD
-    blocks = make(rng, rows * cols // block_size, std)
-    return blocks.reshape(rows, -1)
+    blocks = make(rng, math.prod(spec.shape) // block_size, std)
+    return blocks.reshape(*spec.shape[:-1], -1)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -219,6 +284,12 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.rms_eps)
     w.add_rope_dimension_count(shape.head_dim)
+    if shape.is_moe:
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
+        w.add_expert_count(shape.n_expert)
+        w.add_expert_used_count(shape.n_expert_used)
+        w.add_expert_feed_forward_length(shape.n_ff_exp)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -237,10 +308,21 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
 # --------------------------------------------------------------------------- writer
 
 def _nbytes(spec: TensorSpec, qtype: str) -> int:
-    if spec.is_norm:
+    if _is_float(spec):
         return 4 * math.prod(spec.shape)
     block_size, type_size = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
     return math.prod(spec.shape) // block_size * type_size
+
+
+def _check_arch(shape: Shape) -> None:
+    """llama is written dense, qwen3moe as MoE (its loader requires experts)."""
+    if shape.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {shape.arch!r}")
+    if shape.is_moe != (shape.arch == "qwen3moe"):
+        raise ValueError(f"arch {shape.arch!r} is written {'with' if shape.arch == 'qwen3moe' else 'without'} "
+                         f"experts; got n_expert={shape.n_expert}")
+    if shape.is_moe and not (0 < shape.n_expert_used <= shape.n_expert and shape.n_ff_exp > 0):
+        raise ValueError(f"MoE needs 0 < n_expert_used <= n_expert and n_ff_exp > 0; got {shape}")
 
 
 def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", seed: int = 0,
@@ -256,20 +338,19 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
         shape = SHAPES[shape]
     if qtype not in QTYPES:
         raise ValueError(f"qtype must be one of {sorted(QTYPES)}, got {qtype!r}")
-    if shape.arch != "llama":
-        raise ValueError(f"only arch 'llama' is supported, got {shape.arch!r}")
+    _check_arch(shape)
     path = Path(path)
     specs = tensor_specs(shape)
 
     w = gguf.GGUFWriter(path, shape.arch)
     _add_metadata(w, shape, qtype, f"synthetic-{qtype}-seed{seed}")
     for spec in specs:
-        if spec.is_norm:
+        if _is_float(spec):
             w.add_tensor_info(spec.name, spec.shape, np.dtype(np.float32), _nbytes(spec, qtype))
         else:
-            rows, cols = spec.shape
+            rows = math.prod(spec.shape[:-1])
             nbytes = _nbytes(spec, qtype)
-            w.add_tensor_info(spec.name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes,
+            w.add_tensor_info(spec.name, (*spec.shape[:-1], nbytes // rows), np.dtype(np.uint8), nbytes,
                               raw_dtype=QTYPES[qtype])
     total = sum(_nbytes(s, qtype) for s in specs)
 
@@ -308,13 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     ap.add_argument("--type", dest="qtype", default="Q4_K", choices=sorted(QTYPES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--list", action="store_true", help="list the named shapes and exit")
+    ap.add_argument("--list", action="store_true", help="list the named shapes (and file sizes) and exit")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args(argv)
 
     if args.list:
         for name, s in SHAPES.items():
-            print(f"{name:12s} {dataclasses.asdict(s)}")
+            size = sum(_nbytes(spec, "Q4_K") for spec in tensor_specs(s))
+            print(f"{name:14s} {size / 2**20:9.1f} MiB in Q4_K  {dataclasses.asdict(s)}")
         return 0
     if not args.out:
         ap.error("the output path is required (or use --list)")
