@@ -71,6 +71,10 @@ class EngineConfig:
     # context. False: rebuild every graph (StreamedLlama, when every token's
     # outputs are kept, and probes that change CPU layers on the fly).
     graph_reuse: bool = True
+    # A mixture-of-experts model's placement moves its expert tensors only
+    # (attention, norms, router and KV of every layer on the GPU): None (the
+    # experts where that fits the budget), or True: whole layers, as dense.
+    whole_layers: bool | None = None
     verbose: bool = False
 
     def __post_init__(self):
@@ -96,8 +100,9 @@ class EngineConfig:
         for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        if self.cpu_repack is not None and not isinstance(self.cpu_repack, bool):
-            raise ValueError(f"cpu_repack must be None, True or False, not {self.cpu_repack!r}")
+        for name in ("cpu_repack", "whole_layers"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be None, True or False, not {getattr(self, name)!r}")
         if self.streamed_layers is not None:
             object.__setattr__(self, "streamed_layers", layer_numbers("streamed_layers", self.streamed_layers))
         for name in ("generate_cpu_layers", "generate_resident"):

@@ -334,8 +334,8 @@ def is_generate_phase(first_ubatch: int) -> bool:
     CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
     return first_ubatch < OFFLOAD_MIN_BATCH
 
-def _slot_bytes(model: ModelFile, streamed: tuple[int, ...], slot_pad: int) -> int:
-    return max((model.stream_bytes[i] for i in streamed), default=0) + slot_pad
+def _slot_bytes(unit: tuple[int, ...], streamed: tuple[int, ...], slot_pad: int) -> int:
+    return max((unit[i] for i in streamed), default=0) + slot_pad
 
 
 def make_plan(
@@ -350,8 +350,13 @@ def make_plan(
     n_slots: int | None = None,
     max_slots: int = DEFAULT_MAX_SLOTS,
     slot_pad: int = 0,
+    whole_layers: bool | None = None,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
+
+    A mixture-of-experts model's placement moves expert tensors only (every
+    layer's dense part resident) unless ``whole_layers`` is True; None: the
+    experts where their plan fits the budget, else whole layers.
 
     Either give the streamed layers (``streamed_layers`` or ``n_streamed``,
     interleaved) or a ``vram_budget``: then the fewest layers are streamed
@@ -363,18 +368,30 @@ def make_plan(
     budget = None if vram_budget is None else parse_size(vram_budget)
     if n_ctx <= 0 or n_ubatch <= 0:
         raise ValueError(f"n_ctx and n_ubatch must be positive (got {n_ctx}, {n_ubatch})")
+    if whole_layers is None and model.is_moe:
+        try:
+            plan = make_plan(model, vram_budget=vram_budget, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn,
+                             n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
+                             max_slots=max_slots, slot_pad=slot_pad, whole_layers=False)
+            if plan.stock_gpu_layers is None:
+                return plan
+        except BudgetError:
+            pass
+        whole_layers = True
+    by_experts = model.is_moe and not whole_layers
     N = model.n_layer
-    unit = model.stream_bytes
+    unit = model.stream_bytes if by_experts else model.layer_bytes
+    fixed_layer = model.fixed_layer_bytes if by_experts else (0,) * N
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
     kv = kv_cache_bytes(model, n_ctx)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
-    fixed = shared + kv + comp + sum(model.fixed_layer_bytes)
+    fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
 
     def fits(streamed: tuple[int, ...], k: int) -> bool:
         resident = total - sum(unit[i] for i in streamed)
-        return budget is None or fixed + resident + k * _slot_bytes(model, streamed, slot_pad) <= budget
+        return budget is None or fixed + resident + k * _slot_bytes(unit, streamed, slot_pad) <= budget
 
     def spread(n: int) -> tuple[int, ...]:
         return tuple(candidates[j] for j in interleaved_layers(len(candidates), n))
@@ -398,13 +415,13 @@ def make_plan(
         if budget is not None and not fits(streamed, k):
             raise BudgetError(
                 f"{len(streamed)} streamed layers with {k} slot(s) need about "
-                f"{format_size(fixed + total - sum(unit[i] for i in streamed) + k * _slot_bytes(model, streamed, slot_pad))}"
+                f"{format_size(fixed + total - sum(unit[i] for i in streamed) + k * _slot_bytes(unit, streamed, slot_pad))}"
                 f", over the budget of {format_size(budget)}"
             )
     else:
         if budget is None:
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
-        minimum = fixed + _slot_bytes(model, candidates, slot_pad)
+        minimum = fixed + _slot_bytes(unit, candidates, slot_pad)
         if budget < minimum:
             return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
@@ -415,21 +432,21 @@ def make_plan(
     first_slot = {layer: slot for layer, slot in slot_schedule(streamed, k)}
     for i in range(N):
         placement = "streamed" if i in first_slot else "resident"
-        spans.append(LayerSpan(i, unit[i], placement, first_slot.get(i), fixed_bytes=model.fixed_layer_bytes[i]))
+        spans.append(LayerSpan(i, unit[i], placement, first_slot.get(i), fixed_bytes=fixed_layer[i]))
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),
         arch=model.arch,
         n_layer=N,
         layers=tuple(spans),
         n_slots=k,
-        slot_bytes=_slot_bytes(model, streamed, slot_pad) if streamed else 0,
+        slot_bytes=_slot_bytes(unit, streamed, slot_pad) if streamed else 0,
         shared_bytes=shared,
         kv_bytes=kv,
         compute_bytes=comp,
         budget=budget,
         n_ctx=n_ctx,
         n_ubatch=n_ubatch,
-        part="experts" if model.is_moe else "layer",
+        part="experts" if by_experts else "layer",
     )
 
 

@@ -53,7 +53,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
     else:
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
-                     n_slots=c.n_slots, max_slots=c.max_slots, **what)
+                     n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, **what)
 
 
 def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:

@@ -71,6 +71,14 @@ needs_no_amx = pytest.mark.skipif(_llama_cpp_has_amx(), reason="this llama-cpp-p
                                   "AMX, whose kernels crash (ggml-org/llama.cpp#20824); build it as .ci/run does")
 
 # CPU runs: small context, both cores.
+@pytest.fixture(scope="session")
+def tiny_moe_path(tmp_path_factory) -> Path:
+    """Synthetic 4-layer qwen3moe (8 experts, 2 used) with distinct bytes per expert."""
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-moe.gguf", "tiny-moe", "Q4_K", seed=3)
+
+
 CPU = dict(device="host", n_ctx=256, n_batch=64, n_ubatch=64, n_threads=min(4, os.cpu_count() or 1))
 
 

@@ -1,0 +1,90 @@
+"""Mixture-of-experts models in host mode: placement moves expert tensors
+(every layer's attention, norms and router stay resident), and whatever the
+placement, greedy tokens and logits are bit-identical to stock llama.cpp."""
+
+import numpy as np
+import pytest
+
+from conftest import CPU, N_GEN, PROMPT
+from gguf_stream import read_model
+from gguf_stream.model import StockModel, StreamedModel
+from gguf_stream.planner import make_plan
+
+
+@pytest.fixture(scope="module")
+def moe_case(tiny_moe_path):
+    """(path, a prompt of several ubatches, stock's greedy tokens and logits)."""
+    with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
+        prompt = stock.tokenize(PROMPT * 3)
+        tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
+    assert len(prompt) > 2 * CPU["n_ubatch"] and np.isfinite(logits).all()
+    return tiny_moe_path, prompt, tokens, logits
+
+
+PLACEMENTS = {
+    "experts streamed, 2 slots": dict(n_streamed=3, n_slots=2),
+    "every layer's experts through 1 slot": dict(n_streamed=4, n_slots=1),
+    "overflow experts on the CPU while generating": dict(n_streamed=3, n_slots=2, generate_cpu_layers="auto"),
+    "some experts on the CPU, some streamed": dict(n_streamed=4, n_slots=2, generate_cpu_layers=(0, 2)),
+    "whole layers (dense part streamed too)": dict(n_streamed=3, n_slots=2, whole_layers=True,
+                                                  generate_cpu_layers=(1,)),
+}
+
+
+@pytest.mark.parametrize("name", PLACEMENTS)
+def test_moe_placements_are_bit_identical_to_stock(moe_case, name):
+    path, prompt, ref_tokens, ref_logits = moe_case
+    options = PLACEMENTS[name]
+    with StreamedModel(path, **CPU, **options) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        plan, c = m.plan, m.stats.counters
+    assert tokens == ref_tokens
+    assert np.array_equal(logits, ref_logits), f"max |diff| {np.abs(logits - ref_logits).max()}"
+
+    assert plan.part == ("layer" if options.get("whole_layers") else "experts")
+    n_prompt_evals = -(-len(prompt) // CPU["n_ubatch"])
+    streamed_generating = len(plan.streamed) - len(plan.cpu_layers)
+    assert c.adoptions == len(plan.streamed) * n_prompt_evals + streamed_generating * N_GEN
+    mf = read_model(path)
+    moved = mf.layer_bytes if plan.part == "layer" else mf.stream_bytes
+    assert plan.slot_bytes == max(moved[i] for i in plan.streamed)  # a slot holds what moves, no more
+    if plan.part == "experts":
+        assert c.host_kv_bytes == 0  # attention and its KV cache stay where they are
+    elif plan.cpu_layers:
+        assert c.host_kv_bytes > 0   # a whole CPU layer takes its KV cache with it
+
+
+def test_swapped_experts_fail_the_comparison(moe_case):
+    """Proves the comparison can fail: two layers' expert tensors swapped."""
+    path, prompt, _, ref_logits = moe_case
+    with StreamedModel(path, **CPU, n_streamed=4, n_slots=2) as m:
+        m.engine.debug_swap_sources(0, 2)
+        _, logits = m.generate(prompt, N_GEN, with_logits=True)
+    assert not np.array_equal(logits, ref_logits)
+
+
+def test_moe_plan_keeps_dense_parts_resident(tiny_moe_path):
+    mf = read_model(tiny_moe_path)
+    assert mf.is_moe and all(0 < e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
+    dense = sum(mf.layer_bytes) - sum(mf.stream_bytes)
+    full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
+    budget = full.device_bytes - 2 * mf.stream_bytes[0]  # room for the slots, then less
+    plan = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts" and plan.streamed and plan.device_bytes <= budget
+    assert plan.fixed_bytes == dense and plan.resident_bytes == dense + sum(
+        mf.stream_bytes[i] for i in plan.resident)
+    table = plan.table()
+    assert "| layer | dense part | experts | prompt | generate | slot |" in table
+    assert f"dense parts {format(dense / 2**20, '.1f')} MiB" in table
+    # the same budget placing whole layers streams more bytes than it must
+    whole = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64, whole_layers=True)
+    assert whole.part == "layer" and whole.streamed_bytes > plan.streamed_bytes
+
+
+def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(tiny_moe_path):
+    mf = read_model(tiny_moe_path)
+    experts_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
+    layers_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64, whole_layers=True).device_bytes
+    assert layers_minimum < experts_minimum
+    plan = make_plan(mf, vram_budget=(layers_minimum + experts_minimum) // 2, n_ctx=256, n_ubatch=64, n_slots=1)
+    assert plan.part == "layer" and plan.stock_gpu_layers is None
