@@ -21,13 +21,18 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
   (seed, layer, tensor kind), so no two layers share data and swapping layers, or
   changing the seed, changes the model's output; the experts of a tensor are
   consecutive slabs of that stream, so they differ too;
-* routing that spreads: the router is F32 with std ROUTER_LOGIT_STD / sqrt(n_embd),
-  so its logits on the RMS-normed hidden state have std ~ ROUTER_LOGIT_STD and the
-  top-k experts change from token to token;
+* routing that varies: the router is random F32, so each expert scores a random
+  direction of the RMS-normed hidden state and the top-k change from token to token
+  (top-k ignores the router's scale; its std ROUTER_LOGIT_STD / sqrt(n_embd) only
+  keeps the softmax mixing weights of the chosen experts from being one-hot).
+  Deep layers route more alike than a real model's: random attention averages the
+  tokens' states (qwen3-30b-a3b, 16 tokens: 2 tokens share ~0.7 of 8 experts in
+  layer 0, ~4-5 of 8 past layer 20);
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
 CLI:  python -m gguf_stream.synth OUT.gguf --shape llama3-8b --type Q4_K --seed 0
+      python -m gguf_stream.synth OUT.gguf --shape qwen3-30b-a3b   (MoE, 16.0 GiB, ~1 min)
       python -m gguf_stream.synth --list
 """
 from __future__ import annotations
@@ -107,7 +112,7 @@ _FILE_TYPE = {"Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q8_0": gguf.LlamaFileTy
 MATRIX_STD = 0.02   # std of the dequantized weight matrices
 EMBD_STD = 1.0      # std of token_embd
 NORM_NOISE = 0.02   # norm weights are 1 + NORM_NOISE * N(0, 1)
-ROUTER_LOGIT_STD = 1.0  # std of the router logits on an RMS-normed hidden state
+ROUTER_LOGIT_STD = 1.0  # std of the router logits on an RMS-normed hidden state (softmax not one-hot)
 
 # Order of the per-layer tensors; the index is part of each tensor's RNG key.
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",

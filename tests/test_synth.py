@@ -144,3 +144,138 @@ def test_llama_cpp_runs(tiny_files, qtype):
     logits1 = _logits(tiny_files[(qtype, 1)], toks)
     assert np.isfinite(logits1).all()
     assert not np.allclose(logits0, logits1)
+
+
+# ------------------------------------------------------------------ mixture of experts (qwen3moe)
+
+MOE = SHAPES["tiny-moe"]
+N_MOE_TOKENS = 4
+MOE_PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def moe_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("synth-moe")
+    return {qt: write_synthetic(d / f"tiny-moe-{qt}.gguf", MOE, qt, seed=0) for qt in QTYPES}
+
+
+def _expected_moe_layer(s=MOE) -> dict[str, tuple[tuple[int, ...], str]]:
+    """ggml shape (ne) and type of one qwen3moe layer's tensors (llama.cpp's create_tensor calls)."""
+    e, hd, n_exp, ff = s.n_embd, s.head_dim, s.n_expert, s.n_ff_exp
+    q, kv = s.n_head * hd, s.n_head_kv * hd
+    return {"attn_norm": ((e,), "F32"), "attn_q": ((e, q), "Q"), "attn_k": ((e, kv), "Q"),
+            "attn_v": ((e, kv), "Q"), "attn_output": ((q, e), "Q"), "attn_q_norm": ((hd,), "F32"),
+            "attn_k_norm": ((hd,), "F32"), "ffn_norm": ((e,), "F32"), "ffn_gate_inp": ((e, n_exp), "F32"),
+            "ffn_gate_exps": ((e, ff, n_exp), "Q"), "ffn_up_exps": ((e, ff, n_exp), "Q"),
+            "ffn_down_exps": ((ff, e, n_exp), "Q")}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_moe_structure(moe_files, qtype):
+    from gguf_stream.gguf_file import read_model
+
+    m = read_model(moe_files[qtype])  # validate.py's header checks run here
+    assert (m.arch, m.n_layer) == ("qwen3moe", MOE.n_layer)
+    assert (m.hparams["key_length"], m.hparams["value_length"]) == (MOE.head_dim, MOE.head_dim)
+    tensors = {t.name: t for t in m.tensors}
+    assert len(tensors) == 3 + 12 * MOE.n_layer
+    for il in range(MOE.n_layer):
+        for kind, (shape, qt) in _expected_moe_layer().items():
+            t = tensors[f"blk.{il}.{kind}.weight"]
+            assert (t.shape, t.qtype) == (shape, qtype if qt == "Q" else qt), t.name
+
+    r = gguf.GGUFReader(moe_files[qtype])
+    assert _field(r, "general.architecture") == "qwen3moe"
+    assert _field(r, "qwen3moe.expert_count") == MOE.n_expert
+    assert _field(r, "qwen3moe.expert_used_count") == MOE.n_expert_used
+    assert _field(r, "qwen3moe.expert_feed_forward_length") == MOE.n_ff_exp
+    assert _field(r, "qwen3moe.attention.key_length") == MOE.head_dim
+
+
+def test_moe_experts_and_router(moe_files):
+    r = gguf.GGUFReader(moe_files["Q4_K"])
+    tensors = {t.name: t for t in r.tensors}
+    for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        layers = [np.asarray(tensors[f"blk.{i}.{kind}.weight"].data) for i in range(MOE.n_layer)]
+        assert len({a.tobytes() for a in layers}) == MOE.n_layer, kind
+        experts = layers[0].reshape(MOE.n_expert, -1)
+        assert len({row.tobytes() for row in experts}) == MOE.n_expert, kind
+        x = gguf.quants.dequantize(layers[0], gguf.GGMLQuantizationType.Q4_K)
+        assert abs(x.mean()) < 2e-3 and 0.01 < x.std() < 0.04, kind
+    router = np.asarray(tensors["blk.0.ffn_gate_inp.weight"].data)
+    assert router.dtype == np.float32 and router.shape == (MOE.n_expert, MOE.n_embd)
+    assert abs(router.std() * np.sqrt(MOE.n_embd) - 1.0) < 0.05  # logits of std ~1 on a normed state
+
+
+def _moe_generate(path: Path) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and their logits from llama.cpp on the CPU, without weight repacking."""
+    from gguf_stream.model import StockModel
+
+    # one thread: the model is tiny, and thread barriers only cost time here
+    with StockModel(path, n_gpu_layers=0, device="host", n_ctx=64, n_batch=64, n_ubatch=64, n_threads=1) as m:
+        return m.generate(m.tokenize(MOE_PROMPT), N_MOE_TOKENS, with_logits=True)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_moe_llama_cpp_decodes(moe_files, qtype):
+    tokens, logits = _moe_generate(moe_files[qtype])
+    assert len(tokens) == N_MOE_TOKENS
+    assert logits.shape == (N_MOE_TOKENS, MOE.n_vocab)
+    assert np.isfinite(logits).all() and logits.std() > 1e-3
+
+
+def _swap_experts(src: Path, dst: Path, tensor: str, a: int, b: int) -> None:
+    """Copy src to dst with experts a and b of one 3-D expert tensor exchanged."""
+    from gguf_stream.gguf_file import read_model
+
+    t = next(t for t in read_model(src).tensors if t.name == tensor)
+    slab = t.nbytes // t.shape[-1]
+    data = bytearray(src.read_bytes())
+    pa, pb = t.offset + a * slab, t.offset + b * slab
+    data[pa:pa + slab], data[pb:pb + slab] = data[pb:pb + slab], data[pa:pa + slab]
+    dst.write_bytes(bytes(data))
+
+
+def test_moe_routing_reaches_the_experts(moe_files, tmp_path):
+    """Swapping two experts' bytes changes the logits: the router selects them,
+    and llama.cpp computes with each expert's own slab."""
+    src = moe_files["Q4_K"]
+    same = tmp_path / "same.gguf"
+    same.write_bytes(src.read_bytes())
+    swapped = tmp_path / "swapped.gguf"
+    _swap_experts(src, swapped, "blk.0.ffn_up_exps.weight", 0, 1)
+    assert swapped.read_bytes() != src.read_bytes()
+
+    _, logits = _moe_generate(src)
+    _, logits_same = _moe_generate(same)
+    _, logits_swapped = _moe_generate(swapped)
+    np.testing.assert_allclose(logits_same, logits, rtol=0, atol=1e-5)
+    assert np.abs(logits_swapped - logits).max() > 1e-2
+
+
+def test_moe_shapes():
+    s = SHAPES["qwen3-30b-a3b"]
+    assert (s.arch, s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.head_dim) == ("qwen3moe", 48, 2048, 32, 4, 128)
+    assert (s.n_expert, s.n_expert_used, s.n_ff_exp, s.n_vocab) == (128, 8, 768, 151936)
+    from gguf_stream.synth import _nbytes, tensor_specs
+
+    size = sum(_nbytes(spec, "Q4_K") for spec in tensor_specs(s))
+    assert 15.9 < size / 2**30 < 16.2
+    for s in SHAPES.values():
+        if s.is_moe:
+            assert s.n_ff_exp % 256 == 0 and s.n_expert_used <= s.n_expert
+
+
+def test_moe_cli_lists_the_shapes(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-moe" in out and "qwen3-30b-a3b" in out
+
+
+def test_arch_and_experts_must_agree():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="experts"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_expert=0))
+    with pytest.raises(ValueError, match="experts"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(TINY, n_expert=4, n_expert_used=2, n_ff_exp=256))
