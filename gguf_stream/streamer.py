@@ -27,7 +27,8 @@ from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, format_size, generate_graph_bytes,
-                      generate_resident_layers, is_generate_phase, make_plan, parse_size, with_generate_placement)
+                      generate_resident_layers, interleaved_layers, is_generate_phase, make_plan, parse_size,
+                      with_generate_placement)
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
@@ -230,8 +231,13 @@ class Streamer:
         choice, cpu = self.config.generate_cpu_layers, ()
         if choice == "auto" and self.experts_only:
             # A token reads the few experts it routes to: the CPU moves ~k/n
-            # of the bytes an upload would move (8 of 128 experts, 1/16)
-            cpu = self.plan.generate_overflow
+            # of the bytes an upload would move (8 of 128 experts, 1/16).
+            # As many as there are slots stay on the GPU: the ring holds a
+            # layer it has already uploaded, so with no more streamed layers
+            # than slots, generating uploads nothing.
+            overflow = self.plan.generate_overflow
+            held = set(overflow[j] for j in interleaved_layers(len(overflow), min(self.plan.n_slots, len(overflow))))
+            cpu = tuple(i for i in overflow if i not in held)
         elif choice == "auto" and self.cuda and self.plan.generate_overflow:
             cpu, self.calibration = Calibrator(self, model).choose_split()
         elif not isinstance(choice, str):

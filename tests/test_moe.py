@@ -54,6 +54,22 @@ def test_moe_placements_are_bit_identical_to_stock(moe_case, name):
         assert c.host_kv_bytes > 0   # a whole CPU layer takes its KV cache with it
 
 
+def test_auto_leaves_to_the_cpu_what_the_slots_cannot_hold(moe_case):
+    """With 'auto' the slots keep as many expert parts as they can while
+    generating (the ring re-adopts what it holds), the CPU computes the
+    rest: after the switch to generating, tokens upload nothing."""
+    path, prompt, ref_tokens, _ = moe_case
+    with StreamedModel(path, **CPU, n_streamed=3, n_slots=2, generate_cpu_layers="auto") as m:
+        plan = m.plan
+        assert len(plan.cpu_layers) == len(plan.streamed) - plan.n_slots == 1
+        tokens = m.generate(prompt, 2)
+        before = m.stats.counters
+        tokens += m.generate([tokens[-1]], N_GEN - 2)
+        after = m.stats.counters
+    assert tokens == ref_tokens
+    assert after.uploads == before.uploads and after.adoptions > before.adoptions
+
+
 def test_swapped_experts_fail_the_comparison(moe_case):
     """Proves the comparison can fail: two layers' expert tensors swapped."""
     path, prompt, _, ref_logits = moe_case
