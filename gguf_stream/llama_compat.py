@@ -80,20 +80,21 @@ class StreamedLlama(llama_cpp.Llama):
     planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
     and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``,
     ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig)
-    and ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``).
+    ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``) and
+    ``whole_layers`` (mixture-of-experts models: see EngineConfig).
     ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
                  n_slots=None, device: str = "auto", prefetch: bool = True,
-                 generate_cpu_layers="none", graph_reuse: bool = True, **llama_kwargs):
+                 generate_cpu_layers="none", graph_reuse: bool = True, whole_layers=None, **llama_kwargs):
         model_file = read_model(model_path)
         n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
         check_int("n_batch", n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
         config = EngineConfig(
             vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
-            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers,
+            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers, whole_layers=whole_layers,
             # n_ctx 0: the training context, as Llama reads it (resolve_context)
             n_ctx=llama_kwargs.get("n_ctx", 512), n_batch=n_batch,
             n_ubatch=min(n_ubatch, n_batch),

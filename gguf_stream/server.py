@@ -53,7 +53,7 @@ from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from starlette.middleware import Middleware
 
-ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "device", "prefetch")
+ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "whole_layers", "device", "prefetch")
 CLOSED_MESSAGE = ("gguf-stream: error: the model of this server was closed (server shutting down or "
                   "close_app called); restart the server to serve requests again")
 # The request body each endpoint takes (llama_cpp.server.types), checked by RequestGuard
@@ -288,8 +288,8 @@ def _largest_repeat(schema, depth: int = 0) -> int:
 
 
 def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
-               device: str = "auto", prefetch: bool = True, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, cors_origins=(), **model_settings) -> FastAPI:
+               whole_layers=None, device: str = "auto", prefetch: bool = True, host: str = "127.0.0.1",
+               port: int = 8000, api_key: str | None = None, cors_origins=(), **model_settings) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``model_settings`` are llama_cpp.server ModelSettings fields (n_ctx,
@@ -301,7 +301,7 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
     server shuts down.
     """
     engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
-                  n_slots=n_slots, device=device, prefetch=prefetch)
+                  n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch)
     settings = ModelSettings(model=str(model_path), **model_settings)
     # interrupt_requests=False: a second request waits for the running one
     # (llama_cpp.server's default ends a running stream when one arrives)

@@ -292,3 +292,23 @@ def test_chat_threads_apply_to_batches_too(capsys, monkeypatch, gemma_path):
     with pytest.raises(Refused):
         cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", *SMALL])
     assert seen["n_threads"] == seen["n_threads_batch"] == 3
+
+
+def test_plan_of_a_moe_model_places_experts_or_whole_layers(capsys, tiny_moe_path):
+    rc, out, err = run_main(capsys, "plan", str(tiny_moe_path), "--n-streamed", "2")
+    assert rc == 0, err
+    assert "| layer | dense part | experts | prompt | generate | slot |" in out and "dense parts" in out
+    rc, out, err = run_main(capsys, "plan", str(tiny_moe_path), "--n-streamed", "2", "--whole-layers")
+    assert rc == 0, err
+    assert "| layer | bytes | prompt | generate | slot |" in out and "dense part" not in out
+
+
+def test_run_a_moe_model_with_whole_layers(capsys, tiny_moe_path):
+    rc, out, err = run_main(capsys, "run", str(tiny_moe_path), "-p", "hello", "-n", "4", "--n-streamed", "2",
+                            "--whole-layers", "--device", "host", "-t", T, *SMALL)
+    assert rc == 0, err
+    assert "2 of 4 layers streamed" in err
+    rc, out, err = run_main(capsys, "run", str(tiny_moe_path), "-p", "hello", "-n", "4", "--n-streamed", "2",
+                            "--device", "host", "-t", T, *SMALL)
+    assert rc == 0, err
+    assert "2 of 4 layers' experts streamed" in err

@@ -201,6 +201,13 @@ def explicit_placement(args, mf) -> dict | None:
 
 def placement(args, path, device: str) -> dict:
     """EngineConfig placement options from the flags, or the defaults; says what it chose."""
+    options = _placement(args, path, device)
+    if getattr(args, "whole_layers", False):
+        options["whole_layers"] = True
+    return options
+
+
+def _placement(args, path, device: str) -> dict:
     from ..gguf_file import read_model
 
     mf = read_model(path)
@@ -249,8 +256,11 @@ def describe_plan(plan, device: str) -> str:
         return f"plan: all {plan.n_layer} layers resident, nothing streamed"
     layers = ", ".join(map(str, plan.streamed))
     cpu = tuple(getattr(plan, "cpu_layers", ()) or ())
-    generate = f"; while generating, the CPU computes layers {', '.join(map(str, cpu))}" if cpu else ""
-    return (f"plan: {len(plan.streamed)} of {plan.n_layer} layers streamed ({layers}) through "
+    experts = getattr(plan, "part", "layer") == "experts"
+    generate = (f"; while generating, the CPU computes {'the experts of ' if experts else ''}layers "
+                f"{', '.join(map(str, cpu))}" if cpu else "")
+    what = "layers' experts" if experts else "layers"
+    return (f"plan: {len(plan.streamed)} of {plan.n_layer} {what} streamed ({layers}) through "
             f"{plan.n_slots} slot(s) of {format_size(plan.slot_bytes)} in {where}; estimated device memory "
             f"{format_size(plan.device_bytes)}{generate}")
 
@@ -314,6 +324,9 @@ def add_placement(p, *, device: bool = True) -> None:
                    help="keep N layers resident, stream the others (llama.cpp would compute them on the CPU)")
     g.add_argument("--n-slots", type=int, metavar="S", help="slots streamed layers rotate through (default: "
                    "planner's choice, at most 2)")
+    g.add_argument("--whole-layers", action="store_true",
+                   help="mixture-of-experts models: place whole layers, as for dense ones (default: place the "
+                   "experts; every layer's attention, norms and router stay on the GPU)")
     if device:
         g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
                        help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "

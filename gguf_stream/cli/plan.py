@@ -29,7 +29,7 @@ def cmd_plan(args) -> int:
     mf = read_model(path)
     ctx = context_options(args, mf.hparams["n_ctx_train"])
     plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
-                     **explicit_placement(args, mf))
+                     whole_layers=True if args.whole_layers else None, **explicit_placement(args, mf))
     print(plan.table())
     print(f"(estimates from the GGUF header at -c {ctx['n_ctx']} -ub {ctx['n_ubatch']}; "
           "`run` measures the real figures)")
