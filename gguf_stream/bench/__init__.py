@@ -8,12 +8,17 @@ the fair pair
 * stock: llama.cpp's -ngl split with the largest ngl whose *measured* GPU
   memory (after an n_ubatch prompt, since compute pools grow at first use)
   fits B, found by loading candidates (binary search);
+* for a mixture-of-experts model also stock-moe: llama.cpp's -ngl all
+  --n-cpu-moe N (the expert tensors of the first N layers in host memory)
+  with the smallest N whose measured GPU memory fits B (bisection); every
+  ratio is then to the faster of the two stock recipes in its own test;
 * streamed: StreamedModel(vram_budget=B);
 
 plus the all-in-VRAM ceiling. A correctness gate (greedy tokens of stock and
 streamed must agree) runs before any speed is reported. Without a GPU the
-tool runs a reduced "host" comparison: stock ngl=0 vs a fixed number of
-streamed layers through 2 host slots.
+tool runs a reduced "host" comparison: stock ngl=0 (and for a MoE model
+stock -ngl all --n-cpu-moe N) vs a fixed number of streamed layers through
+2 host slots.
 
     gguf-stream bench -m llama3-8b --vram-budget 2.5GiB,0.75x,all -r 3
 

@@ -35,10 +35,11 @@ B; plus the all-in-VRAM ceiling. For a mixture-of-experts model stock also
 runs llama.cpp's -ngl all --n-cpu-moe N per budget (mode stock-moe: the
 expert tensors of the first N layers in host memory, everything else on the
 GPU, the smallest N whose measured GPU memory fits), and streamed's ratios
-are to the faster stock recipe of each test (pp and tg apart). A correctness gate (greedy tokens of stock
-and streamed must agree) runs before any speed is reported: against the
-all-in-VRAM tokens when there are some; without them (--no-ceiling, or a
-model that does not fit) against the same budget's stock run, a token flip
+are to the faster stock recipe of each test (pp and tg apart). A
+correctness gate (greedy tokens of stock and streamed must agree) runs
+before any speed is reported: against the all-in-VRAM tokens when there are
+some; without them (--no-ceiling, or a model that does not fit) against the
+same budget's stock run (for MoE the faster recipe's, by tg), a token flip
 passing as a near tie when its logits differ from that run's no more than
 the stock splits of the sweep differ from each other. Without a GPU a
 reduced host mode compares stock ngl=0 (and, for a mixture-of-experts model,
