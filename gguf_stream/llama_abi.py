@@ -110,8 +110,23 @@ def layer_pattern(layers) -> str:
 
 def expert_pattern(layers) -> str:
     """Regex matching the expert tensors of the given layers (what
-    gguf_file.is_expert_tensor calls experts), as --n-cpu-moe's rules do."""
+    gguf_file.is_expert_tensor calls experts); llama.cpp's own rule is
+    n_cpu_moe_pattern."""
     return layer_pattern(layers) + r"ffn_(gate|up|down|gate_up)_exps\."
+
+
+# llama.cpp's --n-cpu-moe (common/common.h: LLM_FFN_EXPS_REGEX, searched
+# unanchored in a tensor's name; "chexps" are conditional experts)
+LLM_FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def n_cpu_moe_pattern(n: int) -> str:
+    """llama.cpp's `--n-cpu-moe n` rules as one regex: it adds one rule
+    llm_ffn_exps_block_regex(i) = blk\\.i + LLM_FFN_EXPS_REGEX per layer
+    i < n; their alternation matches the same names."""
+    if n < 1:
+        raise ValueError(f"n_cpu_moe_pattern needs n >= 1, got {n}")
+    return r"blk\.(" + "|".join(str(i) for i in range(n)) + ")" + LLM_FFN_EXPS_REGEX
 
 
 # Where llama.cpp keeps each layer's device: llama_model::pimpl (a

@@ -260,16 +260,25 @@ class _Session:
 
 class StockModel(_Session):
     """llama.cpp's own `-ngl` split: the last n_gpu_layers layers on the GPU,
-    the rest in host memory (pinned when a GPU is present), no streaming."""
+    the rest in host memory (pinned when a GPU is present), no streaming.
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, config: EngineConfig | None = None, **kw):
+    n_cpu_moe=N adds llama.cpp's `--n-cpu-moe N` (for a mixture-of-experts
+    model, with n_gpu_layers covering every layer): the expert tensors of
+    layers 0..N-1 are overridden to the CPU buffer type and stay in host
+    memory, the rest of those layers (attention, router, KV) on the GPU."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, config: EngineConfig | None = None, *,
+                 n_cpu_moe: int = 0, **kw):
         super().__init__(config or EngineConfig(**kw))
         self.path = str(path)
         self.n_gpu_layers = n_gpu_layers
+        self.n_cpu_moe = n_cpu_moe
+        self._overrides = None  # the override array llama.cpp was given; kept as long as the model
         self._guarded_init(self._build)
 
     def _build(self):
         mf = read_model(self.path)  # clear errors for missing / damaged files
+        check_n_cpu_moe(mf, self.n_cpu_moe)
         self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         t0 = time.perf_counter()
         self._cuda = select_device(self.config.device) == "cuda"
@@ -279,13 +288,28 @@ class StockModel(_Session):
 
     def _load_stock_model(self, *, params, **kw):
         params.n_gpu_layers = self.n_gpu_layers
+        if self.n_cpu_moe:
+            # what --n-cpu-moe passes: the CPU backend's own buffer type, which
+            # llama.cpp treats as "the CPU" and resolves through its CPU list
+            cpu_buft = native.device_bufts("CPU")[0]
+            self._overrides = llama_abi.buft_overrides([(llama_abi.n_cpu_moe_pattern(self.n_cpu_moe), cpu_buft)])
+            params.tensor_buft_overrides = ctypes.addressof(self._overrides)
         return internals.LlamaModel(params=params, **kw)
 
     @property
     def stats(self) -> Stats:
         self._live_ctx()
-        return Stats(f"stock ngl={self.n_gpu_layers}", None, None, self._vram_loaded, self._vram_peak, 0,
-                     self._load_seconds)
+        mode = f"stock ngl={self.n_gpu_layers}" + (f" n-cpu-moe={self.n_cpu_moe}" if self.n_cpu_moe else "")
+        return Stats(mode, None, None, self._vram_loaded, self._vram_peak, 0, self._load_seconds)
+
+
+def check_n_cpu_moe(model_file: ModelFile, n_cpu_moe: int) -> None:
+    """n_cpu_moe must name layers of a model that has experts."""
+    if not 0 <= n_cpu_moe <= model_file.n_layer:
+        raise ValueError(f"n_cpu_moe must be in 0..{model_file.n_layer} (the model's layers), got {n_cpu_moe}")
+    if n_cpu_moe and not model_file.is_moe:
+        raise ValueError(f"n_cpu_moe={n_cpu_moe} needs a mixture-of-experts model; this {model_file.arch} model "
+                         "has no expert tensors")
 
 
 class StreamedModel(_Session):
@@ -375,12 +399,12 @@ def _stock_fits(path: str, n_gpu_layers: int, budget: int, config: EngineConfig)
     return peak is not None and peak <= budget
 
 
-def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig) -> int | None:
-    """Measured GPU bytes of llama.cpp's own `-ngl n_gpu_layers` split after
-    one full ubatch (compute pools grow at first use); None when nothing was
-    measured (no layer on the GPU). Raises GGUFStreamError where llama.cpp
-    cannot load it."""
-    with StockModel(path, n_gpu_layers, config=replace(config, vram_budget=None)) as m:
+def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig, n_cpu_moe: int = 0) -> int | None:
+    """Measured GPU bytes of llama.cpp's own `-ngl n_gpu_layers` split (with
+    `--n-cpu-moe n_cpu_moe` when set) after one full ubatch (compute pools
+    grow at first use); None when nothing was measured (no layer on the
+    GPU). Raises GGUFStreamError where llama.cpp cannot load it."""
+    with StockModel(path, n_gpu_layers, config=replace(config, vram_budget=None), n_cpu_moe=n_cpu_moe) as m:
         m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
         m.synchronize()
         return m.stats.vram_peak_bytes

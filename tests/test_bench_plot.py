@@ -65,7 +65,7 @@ def test_plot_with_matplotlib(tmp_path):
     # not importorskip: matplotlib must stay out of a process that loads llama.cpp (see plot.py)
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed")
-    for res, name in ((result(), "p.png"), (sweep_result(), "sweep.png")):
+    for res, name in ((result(), "p.png"), (sweep_result(), "sweep.png"), (moe_result(), "moe.png")):
         assert plot.plot(res, str(tmp_path / name)) == f"plot written to {tmp_path / name}"
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -77,3 +77,23 @@ def test_the_child_imports_nothing_of_gguf_stream():
     assert proc.returncode == 2 and "usage: python -m gguf_stream.bench.plot" in proc.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert imported and not [m for m in imported if m.startswith(("gguf_stream", "llama_cpp", "numpy"))]
+
+
+def moe_result() -> BenchResult:
+    """A mixture-of-experts budget: both stock recipes, streamed's ratio to the faster of each test."""
+    rows = []
+    for test, stock, moe, streamed, vs in (("pp2048", 4000.0, 3000.0, 5000.0, "stock"),
+                                           ("tg128", 20.0, 30.0, 45.0, "stock-moe")):
+        best = max(stock, moe)
+        rows += [row(test=test, tps_mean=stock, tps_sd=0.0, ratio=stock / best, ratio_vs=vs),
+                 row(mode="stock-moe", ngl=49, n_cpu_moe=12, test=test, tps_mean=moe, tps_sd=0.0, ratio=moe / best,
+                     ratio_vs=vs),
+                 row(mode="streamed", ngl=None, test=test, tps_mean=streamed, tps_sd=0.0, ratio=streamed / best,
+                     ratio_vs=vs)]
+    return BenchResult(tuple(rows), {"model": "qwen3-30b-a3b"})
+
+
+def test_panels_of_a_moe_sweep():
+    pp, tg = plot.panels(json.loads(render_json(moe_result())))
+    assert [s.mode for s in tg.series] == ["stock", "stock-moe", "streamed"]
+    assert tg.series[2].labels == ("45.0\n1.50x stock-moe",) and pp.series[2].labels == ("5000\n1.25x stock",)

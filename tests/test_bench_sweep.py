@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gguf_stream import cli
-from gguf_stream.bench import EXIT_MISMATCH, Greedy, Progress, render_csv, render_json, render_md, run, sweep
+from gguf_stream.bench import (EXIT_MISMATCH, BenchResult, Greedy, Progress, render_csv, render_json, render_md, run,
+                               sweep)
 from gguf_stream.bench.bounds import bound_notes
 from gguf_stream.bench.timing import Timing, Workload
 from test_bench_report import row
@@ -134,27 +135,32 @@ def test_tool_on_gpu(bench_tiny, capsys):
 
 class FakeCtx(sweep.Ctx):
     """run_gpu's loads replaced by fabricated Timings: stock ngl=k uses
-    GREEDY[k] (VRAM k GiB), streamed uses STREAMED; run_stock records the
-    gate tokens each load was asked for."""
+    GREEDY[k] (VRAM k GiB), stock -ngl k --n-cpu-moe n GREEDY[(k, n)] (VRAM
+    k - n + 0.5 GiB), streamed uses STREAMED; SPEEDS[(k, n)] or 'streamed'
+    -> (pp, tg) t/s, default (100, 10); run_stock records the gate tokens
+    each load was asked for."""
 
     GREEDY: dict = {}
+    SPEEDS: dict = {}
     STREAMED = None
     CALLS: list = []
 
-    def _timing(self, greedy):
-        return Timing(greedy if self.w.check_tokens else None, (100.0,), (10.0,), {}, None, 0)
+    def _timing(self, greedy, key=None):
+        pp, tg = self.SPEEDS.get(key, (100.0, 10.0))
+        return Timing(greedy if self.w.check_tokens else None, (pp,), (tg,), {}, None, 0)
 
-    def run_stock(self, ngl):
-        if ngl not in self.stock_times:
-            FakeCtx.CALLS.append((ngl, self.w.check_tokens))
-            self.stock_times[ngl] = self._timing(self.GREEDY[ngl])
-        return self.stock_times[ngl]
+    def run_stock(self, ngl, n_cpu_moe=0):
+        key = (ngl, n_cpu_moe)
+        if key not in self.stock_times:
+            FakeCtx.CALLS.append((ngl, self.w.check_tokens) if not n_cpu_moe else (key, self.w.check_tokens))
+            self.stock_times[key] = self._timing(self.GREEDY[key if n_cpu_moe else ngl], key)
+        return self.stock_times[key]
 
     def run_streamed(self, **kw):
-        return self._timing(self.STREAMED)
+        return self._timing(self.STREAMED, "streamed")
 
-    def measure_stock_vram(self, ngl):
-        return float(ngl << 30)
+    def measure_stock_vram(self, ngl, n_cpu_moe=0):
+        return float(ngl << 30) - float(n_cpu_moe << 30) + (float(1 << 29) if n_cpu_moe else 0.0)
 
 
 def _fake_run_gpu(bench_tiny, monkeypatch, streamed, budgets):
@@ -165,6 +171,7 @@ def _fake_run_gpu(bench_tiny, monkeypatch, streamed, budgets):
     truth, s30, splits, good, wrong = split_runs()
     mf = read_model(bench_tiny)  # 8 layers: all in VRAM is ngl=9
     FakeCtx.GREEDY = {0: splits[0], 3: s30, 6: splits[45], 9: truth}
+    FakeCtx.SPEEDS = {}
     FakeCtx.STREAMED = {"good": good, "wrong": wrong}[streamed]
     FakeCtx.CALLS = []
     monkeypatch.setattr(sweep, "measure_h2d_bandwidth", lambda: (None, "no copy measured"))
@@ -198,6 +205,90 @@ def test_all_budget_gives_the_gate_its_exact_reference(bench_tiny, monkeypatch):
     assert any(n.startswith("gate: streamed greedy tokens must equal the all-in-VRAM") for n in notes)
     checks, _ = _fake_run_gpu(bench_tiny, monkeypatch, "wrong", "all")
     assert all(c.startswith("MISMATCH@") for c in checks.values()), checks
+
+
+def _fake_moe_run_gpu(tiny_moe_path, monkeypatch, speeds, forced_n_cpu_moe=None):
+    """A mixture-of-experts model (4 layers: all in VRAM is ngl=5) at 3 GiB:
+    stock -ngl 3 (its rounding flips a near tie) and -ngl 5 --n-cpu-moe 3
+    (2.5 GiB; all-in-VRAM's tokens), no ceiling."""
+    from gguf_stream.bench.budgets import Budget
+    from gguf_stream.gguf_file import read_model
+    from test_bench_gate import split_runs
+
+    truth, s30, splits, good, _ = split_runs()
+    mf = read_model(tiny_moe_path)
+    assert mf.is_moe and mf.n_layer == 4
+    FakeCtx.GREEDY = {0: splits[0], 3: s30, (5, 2): splits[45], (5, 3): truth}
+    FakeCtx.SPEEDS = speeds
+    FakeCtx.STREAMED = good
+    FakeCtx.CALLS = []
+    monkeypatch.setattr(sweep, "measure_h2d_bandwidth", lambda: (None, "no copy measured"))
+    ctx = FakeCtx(str(tiny_moe_path), mf, Workload(8, 4, 8, 8, 1, 8), "CUDA", "cuda", Progress(quiet=True), "moe")
+    return sweep.run_gpu(ctx, [Budget("3GiB", 3 << 30)], None, False, 4, forced_n_cpu_moe=forced_n_cpu_moe)
+
+
+def test_moe_sweep_runs_both_stock_recipes(tiny_moe_path, monkeypatch):
+    """Each budget of a MoE model gets stock -ngl N (largest fitting) and
+    -ngl all --n-cpu-moe N (smallest fitting) rows; every ratio is to the
+    faster stock of its own test (the ratio column says which); the gate
+    compares with the faster recipe by tg."""
+    speeds = {(3, 0): (200.0, 5.0), (5, 3): (100.0, 10.0), "streamed": (150.0, 20.0)}
+    rows, notes, _ = _fake_moe_run_gpu(tiny_moe_path, monkeypatch, speeds)
+    got = {(r.mode, r.test): r for r in rows}
+    assert [(r.mode, r.test) for r in rows] == [("stock", "pp8"), ("stock", "tg4"), ("stock-moe", "pp8"),
+                                                ("stock-moe", "tg4"), ("streamed", "pp8"), ("streamed", "tg4")]
+    assert got["stock", "tg4"].ngl == 3 and got["stock", "tg4"].n_cpu_moe is None
+    assert (got["stock-moe", "tg4"].ngl, got["stock-moe", "tg4"].n_cpu_moe) == (5, 3)
+    ratios = {k: (r.ratio, r.ratio_vs) for k, r in got.items()}
+    assert ratios == {("stock", "pp8"): (1.0, "stock"), ("stock", "tg4"): (0.5, "stock-moe"),
+                      ("stock-moe", "pp8"): (0.5, "stock"), ("stock-moe", "tg4"): (1.0, "stock-moe"),
+                      ("streamed", "pp8"): (0.75, "stock"), ("streamed", "tg4"): (2.0, "stock-moe")}
+    # the gate: stock-moe (faster tg) has the exact tokens, so streamed is plainly ok
+    assert got["streamed", "tg4"].check == "ok" == got["streamed", "pp8"].check
+    assert any("ratios to the faster stock recipe of each test: pp to stock ngl=3 (stock), tg to stock ngl=5 "
+               "n-cpu-moe=3 (stock-moe)" in n for n in notes)
+    assert any(n.startswith("mixture of experts: stock runs two recipes") for n in notes)
+    assert any("ngl=5 n-cpu-moe=3: 2.50 GiB" in n for n in notes)  # the probes of the search
+    md = render_md(BenchResult(tuple(rows)))
+    assert "| 5, n-cpu-moe 3 |" in md and "| 2.00 vs stock-moe |" in md and "| 0.75 vs stock |" in md
+
+    # stock -ngl 3 faster in tg: the gate compares with it, whose rounding flipped a near tie
+    speeds = {(3, 0): (200.0, 15.0), (5, 3): (100.0, 10.0), "streamed": (150.0, 20.0)}
+    rows, _, _ = _fake_moe_run_gpu(tiny_moe_path, monkeypatch, speeds)
+    check = next(r.check for r in rows if r.mode == "streamed")
+    assert check.startswith("ok (near tie vs stock ngl=3 @2"), check
+
+    # --n-cpu-moe forces the recipe
+    rows, _, _ = _fake_moe_run_gpu(tiny_moe_path, monkeypatch, {}, forced_n_cpu_moe=2)
+    assert {r.n_cpu_moe for r in rows if r.mode == "stock-moe"} == {2}
+
+
+def test_moe_host_mode_end_to_end(tiny_moe_path, capsys):
+    """`gguf-stream bench --device host` on a MoE model: stock ngl=0, stock
+    -ngl all --n-cpu-moe N (half the layers, or the flag's) and streamed,
+    every ratio naming its stock; the recipe's tokens equal ngl=0's."""
+    assert bench("-m", str(tiny_moe_path), *SMALL, "--output", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["rows"]
+    assert [(r["mode"], r["test"]) for r in rows] == [("stock", "pp32"), ("stock", "tg4"), ("stock-moe", "pp32"),
+                                                      ("stock-moe", "tg4"), ("streamed", "pp32"), ("streamed", "tg4")]
+    assert all(r["tps_mean"] > 0 and r["ratio"] > 0 and r["ratio_vs"] in ("stock", "stock-moe") for r in rows)
+    assert all((r["ngl"], r["n_cpu_moe"]) == (5, 2) for r in rows if r["mode"] == "stock-moe")
+    assert all(r["check"] == "ok" for r in rows if r["mode"] == "streamed") and not doc["mismatch"]
+    assert any("stock-moe is llama.cpp's -ngl 5 --n-cpu-moe 2" in n and "its greedy tokens equal stock ngl=0's" in n
+               for n in doc["notes"])
+
+    assert bench("-m", str(tiny_moe_path), *SMALL, "--n-cpu-moe", "1") == 0
+    md = capsys.readouterr().out
+    assert md.count("| stock-moe |") == 2 and "| 5, n-cpu-moe 1 |" in md
+
+
+def test_n_cpu_moe_flag_needs_a_moe_model(bench_tiny, tiny_moe_path, capsys):
+    assert bench("-m", str(bench_tiny), *SMALL, "--n-cpu-moe", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--n-cpu-moe needs a mixture-of-experts model" in err
+    assert bench("-m", str(tiny_moe_path), *SMALL, "--n-cpu-moe", "5") == 2
+    assert "--n-cpu-moe must be in 0..4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cpu, resident, want", [

@@ -47,3 +47,20 @@ def test_layer_device_cells_are_llama_cpps(tiny_path, monkeypatch):
         assert llama_abi.layer_device_cells(m.model, n) is None
         monkeypatch.setattr(llama_abi, "_MODEL_PIMPL_OFFSET", 8)
         assert llama_abi.layer_device_cells(m.model, n) is None
+
+
+def test_n_cpu_moe_pattern_is_llama_cpps_rules_combined():
+    """One regex for `--n-cpu-moe n` matches what llama.cpp's n rules
+    (blk\\.i + LLM_FFN_EXPS_REGEX, searched unanchored) match, no more."""
+    import re
+
+    from gguf_stream.llama_abi import LLM_FFN_EXPS_REGEX, n_cpu_moe_pattern
+
+    kinds = ("ffn_up_exps", "ffn_down_exps", "ffn_gate_exps", "ffn_gate_up_exps", "ffn_gate_chexps", "ffn_gate_inp",
+             "ffn_up_shexp", "ffn_up", "attn_q")
+    names = [f"blk.{i}.{k}.weight" for i in (0, 1, 2, 9, 10, 11, 12, 21) for k in kinds] + ["output.weight"]
+    for n in (1, 2, 10, 12):
+        rules = [rf"blk\.{i}" + LLM_FFN_EXPS_REGEX for i in range(n)]
+        want = [any(re.search(r, name) for r in rules) for name in names]
+        assert [bool(re.search(n_cpu_moe_pattern(n), name)) for name in names] == want
+        assert sum(want) == 5 * sum(i < n for i in (0, 1, 2, 9, 10, 11, 12, 21))

@@ -2,11 +2,14 @@
 (every layer's attention, norms and router stay resident), and whatever the
 placement, greedy tokens and logits are bit-identical to stock llama.cpp."""
 
+import re
+
 import numpy as np
 import pytest
 
 from conftest import CPU, N_GEN, PROMPT
 from gguf_stream import read_model
+from gguf_stream.gguf_file import is_expert_tensor
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.planner import make_plan
 
@@ -104,3 +107,36 @@ def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(tiny_mo
     assert layers_minimum < experts_minimum
     plan = make_plan(mf, vram_budget=(layers_minimum + experts_minimum) // 2, n_ctx=256, n_ubatch=64, n_slots=1)
     assert plan.part == "layer" and plan.stock_gpu_layers is None
+
+
+# ------------------------------------------- stock llama.cpp's --n-cpu-moe (the bench's MoE baseline)
+
+def _overridden(log: str) -> dict[str, str]:
+    """tensor name -> buffer type, from llama.cpp's debug log of the overrides it applied."""
+    return dict(re.findall(r"tensor (\S+) \([^)]*\) buffer type overridden to (\S+)", log))
+
+
+def test_stock_n_cpu_moe_overrides_the_first_layers_experts(moe_case, capsys):
+    """`-ngl all --n-cpu-moe 2`: llama.cpp applies the override to exactly
+    the expert tensors of layers 0 and 1 (its load log names each and the
+    CPU buffer type it chose), and on the CPU the result is stock ngl=0's,
+    bit for bit."""
+    path, prompt, ref_tokens, ref_logits = moe_case
+    mf = read_model(path)
+    capsys.readouterr()
+    with StockModel(path, n_gpu_layers=mf.n_layer + 1, n_cpu_moe=2, verbose=True, **CPU) as m:
+        overridden = _overridden(capsys.readouterr().err)
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        assert m.stats.mode == f"stock ngl={mf.n_layer + 1} n-cpu-moe=2"
+    experts = {t.name for t in mf.tensors if is_expert_tensor(t.name) and t.layer < 2}
+    assert set(overridden) == experts and len(experts) == 6
+    assert set(overridden.values()) <= {"CPU", "CPU_REPACK"}
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+def test_stock_n_cpu_moe_bad_inputs(tiny_moe_path, tiny_path):
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        StockModel(tiny_path, n_gpu_layers=99, n_cpu_moe=1, **CPU)
+    for n in (-1, 5):
+        with pytest.raises(ValueError, match=r"n_cpu_moe must be in 0\.\.4"):
+            StockModel(tiny_moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)

@@ -26,7 +26,7 @@ def bound_notes(rows: list[Row], w, ceiling, bandwidth: float, cpu_rate: float) 
         if r.ngl is not None:  # below streaming's minimum: stock's own split is the bound
             if r.ratio:
                 out.append(f"bound {r.budget} {r.test}: the stock split (nothing can stream at this budget); "
-                           f"reached {r.ratio:.2f}x stock")
+                           f"reached {r.ratio:.2f}x {r.ratio_vs or 'stock'}")
             continue
         O = r.streamed_bytes
         if r.test.startswith("pp") and pp_ceiling:

@@ -31,13 +31,19 @@ llama-bench's workload: pp = one eval of -p tokens (BOS + random ids), tg =
 t/s mean ± sample sd. For every VRAM budget B the fair pair: stock, llama.cpp's
 -ngl split with the largest ngl whose measured GPU memory (after an -ub
 prompt) fits B, found by loading candidates; streamed, gguf-stream at budget
-B; plus the all-in-VRAM ceiling. A correctness gate (greedy tokens of stock
-and streamed must agree) runs before any speed is reported: against the
-all-in-VRAM tokens when there are some; without them (--no-ceiling, or a
-model that does not fit) against the same budget's stock run, a token flip
+B; plus the all-in-VRAM ceiling. For a mixture-of-experts model stock also
+runs llama.cpp's -ngl all --n-cpu-moe N per budget (mode stock-moe: the
+expert tensors of the first N layers in host memory, everything else on the
+GPU, the smallest N whose measured GPU memory fits), and streamed's ratios
+are to the faster stock recipe of each test (pp and tg apart). A
+correctness gate (greedy tokens of stock and streamed must agree) runs
+before any speed is reported: against the all-in-VRAM tokens when there are
+some; without them (--no-ceiling, or a model that does not fit) against the
+same budget's stock run (for MoE the faster recipe's, by tg), a token flip
 passing as a near tie when its logits differ from that run's no more than
 the stock splits of the sweep differ from each other. Without a GPU a
-reduced host mode compares stock ngl=0 with --n-streamed layers through 2
+reduced host mode compares stock ngl=0 (and, for a mixture-of-experts model,
+stock -ngl all --n-cpu-moe N) with --n-streamed layers through 2
 host-memory slots."""
 
 EPILOG = """\
@@ -82,6 +88,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    "one (default auto)")
     g.add_argument("-ngl", "--ngl", type=int, default=None, metavar="N",
                    help="force the stock ngl instead of searching (default: search per budget)")
+    g.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="mixture-of-experts models: force stock's -ngl all --n-cpu-moe N recipe (the expert tensors "
+                   "of layers 0..N-1 in host memory) instead of searching the smallest N that fits each budget; "
+                   "host mode: its N (default: search per budget; host mode: half the layers)")
     g.add_argument("--no-ceiling", action="store_true",
                    help="skip the all-in-VRAM row (default: run it); the gate then compares with each budget's "
                    "stock run, calibrated by the stock splits' mutual deviations (see --allow-near-ties)")
@@ -119,6 +129,8 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
         raise ValueError("-p/-n/--check-tokens must be >= 0 (not both -p and -n zero) and -r >= 1")
     path = resolve(args.model, progress=progress)
     mf = read_model(path)
+    if args.n_cpu_moe is not None:
+        _check_n_cpu_moe(mf, args.n_cpu_moe)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
     w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
                  args.repetitions, args.check_tokens, args.seed, args.threads)
@@ -132,14 +144,23 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
             "workload": asdict(w), "command": " ".join(sys.argv)}
     if use_cuda:
         budgets = parse_budgets(args.vram_budget, mf.total_bytes)
-        rows, notes, extra = run_gpu(ctx, budgets, args.ngl, not args.no_ceiling, args.cpu_rate_tokens)
+        rows, notes, extra = run_gpu(ctx, budgets, args.ngl, not args.no_ceiling, args.cpu_rate_tokens,
+                                     forced_n_cpu_moe=args.n_cpu_moe)
         meta.update(extra)
     else:
-        rows, notes = run_host(ctx, args.n_streamed)
+        rows, notes = run_host(ctx, args.n_streamed, args.n_cpu_moe)
     notes.append(f"workload: pp{w.n_prompt} tg{w.n_gen}, n_batch {w.n_batch}, n_ubatch {w.n_ubatch}, "
                  f"flash attention on, {w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def _check_n_cpu_moe(mf, n: int) -> None:
+    """--n-cpu-moe: a mixture-of-experts model, and layers it has."""
+    if not mf.is_moe:
+        raise ValueError(f"--n-cpu-moe needs a mixture-of-experts model; this {mf.arch} model has no expert tensors")
+    if not 0 <= n <= mf.n_layer:
+        raise ValueError(f"--n-cpu-moe must be in 0..{mf.n_layer} (the model's layers), got {n}")
 
 
 def command(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """Bar chart of a bench result: t/s per VRAM budget, stock against
 streamed (mean with the ± sample sd as error bars, the value and streamed's
-ratio to stock over each bar), the all-in-VRAM ceiling as a dashed line with
-its sd as a band; one panel per test, a log axis where the ceiling dwarfs the
-bars (tg), the legend below the axes. panels() computes all of it from the
-rows; draw() only renders it.
+ratio to stock over each bar; a mixture-of-experts model's second stock
+recipe, stock-moe, as a third bar, the ratio naming the stock it is to),
+the all-in-VRAM ceiling as a dashed line with its sd as a band; one panel
+per test, a log axis where the ceiling dwarfs the bars (tg), the legend
+below the axes. panels() computes all of it from the rows; draw() only
+renders it.
 
     python -m gguf_stream.bench.plot RESULT.json OUT.png   # RESULT.json from `gguf-stream bench -o json`
 
@@ -26,7 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-MODES = ("stock", "streamed")  # the bars of each budget, in this order
+MODES = ("stock", "stock-moe", "streamed")  # the bars of each budget, in this order (stock-moe: MoE models)
+COLORS = {"stock": "C0", "streamed": "C1", "stock-moe": "C2"}  # a dense model's chart keeps its colours
 LOG_RATIO = 5.0  # a panel whose largest value exceeds its smallest bar this many times gets a log axis
 
 
@@ -80,7 +83,7 @@ def _label(row: dict) -> str:
         return "n/a" + (f": {row['note']}" if row.get("note") else "")
     text = fmt(row["tps_mean"], row.get("tps_sd"))
     if row["mode"] == "streamed" and row.get("ratio"):
-        text += f"\n{row['ratio']:.2f}x stock"
+        text += f"\n{row['ratio']:.2f}x {row.get('ratio_vs') or 'stock'}"
     return text
 
 
@@ -135,14 +138,14 @@ def draw(doc: dict, png: str) -> None:
 
     ps = panels(doc)
     fig, axes = plt.subplots(1, max(len(ps), 1), figsize=(6.5 * max(len(ps), 1), 4.8), squeeze=False)
-    width = 0.8 / max(len(MODES), 1)
     for ax, p in zip(axes[0], ps):
         base = blended_transform_factory(ax.transData, ax.transAxes)
+        width = 0.8 / max(len(p.series), 1)
         for k, s in enumerate(p.series):
             xs = [i + (k - (len(p.series) - 1) / 2) * width for i in range(len(p.budgets))]
             heights = [float("nan") if m is None else m for m in s.means]
             ax.bar(xs, heights, width=width * 0.95, yerr=list(s.sds), capsize=3, label=s.mode,
-                   color=f"C{MODES.index(s.mode)}", error_kw={"elinewidth": 1, "ecolor": "0.25"})
+                   color=COLORS[s.mode], error_kw={"elinewidth": 1, "ecolor": "0.25"})
             for x, m, sd, text in zip(xs, s.means, s.sds, s.labels):
                 if m is None:  # no bar: say why, from the bottom of the axes
                     ax.text(x, 0.02, text, transform=base, rotation=90, ha="center", va="bottom",

@@ -40,9 +40,11 @@ def _md_cells(r: Row) -> list[str]:
         streamed += f", {r.n_resident_generate} resident"
     counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
     check = r.check if r.check in ("", "ok") else f"**{r.check}**"
-    return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode,
-            "" if r.ngl is None else str(r.ngl), streamed, str(r.n_ubatch), r.test, tps or r.note,
-            "" if r.ratio is None else f"{r.ratio:.2f}", _size(r.vram_peak_bytes), _size(r.pinned_host_bytes),
+    ngl = "" if r.ngl is None else str(r.ngl) + ("" if r.n_cpu_moe is None else f", n-cpu-moe {r.n_cpu_moe}")
+    # with two stock recipes (MoE) a ratio says which it is to
+    ratio = "" if r.ratio is None else f"{r.ratio:.2f}" + (f" vs {r.ratio_vs}" if r.ratio_vs else "")
+    return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode, ngl, streamed,
+            str(r.n_ubatch), r.test, tps or r.note, ratio, _size(r.vram_peak_bytes), _size(r.pinned_host_bytes),
             counters, check]
 
 

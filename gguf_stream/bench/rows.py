@@ -28,7 +28,7 @@ class Row:
     backend: str
     budget: str
     budget_bytes: int | None
-    mode: str  # "stock", "streamed" or "all-in-VRAM"
+    mode: str  # "stock", "stock-moe" (-ngl all --n-cpu-moe N), "streamed" or "all-in-VRAM"
     ngl: int | None
     n_streamed: int | None
     n_slots: int | None
@@ -37,7 +37,7 @@ class Row:
     test: str  # "pp2048", "tg128"
     tps_mean: float | None
     tps_sd: float | None
-    ratio: float | None  # to the stock row of the same budget and test
+    ratio: float | None  # to the (faster, see ratio_vs) stock row of the same budget and test
     vram_peak_bytes: int | None
     pinned_host_bytes: int | None
     waits: float | None  # per repetition
@@ -49,6 +49,8 @@ class Row:
     n_resident_generate: int | None = None  # streamed layers resident while generating
     generate_overflow_bytes: int | None = None  # streamed bytes not resident while generating
     cpu_rate_streaming: float | None = None  # see Timing
+    n_cpu_moe: int | None = None  # stock-moe: the expert tensors of layers 0..N-1 stay in host memory
+    ratio_vs: str = ""  # the mode of the stock row ratio is to, where a budget has two stock recipes (MoE)
 
 
 @dataclass(frozen=True)

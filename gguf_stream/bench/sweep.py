@@ -1,7 +1,9 @@
 """The budget sweep: for every VRAM budget, stock llama.cpp at its largest
-fitting -ngl and gguf-stream at the same budget, plus the all-in-VRAM
-ceiling, gated and put in rows (run_gpu); without a GPU a reduced host-mode
-comparison (run_host). The bounds (perfmodel.py) are in bounds.py."""
+fitting -ngl (and, for a mixture-of-experts model, at -ngl all with the
+smallest fitting --n-cpu-moe) and gguf-stream at the same budget, plus the
+all-in-VRAM ceiling, gated and put in rows (run_gpu); without a GPU a
+reduced host-mode comparison (run_host). The bounds (perfmodel.py) are in
+bounds.py."""
 from __future__ import annotations
 
 import math
@@ -10,10 +12,61 @@ from dataclasses import dataclass, field, replace
 from ..errors import GGUFStreamError
 from ..planner import format_size
 from .bounds import bound_notes, weights_per_token
-from .budgets import Budget, search_stock_ngl
+from .budgets import Budget, search_stock_n_cpu_moe, search_stock_ngl
 from .gate import PEER_MARGIN, Greedy, gate
 from .rows import Row, count_params, mean_sd
 from .timing import Progress, Timing, Workload, measure_h2d_bandwidth, time_model
+
+
+STOCK_MOE = "stock-moe"  # the mode of llama.cpp's `-ngl all --n-cpu-moe N` rows
+
+
+def recipe_text(ngl, n_cpu_moe: int = 0) -> str:
+    """'ngl=9' / 'ngl=49 n-cpu-moe=12'."""
+    return f"ngl={ngl}" + (f" n-cpu-moe={n_cpu_moe}" if n_cpu_moe else "")
+
+
+def stock_label(ngl, n_cpu_moe: int = 0) -> str:
+    """A stock run's name in progress lines, checks and notes: 'stock ngl=9'."""
+    return f"stock {recipe_text(ngl, n_cpu_moe)}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One stock llama.cpp placement of a budget: mode 'stock' is -ngl ngl,
+    mode 'stock-moe' is -ngl all (ngl) --n-cpu-moe n_cpu_moe; ngl None when
+    nothing fits the budget."""
+
+    mode: str
+    ngl: int | None
+    n_cpu_moe: int = 0
+
+    @property
+    def label(self) -> str:
+        return stock_label(self.ngl, self.n_cpu_moe)
+
+    @property
+    def missing_note(self) -> str:
+        return "no ngl fits" if self.mode == "stock" else "no n-cpu-moe fits"
+
+
+def best_stock(runs: list[tuple[str, Timing | None]]) -> dict[str, tuple[float, str]]:
+    """Per test ('pp', 'tg'): the highest stock mean among runs (mode,
+    Timing or None) and the mode it came from; the mode is '' when there is
+    a single recipe (nothing was chosen). Ties go to the first run."""
+    out = {}
+    for test in ("pp", "tg"):
+        means = [(mean_sd(getattr(t, test))[0], mode) for mode, t in runs if t is not None and getattr(t, test)]
+        if means:
+            mean, mode = max(means, key=lambda m: m[0])
+            out[test] = (mean, mode if len(runs) > 1 else "")
+    return out
+
+
+def _speed(t: Timing) -> float:
+    """What makes one stock recipe 'the better' for the gate: tg t/s (pp where there is no tg test)."""
+    values = t.tg or t.pp
+    return mean_sd(values)[0] if values else -math.inf
 
 
 def engine_calibration(model):
@@ -38,7 +91,7 @@ class Ctx:
     progress: Progress
     model_name: str
     allow_near_ties: bool = False
-    stock_times: dict = field(default_factory=dict)  # ngl -> Timing (reused across budgets)
+    stock_times: dict = field(default_factory=dict)  # (ngl, n_cpu_moe) -> Timing (reused across budgets)
 
     def config(self, **kw):
         from ..config import EngineConfig
@@ -48,15 +101,17 @@ class Ctx:
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
                             flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
 
-    def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, note="", check="",
-             stock: Timing | None = None) -> list[Row]:
+    def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, n_cpu_moe=None, note="", check="",
+             refs: dict | None = None) -> list[Row]:
+        """One row per test of run t; refs: best_stock's reference per test
+        (the ratio's denominator and the mode it came from)."""
         out = []
         for test, n in (("pp", self.w.n_prompt), ("tg", self.w.n_gen)):
             if not n:
                 continue
             vals = getattr(t, test) if t else ()
             mean, sd = mean_sd(vals) if vals else (None, None)
-            ref = mean_sd(getattr(stock, test))[0] if stock and getattr(stock, test) else None
+            ref, ref_mode = (refs or {}).get(test, (None, ""))
             ctr = t.counters.get(test) if t else None
             plan = t.plan if t else None
             if plan is not None and plan.stock_gpu_layers is not None:
@@ -72,6 +127,7 @@ class Ctx:
                 streamed_bytes=plan.streamed_bytes if plan is not None else None,
                 n_ubatch=self.w.n_ubatch, test=f"{test}{n}", tps_mean=mean, tps_sd=sd,
                 ratio=mean / ref if mean is not None and ref else None,
+                ratio_vs=ref_mode if mean is not None and ref else "", n_cpu_moe=n_cpu_moe,
                 vram_peak_bytes=t.vram_peak if t else None,
                 # StockModel reports 0 pinned bytes although its CPU layers are pinned on CUDA: leave it blank
                 pinned_host_bytes=t.pinned if t and mode == "streamed" and plan and plan.streamed else None,
@@ -80,14 +136,15 @@ class Ctx:
                 cpu_rate_streaming=t.cpu_rate_streaming if t else None))
         return out
 
-    def run_stock(self, ngl: int) -> Timing:
+    def run_stock(self, ngl: int, n_cpu_moe: int = 0) -> Timing:
         from ..model import StockModel
 
-        if ngl not in self.stock_times:
-            self.progress(f"loading stock ngl={ngl}")
-            with StockModel(self.path, ngl, config=self.config()) as m:
-                self.stock_times[ngl] = time_model(m, self.w, self.progress, f"stock ngl={ngl}")
-        return self.stock_times[ngl]
+        key, label = (ngl, n_cpu_moe), stock_label(ngl, n_cpu_moe)
+        if key not in self.stock_times:
+            self.progress(f"loading {label}")
+            with StockModel(self.path, ngl, config=self.config(), n_cpu_moe=n_cpu_moe) as m:
+                self.stock_times[key] = time_model(m, self.w, self.progress, label)
+        return self.stock_times[key]
 
     def run_streamed(self, **kw) -> Timing:
         from ..model import StreamedModel
@@ -119,19 +176,20 @@ class Ctx:
                              f"generate graphs used {format_size(c.generate_extent)})")
             return replace(timing, engine_note="; ".join(notes), cpu_rate_streaming=cpu_rate)
 
-    def measure_stock_vram(self, ngl: int) -> float | None:
+    def measure_stock_vram(self, ngl: int, n_cpu_moe: int = 0) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
         grow at first use); inf when llama.cpp cannot load it."""
         from ..model import stock_vram_peak
 
-        self.progress(f"probing stock ngl={ngl}")
+        what = recipe_text(ngl, n_cpu_moe)
+        self.progress(f"probing stock {what}")
         try:
-            peak = stock_vram_peak(self.path, ngl, self.config())
+            peak = stock_vram_peak(self.path, ngl, self.config(), n_cpu_moe=n_cpu_moe)
         except GGUFStreamError as exc:
-            self.progress(f"  ngl={ngl} does not load: {exc}")
+            self.progress(f"  {what} does not load: {exc}")
             return math.inf
         # StockModel measures no VRAM at ngl=0 (no layer on the GPU): None, counted as fitting
-        self.progress(f"  ngl={ngl}: {format_size(peak) if peak is not None else 'not measured'}")
+        self.progress(f"  {what}: {format_size(peak) if peak is not None else 'not measured'}")
         return None if peak is None else float(peak)
 
 
@@ -182,21 +240,35 @@ def _greedy(t: Timing | None) -> Greedy | None:
     return None if t is None else t.greedy
 
 
-def run_host(ctx: Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
+def run_host(ctx: Ctx, n_streamed: int | None, n_cpu_moe: int | None = None) -> tuple[list[Row], list[str]]:
     """Reduced mode without a GPU: budgets mean nothing, so compare stock
-    ngl=0 with a fixed set of streamed layers through 2 host slots."""
+    ngl=0 with a fixed set of streamed layers through 2 host slots; for a
+    mixture-of-experts model also stock's MoE recipe at a fixed n_cpu_moe
+    (default half the layers), so that its loading runs without a GPU too."""
     n = n_streamed if n_streamed is not None else ctx.mf.n_layer // 2
     budget = Budget(f"host ({n}/{ctx.mf.n_layer} streamed)", None)
     stock = ctx.run_stock(0)
-    rows = ctx.rows(stock, budget=budget, mode="stock", ngl=0, stock=stock)
-    try:
-        streamed = ctx.run_streamed(n_streamed=n, n_slots=min(2, n) if n else None)
-        check = gate(_greedy(streamed), [("stock", _greedy(stock))], ctx.allow_near_ties)
-        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=check, stock=stock)
-    except GGUFStreamError as exc:
-        rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
     notes = ["host mode (no GPU): VRAM budgets do not apply; stock is ngl=0, streamed runs "
              f"{n} of {ctx.mf.n_layer} layers through 2 host-memory slots (CPU compute, memcpy uploads)"]
+    stocks = [("stock", stock)]
+    moe = moe_t = None
+    if ctx.mf.is_moe:
+        moe = Recipe(STOCK_MOE, ctx.mf.n_layer + 1, n_cpu_moe if n_cpu_moe is not None else max(1, ctx.mf.n_layer // 2))
+        moe_t = ctx.run_stock(moe.ngl, moe.n_cpu_moe)
+        stocks.append((STOCK_MOE, moe_t))
+        notes.append(_host_moe_note(moe, moe_t, stock))
+    refs = best_stock(stocks)
+    rows = ctx.rows(stock, budget=budget, mode="stock", ngl=0, refs=refs)
+    if moe is not None:
+        rows += ctx.rows(moe_t, budget=budget, mode=STOCK_MOE, ngl=moe.ngl, n_cpu_moe=moe.n_cpu_moe, refs=refs)
+    # the exact reference: the faster stock run first (on the CPU both compute the same)
+    references = sorted(stocks, key=lambda mt: -_speed(mt[1]))
+    try:
+        streamed = ctx.run_streamed(n_streamed=n, n_slots=min(2, n) if n else None)
+        check = gate(_greedy(streamed), [(m, _greedy(t)) for m, t in references], ctx.allow_near_ties)
+        rows += ctx.rows(streamed, budget=budget, mode="streamed", check=check, refs=refs)
+    except GGUFStreamError as exc:
+        rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
     if stock.tg:
         rate = weights_per_token(ctx.mf) * mean_sd(stock.tg)[0]
         notes.append(f"CPU path: stock ngl=0 tg {mean_sd(stock.tg)[0]:.2f} t/s x "
@@ -204,10 +276,42 @@ def run_host(ctx: Ctx, n_streamed: int | None) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+def _host_moe_note(moe: Recipe, moe_t: Timing, stock: Timing) -> str:
+    same = gate(_greedy(moe_t), [("stock ngl=0", _greedy(stock))])
+    return (f"{STOCK_MOE} is llama.cpp's -ngl {moe.ngl} --n-cpu-moe {moe.n_cpu_moe} (the expert tensors of the first "
+            f"{moe.n_cpu_moe} layers overridden to the CPU buffer type); without a GPU every tensor is on the CPU "
+            "either way, so it computes what stock ngl=0 does (the row shows that the recipe loads and runs)"
+            + {"": "", "ok": "; its greedy tokens equal stock ngl=0's"}.get(same, f"; its greedy tokens differ from "
+                                                                               f"stock ngl=0's: {same}"))
+
+
+def _recipes(ctx: Ctx, b: Budget, n_all: int, measure, forced_ngl: int | None,
+             forced_n_cpu_moe: int | None) -> list[Recipe]:
+    """Budget b's stock recipes: -ngl N, N forced or the largest that fits;
+    for a mixture-of-experts model also -ngl all --n-cpu-moe N, N forced or
+    the smallest that fits (the fewest experts computed by the CPU)."""
+    if forced_ngl is not None:
+        ngl = forced_ngl
+    else:
+        found = search_stock_ngl(n_all, b.nbytes, measure)
+        ngl = None if found is None else found[0]
+    recipes = [Recipe("stock", ngl)]
+    if ctx.mf.is_moe:
+        if forced_n_cpu_moe is not None:
+            n = forced_n_cpu_moe
+        else:
+            found = search_stock_n_cpu_moe(ctx.mf.n_layer, b.nbytes, lambda k: measure(n_all, k))
+            n = None if found is None else found[0]
+        recipes.append(Recipe(STOCK_MOE, None if n is None else n_all, n or 0))
+    return recipes
+
+
 def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bool,
-            cpu_rate_tokens: int) -> tuple[list[Row], list[str], dict]:
-    """Per budget: stock at the largest fitting measured ngl, streamed at the
-    same budget; plus the all-in-VRAM ceiling; then the performance model's bounds."""
+            cpu_rate_tokens: int, forced_n_cpu_moe: int | None = None) -> tuple[list[Row], list[str], dict]:
+    """Per budget: stock at the largest fitting measured ngl (and, for a
+    mixture-of-experts model, at -ngl all with the smallest fitting measured
+    --n-cpu-moe), streamed at the same budget; plus the all-in-VRAM ceiling;
+    then the performance model's bounds."""
     from .. import native
 
     notes, extra = [], {}
@@ -216,12 +320,14 @@ def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bo
     notes.append(bw_note)
     extra["h2d_bytes_per_s"] = bw
     n_all = ctx.mf.n_layer + 1  # llama.cpp counts the output layer as one more
-    probes: dict[int, float | None] = {}  # None: loaded, but StockModel measured no VRAM (ngl=0)
+    # (ngl, n_cpu_moe) -> bytes; None: loaded, but StockModel measured no VRAM (ngl=0)
+    probes: dict[tuple[int, int], float | None] = {}
 
-    def measure(ngl: int) -> float:
-        if ngl not in probes:
-            probes[ngl] = ctx.measure_stock_vram(ngl)
-        return probes[ngl] or 0.0
+    def measure(ngl: int, n_cpu_moe: int = 0) -> float:
+        key = (ngl, n_cpu_moe)
+        if key not in probes:
+            probes[key] = ctx.measure_stock_vram(ngl, n_cpu_moe)
+        return probes[key] or 0.0
 
     rows: list[Row] = []
     ceiling_t = None
@@ -240,30 +346,33 @@ def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bo
                 continue
             b = Budget("all", int(measure(n_all)))
         ctx.progress(f"budget {b.label} ({format_size(b.nbytes)})")
-        choice = (forced_ngl, None) if forced_ngl is not None else search_stock_ngl(n_all, b.nbytes, measure)
+        recipes = _recipes(ctx, b, n_all, measure, forced_ngl, forced_n_cpu_moe)
         lo = len(rows)
-        budget_rows, run = _budget_rows(ctx, b, None if choice is None else choice[0], ceiling_t, notes)
+        budget_rows, run = _budget_rows(ctx, b, recipes, ceiling_t, notes)
         rows += budget_rows
         if run is not None:
             gated.append((lo, len(rows), run))
     if probes:
         notes.append(f"stock VRAM probes (after an n_ubatch={ctx.w.n_ubatch} prompt): " + ", ".join(
-            f"ngl={k}: " + ("not measured" if v is None else format_size(int(v)) if math.isfinite(v) else "failed")
+            f"{recipe_text(*k)}: " + ("not measured" if v is None else format_size(int(v)) if math.isfinite(v)
+                                      else "failed")
             for k, v in sorted(probes.items())))
     # a budget whose stock split holds every layer ran all-in-VRAM too: its tokens are the exact reference
-    reference = ceiling_t if ceiling_t is not None else ctx.stock_times.get(n_all)
+    reference = ceiling_t if ceiling_t is not None else ctx.stock_times.get((n_all, 0))
     # without all-in-VRAM tokens the gate calibrates with the stock splits' mutual deviations: the CPU-rate
     # run (stock ngl=0) adds one split far from the GPU-heavy ones (its gate tokens cost a few CPU tokens)
-    calibrate = reference is None and ctx.w.check_tokens > 0 and bool(gated) and 0 not in ctx.stock_times
+    calibrate = reference is None and ctx.w.check_tokens > 0 and bool(gated) and (0, 0) not in ctx.stock_times
     cpu_rate, cpu_stock = _cpu_rate(ctx, cpu_rate_tokens, notes, with_gate_tokens=calibrate)
     extra["cpu_bytes_per_s"] = cpu_rate
     splits = {k: t.greedy for k, t in ctx.stock_times.items() if t is not reference}
-    if cpu_stock is not None and 0 not in splits:
-        splits[0] = cpu_stock.greedy
+    if cpu_stock is not None and (0, 0) not in splits:
+        splits[(0, 0)] = cpu_stock.greedy
     checks = gate_runs([run for _, _, run in gated], _greedy(reference), splits, ctx.allow_near_ties)
     for (lo, hi, _), check in zip(gated, checks):
         rows[lo:hi] = [replace(r, check=check) if r.mode == "streamed" else r for r in rows[lo:hi]]
     notes.append(GATE_NOTE_CEILING if reference is not None else GATE_NOTE_STOCK)
+    if ctx.mf.is_moe:
+        notes.append(MOE_NOTE)
     if ceiling_t and bw and cpu_rate:
         notes += bound_notes(rows, ctx.w, ceiling_t, bw["pinned"], cpu_rate)
     return rows, notes, extra
@@ -285,17 +394,31 @@ GATE_NOTE_STOCK = (
     "where the model fits for the exact check")
 
 
+MOE_NOTE = (
+    "mixture of experts: stock runs two recipes per budget, llama.cpp's -ngl N (mode stock, the largest N that "
+    f"fits) and -ngl all --n-cpu-moe N (mode {STOCK_MOE}: every layer on the GPU except the expert tensors of "
+    "layers 0..N-1, which stay in host memory; the smallest N that fits). Every ratio is to the faster of the two "
+    "in its own test (pp to the higher pp, tg to the higher tg; the ratio column names it); where the gate "
+    "compares with the budget's stock run it is the faster recipe's (by tg, by pp without a tg test)")
+
+
 @dataclass(frozen=True)
 class GateRun:
-    """What the gate of one budget compares: its stock split (ngl, tokens)
-    and its streamed tokens."""
+    """What the gate of one budget compares: its stock run (the recipe:
+    ngl and n_cpu_moe; its tokens) and its streamed tokens."""
 
     ngl: int | None
     stock: Greedy | None
     streamed: Greedy | None
+    n_cpu_moe: int = 0
 
 
-def gate_runs(runs: list[GateRun], ceiling: Greedy | None, splits: dict[int, Greedy | None],
+def _recipe_key(key) -> tuple[int, int]:
+    """A split's key: (ngl, n_cpu_moe), or a bare ngl."""
+    return key if isinstance(key, tuple) else (key, 0)
+
+
+def gate_runs(runs: list[GateRun], ceiling: Greedy | None, splits: dict,
               allow_near_ties: bool = False) -> list[str]:
     """The check of each budget's streamed run, once every stock split of
     the sweep is known (so that each budget is calibrated by all of them).
@@ -303,47 +426,79 @@ def gate_runs(runs: list[GateRun], ceiling: Greedy | None, splits: dict[int, Gre
     With all-in-VRAM tokens (ceiling) they are the reference, and the peers
     are the stock splits' deviations from them, this budget's first. Without
     them the reference is the budget's own stock split, and the peers are
-    the other splits (splits: ngl -> tokens), their deviation measured from
-    that reference: each pair is two legitimate roundings of the model, which
-    is what streamed against stock is too (gate's exact=False)."""
+    the other splits (splits: (ngl, n_cpu_moe) or ngl -> tokens), their
+    deviation measured from that reference: each pair is two legitimate
+    roundings of the model, which is what streamed against stock is too
+    (gate's exact=False)."""
     checks = []
     for run in runs:
-        name = f"stock ngl={run.ngl}"
+        name = stock_label(run.ngl, run.n_cpu_moe)
         refs = [("all-in-VRAM", ceiling), (name, run.stock)]
         own = [(name, run.stock)] if ceiling is not None and run.stock is not None else []
-        others = [(f"stock ngl={k}", g) for k, g in sorted(splits.items())
+        ordered = sorted(splits.items(), key=lambda kg: _recipe_key(kg[0]))
+        others = [(stock_label(*_recipe_key(k)), g) for k, g in ordered
                   if g is not None and g is not run.stock and g is not ceiling]
         checks.append(gate(run.streamed, refs, allow_near_ties, own + others, exact=ceiling is not None))
     return checks
 
 
-def _budget_rows(ctx: Ctx, b: Budget, ngl: int | None, ceiling: Timing | None,
-                 notes: list[str]) -> tuple[list[Row], GateRun | None]:
-    """Stock at ngl and streamed at budget b; the streamed rows' check is
-    left to gate_runs (after the sweep), which gets the returned GateRun
-    (None when the streamed run failed)."""
-    rows, stock = [], None
-    if ngl is None:
-        rows += ctx.rows(None, budget=b, mode="stock", note="no ngl fits")
-    else:
-        stock = ctx.run_stock(ngl)
-        over = stock.vram_peak is not None and stock.vram_peak > b.nbytes
-        rows += ctx.rows(stock, budget=b, mode="stock", ngl=ngl, stock=stock, note="over budget" if over else "")
-        own = gate(_greedy(stock), [("all-in-VRAM", _greedy(ceiling))])
+def _stock_runs(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | None,
+                notes: list[str]) -> list[tuple[Recipe, Timing]]:
+    """Each recipe that fits, run; a note where its tokens differ from all-in-VRAM."""
+    runs = []
+    for r in recipes:
+        if r.ngl is None:
+            continue
+        t = ctx.run_stock(r.ngl, r.n_cpu_moe)
+        runs.append((r, t))
+        own = gate(_greedy(t), [("all-in-VRAM", _greedy(ceiling))])
         if own not in ("", "ok"):
-            notes.append(f"budget {b.label}: stock ngl={ngl} itself differs from all-in-VRAM ({own}: "
-                         "its CPU layers round differently)")
+            on_cpu = "CPU layers" if r.mode == "stock" else "CPU experts"
+            notes.append(f"budget {b.label}: {r.label} itself differs from all-in-VRAM ({own}: "
+                         f"its {on_cpu} round differently)")
+    return runs
+
+
+def _stock_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], timings: dict, refs: dict) -> list[Row]:
+    """Each recipe's rows (timings: Recipe -> Timing of those that ran), or why it has none."""
+    rows = []
+    for r in recipes:
+        t = timings.get(r)
+        if t is None:
+            rows += ctx.rows(None, budget=b, mode=r.mode, note=r.missing_note)
+            continue
+        over = t.vram_peak is not None and t.vram_peak > b.nbytes
+        rows += ctx.rows(t, budget=b, mode=r.mode, ngl=r.ngl, n_cpu_moe=r.n_cpu_moe if r.mode == STOCK_MOE else None,
+                         refs=refs, note="over budget" if over else "")
+    return rows
+
+
+def _budget_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | None,
+                 notes: list[str]) -> tuple[list[Row], GateRun | None]:
+    """Stock by each recipe and streamed at budget b, every ratio to the
+    faster stock of its test; the streamed rows' check is left to gate_runs
+    (after the sweep), which gets the returned GateRun with the faster
+    recipe's tokens (None when the streamed run failed)."""
+    runs = _stock_runs(ctx, b, recipes, ceiling, notes)
+    timings = dict(runs)
+    refs = best_stock([(r.mode, timings.get(r)) for r in recipes])
+    rows = _stock_rows(ctx, b, recipes, timings, refs)
+    if len(recipes) > 1 and refs:
+        labels = {r.mode: r.label for r, _ in runs}
+        notes.append(f"budget {b.label}: ratios to the faster stock recipe of each test: " + ", ".join(
+            f"{test} to {labels[mode]} ({mode})" for test, (_, mode) in refs.items()))
+    better, stock = max(runs, key=lambda rt: _speed(rt[1])) if runs else (recipes[0], None)
     try:
         streamed = ctx.run_streamed(vram_budget=b.nbytes)
     except GGUFStreamError as exc:
         notes.append(f"budget {b.label}: streamed run failed: {exc}")
         return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}"), None
-    rows += ctx.rows(streamed, budget=b, mode="streamed", stock=stock)
+    rows += ctx.rows(streamed, budget=b, mode="streamed", refs=refs)
     if streamed.engine_note:
         notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
         notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
-    return rows, GateRun(ngl, _greedy(stock), _greedy(streamed))
+    return rows, GateRun(better.ngl, _greedy(stock), _greedy(streamed), better.n_cpu_moe)
 
 
 def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str],
