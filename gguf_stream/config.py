@@ -75,6 +75,14 @@ class EngineConfig:
     # (attention, norms, router and KV of every layer on the GPU): None (the
     # experts where that fits the budget), or True: whole layers, as dense.
     whole_layers: bool | None = None
+    # KV cache types (llama.cpp's -ctk / -ctv): f32, f16, bf16, q8_0, q4_0,
+    # q4_1, iq4_nl, q5_0, q5_1; a quantized V cache needs flash attention
+    type_k: str = "f16"
+    type_v: str = "f16"
+    # Refuse, before loading, a plan whose host memory (streamed parts, CPU
+    # layers' copies) exceeds MemAvailable; also off with
+    # GGUF_STREAM_HOST_MEMORY_CHECK=0
+    host_memory_check: bool = True
     verbose: bool = False
 
     def __post_init__(self):
@@ -97,7 +105,9 @@ class EngineConfig:
             check_int("n_slots", self.n_slots, 1, MAX_SLOTS)
         check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
         check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
-        for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "verbose"):
+        check_kv_types(self.type_k, self.type_v, self.flash_attn)
+        for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
+                     "host_memory_check", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         for name in ("cpu_repack", "whole_layers"):
@@ -125,6 +135,18 @@ class EngineConfig:
     def places_layers(self) -> bool:
         """A budget or streamed layers were given (else everything stays resident)."""
         return not (self.vram_budget is None and self.n_streamed is None and self.streamed_layers is None)
+
+
+def check_kv_types(type_k, type_v, flash_attn: bool) -> None:
+    """Known KV cache types; a quantized V cache only with flash attention
+    (llama.cpp cannot create the context otherwise)."""
+    from .planner import check_kv_type, is_quantized_kv
+
+    check_kv_type("type_k", type_k)
+    check_kv_type("type_v", type_v)
+    if is_quantized_kv(type_v) and not flash_attn:
+        raise ValueError(f"a quantized V cache (type_v {type_v!r}) needs flash attention in llama.cpp: "
+                         "set flash_attn=True, or use type_v='f16'")
 
 
 def check_int(name: str, value, lo: int, hi: int, note: str = "") -> None:
@@ -232,6 +254,20 @@ def physical_cores() -> int:
     except OSError:
         pass
     return os.cpu_count() or 1
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available without swapping (MemAvailable of
+    /proc/meminfo); None where the kernel does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    return int(value.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cache_dir() -> Path:

@@ -17,6 +17,10 @@ class BudgetError(GGUFStreamError, ValueError):
     """The VRAM budget cannot hold the minimum the model needs, or exceeds the device."""
 
 
+class HostMemoryError(BudgetError):
+    """The run needs more host memory (pinned streamed parts, CPU layers' copies) than is available."""
+
+
 class EnvironmentMismatchError(GGUFStreamError, RuntimeError):
     """Wrong llama-cpp-python version or build (e.g. no CUDA where a GPU budget was asked for)."""
 

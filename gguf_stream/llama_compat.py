@@ -23,6 +23,7 @@ from . import llama_abi
 from .errors import DecodeError
 from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
 from .gguf_file import read_model
+from .planner import kv_ggml_type, kv_type_name
 from .grammar import grammar_error
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
@@ -33,6 +34,25 @@ import llama_cpp.llama as llama_module  # noqa: E402
 from llama_cpp.llama_tokenizer import LlamaTokenizer  # noqa: E402
 
 _swap_lock = threading.RLock()
+
+
+def kv_types_as_ggml(llama_kwargs: dict) -> dict:
+    """The kwargs with type_k / type_v as the ggml type ids llama_cpp.Llama
+    takes, whether given as ids or as llama.cpp's names ('q8_0')."""
+    out = dict(llama_kwargs)
+    for key in ("type_k", "type_v"):
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = kv_ggml_type(value)
+        elif value is not None:
+            kv_type_name(value)  # a one-line error for an id that is no KV cache type
+    return out
+
+
+def kv_type_names(llama_kwargs: dict) -> dict:
+    """type_k / type_v of Llama's kwargs (ggml ids, None: f16) as EngineConfig's names."""
+    return {key: "f16" if llama_kwargs.get(key) is None else kv_type_name(llama_kwargs[key])
+            for key in ("type_k", "type_v")}
 
 
 @contextmanager
@@ -82,6 +102,8 @@ class StreamedLlama(llama_cpp.Llama):
     ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig)
     ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``) and
     ``whole_layers`` (mixture-of-experts models: see EngineConfig).
+    ``type_k`` / ``type_v`` (KV cache types) take Llama's ggml type ids or
+    llama.cpp's names ("q8_0"); the planner sizes the KV cache by them.
     ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
     """
 
@@ -89,6 +111,7 @@ class StreamedLlama(llama_cpp.Llama):
                  n_slots=None, device: str = "auto", prefetch: bool = True,
                  generate_cpu_layers="none", graph_reuse: bool = True, whole_layers=None, **llama_kwargs):
         model_file = read_model(model_path)
+        llama_kwargs = kv_types_as_ggml(llama_kwargs)
         n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
         check_int("n_batch", n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
@@ -103,6 +126,7 @@ class StreamedLlama(llama_cpp.Llama):
             # splitting a prompt's short tail off (see EngineConfig.graph_reuse)
             # would lose the outputs of every token before it
             graph_reuse=graph_reuse and not (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")),
+            **kv_type_names(llama_kwargs),
         )
         config = resolve_context(config, model_file.hparams["n_ctx_train"])
         self._streamer = streamer = Streamer(model_path, config, model_file=model_file)

@@ -20,7 +20,7 @@ from . import llama_abi, native
 from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
-from .planner import Plan, format_size, make_plan, parse_size, stock_split_plan
+from .planner import Plan, format_size, kv_ggml_type, make_plan, parse_size, stock_split_plan
 from .streamer import LOAD_MODE_NONE, Streamer, StreamedLlamaContext, StreamedLlamaModel, initial_plan
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
@@ -82,6 +82,7 @@ class _Session:
         p.n_threads = p.n_threads_batch = c.threads
         p.flash_attn_type = (self._lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
                              else self._lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
         p.no_perf = True
         return p
 
@@ -380,14 +381,14 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     if plan.streamed and c.vram_budget is not None and c.n_streamed is None and c.streamed_layers is None:
         budget = parse_size(c.vram_budget)
         full = make_plan(model_file, vram_budget=None, n_streamed=0, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch,
-                         flash_attn=c.flash_attn).device_bytes
+                         flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v).device_bytes
         if full <= budget * 1.05 and _stock_fits(path, -1, budget, c):
             return initial_plan(model_file, replace(c, vram_budget=None), cuda=True)
     if plan.stock_gpu_layers is not None:
         budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
-        return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn)
+        return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn, c.type_k, c.type_v)
     return plan
 
 

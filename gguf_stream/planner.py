@@ -75,10 +75,53 @@ def slot_schedule(streamed: tuple[int, ...], n_slots: int, n_evals: int = 1) -> 
     return [(streamed[k % len(streamed)], k % n_slots) for k in range(len(streamed) * n_evals)] if n_slots else []
 
 
-def kv_cache_bytes(model: ModelFile, n_ctx: int, bytes_per_elem: int = 2) -> int:
-    """f16 K and V for every layer (all layers keep their KV on the GPU)."""
+# KV cache types llama.cpp takes for -ctk / -ctv: name -> (ggml type id,
+# bytes per block, elements per block); block-quantized types store 32
+# elements per block (q8_0: 32 int8 and an f16 scale, 34 bytes)
+KV_CACHE_TYPES = {
+    "f32": (0, 4, 1), "f16": (1, 2, 1), "bf16": (30, 2, 1), "q8_0": (8, 34, 32), "q4_0": (2, 18, 32),
+    "q4_1": (3, 20, 32), "iq4_nl": (20, 18, 32), "q5_0": (6, 22, 32), "q5_1": (7, 24, 32),
+}
+
+
+def check_kv_type(name: str, value) -> str:
+    """A KV cache type name llama.cpp knows (KV_CACHE_TYPES), or a one-line error."""
+    if value not in KV_CACHE_TYPES:
+        raise ValueError(f"{name} must be one of {', '.join(KV_CACHE_TYPES)} (llama.cpp's KV cache types), "
+                         f"not {value!r:.40}")
+    return value
+
+
+def kv_ggml_type(type_name: str) -> int:
+    """The ggml type id llama.cpp's context params take (type_k / type_v)."""
+    return KV_CACHE_TYPES[check_kv_type("KV cache type", type_name)][0]
+
+
+def kv_type_name(ggml_type: int) -> str:
+    """The name of a KV cache ggml type id (llama_cpp.Llama's type_k / type_v)."""
+    names = [name for name, (t, _, _) in KV_CACHE_TYPES.items() if t == ggml_type]
+    if not names:
+        raise ValueError(f"ggml type {ggml_type!r:.20} is not a KV cache type llama.cpp takes; use one of "
+                         + ", ".join(f"{t} ({n})" for n, (t, _, _) in KV_CACHE_TYPES.items()))
+    return names[0]
+
+
+def is_quantized_kv(type_name: str) -> bool:
+    """Block-quantized: llama.cpp needs flash attention for such a V cache."""
+    return KV_CACHE_TYPES[type_name][2] > 1
+
+
+def kv_row_bytes(type_name: str, n: int) -> int:
+    """Bytes of n elements of a KV cache type (ggml_row_size)."""
+    _, block_bytes, block = KV_CACHE_TYPES[check_kv_type("KV cache type", type_name)]
+    return n * block_bytes // block
+
+
+def kv_cache_bytes(model: ModelFile, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """K and V of these types for every layer (all layers keep their KV on the GPU)."""
     hp = model.hparams
-    per_token = hp["n_head_kv"] * (hp["key_length"] + hp["value_length"]) * bytes_per_elem
+    per_token = kv_row_bytes(type_k, hp["n_head_kv"] * hp["key_length"]) + \
+        kv_row_bytes(type_v, hp["n_head_kv"] * hp["value_length"])
     return model.n_layer * n_ctx * per_token
 
 
@@ -114,14 +157,20 @@ def shared_device_bytes(model: ModelFile) -> int:
     return total
 
 
+def input_embedding_bytes(model: ModelFile) -> int:
+    """llama.cpp keeps the input embedding (token_embd) in host memory."""
+    t = model.tensor("token_embd.weight")
+    return t.nbytes if t is not None else 0
+
+
 def stock_device_bytes(model: ModelFile, n_gpu_layers: int, n_ctx: int, n_ubatch: int,
-                       flash_attn: bool = True) -> int:
+                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> int:
     """Estimated GPU memory of llama.cpp's own `-ngl n` split (n <= n_layer):
     the last n layers with their KV cache, the compute buffer, and room for
     the host weights the scheduler copies in for large batches (measured on
     the H100 box as about the output matrix: 0.27 GiB for the 8B shape at
     n_ubatch 2048 and 512, against 0.28 GiB of output matrix)."""
-    per_layer_kv = kv_cache_bytes(model, n_ctx) // model.n_layer
+    per_layer_kv = kv_cache_bytes(model, n_ctx, type_k, type_v) // model.n_layer
     resident = model.layer_bytes[model.n_layer - n_gpu_layers:] if n_gpu_layers else ()
     output = model.tensor("output.weight") or model.tensor("token_embd.weight")  # tied embeddings
     staging = output.nbytes if output is not None else 0
@@ -168,6 +217,15 @@ class Plan:
     # What a layer's placement moves: "layer" (all of it) or "experts" (a
     # mixture-of-experts layer's expert tensors; the rest stays resident)
     part: str = "layer"
+    type_k: str = "f16"  # KV cache types (kv_bytes is sized by them)
+    type_v: str = "f16"
+    # Host memory beyond the streamed parts: llama.cpp keeps the input
+    # embedding there; a layer's KV cache (host layers of a stock split, CPU
+    # layers while generating) is kv_layer_bytes; CPU layers get a copy
+    # repacked for the CPU kernels when repack_cpu_layers (EngineConfig.repack)
+    input_bytes: int = 0
+    kv_layer_bytes: int = 0
+    repack_cpu_layers: bool = True
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -221,6 +279,51 @@ class Plan:
         return (self.resident_bytes + self.shared_bytes + self.n_slots * self.slot_bytes
                 + self.kv_bytes + self.compute_bytes)
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Host memory holding the streamed parts, the uploads' only source:
+        pinned on CUDA (it cannot be swapped out), plain memory in host mode."""
+        return self.streamed_bytes
+
+    @property
+    def cpu_layer_host_bytes(self) -> int:
+        """Pageable host memory the CPU layers add while generating: their
+        weights repacked for the CPU kernels (when repacking; at most the
+        layer's bytes: what the repack buffer does not take stays in the
+        upload source), and for whole layers their KV caches, which move to
+        host memory then (mixture-of-experts CPU parts are experts only)."""
+        n_cpu = len(self.cpu_layers)
+        repacked = sum(s.bytes for s in self.layers if s.generate == "cpu") if self.repack_cpu_layers else 0
+        return repacked + (n_cpu * self.kv_layer_bytes if self.part == "layer" else 0)
+
+    @property
+    def pageable_bytes(self) -> int:
+        """Other host memory of the run: the input embedding, a stock split's
+        host layers with their KV caches (llama.cpp's CPU layers), and the
+        CPU layers' part (cpu_layer_host_bytes)."""
+        host = [s for s in self.layers if s.placement == "host"]
+        stock = sum(s.bytes for s in host) + len(host) * self.kv_layer_bytes
+        return self.input_bytes + stock + self.cpu_layer_host_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.pinned_bytes + self.pageable_bytes
+
+    def host_memory_line(self) -> str:
+        return (f"host memory: pinned {format_size(self.pinned_bytes)} + pageable {format_size(self.pageable_bytes)}"
+                f" = {format_size(self.host_bytes)}")
+
+    def _pageable_parts(self) -> str:
+        parts = ["the input embedding"]
+        if self.cpu_layers and self.repack_cpu_layers:
+            parts.append("the CPU layers' repacked weights")
+        if self.cpu_layers and self.part == "layer":
+            parts.append("their KV caches")
+        return ", ".join(parts)
+
+    def _kv_types(self) -> str:
+        return "" if self.type_k == self.type_v == "f16" else f" (K {self.type_k}, V {self.type_v})"
+
     def table(self) -> str:
         experts = self.part == "experts"
         lines = [
@@ -243,7 +346,8 @@ class Plan:
                 f"the budget is below streaming's minimum: llama.cpp's own split, -ngl {self.stock_gpu_layers} "
                 f"({len(self.host_layers)} layers in host memory)",
                 f"device estimate: resident {format_size(self.resident_bytes)} + KV {format_size(self.kv_bytes)}"
-                f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
+                f"{self._kv_types()} + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
+                self.host_memory_line() + " (the host layers, their KV caches and the input embedding)",
             ])
         unit = "expert parts" if experts else "layers"
         lines += [
@@ -257,7 +361,9 @@ class Plan:
                "that only prompts use" if self.generate_resident else ""),
             f"device estimate: resident {format_size(self.resident_bytes)} + shared {format_size(self.shared_bytes)}"
             f" + slots {format_size(self.n_slots * self.slot_bytes)} + KV {format_size(self.kv_bytes)}"
-            f" + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
+            f"{self._kv_types()} + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
+            self.host_memory_line() + f" (pinned: the streamed {unit}, the uploads' source; pageable: "
+            + self._pageable_parts() + ")",
         ]
         return "\n".join(lines)
 
@@ -351,6 +457,9 @@ def make_plan(
     max_slots: int = DEFAULT_MAX_SLOTS,
     slot_pad: int = 0,
     whole_layers: bool | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    repack_cpu_layers: bool = True,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -364,6 +473,9 @@ def make_plan(
     while the previous streamed layer computes) when that costs no extra
     streamed layer or when streamed layers would sit next to each other.
     ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
+    ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
+    ``repack_cpu_layers`` says whether CPU layers get a repacked copy
+    (host memory figures only).
     """
     budget = None if vram_budget is None else parse_size(vram_budget)
     if n_ctx <= 0 or n_ubatch <= 0:
@@ -372,7 +484,8 @@ def make_plan(
         try:
             plan = make_plan(model, vram_budget=vram_budget, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn,
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
-                             max_slots=max_slots, slot_pad=slot_pad, whole_layers=False)
+                             max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
+                             type_v=type_v, repack_cpu_layers=repack_cpu_layers)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -384,7 +497,7 @@ def make_plan(
     fixed_layer = model.fixed_layer_bytes if by_experts else (0,) * N
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
-    kv = kv_cache_bytes(model, n_ctx)
+    kv = kv_cache_bytes(model, n_ctx, type_k, type_v)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
@@ -423,7 +536,7 @@ def make_plan(
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
         minimum = fixed + _slot_bytes(unit, candidates, slot_pad)
         if budget < minimum:
-            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn)
+            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
         streamed, k = _fewest_streamed([unit[i] for i in candidates], spread, fits, n_slots, max_slots, need,
                                        slot_pad)
@@ -447,38 +560,46 @@ def make_plan(
         n_ctx=n_ctx,
         n_ubatch=n_ubatch,
         part="experts" if by_experts else "layer",
+        type_k=type_k,
+        type_v=type_v,
+        input_bytes=input_embedding_bytes(model),
+        kv_layer_bytes=kv // N,
+        repack_cpu_layers=repack_cpu_layers,
     )
 
 
 def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, n_ubatch: int,
-                flash_attn: bool) -> Plan:
+                flash_attn: bool, type_k: str = "f16", type_v: str = "f16") -> Plan:
     """Below streaming's minimum (every KV cache, the shared tensors and a
     slot on the GPU) llama.cpp's own split may still fit: keep its KV cache
     and output matrix on the host. Nothing can beat it there, so use it."""
     N = model.n_layer
     # the estimate grows with the GPU layers: the most that fit, by bisection
     n_fit = bisect.bisect_right(range(N + 1), budget,
-                                key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn)) - 1
+                                key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn, type_k,
+                                                                 type_v)) - 1
     if n_fit < 0:
-        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn)
+        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
         raise BudgetError(
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn)
+    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
-                     flash_attn: bool = True) -> Plan:
+                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> Plan:
     """llama.cpp's `-ngl ngl` split as a Plan (nothing streams)."""
     N = model.n_layer
     spans = tuple(LayerSpan(i, model.layer_bytes[i], "resident" if i >= N - ngl else "host") for i in range(N))
-    comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn)
+    comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+    kv_layer = kv_cache_bytes(model, n_ctx, type_k, type_v) // N
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),
         arch=model.arch, n_layer=N, layers=spans, n_slots=0, slot_bytes=0, shared_bytes=0,
-        kv_bytes=ngl * (kv_cache_bytes(model, n_ctx) // N), compute_bytes=comp,
-        budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl)
+        kv_bytes=ngl * kv_layer, compute_bytes=comp,
+        budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl, type_k=type_k, type_v=type_v,
+        input_bytes=input_embedding_bytes(model), kv_layer_bytes=kv_layer)
 
 
 def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: int, slot_pad: int):

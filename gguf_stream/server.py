@@ -37,7 +37,7 @@ import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
 from .grammar import grammar_error
-from .llama_compat import StreamedLlama, apply_chat_format, swapped
+from .llama_compat import StreamedLlama, apply_chat_format, kv_types_as_ggml, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
 import anyio
@@ -302,7 +302,7 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
     """
     engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
                   n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch)
-    settings = ModelSettings(model=str(model_path), **model_settings)
+    settings = ModelSettings(model=str(model_path), **kv_types_as_ggml(model_settings))  # type_k='q8_0' too
     # interrupt_requests=False: a second request waits for the running one
     # (llama_cpp.server's default ends a running stream when one arrives)
     server_settings = ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=False)

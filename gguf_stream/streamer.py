@@ -23,12 +23,12 @@ from contextlib import contextmanager
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
-from .config import EngineConfig, resolve_context, select_device
-from .errors import BudgetError, DecodeError, EnvironmentMismatchError, UnsupportedModelError
+from .config import EngineConfig, available_host_memory, resolve_context, select_device
+from .errors import BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, UnsupportedModelError
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, format_size, generate_graph_bytes,
-                      generate_resident_layers, interleaved_layers, is_generate_phase, make_plan, parse_size,
-                      with_generate_placement)
+                      generate_resident_layers, interleaved_layers, is_generate_phase, kv_ggml_type, make_plan,
+                      parse_size, with_generate_placement)
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
@@ -54,7 +54,78 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
     else:
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
-                     n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, **what)
+                     n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
+                     type_v=c.type_v, repack_cpu_layers=c.repack, **what)
+
+
+def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,
+                             cuda: bool) -> tuple[tuple[int, ...], int]:
+    """Streamed layers that stay resident while generating and the compute
+    buffer bytes left to generate-phase graphs; ((), 0) when none are kept
+    (generate_resident 'none', or 'auto' off CUDA)."""
+    choice = config.generate_resident
+    if choice == "none" or (choice == "auto" and not cuda):
+        return (), 0
+    reserve = generate_graph_bytes(model_file, config.n_ctx, OFFLOAD_MIN_BATCH, config.flash_attn)
+    if choice != "auto":
+        return tuple(choice), reserve
+    cpu = () if isinstance(config.generate_cpu_layers, str) else config.generate_cpu_layers
+    return generate_resident_layers(model_file, plan, config.n_ubatch, reserve, cpu), reserve
+
+
+def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
+    """generate_cpu_layers 'auto' for an experts plan: the overflow layers
+    whose experts the CPU computes. A token reads the few experts it routes
+    to: the CPU moves ~k/n of the bytes an upload would move (8 of 128
+    experts, 1/16). As many as there are slots stay on the GPU: the ring
+    holds a layer it has already uploaded, so with no more streamed layers
+    than slots, generating uploads nothing."""
+    overflow = plan.generate_overflow
+    held = set(overflow[j] for j in interleaved_layers(len(overflow), min(plan.n_slots, len(overflow))))
+    return tuple(i for i in overflow if i not in held)
+
+
+def expected_generate_plan(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bool) -> Plan:
+    """The plan with the generate placement the Streamer will choose at
+    load, as far as it is known before loading: with 'auto' on CUDA a dense
+    model's CPU layers are measured then, so every overflow layer counts
+    (the most calibration can choose)."""
+    if not plan.streamed:
+        return plan
+    streamed = set(plan.streamed)  # layer numbers the engine would refuse are its to name, after loading
+    resident = [i for i in chosen_generate_resident(model_file, plan, config, cuda)[0] if i in streamed]
+    plan = with_generate_placement(plan, (), resident)
+    choice = config.generate_cpu_layers
+    if choice == "auto" and plan.part == "experts":
+        cpu = moe_cpu_parts(plan)
+    elif choice == "auto" and cuda:
+        cpu = plan.generate_overflow
+    else:
+        cpu = () if isinstance(choice, str) else tuple(choice)
+    return with_generate_placement(plan, [i for i in cpu if i in streamed and i not in resident], resident)
+
+
+ENV_HOST_MEMORY_CHECK = "GGUF_STREAM_HOST_MEMORY_CHECK"
+
+
+def check_host_memory(plan: Plan, config: EngineConfig, available: int | None = None) -> None:
+    """Refuse a plan whose host memory (Plan.host_bytes) exceeds what the
+    machine has available: pinned memory cannot be swapped out, and a run
+    whose weights swap crawls. Skipped with config.host_memory_check False,
+    GGUF_STREAM_HOST_MEMORY_CHECK=0, or where MemAvailable is unknown."""
+    if not config.host_memory_check or os.environ.get(ENV_HOST_MEMORY_CHECK, "1") == "0":
+        return
+    available = available_host_memory() if available is None else available
+    if available is None or plan.host_bytes <= available:
+        return
+    changes = ["a larger vram_budget (fewer streamed or host layers)"]
+    if plan.cpu_layer_host_bytes:
+        changes.append("fewer CPU layers (generate_cpu_layers='none' or fewer layer numbers)")
+    raise HostMemoryError(
+        f"this run needs about {format_size(plan.host_bytes)} of host memory (pinned "
+        f"{format_size(plan.pinned_bytes)} + pageable {format_size(plan.pageable_bytes)}) but "
+        f"{format_size(available)} is available (MemAvailable); give {' or '.join(changes)}, or free host "
+        f"memory ({ENV_HOST_MEMORY_CHECK}=0 skips this check)")
 
 
 def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
@@ -83,6 +154,7 @@ class Streamer:
         self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
         self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
+        check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
         self.calibration: Calibration | None = None
@@ -212,17 +284,11 @@ class Streamer:
         compute buffer llama.cpp sizes for a prompt-sized ubatch (a generated
         token's graph leaves most of it idle): as many as the estimate says
         fit, spread through the overflow (CUDA; layer numbers anywhere)."""
-        c = self.config
-        choice = c.generate_resident
-        if choice == "none" or (choice == "auto" and not self.cuda):
+        layers, reserve = chosen_generate_resident(self.model_file, self.plan, self.config, self.cuda)
+        if not reserve:
             return
-        self.generate_reserve = generate_graph_bytes(self.model_file, c.n_ctx, OFFLOAD_MIN_BATCH, c.flash_attn)
-        if choice == "auto":
-            cpu = () if isinstance(c.generate_cpu_layers, str) else c.generate_cpu_layers
-            layers = generate_resident_layers(self.model_file, self.plan, c.n_ubatch, self.generate_reserve, cpu)
-        else:
-            layers = tuple(choice)
-        self.engine.set_generate_resident(layers, self.generate_reserve)
+        self.generate_reserve = reserve
+        self.engine.set_generate_resident(layers, reserve)
         self.plan = with_generate_placement(self.plan, (), layers)
 
     def _choose_generate_split(self, model) -> None:
@@ -230,14 +296,7 @@ class Streamer:
         (calibrate.py) with 'auto' on CUDA, else as given."""
         choice, cpu = self.config.generate_cpu_layers, ()
         if choice == "auto" and self.experts_only:
-            # A token reads the few experts it routes to: the CPU moves ~k/n
-            # of the bytes an upload would move (8 of 128 experts, 1/16).
-            # As many as there are slots stay on the GPU: the ring holds a
-            # layer it has already uploaded, so with no more streamed layers
-            # than slots, generating uploads nothing.
-            overflow = self.plan.generate_overflow
-            held = set(overflow[j] for j in interleaved_layers(len(overflow), min(self.plan.n_slots, len(overflow))))
-            cpu = tuple(i for i in overflow if i not in held)
+            cpu = moe_cpu_parts(self.plan)
         elif choice == "auto" and self.cuda and self.plan.generate_overflow:
             cpu, self.calibration = Calibrator(self, model).choose_split()
         elif not isinstance(choice, str):
@@ -251,6 +310,11 @@ class Streamer:
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = SMALL_CONTEXT_CELLS, n_batch, n_batch
         p.n_threads = p.n_threads_batch = self.config.threads
+        # the run's KV types and attention (a quantized V cache needs flash
+        # attention), so that calibration times what the run will do
+        c, lc = self.config, self.lc
+        p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         return p
 
     def bos(self, model) -> int:

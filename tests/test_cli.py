@@ -195,6 +195,8 @@ def test_device_cuda_without_cuda(capsys, gemma_path):
     (["--n-streamed", "-2"], "--n-streamed must be in 0..512, got -2"),
     (["--vram-budget", "inf"], "cannot read 'inf' as a size"),
     (["--vram-budget", "9" * 400], "must be a finite number of bytes"),
+    (["-ctv", "q8_0", "-fa", "off"], "a quantized V cache (type_v 'q8_0') needs flash attention in llama.cpp: "
+                                     "give -fa on, or -ctv f16"),
 ])
 def test_bad_flags(capsys, gemma_path, argv, needle):
     rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--device", "host", "-t", T, *SMALL, *argv)
@@ -312,3 +314,58 @@ def test_run_a_moe_model_with_whole_layers(capsys, tiny_moe_path):
                             "--device", "host", "-t", T, *SMALL)
     assert rc == 0, err
     assert "2 of 4 layers' experts streamed" in err
+
+
+# ---------------------------------------------------------------- KV cache types, host memory, default model
+
+def test_kv_cache_types_in_plan_and_run(capsys, tiny_path):
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "2", *SMALL, "-ctk", "q8_0",
+                            "-ctv", "q8_0")
+    assert rc == 0, err
+    assert "(K q8_0, V q8_0)" in out
+    kv = dict(type_k="q8_0", type_v="q8_0", flash_attn=True)
+    with StockModel(tiny_path, n_gpu_layers=0, **{**CPU, **kv}) as stock:
+        want = stock.detokenize(stock.generate(stock.tokenize(PROMPT, special=True), 6, stop_at_eog=True))
+    rc, out, err = run_main(capsys, "run", str(tiny_path), "-p", PROMPT, "-n", "6", "--n-streamed", "4",
+                            "--device", "host", "-t", T, *SMALL, "-ctk", "q8_0", "-ctv", "q8_0")
+    assert rc == 0, err
+    assert out == PROMPT + want + "\n"
+
+
+def test_bad_kv_cache_type_is_a_usage_error(capsys, tiny_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(tiny_path), "-p", "hi", "-ctk", "q8"])
+    assert e.value.code == 2
+    assert "invalid choice: 'q8'" in capsys.readouterr().err
+
+
+def test_plan_shows_host_memory(capsys, tiny_path):
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL)
+    assert rc == 0, err
+    mf = read_model(tiny_path)
+    plan = make_plan(mf, n_streamed=4, n_ctx=256, n_ubatch=64)
+    assert plan.host_memory_line() in out and "host memory: pinned" in out
+    # a CUDA run's generate placement: explicit CPU layers add their repacked copy and KV caches
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--generate-cpu-layers",
+                            ",".join(map(str, plan.streamed[:2])))
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("host memory:"))
+    assert "the CPU layers' repacked weights, their KV caches" in line
+    assert plan.host_memory_line() not in out
+
+
+def test_host_memory_check_is_one_line_in_the_cli(capsys, tiny_path, monkeypatch):
+    from gguf_stream import streamer
+
+    monkeypatch.setattr(streamer, "available_host_memory", lambda: 1 << 20)
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
+                          "--device", "host", "-t", T, *SMALL)
+    assert_user_error(rc, err, "of host memory (pinned", "1.0 MiB is available (MemAvailable)",
+                      "give a larger --vram-budget")
+
+
+def test_plan_without_model_uses_the_default(capsys):
+    rc, out, err = run_main(capsys, "plan", "--n-streamed", "4", *SMALL)
+    assert rc == 0, err
+    assert "embedded default model" in err and "gemma" in out.splitlines()[0].lower()
+    assert len([line for line in out.splitlines() if "| streamed |" in line]) == 4

@@ -98,3 +98,24 @@ def test_context_sizes_as_llama_cpp_uses_them():
     with pytest.raises(ValueError, match="does not give one"):
         context_sizes(0, 512, 512, 0)
     assert resolve_context(EngineConfig(n_ctx=0), 300).n_ctx == 300
+
+
+def test_kv_cache_types():
+    from gguf_stream.config import EngineConfig
+
+    c = EngineConfig(type_k="q8_0", type_v="q4_0")
+    assert (c.type_k, c.type_v) == ("q8_0", "q4_0")
+    with pytest.raises(ValueError, match="type_k must be one of f32, f16, bf16, q8_0"):
+        EngineConfig(type_k="q8")
+    with pytest.raises(ValueError, match="type_v must be one of"):
+        EngineConfig(type_v=8)  # names, not ggml ids
+    with pytest.raises(ValueError, match="quantized V cache .* needs flash attention"):
+        EngineConfig(type_v="q8_0", flash_attn=False)
+    EngineConfig(type_k="q8_0", flash_attn=False)  # a quantized K cache works without it
+
+
+def test_available_host_memory_reads_meminfo():
+    from gguf_stream.config import available_host_memory
+
+    value = available_host_memory()
+    assert value is None or value > 0

@@ -208,10 +208,11 @@ def test_context_0_plans_for_the_training_context(tiny_path):
         llm.close()
 
 
-def test_quantized_v_cache_without_flash_attention_raises_like_llama(tiny_path):
-    """llama.cpp refuses a quantized V cache without flash attention: the
-    error llama_cpp.Llama raises, and a clean exit afterwards (no crash while
-    the half-built model is released), in a child process."""
+def test_quantized_v_cache_without_flash_attention_is_refused_before_loading(tiny_path):
+    """llama.cpp cannot create a context with a quantized V cache and no
+    flash attention: refused with one line before anything loads (it used to
+    fail after the load, as llama_cpp.Llama does), and a clean exit, in a
+    child process."""
     import subprocess
     import sys
 
@@ -223,7 +224,8 @@ def test_quantized_v_cache_without_flash_attention_raises_like_llama(tiny_path):
             "flash_attn=False, verbose=False)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert r.stderr.rstrip().endswith("ValueError: Failed to create llama_context")
+    assert r.stderr.rstrip().endswith("ValueError: a quantized V cache (type_v 'q8_0') needs flash attention in "
+                                      "llama.cpp: set flash_attn=True, or use type_v='f16'")
 
 
 def test_every_call_after_close_raises(tiny_path):
@@ -284,3 +286,19 @@ def test_logits_all_match_stock_at_every_position(gemma_path, placement):
     finally:
         llm.close()
         stock.close()
+
+
+def test_kv_cache_types_by_name_or_ggml_id(tiny_path):
+    from gguf_stream.llama_compat import StreamedLlama
+
+    for type_k, type_v in (("q8_0", "q4_0"), (8, 2)):
+        llm = StreamedLlama(tiny_path, n_streamed=2, device="host", n_ctx=256, type_k=type_k, type_v=type_v,
+                            flash_attn=True, verbose=False)
+        try:
+            assert (llm.context_params.type_k, llm.context_params.type_v) == (8, 2)  # what llama.cpp got
+            assert (llm.plan.type_k, llm.plan.type_v) == ("q8_0", "q4_0")  # what the planner sized
+            assert llm.create_completion("hi", max_tokens=2)["choices"][0]["text"] is not None
+        finally:
+            llm.close()
+    with pytest.raises(ValueError, match="not a KV cache type"):
+        StreamedLlama(tiny_path, n_streamed=2, device="host", n_ctx=256, type_k=12, verbose=False)

@@ -234,3 +234,28 @@ def test_cli_lists_and_resolves(capsys):
     assert "* gemma3-270m" in out and "llama3.2-1b" in out
     assert models.main(["no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_the_registry_ships_inside_the_package():
+    """An installed wheel sees every entry: models.toml is package data,
+    the one registry file (none at the repository root)."""
+    import importlib.resources
+
+    import gguf_stream
+
+    packaged = importlib.resources.files("gguf_stream") / "models.toml"
+    assert packaged.is_file() and Path(str(packaged)) == models.REGISTRY_FILE
+    assert models.REGISTRY_FILE.parent == Path(gguf_stream.__file__).resolve().parent
+    assert models.registry_files() == [models.REGISTRY_FILE]
+    assert not (models.REGISTRY_FILE.parent.parent / "models.toml").exists()
+    with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+        assert "models.toml" in tomllib.load(f)["tool"]["setuptools"]["package-data"]["gguf_stream"]
+
+
+def test_user_registry_still_overrides_the_packaged_one(tmp_path, monkeypatch):
+    user = _registry(tmp_path, 'default = "mine"\n[models.mine]\nsource = "synthetic:tiny"\n'
+                     '[models.tiny]\nsource = "synthetic:tiny"\nseed = 7\n')
+    monkeypatch.setenv(models.ENV_MODELS, str(user))
+    reg = models.load_registry()
+    assert models.registry_files() == [models.REGISTRY_FILE, user]
+    assert reg.default == "mine" and reg.models["tiny"].seed == 7 and "gemma3-270m" in reg.models

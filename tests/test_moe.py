@@ -140,3 +140,19 @@ def test_stock_n_cpu_moe_bad_inputs(tiny_moe_path, tiny_path):
     for n in (-1, 5):
         with pytest.raises(ValueError, match=r"n_cpu_moe must be in 0\.\.4"):
             StockModel(tiny_moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)
+
+
+def test_expected_generate_plan_is_what_the_engine_chooses(tiny_moe_path):
+    """The host-memory check's view before loading equals the load's choice
+    (generate_cpu_layers auto on an experts plan)."""
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.streamer import expected_generate_plan, initial_plan
+
+    options = dict(**CPU, n_streamed=3, n_slots=1, generate_cpu_layers="auto")
+    mf = read_model(tiny_moe_path)
+    expected = expected_generate_plan(mf, initial_plan(mf, EngineConfig(**options), False),
+                                      EngineConfig(**options), cuda=False)
+    with StreamedModel(tiny_moe_path, **options) as m:
+        assert m.plan.cpu_layers and m.plan.cpu_layers == expected.cpu_layers
+        assert m.plan.pageable_bytes == expected.pageable_bytes
+        assert m.plan.pageable_bytes == m.plan.input_bytes  # host mode: no repacked copy, experts keep no KV

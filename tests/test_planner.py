@@ -1,7 +1,7 @@
 import pytest
 
 from gguf_stream import BudgetError, make_plan, parse_size, read_model
-from gguf_stream.planner import GiB, MiB, interleaved_layers, slot_schedule
+from gguf_stream.planner import GiB, MiB, format_size, interleaved_layers, slot_schedule
 
 
 @pytest.mark.parametrize("n_layer,n_streamed,expected", [
@@ -216,3 +216,76 @@ def test_planning_is_not_quadratic_in_the_layer_count(placement):
     plan = make_plan(mf, n_ctx=256, n_ubatch=64, **placement)
     plan.table(), plan.generate_overflow_bytes, plan.device_bytes
     assert time.perf_counter() - t0 < 1.0
+
+
+# ------------------------------------------------------------------ KV cache types, host memory
+
+def test_kv_cache_is_sized_by_its_types(gemma_path):
+    from gguf_stream.planner import KV_CACHE_TYPES, kv_cache_bytes
+
+    m = read_model(gemma_path)
+    f16 = kv_cache_bytes(m, 4096)
+    assert kv_cache_bytes(m, 4096, "q8_0", "q8_0") == pytest.approx(f16 * 34 / 64, rel=1e-9)
+    assert kv_cache_bytes(m, 4096, "f32", "f32") == 2 * f16
+    assert kv_cache_bytes(m, 4096, "q4_0", "f16") == pytest.approx(f16 * (18 / 32 + 2) / 4, rel=1e-9)
+    plan = make_plan(m, n_streamed=4, n_ctx=4096, type_k="q8_0", type_v="q8_0")
+    assert plan.kv_bytes == pytest.approx(make_plan(m, n_streamed=4, n_ctx=4096).kv_bytes * 34 / 64, rel=1e-9)
+    assert "KV 38.2 MiB (K q8_0, V q8_0)" in plan.table()
+    assert set(KV_CACHE_TYPES) == {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"}
+    with pytest.raises(ValueError, match="must be one of"):
+        make_plan(m, n_streamed=4, type_k="q9")
+
+
+def test_kv_type_ids_and_sizes_are_ggmls():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from gguf_stream.planner import KV_CACHE_TYPES, kv_type_name
+
+    for name, (ggml_type, block_bytes, block) in KV_CACHE_TYPES.items():
+        t = GGMLQuantizationType[name.upper()]
+        assert t == ggml_type and GGML_QUANT_SIZES[t] == (block, block_bytes)
+        assert kv_type_name(ggml_type) == name
+    with pytest.raises(ValueError, match="not a KV cache type"):
+        kv_type_name(12)  # Q4_K: a weight type, not one llama.cpp takes for the cache
+
+
+def test_host_memory_of_a_dense_plan(tiny_path):
+    from gguf_stream.planner import with_generate_placement
+
+    m = read_model(tiny_path)
+    embd = m.tensor("token_embd.weight").nbytes
+    plan = make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64)
+    assert plan.pinned_bytes == sum(m.layer_bytes[i] for i in plan.streamed)
+    assert plan.pageable_bytes == embd and plan.host_bytes == plan.pinned_bytes + embd
+    cpu = plan.streamed[:2]
+    hybrid = with_generate_placement(plan, cpu)
+    per_layer_kv = plan.kv_bytes // m.n_layer
+    assert hybrid.pageable_bytes == embd + sum(m.layer_bytes[i] for i in cpu) + 2 * per_layer_kv
+    plain = with_generate_placement(make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, repack_cpu_layers=False), cpu)
+    assert plain.pageable_bytes == embd + 2 * per_layer_kv  # no repacked copy, KV still moves
+    assert f"host memory: pinned {format_size(plan.pinned_bytes)} + pageable {format_size(embd)}" in plan.table()
+    assert "the CPU layers' repacked weights, their KV caches" in hybrid.table()
+
+
+def test_host_memory_of_a_stock_split(tiny_path):
+    from gguf_stream.planner import stock_split_plan
+
+    m = read_model(tiny_path)
+    plan = stock_split_plan(m, 3, None, 256, 64)
+    host = plan.host_layers
+    assert len(host) == 5 and plan.pinned_bytes == 0
+    assert plan.pageable_bytes == (m.tensor("token_embd.weight").nbytes + sum(m.layer_bytes[i] for i in host)
+                                   + 5 * plan.kv_layer_bytes)
+    assert "host memory: pinned 0.0 MiB" in plan.table()
+
+
+def test_host_memory_of_a_moe_plan(tiny_moe_path):
+    from gguf_stream.planner import with_generate_placement
+
+    m = read_model(tiny_moe_path)
+    plan = make_plan(m, n_streamed=3, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts"
+    assert plan.pinned_bytes == sum(m.stream_bytes[i] for i in plan.streamed)  # experts only
+    cpu = with_generate_placement(plan, plan.streamed[:1])
+    # the CPU computes experts only: their repacked copy, no KV moves
+    assert cpu.pageable_bytes == plan.pageable_bytes + m.stream_bytes[plan.streamed[0]]

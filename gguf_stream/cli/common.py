@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from ..planner import format_size
+from ..planner import KV_CACHE_TYPES, format_size
 
 PROG = "gguf-stream"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
@@ -35,7 +35,10 @@ def say(msg: str) -> None:
 
 # library messages speak to the Python API; on the command line these are flags
 _API_TO_FLAGS = (("run with verbose=True", "run with -v"), ("lower n_ctx / n_ubatch", "lower -c / -ub"),
-                 ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"))
+                 ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"),
+                 ("set flash_attn=True, or use type_v='f16'", "give -fa on, or -ctv f16"),
+                 ("a larger vram_budget", "a larger --vram-budget"),
+                 ("(generate_cpu_layers='none' or fewer layer numbers)", "(--generate-cpu-layers none or fewer)"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -127,6 +130,10 @@ def check_flags(args) -> None:
     temp = getattr(args, "temp", None)
     if temp is not None and not (math.isfinite(temp) and 0 <= temp <= 100):
         raise ValueError(f"--temp must be a number in 0..100 (0: greedy), got {temp}")
+    if hasattr(args, "cache_type_v"):  # a quantized V cache without flash attention: refused before loading
+        from ..config import check_kv_types
+
+        check_kv_types(args.cache_type_k, args.cache_type_v, args.flash_attn == "on")
     if args.vram_budget is not None:
         from ..planner import parse_size
 
@@ -173,7 +180,8 @@ def pick_device(requested: str) -> str:
 
 
 def context_options(args, n_ctx_train: int | None = None) -> dict:
-    """n_ctx, n_batch, n_ubatch and flash_attn from -c / -b / -ub / -fa, as
+    """n_ctx, n_batch, n_ubatch, flash_attn and the KV cache types from -c /
+    -b / -ub / -fa / -ctk / -ctv, as
     llama.cpp clamps them (a batch no larger than the context, a ubatch no
     larger than the batch; -c 0: the training context, once the model's is
     known, else left to the engine): one derivation for plan, run, chat and serve."""
@@ -182,7 +190,8 @@ def context_options(args, n_ctx_train: int | None = None) -> dict:
         from ..config import context_sizes
 
         n_ctx, n_batch, n_ubatch = context_sizes(n_ctx, n_batch, n_ubatch, n_ctx_train or 0)
-    return dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), flash_attn=args.flash_attn == "on")
+    return dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), flash_attn=args.flash_attn == "on",
+                type_k=args.cache_type_k, type_v=args.cache_type_v)
 
 
 def explicit_placement(args, mf) -> dict | None:
@@ -341,5 +350,9 @@ def add_context(p, *, threads: bool = True) -> None:
     g.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N",
                    help="physical batch (default 512)")
     g.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="on", help="flash attention (default on)")
+    for flag, name, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        g.add_argument(flag, name, choices=tuple(KV_CACHE_TYPES), default="f16", metavar="TYPE",
+                       help=f"KV cache type for {which}: {', '.join(KV_CACHE_TYPES)} (default f16)"
+                       + ("; a quantized one needs -fa on" if which == "V" else ""))
     if threads:
         g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
