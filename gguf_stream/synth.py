@@ -25,9 +25,10 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
   direction of the RMS-normed hidden state and the top-k change from token to token
   (top-k ignores the router's scale; its std ROUTER_LOGIT_STD / sqrt(n_embd) only
   keeps the softmax mixing weights of the chosen experts from being one-hot).
-  Deep layers route more alike than a real model's: random attention averages the
-  tokens' states (qwen3-30b-a3b, 16 tokens: 2 tokens share ~0.7 of 8 experts in
-  layer 0, ~4-5 of 8 past layer 20);
+  with the attention output at MATRIX_STD / 16 deep layers spread like the first
+  (qwen3-30b-a3b, 128 tokens: all 128 experts used in every layer, two tokens share
+  0.5 of 8 on average, as chance gives); at MATRIX_STD, random attention's common
+  part swamped the tokens (32-41 experts used past layer 24);
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
@@ -113,6 +114,13 @@ MATRIX_STD = 0.02   # std of the dequantized weight matrices
 EMBD_STD = 1.0      # std of token_embd
 NORM_NOISE = 0.02   # norm weights are 1 + NORM_NOISE * N(0, 1)
 ROUTER_LOGIT_STD = 1.0  # std of the router logits on an RMS-normed hidden state (softmax not one-hot)
+# Random attention averages the tokens' values, so each layer adds nearly the
+# same vector to every token; at MATRIX_STD that common part outgrows the
+# token's own embedding within a few layers and deep routers then pick the
+# same few experts for every token (128 tokens used 32-41 of 128 experts past
+# layer 24 of qwen3-30b-a3b, where a trained model's routing spreads over
+# nearly all). A smaller attention output keeps tokens apart.
+MOE_ATTN_OUTPUT_STD = MATRIX_STD / 16
 
 # Order of the per-layer tensors; the index is part of each tensor's RNG key.
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -202,6 +210,7 @@ class TensorSpec:
     key: tuple[int, int]      # (layer + 1, kind); layer -1 is for the global tensors
     is_norm: bool
     is_router: bool = False   # F32 random (not 1 + noise), not quantized
+    std: float | None = None  # of the dequantized values; None: EMBD_STD / MATRIX_STD
 
 
 def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -226,8 +235,9 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
         for name in MOE_LAYER_TENSORS if shape.is_moe else LAYER_TENSORS:
+            std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
             specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, _KIND_INDEX[name]),
-                                    name.endswith("_norm"), name == "ffn_gate_inp"))
+                                    name.endswith("_norm"), name == "ffn_gate_inp", std))
     specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
     specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
     return specs
@@ -250,7 +260,7 @@ def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
     cols = spec.shape[-1]
     if cols % block_size:
         raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {block_size} ({qtype})")
-    std = EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD
+    std = spec.std or (EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD)
     blocks = make(rng, math.prod(spec.shape) // block_size, std)
     return blocks.reshape(*spec.shape[:-1], -1)
 

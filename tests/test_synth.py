@@ -9,7 +9,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from conftest import needs_no_amx
-from gguf_stream.synth import SHAPES, main, write_synthetic
+from gguf_stream.synth import MOE_ATTN_OUTPUT_STD, SHAPES, main, write_synthetic
 
 TINY = SHAPES["tiny"]
 QTYPES = ["Q4_K", "Q8_0"]
@@ -205,6 +205,9 @@ def test_moe_experts_and_router(moe_files):
     router = np.asarray(tensors["blk.0.ffn_gate_inp.weight"].data)
     assert router.dtype == np.float32 and router.shape == (MOE.n_expert, MOE.n_embd)
     assert abs(router.std() * np.sqrt(MOE.n_embd) - 1.0) < 0.05  # logits of std ~1 on a normed state
+    # attention output scaled down so deep routers keep telling tokens apart
+    wo = gguf.quants.dequantize(np.asarray(tensors["blk.0.attn_output.weight"].data), gguf.GGMLQuantizationType.Q4_K)
+    assert 0.5 * MOE_ATTN_OUTPUT_STD < wo.std() < 2 * MOE_ATTN_OUTPUT_STD
 
 
 def _moe_generate(path: Path) -> tuple[list[int], np.ndarray]:
