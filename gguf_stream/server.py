@@ -36,7 +36,7 @@ import json
 import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
-from .grammar import grammar_error
+from .grammar import grammar_error, schema_grammar
 from .llama_compat import StreamedLlama, apply_chat_format, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
@@ -48,7 +48,6 @@ import pydantic
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from starlette.middleware import Middleware
@@ -68,7 +67,6 @@ BODIES = {
 }
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")  # no API key needed
 MAX_BODY_BYTES = 16 << 20  # a 128k-token prompt is about 0.5 MiB of text
-MAX_SCHEMA_REPEAT = 10_000  # minItems / maxLength ...: the grammar spells each repetition out
 
 
 class _LlamaCppWithStreamed:
@@ -260,31 +258,10 @@ def _check_grammar(llm, grammar: str, param: str) -> None:
 
 
 def _schema_grammar(schema) -> str:
-    """The grammar llama-cpp-python makes of a response_format schema (it
-    would fall back to any JSON where it cannot: the schema asked for is
-    refused instead)."""
-    big = _largest_repeat(schema)
-    if big > MAX_SCHEMA_REPEAT:
-        raise BadRequest(400, f"response_format: the schema repeats something {big} times; at most "
-                         f"{MAX_SCHEMA_REPEAT} (the grammar spells out each repetition)", "response_format")
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # noqa: BLE001 - any failure of the converter is the schema's
-        raise BadRequest(400, f"response_format: the schema cannot be turned into a grammar "
-                         f"({type(exc).__name__}: {str(exc)[:200]})", "response_format") from None
-    return grammar
-
-
-def _largest_repeat(schema, depth: int = 0) -> int:
-    if depth > 100:
-        raise BadRequest(400, "response_format: the schema is nested over 100 levels deep", "response_format")
-    if isinstance(schema, dict):
-        own = [v for k, v in schema.items() if k in ("minItems", "maxItems", "minLength", "maxLength")
-               and isinstance(v, int)]
-        return max(own + [_largest_repeat(v, depth + 1) for v in schema.values()] + [0])
-    if isinstance(schema, list):
-        return max([_largest_repeat(v, depth + 1) for v in schema] + [0])
-    return 0
+        return schema_grammar(schema)
+    except ValueError as exc:
+        raise BadRequest(400, f"response_format: {exc}", "response_format") from None
 
 
 def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
