@@ -1,4 +1,5 @@
-"""Check a GBNF grammar with llama.cpp's own parser, in a child process.
+"""Check a GBNF grammar with llama.cpp's own parser, in a child process; turn
+a JSON schema into a grammar as llama-cpp-python does (schema_grammar).
 
 llama.cpp returns no sampler for a grammar it cannot parse, and
 llama-cpp-python adds that NULL to its sampler chain: the next token sampled
@@ -10,6 +11,7 @@ tokens), and the verdict is cached.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,8 @@ MAX_GRAMMAR_BYTES = 1 << 20
 TIMEOUT_S = 60
 CACHE_SIZE = 256
 ERROR_LEVEL = 4  # GGML_LOG_LEVEL_ERROR
+MAX_SCHEMA_REPEAT = 10_000  # minItems / maxLength ...: the grammar spells each repetition out
+MAX_SCHEMA_DEPTH = 100
 _cache: OrderedDict[tuple[str, str, str], str | None] = OrderedDict()
 _lock = threading.Lock()
 
@@ -44,6 +48,36 @@ def grammar_error(model_path: str | os.PathLike, grammar: str, root: str = "root
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return verdict
+
+
+def schema_grammar(schema) -> str:
+    """The GBNF grammar llama-cpp-python makes of a JSON schema (a parsed
+    one: dict or bool). ValueError, in one line, where it cannot (llama-cpp-python's
+    response_format would fall back to any JSON: the schema asked for is
+    refused instead) or where the grammar would be too large to build."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    big = _largest_repeat(schema)
+    if big > MAX_SCHEMA_REPEAT:
+        raise ValueError(f"the schema repeats something {big} times; at most {MAX_SCHEMA_REPEAT} "
+                         "(the grammar spells out each repetition)")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # noqa: BLE001 - any failure of the converter is the schema's
+        raise ValueError(f"the schema cannot be turned into a grammar ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+
+
+def _largest_repeat(schema, depth: int = 0) -> int:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"the schema is nested over {MAX_SCHEMA_DEPTH} levels deep")
+    if isinstance(schema, dict):
+        own = [v for k, v in schema.items() if k in ("minItems", "maxItems", "minLength", "maxLength")
+               and isinstance(v, int)]
+        return max(own + [_largest_repeat(v, depth + 1) for v in schema.values()] + [0])
+    if isinstance(schema, list):
+        return max([_largest_repeat(v, depth + 1) for v in schema] + [0])
+    return 0
 
 
 def _parse_in_child(model_path: str, data: bytes, root: str) -> str | None:

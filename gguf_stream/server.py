@@ -13,7 +13,9 @@ What differs from llama_cpp.server's own app: requests are checked before its
 routes see them (RequestGuard: a JSON object of the endpoint's fields in their
 ranges, a known model name, grammars and JSON schemas llama.cpp can parse,
 token ids inside the vocabulary: else 4xx instead of a 500 or a crashed
-process); ``api_key`` is required when given; CORS is off unless origins are
+process), and OpenAI's newer chat fields are put in llama_cpp.server's terms
+(openai_compatible: max_completion_tokens, a json_schema response format);
+``embedding=True`` serves /v1/embeddings pooled (embedding_pooling); ``api_key`` is required when given; CORS is off unless origins are
 named; concurrent requests queue instead of cutting a running stream off
 (interrupt_requests); ``/health`` answers.
 
@@ -36,7 +38,7 @@ import json
 import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
-from .grammar import grammar_error
+from .grammar import grammar_error, schema_grammar
 from .llama_compat import StreamedLlama, apply_chat_format, kv_types_as_ggml, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
@@ -48,7 +50,6 @@ import pydantic
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from starlette.middleware import Middleware
@@ -68,18 +69,18 @@ BODIES = {
 }
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")  # no API key needed
 MAX_BODY_BYTES = 16 << 20  # a 128k-token prompt is about 0.5 MiB of text
-MAX_SCHEMA_REPEAT = 10_000  # minItems / maxLength ...: the grammar spells each repetition out
 
 
 class _LlamaCppWithStreamed:
     """The ``llama_cpp`` module as llama_cpp.server.model sees it while loading:
-    everything is llama_cpp's, except that ``Llama`` builds a StreamedLlama."""
+    everything is llama_cpp's, except that ``Llama`` builds a StreamedLlama
+    (with the engine options, and Llama options ModelSettings has no field for)."""
 
-    def __init__(self, engine_options: dict):
-        self._engine_options = engine_options
+    def __init__(self, engine_options: dict, llama_options: dict):
+        self._engine_options, self._llama_options = engine_options, llama_options
 
     def Llama(self, **kwargs):  # noqa: N802 (mirrors the class name)
-        return StreamedLlama(**kwargs, **self._engine_options)
+        return StreamedLlama(**kwargs, **self._llama_options, **self._engine_options)
 
     def __getattr__(self, name):
         return getattr(llama_cpp, name)
@@ -89,18 +90,19 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
     """llama_cpp.server's model holder, loading StreamedLlama with the engine
     options; after close() requests get HTTP 503 instead of touching freed memory."""
 
-    def __init__(self, models: list[ModelSettings], *, engine_options: dict):
+    def __init__(self, models: list[ModelSettings], *, engine_options: dict, llama_options: dict | None = None):
         unknown = set(engine_options) - set(ENGINE_OPTIONS)
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)}; known: {', '.join(ENGINE_OPTIONS)}")
         self._engine_options = dict(engine_options)
+        self._llama_options = dict(llama_options or {})
         self._closed = False
         super().__init__(models)
 
     def load_llama_from_model_settings(self, settings: ModelSettings) -> StreamedLlama:  # llama_cpp: a staticmethod
         if settings.hf_model_repo_id is not None:
             raise ValueError("gguf-stream serves local GGUF files: give a path, not hf_model_repo_id")
-        with swapped(server_model, "llama_cpp", _LlamaCppWithStreamed(self._engine_options)):
+        with swapped(server_model, "llama_cpp", _LlamaCppWithStreamed(self._engine_options, self._llama_options)):
             llm = server_model.LlamaProxy.load_llama_from_model_settings(settings)
         try:
             apply_chat_format(llm, settings.chat_format)  # GGUFs without a chat template (Gemma)
@@ -162,7 +164,7 @@ class RequestGuard:
             if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
                 raise BadRequest(401, "invalid or missing API key; send the header 'Authorization: Bearer KEY'")
             if scope["method"] == "POST" and path in BODIES:
-                body = await _read_body(receive)
+                body = openai_compatible(path, await _read_body(receive))
                 await anyio.to_thread.run_sync(check_request, path, body, self.proxy)
                 receive = _replay(body, receive)
         except BadRequest as exc:
@@ -208,6 +210,49 @@ def _replay(body: bytes, receive):
     return replay
 
 
+def openai_compatible(path: str, body: bytes) -> bytes:
+    """The body with what OpenAI's newer chat API names in llama_cpp.server's
+    terms, which ignores max_completion_tokens (generation then ran to the end
+    of the context) and knows no json_schema response format; else as it came."""
+    if path != "/v1/chat/completions":
+        return body
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body  # check_request says what is wrong with it
+    if not isinstance(data, dict):
+        return body
+    changed = _max_completion_tokens(data) | _json_schema_format(data)
+    return json.dumps(data).encode() if changed else body
+
+
+def _max_completion_tokens(data: dict) -> bool:
+    """max_completion_tokens as max_tokens, where max_tokens is absent (or null)."""
+    if "max_completion_tokens" not in data:
+        return False
+    value = data.pop("max_completion_tokens")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise BadRequest(400, f"max_completion_tokens must be a positive integer, got {str(value)[:40]!r}",
+                         "max_completion_tokens")
+    if data.get("max_tokens") is None:
+        data["max_tokens"] = value
+    return True
+
+
+def _json_schema_format(data: dict) -> bool:
+    """response_format {"type": "json_schema", "json_schema": {"schema": S}} (OpenAI's structured
+    outputs) as llama-cpp-python's {"type": "json_object", "schema": S}."""
+    fmt = data.get("response_format")
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+        return False
+    spec = fmt.get("json_schema")
+    if not (isinstance(spec, dict) and "schema" in spec):
+        raise BadRequest(400, "response_format: type json_schema needs json_schema.schema (a JSON schema)",
+                         "response_format")
+    data["response_format"] = {"type": "json_object", "schema": spec["schema"]}
+    return True
+
+
 def check_request(path: str, body: bytes, proxy) -> None:
     """Raise BadRequest for what llama_cpp.server would answer with a 500 or a crash."""
     try:
@@ -231,7 +276,8 @@ def check_request(path: str, body: bytes, proxy) -> None:
         raise BadRequest(404, f"model {str(model)[:80]!r} is not served here: this server serves "
                          f"{', '.join(map(repr, proxy))} (or leave model out)", "model")
     if path == "/v1/embeddings" and not llm.context_params.embeddings:
-        raise BadRequest(400, "this server's model computes no embeddings (it was not loaded with embedding=True)")
+        raise BadRequest(400, "this server's model computes no embeddings: start it with --embedding "
+                         "(create_app(..., embedding=True))")
     n_vocab = llm.n_vocab()
     tokens = data.get("tokens") if path == "/extras/detokenize" else None
     if tokens and not all(0 <= t < n_vocab for t in tokens):
@@ -260,49 +306,33 @@ def _check_grammar(llm, grammar: str, param: str) -> None:
 
 
 def _schema_grammar(schema) -> str:
-    """The grammar llama-cpp-python makes of a response_format schema (it
-    would fall back to any JSON where it cannot: the schema asked for is
-    refused instead)."""
-    big = _largest_repeat(schema)
-    if big > MAX_SCHEMA_REPEAT:
-        raise BadRequest(400, f"response_format: the schema repeats something {big} times; at most "
-                         f"{MAX_SCHEMA_REPEAT} (the grammar spells out each repetition)", "response_format")
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # noqa: BLE001 - any failure of the converter is the schema's
-        raise BadRequest(400, f"response_format: the schema cannot be turned into a grammar "
-                         f"({type(exc).__name__}: {str(exc)[:200]})", "response_format") from None
-    return grammar
-
-
-def _largest_repeat(schema, depth: int = 0) -> int:
-    if depth > 100:
-        raise BadRequest(400, "response_format: the schema is nested over 100 levels deep", "response_format")
-    if isinstance(schema, dict):
-        own = [v for k, v in schema.items() if k in ("minItems", "maxItems", "minLength", "maxLength")
-               and isinstance(v, int)]
-        return max(own + [_largest_repeat(v, depth + 1) for v in schema.values()] + [0])
-    if isinstance(schema, list):
-        return max([_largest_repeat(v, depth + 1) for v in schema] + [0])
-    return 0
+        return schema_grammar(schema)
+    except ValueError as exc:
+        raise BadRequest(400, f"response_format: {exc}", "response_format") from None
 
 
 def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
                whole_layers=None, device: str = "auto", prefetch: bool = True, host: str = "127.0.0.1",
-               port: int = 8000, api_key: str | None = None, cors_origins=(), **model_settings) -> FastAPI:
+               port: int = 8000, api_key: str | None = None, cors_origins=(), pooling: str | None = None,
+               **model_settings) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``model_settings`` are llama_cpp.server ModelSettings fields (n_ctx,
     n_batch, n_ubatch, n_threads, chat_format, model_alias, flash_attn,
     verbose, ...); the engine options are StreamedLlama's. ``api_key``:
     requests must send ``Authorization: Bearer KEY``; ``cors_origins``: the
-    browser origins allowed to call it (none by default). The model is loaded
+    browser origins allowed to call it (none by default). ``embedding=True``
+    serves /v1/embeddings, pooled by ``pooling`` (see embedding_pooling). The model is loaded
     here (errors raise here); it is closed by close_app(app) or when the
     server shuts down.
     """
     engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
                   n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch)
     settings = ModelSettings(model=str(model_path), **kv_types_as_ggml(model_settings))  # type_k='q8_0' too
+    llama_options = {"pooling_type": embedding_pooling(model_path, pooling)} if settings.embedding else {}
+    if pooling is not None and not settings.embedding:
+        raise ValueError("pooling applies to embeddings: give embedding=True (--embedding) too")
     # interrupt_requests=False: a second request waits for the running one
     # (llama_cpp.server's default ends a running stream when one arrives)
     server_settings = ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=False)
@@ -311,7 +341,7 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
         previous.close()  # one model per process, as in llama_cpp.server
 
     def proxy_factory(models):
-        return StreamedLlamaProxy(models, engine_options=engine)
+        return StreamedLlamaProxy(models, engine_options=engine, llama_options=llama_options)
 
     with swapped(server_app, "LlamaProxy", proxy_factory):
         app = server_app.create_app(server_settings=server_settings, model_settings=[settings])
@@ -327,6 +357,26 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
 
     app.router.on_shutdown.append(close_on_shutdown)
     return app
+
+
+POOLING = {"none": llama_cpp.LLAMA_POOLING_TYPE_NONE, "mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+           "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS, "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}
+
+
+def embedding_pooling(model_path, requested: str | None) -> int:
+    """llama.cpp's pooling type for /v1/embeddings: the one requested, else the
+    GGUF's own, else mean. A generative model names none or "none" (a vector
+    per token, which OpenAI clients cannot read: llama.cpp's server refuses
+    it there); mean gives one vector per input."""
+    if requested is not None:
+        if requested not in POOLING:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING)}, got {requested!r}")
+        return POOLING[requested]
+    from .gguf_file import read_model
+
+    own = read_model(model_path).hparams.get("pooling_type")
+    return own if own in POOLING.values() and own != llama_cpp.LLAMA_POOLING_TYPE_NONE else \
+        llama_cpp.LLAMA_POOLING_TYPE_MEAN
 
 
 def _set_middleware(app: FastAPI, proxy, api_key: str | None, cors_origins: tuple[str, ...]) -> None:

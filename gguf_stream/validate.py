@@ -148,10 +148,18 @@ def hyperparameters(kv: dict, where: str) -> tuple[str, dict]:
         "n_expert": k.u32("expert_count", 0),
         "n_expert_used": max(k.per_layer("expert_used_count", n_layer, [0])),
         "n_ff_exp": k.u32("expert_feed_forward_length", 0),
+        "pooling_type": _pooling_type(kv, arch),
     }
     if arch in ATTENTION_ARCHS:
         _check_attention(k, hp, n_head, n_head_kv, n_rot)
     return arch, hp
+
+
+def _pooling_type(kv: dict, arch: str) -> int | None:
+    """The embedding pooling the GGUF names (llama_pooling_type: 0 none, 1 mean, 2 cls, 3 last, 4 rank), or
+    None; read leniently: only serving embeddings uses it, and llama.cpp reads it for few architectures."""
+    field = kv.get(f"{arch}.pooling_type")
+    return field.value if field is not None and field.type == _UINT32 else None
 
 
 def _check_experts(k: _Keys, n_layer: int) -> None:

@@ -100,6 +100,61 @@ def test_run_prints_stock_greedy_text_and_counters(capsys, gemma_path):
     assert "t/s" in err and "adopted ready" in err and "6 of 18 layers streamed" in err
 
 
+def run_text(capsys, gemma_path, *argv, n=16):
+    rc, out, err = run_main(capsys, "run", str(gemma_path), "-p", PROMPT, "-n", str(n), "--n-streamed", "6",
+                            "--device", "host", "-t", T, *SMALL, "--no-display-prompt", *argv)
+    assert rc == 0, err
+    return out, err
+
+
+def test_run_temp_0_is_todays_greedy_output(capsys, gemma_path):
+    """--temp 0 (the default) is the argmax, whatever the other sampling flags
+    say; with a repeat penalty at temp 0 llama.cpp's greedy sampler picks."""
+    greedy, _ = run_text(capsys, gemma_path)
+    with StockModel(gemma_path, n_gpu_layers=0, **CPU) as stock:
+        want = stock.detokenize(stock.generate(stock.tokenize(PROMPT, special=True), 16, stop_at_eog=True))
+    assert greedy == want + "\n"
+    assert run_text(capsys, gemma_path, "--temp", "0", "-s", "9", "--top-k", "1", "--min-p", "0.5")[0] == greedy
+    # the sampler chain's greedy pick is the argmax too (a penalty this small moves no token here)
+    assert run_text(capsys, gemma_path, "--repeat-penalty", "1.0001")[0] == greedy
+
+
+def test_run_sampling_is_reproducible_by_seed(capsys, gemma_path):
+    flags = ("--temp", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0")  # the whole distribution
+    a, _ = run_text(capsys, gemma_path, *flags, "--seed", "7")
+    assert run_text(capsys, gemma_path, *flags, "-s", "7")[0] == a
+    others = {run_text(capsys, gemma_path, *flags, "-s", str(s))[0] for s in (8, 9)}
+    assert others - {a}, "different seeds gave the same text"
+    # -1 (the default): a random seed, said on stderr so the run can be repeated
+    text, err = run_text(capsys, gemma_path, *flags)
+    seed = err.split("sampling seed ", 1)[1].split()[0]
+    assert run_text(capsys, gemma_path, *flags, "-s", seed)[0] == text
+
+
+def test_run_penalty_and_cuts_change_sampled_text_within_reason(capsys, gemma_path):
+    out, _ = run_text(capsys, gemma_path, "--temp", "0.8", "--repeat-penalty", "1.5", "--repeat-last-n", "-1",
+                      "--top-k", "20", "--top-p", "0.9", "--min-p", "0.1", "-s", "1")
+    assert out.strip()
+
+
+def test_run_json_schema_constrains_output_to_valid_json(capsys, gemma_path, tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    for argv in (["-j", json.dumps(schema)], ["-j", json.dumps(schema), "--temp", "0.9", "-s", "3"]):
+        out, _ = run_text(capsys, gemma_path, *argv, n=64)
+        got = json.loads(out)  # stopped at the end of the grammar, not at -n
+        assert set(got) == {"answer", "n"} and isinstance(got["answer"], bool) and isinstance(got["n"], int)
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    out, _ = run_text(capsys, gemma_path, "-jf", str(tmp_path / "s.json"), n=64)
+    assert isinstance(json.loads(out)["answer"], bool)
+    (tmp_path / "yes-no.gbnf").write_text('root ::= "yes" | "no"\n')
+    for argv in (["--grammar", 'root ::= "yes" | "no"'], ["--grammar-file", str(tmp_path / "yes-no.gbnf")],
+                 ["--grammar", 'root ::= "yes" | "no"', "--temp", "1", "-s", "2"]):
+        assert run_text(capsys, gemma_path, *argv)[0] in ("yes\n", "no\n")
+
+
 def test_run_without_model_or_budget_uses_the_default_and_streams_half(capsys):
     rc, out, err = run_main(capsys, "run", "-p", "Hello", "-n", "2", "-t", T, *SMALL, "--no-display-prompt")
     assert rc == 0, err
@@ -197,6 +252,26 @@ def test_device_cuda_without_cuda(capsys, gemma_path):
     (["--vram-budget", "9" * 400], "must be a finite number of bytes"),
     (["-ctv", "q8_0", "-fa", "off"], "a quantized V cache (type_v 'q8_0') needs flash attention in llama.cpp: "
                                      "give -fa on, or -ctv f16"),
+    # sampling: llama.cpp's flags, each range-checked
+    (["--temp", "-1"], "--temp must be a number in 0..100 (0: greedy), got -1.0"),
+    (["--temp", "nan"], "--temp must be a number in 0..100"),
+    (["--top-k", "-1"], "--top-k must be in 0..2147483647 (0: off), got -1"),
+    (["--top-p", "1.5"], "--top-p must be a number in 0..1 (1: off), got 1.5"),
+    (["--min-p", "-0.1"], "--min-p must be a number in 0..1 (0: off), got -0.1"),
+    (["--repeat-penalty", "0"], "--repeat-penalty must be a number over 0"),
+    (["--repeat-penalty", "inf"], "--repeat-penalty must be a number over 0"),
+    (["--repeat-last-n", "-2"], "--repeat-last-n must be in -1..2147483647"),
+    (["-s", "-2"], "--seed must be in -1..4294967294 (-1: random), got -2"),
+    (["--seed", str(2**32)], "--seed must be in -1..4294967294"),
+    (["--grammar", "root ::= ("], "--grammar: llama.cpp cannot use this grammar: parse: error parsing grammar: "
+                                  "expecting ')'"),
+    (["--grammar", "root ::= " + "(" * 100_000 + '"a"' + ")" * 100_000], "grammar parser crashed"),
+    (["--grammar-file", "/no/such/file"], "--grammar-file /no/such/file: cannot read it (No such file"),
+    (["--json-schema", "{nope"], "--json-schema is not JSON"),
+    (["--json-schema", "[1, 2]"], "--json-schema must be a JSON object (a JSON schema), not list"),
+    (["-j", '{"type": 5}'], "--json-schema: the schema cannot be turned into a grammar"),
+    (["-j", '{"type": "array", "minItems": 1000000}'], "repeats something 1000000 times"),
+    (["--grammar", 'root ::= "a"', "-j", "{}"], "--grammar and --json-schema both constrain the output"),
 ])
 def test_bad_flags(capsys, gemma_path, argv, needle):
     rc, _, err = run_main(capsys, "run", str(gemma_path), "-p", "hi", "--device", "host", "-t", T, *SMALL, *argv)

@@ -5,7 +5,7 @@ import sys
 import time
 
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, say, streamed_llama
+    check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
 
 CHAT_N_PREDICT = 256
 
@@ -25,7 +25,7 @@ def add_parser(sub, parents) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=CHAT_N_PREDICT, metavar="N",
                    help=f"most tokens per reply (default {CHAT_N_PREDICT}; -1: until end of turn)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy, reproducible)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default 0; -1: random, said on stderr)")
     p.add_argument("--chat-format", metavar="NAME", help="llama-cpp-python chat format instead of the GGUF's "
                    "template (GGUFs without one: 'gemma' for Gemma, else llama-cpp-python's default)")
     add_placement(p)
@@ -40,7 +40,7 @@ def cmd_chat(args) -> int:
     check_n_predict(args, "end of turn")
     device, path, options = prepare_load(args)
     t0 = time.perf_counter()
-    llm = streamed_llama(args, path, device, options, seed=args.seed, chat_format=args.chat_format)
+    llm = streamed_llama(args, path, device, options, seed=resolve_seed(args.seed), chat_format=args.chat_format)
     try:
         fmt = apply_chat_format(llm, args.chat_format)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")

@@ -17,6 +17,7 @@ EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 # Without a budget on a GPU: plan for the free VRAM minus this much (other
 # processes, CUDA context growth, fragmentation).
 GPU_HEADROOM = 1 << 30
+MAX_SEED = 2**32 - 2  # llama.cpp's 2**32 - 1 (LLAMA_DEFAULT_SEED) means "random"
 
 
 class _Output:
@@ -123,13 +124,20 @@ def check_flags(args) -> None:
             ("-b", "batch_size", 1, MAX_CONTEXT, ""), ("-ub", "ubatch_size", 1, MAX_CONTEXT, ""),
             ("-t", "threads", 1, max_threads(), "8 per CPU at most"),
             ("--n-streamed", "n_streamed", 0, MAX_SLOTS, ""), ("--n-slots", "n_slots", 1, MAX_SLOTS, ""),
-            ("-ngl", "n_gpu_layers", -1, MAX_CONTEXT, "-1: all"), ("--seed", "seed", 0, 2**32 - 1, "")):
+            ("-ngl", "n_gpu_layers", -1, MAX_CONTEXT, "-1: all"), ("--seed", "seed", -1, MAX_SEED, "-1: random"),
+            ("--top-k", "top_k", 0, MAX_CONTEXT, "0: off"),
+            ("--repeat-last-n", "repeat_last_n", -1, MAX_CONTEXT, "0: off, -1: the context size")):
         value = getattr(args, name, None)
         if value is not None and not lo <= value <= hi:
             raise ValueError(f"{flag} must be in {lo}..{hi}{f' ({note})' if note else ''}, got {value}")
-    temp = getattr(args, "temp", None)
-    if temp is not None and not (math.isfinite(temp) and 0 <= temp <= 100):
-        raise ValueError(f"--temp must be a number in 0..100 (0: greedy), got {temp}")
+    for flag, name, lo, hi, note in (("--temp", "temp", 0, 100, "0: greedy"), ("--top-p", "top_p", 0, 1, "1: off"),
+                                     ("--min-p", "min_p", 0, 1, "0: off")):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"{flag} must be a number in {lo}..{hi} ({note}), got {value}")
+    penalty = getattr(args, "repeat_penalty", None)
+    if penalty is not None and not (math.isfinite(penalty) and 0 < penalty <= 100):
+        raise ValueError(f"--repeat-penalty must be a number over 0, at most 100 (1: off), got {penalty}")
     if hasattr(args, "cache_type_v"):  # a quantized V cache without flash attention: refused before loading
         from ..config import check_kv_types
 
@@ -156,6 +164,77 @@ def check_utf8(flag: str, text: str | None) -> None:
 def check_n_predict(args, until: str) -> None:
     if args.n_predict == 0 or args.n_predict < -1:
         raise ValueError(f"-n must be positive or -1 (until {until}), got {args.n_predict}")
+
+
+def resolve_seed(seed: int) -> int:
+    """--seed -1 (llama.cpp's "random"): a fresh seed, said on stderr so that the run can be repeated."""
+    if seed != -1:
+        return seed
+    import secrets
+
+    seed = secrets.randbelow(MAX_SEED + 1)
+    say(f"sampling seed {seed} (give --seed {seed} to repeat this run)")
+    return seed
+
+
+def sampling_grammar(args, model_path) -> str | None:
+    """The GBNF grammar of --grammar / --grammar-file / --json-schema / --json-schema-file
+    (at most one), checked by llama.cpp's parser in a child process: a grammar
+    it cannot parse would crash this one at the first token."""
+    from ..grammar import grammar_error
+
+    given = [(flag, value) for flag, value in (("--grammar", args.grammar), ("--grammar-file", args.grammar_file),
+                                               ("--json-schema", args.json_schema),
+                                               ("--json-schema-file", args.json_schema_file)) if value is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(f for f, _ in given)} both constrain the output; give only one")
+    flag, value = given[0]
+    text = _read_text(flag, value) if flag.endswith("-file") else value
+    check_utf8(flag, text)
+    grammar = _schema_to_grammar(flag, text) if flag.startswith("--json-schema") else text
+    reason = grammar_error(model_path, grammar)
+    if reason is not None:
+        raise ValueError(f"{flag}: llama.cpp cannot use this grammar: {reason}")
+    return grammar
+
+
+def _read_text(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag} {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _schema_to_grammar(flag: str, text: str) -> str:
+    """A JSON schema's grammar, as llama-cpp-python makes it (LlamaGrammar.from_json_schema)."""
+    import json
+
+    from ..grammar import schema_grammar
+
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag} is not JSON ({exc})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"{flag} must be a JSON object (a JSON schema), not {type(schema).__name__}")
+    try:
+        return schema_grammar(schema)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def sampling_params(args, model_path):
+    """sampling.SamplingParams from run's sampling flags (check_flags checked their ranges)."""
+    from ..sampling import SamplingParams
+
+    grammar = sampling_grammar(args, model_path)
+    seed = resolve_seed(args.seed) if args.temp > 0 else max(args.seed, 0)  # greedy draws nothing
+    return SamplingParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=seed,
+                          grammar=grammar)
 
 
 def parse_layers(spec: str):
@@ -341,6 +420,33 @@ def add_placement(p, *, device: bool = True) -> None:
                        help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "
                        "memory, CPU compute (exact, for testing, not fast); auto: cuda if there is one")
         g.add_argument("--no-prefetch", action="store_true", help="upload streamed layers synchronously")
+
+
+def add_sampling(p) -> None:
+    """llama.cpp's sampling flags, with its defaults except --temp (0: greedy, reproducible)."""
+    from ..sampling import DEFAULT_MIN_P, DEFAULT_REPEAT_LAST_N, DEFAULT_TOP_K, DEFAULT_TOP_P
+
+    g = p.add_argument_group("sampling (as in llama.cpp; the default --temp 0 is greedy)")
+    g.add_argument("--temp", type=float, default=0.0, metavar="T", help="temperature (default 0: greedy, the "
+                   "largest logit each time; top-k/p and min-p apply only above 0)")
+    g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K", help=f"keep the K most likely tokens "
+                   f"(default {DEFAULT_TOP_K}; 0: off)")
+    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P", help="keep the most likely tokens "
+                   f"up to probability P (default {DEFAULT_TOP_P}; 1: off)")
+    g.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, metavar="P", help="drop tokens below P times the "
+                   f"most likely one's probability (default {DEFAULT_MIN_P}; 0: off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X", help="penalize tokens seen in the "
+                   "last --repeat-last-n (prompt included) (default 1: off)")
+    g.add_argument("--repeat-last-n", type=int, default=DEFAULT_REPEAT_LAST_N, metavar="N",
+                   help=f"tokens the repeat penalty looks back on (default {DEFAULT_REPEAT_LAST_N}; 0: off; "
+                   "-1: the context size)")
+    g.add_argument("-s", "--seed", type=int, default=-1, metavar="N", help="sampling seed (default -1: random, "
+                   "said on stderr)")
+    g.add_argument("--grammar", metavar="GBNF", help="constrain the output to a GBNF grammar (rule 'root')")
+    g.add_argument("--grammar-file", metavar="FILE", help="the same, read from FILE")
+    g.add_argument("-j", "--json-schema", metavar="SCHEMA", help="constrain the output to JSON matching this JSON "
+                   "schema (turned into a grammar as llama-cpp-python does), e.g. '{}' for any JSON object")
+    g.add_argument("-jf", "--json-schema-file", metavar="FILE", help="the same, read from FILE")
 
 
 def add_context(p, *, threads: bool = True) -> None:

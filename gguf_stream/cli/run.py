@@ -1,4 +1,5 @@
-"""gguf-stream run: greedy generation from a prompt, then t/s and counters."""
+"""gguf-stream run: generation from a prompt (greedy by default; llama.cpp's
+sampling flags and grammars), then t/s and counters."""
 from __future__ import annotations
 
 import codecs
@@ -6,16 +7,19 @@ import sys
 import time
 
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, say
+    add_sampling, check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, \
+    sampling_params, say
 
 DEFAULT_N_PREDICT = 128
 
 
 def add_parser(sub, parents) -> None:
     p = sub.add_parser("run", parents=parents,
-                       help="generate text greedily from a prompt, then print t/s and the counters",
-                       formatter_class=Formatter, description="Greedy generation from a prompt. Text goes to "
-                       "stdout; load progress, t/s and streaming counters to stderr.")
+                       help="generate text from a prompt (greedy by default), then print t/s and the counters",
+                       formatter_class=Formatter, description="Generation from a prompt: greedy by default, or "
+                       "sampled with llama.cpp's flags (--temp, --top-k, ..., --seed), optionally constrained by a "
+                       "grammar or JSON schema. Text goes to stdout; load progress, t/s and streaming counters to "
+                       "stderr.")
     add_model(p, required=False)
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("-n", "--n-predict", type=int, default=DEFAULT_N_PREDICT, metavar="N",
@@ -27,6 +31,7 @@ def add_parser(sub, parents) -> None:
                    "(none, the default: every streamed layer is uploaded, results bit-identical to "
                    "all-in-VRAM; auto: split measured on this machine, faster generation with CPU rounding "
                    "like stock -ngl's; or layer numbers)")
+    add_sampling(p)
     add_placement(p)
     add_context(p)
     p.set_defaults(func=cmd_run)
@@ -39,6 +44,7 @@ def cmd_run(args) -> int:
     check_n_predict(args, "end of text")
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
     device, path, options = prepare_load(args)
+    sampling = sampling_params(args, path)  # a bad grammar or schema fails before the load
     if split is not None:
         options["generate_cpu_layers"] = split
     t0 = time.perf_counter()
@@ -46,14 +52,24 @@ def cmd_run(args) -> int:
                  prefetch=not args.no_prefetch, verbose=args.verbose, **options)
     try:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
-        return _generate(model, args)
+        if sampling.greedy:  # the argmax itself: today's output, byte for byte
+            return _generate(model, args, _argmax)
+        from ..sampling import Sampler
+
+        with Sampler(model, sampling) as sampler:  # freed before the model (it holds the vocabulary)
+            return _generate(model, args, sampler.sample, sampler.feed_prompt)
     finally:
         model.close()
 
 
-def _generate(model, args) -> int:
+def _argmax(logits) -> int:
     import numpy as np
 
+    return int(np.argmax(logits))
+
+
+def _generate(model, args, pick, see_prompt=None) -> int:
+    """Generate with pick(logits) -> token; see_prompt(tokens) first, where the sampler wants the prompt."""
     prompt = model.tokenize(args.prompt, add_bos=True, special=True)
     n_ctx = model.config.n_ctx  # -c 0: the training context
     room = n_ctx - len(prompt)
@@ -68,6 +84,8 @@ def _generate(model, args) -> int:
     tokens: list[int] = []
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split multi-byte character back
     t_prompt = t_gen = 0.0
+    if see_prompt is not None:
+        see_prompt(prompt)
     with CtrlC() as ctrl_c:
         try:
             t0 = time.perf_counter()
@@ -77,7 +95,7 @@ def _generate(model, args) -> int:
             for i in range(n):
                 if ctrl_c.hit:
                     break
-                tok = int(np.argmax(model.logits()))
+                tok = pick(model.logits())
                 if model.is_eog(tok) and not args.ignore_eos:
                     break
                 tokens.append(tok)

@@ -24,6 +24,11 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--cors", metavar="ORIGIN", action="append", default=[],
                    help="let browser pages from ORIGIN (e.g. http://localhost:3000) call the server; repeatable "
                    "(default: no cross-origin requests)")
+    p.add_argument("--embedding", "--embeddings", action="store_true",
+                   help="serve /v1/embeddings too (default: it answers 400)")
+    p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
+                   help="how --embedding pools a text's token vectors into one (default: the model's own where its "
+                   "GGUF names one other than none, else mean; none: a vector per token, not OpenAI's shape)")
     add_placement(p)
     add_context(p)
     p.set_defaults(func=cmd_serve)
@@ -44,13 +49,16 @@ def cmd_serve(args) -> int:
     server.check_port(args.host, args.port)
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty; give a key or leave the flag out")
+    if args.pooling is not None and not args.embedding:
+        raise ValueError("--pooling applies to embeddings: give --embedding too")
     device, path, options = prepare_load(args)
     t0 = time.perf_counter()
     app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
                             **context_options(args), n_threads=args.threads or physical_cores(),
                             n_threads_batch=args.threads or physical_cores(),
                             chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose,
-                            api_key=args.api_key, cors_origins=args.cors, **options)
+                            api_key=args.api_key, cors_origins=args.cors, embedding=args.embedding,
+                            pooling=args.pooling, **options)
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
