@@ -22,7 +22,8 @@ from .errors import (
     UnsupportedModelError,
 )
 from .gguf_file import ModelFile, TensorInfo, read_model
-from .planner import Plan, make_plan, parse_size
+from .memory import parse_size
+from .planner import Plan, make_plan
 
 __version__ = "0.1.0"
 

@@ -89,7 +89,7 @@ class EngineConfig:
         if self.device not in ("auto", "cuda", "host"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'host', not {self.device!r}")
         if self.vram_budget is not None:
-            from .planner import parse_size
+            from .memory import parse_size
 
             parse_size(self.vram_budget)  # names what is wrong with it
         check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
@@ -140,7 +140,7 @@ class EngineConfig:
 def check_kv_types(type_k, type_v, flash_attn: bool) -> None:
     """Known KV cache types; a quantized V cache only with flash attention
     (llama.cpp cannot create the context otherwise)."""
-    from .planner import check_kv_type, is_quantized_kv
+    from .memory import check_kv_type, is_quantized_kv
 
     check_kv_type("type_k", type_k)
     check_kv_type("type_v", type_v)

@@ -20,11 +20,11 @@ import threading
 from contextlib import contextmanager
 
 from . import llama_abi
-from .errors import DecodeError
 from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
+from .errors import DecodeError
 from .gguf_file import read_model
-from .planner import kv_ggml_type, kv_type_name
 from .grammar import grammar_error
+from .memory import kv_ggml_type, kv_type_name
 from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals

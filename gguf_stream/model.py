@@ -20,8 +20,9 @@ from . import llama_abi, native
 from .config import EngineConfig, resolve_context, select_device
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
-from .planner import Plan, format_size, kv_ggml_type, make_plan, parse_size, stock_split_plan
-from .streamer import LOAD_MODE_NONE, Streamer, StreamedLlamaContext, StreamedLlamaModel, initial_plan
+from .memory import format_size, kv_ggml_type, parse_size
+from .planner import Plan, make_plan, stock_split_plan
+from .streamer import LOAD_MODE_NONE, StreamedLlamaContext, StreamedLlamaModel, Streamer, initial_plan
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp._internals as internals  # noqa: E402

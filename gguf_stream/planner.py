@@ -2,54 +2,24 @@
 and how each decode is placed.
 
 Everything here is pure: sizes come from the GGUF header (ModelFile) and the
-memory estimates below, so plans can be table-tested without a GPU. The
+memory estimates (memory.py), so plans can be table-tested without a GPU. The
 engine measures the real figures after loading and reports both.
 """
 from __future__ import annotations
 
 import bisect
-import math
 import os
-import re
 from dataclasses import dataclass, replace
 
 from .errors import BudgetError
 from .gguf_file import ModelFile
+from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
+                     parse_size, shared_device_bytes, stock_device_bytes)
 
-MiB = 1 << 20
-GiB = 1 << 30
 DEFAULT_MAX_SLOTS = 2
 # llama.cpp's scheduler runs host-resident weights on the CPU for batches
 # under this many tokens and copies them to the GPU op by op above it.
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
-# Headroom for what the estimates below do not model: cuBLAS workspace,
-# alignment (the CUDA pool for cuBLAS is in compute_bytes' estimate).
-COMPUTE_HEADROOM = 16 * MiB
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-MAX_SIZE = 1 << 60  # 1 EiB: past any device; a larger size is a typo
-_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-          "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
-
-
-def parse_size(value: int | float | str) -> int:
-    """'8GiB' -> 8589934592, '4.5GB' -> 4500000000, 1024 -> 1024; a size
-    must be a finite number of bytes in 1..MAX_SIZE."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ValueError(f"cannot read {value!r:.60} as a size; use e.g. '8GiB', '7.5GB' or a byte count")
-        number = float(m.group(1)) * _UNITS[(m.group(2) or "").upper().rstrip("B")]
-    if isinstance(number, float) and not math.isfinite(number) or not 1 <= number <= MAX_SIZE:
-        raise ValueError(f"size {value!r:.60} must be a finite number of bytes in 1..{MAX_SIZE} (1 EiB); "
-                         "use e.g. '8GiB'")
-    return int(number)
-
-
-def format_size(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
 def interleaved_layers(n_layer: int, n_streamed: int) -> tuple[int, ...]:
@@ -73,109 +43,6 @@ def slot_schedule(streamed: tuple[int, ...], n_slots: int, n_evals: int = 1) -> 
     """
     n_slots = min(n_slots, len(streamed))
     return [(streamed[k % len(streamed)], k % n_slots) for k in range(len(streamed) * n_evals)] if n_slots else []
-
-
-# KV cache types llama.cpp takes for -ctk / -ctv: name -> (ggml type id,
-# bytes per block, elements per block); block-quantized types store 32
-# elements per block (q8_0: 32 int8 and an f16 scale, 34 bytes)
-KV_CACHE_TYPES = {
-    "f32": (0, 4, 1), "f16": (1, 2, 1), "bf16": (30, 2, 1), "q8_0": (8, 34, 32), "q4_0": (2, 18, 32),
-    "q4_1": (3, 20, 32), "iq4_nl": (20, 18, 32), "q5_0": (6, 22, 32), "q5_1": (7, 24, 32),
-}
-
-
-def check_kv_type(name: str, value) -> str:
-    """A KV cache type name llama.cpp knows (KV_CACHE_TYPES), or a one-line error."""
-    if value not in KV_CACHE_TYPES:
-        raise ValueError(f"{name} must be one of {', '.join(KV_CACHE_TYPES)} (llama.cpp's KV cache types), "
-                         f"not {value!r:.40}")
-    return value
-
-
-def kv_ggml_type(type_name: str) -> int:
-    """The ggml type id llama.cpp's context params take (type_k / type_v)."""
-    return KV_CACHE_TYPES[check_kv_type("KV cache type", type_name)][0]
-
-
-def kv_type_name(ggml_type: int) -> str:
-    """The name of a KV cache ggml type id (llama_cpp.Llama's type_k / type_v)."""
-    names = [name for name, (t, _, _) in KV_CACHE_TYPES.items() if t == ggml_type]
-    if not names:
-        raise ValueError(f"ggml type {ggml_type!r:.20} is not a KV cache type llama.cpp takes; use one of "
-                         + ", ".join(f"{t} ({n})" for n, (t, _, _) in KV_CACHE_TYPES.items()))
-    return names[0]
-
-
-def is_quantized_kv(type_name: str) -> bool:
-    """Block-quantized: llama.cpp needs flash attention for such a V cache."""
-    return KV_CACHE_TYPES[type_name][2] > 1
-
-
-def kv_row_bytes(type_name: str, n: int) -> int:
-    """Bytes of n elements of a KV cache type (ggml_row_size)."""
-    _, block_bytes, block = KV_CACHE_TYPES[check_kv_type("KV cache type", type_name)]
-    return n * block_bytes // block
-
-
-def kv_cache_bytes(model: ModelFile, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    """K and V of these types for every layer (all layers keep their KV on the GPU)."""
-    hp = model.hparams
-    per_token = kv_row_bytes(type_k, hp["n_head_kv"] * hp["key_length"]) + \
-        kv_row_bytes(type_v, hp["n_head_kv"] * hp["value_length"])
-    return model.n_layer * n_ctx * per_token
-
-
-def compute_bytes(model: ModelFile, n_ctx: int, n_ubatch: int, flash_attn: bool = True) -> int:
-    """Rough size of llama.cpp's device compute buffer for one ubatch.
-
-    llama.cpp reserves logits for every token of a ubatch (n_vocab floats
-    each); ggml-alloc reuses activation memory, so only a few rows of width
-    n_embd / n_ff are live at once; without flash attention the KQ matrix
-    adds n_ctx floats per token and head. Calibrated on the H100 box against
-    the measured peak of a Llama-3-8B-shaped model at n_ubatch 2048 (1.12 GiB
-    beyond weights and KV cache, cuBLAS pool included; this gives 1.14 GiB).
-    """
-    hp = model.hparams
-    u = n_ubatch
-    logits = u * hp["n_vocab"] * 4
-    activations = u * (hp["n_embd"] + hp["n_ff"]) * 4
-    attention = 0 if flash_attn else u * n_ctx * hp["n_head"] * 4
-    # build_moe_ffn: every token's gate and up rows for each expert it uses,
-    # the down outputs before they are summed, and the CUDA pool's sorted
-    # copies of the inputs for the grouped matrix products
-    moe = u * hp.get("n_expert_used", 0) * (2 * hp.get("n_ff_exp", 0) + 2 * hp["n_embd"]) * 4
-    return logits + activations + attention + moe + COMPUTE_HEADROOM
-
-
-def shared_device_bytes(model: ModelFile) -> int:
-    """Shared tensors llama.cpp puts on the GPU: all but the input embedding,
-    which stays on the host; models with tied embeddings get a GPU copy of it
-    as their output matrix."""
-    total = sum(t.nbytes for t in model.tensors if t.layer is None and t.name != "token_embd.weight")
-    if model.tensor("output.weight") is None and model.tensor("token_embd.weight") is not None:
-        total += model.tensor("token_embd.weight").nbytes
-    return total
-
-
-def input_embedding_bytes(model: ModelFile) -> int:
-    """llama.cpp keeps the input embedding (token_embd) in host memory."""
-    t = model.tensor("token_embd.weight")
-    return t.nbytes if t is not None else 0
-
-
-def stock_device_bytes(model: ModelFile, n_gpu_layers: int, n_ctx: int, n_ubatch: int,
-                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> int:
-    """Estimated GPU memory of llama.cpp's own `-ngl n` split (n <= n_layer):
-    the last n layers with their KV cache, the compute buffer, and room for
-    the host weights the scheduler copies in for large batches (measured on
-    the H100 box as about the output matrix: 0.27 GiB for the 8B shape at
-    n_ubatch 2048 and 512, against 0.28 GiB of output matrix)."""
-    per_layer_kv = kv_cache_bytes(model, n_ctx, type_k, type_v) // model.n_layer
-    resident = model.layer_bytes[model.n_layer - n_gpu_layers:] if n_gpu_layers else ()
-    output = model.tensor("output.weight") or model.tensor("token_embd.weight")  # tied embeddings
-    staging = output.nbytes if output is not None else 0
-    return (sum(resident) + n_gpu_layers * per_layer_kv + compute_bytes(model, n_ctx, n_ubatch, flash_attn)
-            + staging)
 
 
 @dataclass(frozen=True)
@@ -382,12 +249,6 @@ def with_generate_placement(plan: Plan, cpu_layers=(), resident_layers=()) -> Pl
     spans = tuple(replace(s, generate="cpu" if s.layer in cpu else "resident" if s.layer in resident else s.placement)
                   for s in plan.layers)
     return replace(plan, layers=spans)
-
-
-def generate_graph_bytes(model: ModelFile, n_ctx: int, n_tokens: int, flash_attn: bool = True) -> int:
-    """Room to leave a generate-phase graph (ubatches under n_tokens tokens,
-    every token an output) in the compute buffer: twice compute_bytes' estimate."""
-    return 2 * compute_bytes(model, n_ctx, n_tokens, flash_attn)
 
 
 def generate_resident_count(model: ModelFile, plan: Plan, n_ubatch: int, reserve: int) -> int:

@@ -26,9 +26,9 @@ from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, available_host_memory, resolve_context, select_device
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, UnsupportedModelError
 from .gguf_file import ModelFile, is_expert_tensor, read_model
-from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, format_size, generate_graph_bytes,
-                      generate_resident_layers, interleaved_layers, is_generate_phase, kv_ggml_type, make_plan,
-                      parse_size, with_generate_placement)
+from .memory import format_size, generate_graph_bytes, kv_ggml_type, parse_size
+from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, generate_resident_layers,
+                      interleaved_layers, is_generate_phase, make_plan, with_generate_placement)
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402

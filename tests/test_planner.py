@@ -1,7 +1,8 @@
 import pytest
 
 from gguf_stream import BudgetError, make_plan, parse_size, read_model
-from gguf_stream.planner import GiB, MiB, format_size, interleaved_layers, slot_schedule
+from gguf_stream.planner import interleaved_layers, slot_schedule
+from gguf_stream.memory import GiB, MiB, format_size
 
 
 @pytest.mark.parametrize("n_layer,n_streamed,expected", [
@@ -84,7 +85,7 @@ def test_budget_below_streaming_minimum_takes_the_stock_split(tiny_path):
     """Where the KV cache, shared tensors and one slot no longer fit, llama.cpp's
     own split (KV and output of host layers on the host) may: the planner
     picks the most GPU layers whose estimate fits, and nothing streams."""
-    from gguf_stream.planner import stock_device_bytes
+    from gguf_stream.memory import stock_device_bytes
 
     m = read_model(tiny_path)
     opts = dict(n_ctx=256, n_ubatch=64)
@@ -102,7 +103,8 @@ def test_budget_below_streaming_minimum_takes_the_stock_split(tiny_path):
 
 
 def test_generate_resident_count_and_placement(tiny_path):
-    from gguf_stream.planner import generate_graph_bytes, generate_resident_count, with_generate_placement
+    from gguf_stream.planner import generate_resident_count, with_generate_placement
+    from gguf_stream.memory import generate_graph_bytes
 
     mf = read_model(tiny_path)
     plan = make_plan(mf, n_ctx=512, n_ubatch=512, n_streamed=4)
@@ -221,7 +223,7 @@ def test_planning_is_not_quadratic_in_the_layer_count(placement):
 # ------------------------------------------------------------------ KV cache types, host memory
 
 def test_kv_cache_is_sized_by_its_types(gemma_path):
-    from gguf_stream.planner import KV_CACHE_TYPES, kv_cache_bytes
+    from gguf_stream.memory import KV_CACHE_TYPES, kv_cache_bytes
 
     m = read_model(gemma_path)
     f16 = kv_cache_bytes(m, 4096)
@@ -239,7 +241,7 @@ def test_kv_cache_is_sized_by_its_types(gemma_path):
 def test_kv_type_ids_and_sizes_are_ggmls():
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from gguf_stream.planner import KV_CACHE_TYPES, kv_type_name
+    from gguf_stream.memory import KV_CACHE_TYPES, kv_type_name
 
     for name, (ggml_type, block_bytes, block) in KV_CACHE_TYPES.items():
         t = GGMLQuantizationType[name.upper()]

@@ -20,7 +20,7 @@ from pathlib import Path
 from probe import timed  # first: the checkout on sys.path, llama.cpp before numpy (see probe.py)
 import numpy as np
 from gguf_stream import make_plan, read_model
-from gguf_stream.planner import format_size
+from gguf_stream.memory import format_size
 from gguf_stream.bench import Greedy, deviation_to_flip
 from gguf_stream import native
 from gguf_stream.model import StockModel, StreamedModel

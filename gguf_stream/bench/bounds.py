@@ -2,8 +2,8 @@
 shared with the planner), next to what the row reached."""
 from __future__ import annotations
 
+from ..memory import format_size
 from ..perfmodel import pp_bound_tps, tg_bound_seconds
-from ..planner import format_size
 from .rows import Row, mean_sd
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..planner import parse_size
+from ..memory import parse_size
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GGUFStreamError
-from ..planner import format_size
+from ..memory import format_size
 from . import plot
 from .budgets import parse_budgets
 from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN

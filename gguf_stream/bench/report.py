@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import asdict, fields
 
-from ..planner import format_size
+from ..memory import format_size
 from .rows import BenchResult, Row
 
 

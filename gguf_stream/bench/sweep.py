@@ -10,13 +10,12 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..errors import GGUFStreamError
-from ..planner import format_size
+from ..memory import format_size
 from .bounds import bound_notes, weights_per_token
 from .budgets import Budget, search_stock_n_cpu_moe, search_stock_ngl
 from .gate import PEER_MARGIN, Greedy, gate
 from .rows import Row, count_params, mean_sd
 from .timing import Progress, Timing, Workload, measure_h2d_bandwidth, time_model
-
 
 STOCK_MOE = "stock-moe"  # the mode of llama.cpp's `-ngl all --n-cpu-moe N` rows
 

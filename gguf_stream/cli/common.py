@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from ..planner import KV_CACHE_TYPES, format_size
+from ..memory import KV_CACHE_TYPES, format_size
 
 PROG = "gguf-stream"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
@@ -143,7 +143,7 @@ def check_flags(args) -> None:
 
         check_kv_types(args.cache_type_k, args.cache_type_v, args.flash_attn == "on")
     if args.vram_budget is not None:
-        from ..planner import parse_size
+        from ..memory import parse_size
 
         parse_size(args.vram_budget)  # a clear message for '8 gigs'
     for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
