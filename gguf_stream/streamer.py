@@ -429,14 +429,26 @@ class Streamer:
                               "which loses outputs requested before it; create the model with "
                               "graph_reuse=False to keep them")
         start = 0
+        sched = self._scheduler(ctx)
         for n in sizes:
             self.before_decode(n)
+            if sched:
+                self.engine.route_hook(sched)
             rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
             self.check("llama_decode")
             if rc != 0:
                 return rc
             start += n
         return 0
+
+    def _scheduler(self, ctx) -> int | None:
+        """The context's scheduler, where the engine may leave its hook out of
+        a decode that would not need it (Engine.route_hook); None: the hook
+        stays as the context was created (no engine, or GGUF_STREAM_ALWAYS_HOOK=1,
+        an A/B aid)."""
+        if self.engine is None or os.environ.get("GGUF_STREAM_ALWAYS_HOOK", "0") not in ("", "0"):
+            return None
+        return llama_abi.context_scheduler(ctypes.cast(ctx, ctypes.c_void_p).value)
 
     def check(self, during: str) -> None:
         """Raise the error the hook recorded, if any (it cannot return one
