@@ -39,7 +39,7 @@ _API_TO_FLAGS = (("run with verbose=True", "run with -v"), ("lower n_ctx / n_uba
                  ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"),
                  ("set flash_attn=True, or use type_v='f16'", "give -fa on, or -ctv f16"),
                  ("a larger vram_budget", "a larger --vram-budget"),
-                 ("(generate_cpu_layers='none' or fewer layer numbers)", "(--generate-cpu-layers none or fewer)"))
+                 ("(exact=True, or fewer generate_cpu_layers)", "(--exact, or fewer --generate-cpu-layers)"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -292,6 +292,8 @@ def placement(args, path, device: str) -> dict:
     options = _placement(args, path, device)
     if getattr(args, "whole_layers", False):
         options["whole_layers"] = True
+    if getattr(args, "exact", False):
+        options["exact"] = True
     return options
 
 
@@ -360,7 +362,8 @@ def streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
 
     threads = args.threads or physical_cores()   # -t sets both, as in llama.cpp (no -tb here)
     return StreamedLlama(path, device=device, prefetch=not args.no_prefetch, **context_options(args),
-                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose, **options,
+                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose,
+                         progress=not output.quiet, **options,
                          **llama_kwargs)
 
 
@@ -415,6 +418,11 @@ def add_placement(p, *, device: bool = True) -> None:
     g.add_argument("--whole-layers", action="store_true",
                    help="mixture-of-experts models: place whole layers, as for dense ones (default: place the "
                    "experts; every layer's attention, norms and router stay on the GPU)")
+    g.add_argument("--exact", action="store_true",
+                   help="while generating, compute every layer on the GPU (streamed ones uploaded each token): "
+                   "tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes some "
+                   "streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, "
+                   "which are not bit-identical to all-in-VRAM either")
     if device:
         g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
                        help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "
