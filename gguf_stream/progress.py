@@ -14,6 +14,7 @@ import time
 
 PREFIX = "gguf-stream"
 PROGRESS_STEP = 10  # percent between plain lines
+REDRAW_SECONDS = 0.1  # our own terminal bar, at most this often
 
 
 def _size(n: float) -> str:
@@ -47,6 +48,7 @@ class Progress:
         self.done = 0
         self._t0 = time.perf_counter()
         self._next_pct = 0
+        self._drawn = 0.0
         self._bar = None
         self._closed = False
         if enabled and self.tty:
@@ -62,7 +64,10 @@ class Progress:
         if self._bar is not None:
             self._bar.update(step)
         elif self.tty:
-            self._draw()
+            now = time.perf_counter()
+            if now - self._drawn >= REDRAW_SECONDS or done == self.total:  # llama.cpp reports every tensor
+                self._drawn = now
+                self._draw()
         else:
             pct = 100 * done // self.total if self.total else 100
             if pct >= self._next_pct and pct < 100:

@@ -97,7 +97,7 @@ def resolve_model(name: str | None) -> os.PathLike:
     if name is None:
         say("no MODEL given: using the embedded default model (gemma3-270m, Gemma 3 270M Q4_K_M)")
     t0 = time.perf_counter()
-    path = resolve(name, progress=lambda m: say(m + " (first use only)"))
+    path = resolve(name, progress=None if output.quiet else lambda m: say(m + " (first use only)"))
     if time.perf_counter() - t0 > 1:
         say(f"model ready: {path}")
     return path
