@@ -225,7 +225,7 @@ class Streamer:
         if not self.config.progress:
             return
         total = self.model_file.total_bytes
-        where = "streamed layers into pinned memory" if self.engine is not None and self.cuda else "weights"
+        where = "weights; streamed layers into pinned memory" if self.engine is not None and self.cuda else "weights"
         bar = self._load_progress = Progress(f"loading {os.path.basename(self.path)} ({where})", total)
 
         def report(fraction, _user_data):
