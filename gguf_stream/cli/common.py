@@ -348,7 +348,7 @@ def describe_plan(plan, device: str) -> str:
     cpu = tuple(getattr(plan, "cpu_layers", ()) or ())
     experts = getattr(plan, "part", "layer") == "experts"
     generate = (f"; while generating, the CPU computes {'the experts of ' if experts else ''}layers "
-                f"{', '.join(map(str, cpu))}" if cpu else "")
+                f"{', '.join(map(str, cpu))} (--exact: every layer on the GPU)" if cpu else "")
     what = "layers' experts" if experts else "layers"
     return (f"plan: {len(plan.streamed)} of {plan.n_layer} {what} streamed ({layers}) through "
             f"{plan.n_slots} slot(s) of {format_size(plan.slot_bytes)} in {where}; estimated device memory "
