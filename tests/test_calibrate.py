@@ -174,6 +174,13 @@ def test_first_calibration_counts_its_decodes_in_one_context_and_the_next_load_i
     for progress in (True, False):
         with StreamedModel(tiny_path, **opts, progress=progress) as m:
             cal = Calibrator(m.streamer, m.model)
+            # real decodes, counted, but token times that favour more CPU
+            # layers, so that the choice does not hang on this machine's load
+            engine, n_cpu, decode = m.streamer.engine, [0], cal.decode_token
+            set_cpu_layers = engine.set_cpu_layers
+            monkeypatch.setattr(engine, "set_cpu_layers", lambda c: (n_cpu.__setitem__(0, len(c)),
+                                                                     set_cpu_layers(c)))
+            monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: decode(ctx, tok) * 0 + 1 / (1 + n_cpu[0]))
             m.streamer.context_closing()
             contexts.clear()
             try:
