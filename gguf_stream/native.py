@@ -108,10 +108,24 @@ class Counters:
     gen_resident_evictions: int
     compute_buffer_bytes: int
     generate_extent: int
+    disk_reads: int = 0
+    disk_bytes: int = 0
+    disk_read_seconds: float = 0.0
+    disk_wait_seconds: float = 0.0
+    disk_tier_bytes: int = 0
+    released_host_bytes: int = 0
 
     @property
     def adoptions(self) -> int:
         return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
+
+    @property
+    def disk_overlap(self) -> float | None:
+        """Share of the disk tier's read time hidden behind compute (1.0:
+        no adoption waited for a read); None before any read."""
+        if not self.disk_read_seconds:
+            return None
+        return max(0.0, 1.0 - self.disk_wait_seconds / self.disk_read_seconds)
 
 
 def _struct_fields(ctype: str) -> tuple[str, ...]:
@@ -139,6 +153,7 @@ class Timeline:
     between_s: float
 
 
+E_IO = lib.GS_E_IO  # a disk-tier read failed or the model file changed
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
 
@@ -198,6 +213,15 @@ class Engine:
 
     def add_tensor(self, layer: int, tensor: int) -> None:
         _check("gs_engine_add_tensor", lib.gs_engine_add_tensor(self._h, layer, ffi.cast("void *", tensor)))
+
+    def set_file(self, path: str, size: int, mtime_ns: int) -> None:
+        """The model file the disk tier reads (size and mtime as planned: a different file fails)."""
+        _check("gs_engine_set_file", lib.gs_engine_set_file(self._h, str(path).encode(), size, mtime_ns))
+
+    def add_file_tensor(self, layer: int, tensor: int, file_offset: int) -> None:
+        """A streamed tensor whose uploads read the model file at file_offset (the disk tier)."""
+        _check("gs_engine_add_file_tensor",
+               lib.gs_engine_add_file_tensor(self._h, layer, ffi.cast("void *", tensor), file_offset))
 
     def start(self) -> None:
         _check("gs_engine_start", lib.gs_engine_start(self._h))

@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, available_host_memory, resolve_context, select_device
-from .errors import BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, UnsupportedModelError
+from .disk import assign_disk_tier, file_identity, with_disk_layers
+from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
+                     UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import format_size, generate_graph_bytes, kv_ggml_type, parse_size
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, generate_resident_layers,
@@ -155,6 +157,9 @@ class Streamer:
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
         self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
+        self.plan = self._with_disk_tier(self.plan)
+        # the file the plan was made from: the engine's disk reads check it is still that file
+        self._file_identity = file_identity(self.path) if self.plan.disk_layers else None
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
         self.calibration: Calibration | None = None
@@ -165,6 +170,27 @@ class Streamer:
         self._keep = []  # ctypes objects that must outlive the C calls using them
         if self.plan.streamed:
             self._create_engine()
+
+    def _with_disk_tier(self, plan: Plan) -> Plan:
+        """With a host budget, the streamed parts beyond it on the disk tier
+        (disk.py). Without one, MemAvailable is the budget, which
+        check_host_memory has already enforced: llama.cpp still loads every
+        streamed byte into host memory (see ARCHITECTURE.md, the disk tier)."""
+        budget = self.config.host_budget
+        if budget is None or not plan.streamed:
+            return plan
+        tiered = assign_disk_tier(expected_generate_plan(self.model_file, plan, self.config, self.cuda),
+                                  parse_size(budget))
+        if tiered.disk_layers and self.cuda:
+            raise HostMemoryError(
+                f"host budget {format_size(tiered.host_budget)}: {format_size(tiered.disk_bytes)} of streamed "
+                f"layers would go to the disk tier, which runs only in host-slot mode in this version (the CUDA "
+                "copy engine does not read the file yet); raise the host budget or the vram_budget")
+        return with_disk_layers(plan, tiered.disk_layers, tiered.host_budget)
+
+    def file_offset(self, name: str) -> int:
+        """Where tensor `name`'s data lies in the GGUF file (the disk tier reads it there)."""
+        return self.model_file.tensor(name).offset
 
     def _create_engine(self) -> None:
         config = self.config
@@ -217,8 +243,14 @@ class Streamer:
         ring, then decide what the streamed layers do while generating."""
         if self.engine is None:
             return
+        disk = set(self.plan.disk_layers)
+        if disk:
+            self.engine.set_file(self.path, *self._file_identity)
         for w in self._discover(model):
             if not self.streams(w.name, w.layer):
+                continue
+            if w.layer in disk:  # uploads read the file; llama.cpp's copy is released at start
+                self.engine.add_file_tensor(w.layer, w.tensor, self.file_offset(w.name))
                 continue
             if self.cuda:
                 buf_name, _ = native.tensor_buffer(w.tensor)
@@ -430,7 +462,8 @@ class Streamer:
                               "graph_reuse=False to keep them")
         start = 0
         for n in sizes:
-            self.before_decode(n)
+            with disk_errors():
+                self.before_decode(n)
             rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
             self.check("llama_decode")
             if rc != 0:
@@ -442,7 +475,8 @@ class Streamer:
         """Raise the error the hook recorded, if any (it cannot return one
         through the scheduler)."""
         if self.engine is not None:
-            self.engine.check_status(during)
+            with disk_errors():
+                self.engine.check_status(during)
 
     # ------------------------------------------------------------ state
     def counters(self) -> native.Counters | None:
@@ -464,6 +498,18 @@ class Streamer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def disk_errors():
+    """A disk-tier read that failed (an I/O error, the file truncated or
+    rewritten underneath) is the decode's failure, said in one line."""
+    try:
+        yield
+    except NativeError as exc:
+        if exc.code != native.E_IO:
+            raise
+        raise DecodeError(exc.detail) from None
 
 
 def _batch_view(b, start: int, n: int):

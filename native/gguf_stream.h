@@ -36,6 +36,7 @@
 #define GS_E_CUDA     -5  /* a CUDA runtime call failed */
 #define GS_E_THREAD   -6  /* the host copy thread could not be started */
 #define GS_E_GRAPH    -7  /* the graph used a streamed layer outside its segment */
+#define GS_E_IO       -8  /* a disk-tier read failed, or the model file changed underneath */
 
 const char *gs_strerror(int code);
 /* Message of the last failure on this thread: "cudaMemcpyAsync: invalid argument". */
@@ -82,6 +83,10 @@ typedef struct {
     uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
     uint64_t gen_resident_loads;     /* times the region was filled (once per switch to generating) */
     uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
+    uint64_t disk_reads;       /* disk tier: tensor reads from the model file (gs_file_read calls) */
+    uint64_t disk_bytes;       /* ... and their bytes */
+    double   disk_read_seconds; /* time those reads took (in the copy worker) */
+    double   disk_wait_seconds; /* adoptions' waits for copies that read the file (the part not overlapped) */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -95,15 +100,37 @@ typedef struct {
     int      gen_resident;     /* generate-resident layers in their region now */
     uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
     uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
+    uint64_t disk_tier_bytes;  /* streamed bytes whose upload source is the model file (disk tier) */
+    uint64_t released_host_bytes; /* host mode: pages of llama.cpp's copy of them returned to the OS */
 } gs_sizes;
+
+/* ---- the model file (disk tier) ---------------------------------------------- */
+
+/* The GGUF file that disk-tier tensors are read from. Opening checks that
+ * it is the file the plan was made from (size and modification time, as
+ * os.stat gives them); every read checks again (fstat) and that it got
+ * every byte, so a file truncated or rewritten underneath fails the read
+ * (GS_E_IO, naming the file) instead of feeding wrong weights. A file
+ * replaced by rename keeps being read through the open descriptor (the old
+ * inode: still the right bytes). Reads may run on any thread. */
+typedef struct gs_file gs_file;
+int  gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns, gs_file **out);
+void gs_file_close(gs_file *f);
+/* n bytes at offset into dst (pread, retried on EINTR and partial reads). */
+int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
+/* What the reads so far did: calls, bytes, seconds (they only grow). */
+int  gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds);
 
 /* ---- the copy engine --------------------------------------------------------- */
 
-/* One tensor of a layer image: nbytes from src to dst + offset, then zeros up
+/* One tensor of a layer image: nbytes from src (or, with file set, from the
+ * model file at file_offset: the disk tier) to dst + offset, then zeros up
  * to alloc (quantized rows are padded on CUDA; the padding must read as zero). */
 typedef struct {
     const void *src;
     size_t      nbytes, alloc, offset;
+    gs_file    *file;
+    uint64_t    file_offset;
 } gs_piece;
 
 typedef struct gs_copy gs_copy;
@@ -117,7 +144,10 @@ int  gs_copy_create_cuda(int device, int n_slots, gs_copy **out);
 /* Waits for the copies in flight, then frees. */
 void gs_copy_destroy(gs_copy *c);
 /* Queue the copy of pieces[0..n) to dst; it ends the slot's fence. pieces
- * and their sources must stay valid until it has landed. */
+ * and their sources must stay valid until it has landed. Pieces with a file
+ * (disk tier) are read by the host engine's worker straight into dst; the
+ * CUDA engine refuses them (GS_E_INVALID: not built yet, see ARCHITECTURE.md).
+ * A failed read makes the engine failed: every later call reports it. */
 int  gs_copy_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n);
 /* Copy pieces to dst outside any slot: queued on the stream (CUDA, see
  * drain) or done before returning (host). */
@@ -263,6 +293,14 @@ int  gs_engine_get_graph_check(gs_engine *e, gs_graph_check *out);
 /* Marks a discovered weight of a streamed layer; its current data (llama.cpp's
  * host copy, pinned on CUDA) becomes the upload source. */
 int  gs_engine_add_tensor(gs_engine *e, int layer, void *tensor);
+/* Disk tier: the model file (see gs_file_open), before adding file tensors. */
+int  gs_engine_set_file(gs_engine *e, const char *path, uint64_t expect_size, int64_t expect_mtime_ns);
+/* Like add_tensor, but the upload source is the model file at file_offset
+ * (where the GGUF puts the tensor's data). At start, in host mode, the pages
+ * of llama.cpp's copy are returned to the OS (they are never read again);
+ * with use_cuda, start refuses file tensors. Such a layer cannot be a CPU
+ * layer (the CPU would read host memory that is not there). */
+int  gs_engine_add_file_tensor(gs_engine *e, int layer, void *tensor, uint64_t file_offset);
 /* Allocates the ring, re-homes every added tensor into it and prefetches the
  * first n_slots streamed layers. Must run before the real context exists. */
 int  gs_engine_start(gs_engine *e);
