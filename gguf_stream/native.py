@@ -50,6 +50,25 @@ def cpu_repack_buft() -> int:
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
+def disk_buft() -> int:
+    """The buffer type disk-tier tensors load into: plain CPU memory whose pages an armed load hands back."""
+    buft = ffi.new("void **")
+    _check("gs_disk_get_buft", lib.gs_disk_get_buft(buft))
+    return int(ffi.cast("uintptr_t", buft[0]))
+
+
+def disk_load_arm(next_cb: int, next_user: int) -> None:
+    """Before a load with a disk tier (DISK_PROGRESS_CB as its progress callback, chaining next_cb)."""
+    _check("gs_disk_load_arm", lib.gs_disk_load_arm(ffi.cast("void *", next_cb), ffi.cast("void *", next_user)))
+
+
+def disk_load_disarm() -> int:
+    """After that load: the bytes of disk-tier buffers it handed back."""
+    out = ffi.new("uint64_t *")
+    _check("gs_disk_load_disarm", lib.gs_disk_load_disarm(out))
+    return int(out[0])
+
+
 def has_device(name: str) -> bool:
     buft = ffi.new("void **")
     return lib.gs_device_get_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
@@ -160,6 +179,8 @@ PHASE_GENERATE = lib.GS_PHASE_GENERATE
 # Addresses of the two hooks, for llama_context_params.cb_eval.
 DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_discover_cb")))
 EVAL_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_eval_cb")))
+# ... and of the disk tier's load progress callback, for llama_model_params.progress_callback.
+DISK_PROGRESS_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_disk_load_progress_cb")))
 
 
 class Engine:

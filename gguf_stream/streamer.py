@@ -155,13 +155,14 @@ class Streamer:
         self.model_file = model_file or read_model(self.path)
         self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
-        self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
+        # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
+        self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
-        self.plan = self._with_disk_tier(self.plan)
         # the file the plan was made from: the engine's disk reads check it is still that file
         self._file_identity = file_identity(self.path) if self.plan.disk_layers else None
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
+        self.disk_released_at_load = 0  # bytes of the disk tier's load buffers handed back while loading
         self.calibration: Calibration | None = None
         self.generate_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
@@ -233,10 +234,26 @@ class Streamer:
         params.load_mode = LOAD_MODE_NONE
         params.use_extra_bufts = self.config.repack
         if self.engine is not None:
-            pattern = (llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern)(self.plan.streamed)
-            rules = llama_abi.buft_overrides([(pattern, self._source_buft)])
+            pattern = llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern
+            disk = self.plan.disk_layers
+            pinned = tuple(i for i in self.plan.streamed if i not in disk)
+            rules = [(pattern(pinned), self._source_buft)] if pinned else []
+            if disk:
+                rules.append((pattern(disk), native.disk_buft()))
+                self._arm_disk_load(params)
+            rules = llama_abi.buft_overrides(rules)
             self._keep.append(rules)
             params.tensor_buft_overrides = ctypes.addressof(rules)
+
+    def _arm_disk_load(self, params) -> None:
+        """The disk tier's pages go back to the OS as llama.cpp loads (its
+        progress callback, in front of the one already set)."""
+        previous = ctypes.cast(params.progress_callback, ctypes.c_void_p).value or 0
+        user = ctypes.cast(params.progress_callback_user_data, ctypes.c_void_p).value or 0
+        native.disk_load_arm(previous, user)
+        cb = llama_cpp.llama_progress_callback(native.DISK_PROGRESS_CB)
+        self._keep.append(cb)
+        params.progress_callback = cb
 
     def attach(self, model) -> None:
         """After loading: find the streamed weights, re-home them into the
@@ -245,6 +262,7 @@ class Streamer:
             return
         disk = set(self.plan.disk_layers)
         if disk:
+            self.disk_released_at_load = native.disk_load_disarm()  # llama.cpp's buffers may be freed from now on
             self.engine.set_file(self.path, *self._file_identity)
         for w in self._discover(model):
             if not self.streams(w.name, w.layer):
@@ -487,6 +505,8 @@ class Streamer:
 
     def close(self) -> None:
         """Only after the context and the model are freed. Idempotent."""
+        if self.plan.disk_layers:
+            native.disk_load_disarm()  # a load that failed never reached attach
         if self.engine is not None:
             self.engine.bind_layer_devices(None)  # writes nothing: the model is gone
             self.engine.destroy()

@@ -121,6 +121,18 @@ int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
 /* What the reads so far did: calls, bytes, seconds (they only grow). */
 int  gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds);
 
+/* Loading with a disk tier (see gs_diskload.c): disk-tier tensors are
+ * overridden to this buffer type (plain CPU memory). While armed, its buffers
+ * are remembered and gs_disk_load_progress_cb, set as the model params'
+ * progress_callback, returns their pages to the OS before each tensor is
+ * read, then calls next_cb (the callback it replaced; may be NULL). Disarm
+ * right after the load (success or not): the buffers may be freed later. */
+int  gs_disk_get_buft(void **buft);
+int  gs_disk_load_arm(void *next_cb, void *next_user);
+bool gs_disk_load_progress_cb(float progress, void *user);
+/* *released_bytes: the largest page range handed back during the load. */
+int  gs_disk_load_disarm(uint64_t *released_bytes);
+
 /* ---- the copy engine --------------------------------------------------------- */
 
 /* One tensor of a layer image: nbytes from src (or, with file set, from the

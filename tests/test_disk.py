@@ -164,3 +164,42 @@ def test_a_file_changed_before_loading_is_refused(tiny_path, tmp_path, monkeypat
     with pytest.raises(Exception, match="changed while the model was loaded") as exc:
         StreamedModel(path, **CPU, **HYBRID, host_budget=budget_for(hybrid_plan(path), 2))
     assert "\n" not in str(exc.value)
+
+
+PEAK_CHILD = """
+import json, sys
+import gguf_stream
+from gguf_stream.model import StreamedModel
+path, budget = sys.argv[1], int(sys.argv[2])
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+with StreamedModel(path, **json.loads(sys.argv[3]), host_budget=budget or None) as m:
+    m.generate(m.tokenize("Hello"), 2)
+    print(json.dumps({"hwm": hwm(), "disk": m.plan.disk_bytes, "at_load": m.streamer.disk_released_at_load}))
+"""
+
+
+def test_the_disk_tier_never_sits_in_host_memory(gemma_path):
+    """The process's peak resident memory (VmHWM), loading included, drops by
+    about the disk tier's bytes: llama.cpp's copy is handed back as it loads."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    mf = read_model(gemma_path)
+    options = dict(CPU, n_streamed=mf.n_layer, n_slots=2)
+    plan = initial_plan(mf, EngineConfig(**options), cuda=False)
+    every_layer = plan.host_bytes - plan.streamed_bytes + 1
+
+    def peak(budget):
+        out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(gemma_path), str(budget), json.dumps(options)],
+                             capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pinned, disk = peak(0), peak(every_layer)
+    assert pinned["disk"] == 0 and disk["disk"] == plan.streamed_bytes
+    assert disk["at_load"] >= 0.9 * disk["disk"]
+    assert pinned["hwm"] - disk["hwm"] >= 0.7 * disk["disk"], (pinned, disk)
