@@ -13,6 +13,11 @@ from .errors import HostMemoryError
 from .memory import format_size
 from .planner import Plan, interleaved_layers
 
+# The disk tier's early trigger (gs_engine_config.disk_lookahead): with each
+# upload issued, the kernel starts reading the disk-tier layer this many
+# streamed layers further on (a disk read needs more lead time than an upload).
+DISK_LOOKAHEAD = 2
+
 
 def disk_candidates(plan: Plan) -> tuple[int, ...]:
     """Streamed parts that may live on disk: not the CPU layers, which the CPU

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, available_host_memory, resolve_context, select_device
-from .disk import assign_disk_tier, file_identity, with_disk_layers
+from .disk import DISK_LOOKAHEAD, assign_disk_tier, file_identity, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
@@ -208,7 +208,8 @@ class Streamer:
                                     # CPU layers get llama.cpp's repacked layout, as stock's do
                                     repack_buft=native.cpu_repack_buft() if config.repack else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
-                                    and config.cpu_layer_host_kv else 0)
+                                    and config.cpu_layer_host_kv else 0,
+                                    disk_lookahead=DISK_LOOKAHEAD)
 
     @property
     def experts_only(self) -> bool:

@@ -87,6 +87,7 @@ typedef struct {
     uint64_t disk_bytes;       /* ... and their bytes */
     double   disk_read_seconds; /* time those reads took (in the copy worker) */
     double   disk_wait_seconds; /* adoptions' waits for copies that read the file (the part not overlapped) */
+    uint64_t disk_readaheads;  /* disk-tier layers the kernel was asked to read ahead (early trigger) */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -118,6 +119,9 @@ int  gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_n
 void gs_file_close(gs_file *f);
 /* n bytes at offset into dst (pread, retried on EINTR and partial reads). */
 int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
+/* Ask the kernel to start reading n bytes at offset into its page cache
+ * (posix_fadvise WILLNEED): the disk tier's early trigger. */
+int  gs_file_advise(gs_file *f, uint64_t offset, size_t n);
 /* What the reads so far did: calls, bytes, seconds (they only grow). */
 int  gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds);
 
@@ -214,6 +218,8 @@ void gs_ring_destroy(gs_ring *r);
 int  gs_ring_set_order(gs_ring *r, int phase, const int *layers, int n);
 /* *pos = layer's place in phase's order, -1 if it does not stream then. */
 int  gs_ring_get_position(const gs_ring *r, int phase, int layer, int *pos);
+/* *layer = the layer at pos in phase's order, pos wrapping round to the next evaluation; -1 if none. */
+int  gs_ring_get_layer_at(const gs_ring *r, int phase, int pos, int *layer);
 /* Before the layer's weights are read: its slot, reusing a landed copy,
  * waiting for one in flight, or uploading into a victim slot now. Counts
  * the adoption; an evaluation starts at the phase's first layer. A layer
@@ -256,6 +262,9 @@ typedef struct {
                                   (gs_cpu_get_repack_buft); NULL: they read the plain host copy */
     void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
                                   generating (see gs_engine_attach_kv); NULL: they stay put */
+    int    disk_lookahead;     /* disk tier's early trigger: with each upload issued, the disk-tier
+                                  layer this many streamed layers further on is read ahead by the
+                                  kernel (its reads need more lead time than uploads); 0: off */
 } gs_engine_config;
 
 /* Where decodes' wall time goes (probe; see gs_engine_set_timeline). A segment

@@ -94,6 +94,12 @@ int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
     return GS_OK;
 }
 
+int gs_file_advise(gs_file *f, uint64_t offset, size_t n) {
+    if (!f) return fail(GS_E_INVALID, "gs_file_advise: no file");
+    int err = posix_fadvise(f->fd, (off_t)offset, (off_t)n, POSIX_FADV_WILLNEED);
+    return err ? fail(GS_E_IO, "disk tier: posix_fadvise(%s): %s", f->path, strerror(err)) : GS_OK;
+}
+
 int gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds) {
     if (!f) return fail(GS_E_INVALID, "gs_file_get_stats: no file");
     *reads = __atomic_load_n(&f->reads, __ATOMIC_RELAXED);

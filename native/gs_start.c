@@ -86,10 +86,28 @@ static int layout(gs_engine *e, size_t align, size_t *max_bytes) {
 
 char *slot_base(const gs_engine *e, int slot) { return e->ring_base + (size_t)slot * e->size.slot_bytes; }
 
+/* The disk tier's early trigger: a read takes longer than an upload, so the
+ * kernel starts reading the disk-tier layer disk_lookahead streamed layers
+ * beyond the one just issued; the copy worker's pread finds it in the page
+ * cache. A hint only: its failure changes nothing but speed. */
+static void read_ahead(gs_engine *e, int layer) {
+    int pos, target;
+    if (!e->file || e->cfg.disk_lookahead <= 0 || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
+        || gs_ring_get_layer_at(e->ring, e->phase, pos + e->cfg.disk_lookahead, &target) || target < 0
+        || !e->layers[target].disk_bytes)
+        return;
+    const layer_info *ly = &e->layers[target];
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        if (e->up[k].file) gs_file_advise(e->file, e->up[k].file_offset, e->up[k].nbytes);
+    e->ctr.disk_readaheads++;
+}
+
 static int op_issue(void *ctx, int slot, int layer) {
     gs_engine *e = ctx;
     const layer_info *ly = &e->layers[layer];
-    return gs_copy_issue(e->copy, slot, slot_base(e, slot), &e->up[ly->first], ly->count);
+    int rc = gs_copy_issue(e->copy, slot, slot_base(e, slot), &e->up[ly->first], ly->count);
+    if (!rc) read_ahead(e, layer);
+    return rc;
 }
 
 static int op_done(void *ctx, int slot) {

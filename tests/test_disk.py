@@ -88,6 +88,7 @@ def test_disk_tier_is_bit_identical_to_stock(case):
     assert c.evaluations == evaluations and c.disk_tier_bytes == plan.disk_bytes
     assert (evaluations - 1) * c.disk_tier_bytes <= c.disk_bytes <= (evaluations + 1) * c.disk_tier_bytes
     assert c.disk_reads > 0 and c.disk_read_seconds > 0 and 0.0 <= c.disk_overlap <= 1.0
+    assert c.disk_readaheads > 0  # the early trigger asked the kernel for disk-tier layers ahead
     # llama.cpp's copy of the disk tier was handed back (reading it now would give zeros)
     assert 0 < c.released_host_bytes <= c.disk_tier_bytes
 
