@@ -204,3 +204,22 @@ def test_the_disk_tier_never_sits_in_host_memory(gemma_path):
     assert pinned["disk"] == 0 and disk["disk"] == plan.streamed_bytes
     assert disk["at_load"] >= 0.9 * disk["disk"]
     assert pinned["hwm"] - disk["hwm"] >= 0.7 * disk["disk"], (pinned, disk)
+
+
+def test_plan_and_run_on_the_command_line(capsys, tiny_path):
+    from gguf_stream import cli
+
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2, n_ctx=256, n_ubatch=64)
+    small = ["-c", "256", "-b", "64", "-ub", "64"]
+    budget = str(budget_for(plan, 2))
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--n-slots", "2", "--host-budget", budget,
+                     *small]) == 0
+    out = capsys.readouterr().out
+    assert sum("| streamed (disk) |" in line for line in out.splitlines()) == 2
+    assert "tiers (host budget" in out and "pinned host 4 (" in out and "disk 2 (" in out
+    assert cli.main(["run", str(tiny_path), "-p", "hello", "-n", "3", "--device", "host", "--n-streamed", "6",
+                     "--n-slots", "2", "--host-budget", budget, "-t", str(CPU["n_threads"]), *small]) == 0
+    assert "disk tier" in capsys.readouterr().err
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--host-budget", "1KiB", *small]) == 1
+    err = capsys.readouterr().err
+    assert "host budget" in err and "raise the host budget" in err and len(err.strip().splitlines()) == 1
