@@ -1,11 +1,13 @@
 """The disk tier: streamed parts that hold no host memory, read from the GGUF
 file itself at every use (see ARCHITECTURE.md, "The disk tier").
 
-Pure planning (which streamed parts go to disk under a host-memory budget)
-and the file's identity that the native engine checks at every read.
+Pure planning (which streamed parts go to disk under a host-memory budget),
+the file's identity that the native engine checks at every read, and the
+load's arming (the native helper, imported there only: planning needs none).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import replace
 
@@ -56,6 +58,23 @@ def assign_disk_tier(plan: Plan, host_budget: int) -> Plan:
         f"host budget {format_size(host_budget)} is below the {format_size(rest)} of host memory this run needs "
         "with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV caches); "
         "raise the host budget, or use a larger vram_budget or fewer CPU layers")
+
+
+def arm_disk_load(params):
+    """Before loading llama_model_params `params` with a disk tier: its pages
+    go back to the OS as llama.cpp loads (gs_diskload.c), through a progress
+    callback put in front of the one already set. Returns the callback
+    object, to keep alive through the load; disarm with native.disk_load_disarm."""
+    import llama_cpp
+
+    from . import native
+
+    previous = ctypes.cast(params.progress_callback, ctypes.c_void_p).value or 0
+    user = ctypes.cast(params.progress_callback_user_data, ctypes.c_void_p).value or 0
+    native.disk_load_arm(previous, user)
+    cb = llama_cpp.llama_progress_callback(native.DISK_PROGRESS_CB)
+    params.progress_callback = cb
+    return cb
 
 
 def file_identity(path: str | os.PathLike) -> tuple[int, int]:

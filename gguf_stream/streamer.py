@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, available_host_memory, resolve_context, select_device
-from .disk import DISK_LOOKAHEAD, assign_disk_tier, file_identity, with_disk_layers
+from .disk import DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
@@ -241,20 +241,11 @@ class Streamer:
             rules = [(pattern(pinned), self._source_buft)] if pinned else []
             if disk:
                 rules.append((pattern(disk), native.disk_buft()))
-                self._arm_disk_load(params)
+                self._keep.append(arm_disk_load(params))
             rules = llama_abi.buft_overrides(rules)
             self._keep.append(rules)
             params.tensor_buft_overrides = ctypes.addressof(rules)
 
-    def _arm_disk_load(self, params) -> None:
-        """The disk tier's pages go back to the OS as llama.cpp loads (its
-        progress callback, in front of the one already set)."""
-        previous = ctypes.cast(params.progress_callback, ctypes.c_void_p).value or 0
-        user = ctypes.cast(params.progress_callback_user_data, ctypes.c_void_p).value or 0
-        native.disk_load_arm(previous, user)
-        cb = llama_cpp.llama_progress_callback(native.DISK_PROGRESS_CB)
-        self._keep.append(cb)
-        params.progress_callback = cb
 
     def attach(self, model) -> None:
         """After loading: find the streamed weights, re-home them into the
