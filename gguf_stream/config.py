@@ -86,6 +86,11 @@ class EngineConfig:
     # layers' copies) exceeds MemAvailable; also off with
     # GGUF_STREAM_HOST_MEMORY_CHECK=0
     host_memory_check: bool = True
+    # Host memory the weights may hold (e.g. "16GiB"); streamed parts beyond
+    # it go to the disk tier, read from the GGUF file at every use (host-slot
+    # mode only for now). None: what the machine has available (MemAvailable,
+    # which the check above enforces).
+    host_budget: int | str | None = None
     verbose: bool = False
     # Progress of the long steps (loading, calibration) on stderr: a bar on a
     # terminal, plain lines otherwise (progress.py); off: silent
@@ -98,6 +103,10 @@ class EngineConfig:
             from .memory import parse_size
 
             parse_size(self.vram_budget)  # names what is wrong with it
+        if self.host_budget is not None:
+            from .memory import parse_size
+
+            parse_size(self.host_budget)
         check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
         check_int("n_batch", self.n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)

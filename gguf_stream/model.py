@@ -50,6 +50,10 @@ class Stats:
                 f"adopted ready {c.adopted_ready}, after wait {c.adopted_waited} ({c.wait_seconds * 1e3:.1f} ms), "
                 f"sync fallbacks {c.sync_fallbacks}, uploads {c.uploads} ({format_size(c.bytes_uploaded)})"
             )
+            if c.disk_tier_bytes:
+                overlap = "" if c.disk_overlap is None else f", {c.disk_overlap:.0%} hidden"
+                parts.append(f"disk tier {format_size(c.disk_tier_bytes)}: {c.disk_reads} reads "
+                             f"({format_size(c.disk_bytes)} in {c.disk_read_seconds:.2f} s{overlap})")
         return "; ".join(parts)
 
 

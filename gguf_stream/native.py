@@ -50,6 +50,25 @@ def cpu_repack_buft() -> int:
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
+def disk_buft() -> int:
+    """The buffer type disk-tier tensors load into: plain CPU memory whose pages an armed load hands back."""
+    buft = ffi.new("void **")
+    _check("gs_disk_get_buft", lib.gs_disk_get_buft(buft))
+    return int(ffi.cast("uintptr_t", buft[0]))
+
+
+def disk_load_arm(next_cb: int, next_user: int) -> None:
+    """Before a load with a disk tier (DISK_PROGRESS_CB as its progress callback, chaining next_cb)."""
+    _check("gs_disk_load_arm", lib.gs_disk_load_arm(ffi.cast("void *", next_cb), ffi.cast("void *", next_user)))
+
+
+def disk_load_disarm() -> int:
+    """After that load: the bytes of disk-tier buffers it handed back."""
+    out = ffi.new("uint64_t *")
+    _check("gs_disk_load_disarm", lib.gs_disk_load_disarm(out))
+    return int(out[0])
+
+
 def has_device(name: str) -> bool:
     buft = ffi.new("void **")
     return lib.gs_device_get_bufts(name.encode(), buft, ffi.NULL) == lib.GS_OK
@@ -109,10 +128,25 @@ class Counters:
     hookless_decodes: int
     compute_buffer_bytes: int
     generate_extent: int
+    disk_reads: int = 0
+    disk_bytes: int = 0
+    disk_read_seconds: float = 0.0
+    disk_wait_seconds: float = 0.0
+    disk_readaheads: int = 0
+    disk_tier_bytes: int = 0
+    released_host_bytes: int = 0
 
     @property
     def adoptions(self) -> int:
         return self.adopted_ready + self.adopted_waited + self.sync_fallbacks
+
+    @property
+    def disk_overlap(self) -> float | None:
+        """Share of the disk tier's read time hidden behind compute (1.0:
+        no adoption waited for a read); None before any read."""
+        if not self.disk_read_seconds:
+            return None
+        return max(0.0, 1.0 - self.disk_wait_seconds / self.disk_read_seconds)
 
 
 def _struct_fields(ctype: str) -> tuple[str, ...]:
@@ -140,12 +174,15 @@ class Timeline:
     between_s: float
 
 
+E_IO = lib.GS_E_IO  # a disk-tier read failed or the model file changed
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
 
 # Addresses of the two hooks, for llama_context_params.cb_eval.
 DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_discover_cb")))
 EVAL_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_eval_cb")))
+# ... and of the disk tier's load progress callback, for llama_model_params.progress_callback.
+DISK_PROGRESS_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_disk_load_progress_cb")))
 
 
 class Engine:
@@ -154,12 +191,12 @@ class Engine:
 
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
                  cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
-                 repack_buft: int = 0, host_kv_buft: int = 0):
+                 repack_buft: int = 0, host_kv_buft: int = 0, disk_lookahead: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
             "host_copy_delay_us": host_copy_delay_us, "repack_buft": ffi.cast("void *", repack_buft),
-            "host_kv_buft": ffi.cast("void *", host_kv_buft),
+            "host_kv_buft": ffi.cast("void *", host_kv_buft), "disk_lookahead": disk_lookahead,
         })
         out = ffi.new("gs_engine **")
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))
@@ -199,6 +236,15 @@ class Engine:
 
     def add_tensor(self, layer: int, tensor: int) -> None:
         _check("gs_engine_add_tensor", lib.gs_engine_add_tensor(self._h, layer, ffi.cast("void *", tensor)))
+
+    def set_file(self, path: str, size: int, mtime_ns: int) -> None:
+        """The model file the disk tier reads (size and mtime as planned: a different file fails)."""
+        _check("gs_engine_set_file", lib.gs_engine_set_file(self._h, str(path).encode(), size, mtime_ns))
+
+    def add_file_tensor(self, layer: int, tensor: int, file_offset: int) -> None:
+        """A streamed tensor whose uploads read the model file at file_offset (the disk tier)."""
+        _check("gs_engine_add_file_tensor",
+               lib.gs_engine_add_file_tensor(self._h, layer, ffi.cast("void *", tensor), file_offset))
 
     def start(self) -> None:
         _check("gs_engine_start", lib.gs_engine_start(self._h))

@@ -58,6 +58,9 @@ class LayerSpan:
     # norms, router of a mixture-of-experts layer, whose `bytes` are its
     # experts); 0 when the placement moves the whole layer.
     fixed_bytes: int = 0
+    # A streamed part on the disk tier: its uploads read the GGUF file, it
+    # holds no host memory (disk.py decides, under the host budget).
+    disk: bool = False
 
     def __post_init__(self):
         if not self.generate:
@@ -93,6 +96,7 @@ class Plan:
     input_bytes: int = 0
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
+    host_budget: int | None = None  # the host-memory budget the tiers were chosen for (disk.py)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -147,10 +151,20 @@ class Plan:
                 + self.kv_bytes + self.compute_bytes)
 
     @property
+    def disk_layers(self) -> tuple[int, ...]:
+        """Streamed parts on the disk tier: read from the GGUF file at every use."""
+        return tuple(s.layer for s in self.layers if s.placement == "streamed" and s.disk)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(s.bytes for s in self.layers if s.placement == "streamed" and s.disk)
+
+    @property
     def pinned_bytes(self) -> int:
         """Host memory holding the streamed parts, the uploads' only source:
-        pinned on CUDA (it cannot be swapped out), plain memory in host mode."""
-        return self.streamed_bytes
+        pinned on CUDA (it cannot be swapped out), plain memory in host mode;
+        the disk tier's parts are read from the file instead."""
+        return self.streamed_bytes - self.disk_bytes
 
     @property
     def cpu_layer_host_bytes(self) -> int:
@@ -202,7 +216,8 @@ class Plan:
         ]
         for s in self.layers:
             size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + format_size(s.bytes)
-            lines.append(f"| {s.layer} | {size} | {s.placement} | {s.generate} | "
+            disk = " (disk)" if s.disk and s.placement == "streamed" else ""
+            lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {s.generate}{disk} | "
                          f"{'' if s.slot is None else s.slot} |")
         if experts:
             lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router) stays "
@@ -232,7 +247,21 @@ class Plan:
             self.host_memory_line() + f" (pinned: the streamed {unit}, the uploads' source; pageable: "
             + self._pageable_parts() + ")",
         ]
+        if self.host_budget is not None or self.disk_layers:
+            lines.append(self.tiers_line())
         return "\n".join(lines)
+
+    def tiers_line(self) -> str:
+        """The three tiers of the weights with bytes, and what the disk tier costs."""
+        pinned = [s for s in self.layers if s.placement == "streamed" and not s.disk]
+        budget = "" if self.host_budget is None else f" (host budget {format_size(self.host_budget)})"
+        line = (f"tiers{budget}: GPU-resident {len(self.resident)} ({format_size(self.resident_bytes)}), "
+                f"pinned host {len(pinned)} ({format_size(self.pinned_bytes)}), "
+                f"disk {len(self.disk_layers)} ({format_size(self.disk_bytes)})")
+        if self.disk_layers:
+            line += (f"; the disk tier is read from the GGUF file at every use, prompts and each generated token: "
+                     f"tokens/s at most (disk read rate) / {format_size(self.disk_bytes)}")
+        return line
 
     __str__ = table
 

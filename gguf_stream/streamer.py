@@ -25,7 +25,9 @@ from dataclasses import replace
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, available_host_memory, resolve_context, select_device
-from .errors import BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, UnsupportedModelError
+from .disk import DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, with_disk_layers
+from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
+                     UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import format_size, generate_graph_bytes, kv_ggml_type, parse_size
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, generate_resident_layers,
@@ -158,10 +160,14 @@ class Streamer:
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
-        self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
+        # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
+        self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
+        # the file the plan was made from: the engine's disk reads check it is still that file
+        self._file_identity = file_identity(self.path) if self.plan.disk_layers else None
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
+        self.disk_released_at_load = 0  # bytes of the disk tier's load buffers handed back while loading
         self.calibration: Calibration | None = None
         self.generate_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
@@ -171,6 +177,27 @@ class Streamer:
         self._load_progress: Progress | None = None
         if self.plan.streamed:
             self._create_engine()
+
+    def _with_disk_tier(self, plan: Plan) -> Plan:
+        """With a host budget, the streamed parts beyond it on the disk tier
+        (disk.py). Without one, MemAvailable is the budget, which
+        check_host_memory has already enforced: llama.cpp still loads every
+        streamed byte into host memory (see ARCHITECTURE.md, the disk tier)."""
+        budget = self.config.host_budget
+        if budget is None or not plan.streamed:
+            return plan
+        tiered = assign_disk_tier(expected_generate_plan(self.model_file, plan, self.config, self.cuda),
+                                  parse_size(budget))
+        if tiered.disk_layers and self.cuda:
+            raise HostMemoryError(
+                f"host budget {format_size(tiered.host_budget)}: {format_size(tiered.disk_bytes)} of streamed "
+                f"layers would go to the disk tier, which runs only in host-slot mode in this version (the CUDA "
+                "copy engine does not read the file yet); raise the host budget or the vram_budget")
+        return with_disk_layers(plan, tiered.disk_layers, tiered.host_budget)
+
+    def file_offset(self, name: str) -> int:
+        """Where tensor `name`'s data lies in the GGUF file (the disk tier reads it there)."""
+        return self.model_file.tensor(name).offset
 
     def _create_engine(self) -> None:
         config = self.config
@@ -187,7 +214,8 @@ class Streamer:
                                     # CPU layers get llama.cpp's repacked layout, as stock's do
                                     repack_buft=native.cpu_repack_buft() if config.repack else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
-                                    and config.cpu_layer_host_kv else 0)
+                                    and config.cpu_layer_host_kv else 0,
+                                    disk_lookahead=DISK_LOOKAHEAD)
 
     @property
     def experts_only(self) -> bool:
@@ -214,8 +242,14 @@ class Streamer:
         params.use_extra_bufts = self.config.repack
         self._report_load(params)
         if self.engine is not None:
-            pattern = (llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern)(self.plan.streamed)
-            rules = llama_abi.buft_overrides([(pattern, self._source_buft)])
+            pattern = llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern
+            disk = self.plan.disk_layers
+            pinned = tuple(i for i in self.plan.streamed if i not in disk)
+            rules = [(pattern(pinned), self._source_buft)] if pinned else []
+            if disk:
+                rules.append((pattern(disk), native.disk_buft()))
+                self._keep.append(arm_disk_load(params))
+            rules = llama_abi.buft_overrides(rules)
             self._keep.append(rules)
             params.tensor_buft_overrides = ctypes.addressof(rules)
 
@@ -250,8 +284,15 @@ class Streamer:
         ring, then decide what the streamed layers do while generating."""
         if self.engine is None:
             return
+        disk = set(self.plan.disk_layers)
+        if disk:
+            self.disk_released_at_load = native.disk_load_disarm()  # llama.cpp's buffers may be freed from now on
+            self.engine.set_file(self.path, *self._file_identity)
         for w in self._discover(model):
             if not self.streams(w.name, w.layer):
+                continue
+            if w.layer in disk:  # uploads read the file; llama.cpp's copy is released at start
+                self.engine.add_file_tensor(w.layer, w.tensor, self.file_offset(w.name))
                 continue
             if self.cuda:
                 buf_name, _ = native.tensor_buffer(w.tensor)
@@ -464,7 +505,8 @@ class Streamer:
         start = 0
         sched = self._scheduler(ctx)
         for n in sizes:
-            self.before_decode(n)
+            with disk_errors():
+                self.before_decode(n)
             if sched:
                 self.engine.route_hook(sched)
             rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
@@ -487,7 +529,8 @@ class Streamer:
         """Raise the error the hook recorded, if any (it cannot return one
         through the scheduler)."""
         if self.engine is not None:
-            self.engine.check_status(during)
+            with disk_errors():
+                self.engine.check_status(during)
 
     # ------------------------------------------------------------ state
     def counters(self) -> native.Counters | None:
@@ -498,6 +541,8 @@ class Streamer:
 
     def close(self) -> None:
         """Only after the context and the model are freed. Idempotent."""
+        if self.plan.disk_layers:
+            native.disk_load_disarm()  # a load that failed never reached attach
         if self.engine is not None:
             self.engine.bind_layer_devices(None)  # writes nothing: the model is gone
             self.engine.destroy()
@@ -509,6 +554,18 @@ class Streamer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextmanager
+def disk_errors():
+    """A disk-tier read that failed (an I/O error, the file truncated or
+    rewritten underneath) is the decode's failure, said in one line."""
+    try:
+        yield
+    except NativeError as exc:
+        if exc.code != native.E_IO:
+            raise
+        raise DecodeError(exc.detail) from None
 
 
 def _batch_view(b, start: int, n: int):

@@ -36,6 +36,7 @@
 #define GS_E_CUDA     -5  /* a CUDA runtime call failed */
 #define GS_E_THREAD   -6  /* the host copy thread could not be started */
 #define GS_E_GRAPH    -7  /* the graph used a streamed layer outside its segment */
+#define GS_E_IO       -8  /* a disk-tier read failed, or the model file changed underneath */
 
 const char *gs_strerror(int code);
 /* Message of the last failure on this thread: "cudaMemcpyAsync: invalid argument". */
@@ -83,6 +84,11 @@ typedef struct {
     uint64_t gen_resident_loads;     /* times the region was filled (once per switch to generating) */
     uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
     uint64_t hookless_decodes; /* generate-phase decodes run without the hook (gs_engine_route_hook) */
+    uint64_t disk_reads;       /* disk tier: tensor reads from the model file (gs_file_read calls) */
+    uint64_t disk_bytes;       /* ... and their bytes */
+    double   disk_read_seconds; /* time those reads took (in the copy worker) */
+    double   disk_wait_seconds; /* adoptions' waits for copies that read the file (the part not overlapped) */
+    uint64_t disk_readaheads;  /* disk-tier layers the kernel was asked to read ahead (early trigger) */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -96,15 +102,52 @@ typedef struct {
     int      gen_resident;     /* generate-resident layers in their region now */
     uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
     uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
+    uint64_t disk_tier_bytes;  /* streamed bytes whose upload source is the model file (disk tier) */
+    uint64_t released_host_bytes; /* host mode: pages of llama.cpp's copy of them returned to the OS */
 } gs_sizes;
+
+/* ---- the model file (disk tier) ---------------------------------------------- */
+
+/* The GGUF file that disk-tier tensors are read from. Opening checks that
+ * it is the file the plan was made from (size and modification time, as
+ * os.stat gives them); every read checks again (fstat) and that it got
+ * every byte, so a file truncated or rewritten underneath fails the read
+ * (GS_E_IO, naming the file) instead of feeding wrong weights. A file
+ * replaced by rename keeps being read through the open descriptor (the old
+ * inode: still the right bytes). Reads may run on any thread. */
+typedef struct gs_file gs_file;
+int  gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns, gs_file **out);
+void gs_file_close(gs_file *f);
+/* n bytes at offset into dst (pread, retried on EINTR and partial reads). */
+int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
+/* Ask the kernel to start reading n bytes at offset into its page cache
+ * (posix_fadvise WILLNEED): the disk tier's early trigger. */
+int  gs_file_advise(gs_file *f, uint64_t offset, size_t n);
+/* What the reads so far did: calls, bytes, seconds (they only grow). */
+int  gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds);
+
+/* Loading with a disk tier (see gs_diskload.c): disk-tier tensors are
+ * overridden to this buffer type (plain CPU memory). While armed, its buffers
+ * are remembered and gs_disk_load_progress_cb, set as the model params'
+ * progress_callback, returns their pages to the OS before each tensor is
+ * read, then calls next_cb (the callback it replaced; may be NULL). Disarm
+ * right after the load (success or not): the buffers may be freed later. */
+int  gs_disk_get_buft(void **buft);
+int  gs_disk_load_arm(void *next_cb, void *next_user);
+bool gs_disk_load_progress_cb(float progress, void *user);
+/* *released_bytes: the largest page range handed back during the load. */
+int  gs_disk_load_disarm(uint64_t *released_bytes);
 
 /* ---- the copy engine --------------------------------------------------------- */
 
-/* One tensor of a layer image: nbytes from src to dst + offset, then zeros up
+/* One tensor of a layer image: nbytes from src (or, with file set, from the
+ * model file at file_offset: the disk tier) to dst + offset, then zeros up
  * to alloc (quantized rows are padded on CUDA; the padding must read as zero). */
 typedef struct {
     const void *src;
     size_t      nbytes, alloc, offset;
+    gs_file    *file;
+    uint64_t    file_offset;
 } gs_piece;
 
 typedef struct gs_copy gs_copy;
@@ -118,7 +161,10 @@ int  gs_copy_create_cuda(int device, int n_slots, gs_copy **out);
 /* Waits for the copies in flight, then frees. */
 void gs_copy_destroy(gs_copy *c);
 /* Queue the copy of pieces[0..n) to dst; it ends the slot's fence. pieces
- * and their sources must stay valid until it has landed. */
+ * and their sources must stay valid until it has landed. Pieces with a file
+ * (disk tier) are read by the host engine's worker straight into dst; the
+ * CUDA engine refuses them (GS_E_INVALID: not built yet, see ARCHITECTURE.md).
+ * A failed read makes the engine failed: every later call reports it. */
 int  gs_copy_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n);
 /* Copy pieces to dst outside any slot: queued on the stream (CUDA, see
  * drain) or done before returning (host). */
@@ -173,6 +219,8 @@ void gs_ring_destroy(gs_ring *r);
 int  gs_ring_set_order(gs_ring *r, int phase, const int *layers, int n);
 /* *pos = layer's place in phase's order, -1 if it does not stream then. */
 int  gs_ring_get_position(const gs_ring *r, int phase, int layer, int *pos);
+/* *layer = the layer at pos in phase's order, pos wrapping round to the next evaluation; -1 if none. */
+int  gs_ring_get_layer_at(const gs_ring *r, int phase, int pos, int *layer);
 /* Before the layer's weights are read: its slot, reusing a landed copy,
  * waiting for one in flight, or uploading into a victim slot now. Counts
  * the adoption; an evaluation starts at the phase's first layer. A layer
@@ -215,6 +263,9 @@ typedef struct {
                                   (gs_cpu_get_repack_buft); NULL: they read the plain host copy */
     void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
                                   generating (see gs_engine_attach_kv); NULL: they stay put */
+    int    disk_lookahead;     /* disk tier's early trigger: with each upload issued, the disk-tier
+                                  layer this many streamed layers further on is read ahead by the
+                                  kernel (its reads need more lead time than uploads); 0: off */
 } gs_engine_config;
 
 /* Where decodes' wall time goes (probe; see gs_engine_set_timeline). A segment
@@ -264,6 +315,14 @@ int  gs_engine_get_graph_check(gs_engine *e, gs_graph_check *out);
 /* Marks a discovered weight of a streamed layer; its current data (llama.cpp's
  * host copy, pinned on CUDA) becomes the upload source. */
 int  gs_engine_add_tensor(gs_engine *e, int layer, void *tensor);
+/* Disk tier: the model file (see gs_file_open), before adding file tensors. */
+int  gs_engine_set_file(gs_engine *e, const char *path, uint64_t expect_size, int64_t expect_mtime_ns);
+/* Like add_tensor, but the upload source is the model file at file_offset
+ * (where the GGUF puts the tensor's data). At start, in host mode, the pages
+ * of llama.cpp's copy are returned to the OS (they are never read again);
+ * with use_cuda, start refuses file tensors. Such a layer cannot be a CPU
+ * layer (the CPU would read host memory that is not there). */
+int  gs_engine_add_file_tensor(gs_engine *e, int layer, void *tensor, uint64_t file_offset);
 /* Allocates the ring, re-homes every added tensor into it and prefetches the
  * first n_slots streamed layers. Must run before the real context exists. */
 int  gs_engine_start(gs_engine *e);

@@ -15,6 +15,10 @@ typedef struct {
 
 static int cuda_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
     cuda_copy *g = (cuda_copy *)c;
+    for (int k = 0; k < n; k++)   /* before queueing anything: a slot is filled whole or not at all */
+        if (p[k].file)
+            return fail(GS_E_INVALID, "the CUDA copy engine cannot read disk-tier tensors yet (the disk tier "
+                        "runs in host-slot mode only); give a host budget that holds every streamed layer");
     for (int k = 0; k < n; k++) {
         char *to = (char *)dst + p[k].offset;
         size_t pad = p[k].alloc - p[k].nbytes;

@@ -1,7 +1,11 @@
 /* The host copy engine: one worker thread copies issued layers in FIFO order
  * (host-slot mode, where the "device" is host memory). Completion is a
- * ticket: copy k has landed once `completed` reaches k. */
+ * ticket: copy k has landed once `completed` reaches k. Disk-tier pieces are
+ * read from the model file straight into the slot; a failed read makes the
+ * engine failed (its message is kept, the worker's thread-local one is not
+ * the caller's), and every later call reports it. */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -22,15 +26,47 @@ typedef struct {
     int        job_cap, job_head, job_len;
     uint64_t   issued, completed;
     uint64_t  *ticket;               /* per slot: its last copy */
+    int        err;                  /* first failed copy (GS_E_*), 0 if none */
+    char       err_msg[512];
 } host_copy;
 
-static int host_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
-    (void)c;
+static int copy_pieces(void *dst, const gs_piece *p, int n) {
     for (int k = 0; k < n; k++) {
-        memcpy((char *)dst + p[k].offset, p[k].src, p[k].nbytes);
-        if (p[k].alloc > p[k].nbytes) memset((char *)dst + p[k].offset + p[k].nbytes, 0, p[k].alloc - p[k].nbytes);
+        char *to = (char *)dst + p[k].offset;
+        if (p[k].file) {
+            int rc = gs_file_read(p[k].file, to, p[k].nbytes, p[k].file_offset);
+            if (rc) return rc;
+        } else {
+            memcpy(to, p[k].src, p[k].nbytes);
+        }
+        if (p[k].alloc > p[k].nbytes) memset(to + p[k].nbytes, 0, p[k].alloc - p[k].nbytes);
     }
     return GS_OK;
+}
+
+/* Under mu: the engine's failure, as this thread's error. */
+static int failed(host_copy *h) {
+    return h->err ? fail(h->err, "%s", h->err_msg) : GS_OK;
+}
+
+static void record_failure(host_copy *h, int rc) {
+    if (h->err) return;
+    h->err = rc;
+    snprintf(h->err_msg, sizeof h->err_msg, "%s", gs_last_error());
+}
+
+static int host_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
+    host_copy *h = (host_copy *)c;
+    pthread_mutex_lock(&h->mu);
+    int rc = failed(h);
+    pthread_mutex_unlock(&h->mu);
+    if (rc) return rc;
+    if ((rc = copy_pieces(dst, p, n))) {
+        pthread_mutex_lock(&h->mu);
+        record_failure(h, rc);
+        pthread_mutex_unlock(&h->mu);
+    }
+    return rc;
 }
 
 static void *worker(void *arg) {
@@ -41,9 +77,10 @@ static void *worker(void *arg) {
         if (h->job_len == 0) break;          /* stop requested and queue drained */
         host_job job = h->jobs[h->job_head];
         pthread_mutex_unlock(&h->mu);
-        host_put(&h->base, job.dst, job.pieces, job.n);
+        int rc = copy_pieces(job.dst, job.pieces, job.n);
         if (h->delay_us > 0) usleep(h->delay_us);
         pthread_mutex_lock(&h->mu);
+        if (rc) record_failure(h, rc);
         h->job_head = (h->job_head + 1) % h->job_cap;
         h->job_len--;
         h->completed = job.ticket;
@@ -56,6 +93,8 @@ static void *worker(void *arg) {
 static int host_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n) {
     host_copy *h = (host_copy *)c;
     pthread_mutex_lock(&h->mu);
+    int rc = failed(h);
+    if (rc) { pthread_mutex_unlock(&h->mu); return rc; }
     while (h->job_len == h->job_cap) pthread_cond_wait(&h->cv_done, &h->mu);
     host_job *j = &h->jobs[(h->job_head + h->job_len) % h->job_cap];
     *j = (host_job){ dst, pieces, n, ++h->issued };
@@ -70,24 +109,27 @@ static int host_done(gs_copy *c, int slot) {
     host_copy *h = (host_copy *)c;
     pthread_mutex_lock(&h->mu);
     int done = h->completed >= h->ticket[slot];
+    int rc = failed(h);
     pthread_mutex_unlock(&h->mu);
-    return done;
+    return rc ? rc : done;
 }
 
 static int host_wait(gs_copy *c, int slot) {
     host_copy *h = (host_copy *)c;
     pthread_mutex_lock(&h->mu);
     while (h->completed < h->ticket[slot]) pthread_cond_wait(&h->cv_done, &h->mu);
+    int rc = failed(h);
     pthread_mutex_unlock(&h->mu);
-    return GS_OK;
+    return rc;
 }
 
 static int host_drain(gs_copy *c) {
     host_copy *h = (host_copy *)c;
     pthread_mutex_lock(&h->mu);
     while (h->thread_started && h->completed < h->issued) pthread_cond_wait(&h->cv_done, &h->mu);
+    int rc = failed(h);
     pthread_mutex_unlock(&h->mu);
-    return GS_OK;
+    return rc;
 }
 
 static int host_sync_device(gs_copy *c) { (void)c; return GS_OK; }

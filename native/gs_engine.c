@@ -38,6 +38,7 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
 void gs_engine_destroy(gs_engine *e) {
     if (!e) return;
     gs_copy_destroy(e->copy);         /* first: uploads in flight read the sources */
+    gs_file_close(e->file);
     gs_ring_destroy(e->ring);
     if (e->ring_buf) G.buffer_free(e->ring_buf);
     gr_free(e);
@@ -60,6 +61,12 @@ int gs_engine_get_status(gs_engine *e, char *msg, size_t msg_len) {
 
 int gs_engine_get_counters(gs_engine *e, gs_counters *out) {
     *out = e->ctr;
+    uint64_t reads = 0, bytes = 0;
+    double seconds = 0;
+    if (e->file) gs_file_get_stats(e->file, &reads, &bytes, &seconds);
+    out->disk_reads = reads - e->disk_base.reads;
+    out->disk_bytes = bytes - e->disk_base.bytes;
+    out->disk_read_seconds = seconds - e->disk_base.seconds;
     return GS_OK;
 }
 
@@ -70,6 +77,7 @@ int gs_engine_get_sizes(gs_engine *e, gs_sizes *out) {
 
 int gs_engine_reset_counters(gs_engine *e) {
     memset(&e->ctr, 0, sizeof e->ctr);
+    if (e->file) gs_file_get_stats(e->file, &e->disk_base.reads, &e->disk_base.bytes, &e->disk_base.seconds);
     memset(e->timing.seconds, 0, e->cfg.n_layer * sizeof *e->timing.seconds);
     memset(e->timing.count, 0, e->cfg.n_layer * sizeof *e->timing.count);
     return GS_OK;
@@ -97,7 +105,9 @@ int gs_engine_swap_sources(gs_engine *e, int a, int b) {
     if (rc) return rc;
     for (int k = 0; k < la->count; k++) {
         gs_piece *x = &e->up[la->first + k], *y = &e->up[lb->first + k];
-        const void *tmp = x->src; x->src = y->src; y->src = tmp;
+        gs_piece tmp = *x;
+        x->src = y->src; x->file = y->file; x->file_offset = y->file_offset;
+        y->src = tmp.src; y->file = tmp.file; y->file_offset = tmp.file_offset;
     }
     /* Drop whatever the slots hold so the swapped sources are used at once. */
     return gs_ring_discard(e->ring);

@@ -19,6 +19,8 @@ typedef struct {
     void   *cpu_buffer, *cpu_data, *cpu_extra;
     int     layer;
     int     matmul_only;  /* discovery saw it only as src[0] of a matrix product */
+    int     from_file;    /* disk tier: uploads read the model file at file_offset */
+    uint64_t file_offset;
 } srec;
 
 /* A KV cache tensor of the attached context and where llama.cpp put it. */
@@ -35,6 +37,7 @@ typedef struct {
 typedef struct {
     int    first, count;  /* its records in e->recs (contiguous after start); count 0: not streamed */
     size_t bytes;         /* laid-out size in a slot */
+    size_t disk_bytes;    /* of its tensors', read from the model file (disk tier) */
     int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
     int    gen_resident;  /* resident while generating, in the generate-resident region */
     int    gr_live;       /* ...and there now: its tensors point into the region */
@@ -77,6 +80,8 @@ struct gs_engine {
     char      *ring_base;
     gs_ring   *ring;
     gs_copy   *copy;
+    gs_file   *file;                  /* the model file of the disk tier (gs_engine_set_file), or NULL */
+    struct { uint64_t reads, bytes; double seconds; } disk_base;  /* its stats at the last counter reset */
     void      *cpu_dev;               /* set while layer devices are bound (gs_phase.c) */
     int        hook_ran;              /* the hook ran in the generate phase since placement changed (gs_phase.c) */
 

@@ -127,6 +127,9 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
             return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
         if (e->layers[layers[k]].gen_resident)
             return fail(GS_E_INVALID, "layer %d is generate-resident; it cannot also be a CPU layer", layers[k]);
+        if (e->layers[layers[k]].disk_bytes)
+            return fail(GS_E_INVALID, "layer %d is on the disk tier (read from the model file); the CPU cannot "
+                        "compute it from host memory", layers[k]);
     }
     if (e->started) {
         int rc = switch_phase(e, GS_PHASE_PROMPT);

@@ -207,6 +207,13 @@ int gs_ring_get_position(const gs_ring *r, int phase, int layer, int *pos) {
     return GS_OK;
 }
 
+int gs_ring_get_layer_at(const gs_ring *r, int phase, int pos, int *layer) {
+    *layer = -1;
+    if (bad_phase(phase) || pos < 0) return fail(GS_E_INVALID, "gs_ring_get_layer_at: phase %d, position %d", phase, pos);
+    if (r->n_order[phase] > 0) *layer = r->order[phase][pos % r->n_order[phase]];
+    return GS_OK;
+}
+
 int gs_ring_get_slot(const gs_ring *r, int slot, int *layer, int *state) {
     if (slot < 0 || slot >= r->n_slots) return fail(GS_E_INVALID, "gs_ring_get_slot: slot %d out of range", slot);
     *layer = r->slot[slot].state == GS_SLOT_EMPTY ? -1 : r->slot[slot].layer;

@@ -2,6 +2,8 @@
  * tensor into the ring) and the ring's bindings to the copy engine. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "gs_engine.h"
 
@@ -31,6 +33,22 @@ int gs_engine_add_tensor(gs_engine *e, int layer, void *tensor) {
     return GS_OK;
 }
 
+int gs_engine_set_file(gs_engine *e, const char *path, uint64_t expect_size, int64_t expect_mtime_ns) {
+    if (e->started || e->file) return fail(GS_E_INVALID, "gs_engine_set_file: engine started or file already set");
+    return gs_file_open(path, expect_size, expect_mtime_ns, &e->file);
+}
+
+int gs_engine_add_file_tensor(gs_engine *e, int layer, void *tensor, uint64_t file_offset) {
+    if (!e->file) return fail(GS_E_INVALID, "gs_engine_add_file_tensor: no model file (gs_engine_set_file)");
+    int rc = gs_engine_add_tensor(e, layer, tensor);
+    if (rc) return rc;
+    srec *r = &e->recs[e->n_recs - 1];
+    r->from_file = 1;
+    r->file_offset = file_offset;
+    e->layers[layer].disk_bytes += G.nbytes(r->t);
+    return GS_OK;
+}
+
 static int cmp_rec(const void *a, const void *b) {
     const srec *x = a, *y = b;
     if (x->layer != y->layer) return x->layer - y->layer;
@@ -52,6 +70,8 @@ static int layout(gs_engine *e, size_t align, size_t *max_bytes) {
         if (ly->count == 0) { ly->first = k; ly->bytes = 0; }
         ly->count++;
         p->src = r->t->data;
+        p->file = r->from_file ? e->file : NULL;
+        p->file_offset = r->file_offset;
         p->nbytes = G.nbytes(r->t);
         p->alloc = G.buft_get_alloc_size(e->cfg.ring_buft, r->t);
         p->offset = align_up(ly->bytes, align);
@@ -66,10 +86,28 @@ static int layout(gs_engine *e, size_t align, size_t *max_bytes) {
 
 char *slot_base(const gs_engine *e, int slot) { return e->ring_base + (size_t)slot * e->size.slot_bytes; }
 
+/* The disk tier's early trigger: a read takes longer than an upload, so the
+ * kernel starts reading the disk-tier layer disk_lookahead streamed layers
+ * beyond the one just issued; the copy worker's pread finds it in the page
+ * cache. A hint only: its failure changes nothing but speed. */
+static void read_ahead(gs_engine *e, int layer) {
+    int pos, target;
+    if (!e->file || e->cfg.disk_lookahead <= 0 || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
+        || gs_ring_get_layer_at(e->ring, e->phase, pos + e->cfg.disk_lookahead, &target) || target < 0
+        || !e->layers[target].disk_bytes)
+        return;
+    const layer_info *ly = &e->layers[target];
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        if (e->up[k].file) gs_file_advise(e->file, e->up[k].file_offset, e->up[k].nbytes);
+    e->ctr.disk_readaheads++;
+}
+
 static int op_issue(void *ctx, int slot, int layer) {
     gs_engine *e = ctx;
     const layer_info *ly = &e->layers[layer];
-    return gs_copy_issue(e->copy, slot, slot_base(e, slot), &e->up[ly->first], ly->count);
+    int rc = gs_copy_issue(e->copy, slot, slot_base(e, slot), &e->up[ly->first], ly->count);
+    if (!rc) read_ahead(e, layer);
+    return rc;
 }
 
 static int op_done(void *ctx, int slot) {
@@ -77,7 +115,17 @@ static int op_done(void *ctx, int slot) {
     return rc ? rc : done;
 }
 
-static int op_wait(void *ctx, int slot) { return gs_copy_wait(((gs_engine *)ctx)->copy, slot); }
+/* A wait for a copy that reads the model file is the disk tier's part not
+ * hidden behind compute (counted apart from the ring's wait_seconds). */
+static int op_wait(void *ctx, int slot) {
+    gs_engine *e = ctx;
+    int layer = -1, state, disk = e->file && gs_ring_get_slot(e->ring, slot, &layer, &state) == GS_OK
+                                  && layer >= 0 && e->layers[layer].disk_bytes > 0;
+    double t0 = disk ? now_s() : 0;
+    int rc = gs_copy_wait(e->copy, slot);
+    if (disk) e->ctr.disk_wait_seconds += now_s() - t0;
+    return rc;
+}
 static int op_drain(void *ctx) { return gs_copy_drain(((gs_engine *)ctx)->copy); }
 static void op_point(void *ctx, int layer, int slot) { point_layer(ctx, layer, slot_base(ctx, slot)); }
 
@@ -135,11 +183,34 @@ static int alloc_slots(gs_engine *e, int n_slots) {
     return GS_OK;
 }
 
+/* Host mode: llama.cpp's copy of a disk-tier tensor is never read again
+ * (uploads read the file; such layers are not CPU layers), so its whole
+ * pages go back to the OS. Reading them would now give zeros: a path that
+ * still used the copy could not pass the exactness tests. */
+static void release_host_copies(gs_engine *e) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (int k = 0; k < e->n_recs; k++) {
+        if (!e->recs[k].from_file) continue;
+        uintptr_t a = (uintptr_t)e->up[k].src, first = align_up(a, page), last = (a + e->up[k].nbytes) / page * page;
+        if (last > first && madvise((void *)first, last - first, MADV_DONTNEED) == 0)
+            e->size.released_host_bytes += last - first;
+    }
+}
+
 int gs_engine_start(gs_engine *e) {
     if (e->started || e->start_attempted)
         return fail(GS_E_INVALID, "gs_engine_start: already started (or a failed start left it unusable)");
     e->start_attempted = 1;
     if (e->n_recs == 0) return fail(GS_E_INVALID, "gs_engine_start: no streamed tensors were added");
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        if (!e->layers[i].disk_bytes) continue;
+        if (e->cfg.use_cuda)
+            return fail(GS_E_INVALID, "layer %d is on the disk tier, which the CUDA copy engine cannot read yet "
+                        "(host-slot mode only); give a host budget that holds every streamed layer", i);
+        if (e->layers[i].cpu_generate)
+            return fail(GS_E_INVALID, "layer %d is on the disk tier; it cannot be a CPU layer", i);
+        e->size.disk_tier_bytes += e->layers[i].disk_bytes;
+    }
     size_t align = G.buft_get_alignment(e->cfg.ring_buft), max_bytes = 0;
     if (align == 0) align = 1;
     int n_streamed, n_slots, rc = layout(e, align, &max_bytes);
@@ -152,6 +223,7 @@ int gs_engine_start(gs_engine *e) {
     rc = e->cfg.use_cuda ? gs_copy_create_cuda(e->cfg.cuda_device, n_slots, &e->copy)
                          : gs_copy_create_host(n_slots, e->cfg.host_copy_delay_us, &e->copy);
     if (rc || (rc = sync_repacks(e))) return rc;
+    if (!e->cfg.use_cuda) release_host_copies(e);
     e->started = 1;
     e->size.ring_bytes = e->size.slot_bytes * (size_t)n_slots;
     e->size.n_streamed = n_streamed;

@@ -39,6 +39,7 @@ const char *gs_strerror(int code) {
     case GS_E_CUDA:     return "CUDA runtime call failed";
     case GS_E_THREAD:   return "thread creation failed";
     case GS_E_GRAPH:    return "graph order violated";
+    case GS_E_IO:       return "model file read failed";
     default:            return "unknown error";
     }
 }

@@ -146,6 +146,10 @@ def check_flags(args) -> None:
         from ..memory import parse_size
 
         parse_size(args.vram_budget)  # a clear message for '8 gigs'
+    if getattr(args, "host_budget", None) is not None:
+        from ..memory import parse_size
+
+        parse_size(args.host_budget)
     for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
         check_utf8(flag, getattr(args, name, None))
 
@@ -294,6 +298,8 @@ def placement(args, path, device: str) -> dict:
         options["whole_layers"] = True
     if getattr(args, "exact", False):
         options["exact"] = True
+    if getattr(args, "host_budget", None) is not None:
+        options["host_budget"] = args.host_budget
     return options
 
 
@@ -415,6 +421,9 @@ def add_placement(p, *, device: bool = True) -> None:
                    help="keep N layers resident, stream the others (llama.cpp would compute them on the CPU)")
     g.add_argument("--n-slots", type=int, metavar="S", help="slots streamed layers rotate through (default: "
                    "planner's choice, at most 2)")
+    g.add_argument("--host-budget", metavar="B", help="host memory the weights may hold (default: what is "
+                   "available); streamed layers beyond it go to the disk tier, read from the GGUF file at every use "
+                   "(host-slot mode only for now)")
     g.add_argument("--whole-layers", action="store_true",
                    help="mixture-of-experts models: place whole layers, as for dense ones (default: place the "
                    "experts; every layer's attention, norms and router stay on the GPU)")

@@ -40,6 +40,11 @@ def cmd_plan(args) -> int:
                      type_k=ctx["type_k"], type_v=ctx["type_v"],
                      whole_layers=True if args.whole_layers else None, **explicit_placement(args, mf))
     plan = _as_on_cuda(mf, plan, ctx, split, args.exact)
+    if args.host_budget is not None:
+        from ..disk import assign_disk_tier
+        from ..memory import parse_size
+
+        plan = assign_disk_tier(plan, parse_size(args.host_budget))
     print(plan.table())
     print(f"(estimates from the GGUF header at -c {ctx['n_ctx']} -ub {ctx['n_ubatch']}; "
           "`run` measures the real figures)")

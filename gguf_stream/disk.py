@@ -1,0 +1,84 @@
+"""The disk tier: streamed parts that hold no host memory, read from the GGUF
+file itself at every use (see ARCHITECTURE.md, "The disk tier").
+
+Pure planning (which streamed parts go to disk under a host-memory budget),
+the file's identity that the native engine checks at every read, and the
+load's arming (the native helper, imported there only: planning needs none).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import replace
+
+from .errors import HostMemoryError
+from .memory import format_size
+from .planner import Plan, interleaved_layers
+
+# The disk tier's early trigger (gs_engine_config.disk_lookahead): with each
+# upload issued, the kernel starts reading the disk-tier layer this many
+# streamed layers further on (a disk read needs more lead time than an upload).
+DISK_LOOKAHEAD = 2
+
+
+def disk_candidates(plan: Plan) -> tuple[int, ...]:
+    """Streamed parts that may live on disk: not the CPU layers, which the CPU
+    computes from host memory while generating."""
+    return tuple(s.layer for s in plan.layers if s.placement == "streamed" and s.generate != "cpu")
+
+
+def with_disk_layers(plan: Plan, layers, host_budget: int | None = None) -> Plan:
+    """The plan with these streamed parts on the disk tier (the others stay in host memory)."""
+    disk = set(layers)
+    if not disk <= set(disk_candidates(plan)):
+        raise ValueError(f"layers {sorted(disk - set(disk_candidates(plan)))} cannot be on the disk tier "
+                         "(only streamed parts that are not CPU layers)")
+    spans = tuple(replace(s, disk=s.layer in disk) for s in plan.layers)
+    return replace(plan, layers=spans, host_budget=host_budget)
+
+
+def assign_disk_tier(plan: Plan, host_budget: int) -> Plan:
+    """Fewest streamed parts on the disk tier so that the plan's host memory
+    (Plan.host_bytes) fits host_budget, spread evenly through the candidates
+    (so pinned uploads lie between disk reads). Refuses a budget that even
+    every candidate on disk cannot meet."""
+    if host_budget < 0:
+        raise ValueError(f"host budget {host_budget} < 0")
+    excess = plan.host_bytes - host_budget
+    if excess <= 0:
+        return with_disk_layers(plan, (), host_budget)
+    candidates = disk_candidates(plan)
+    sizes = {s.layer: s.bytes for s in plan.layers}
+    for n in range(1, len(candidates) + 1):
+        chosen = [candidates[j] for j in interleaved_layers(len(candidates), n)]
+        if sum(sizes[i] for i in chosen) >= excess:
+            return with_disk_layers(plan, chosen, host_budget)
+    rest = plan.host_bytes - sum(sizes[i] for i in candidates)
+    raise HostMemoryError(
+        f"host budget {format_size(host_budget)} is below the {format_size(rest)} of host memory this run needs "
+        "with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV caches); "
+        "raise the host budget, or use a larger vram_budget or fewer CPU layers")
+
+
+def arm_disk_load(params):
+    """Before loading llama_model_params `params` with a disk tier: its pages
+    go back to the OS as llama.cpp loads (gs_diskload.c), through a progress
+    callback put in front of the one already set. Returns the callback
+    object, to keep alive through the load; disarm with native.disk_load_disarm."""
+    import llama_cpp
+
+    from . import native
+
+    previous = ctypes.cast(params.progress_callback, ctypes.c_void_p).value or 0
+    user = ctypes.cast(params.progress_callback_user_data, ctypes.c_void_p).value or 0
+    native.disk_load_arm(previous, user)
+    cb = llama_cpp.llama_progress_callback(native.DISK_PROGRESS_CB)
+    params.progress_callback = cb
+    return cb
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime_ns) of the model file: the engine refuses to read a file
+    that no longer has them (changed since the plan was made)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

@@ -1,0 +1,109 @@
+/* The model file of the disk tier: disk-tier tensors are read from the GGUF
+ * itself (pread at the tensor's data offset), never from host memory. Every
+ * read re-checks the file's identity (fstat: size and modification time as
+ * at open, which were those the plan was made from) and gets every byte or
+ * fails: a file truncated or rewritten underneath is GS_E_IO, never wrong
+ * weights. Reads may run on any thread (the host copy worker). */
+#include <errno.h>
+#include <stdio.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "gguf_stream.h"
+#include "gs_util.h"
+
+struct gs_file {
+    int      fd;
+    uint64_t size;
+    int64_t  mtime_ns;
+    char     path[512];
+    uint64_t reads, bytes, nanos;   /* updated atomically: readers may be several threads */
+};
+
+static int64_t mtime_ns(const struct stat *st) {
+    return (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+}
+
+/* The file as opened is the file now (size and mtime unchanged). */
+static int same_file(gs_file *f) {
+    struct stat st;
+    if (fstat(f->fd, &st))
+        return fail(GS_E_IO, "disk tier: fstat(%s): %s", f->path, strerror(errno));
+    if ((uint64_t)st.st_size != f->size || mtime_ns(&st) != f->mtime_ns)
+        return fail(GS_E_IO, "disk tier: %s changed while the model was loaded (size %llu -> %llu bytes, "
+                    "modification time %s); reload the model", f->path, (unsigned long long)f->size,
+                    (unsigned long long)st.st_size, mtime_ns(&st) == f->mtime_ns ? "unchanged" : "changed");
+    return GS_OK;
+}
+
+int gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns, gs_file **out) {
+    *out = NULL;
+    if (!path || !*path) return fail(GS_E_INVALID, "gs_file_open: no path");
+    gs_file *f = calloc(1, sizeof *f);
+    if (!f) return fail(GS_E_NOMEM, "gs_file_open: calloc");
+    snprintf(f->path, sizeof f->path, "%s", path);
+    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (f->fd < 0) {
+        int err = errno;
+        free(f);
+        return fail(GS_E_IO, "disk tier: open(%s): %s", path, strerror(err));
+    }
+    f->size = expect_size;
+    f->mtime_ns = expect_mtime_ns;
+    int rc = same_file(f);
+    if (rc) { gs_file_close(f); return rc; }
+    /* Reads walk the file in order, layer after layer: let the kernel read ahead. */
+    posix_fadvise(f->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    *out = f;
+    return GS_OK;
+}
+
+void gs_file_close(gs_file *f) {
+    if (!f) return;
+    if (f->fd >= 0) close(f->fd);
+    free(f);
+}
+
+int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
+    if (!f || (!dst && n)) return fail(GS_E_INVALID, "gs_file_read: no file or destination");
+    double t0 = now_s();
+    int rc = same_file(f);
+    if (rc) return rc;
+    if (offset > f->size || n > f->size - offset)
+        return fail(GS_E_IO, "disk tier: read of %zu bytes at offset %llu is past the end of %s (%llu bytes)",
+                    n, (unsigned long long)offset, f->path, (unsigned long long)f->size);
+    for (size_t got = 0; got < n;) {
+        ssize_t k = pread(f->fd, (char *)dst + got, n - got, (off_t)(offset + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0)
+            return fail(GS_E_IO, "disk tier: read of %zu bytes at offset %llu from %s: %s", n,
+                        (unsigned long long)offset, f->path, strerror(errno));
+        if (k == 0)   /* end of file before the tensor's end: truncated since the check */
+            return fail(GS_E_IO, "disk tier: %s ended after %llu bytes, inside a tensor (truncated while the "
+                        "model was loaded?); reload the model", f->path, (unsigned long long)(offset + got));
+        got += (size_t)k;
+    }
+    /* A rewrite during the read shows in the mtime afterwards. */
+    if ((rc = same_file(f))) return rc;
+    __atomic_add_fetch(&f->reads, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->bytes, n, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->nanos, (uint64_t)((now_s() - t0) * 1e9), __ATOMIC_RELAXED);
+    return GS_OK;
+}
+
+int gs_file_advise(gs_file *f, uint64_t offset, size_t n) {
+    if (!f) return fail(GS_E_INVALID, "gs_file_advise: no file");
+    int err = posix_fadvise(f->fd, (off_t)offset, (off_t)n, POSIX_FADV_WILLNEED);
+    return err ? fail(GS_E_IO, "disk tier: posix_fadvise(%s): %s", f->path, strerror(err)) : GS_OK;
+}
+
+int gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds) {
+    if (!f) return fail(GS_E_INVALID, "gs_file_get_stats: no file");
+    *reads = __atomic_load_n(&f->reads, __ATOMIC_RELAXED);
+    *bytes = __atomic_load_n(&f->bytes, __ATOMIC_RELAXED);
+    *seconds = __atomic_load_n(&f->nanos, __ATOMIC_RELAXED) * 1e-9;
+    return GS_OK;
+}

@@ -1,0 +1,227 @@
+"""The disk tier (disk.py, the engine's file reads) in host-slot mode: the
+planner's tiers under a host budget, exactness against stock llama.cpp with
+part of the model read from the GGUF file, the counters, a negative control,
+and a file truncated or rewritten underneath a running model."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import CPU, HYBRID, N_GEN
+from gguf_stream import DecodeError, read_model
+from gguf_stream.config import EngineConfig
+from gguf_stream.disk import assign_disk_tier, disk_candidates, with_disk_layers
+from gguf_stream.errors import HostMemoryError
+from gguf_stream.model import StreamedModel
+from gguf_stream.planner import make_plan, with_generate_placement
+from gguf_stream.streamer import Streamer, initial_plan
+
+
+def hybrid_plan(path):
+    return initial_plan(read_model(path), EngineConfig(**CPU, **HYBRID), cuda=False)
+
+
+def budget_for(plan, n_disk: int) -> int:
+    """A host budget that puts exactly n_disk of the plan's streamed layers on disk (equal-sized layers)."""
+    biggest = max(s.bytes for s in plan.layers if s.placement == "streamed")
+    return plan.host_bytes - (n_disk - 1) * biggest - 1
+
+
+# ------------------------------------------------------------------ planning (pure)
+
+def test_tiers_follow_the_host_budget(tiny_path):
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2)
+    assert not assign_disk_tier(plan, plan.host_bytes).disk_layers  # fits: nothing on disk
+    for n in (1, 3, 6):
+        tiered = assign_disk_tier(plan, budget_for(plan, n))
+        assert len(tiered.disk_layers) == n and set(tiered.disk_layers) <= set(plan.streamed)
+        assert tiered.host_bytes <= tiered.host_budget
+        assert tiered.pinned_bytes + tiered.disk_bytes == plan.streamed_bytes
+        line = tiered.tiers_line()
+        assert f"disk {n} (" in line and "tokens/s at most" in line and "(disk)" in tiered.table()
+    spread = assign_disk_tier(plan, budget_for(plan, 3)).disk_layers
+    assert spread != plan.streamed[:3]  # spread through the streamed layers, not bunched
+    with pytest.raises(HostMemoryError, match="host budget .* is below .* with every streamed part on the disk"):
+        assign_disk_tier(plan, 1)
+
+
+def test_cpu_layers_never_go_to_disk(tiny_path):
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2)
+    cpu = plan.streamed[1::3]
+    hybrid = with_generate_placement(plan, cpu)
+    assert set(disk_candidates(hybrid)) == set(plan.streamed) - set(cpu)
+    floor = hybrid.host_bytes - sum(s.bytes for s in hybrid.layers if s.layer in disk_candidates(hybrid))
+    tiered = assign_disk_tier(hybrid, floor + 1)  # every candidate, no CPU layer
+    assert set(tiered.disk_layers) == set(plan.streamed) - set(cpu)
+    with pytest.raises(HostMemoryError):
+        assign_disk_tier(hybrid, floor - 1)
+    with pytest.raises(ValueError, match="cannot be on the disk tier"):
+        with_disk_layers(hybrid, cpu[:1])
+
+
+def test_cuda_refuses_a_disk_tier_before_loading(tiny_path):
+    plan = hybrid_plan(tiny_path)
+    config = EngineConfig(**CPU, **HYBRID, host_budget=budget_for(plan, 2), exact=True)
+    with pytest.raises(HostMemoryError, match="runs only in host-slot mode") as exc:
+        Streamer(tiny_path, config, cuda=True)
+    assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------ running (host-slot mode)
+
+def run_with_disk(path, prompt, n_disk, **options):
+    budget = budget_for(hybrid_plan(path), n_disk)
+    with StreamedModel(path, **CPU, **HYBRID, host_budget=budget, **options) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        return tokens, logits, m.stats.counters, m.plan
+
+
+def test_disk_tier_is_bit_identical_to_stock(case):
+    path, prompt, ref_tokens, ref_logits = case
+    tokens, logits, c, plan = run_with_disk(path, prompt, 3)
+    assert len(plan.disk_layers) == 3 and plan.host_bytes <= plan.host_budget
+    assert tokens == ref_tokens
+    assert np.array_equal(logits, ref_logits), f"max |diff| {np.abs(logits - ref_logits).max()}"
+    # every evaluation reads the disk tier from the file (the last may have prefetched into the next one)
+    evaluations = 1 + N_GEN
+    assert c.evaluations == evaluations and c.disk_tier_bytes == plan.disk_bytes
+    assert (evaluations - 1) * c.disk_tier_bytes <= c.disk_bytes <= (evaluations + 1) * c.disk_tier_bytes
+    assert c.disk_reads > 0 and c.disk_read_seconds > 0 and 0.0 <= c.disk_overlap <= 1.0
+    assert c.disk_readaheads > 0  # the early trigger asked the kernel for disk-tier layers ahead
+    # llama.cpp's copy of the disk tier was handed back (reading it now would give zeros)
+    assert 0 < c.released_host_bytes <= c.disk_tier_bytes
+
+
+def test_reading_the_wrong_file_offsets_changes_the_output(case, monkeypatch):
+    """Negative control: the disk tier's bytes are what the model computes with."""
+    path, prompt, ref_tokens, ref_logits = case
+    n_layer = read_model(path).n_layer
+    right = Streamer.file_offset
+
+    def wrong(self, name):  # each disk-tier tensor read from the next layer's
+        layer = int(name.split(".")[1])
+        return right(self, name.replace(f"blk.{layer}.", f"blk.{(layer + 1) % n_layer}.", 1))
+
+    monkeypatch.setattr(Streamer, "file_offset", wrong)
+    tokens, logits, c, plan = run_with_disk(path, prompt, 3)
+    assert c.disk_reads > 0 and not np.array_equal(logits, ref_logits)
+
+
+def test_disk_tier_with_a_slow_link_waits_and_stays_exact(case):
+    path, prompt, ref_tokens, ref_logits = case
+    tokens, logits, c, plan = run_with_disk(path, prompt, 6, host_copy_delay_us=20000)
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.adopted_waited > 0 and c.disk_wait_seconds > 0
+
+
+def test_moe_experts_on_disk_match_stock(tiny_moe_path):
+    from gguf_stream.model import StockModel
+
+    with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
+        prompt = stock.tokenize("The quick brown fox")
+        ref_tokens, ref_logits = stock.generate(prompt, N_GEN, with_logits=True)
+    mf = read_model(tiny_moe_path)
+    plan = initial_plan(mf, EngineConfig(**CPU, n_streamed=mf.n_layer, n_slots=2), cuda=False)
+    assert plan.part == "experts"
+    with StreamedModel(tiny_moe_path, **CPU, n_streamed=mf.n_layer, n_slots=2,
+                       host_budget=budget_for(plan, 2)) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        c = m.stats.counters
+        assert len(m.plan.disk_layers) == 2 and c.disk_reads > 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_model_file_changed_underneath_is_a_clear_error(tiny_path, tmp_path, change):
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_path, path)
+    budget = budget_for(hybrid_plan(path), 3)
+    with StreamedModel(path, **CPU, **HYBRID, host_budget=budget) as m:
+        prompt = m.tokenize("The quick brown fox")
+        m.generate(prompt, 2)
+        st = os.stat(path)
+        if change == "truncate":
+            os.truncate(path, st.st_size // 2)
+        else:  # same size, other bytes
+            with open(path, "r+b") as f:
+                f.seek(st.st_size // 2)
+                f.write(bytes(4096))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with pytest.raises(DecodeError, match="changed while the model was loaded") as exc:
+            m.generate(prompt, N_GEN)
+        assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+        with pytest.raises(DecodeError):  # and it stays failed: no later decode computes with wrong weights
+            m.generate(prompt, 1)
+
+
+def test_a_file_changed_before_loading_is_refused(tiny_path, tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_path, path)
+    from gguf_stream import disk, streamer
+
+    real = disk.file_identity
+    monkeypatch.setattr(streamer, "file_identity", lambda p: (real(p)[0], real(p)[1] - 1))  # as if planned earlier
+    with pytest.raises(Exception, match="changed while the model was loaded") as exc:
+        StreamedModel(path, **CPU, **HYBRID, host_budget=budget_for(hybrid_plan(path), 2))
+    assert "\n" not in str(exc.value)
+
+
+PEAK_CHILD = """
+import json, sys
+import gguf_stream
+from gguf_stream.model import StreamedModel
+path, budget = sys.argv[1], int(sys.argv[2])
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+with StreamedModel(path, **json.loads(sys.argv[3]), host_budget=budget or None) as m:
+    m.generate(m.tokenize("Hello"), 2)
+    print(json.dumps({"hwm": hwm(), "disk": m.plan.disk_bytes, "at_load": m.streamer.disk_released_at_load}))
+"""
+
+
+def test_the_disk_tier_never_sits_in_host_memory(gemma_path):
+    """The process's peak resident memory (VmHWM), loading included, drops by
+    about the disk tier's bytes: llama.cpp's copy is handed back as it loads."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    mf = read_model(gemma_path)
+    options = dict(CPU, n_streamed=mf.n_layer, n_slots=2)
+    plan = initial_plan(mf, EngineConfig(**options), cuda=False)
+    every_layer = plan.host_bytes - plan.streamed_bytes + 1
+
+    def peak(budget):
+        out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(gemma_path), str(budget), json.dumps(options)],
+                             capture_output=True, text=True, env=subprocess_env(), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    pinned, disk = peak(0), peak(every_layer)
+    assert pinned["disk"] == 0 and disk["disk"] == plan.streamed_bytes
+    assert disk["at_load"] >= 0.9 * disk["disk"]
+    assert pinned["hwm"] - disk["hwm"] >= 0.7 * disk["disk"], (pinned, disk)
+
+
+def test_plan_and_run_on_the_command_line(capsys, tiny_path):
+    from gguf_stream import cli
+
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2, n_ctx=256, n_ubatch=64)
+    small = ["-c", "256", "-b", "64", "-ub", "64"]
+    budget = str(budget_for(plan, 2))
+    # --exact: plan shows a CUDA run's placement, whose default gives the CPU
+    # layers (never on the disk tier) a repacked copy in host memory
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--n-slots", "2", "--host-budget", budget,
+                     "--exact", *small]) == 0
+    out = capsys.readouterr().out
+    assert sum("| streamed (disk) |" in line for line in out.splitlines()) == 2
+    assert "tiers (host budget" in out and "pinned host 4 (" in out and "disk 2 (" in out
+    assert cli.main(["run", str(tiny_path), "-p", "hello", "-n", "3", "--device", "host", "--n-streamed", "6",
+                     "--n-slots", "2", "--host-budget", budget, "-t", str(CPU["n_threads"]), *small]) == 0
+    assert "disk tier" in capsys.readouterr().err
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--host-budget", "1KiB", "--exact", *small]) == 1
+    err = capsys.readouterr().err
+    assert "host budget" in err and "raise the host budget" in err and len(err.strip().splitlines()) == 1

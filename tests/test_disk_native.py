@@ -1,0 +1,142 @@
+"""The disk tier's native parts alone: gs_file (identity checks, reads,
+faults) and the host copy engine reading file pieces into a slot. No
+engine, no llama.cpp."""
+import os
+
+import pytest
+
+from gguf_stream._native import ffi, lib
+
+DATA = bytes(range(256)) * 64  # 16 KiB, every offset distinguishable
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(DATA)
+    return path
+
+
+def open_file(path, size=None, mtime_ns=None):
+    st = os.stat(path) if size is None or mtime_ns is None else None
+    out = ffi.new("gs_file **")
+    rc = lib.gs_file_open(str(path).encode(), st.st_size if size is None else size,
+                          st.st_mtime_ns if mtime_ns is None else mtime_ns, out)
+    return rc, out[0]
+
+
+def last_error() -> str:
+    return ffi.string(lib.gs_last_error()).decode()
+
+
+def read(f, n, offset):
+    buf = ffi.new("char[]", max(n, 1))
+    rc = lib.gs_file_read(f, buf, n, offset)
+    return rc, ffi.buffer(buf, n)[:]
+
+
+def test_reads_the_bytes_at_the_offset_and_counts_them(data_file):
+    rc, f = open_file(data_file)
+    assert rc == lib.GS_OK
+    try:
+        assert read(f, 1000, 4097) == (lib.GS_OK, DATA[4097:5097])
+        assert read(f, len(DATA), 0) == (lib.GS_OK, DATA)
+        reads, nbytes, seconds = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("double *")
+        assert lib.gs_file_get_stats(f, reads, nbytes, seconds) == lib.GS_OK
+        assert (reads[0], nbytes[0]) == (2, 1000 + len(DATA)) and seconds[0] >= 0
+    finally:
+        lib.gs_file_close(f)
+
+
+def test_open_refuses_another_file(data_file):
+    st = os.stat(data_file)
+    for size, mtime in ((st.st_size + 1, st.st_mtime_ns), (st.st_size, st.st_mtime_ns + 1)):
+        rc, f = open_file(data_file, size, mtime)
+        assert rc == lib.GS_E_IO and f == ffi.NULL
+        assert "changed while the model was loaded" in last_error() and str(data_file) in last_error()
+    rc, _ = open_file(data_file.parent / "missing.bin", 1, 1)
+    assert rc == lib.GS_E_IO and "No such file" in last_error()
+
+
+def test_read_past_the_end_is_refused(data_file):
+    rc, f = open_file(data_file)
+    try:
+        rc, _ = read(f, 100, len(DATA) - 50)
+        assert rc == lib.GS_E_IO and "past the end" in last_error()
+    finally:
+        lib.gs_file_close(f)
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_a_file_changed_underneath_fails_every_later_read(data_file, change):
+    rc, f = open_file(data_file)
+    try:
+        assert read(f, 64, 0)[0] == lib.GS_OK
+        st = os.stat(data_file)
+        if change == "truncate":
+            os.truncate(data_file, len(DATA) // 2)
+        else:  # same size, other bytes: only the modification time tells
+            data_file.write_bytes(bytes(len(DATA)))
+            os.utime(data_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        rc, _ = read(f, 64, 0)  # even a read of bytes that are still there
+        assert rc == lib.GS_E_IO and "changed while the model was loaded" in last_error()
+        assert "reload the model" in last_error() and "\n" not in last_error()
+    finally:
+        lib.gs_file_close(f)
+
+
+class HostWithFile:
+    """A host copy engine whose pieces read data_file."""
+
+    def __init__(self, f, n_slots=2):
+        out = ffi.new("gs_copy **")
+        assert lib.gs_copy_create_host(n_slots, 0, out) == lib.GS_OK
+        self.c, self.f, self._keep = out[0], f, []
+
+    def pieces(self, *parts):
+        """parts: (file offset, nbytes, alloc, slot offset)."""
+        arr = ffi.new("gs_piece[]", len(parts))
+        for p, (file_offset, nbytes, alloc, offset) in zip(arr, parts):
+            p.file, p.file_offset, p.nbytes, p.alloc, p.offset = self.f, file_offset, nbytes, alloc, offset
+        self._keep.append(arr)
+        return arr, len(parts)
+
+    def close(self):
+        lib.gs_copy_destroy(self.c)
+
+
+def test_host_copy_reads_file_pieces_into_the_slot(data_file):
+    rc, f = open_file(data_file)
+    h = HostWithFile(f)
+    try:
+        dst = ffi.new("char[]", 256)
+        ffi.memmove(dst, b"\xff" * 256, 256)
+        assert lib.gs_copy_issue(h.c, 0, dst, *h.pieces((300, 100, 128, 0), (5000, 64, 64, 128))) == lib.GS_OK
+        assert lib.gs_copy_wait(h.c, 0) == lib.GS_OK
+        got = ffi.buffer(dst, 256)[:]
+        assert got[:100] == DATA[300:400] and got[100:128] == bytes(28)  # padding zeroed
+        assert got[128:192] == DATA[5000:5064] and got[192:] == b"\xff" * 64
+        put = ffi.new("char[]", 64)
+        assert lib.gs_copy_put(h.c, put, *h.pieces((7, 64, 64, 0))) == lib.GS_OK
+        assert ffi.buffer(put, 64)[:] == DATA[7:71]
+    finally:
+        h.close()
+        lib.gs_file_close(f)
+
+
+def test_a_failed_read_fails_the_copy_engine_with_its_message(data_file):
+    rc, f = open_file(data_file)
+    h = HostWithFile(f)
+    try:
+        dst = ffi.new("char[]", 128)
+        os.truncate(data_file, 1000)
+        assert lib.gs_copy_issue(h.c, 1, dst, *h.pieces((0, 64, 64, 0))) == lib.GS_OK  # queued: fails in the worker
+        assert lib.gs_copy_wait(h.c, 1) == lib.GS_E_IO
+        assert "changed while the model was loaded" in last_error()  # the worker's message, on this thread
+        done = ffi.new("int *")
+        assert lib.gs_copy_done(h.c, 0, done) == lib.GS_E_IO  # sticky: every later call says it
+        assert lib.gs_copy_issue(h.c, 0, dst, *h.pieces((0, 8, 8, 0))) == lib.GS_E_IO
+        assert lib.gs_copy_drain(h.c) == lib.GS_E_IO
+    finally:
+        h.close()  # no hang: the failed copy still completed its ticket
+        lib.gs_file_close(f)
