@@ -79,6 +79,24 @@ def test_plot_without_matplotlib_is_refused_before_running(monkeypatch, capsys, 
     assert out == "" and err.count("\n") == 1 and err.startswith("bench: error: --plot") and "matplotlib" in err
 
 
+def test_plot_into_a_missing_folder_is_refused_before_running(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(plot, "available", lambda: True)
+    monkeypatch.setattr(bench_cli, "run", lambda *a, **k: pytest.fail("ran although --plot cannot be written"))
+    assert bench("--plot", str(tmp_path / "nowhere" / "p.png")) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere does not exist" in err and err.startswith("bench: error: --plot")
+
+
+def test_output_formats_of_llama_bench(monkeypatch, capsys):
+    monkeypatch.setattr(bench_cli, "run", lambda args, progress=None: result())
+    assert bench("-q", "-o", "jsonl") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["mode"] for x in lines] == [r.mode for r in result().rows]
+    for fmt, first in (("md", "| model |"), ("csv", "model,"), ("json", "{")):
+        assert bench("-q", "--output", fmt) == 0
+        assert capsys.readouterr().out.startswith(first)
+
+
 def test_python_m_gguf_stream_bench_on_tiny(tiny_path):
     proc = gguf_stream_cmd("-q", "bench", "-m", str(tiny_path), "--device", "host", "-p", "16", "-n", "2",
                            "-b", "16", "-ub", "16", "-r", "1", "--check-tokens", "4", "-t", "1", "-o", "json")

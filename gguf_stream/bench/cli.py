@@ -110,7 +110,8 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    "tie vs stock ngl=N ...)' either way")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", choices=sorted(RENDERERS), default="md",
-                   help="table format on stdout (default md)")
+                   help="format on stdout: md (table and notes), csv, json (rows, notes, metadata), jsonl (one "
+                   "row per line) (default md)")
     g.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw a bar chart to PNG (needs matplotlib; default: none)")
     p.set_defaults(func=command)
@@ -165,9 +166,9 @@ def _check_n_cpu_moe(mf, n: int) -> None:
 
 def command(args: argparse.Namespace) -> int:
     """`gguf-stream bench`: run, print the table; the exit code."""
-    if args.plot and not plot.available():  # refuse before minutes of loading, not after
-        print(f"bench: error: --plot {args.plot} needs matplotlib, which is not installed (`pip install "
-              "matplotlib`); nothing was run", file=sys.stderr)
+    problem = plot.cannot_write(args.plot) if args.plot else None
+    if problem:  # refuse before minutes of loading, not after
+        print(f"bench: error: --plot {args.plot}: {problem}; nothing was run", file=sys.stderr)
         return EXIT_ERROR
     progress = Progress(args.quiet)
     try:
