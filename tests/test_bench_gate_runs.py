@@ -160,3 +160,39 @@ def test_mirror_stock_loads_and_runs(tiny_path):
     with MirrorStock(tiny_path, mirror_of(8, 3, 0, "stock ngl=3"), config) as m:
         got = gate_tokens(m, 4)
     assert got.tokens == ref.tokens and np.array_equal(got.logits, ref.logits)
+
+
+# ------------------------------------------------------------------ the same on a GPU (skipped without one)
+
+@pytest.mark.gpu
+def test_gpu_mirror_calibrates_honest_from_wrong(deep_path):
+    """The real placements: stock -ngl 4 (layers 0..12 on the CPU), its
+    mirror (-ngl 17 -ot layers 3..15 to the CPU), streamed (every layer
+    through the slots, every third one on the CPU while generating) and
+    that run with two layers' sources swapped."""
+    from gguf_stream.bench.mirror import MirrorStock, mirror_of
+    from gguf_stream.config import EngineConfig, cuda_available
+    from gguf_stream.model import StockModel, StreamedModel
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA build of llama-cpp-python and a GPU")
+    config = EngineConfig(n_ctx=128, n_batch=64, n_ubatch=64, device="cuda")
+    with StockModel(deep_path, K, config) as s:
+        stock = gate_tokens(s, N_TOKENS)
+    mirror = mirror_of(N_LAYER, K, 0, f"stock ngl={K}")
+    with MirrorStock(deep_path, mirror, config) as m:
+        mirrored = gate_tokens(m, N_TOKENS)
+    with StreamedModel(deep_path, config=EngineConfig(n_ctx=128, n_batch=64, n_ubatch=64, device="cuda",
+                                                       streamed_layers=tuple(range(N_LAYER)), n_slots=2,
+                                                       generate_cpu_layers=tuple(range(0, N_LAYER, 3)))) as m:
+        streamed = gate_tokens(m, N_TOKENS)
+        m.reset()
+        m.engine.debug_swap_sources(1, N_LAYER // 2)
+        swapped = gate_tokens(m, N_TOKENS)
+    own = deviation_to_flip(stock, mirrored)[1]
+    assert own > 0  # the mirror rounds differently from stock: it calibrates something
+    assert deviation_to_flip(stock, streamed)[1] <= PEER_MARGIN * own
+    assert deviation_to_flip(stock, swapped)[1] > 3 * PEER_MARGIN * own
+    honest, wrong = gate_runs([GateRun(K, stock, g, mirror=mirrored, mirror_name=mirror.label)
+                               for g in (streamed, swapped)], None, {})
+    assert honest.startswith("ok") and wrong.startswith("MISMATCH@"), (honest, wrong)

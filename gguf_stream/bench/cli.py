@@ -41,7 +41,9 @@ before any speed is reported: against the all-in-VRAM tokens when there are
 some; without them (--no-ceiling, or a model that does not fit) against the
 same budget's stock run (for MoE the faster recipe's, by tg), a token flip
 passing as a near tie when its logits differ from that run's no more than
-the stock splits of the sweep differ from each other. Without a GPU a
+the run's mirror does (llama.cpp at -ngl all with as many layers in host
+memory, but the last ones: -ot "blk\\.(k|..)\\.=CPU", loaded for the gate's
+tokens only where streamed flips). Without a GPU a
 reduced host mode compares stock ngl=0 (and, for a mixture-of-experts model,
 stock -ngl all --n-cpu-moe N) with --n-streamed layers through 2
 host-memory slots."""
@@ -94,7 +96,7 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    "host mode: its N (default: search per budget; host mode: half the layers)")
     g.add_argument("--no-ceiling", action="store_true",
                    help="skip the all-in-VRAM row (default: run it); the gate then compares with each budget's "
-                   "stock run, calibrated by the stock splits' mutual deviations (see --allow-near-ties)")
+                   "stock run, calibrated by that run's mirror (see above and --allow-near-ties)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
     g = p.add_argument_group("correctness gate")
@@ -106,8 +108,8 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    help=f"pass a token flip whose rms logit deviation is within {NEAR_TIE} std, or within "
                    f"{PEER_MARGIN:g}x the largest deviation of a stock -ngl split of the run from all-in-VRAM "
                    "(default: such a flip is a MISMATCH). Without all-in-VRAM tokens the reference is a stock "
-                   "split, itself one rounding: a flip within the splits' mutual deviation passes as 'ok (near "
-                   "tie vs stock ngl=N ...)' either way")
+                   "split, itself one rounding: a flip within 1.5x its mirror's deviation from it passes as "
+                   "'ok (near tie vs stock ngl=N ...)' either way")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", choices=sorted(RENDERERS), default="md",
                    help="format on stdout: md (table and notes), csv, json (rows, notes, metadata), jsonl (one "
