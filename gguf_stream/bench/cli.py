@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GGUFStreamError
-from ..memory import format_size
+from ..memory import KV_CACHE_TYPES, format_size, is_quantized_kv
 from . import plot
 from .budgets import parse_budgets
 from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN
@@ -78,6 +78,11 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     g.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
                    help="timed repetitions after one warm-up (default 3)")
     g.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    g.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="on", help="flash attention (default on)")
+    for flag, name, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        g.add_argument(flag, name, choices=tuple(KV_CACHE_TYPES), default="f16", metavar="TYPE",
+                       help=f"KV cache type for {which}: {', '.join(KV_CACHE_TYPES)} (default f16)"
+                       + ("; a quantized one needs -fa on" if which == "V" else ""))
     g.add_argument("--seed", type=int, default=42, metavar="N", help="seed of the random prompt/tg token ids (default 42)")
     g.add_argument("--cpu-rate-tokens", type=int, default=16, metavar="N",
                    help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip; default 16)")
@@ -130,13 +135,17 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \
             args.n_prompt + args.n_gen == 0:
         raise ValueError("-p/-n/--check-tokens must be >= 0 (not both -p and -n zero) and -r >= 1")
+    if is_quantized_kv(args.cache_type_v) and args.flash_attn == "off":
+        raise ValueError(f"-ctv {args.cache_type_v} (a quantized V cache) needs flash attention in llama.cpp: "
+                         "give -fa on, or -ctv f16")
     path = resolve(args.model, progress=progress)
     mf = read_model(path)
     if args.n_cpu_moe is not None:
         _check_n_cpu_moe(mf, args.n_cpu_moe)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
     w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
-                 args.repetitions, args.check_tokens, args.seed, args.threads)
+                 args.repetitions, args.check_tokens, args.seed, args.threads, args.flash_attn == "on",
+                 args.cache_type_k, args.cache_type_v)
     use_cuda = select_device(args.device) == "cuda"
     # a registry name as given; a file by its stem; the default by its registry name
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
@@ -153,7 +162,8 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     else:
         rows, notes = run_host(ctx, args.n_streamed, args.n_cpu_moe)
     notes.append(f"workload: pp{w.n_prompt} tg{w.n_gen}, n_batch {w.n_batch}, n_ubatch {w.n_ubatch}, "
-                 f"flash attention on, {w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
+                 f"flash attention {'on' if w.flash_attn else 'off'}, KV cache {w.type_k}/{w.type_v}, "
+                 f"{w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
 

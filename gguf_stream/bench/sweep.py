@@ -100,7 +100,8 @@ class Ctx:
         # streamed runs use the measured CPU+PCIe split while generating
         kw.setdefault("generate_cpu_layers", "auto")
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
-                            flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
+                            flash_attn=self.w.flash_attn, type_k=self.w.type_k, type_v=self.w.type_v,
+                            device=self.device, n_threads=self.w.n_threads, **kw)
 
     def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, n_cpu_moe=None, note="", check="",
              refs: dict | None = None) -> list[Row]:

@@ -37,6 +37,9 @@ class Workload:
     check_tokens: int = 16
     seed: int = 42
     n_threads: int | None = None
+    flash_attn: bool = True
+    type_k: str = "f16"  # KV cache types (llama.cpp's -ctk / -ctv)
+    type_v: str = "f16"
 
     @property
     def n_ctx(self) -> int:
