@@ -209,6 +209,17 @@ def test_no_ceiling_gate_in_the_sweep(bench_tiny, monkeypatch):
     assert all(c.startswith("MISMATCH@") and "above 1.5x" in c for c in checks.values()), checks
 
 
+
+def test_no_ceiling_gate_without_its_mirror_stays_strict(bench_tiny, monkeypatch):
+    """A mirror llama.cpp cannot load leaves the -ngl splits, which share the
+    stock run's layer-0 rounding: the honest flip is then a MISMATCH (loud,
+    never a silent pass), and the notes say why."""
+    monkeypatch.setattr(FakeCtx, "run_mirror", lambda self, mirror: None)
+    checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "")
+    assert checks[("3GiB", "tg4")].startswith("MISMATCH@2") and checks[("6GiB", "tg4")] == "ok"
+    assert any(n.endswith("it did not load; the other stock splits only") for n in notes)
+
+
 def test_all_budget_gives_the_gate_its_exact_reference(bench_tiny, monkeypatch):
     """With an 'all' budget all-in-VRAM tokens exist (without the row): the
     reference, and no calibration tokens are asked of the CPU-rate run."""
