@@ -24,7 +24,8 @@ stock -ngl all --n-cpu-moe N) vs a fixed number of streamed layers through
 
 The modules, in the order the data flows: cli (arguments, the command) ->
 sweep (budgets.py's budgets, the runs, timing.py's timing of each load,
-gate.py's check of its tokens) -> rows -> bounds, report, plot.
+gate.py's check of its tokens; without all-in-VRAM tokens mirror.py's
+calibration run) -> rows -> bounds, report, plot.
 """
 from .budgets import Budget, largest_fitting, parse_budgets, search_stock_n_cpu_moe, search_stock_ngl, smallest_fitting
 from .cli import EXIT_ERROR, EXIT_MISMATCH, add_parser, command, run
