@@ -79,6 +79,24 @@ def test_plot_without_matplotlib_is_refused_before_running(monkeypatch, capsys, 
     assert out == "" and err.count("\n") == 1 and err.startswith("bench: error: --plot") and "matplotlib" in err
 
 
+def test_plot_into_a_missing_folder_is_refused_before_running(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(plot, "available", lambda: True)
+    monkeypatch.setattr(bench_cli, "run", lambda *a, **k: pytest.fail("ran although --plot cannot be written"))
+    assert bench("--plot", str(tmp_path / "nowhere" / "p.png")) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere does not exist" in err and err.startswith("bench: error: --plot")
+
+
+def test_output_formats_of_llama_bench(monkeypatch, capsys):
+    monkeypatch.setattr(bench_cli, "run", lambda args, progress=None: result())
+    assert bench("-q", "-o", "jsonl") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["mode"] for x in lines] == [r.mode for r in result().rows]
+    for fmt, first in (("md", "| model |"), ("csv", "model,"), ("json", "{")):
+        assert bench("-q", "--output", fmt) == 0
+        assert capsys.readouterr().out.startswith(first)
+
+
 def test_python_m_gguf_stream_bench_on_tiny(tiny_path):
     proc = gguf_stream_cmd("-q", "bench", "-m", str(tiny_path), "--device", "host", "-p", "16", "-n", "2",
                            "-b", "16", "-ub", "16", "-r", "1", "--check-tokens", "4", "-t", "1", "-o", "json")
@@ -88,3 +106,20 @@ def test_python_m_gguf_stream_bench_on_tiny(tiny_path):
                                                              ("streamed", "pp16"), ("streamed", "tg2")]
     assert all(r["check"] == "ok" for r in doc["rows"][2:]) and doc["mismatch"] is False
     assert "] " not in proc.stderr  # -q before the command silences the progress lines
+
+
+def test_kv_cache_types_and_flash_attention_as_llama_bench(tiny_path, capsys):
+    """-fa / -ctk / -ctv reach every load (the workload note says what ran);
+    a quantized V cache without flash attention is refused before loading."""
+    parse = cli.build_parser().parse_args
+    args = parse(["bench", "-fa", "off", "-ctk", "q8_0", "-ctv", "f16"])
+    assert (args.flash_attn, args.cache_type_k, args.cache_type_v) == ("off", "q8_0", "f16")
+    assert bench("-m", str(tiny_path), "--device", "host", "-fa", "off", "-ctv", "q8_0", "-q") == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-ctv q8_0 (a quantized V cache) needs flash attention" in err
+    assert bench("-m", str(tiny_path), "--device", "host", "-p", "16", "-n", "2", "-b", "16", "-ub", "16", "-r", "1",
+                 "--check-tokens", "4", "-t", "1", "-ctk", "q8_0", "-ctv", "q8_0", "-q", "-o", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["meta"]["workload"]["type_k"], doc["meta"]["workload"]["type_v"]) == ("q8_0", "q8_0")
+    assert any("flash attention on, KV cache q8_0/q8_0" in n for n in doc["notes"])
+    assert all(r["check"] == "ok" for r in doc["rows"] if r["mode"] == "streamed")

@@ -91,11 +91,16 @@ def test_gate_judges_every_position_before_the_flip():
 # ------------------------------------------- without the all-in-VRAM run (--no-ceiling)
 
 def split_runs(seed=2):
-    """Fabricated greedy runs of one model: all-in-VRAM (truth), stock splits
-    rounding their CPU layers (logits = truth + noise, the more CPU layers the
-    more), a correct streamed run (every layer on the GPU: the truth) and a
-    wrong-layer one (unrelated logits). Position 2 is a near tie that stock
-    ngl=30's rounding flips."""
+    """Fabricated greedy runs of one model, shaped like the GPU box's: all-in-VRAM
+    (truth); stock -ngl splits, which all compute layer 0 (and the layers
+    after it up to their split) on the CPU, so they share one rounding that
+    grew through every later layer (shared) and differ from each other only
+    a little; each split's mirror (the same layers in host memory, but the
+    last ones), which computes layer 0 on the GPU as streamed does and so
+    differs from the split about as much as truth does; a correct streamed
+    run (every layer on the GPU: the truth) and a wrong-layer one (unrelated
+    logits). Position 2 is a near tie that stock ngl=30's rounding flips.
+    Returns truth, stock ngl=30, {ngl: split}, streamed, wrong, {ngl: mirror}."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -106,37 +111,45 @@ def split_runs(seed=2):
         truth[i, tok] = truth[i].max() + 1.0
     runner_up = (chosen[2] + 1) % n_vocab
     truth[2, runner_up] = truth[2, chosen[2]] - 1e-3  # the near tie
+    shared = rng.normal(0, 0.10, truth.shape)  # layer 0 on the CPU, grown through the layers after it
 
     def run(logits):
         return Greedy(tuple(int(t) for t in logits.argmax(axis=-1)), logits)
 
-    def split(sd, flip=False):
-        logits = truth + rng.normal(0, sd, truth.shape)
+    def placed(noise, sd, flip=False):
+        logits = truth + noise + rng.normal(0, sd, truth.shape)
         a, b = (runner_up, chosen[2]) if flip else (chosen[2], runner_up)  # a wins the tie
         logits[2, a] = logits[2, b] + 1e-3
         return run(logits)
 
-    s30 = split(0.10, flip=True)  # the budget's stock split: its rounding flips the tie
-    s45, s0 = split(0.06), split(0.12)  # the sweep's other stock splits
+    s30 = placed(shared, 0.02, flip=True)  # the budget's stock split: its rounding flips the tie
+    s45, s0 = placed(shared, 0.02), placed(shared, 0.03)  # the sweep's other stock splits
+    mirrors = {30: placed(0.0, 0.03), 45: placed(0.0, 0.03)}  # late layers on the CPU: close to the truth
     wrong = rng.normal(0, 1, truth.shape)
     for i, tok in enumerate(chosen):
         wrong[i, tok if i != 1 else (tok + 7) % n_vocab] = wrong[i].max() + 1.0  # a different token at 1
-    return run(truth), s30, {0: s0, 30: s30, 45: s45}, run(truth.copy()), run(wrong)
+    return run(truth), s30, {0: s0, 30: s30, 45: s45}, run(truth.copy()), run(wrong), mirrors
 
 
 def test_gate_without_ceiling_judges_against_the_stock_splits():
     """The --no-ceiling failure of the GPU box: streamed (exact, = all-in-VRAM)
     flips against stock ngl=30, whose own CPU layers flip a near tie. The
-    other stock splits' deviation from stock ngl=30 says how far legitimate
-    roundings lie from it: the flip passes as a near tie vs stock, flag or not."""
+    other -ngl splits share stock ngl=30's layer-0 rounding, so their
+    deviation from it says nothing about streamed's: judged by them alone the
+    honest run is a MISMATCH. Stock ngl=30's mirror differs from it from
+    layer 0 on, as streamed does: calibrated by it, the flip passes as a
+    near tie vs stock, flag or not."""
     from gguf_stream.bench.sweep import GateRun, gate_runs
 
-    truth, s30, splits, streamed, _ = split_runs()
+    truth, s30, splits, streamed, _, mirrors = split_runs()
     assert streamed.tokens != s30.tokens
+    old, = gate_runs([GateRun(30, s30, streamed)], None, splits)
+    assert old.startswith("MISMATCH@2 (Δlogit") and "above 1.5x stock ngl=0's deviation from it" in old, old
     for allow in (False, True):
-        check, = gate_runs([GateRun(30, s30, streamed)], None, splits, allow)
-        assert check.startswith("ok (near tie vs stock ngl=30 @2, Δlogit 0.099σ rms"), check
-        assert "within 1.5x stock ngl=0's deviation from it" in check  # the most deviating split decides
+        check, = gate_runs([GateRun(30, s30, streamed, mirror=mirrors[30], mirror_name="mirror of stock ngl=30")],
+                           None, splits, allow)
+        assert check.startswith("ok (near tie vs stock ngl=30 @2, Δlogit 0.10"), check
+        assert "within 1.5x mirror of stock ngl=30's deviation from it" in check  # the mirror decides
         assert not BenchResult((row(check=check),)).mismatch
     # with the ceiling the same streamed run is simply exact
     assert gate_runs([GateRun(30, s30, streamed)], truth, splits) == ["ok"]
@@ -147,15 +160,16 @@ def test_gate_without_ceiling_judges_against_the_stock_splits():
 
 def test_gate_without_ceiling_still_fails_a_wrong_layer():
     """Unrelated logits (a wrong or stale layer) sit ~1.4 std from any
-    rounding of the model: above the splits' mutual deviation, with or
-    without the ceiling, with or without --allow-near-ties."""
+    rounding of the model: above the mirror's and the splits' deviation,
+    with or without the ceiling, with or without --allow-near-ties."""
     from gguf_stream.bench.sweep import GateRun, gate_runs
 
-    truth, s30, splits, _, wrong = split_runs()
+    truth, s30, splits, _, wrong, mirrors = split_runs()
     for ceiling in (None, truth):
         for allow in (False, True):
-            check, = gate_runs([GateRun(30, s30, wrong)], ceiling, splits, allow)
-            assert check.startswith("MISMATCH@") and "above 1.5x stock ngl=" in check, check
+            run = GateRun(30, s30, wrong, mirror=mirrors[30], mirror_name="mirror of stock ngl=30")
+            check, = gate_runs([run], ceiling, splits, allow)
+            assert check.startswith("MISMATCH@") and "above 1.5x " in check, check
             assert float(check.split("Δlogit ")[1].split("σ")[0]) > 1.0
             assert BenchResult((row(check=check),)).mismatch
 
@@ -163,11 +177,11 @@ def test_gate_without_ceiling_still_fails_a_wrong_layer():
 def test_gate_exact_reference_keeps_the_flag():
     """With an exact reference (all-in-VRAM) a flip within bounds still needs
     --allow-near-ties; the peers' deviation is measured from that reference."""
-    truth, s30, splits, _, _ = split_runs()
+    truth, s30, splits, _, _, mirrors = split_runs()
     flipped = Greedy(s30.tokens, truth.logits + (s30.logits - truth.logits) * 0.5)  # half stock's rounding, same flip
     got = gate(flipped, [("all-in-VRAM", truth)], peers=[("stock ngl=30", s30)])
     assert got.startswith("MISMATCH@2") and "within 1.5x stock ngl=30's own" in got
     assert gate(flipped, [("all-in-VRAM", truth)], True, [("stock ngl=30", s30)]) == "ok (near tie @2)"
     # not exact: the same comparison is a near tie vs the reference, flag or not
-    got = gate(flipped, [("stock ngl=45", splits[45])], peers=[("stock ngl=30", s30)], exact=False)
+    got = gate(flipped, [("stock ngl=45", splits[45])], peers=[("mirror of stock ngl=45", mirrors[45])], exact=False)
     assert got.startswith("ok (near tie vs stock ngl=45 @")

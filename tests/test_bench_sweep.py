@@ -137,11 +137,13 @@ class FakeCtx(sweep.Ctx):
     """run_gpu's loads replaced by fabricated Timings: stock ngl=k uses
     GREEDY[k] (VRAM k GiB), stock -ngl k --n-cpu-moe n GREEDY[(k, n)] (VRAM
     k - n + 0.5 GiB), streamed uses STREAMED; SPEEDS[(k, n)] or 'streamed'
-    -> (pp, tg) t/s, default (100, 10); run_stock records the gate tokens
-    each load was asked for."""
+    -> (pp, tg) t/s, default (100, 10); the mirror of stock ngl=k
+    MIRRORS[k]; run_stock records the gate tokens each load was asked for,
+    run_mirror the mirror's layers."""
 
     GREEDY: dict = {}
     SPEEDS: dict = {}
+    MIRRORS: dict = {}
     STREAMED = None
     CALLS: list = []
 
@@ -159,6 +161,10 @@ class FakeCtx(sweep.Ctx):
     def run_streamed(self, **kw):
         return self._timing(self.STREAMED, "streamed")
 
+    def run_mirror(self, mirror):
+        FakeCtx.CALLS.append(("mirror", mirror.layers))
+        return self.MIRRORS.get(mirror.of)
+
     def measure_stock_vram(self, ngl, n_cpu_moe=0):
         return float(ngl << 30) - float(n_cpu_moe << 30) + (float(1 << 29) if n_cpu_moe else 0.0)
 
@@ -168,9 +174,10 @@ def _fake_run_gpu(bench_tiny, monkeypatch, streamed, budgets):
     from gguf_stream.gguf_file import read_model
     from test_bench_gate import split_runs
 
-    truth, s30, splits, good, wrong = split_runs()
+    truth, s30, splits, good, wrong, mirrors = split_runs()
     mf = read_model(bench_tiny)  # 8 layers: all in VRAM is ngl=9
     FakeCtx.GREEDY = {0: splits[0], 3: s30, 6: splits[45], 9: truth}
+    FakeCtx.MIRRORS = {"stock ngl=3": mirrors[30], "stock ngl=6": mirrors[45]}
     FakeCtx.SPEEDS = {}
     FakeCtx.STREAMED = {"good": good, "wrong": wrong}[streamed]
     FakeCtx.CALLS = []
@@ -184,16 +191,33 @@ def _fake_run_gpu(bench_tiny, monkeypatch, streamed, budgets):
 
 def test_no_ceiling_gate_in_the_sweep(bench_tiny, monkeypatch):
     """--no-ceiling on budgets without 'all': the gate runs after the sweep,
-    each budget against its own stock split, calibrated by the others and by
-    the CPU-rate run (stock ngl=0, asked for gate tokens for this)."""
+    each budget against its own stock split, calibrated by that split's
+    mirror (stock -ngl all with its last layers in host memory), the other
+    splits and the CPU-rate run (stock ngl=0, asked for gate tokens for this)."""
     checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "")
     assert checks[("3GiB", "tg4")].startswith("ok (near tie vs stock ngl=3 @2, Δlogit")
+    assert "within 1.5x mirror of stock ngl=3's deviation" in checks[("3GiB", "tg4")]
     assert checks[("3GiB", "pp8")] == checks[("3GiB", "tg4")]
     assert checks[("6GiB", "tg4")] == "ok"  # stock ngl=6 did not flip
     assert (0, 8) in FakeCtx.CALLS  # the CPU-rate run carried the gate's 8 tokens
+    # ngl=3 of 8 layers: layers 0..5 in host memory; its mirror moves 2..7 there; at 6 GiB streamed's
+    # tokens equal stock ngl=6's: nothing to calibrate, its mirror does not run
+    assert [c for c in FakeCtx.CALLS if c[0] == "mirror"] == [("mirror", (2, 3, 4, 5, 6, 7))]
+    assert any("mirror of stock ngl=3 is -ngl 9 -ot" in n and "(layers 2..7 in host memory)" in n for n in notes)
     assert any(n.startswith("gate without an all-in-VRAM run") for n in notes)
     checks, _ = _fake_run_gpu(bench_tiny, monkeypatch, "wrong", "")
     assert all(c.startswith("MISMATCH@") and "above 1.5x" in c for c in checks.values()), checks
+
+
+
+def test_no_ceiling_gate_without_its_mirror_stays_strict(bench_tiny, monkeypatch):
+    """A mirror llama.cpp cannot load leaves the -ngl splits, which share the
+    stock run's layer-0 rounding: the honest flip is then a MISMATCH (loud,
+    never a silent pass), and the notes say why."""
+    monkeypatch.setattr(FakeCtx, "run_mirror", lambda self, mirror: None)
+    checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "")
+    assert checks[("3GiB", "tg4")].startswith("MISMATCH@2") and checks[("6GiB", "tg4")] == "ok"
+    assert any(n.endswith("it did not load; the other stock splits only") for n in notes)
 
 
 def test_all_budget_gives_the_gate_its_exact_reference(bench_tiny, monkeypatch):
@@ -202,6 +226,7 @@ def test_all_budget_gives_the_gate_its_exact_reference(bench_tiny, monkeypatch):
     checks, notes = _fake_run_gpu(bench_tiny, monkeypatch, "good", "all")
     assert set(checks.values()) == {"ok"} and ("all", "tg4") in checks
     assert (0, 0) in FakeCtx.CALLS and (0, 8) not in FakeCtx.CALLS
+    assert not any(c[0] == "mirror" for c in FakeCtx.CALLS)  # no calibration run with an exact reference
     assert any(n.startswith("gate: streamed greedy tokens must equal the all-in-VRAM") for n in notes)
     checks, _ = _fake_run_gpu(bench_tiny, monkeypatch, "wrong", "all")
     assert all(c.startswith("MISMATCH@") for c in checks.values()), checks
@@ -215,10 +240,11 @@ def _fake_moe_run_gpu(tiny_moe_path, monkeypatch, speeds, forced_n_cpu_moe=None)
     from gguf_stream.gguf_file import read_model
     from test_bench_gate import split_runs
 
-    truth, s30, splits, good, _ = split_runs()
+    truth, s30, splits, good, _, mirrors = split_runs()
     mf = read_model(tiny_moe_path)
     assert mf.is_moe and mf.n_layer == 4
     FakeCtx.GREEDY = {0: splits[0], 3: s30, (5, 2): splits[45], (5, 3): truth}
+    FakeCtx.MIRRORS = {"stock ngl=3": mirrors[30]}
     FakeCtx.SPEEDS = speeds
     FakeCtx.STREAMED = good
     FakeCtx.CALLS = []

@@ -24,12 +24,13 @@ stock -ngl all --n-cpu-moe N) vs a fixed number of streamed layers through
 
 The modules, in the order the data flows: cli (arguments, the command) ->
 sweep (budgets.py's budgets, the runs, timing.py's timing of each load,
-gate.py's check of its tokens) -> rows -> bounds, report, plot.
+gate.py's check of its tokens; without all-in-VRAM tokens mirror.py's
+calibration run) -> rows -> bounds, report, plot.
 """
 from .budgets import Budget, largest_fitting, parse_budgets, search_stock_n_cpu_moe, search_stock_ngl, smallest_fitting
 from .cli import EXIT_ERROR, EXIT_MISMATCH, add_parser, command, run
 from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN, Gate, Greedy, check_tokens, deviation_to_flip, gate, logit_noise
-from .report import MD_COLUMNS, RENDERERS, render_csv, render_json, render_md
+from .report import MD_COLUMNS, RENDERERS, render_csv, render_json, render_jsonl, render_md
 from .rows import BenchResult, Row, mean_sd
 from .timing import Progress, Timing, Workload, decode_tps, measure_h2d_bandwidth, time_model, workload_tokens
 
@@ -38,7 +39,7 @@ __all__ = [
     "EXIT_ERROR", "EXIT_MISMATCH", "add_parser", "command", "run",
     "GATE_PROMPT", "NEAR_TIE", "PEER_MARGIN", "Gate", "Greedy", "check_tokens", "deviation_to_flip", "gate",
     "logit_noise",
-    "MD_COLUMNS", "RENDERERS", "render_csv", "render_json", "render_md",
+    "MD_COLUMNS", "RENDERERS", "render_csv", "render_json", "render_jsonl", "render_md",
     "BenchResult", "Row", "mean_sd",
     "Progress", "Timing", "Workload", "decode_tps", "measure_h2d_bandwidth", "time_model", "workload_tokens",
 ]

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GGUFStreamError
-from ..memory import format_size
+from ..memory import KV_CACHE_TYPES, format_size, is_quantized_kv
 from . import plot
 from .budgets import parse_budgets
 from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN
@@ -41,7 +41,9 @@ before any speed is reported: against the all-in-VRAM tokens when there are
 some; without them (--no-ceiling, or a model that does not fit) against the
 same budget's stock run (for MoE the faster recipe's, by tg), a token flip
 passing as a near tie when its logits differ from that run's no more than
-the stock splits of the sweep differ from each other. Without a GPU a
+the run's mirror does (llama.cpp at -ngl all with as many layers in host
+memory, but the last ones: -ot "blk\\.(k|..)\\.=CPU", loaded for the gate's
+tokens only where streamed flips). Without a GPU a
 reduced host mode compares stock ngl=0 (and, for a mixture-of-experts model,
 stock -ngl all --n-cpu-moe N) with --n-streamed layers through 2
 host-memory slots."""
@@ -76,6 +78,11 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     g.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
                    help="timed repetitions after one warm-up (default 3)")
     g.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    g.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="on", help="flash attention (default on)")
+    for flag, name, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
+        g.add_argument(flag, name, choices=tuple(KV_CACHE_TYPES), default="f16", metavar="TYPE",
+                       help=f"KV cache type for {which}: {', '.join(KV_CACHE_TYPES)} (default f16)"
+                       + ("; a quantized one needs -fa on" if which == "V" else ""))
     g.add_argument("--seed", type=int, default=42, metavar="N", help="seed of the random prompt/tg token ids (default 42)")
     g.add_argument("--cpu-rate-tokens", type=int, default=16, metavar="N",
                    help="GPU mode: tokens of the stock ngl=0 run that measures the CPU path (0: skip; default 16)")
@@ -94,7 +101,7 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    "host mode: its N (default: search per budget; host mode: half the layers)")
     g.add_argument("--no-ceiling", action="store_true",
                    help="skip the all-in-VRAM row (default: run it); the gate then compares with each budget's "
-                   "stock run, calibrated by the stock splits' mutual deviations (see --allow-near-ties)")
+                   "stock run, calibrated by that run's mirror (see above and --allow-near-ties)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
     g = p.add_argument_group("correctness gate")
@@ -106,11 +113,12 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    help=f"pass a token flip whose rms logit deviation is within {NEAR_TIE} std, or within "
                    f"{PEER_MARGIN:g}x the largest deviation of a stock -ngl split of the run from all-in-VRAM "
                    "(default: such a flip is a MISMATCH). Without all-in-VRAM tokens the reference is a stock "
-                   "split, itself one rounding: a flip within the splits' mutual deviation passes as 'ok (near "
-                   "tie vs stock ngl=N ...)' either way")
+                   "split, itself one rounding: a flip within 1.5x its mirror's deviation from it passes as "
+                   "'ok (near tie vs stock ngl=N ...)' either way")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", choices=sorted(RENDERERS), default="md",
-                   help="table format on stdout (default md)")
+                   help="format on stdout: md (table and notes), csv, json (rows, notes, metadata), jsonl (one "
+                   "row per line) (default md)")
     g.add_argument("--plot", metavar="PNG", default=None,
                    help="also draw a bar chart to PNG (needs matplotlib; default: none)")
     p.set_defaults(func=command)
@@ -127,13 +135,17 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     if min(args.n_prompt, args.n_gen, args.repetitions - 1, args.check_tokens) < 0 or \
             args.n_prompt + args.n_gen == 0:
         raise ValueError("-p/-n/--check-tokens must be >= 0 (not both -p and -n zero) and -r >= 1")
+    if is_quantized_kv(args.cache_type_v) and args.flash_attn == "off":
+        raise ValueError(f"-ctv {args.cache_type_v} (a quantized V cache) needs flash attention in llama.cpp: "
+                         "give -fa on, or -ctv f16")
     path = resolve(args.model, progress=progress)
     mf = read_model(path)
     if args.n_cpu_moe is not None:
         _check_n_cpu_moe(mf, args.n_cpu_moe)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)})")
     w = Workload(args.n_prompt, args.n_gen, args.batch_size, min(args.ubatch_size, args.batch_size),
-                 args.repetitions, args.check_tokens, args.seed, args.threads)
+                 args.repetitions, args.check_tokens, args.seed, args.threads, args.flash_attn == "on",
+                 args.cache_type_k, args.cache_type_v)
     use_cuda = select_device(args.device) == "cuda"
     # a registry name as given; a file by its stem; the default by its registry name
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
@@ -150,7 +162,8 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     else:
         rows, notes = run_host(ctx, args.n_streamed, args.n_cpu_moe)
     notes.append(f"workload: pp{w.n_prompt} tg{w.n_gen}, n_batch {w.n_batch}, n_ubatch {w.n_ubatch}, "
-                 f"flash attention on, {w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
+                 f"flash attention {'on' if w.flash_attn else 'off'}, KV cache {w.type_k}/{w.type_v}, "
+                 f"{w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
 
@@ -165,9 +178,9 @@ def _check_n_cpu_moe(mf, n: int) -> None:
 
 def command(args: argparse.Namespace) -> int:
     """`gguf-stream bench`: run, print the table; the exit code."""
-    if args.plot and not plot.available():  # refuse before minutes of loading, not after
-        print(f"bench: error: --plot {args.plot} needs matplotlib, which is not installed (`pip install "
-              "matplotlib`); nothing was run", file=sys.stderr)
+    problem = plot.cannot_write(args.plot) if args.plot else None
+    if problem:  # refuse before minutes of loading, not after
+        print(f"bench: error: --plot {args.plot}: {problem}; nothing was run", file=sys.stderr)
         return EXIT_ERROR
     progress = Progress(args.quiet)
     try:

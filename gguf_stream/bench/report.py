@@ -1,4 +1,6 @@
-"""The result as a markdown table (llama-bench's columns plus ours), CSV or JSON."""
+"""The result as a markdown table (llama-bench's columns plus ours), CSV,
+JSON (rows, notes and the run's metadata) or JSONL (one row per line, as
+llama-bench's -o jsonl)."""
 from __future__ import annotations
 
 import csv
@@ -74,4 +76,8 @@ def render_json(result: BenchResult) -> str:
                        "notes": list(result.notes), "mismatch": result.mismatch}, indent=2) + "\n"
 
 
-RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json}
+def render_jsonl(result: BenchResult) -> str:
+    return "".join(json.dumps(asdict(r)) + "\n" for r in result.rows)
+
+
+RENDERERS = {"md": render_md, "csv": render_csv, "json": render_json, "jsonl": render_jsonl}

@@ -14,8 +14,9 @@ from ..memory import format_size
 from .bounds import bound_notes, weights_per_token
 from .budgets import Budget, search_stock_n_cpu_moe, search_stock_ngl
 from .gate import PEER_MARGIN, Greedy, gate
+from .mirror import Mirror, mirror_of
 from .rows import Row, count_params, mean_sd
-from .timing import Progress, Timing, Workload, measure_h2d_bandwidth, time_model
+from .timing import Progress, Timing, Workload, gate_tokens, measure_h2d_bandwidth, time_model
 
 STOCK_MOE = "stock-moe"  # the mode of llama.cpp's `-ngl all --n-cpu-moe N` rows
 
@@ -91,6 +92,7 @@ class Ctx:
     model_name: str
     allow_near_ties: bool = False
     stock_times: dict = field(default_factory=dict)  # (ngl, n_cpu_moe) -> Timing (reused across budgets)
+    mirror_tokens: dict = field(default_factory=dict)  # Mirror -> its gate tokens or None (reused across budgets)
 
     def config(self, **kw):
         from ..config import EngineConfig
@@ -98,7 +100,8 @@ class Ctx:
         # streamed runs use the measured CPU+PCIe split while generating
         kw.setdefault("generate_cpu_layers", "auto")
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
-                            flash_attn=True, device=self.device, n_threads=self.w.n_threads, **kw)
+                            flash_attn=self.w.flash_attn, type_k=self.w.type_k, type_v=self.w.type_v,
+                            device=self.device, n_threads=self.w.n_threads, **kw)
 
     def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, n_cpu_moe=None, note="", check="",
              refs: dict | None = None) -> list[Row]:
@@ -174,6 +177,18 @@ class Ctx:
                              f"compute buffer's tail at the end ({format_size(c.compute_buffer_bytes)} buffer, of which "
                              f"generate graphs used {format_size(c.generate_extent)})")
             return replace(timing, engine_note="; ".join(notes), cpu_rate_streaming=cpu_rate)
+
+    def run_mirror(self, mirror: Mirror) -> Greedy | None:
+        """The gate's tokens of mirror (see mirror.py); None where llama.cpp cannot load it."""
+        from .mirror import MirrorStock
+
+        self.progress(f"loading {mirror.label} for the gate: {mirror.recipe}")
+        try:
+            with MirrorStock(self.path, mirror, self.config()) as m:
+                return gate_tokens(m, self.w.check_tokens)
+        except GGUFStreamError as exc:
+            self.progress(f"  {mirror.label} does not load: {exc}")
+            return None
 
     def measure_stock_vram(self, ngl: int, n_cpu_moe: int = 0) -> float | None:
         """GPU bytes of a stock load after one n_ubatch prompt (compute pools
@@ -358,14 +373,17 @@ def run_gpu(ctx: Ctx, budgets: list[Budget], forced_ngl: int | None, ceiling: bo
             for k, v in sorted(probes.items())))
     # a budget whose stock split holds every layer ran all-in-VRAM too: its tokens are the exact reference
     reference = ceiling_t if ceiling_t is not None else ctx.stock_times.get((n_all, 0))
-    # without all-in-VRAM tokens the gate calibrates with the stock splits' mutual deviations: the CPU-rate
-    # run (stock ngl=0) adds one split far from the GPU-heavy ones (its gate tokens cost a few CPU tokens)
-    calibrate = reference is None and ctx.w.check_tokens > 0 and bool(gated) and (0, 0) not in ctx.stock_times
-    cpu_rate, cpu_stock = _cpu_rate(ctx, cpu_rate_tokens, notes, with_gate_tokens=calibrate)
+    # without all-in-VRAM tokens the gate calibrates with each stock run's mirror (and the other stock splits;
+    # the CPU-rate run's stock ngl=0 too, whose gate tokens then cost a few CPU tokens)
+    calibrate = reference is None and ctx.w.check_tokens > 0 and bool(gated)
+    cpu_rate, cpu_stock = _cpu_rate(ctx, cpu_rate_tokens, notes,
+                                    with_gate_tokens=calibrate and (0, 0) not in ctx.stock_times)
     extra["cpu_bytes_per_s"] = cpu_rate
     splits = {k: t.greedy for k, t in ctx.stock_times.items() if t is not reference}
     if cpu_stock is not None and (0, 0) not in splits:
         splits[(0, 0)] = cpu_stock.greedy
+    if calibrate:
+        gated = [(lo, hi, _with_mirror(ctx, run, notes)) for lo, hi, run in gated]
     checks = gate_runs([run for _, _, run in gated], _greedy(reference), splits, ctx.allow_near_ties)
     for (lo, hi, _), check in zip(gated, checks):
         rows[lo:hi] = [replace(r, check=check) if r.mode == "streamed" else r for r in rows[lo:hi]]
@@ -387,10 +405,13 @@ GATE_NOTE_STOCK = (
     "gate without an all-in-VRAM run: streamed greedy tokens are compared with the same budget's stock run, "
     "which itself rounds its CPU layers differently from all-in-VRAM, so exactness is not checked. Equal tokens "
     "read 'ok'; a flip passes as 'ok (near tie vs stock ngl=N @i, ...)' when the logit deviation up to it is "
-    f"within {PEER_MARGIN:g}x the largest deviation from that stock run that another stock split of this run "
-    "(the CPU-rate run's ngl=0 included) shows up to its own first differing token, and is a MISMATCH above it "
-    "(a wrong layer gives unrelated logits, ~1.4 std). Run with the all-in-VRAM ceiling (or an 'all' budget) "
-    "where the model fits for the exact check")
+    f"within {PEER_MARGIN:g}x the largest deviation from that stock run that another stock placement of this "
+    "run shows up to its own first differing token, and is a MISMATCH above it (a wrong layer gives unrelated "
+    "logits, ~1.4 std). The placement that counts is the stock run's mirror (llama.cpp at -ngl all with as many "
+    "layers, or experts, in host memory, but the last ones: `-ot \"blk\\.(k|..)\\.=CPU\"`, gate tokens only): "
+    "streamed, like it, computes layer 0 on the GPU, and a rounding difference from layer 0 on grows through "
+    "every layer after it, while the -ngl splits all compute the first layers on the CPU and agree on them. "
+    "Run with the all-in-VRAM ceiling (or an 'all' budget) where the model fits for the exact check")
 
 
 MOE_NOTE = (
@@ -404,12 +425,35 @@ MOE_NOTE = (
 @dataclass(frozen=True)
 class GateRun:
     """What the gate of one budget compares: its stock run (the recipe:
-    ngl and n_cpu_moe; its tokens) and its streamed tokens."""
+    ngl and n_cpu_moe; its tokens) and its streamed tokens; without
+    all-in-VRAM tokens also the stock run's mirror (mirror.py), the peer
+    that calibrates the comparison."""
 
     ngl: int | None
     stock: Greedy | None
     streamed: Greedy | None
     n_cpu_moe: int = 0
+    mirror: Greedy | None = None
+    mirror_name: str = ""
+
+
+def _with_mirror(ctx: Ctx, run: GateRun, notes: list[str]) -> GateRun:
+    """run with its stock run's mirror's tokens (where streamed's tokens
+    differ from its stock run's, and the stock run has a mirror), and a note
+    of what ran."""
+    if run.stock is None or run.streamed is None or run.stock.tokens == run.streamed.tokens:
+        return run
+    m = mirror_of(ctx.mf.n_layer, run.ngl, run.n_cpu_moe, stock_label(run.ngl, run.n_cpu_moe))
+    if m is None:
+        notes.append(f"gate: {stock_label(run.ngl, run.n_cpu_moe)} has no mirror (no GPU layer to move to the "
+                     "front); calibrated by the other stock splits only")
+        return run
+    if m not in ctx.mirror_tokens:
+        ctx.mirror_tokens[m] = ctx.run_mirror(m)
+    tokens = ctx.mirror_tokens[m]
+    notes.append(f"gate calibration: {m.label} is {m.recipe}" + ("" if tokens is not None else
+                                                                  ": it did not load; the other stock splits only"))
+    return replace(run, mirror=tokens, mirror_name=m.label)
 
 
 def _recipe_key(key) -> tuple[int, int]:
@@ -425,15 +469,19 @@ def gate_runs(runs: list[GateRun], ceiling: Greedy | None, splits: dict,
     With all-in-VRAM tokens (ceiling) they are the reference, and the peers
     are the stock splits' deviations from them, this budget's first. Without
     them the reference is the budget's own stock split, and the peers are
-    the other splits (splits: (ngl, n_cpu_moe) or ngl -> tokens), their
-    deviation measured from that reference: each pair is two legitimate
-    roundings of the model, which is what streamed against stock is too
-    (gate's exact=False)."""
+    its mirror (run.mirror, mirror.py) and the other splits (splits:
+    (ngl, n_cpu_moe) or ngl -> tokens), their deviation measured from that
+    reference: each pair is two legitimate roundings of the model, which is
+    what streamed against stock is too (gate's exact=False). The mirror is
+    the peer that counts: like streamed it differs from the stock run from
+    layer 0 on, where the -ngl splits share their first layers' rounding."""
     checks = []
     for run in runs:
         name = stock_label(run.ngl, run.n_cpu_moe)
         refs = [("all-in-VRAM", ceiling), (name, run.stock)]
         own = [(name, run.stock)] if ceiling is not None and run.stock is not None else []
+        if ceiling is None and run.mirror is not None:
+            own = [(run.mirror_name, run.mirror)]
         ordered = sorted(splits.items(), key=lambda kg: _recipe_key(kg[0]))
         others = [(stock_label(*_recipe_key(k)), g) for k, g in ordered
                   if g is not None and g is not run.stock and g is not ceiling]

@@ -37,6 +37,9 @@ class Workload:
     check_tokens: int = 16
     seed: int = 42
     n_threads: int | None = None
+    flash_attn: bool = True
+    type_k: str = "f16"  # KV cache types (llama.cpp's -ctk / -ctv)
+    type_v: str = "f16"
 
     @property
     def n_ctx(self) -> int:
@@ -88,13 +91,18 @@ def _counter_tuple(model):
     return None if c is None else (c.adopted_waited, c.sync_fallbacks, c.uploads)
 
 
+def gate_tokens(model, n: int) -> Greedy | None:
+    """The gate's n greedy tokens after GATE_PROMPT and their logits (None for n = 0)."""
+    if not n:
+        return None
+    toks, logits = model.generate(model.tokenize(GATE_PROMPT), n, with_logits=True)
+    return Greedy(tuple(toks), logits)
+
+
 def time_model(model, w: Workload, progress: Progress, label: str) -> Timing:
     """Gate tokens, one warm-up, then w.reps timed repetitions of pp and of
     tg, each from an empty KV cache as llama-bench runs them."""
-    greedy = None
-    if w.check_tokens:
-        toks, logits = model.generate(model.tokenize(GATE_PROMPT), w.check_tokens, with_logits=True)
-        greedy = Greedy(tuple(toks), logits)
+    greedy = gate_tokens(model, w.check_tokens)
     pp, tg = workload_tokens(model, w.n_prompt, w.n_gen, w.seed)
 
     def one_rep():
