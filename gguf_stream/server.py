@@ -25,7 +25,8 @@ llama_cpp.server.app.create_app builds its model through
 (in the app module, for the duration of the call, under llama_compat's lock)
 for StreamedLlamaProxy, whose loader runs llama-cpp-python's own loader with
 ``llama_cpp.Llama`` seen as StreamedLlama there: every ModelSettings field is
-passed exactly as llama_cpp.server passes it, plus the engine options.
+passed as llama_cpp.server passes it (except its defaults for the options the
+engine decides, and its mlock on by default), plus the engine options as given.
 
 Like llama_cpp.server itself, one app per process: the model lives in a
 module global of llama_cpp.server.app. Creating a second app closes the model
@@ -341,6 +342,10 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     server shuts down.
     """
     engine, model_settings = split_options(options)  # the engine's reach StreamedLlama as given
+    unknown = sorted(set(model_settings) - set(ModelSettings.model_fields))
+    if unknown:
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: create_app takes "
+                        f"the engine's ({', '.join(ENGINE_OPTIONS)}) and llama_cpp.server's model settings")
     settings = ModelSettings(model=str(model_path), **model_settings)
     llama_options = {"pooling_type": embedding_pooling(model_path, pooling)} if settings.embedding else {}
     if pooling is not None and not settings.embedding:

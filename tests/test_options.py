@@ -289,3 +289,9 @@ def test_samples_are_valid_configs():
     for name, value, _, _ in CASES:
         EngineConfig(**{name: value})
     assert dataclasses.is_dataclass(EngineConfig)
+
+
+def test_create_app_names_an_unknown_option(tiny_path):
+    server = pytest.importorskip("gguf_stream.server")
+    with pytest.raises(TypeError, match="unknown option vram_budgt: create_app takes the engine's"):
+        server.create_app(tiny_path, vram_budgt="1GiB")
