@@ -8,7 +8,8 @@
     gguf-stream bench -m MODEL --vram-budget 0.5x,all
 
 MODEL is a GGUF path or a name from models.toml. Flags mean what they mean in
-llama.cpp (-m, -ngl, -c, -b, -ub, -n, -p, -t, -fa, --temp). User errors print
+llama.cpp (-m, -ngl, -c, -b, -ub, -n, -p, -t, -fa, -ctk, --mlock, --temp; the
+engine's flags come from one table, cli/options.py). User errors print
 one line, ``gguf-stream: error: ...``, and exit 1; Ctrl-C exits 130; progress
 goes to stderr, generated text to stdout. One module per command, each with
 its parser (add_parser) and its function; common.py holds what they share.
