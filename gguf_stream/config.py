@@ -20,6 +20,7 @@ LONG_CONTEXT_FACTOR = 8
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_SLOTS = 512  # one per layer at most (LLAMA_MAX_LAYERS)
 MAX_COPY_DELAY_US = 10_000_000
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,10 @@ class EngineConfig:
     n_ctx: int = 4096
     n_batch: int = 512
     n_ubatch: int = 512
+    # Sequences the context holds (llama.cpp's -np / n_parallel, the
+    # context's n_seq_max): n_ctx is all of them together, n_ctx / n_seq_max
+    # KV cells each (llama.cpp's default, non-unified KV cache)
+    n_seq_max: int = 1
     flash_attn: bool = True
     device: str = "auto"  # "auto", "cuda" or "host" (slots in host memory, CPU compute)
     n_streamed: int | None = None
@@ -95,6 +100,10 @@ class EngineConfig:
         check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
         check_int("n_batch", self.n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)
+        check_int("n_seq_max", self.n_seq_max, 1, MAX_SEQUENCES)
+        if 0 < self.n_ctx < self.n_seq_max:
+            raise ValueError(f"n_ctx {self.n_ctx} is shared by n_seq_max {self.n_seq_max} sequences: give at least "
+                             "one KV cell per sequence (n_ctx = sequences x cells per sequence)")
         if self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
         if self.n_threads is not None:

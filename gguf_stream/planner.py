@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from .errors import BudgetError
 from .gguf_file import ModelFile
 from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
+                     kv_cells,
                      parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
@@ -93,6 +94,9 @@ class Plan:
     input_bytes: int = 0
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
+    # Sequences sharing the context (n_seq_max): kv_bytes covers them all,
+    # n_ctx / n_seq KV cells each, padded (memory.kv_cells)
+    n_seq: int = 1
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -189,7 +193,10 @@ class Plan:
         return ", ".join(parts)
 
     def _kv_types(self) -> str:
-        return "" if self.type_k == self.type_v == "f16" else f" (K {self.type_k}, V {self.type_v})"
+        types = "" if self.type_k == self.type_v == "f16" else f"K {self.type_k}, V {self.type_v}"
+        seqs = (f"{self.n_seq} sequences x {kv_cells(self.n_ctx, self.n_seq) // self.n_seq} cells" if self.n_seq > 1
+                else "")
+        return f" ({'; '.join(p for p in (types, seqs) if p)})" if types or seqs else ""
 
     def table(self) -> str:
         experts = self.part == "experts"
@@ -321,6 +328,7 @@ def make_plan(
     type_k: str = "f16",
     type_v: str = "f16",
     repack_cpu_layers: bool = True,
+    n_seq: int = 1,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -336,7 +344,8 @@ def make_plan(
     ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
     ``repack_cpu_layers`` says whether CPU layers get a repacked copy
-    (host memory figures only).
+    (host memory figures only). ``n_seq`` sequences share the n_ctx KV
+    cells (the estimate is the same; the plan says it).
     """
     budget = None if vram_budget is None else parse_size(vram_budget)
     if n_ctx <= 0 or n_ubatch <= 0:
@@ -346,7 +355,7 @@ def make_plan(
             plan = make_plan(model, vram_budget=vram_budget, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn,
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
                              max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
-                             type_v=type_v, repack_cpu_layers=repack_cpu_layers)
+                             type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -358,7 +367,7 @@ def make_plan(
     fixed_layer = model.fixed_layer_bytes if by_experts else (0,) * N
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
-    kv = kv_cache_bytes(model, n_ctx, type_k, type_v)
+    kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
@@ -397,7 +406,7 @@ def make_plan(
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
         minimum = fixed + _slot_bytes(unit, candidates, slot_pad)
         if budget < minimum:
-            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
         streamed, k = _fewest_streamed([unit[i] for i in candidates], spread, fits, n_slots, max_slots, need,
                                        slot_pad)
@@ -426,11 +435,12 @@ def make_plan(
         input_bytes=input_embedding_bytes(model),
         kv_layer_bytes=kv // N,
         repack_cpu_layers=repack_cpu_layers,
+        n_seq=n_seq,
     )
 
 
 def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, n_ubatch: int,
-                flash_attn: bool, type_k: str = "f16", type_v: str = "f16") -> Plan:
+                flash_attn: bool, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
     """Below streaming's minimum (every KV cache, the shared tensors and a
     slot on the GPU) llama.cpp's own split may still fit: keep its KV cache
     and output matrix on the host. Nothing can beat it there, so use it."""
@@ -438,29 +448,29 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
     # the estimate grows with the GPU layers: the most that fit, by bisection
     n_fit = bisect.bisect_right(range(N + 1), budget,
                                 key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn, type_k,
-                                                                 type_v)) - 1
+                                                                 type_v, n_seq)) - 1
     if n_fit < 0:
-        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
         raise BudgetError(
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
-                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> Plan:
+                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
     """llama.cpp's `-ngl ngl` split as a Plan (nothing streams)."""
     N = model.n_layer
     spans = tuple(LayerSpan(i, model.layer_bytes[i], "resident" if i >= N - ngl else "host") for i in range(N))
     comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
-    kv_layer = kv_cache_bytes(model, n_ctx, type_k, type_v) // N
+    kv_layer = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v) // N
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),
         arch=model.arch, n_layer=N, layers=spans, n_slots=0, slot_bytes=0, shared_bytes=0,
         kv_bytes=ngl * kv_layer, compute_bytes=comp,
         budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl, type_k=type_k, type_v=type_v,
-        input_bytes=input_embedding_bytes(model), kv_layer_bytes=kv_layer)
+        input_bytes=input_embedding_bytes(model), kv_layer_bytes=kv_layer, n_seq=n_seq)
 
 
 def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: int, slot_pad: int):

@@ -55,7 +55,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
-                     type_v=c.type_v, repack_cpu_layers=c.repack, **what)
+                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=c.n_seq_max, **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,
