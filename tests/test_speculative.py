@@ -93,3 +93,31 @@ def test_bad_input(tiny_path, gemma_path):
             generate_speculative(m, [1] * 250, 10, PromptLookup(4))
         with pytest.raises(ValueError, match="empty"):
             generate_speculative(m, [], 10, PromptLookup(4))
+
+
+def test_run_lookup_prints_the_greedy_text(tiny_path, capsys):
+    from test_cli import SMALL, T, run_main
+
+    argv = ["run", str(tiny_path), "-p", TEXT, "-n", "20", "-t", T, "--n-streamed", "4", *SMALL]
+    rc, plain, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    for extra in (["--lookup", "4"], ["-md", str(tiny_path), "--draft-max", "5"]):
+        rc, out, err = run_main(capsys, *argv, *extra)
+        assert rc == 0, err
+        assert out == plain and "tokens per pass" in err
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--lookup", "4", "--temp", "0.7"], ["greedy only"]),
+    (["--lookup", "4", "-md", "x.gguf"], ["give one"]),
+    (["--lookup", "0"], ["--lookup must be in 1..256"]),
+    (["-md", "{tiny}", "--draft-max", "0"], ["--draft-max must be in 1..256"]),
+    (["-md", "{gemma}"], ["vocabulary"]),
+])
+def test_run_speculative_bad_flags(tiny_path, gemma_path, capsys, extra, needles):
+    from test_cli import SMALL, T, assert_user_error, run_main
+
+    extra = [e.format(tiny=tiny_path, gemma=gemma_path) for e in extra]
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "x", "-n", "4", "-t", T, "--n-streamed", "2", *SMALL,
+                          *extra)
+    assert_user_error(rc, err, *needles)

@@ -9,6 +9,7 @@ import time
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
     add_sampling, check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, \
     sampling_params, say
+from . import speculative
 
 DEFAULT_N_PREDICT = 128
 
@@ -32,6 +33,7 @@ def add_parser(sub, parents) -> None:
                    "all-in-VRAM; auto: split measured on this machine, faster generation with CPU rounding "
                    "like stock -ngl's; or layer numbers)")
     add_sampling(p)
+    speculative.add_speculative(p)
     add_placement(p)
     add_context(p)
     p.set_defaults(func=cmd_run)
@@ -45,6 +47,8 @@ def cmd_run(args) -> int:
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
     device, path, options = prepare_load(args)
     sampling = sampling_params(args, path)  # a bad grammar or schema fails before the load
+    if speculative.wanted(args):
+        speculative.check(args, sampling)
     if split is not None:
         options["generate_cpu_layers"] = split
     t0 = time.perf_counter()
@@ -52,6 +56,9 @@ def cmd_run(args) -> int:
                  prefetch=not args.no_prefetch, verbose=args.verbose, **options)
     try:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
+        if speculative.wanted(args):
+            prompt, n = _prompt_and_length(model, args)
+            return speculative.generate(model, args, device, prompt, n)
         if sampling.greedy:  # the argmax itself: today's output, byte for byte
             return _generate(model, args, _argmax)
         from ..sampling import Sampler
@@ -68,8 +75,8 @@ def _argmax(logits) -> int:
     return int(np.argmax(logits))
 
 
-def _generate(model, args, pick, see_prompt=None) -> int:
-    """Generate with pick(logits) -> token; see_prompt(tokens) first, where the sampler wants the prompt."""
+def _prompt_and_length(model, args) -> tuple[list[int], int]:
+    """The prompt's tokens and how many to generate (-n; -1: up to the context's end)."""
     prompt = model.tokenize(args.prompt, add_bos=True, special=True)
     n_ctx = model.config.n_ctx  # -c 0: the training context
     room = n_ctx - len(prompt)
@@ -77,6 +84,12 @@ def _generate(model, args, pick, see_prompt=None) -> int:
     if n > room:
         raise ValueError(f"the prompt ({len(prompt)} tokens) plus -n {n} exceed the context -c {n_ctx}; "
                          "raise -c or lower -n")
+    return prompt, n
+
+
+def _generate(model, args, pick, see_prompt=None) -> int:
+    """Generate with pick(logits) -> token; see_prompt(tokens) first, where the sampler wants the prompt."""
+    prompt, n = _prompt_and_length(model, args)
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(args.prompt)
