@@ -23,7 +23,7 @@ import traceback
 from .. import __version__  # first: loads llama.cpp before anything imports numpy
 from ..bench import cli as bench
 from ..errors import GGUFStreamError
-from . import batch, chat, list_models, plan, run, serve
+from . import batch, batched_bench, chat, list_models, plan, run, serve
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, Formatter, error, one_line, output, \
     quiet_llama_log, restore_llama_log
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = [_common_flags()]
-    for command in (plan, run, chat, batch, bench, list_models, serve):
+    for command in (plan, run, chat, batch, bench, batched_bench, list_models, serve):
         command.add_parser(sub, parents)
     return ap
 
