@@ -54,6 +54,11 @@ class EngineConfig:
     # machine: faster generation, CPU rounding like stock -ngl's CPU layers;
     # CUDA only), or layer numbers.
     generate_cpu_layers: str | tuple[int, ...] = "none"
+    # The most rows (tokens of one ubatch: parallel sequences, a speculative
+    # verify) the CPU layers compute on the CPU; larger ubatches take the
+    # prompt placement (every streamed layer through the slots, all rows on
+    # the GPU). None: up to llama.cpp's offload threshold (31).
+    cpu_layers_max_batch: int | None = None
     # Streamed layers that stay resident while generating, in the part of
     # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
     # generated token leaves idle (no extra VRAM; they are copied in at each
@@ -114,6 +119,8 @@ class EngineConfig:
             check_int("n_slots", self.n_slots, 1, MAX_SLOTS)
         check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
         check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
+        if self.cpu_layers_max_batch is not None:
+            check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
                      "host_memory_check", "verbose"):

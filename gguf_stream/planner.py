@@ -283,16 +283,16 @@ def generate_resident_layers(model: ModelFile, plan: Plan, n_ubatch: int, reserv
 
 # ------------------------------------------------------------------ decodes
 
-def decode_sizes(n_tokens: int, n_ubatch: int, split_tail: bool) -> list[int]:
+def decode_sizes(n_tokens: int, n_ubatch: int, split_tail: bool, prompt_min: int = OFFLOAD_MIN_BATCH) -> list[int]:
     """How many tokens each llama_decode call takes for a batch of n_tokens
     (at most n_batch). One call, except with split_tail (a context that
     reuses graphs, with CPU layers): a prompt whose tail ubatch is under
-    OFFLOAD_MIN_BATCH tokens decodes that tail on its own, in the generate
+    prompt_min tokens (is_generate_phase) decodes that tail on its own, in the generate
     placement (where stock -ngl runs such a ubatch too), so that every
     graph's shape decides its placement."""
     tail = n_tokens % n_ubatch
-    if (not split_tail or n_ubatch < OFFLOAD_MIN_BATCH or n_tokens <= n_ubatch
-            or not 0 < tail < OFFLOAD_MIN_BATCH):
+    if (not split_tail or n_ubatch < prompt_min or n_tokens <= n_ubatch
+            or not 0 < tail < prompt_min):
         return [n_tokens]
     return [n_tokens - tail, tail]
 
@@ -302,11 +302,14 @@ def decode_ubatches(n_tokens: int, n_ubatch: int) -> tuple[int, int]:
     return min(n_tokens, n_ubatch), (n_tokens - 1) % n_ubatch + 1
 
 
-def is_generate_phase(first_ubatch: int) -> bool:
+def is_generate_phase(first_ubatch: int, prompt_min: int = OFFLOAD_MIN_BATCH) -> bool:
     """Prompt-sized ubatches stream every non-resident layer; small ones
     leave the CPU layers to the CPU (the scheduler runs host weights on the
-    CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
-    return first_ubatch < OFFLOAD_MIN_BATCH
+    CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides).
+    prompt_min lowers the bound: a ubatch of k rows (k sequences, or a
+    speculative verify) costs CPU layers k rows of CPU work, while streaming
+    a layer costs the same for any k (EngineConfig.cpu_layers_max_batch)."""
+    return first_ubatch < prompt_min
 
 def _slot_bytes(unit: tuple[int, ...], streamed: tuple[int, ...], slot_pad: int) -> int:
     return max((unit[i] for i in streamed), default=0) + slot_pad

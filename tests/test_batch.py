@@ -44,14 +44,16 @@ def model_alone(request):
     return path, alone(path)
 
 
-@pytest.mark.parametrize("placement", ["stock", "resident", "streamed", "hybrid"])
+@pytest.mark.parametrize("placement", ["stock", "resident", "streamed", "hybrid", "hybrid-rows-on-gpu"])
 def test_batched_equals_each_sequence_alone(model_alone, placement):
     path, reference = model_alone
     if placement == "stock":
         m = StockModel(path, 0, **SEATS)
     else:
         kw = {"resident": {}, "streamed": HYBRID,
-              "hybrid": dict(HYBRID, generate_cpu_layers=hybrid_cpu_layers(path))}[placement]
+              "hybrid": dict(HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)),
+              "hybrid-rows-on-gpu": dict(HYBRID, generate_cpu_layers=hybrid_cpu_layers(path),
+                                         cpu_layers_max_batch=1)}[placement]
         m = StreamedModel(path, **SEATS, **kw)
     with m:
         done = []
@@ -67,6 +69,27 @@ def test_batched_equals_each_sequence_alone(model_alone, placement):
         # the model is usable alone afterwards (the batch leaves no sequence behind)
         m.reset()
         assert m.generate(m.tokenize(TEXTS[0], add_bos=True, special=True), N, stop_at_eog=True) == reference[0]
+
+
+def test_cpu_layers_max_batch_moves_multi_row_decodes_to_the_prompt_placement(tiny_path):
+    """With cpu_layers_max_batch=1 a step of several sequences streams the
+    CPU layers too (prompt placement, every row on the device), while a
+    lone sequence's step still leaves them to the CPU: more uploads, the
+    same tokens."""
+    cpu = hybrid_cpu_layers(tiny_path)
+    uploads, tokens = {}, {}
+    for most in (None, 1):
+        with StreamedModel(tiny_path, **SEATS, **HYBRID, generate_cpu_layers=cpu, cpu_layers_max_batch=most) as m:
+            assert m.streamer.prompt_min_ubatch == (32 if most is None else 2)
+            m.reset_counters()
+            r = m.generate_batch([[1, 2, 3]] * 4, N, stop_at_eog=False)
+            uploads[most], tokens[most] = m.stats.counters.uploads, [s.tokens for s in r.sequences]
+            m.reset_counters()
+            m.generate_batch([[1, 2, 3]], N, stop_at_eog=False)  # one row: the generate placement either way
+            alone = m.stats.counters.uploads
+    assert tokens[None] == tokens[1]
+    assert uploads[1] >= uploads[None] + (N - 1) * len(cpu)  # each 4-row step uploads the CPU layers too
+    assert alone < uploads[None]
 
 
 def test_negative_control_crossed_rows_are_caught(gemma_path, monkeypatch):

@@ -13,12 +13,15 @@ from gguf_stream.bench.batched import BatchedWorkload, Run, checks, render_md
 
 def test_batched_bench_host(tiny_path, capsys):
     argv = ["batched-bench", str(tiny_path), "--device", "host", "-npp", "8", "-ntg", "2", "-npl", "1,2",
-            "--verify", "1,3", "-r", "1", "-b", "64", "-ub", "64", "-t", T, "--n-streamed", "4"]
+            "--verify", "1,3", "-r", "1", "-b", "64", "-ub", "64", "-t", T, "--n-streamed", "4",
+            "--generate-cpu-layers", "1,5"]
     rc, out, err = run_main(capsys, *argv, "-o", "json")
     assert rc == 0, err
     doc = json.loads(out)
     runs = doc["runs"]
-    assert [r["mode"] for r in runs] == ["stock ngl=0", "streamed"]
+    # CPU layers in the split: a second streamed run puts decodes of 2+ rows on the device
+    assert [r["mode"] for r in runs] == ["stock ngl=0", "streamed", "streamed, k rows on the GPU"]
+    assert [r["cpu_layers"] for r in runs] == [0, 2, 2]
     for r in runs:
         assert sorted(map(int, r["tg"])) == [1, 2] and all(v > 0 for v in r["tg"].values())
         assert sorted(map(int, r["verify"])) == [1, 3] and all(v > 0 for v in r["verify"].values())

@@ -79,7 +79,7 @@ class Run:
     tg: dict[int, float] = field(default_factory=dict)  # npl -> aggregate tg t/s
     verify: dict[int, float] = field(default_factory=dict)  # k -> seconds per decode
     vram_peak: int | None = None
-    note: str = ""
+    cpu_layers: int = 0  # CPU layers of a streamed run's generate split
 
 
 def _prompts(model, w: BatchedWorkload, npl: int) -> list[list[int]]:
@@ -162,16 +162,18 @@ class BatchedBench:
         with StockModel(self.path, ngl, config=self.config()) as m:
             return measure(m, run, self.w, self.progress)
 
-    def streamed(self, b: Budget, placement: dict, cpu_layers) -> Run:
+    def streamed(self, b: Budget, placement: dict, rows_on_gpu: bool = False) -> Run:
         from ..model import StreamedModel
         from .sweep import plan_line
 
-        mode = "streamed" if cpu_layers == self.generate_cpu_layers else "streamed, no CPU layers"
+        mode = "streamed, k rows on the GPU" if rows_on_gpu else "streamed"
         run = Run(b.label, b.nbytes, mode)
         self.progress(f"loading {mode}")
-        with StreamedModel(self.path, config=self.config(generate_cpu_layers=cpu_layers, **placement)) as m:
+        config = self.config(generate_cpu_layers=self.generate_cpu_layers,
+                             cpu_layers_max_batch=1 if rows_on_gpu else None, **placement)
+        with StreamedModel(self.path, config=config) as m:
             run.plan = plan_line(m.plan) if m.plan is not None and m.plan.streamed else "all layers resident"
-            run.note = f"cpu_layers={len(m.plan.cpu_layers)}" if m.plan is not None else ""
+            run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
             return measure(m, run, self.w, self.progress)
 
     def stock_ngl(self, b: Budget) -> int | None:
@@ -191,13 +193,15 @@ class BatchedBench:
 
     def budget_runs(self, b: Budget, placement: dict, stock_ngl: int | None) -> list[Run]:
         """Stock at its ngl, streamed with the configured generate split, and
-        streamed without CPU layers where that split has some (a k-row decode
-        in the generate placement computes CPU layers' k rows on the CPU)."""
+        where that split has CPU layers, streamed again with every decode of
+        2 or more rows in the prompt placement (cpu_layers_max_batch=1: all
+        k rows on the GPU, the CPU layers streamed) - the generate placement
+        computes CPU layers' k rows on the CPU."""
         runs = [] if stock_ngl is None else [self.stock(b, stock_ngl)]
-        first = self.streamed(b, placement, self.generate_cpu_layers)
+        first = self.streamed(b, placement)
         runs.append(first)
-        if first.note not in ("", "cpu_layers=0") and self.generate_cpu_layers != "none":
-            runs.append(self.streamed(b, placement, "none"))
+        if first.cpu_layers:
+            runs.append(self.streamed(b, placement, rows_on_gpu=True))
         return runs
 
 
