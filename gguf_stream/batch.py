@@ -112,6 +112,12 @@ def check_prompts(model, prompts, n_tokens: int) -> list[list[int]]:
     cells = cells_per_sequence(model)
     n_vocab = model.n_vocab
     out = []
+    if model.config.kv_unified:  # one cache: the sequences seated together must fit it together
+        need = sorted((len(p) + n_tokens for p in prompts), reverse=True)[:model.config.n_seq_max]
+        if sum(need) > cells:
+            raise ValueError(f"{len(need)} sequences at once need up to {sum(need)} KV cells, over the shared "
+                             f"cache's {cells} (n_ctx {model.config.n_ctx}, kv_unified); raise n_ctx or lower "
+                             "n_tokens or n_seq_max")
     for i, p in enumerate(prompts):
         p = list(p)
         if not p:
@@ -128,8 +134,8 @@ def check_prompts(model, prompts, n_tokens: int) -> list[list[int]]:
 
 
 def cells_per_sequence(model) -> int:
-    """KV cells each sequence of the model's context has (llama.cpp's
-    non-unified cache: n_ctx / n_seq_max, padded)."""
+    """KV cells a sequence of the model's context may have (llama.cpp's
+    non-unified cache: n_ctx / n_seq_max, padded; unified: all of them)."""
     return model._lc.llama_n_ctx_seq(model._live_ctx())
 
 

@@ -36,6 +36,10 @@ class EngineConfig:
     # context's n_seq_max): n_ctx is all of them together, n_ctx / n_seq_max
     # KV cells each (llama.cpp's default, non-unified KV cache)
     n_seq_max: int = 1
+    # One KV cache the sequences share (llama.cpp's -kvu): n_ctx cells in all,
+    # any sequence may take any of them (a short sequence leaves room to a
+    # long one; padding is per cache, not per sequence)
+    kv_unified: bool = False
     flash_attn: bool = True
     device: str = "auto"  # "auto", "cuda" or "host" (slots in host memory, CPU compute)
     n_streamed: int | None = None
@@ -122,7 +126,7 @@ class EngineConfig:
         if self.cpu_layers_max_batch is not None:
             check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
+        for name in ("kv_unified", "flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
                      "host_memory_check", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -151,6 +155,11 @@ class EngineConfig:
     def places_layers(self) -> bool:
         """A budget or streamed layers were given (else everything stays resident)."""
         return not (self.vram_budget is None and self.n_streamed is None and self.streamed_layers is None)
+
+
+def kv_streams(config: EngineConfig) -> int:
+    """KV cache streams llama.cpp allocates: one per sequence, or one shared (kv_unified)."""
+    return 1 if config.kv_unified else config.n_seq_max
 
 
 def check_kv_types(type_k, type_v, flash_attn: bool) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, resolve_context, select_device
+from .config import EngineConfig, kv_streams, resolve_context, select_device
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
@@ -80,7 +80,7 @@ class _Session:
         c = self.config
         p = self._lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = c.n_ctx, c.n_batch, c.n_ubatch
-        p.n_seq_max = c.n_seq_max
+        p.n_seq_max, p.kv_unified = c.n_seq_max, c.kv_unified
         p.n_threads = p.n_threads_batch = c.threads
         p.flash_attn_type = (self._lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
                              else self._lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -393,7 +393,7 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     if plan.streamed and c.vram_budget is not None and c.n_streamed is None and c.streamed_layers is None:
         budget = parse_size(c.vram_budget)
         full = make_plan(model_file, vram_budget=None, n_streamed=0, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch,
-                         flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v, n_seq=c.n_seq_max).device_bytes
+                         flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v, n_seq=kv_streams(c)).device_bytes
         if full <= budget * 1.05 and _stock_fits(path, -1, budget, c):
             return initial_plan(model_file, replace(c, vram_budget=None), cuda=True)
     if plan.stock_gpu_layers is not None:
@@ -401,7 +401,7 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
         return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn, c.type_k, c.type_v,
-                                c.n_seq_max)
+                                kv_streams(c))
     return plan
 
 

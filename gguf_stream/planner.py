@@ -94,8 +94,9 @@ class Plan:
     input_bytes: int = 0
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
-    # Sequences sharing the context (n_seq_max): kv_bytes covers them all,
-    # n_ctx / n_seq KV cells each, padded (memory.kv_cells)
+    # KV streams: the sequences of a context (n_seq_max), each with n_ctx /
+    # n_seq cells, padded (memory.kv_cells); 1 also when they share one
+    # (kv_unified). kv_bytes covers them all.
     n_seq: int = 1
 
     @property

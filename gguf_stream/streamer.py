@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
-from .config import EngineConfig, available_host_memory, resolve_context, select_device
+from .config import EngineConfig, available_host_memory, kv_streams, resolve_context, select_device
 from .errors import BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, UnsupportedModelError
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import format_size, generate_graph_bytes, kv_ggml_type, parse_size
@@ -55,7 +55,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
-                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=c.n_seq_max, **what)
+                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c), **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,

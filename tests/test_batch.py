@@ -144,3 +144,39 @@ def test_bad_input(tiny_path):
         StockModel(tiny_path, 0, **dict(CPU, n_seq_max=8, n_ctx=4))
     with pytest.raises(ValueError, match="n_seq_max"):
         StockModel(tiny_path, 0, **dict(CPU, n_seq_max=0))
+
+
+def test_unified_kv_cache(tiny_path):
+    """kv_unified (llama.cpp's -kvu): the sequences share one cache of n_ctx
+    cells (padded once), sized so in the plan and measured so; outputs as alone."""
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    with StockModel(tiny_path, 0, **CPU) as m:
+        reference = []
+        for p in prompts:
+            m.reset()
+            reference.append(m.generate(p, 6))
+    cpu = hybrid_cpu_layers(tiny_path)
+    with StreamedModel(tiny_path, **dict(CPU, n_ctx=64, n_seq_max=3, kv_unified=True), **HYBRID,
+                       generate_cpu_layers=cpu) as m:
+        r = m.generate_batch(prompts, 6, stop_at_eog=False)
+        assert [s.tokens for s in r.sequences] == reference
+        assert m.plan.kv_bytes == kv_cache_bytes(read_model(tiny_path), 256)
+        assert m.stats.counters.host_kv_bytes == len(cpu) * m.plan.kv_layer_bytes
+        with pytest.raises(ValueError, match="3 sequences at once need up to 600 KV cells"):
+            m.generate_batch([[1] * 100] * 3, 100)
+
+
+def test_plan_sizes_kv_for_the_sequences(tiny_path):
+    from gguf_stream.planner import make_plan
+
+    mf = read_model(tiny_path)
+    one = make_plan(mf, n_streamed=4, n_ctx=1024)
+    four = make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=4)  # 250 each, padded to 256
+    assert four.kv_bytes == one.kv_bytes == kv_cache_bytes(mf, 1024)
+    assert make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=8).kv_bytes == kv_cache_bytes(mf, 8 * 256)
+    assert "8 sequences x 256 cells" in make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=8).table()
+    # the budget covers it: 8 sequences' KV counts in the device estimate the budget is held to
+    budget = make_plan(mf, n_streamed=2, n_ctx=256).device_bytes + kv_cache_bytes(mf, 7 * 256)
+    many = make_plan(mf, vram_budget=budget, n_ctx=256 * 8, n_seq=8)
+    alone = make_plan(mf, streamed_layers=many.streamed, n_slots=many.n_slots, n_ctx=256)
+    assert many.device_bytes <= budget and many.device_bytes - alone.device_bytes == kv_cache_bytes(mf, 7 * 256)

@@ -63,3 +63,9 @@ def test_bad_flags(tiny_path, capsys):
 def test_context_holds_every_sequence(w):
     wl = BatchedWorkload(**w)
     assert wl.n_seq_max == 2 and wl.n_ctx == 2 * 256
+
+
+def test_unified_context_is_what_the_workload_needs():
+    wl = BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8), kv_unified=True)
+    assert wl.n_ctx == 4096  # 32 x 121 = 3872 cells, padded to 256 once (not 256 per sequence: 8192)
+    assert BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8)).n_ctx == 8192

@@ -45,6 +45,7 @@ class BatchedWorkload:
     reps: int = 3
     seed: int = 42
     n_threads: int | None = None
+    kv_unified: bool = False  # -kvu: one KV cache the sequences share
 
     def __post_init__(self):
         if self.n_prompt < 1 or self.n_gen < 1 or self.reps < 1:
@@ -65,7 +66,8 @@ class BatchedWorkload:
         verify after a prompt, padded as llama.cpp pads each sequence's cells."""
         from ..memory import kv_cells
 
-        return kv_cells(self.n_seq_max * (self.n_prompt + max(self.n_gen + 1, max(self.verify))), self.n_seq_max)
+        need = self.n_seq_max * (self.n_prompt + max(self.n_gen + 1, max(self.verify)))
+        return kv_cells(need, 1 if self.kv_unified else self.n_seq_max)
 
 
 @dataclass
@@ -151,7 +153,7 @@ class BatchedBench:
         from ..config import EngineConfig
 
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
-                            n_seq_max=self.w.n_seq_max, flash_attn=True, device=self.device,
+                            n_seq_max=self.w.n_seq_max, kv_unified=self.w.kv_unified, flash_attn=True, device=self.device,
                             n_threads=self.w.n_threads, **kw)
 
     def stock(self, b: Budget, ngl: int) -> Run:

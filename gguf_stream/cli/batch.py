@@ -26,6 +26,8 @@ def add_parser(sub, parents) -> None:
     add_model(p, required=False)
     p.add_argument("-np", "--parallel", type=int, default=DEFAULT_PARALLEL, metavar="K",
                    help=f"sequences decoded together (default {DEFAULT_PARALLEL})")
+    p.add_argument("-kvu", "--kv-unified", action="store_true",
+                   help="one KV cache the sequences share (-c cells in all), as llama.cpp's -kvu")
     p.add_argument("-f", "--file", default="-", metavar="FILE", help="prompts file (default -: stdin)")
     p.add_argument("-o", "--output", default="-", metavar="FILE", help="JSONL results (default -: stdout)")
     p.add_argument("-n", "--n-predict", type=int, default=DEFAULT_N_PREDICT, metavar="N",
@@ -88,7 +90,8 @@ def cmd_batch(args) -> int:
     try:
         t0 = time.perf_counter()
         model = load(path, device=device, **context_options(args), n_seq_max=args.parallel,
-                     n_threads=args.threads, prefetch=not args.no_prefetch, verbose=args.verbose, **options)
+                     kv_unified=args.kv_unified, n_threads=args.threads, prefetch=not args.no_prefetch,
+                     verbose=args.verbose, **options)
         try:
             say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}; "
                 f"{args.parallel} sequences of {cells_per_sequence(model)} KV cells")

@@ -43,6 +43,8 @@ def add_parser(sub, parents) -> None:
                    help="parallel sequences per row (default 1,2,4,8,16,32)")
     p.add_argument("--verify", default="1,2,4,8,16", metavar="K,K",
                    help="tokens per verify decode (default 1,2,4,8,16)")
+    p.add_argument("-kvu", "--kv-unified", action="store_true", help="one KV cache the sequences share (as "
+                   "llama-batched-bench -kvu): the cells the workload needs, not 256 per sequence at least")
     p.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N", help="logical batch (default 2048)")
     p.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N", help="physical batch (default 512)")
     p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N", help="timed repetitions (median)")
@@ -69,7 +71,8 @@ def cmd_batched_bench(args) -> int:
 
     parallel, verify = _numbers("-npl")(args.parallel), _numbers("--verify")(args.verify)
     w = BatchedWorkload(args.n_prompt, args.n_gen, parallel, verify, args.batch_size,
-                        min(args.ubatch_size, args.batch_size), args.repetitions, n_threads=args.threads)
+                        min(args.ubatch_size, args.batch_size), args.repetitions, n_threads=args.threads,
+                        kv_unified=args.kv_unified)
     progress = Progress(args.quiet)
     device = select_device(args.device)
     path = resolve(model_arg(args), progress=progress)
@@ -77,7 +80,7 @@ def cmd_batched_bench(args) -> int:
     split = parse_layers(args.generate_cpu_layers)
     bench = BatchedBench(str(path), mf.n_layer, w, device, progress, split)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)}); context "
-             f"{w.n_seq_max} sequences x {w.n_ctx // w.n_seq_max} cells")
+             f"{_context(w)}")
     runs, notes = [], []
     if device == "cuda":
         for b in parse_budgets(args.vram_budget, mf.total_bytes):
@@ -94,8 +97,14 @@ def cmd_batched_bench(args) -> int:
         runs += bench.budget_runs(Budget(f"host, {k} streamed", None), {"n_streamed": k, "n_slots": 2}, 0)
         notes.append("host mode (no GPU): CPU compute, slots in host memory - shows the mechanics, not GPU speed")
     notes.append(f"workload: -npp {w.n_prompt} -ntg {w.n_gen} -npl {','.join(map(str, w.parallel))}, context "
-                 f"{w.n_seq_max} x {w.n_ctx // w.n_seq_max} cells for every load, -b {w.n_batch} -ub {w.n_ubatch}, "
+                 f"{_context(w)} for every load, -b {w.n_batch} -ub {w.n_ubatch}, "
                  f"median of {w.reps} after a warm-up; aggregate tg = sequences x steps / the steps' time")
     notes += checks(runs)
     sys.stdout.write((render_md if args.output == "md" else render_json)(runs, w, notes))
     return EXIT_OK
+
+
+def _context(w) -> str:
+    if w.kv_unified:
+        return f"{w.n_seq_max} sequences sharing {w.n_ctx} cells (-kvu)"
+    return f"{w.n_seq_max} x {w.n_ctx // w.n_seq_max} cells"

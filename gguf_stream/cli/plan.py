@@ -17,6 +17,9 @@ def add_parser(sub, parents) -> None:
                    help="plan the generate placement of a CUDA run with this choice (as in run): the layers "
                    "kept resident while generating and the CPU layers, whose repacked copy adds pageable host "
                    "memory (auto: every overflow layer, the most the measured split can choose)")
+    p.add_argument("-np", "--parallel", type=int, default=1, metavar="K",
+                   help="sequences sharing -c (as batch -np: -c / K KV cells each, padded to 256)")
+    p.add_argument("-kvu", "--kv-unified", action="store_true", help="the sequences share one KV cache")
     add_context(p, threads=False)
     p.set_defaults(func=cmd_plan)
 
@@ -26,6 +29,8 @@ def cmd_plan(args) -> int:
     from ..planner import make_plan
 
     check_flags(args)
+    if not 1 <= args.parallel <= 256:
+        raise ValueError(f"-np must be in 1..256, got {args.parallel}")
     if args.vram_budget is None and args.n_streamed is None and args.n_gpu_layers is None:
         raise ValueError("plan needs --vram-budget B (or --n-streamed K / -ngl N)")
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
@@ -33,7 +38,7 @@ def cmd_plan(args) -> int:
     mf = read_model(path)
     ctx = context_options(args, mf.hparams["n_ctx_train"])
     plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
-                     type_k=ctx["type_k"], type_v=ctx["type_v"],
+                     type_k=ctx["type_k"], type_v=ctx["type_v"], n_seq=1 if args.kv_unified else args.parallel,
                      whole_layers=True if args.whole_layers else None, **explicit_placement(args, mf))
     if split is not None:
         plan = _as_on_cuda(mf, plan, ctx, split)
