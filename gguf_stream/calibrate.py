@@ -10,8 +10,13 @@ slow each other down in ways they do not capture (shared host memory).
 Measured: the fastest split had 1-3 more CPU layers than the model's pick,
 3-15% faster. Both results are cached per machine, model and overflow.
 
-Calibration runs in short-lived contexts of its own, before the real
-context exists (its memory is free then).
+Calibration runs in one short-lived context of its own, before the real
+context exists (its memory is free then), on the first load of a model on a
+machine only. What it costs is counted (Calibration.decodes, .seconds) and
+said on stderr with progress on: the rates' tokens, then each timed split's.
+Its largest costs on a big model are the timed tokens and repacking the CPU
+layers each split adds (the chosen split's repacked copies are kept for the
+run, not made again).
 """
 from __future__ import annotations
 
@@ -30,17 +35,18 @@ from .config import cache_dir
 from .errors import BudgetError, DecodeError
 from .perfmodel import Rates, best_split, generate_splits
 from .planner import interleaved_layers
+from .progress import note
 
 RATES_VERSION = "4"  # bump when what measure_rates measures changes
 CALIBRATION_BATCH = 8
-CALIBRATION_TOKENS = 10  # single-token decodes timed per layer (the first is a warm-up)
+CALIBRATION_TOKENS = 6  # single-token decodes timed per layer (the first is a warm-up)
 # CPU layers during calibration: a sample, so that at most this much is
 # repacked for it (host memory, load time); the others stream meanwhile, as
 # they will while generating (the CPU then shares host memory with the DMA).
 CALIBRATION_CPU_BYTES = 1 << 30
 CALIBRATION_CPU_LAYERS = 8
-SPLIT_TRIAL_TOKENS = 12  # timed single-token decodes per split (after 2 warm-ups), median taken
-SPLIT_TRIAL_WARMUP = 2
+SPLIT_TRIAL_TOKENS = 8  # timed single-token decodes per split (after a warm-up), median taken
+SPLIT_TRIAL_WARMUP = 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,12 @@ class Calibration:
     rates: Rates
     split_trials: dict[int, float]  # CPU-layer count -> measured seconds per token
     predicted_token_seconds: float  # the performance model's time for the chosen split
+    decodes: int = 0  # single-token decodes this load ran to measure (0: all from the cache)
+    seconds: float = 0.0  # wall time of choosing the split, measurements included
+
+    @property
+    def cached(self) -> bool:
+        return self.decodes == 0
 
 
 def _number(v) -> bool:
@@ -131,23 +143,51 @@ class Calibrator:
         self.s, self.model = streamer, model
         total = native.device_memory("CUDA0")[1] if streamer.cuda else None
         self.cache = RatesCache(cache_key(streamer.path, streamer.config, total))
+        self.decodes = 0  # single-token decodes run so far (decode_token)
+        self.keep_cpu_layers: tuple[int, ...] = ()  # left set when the calibration context closes without error
 
     def choose_split(self) -> tuple[tuple[int, ...], Calibration]:
-        """The CPU layers of the fastest split that was timed."""
+        """The CPU layers of the fastest split that was timed. What the
+        cache lacks is measured in one context, whose CPU layers are left
+        at the chosen split (their repacked copies serve the run)."""
+        t0 = time.perf_counter()
         overflow = self.s.plan.generate_overflow
-        rates = self.cache.rates() or self.measure_rates()
-        splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
-        trials = self.cache.split_trials(overflow)
-        if trials is None:
-            trials = self.time_splits(splits, best_split(splits))
+        rates, trials = self.cache.rates(), self.cache.split_trials(overflow)
+        if rates is None or trials is None:
+            self._say("calibrating the generate split (first load of this model on this machine; cached in "
+                      f"{self.cache.path} for the next ones)")
+            with self.context() as ctx:
+                if rates is None:
+                    rates = self.measure_rates(ctx)
+                splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
+                if trials is None:
+                    trials = self.time_splits(splits, best_split(splits), ctx)
+                n_cpu = min(trials, key=lambda n: (trials[n], -n))
+                self.s.engine.set_cpu_layers(splits[n_cpu][0])
+                self.keep_cpu_layers = splits[n_cpu][0]
+        else:
+            splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
         n_cpu = min(trials, key=lambda n: (trials[n], -n))
         cpu, predicted = splits[n_cpu]
-        return cpu, Calibration(rates, trials, predicted)
+        calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0)
+        self._say(f"generate split: the CPU computes {n_cpu} of {len(overflow)} overflow layers while generating "
+                  f"({trials[n_cpu] * 1e3:.1f} ms/token measured; "
+                  + (f"from {self.cache.path})" if calibration.cached else
+                     f"calibrated in {calibration.seconds:.1f} s: {self.decodes} timed decodes, "
+                     f"{len(trials)} splits)"))
+        return cpu, calibration
+
+    def _say(self, msg: str) -> None:
+        note(msg, self.s.config.progress)
 
     @contextmanager
-    def context(self):
+    def context(self, ctx=None):
         """A small context with the hook, its KV caches attached; generation
-        in it runs the generate phase (one token per decode)."""
+        in it runs the generate phase (one token per decode). Given one
+        (ctx), that one: the caller's context already opened."""
+        if ctx is not None:
+            yield ctx
+            return
         s, e = self.s, self.s.engine
         lc = s.lc
         p = s.small_context_params(CALIBRATION_BATCH)
@@ -158,6 +198,7 @@ class Calibrator:
         # the real context's compute buffer, where they will live, does not
         # exist yet (the memory it will take is free now).
         e.set_generate_resident(s.plan.generate_resident, own=True)
+        self.keep_cpu_layers, ok = (), False
         try:
             with s.no_graph_reuse():  # CPU layers change under it between trials
                 ctx = lc.llama_init_from_model(self.model, p)
@@ -167,6 +208,7 @@ class Calibrator:
                 e.kv_attach()  # (a context that rebuilds every graph)
                 with s.own_context():
                     yield ctx
+                ok = True
             finally:
                 try:
                     e.set_timing(False)
@@ -174,36 +216,43 @@ class Calibrator:
                     s.context_closing()
                 finally:
                     lc.llama_free(ctx)
-                e.set_cpu_layers(())
+                # the chosen split stays (its repacked copies are the run's); else none
+                e.set_cpu_layers(self.keep_cpu_layers if ok else ())
                 e.reset_counters()
         finally:
             e.set_generate_resident(s.plan.generate_resident, s.generate_reserve)
 
     def decode_token(self, ctx, token: int) -> float:
-        """One generate-phase token; seconds until its results are ready."""
+        """One generate-phase token; seconds until its results are ready.
+        A full KV cache is cleared first (one context serves every trial)."""
         lc = self.s.lc
+        if lc.llama_memory_seq_pos_max(lc.llama_get_memory(ctx), 0) + 1 >= lc.llama_n_ctx(ctx):
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            self.s.kv_cleared()
         arr = (lc.llama_token * 1)(token)
         t0 = time.perf_counter()
         rc = self.s.decode(ctx, lc.llama_batch_get_one(arr, 1))
         lc.llama_synchronize(ctx)
         seconds = time.perf_counter() - t0
+        self.decodes += 1
         if rc != 0:
             raise DecodeError(f"calibration decode failed with llama_decode = {rc}")
         return seconds
 
-    def time_splits(self, splits, best: int) -> dict[int, float]:
+    def time_splits(self, splits, best: int, ctx=None) -> dict[int, float]:
         """Median seconds per token of the model's best split, then of
         neighbours one CPU layer at a time (more first), for as long as they
         are faster; timed in one context, so load-to-load variation of the
         CPU path does not enter the comparison."""
         e, bos = self.s.engine, self.s.bos(self.model)
         trials = {}
-        with self.context() as ctx:
+        with self.context(ctx) as ctx:
             def timed(n_cpu):
                 e.set_cpu_layers(splits[n_cpu][0])
                 times = [self.decode_token(ctx, bos) for _ in range(SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)]
                 times = times[SPLIT_TRIAL_WARMUP:]
                 trials[n_cpu] = sorted(times)[len(times) // 2]
+                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms/token")
                 return trials[n_cpu]
 
             fastest = timed(best)
@@ -216,7 +265,7 @@ class Calibrator:
         self.cache.put_split_trials(self.s.plan.generate_overflow, trials)
         return trials
 
-    def measure_rates(self) -> Rates:
+    def measure_rates(self, ctx=None) -> Rates:
         """p from timed uploads of a streamed layer; c and G from one short
         generation with a sample of the overflow layers on the CPU (the rest
         streaming), timed layer by layer."""
@@ -228,7 +277,7 @@ class Calibrator:
         n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(overflow[j] for j in interleaved_layers(len(overflow), n_cpu))
         bos = s.bos(self.model)
-        with self.context() as ctx:
+        with self.context(ctx) as ctx:
             e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path
             token_times = []
             for k in range(CALIBRATION_TOKENS):
@@ -237,6 +286,7 @@ class Calibrator:
                     e.set_timing(True)
                 token_times.append(self.decode_token(ctx, bos))
             times = e.layer_times(mf.n_layer)
+            e.set_timing(False)
         per_layer = {i: t / n for i, (t, n) in enumerate(times) if n}
         cpu = [i for i in sample if i in per_layer]
         gpu = [i for i in plan.resident if i in per_layer]
@@ -250,5 +300,7 @@ class Calibrator:
         edges = max(token - sum(per_layer.values()), 0.0)
         rates = Rates(pcie_bytes_per_s=pcie, cpu_bytes_per_s=cpu_rate,
                       gpu_token_seconds=mf.n_layer * gpu_layer + edges)
+        self._say(f"  rates: PCIe {pcie / 1e9:.1f} GB/s, CPU layers {cpu_rate / 1e9:.1f} GB/s, "
+                  f"GPU token {rates.gpu_token_seconds * 1e3:.1f} ms ({CALIBRATION_TOKENS} decodes)")
         self.cache.put_rates(rates)
         return rates

@@ -53,11 +53,14 @@ class EngineConfig:
     # mode, where stock and streamed must use the same plain kernels.
     cpu_repack: bool | None = None
     # While generating, streamed layers the CPU computes from host memory
-    # instead of uploading them: "none" (default: every layer on the GPU,
-    # results bit-identical to all-in-VRAM), "auto" (a split measured on this
-    # machine: faster generation, CPU rounding like stock -ngl's CPU layers;
-    # CUDA only), or layer numbers.
-    generate_cpu_layers: str | tuple[int, ...] = "none"
+    # instead of uploading them: None (the default: "auto" on CUDA, "none" in
+    # host mode, where there is no split to measure), "auto" (a split measured
+    # on this machine: faster generation, with CPU rounding like stock -ngl's
+    # CPU layers, which is not bit-identical to all-in-VRAM either), "none"
+    # (every layer computed on the GPU: results bit-identical to all-in-VRAM),
+    # or layer numbers. exact=True is "none".
+    generate_cpu_layers: str | tuple[int, ...] | None = None
+    exact: bool = False
     # The most rows (tokens of one ubatch: parallel sequences, a speculative
     # verify) the CPU layers compute on the CPU; larger ubatches take the
     # prompt placement (every streamed layer through the slots, all rows on
@@ -98,6 +101,9 @@ class EngineConfig:
     # GGUF_STREAM_HOST_MEMORY_CHECK=0
     host_memory_check: bool = True
     verbose: bool = False
+    # Progress of the long steps (loading, calibration) on stderr: a bar on a
+    # terminal, plain lines otherwise (progress.py); off: silent
+    progress: bool = False
 
     def __post_init__(self):
         if self.device not in ("auto", "cuda", "host"):
@@ -127,7 +133,7 @@ class EngineConfig:
             check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
-                     "host_memory_check", "verbose"):
+                     "host_memory_check", "verbose", "exact", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         for name in ("cpu_repack", "whole_layers"):
@@ -135,13 +141,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None, True or False, not {getattr(self, name)!r}")
         if self.streamed_layers is not None:
             object.__setattr__(self, "streamed_layers", layer_numbers("streamed_layers", self.streamed_layers))
+        if self.exact and self.generate_cpu_layers not in (None, "none"):
+            raise ValueError(f"exact=True computes every layer on the GPU while generating; it cannot be "
+                             f"combined with generate_cpu_layers={self.generate_cpu_layers!r}")
         for name in ("generate_cpu_layers", "generate_resident"):
             value = getattr(self, name)
+            if value is None and name == "generate_cpu_layers":
+                continue
             if isinstance(value, str):
                 if value not in ("auto", "none"):
                     raise ValueError(f"{name} must be 'auto', 'none' or layer numbers, not {value!r}")
             else:
                 object.__setattr__(self, name, layer_numbers(name, value))
+
+    def generate_split(self, cuda: bool) -> str | tuple[int, ...]:
+        """generate_cpu_layers as a run on this device uses it: the default
+        (None) is the measured split ("auto") on CUDA and the exact placement
+        ("none") in host mode; exact=True is "none"."""
+        if self.exact:
+            return "none"
+        if self.generate_cpu_layers is None:
+            return "auto" if cuda else "none"
+        return self.generate_cpu_layers
 
     @property
     def repack(self) -> bool:

@@ -186,3 +186,21 @@ def layer_device_cells(model: int, n_layer: int) -> list[int] | None:
     finally:
         cell.value = saved
     return cells if seen == begin else None
+
+
+_GET_SCHED_SYMBOL = "_ZNK13llama_context9get_schedEv"  # llama_context::get_sched() const
+
+
+@lru_cache(maxsize=None)
+def _get_sched():
+    fn = getattr(llama()._lib, _GET_SCHED_SYMBOL, None)
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_void_p
+    return fn
+
+
+def context_scheduler(ctx: int) -> int | None:
+    """The ggml_backend_sched_t of a llama_context (its hook is set there for
+    each graph), or None where this build does not export the accessor."""
+    fn = _get_sched()
+    return fn(ctx) if fn is not None and ctx else None

@@ -99,7 +99,11 @@ class StreamedLlama(llama_cpp.Llama):
     Takes Llama's keyword arguments plus the engine's: ``vram_budget`` (the
     planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
     and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``,
-    ``generate_cpu_layers`` ("none", "auto" or layer numbers: see EngineConfig)
+    ``generate_cpu_layers`` (default: the measured CPU/PCIe split on CUDA, the
+    exact placement in host mode; "auto", "none" or layer numbers: see
+    EngineConfig), ``exact=True`` (every layer on the GPU while generating:
+    tokens bit-identical to all-in-VRAM, slower), ``progress=True`` (load and
+    calibration progress on stderr; off by default, whatever ``verbose`` says),
     ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``) and
     ``whole_layers`` (mixture-of-experts models: see EngineConfig).
     ``type_k`` / ``type_v`` (KV cache types) take Llama's ggml type ids or
@@ -109,7 +113,8 @@ class StreamedLlama(llama_cpp.Llama):
 
     def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
                  n_slots=None, device: str = "auto", prefetch: bool = True,
-                 generate_cpu_layers="none", graph_reuse: bool = True, whole_layers=None, **llama_kwargs):
+                 generate_cpu_layers=None, exact: bool = False, progress: bool = False, graph_reuse: bool = True,
+                 whole_layers=None, **llama_kwargs):
         model_file = read_model(model_path)
         llama_kwargs = kv_types_as_ggml(llama_kwargs)
         n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
@@ -117,7 +122,8 @@ class StreamedLlama(llama_cpp.Llama):
         check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
         config = EngineConfig(
             vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
-            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers, whole_layers=whole_layers,
+            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers, exact=exact,
+            progress=progress, whole_layers=whole_layers,
             # n_ctx 0: the training context, as Llama reads it (resolve_context)
             n_ctx=llama_kwargs.get("n_ctx", 512), n_batch=n_batch,
             n_ubatch=min(n_ubatch, n_batch),

@@ -344,6 +344,7 @@ class StreamedModel(_Session):
             plan = measured_plan(self.path, mf, self.config, plan)
         s = self.streamer = Streamer(self.path, self.config, model_file=mf, plan=plan, cuda=self._cuda)
         self._stack.callback(s.close)  # runs last: after the model and the context are freed
+        self.config = s.config  # with the generate split resolved for the device
         self._vram_base = self._vram_free()
         self._open(self.path, lambda **kw: StreamedLlamaModel(s, **kw),
                    lambda **kw: StreamedLlamaContext(s, **kw))

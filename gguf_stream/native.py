@@ -106,6 +106,7 @@ class Counters:
     gen_resident: int
     gen_resident_loads: int
     gen_resident_evictions: int
+    hookless_decodes: int
     compute_buffer_bytes: int
     generate_extent: int
 
@@ -218,6 +219,13 @@ class Engine:
         """Between decodes. hold_kv: the coming (generate-phase) decode may
         reuse the last graph, so the CPU layers' KV caches stay where it saw them."""
         _check("gs_engine_set_phase", lib.gs_engine_set_phase(self._h, phase, int(hold_kv)))
+
+    def route_hook(self, sched: int) -> bool:
+        """After set_phase, before the decode: set the scheduler's hook for it
+        (off where it would do nothing; gs_engine_route_hook). True: hooked."""
+        hooked = ffi.new("int *")
+        _check("gs_engine_route_hook", lib.gs_engine_route_hook(self._h, ffi.cast("void *", sched), hooked))
+        return bool(hooked[0])
 
     def kv_attach(self, reuse_min_batch: int = 0) -> None:
         """Right after creating a context: its KV caches are recorded during

@@ -54,7 +54,8 @@ from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from starlette.middleware import Middleware
 
-ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "whole_layers", "device", "prefetch")
+ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "whole_layers", "device", "prefetch",
+                  "generate_cpu_layers", "exact", "progress")
 CLOSED_MESSAGE = ("gguf-stream: error: the model of this server was closed (server shutting down or "
                   "close_app called); restart the server to serve requests again")
 # The request body each endpoint takes (llama_cpp.server.types), checked by RequestGuard
@@ -313,14 +314,17 @@ def _schema_grammar(schema) -> str:
 
 
 def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
-               whole_layers=None, device: str = "auto", prefetch: bool = True, host: str = "127.0.0.1",
+               whole_layers=None, device: str = "auto", prefetch: bool = True, generate_cpu_layers=None,
+               exact: bool = False, progress: bool = False, host: str = "127.0.0.1",
                port: int = 8000, api_key: str | None = None, cors_origins=(), pooling: str | None = None,
                **model_settings) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``model_settings`` are llama_cpp.server ModelSettings fields (n_ctx,
     n_batch, n_ubatch, n_threads, chat_format, model_alias, flash_attn,
-    verbose, ...); the engine options are StreamedLlama's. ``api_key``:
+    verbose, ...); the engine options are StreamedLlama's (generation defaults
+    to the measured CPU/PCIe split on CUDA; exact=True: bit-identical to
+    all-in-VRAM). ``api_key``:
     requests must send ``Authorization: Bearer KEY``; ``cors_origins``: the
     browser origins allowed to call it (none by default). ``embedding=True``
     serves /v1/embeddings, pooled by ``pooling`` (see embedding_pooling). The model is loaded
@@ -328,7 +332,8 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
     server shuts down.
     """
     engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
-                  n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch)
+                  n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch,
+                  generate_cpu_layers=generate_cpu_layers, exact=exact, progress=progress)
     settings = ModelSettings(model=str(model_path), **kv_types_as_ggml(model_settings))  # type_k='q8_0' too
     llama_options = {"pooling_type": embedding_pooling(model_path, pooling)} if settings.embedding else {}
     if pooling is not None and not settings.embedding:

@@ -20,6 +20,7 @@ import ctypes
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
@@ -29,6 +30,7 @@ from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import format_size, generate_graph_bytes, kv_ggml_type, parse_size
 from .planner import (OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, generate_resident_layers,
                       interleaved_layers, is_generate_phase, make_plan, with_generate_placement)
+from .progress import Progress
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
@@ -69,7 +71,8 @@ def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineCo
     reserve = generate_graph_bytes(model_file, config.n_ctx, OFFLOAD_MIN_BATCH, config.flash_attn)
     if choice != "auto":
         return tuple(choice), reserve
-    cpu = () if isinstance(config.generate_cpu_layers, str) else config.generate_cpu_layers
+    split = config.generate_split(cuda)
+    cpu = () if isinstance(split, str) else split
     return generate_resident_layers(model_file, plan, config.n_ubatch, reserve, cpu), reserve
 
 
@@ -95,7 +98,7 @@ def expected_generate_plan(model_file: ModelFile, plan: Plan, config: EngineConf
     streamed = set(plan.streamed)  # layer numbers the engine would refuse are its to name, after loading
     resident = [i for i in chosen_generate_resident(model_file, plan, config, cuda)[0] if i in streamed]
     plan = with_generate_placement(plan, (), resident)
-    choice = config.generate_cpu_layers
+    choice = config.generate_split(cuda)
     if choice == "auto" and plan.part == "experts":
         cpu = moe_cpu_parts(plan)
     elif choice == "auto" and cuda:
@@ -120,7 +123,7 @@ def check_host_memory(plan: Plan, config: EngineConfig, available: int | None = 
         return
     changes = ["a larger vram_budget (fewer streamed or host layers)"]
     if plan.cpu_layer_host_bytes:
-        changes.append("fewer CPU layers (generate_cpu_layers='none' or fewer layer numbers)")
+        changes.append("fewer CPU layers (exact=True, or fewer generate_cpu_layers)")
     raise HostMemoryError(
         f"this run needs about {format_size(plan.host_bytes)} of host memory (pinned "
         f"{format_size(plan.pinned_bytes)} + pageable {format_size(plan.pageable_bytes)}) but "
@@ -153,6 +156,8 @@ class Streamer:
         self.model_file = model_file or read_model(self.path)
         self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
+        # the default split resolved for the device (EngineConfig.generate_split)
+        self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
         self.plan: Plan = plan or initial_plan(self.model_file, config, self.cuda)
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
         self.engine: native.Engine | None = None
@@ -163,6 +168,7 @@ class Streamer:
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
         self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
         self._keep = []  # ctypes objects that must outlive the C calls using them
+        self._load_progress: Progress | None = None
         if self.plan.streamed:
             self._create_engine()
 
@@ -206,11 +212,38 @@ class Streamer:
         params.n_gpu_layers = (-1 if stock is None else stock) if self.cuda else 0
         params.load_mode = LOAD_MODE_NONE
         params.use_extra_bufts = self.config.repack
+        self._report_load(params)
         if self.engine is not None:
             pattern = (llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern)(self.plan.streamed)
             rules = llama_abi.buft_overrides([(pattern, self._source_buft)])
             self._keep.append(rules)
             params.tensor_buft_overrides = ctypes.addressof(rules)
+
+    def _report_load(self, params) -> None:
+        """llama.cpp's load progress (a fraction of the weights read, e.g.
+        into pinned memory) as a Progress in bytes (config.progress)."""
+        if not self.config.progress:
+            return
+        total = self.model_file.total_bytes
+        where = "weights; streamed layers into pinned memory" if self.engine is not None and self.cuda else "weights"
+        bar = self._load_progress = Progress(f"loading {os.path.basename(self.path)} ({where})", total)
+
+        def report(fraction, _user_data):
+            try:
+                bar.update(int(fraction * total))
+            except Exception:  # noqa: BLE001 - an error here must not abort the load (False would)
+                pass
+            return True
+
+        cb = self.lc.llama_progress_callback(report)
+        self._keep.append(cb)
+        params.progress_callback, params.progress_callback_user_data = cb, None
+
+    def model_loaded(self, ok: bool) -> None:
+        """llama.cpp's load returned: its progress ends (at 100% if it loaded)."""
+        bar, self._load_progress = self._load_progress, None
+        if bar is not None:
+            bar.finish() if ok else bar.close()
 
     def attach(self, model) -> None:
         """After loading: find the streamed weights, re-home them into the
@@ -439,14 +472,26 @@ class Streamer:
                               "which loses outputs requested before it; create the model with "
                               "graph_reuse=False to keep them")
         start = 0
+        sched = self._scheduler(ctx)
         for n in sizes:
             self.before_decode(n)
+            if sched:
+                self.engine.route_hook(sched)
             rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
             self.check("llama_decode")
             if rc != 0:
                 return rc
             start += n
         return 0
+
+    def _scheduler(self, ctx) -> int | None:
+        """The context's scheduler, where the engine may leave its hook out of
+        a decode that would not need it (Engine.route_hook); None: the hook
+        stays as the context was created (no engine, or GGUF_STREAM_ALWAYS_HOOK=1,
+        an A/B aid)."""
+        if self.engine is None or os.environ.get("GGUF_STREAM_ALWAYS_HOOK", "0") not in ("", "0"):
+            return None
+        return llama_abi.context_scheduler(ctypes.cast(ctx, ctypes.c_void_p).value)
 
     def check(self, during: str) -> None:
         """Raise the error the hook recorded, if any (it cannot return one
@@ -494,7 +539,10 @@ class StreamedLlamaModel(internals.LlamaModel):
     def __init__(self, streamer: Streamer, *, path_model, params, verbose=True):
         self._streamer = streamer
         streamer.patch_model_params(params)
-        super().__init__(path_model=path_model, params=params, verbose=verbose)
+        try:
+            super().__init__(path_model=path_model, params=params, verbose=verbose)
+        finally:
+            streamer.model_loaded(getattr(self, "model", None) is not None)
         try:
             streamer.attach(self.model)
         except BaseException:

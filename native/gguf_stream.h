@@ -82,6 +82,7 @@ typedef struct {
     uint64_t kv_moved_bytes;   /* KV cache bytes copied between device and host at phase switches */
     uint64_t gen_resident_loads;     /* times the region was filled (once per switch to generating) */
     uint64_t gen_resident_evictions; /* graphs laid out over the region: its layers streamed instead */
+    uint64_t hookless_decodes; /* generate-phase decodes run without the hook (gs_engine_route_hook) */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -302,6 +303,17 @@ int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, siz
  * for the coming decode, which may reuse a graph built before they could
  * move (see gs_engine_attach_kv). */
 int  gs_engine_set_phase(gs_engine *e, int phase, int hold_kv);
+/* After gs_engine_set_phase, before the decode: set the hook of the context's
+ * scheduler (sched: its ggml_backend_sched_t) for the coming decode. It is off
+ * (*hooked = 0) only where it would do nothing: the generate phase, a decode
+ * that may reuse the last graph (hold_kv), which ran with the hook since the
+ * placement last changed, and nothing to move per token (at most n_slots
+ * layers stream while generating, each staying in its slot; no probe on).
+ * Such a decode then runs as stock's does: no call per node, one graph
+ * compute per split, CUDA graphs matched by id instead of node by node. A
+ * rebuilt graph takes the hook back from the context's parameters, so this
+ * can only leave it out of a reused graph; otherwise it is set. */
+int  gs_engine_route_hook(gs_engine *e, void *sched, int *hooked);
 /* KV caches of the CPU layers. Attention runs where a layer's KV cache
  * lives: left on the device, every CPU layer would hand its activations to
  * the GPU and back three times per token. With host_kv_buft set, the cache

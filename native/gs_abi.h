@@ -4,6 +4,7 @@
 #ifndef GS_ABI_H
 #define GS_ABI_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -73,6 +74,7 @@ struct gs_ggml_syms {
     const char *(*op_name)(int);
     void  *(*dev_backend_reg)(void *);
     void  *(*reg_get_proc_address)(void *, const char *);
+    void   (*sched_set_eval_callback)(void *, bool (*)(void *, bool, void *), void *);
 };
 extern struct gs_ggml_syms G;
 

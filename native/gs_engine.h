@@ -78,6 +78,7 @@ struct gs_engine {
     gs_ring   *ring;
     gs_copy   *copy;
     void      *cpu_dev;               /* set while layer devices are bound (gs_phase.c) */
+    int        hook_ran;              /* the hook ran in the generate phase since placement changed (gs_phase.c) */
 
     struct {                          /* KV caches of the attached context (gs_kv.c) */
         int attached, scan;           /* a context's KV caches are (being) recorded */

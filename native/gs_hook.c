@@ -12,6 +12,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     gs_engine *e = user;
     const struct gs_tensor *t = tensor;
     if (e->status || !e->started) return !ask;
+    if (e->phase == GS_PHASE_GENERATE) e->hook_ran = 1;
     int tl_end = e->tl.in_decode && timeline_node(e, t, ask);
     int rc = kv_node(e, t, ask);
     int layer = boundary_layer(e, t);

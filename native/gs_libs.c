@@ -54,6 +54,7 @@ static int load_ggml(const char *ggml_base, const char *ggml) {
     RESOLVE(hb, hg, G.op_name, "ggml_op_name");
     RESOLVE(hb, hg, G.dev_backend_reg, "ggml_backend_dev_backend_reg");
     RESOLVE(hb, hg, G.reg_get_proc_address, "ggml_backend_reg_get_proc_address");
+    RESOLVE(hb, hg, G.sched_set_eval_callback, "ggml_backend_sched_set_eval_callback");
     G.loaded = 1;
     return GS_OK;
 }

@@ -59,6 +59,7 @@ int switch_phase(gs_engine *e, int phase) {
         else if (!layer_streams(e, e->phase, i)) rehome_layer(e, i, slot_base(e, 0));
     }
     e->phase = phase;
+    e->hook_ran = 0;
     apply_layer_devices(e);
     int rc = sync_kv(e);
     if (!rc) rc = gs_ring_prefetch_first(e->ring, e->phase);
@@ -75,6 +76,7 @@ int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     e->gr.walk = 1;   /* a decode follows */
     if (!e->started) return GS_OK;
     kv_scan_done(e);
+    const char *gr_base = e->gr.base;
     int rc = phase == e->phase ? sync_kv(e) : switch_phase(e, phase);
     if (!rc && phase == e->phase && phase == GS_PHASE_GENERATE && e->gr.n && !e->gr.base) {
         /* the compute buffer has been seen since the switch */
@@ -84,8 +86,31 @@ int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
             rc = gs_ring_prefetch_first(e->ring, phase);
         }
     }
+    if (e->gr.base != gr_base) e->hook_ran = 0;   /* generate-resident layers moved in or out */
     if (rc) engine_fail(e, rc);
     return rc;
+}
+
+/* Whether the coming decode can run without the hook (gs_engine_route_hook). */
+static int hook_idle(const gs_engine *e) {
+    if (e->phase != GS_PHASE_GENERATE || !e->kv.hold || !e->hook_ran || e->kv.scan || e->timing.on || e->tl.on)
+        return 0;
+    if (e->gr.n && !e->gr.base) return 0;   /* generate-resident layers wait to move in */
+    int streamed = 0;
+    for (int i = 0; i < e->cfg.n_layer; i++)
+        streamed += e->layers[i].count > 0 && layer_streams(e, GS_PHASE_GENERATE, i);
+    return streamed <= e->cfg.n_slots;      /* each in the slot it was adopted into */
+}
+
+int gs_engine_route_hook(gs_engine *e, void *sched, int *hooked) {
+    *hooked = 1;
+    if (!sched) return fail(GS_E_INVALID, "gs_engine_route_hook: no scheduler");
+    if (e->started && !e->status && hook_idle(e)) {
+        *hooked = 0;
+        e->ctr.hookless_decodes++;
+    }
+    G.sched_set_eval_callback(sched, *hooked ? gs_engine_eval_cb : NULL, *hooked ? e : NULL);
+    return GS_OK;
 }
 
 /* Which overflow layers the CPU computes while generating. Before start, or

@@ -2,6 +2,11 @@
  * (CPU_REPACK), and a CPU layer's generate-phase home. */
 #include "gs_engine.h"
 
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
 /* A CPU layer's generate-phase home: its repacked copy where there is one,
  * else llama.cpp's host copy. */
 void point_home(gs_engine *e, int layer) {
@@ -51,47 +56,135 @@ static int repack_tensor(gs_engine *e, int k, void *buf, char *at, size_t *repac
     return GS_OK;
 }
 
-/* Copy a CPU layer's matrix weights into a CPU_REPACK buffer, the layout
+/* Copy CPU layers' matrix weights into CPU_REPACK buffers, the layout
  * llama.cpp's CPU kernels run fastest on (what stock does with CPU layers).
  * The plain host copy stays: the prompt phase still uploads it. A weight the
- * repack buffer does not take keeps reading the host copy. */
-static int repack_layer(gs_engine *e, int layer) {
-    layer_info *ly = &e->layers[layer];
-    size_t align = G.buft_get_alignment(e->cfg.repack_buft), total = 0;
-    if (align == 0) align = 1;
-    for (int k = ly->first; k < ly->first + ly->count; k++)
-        if (e->recs[k].matmul_only) total = align_up(total, align) + e->up[k].nbytes;
-    if (total == 0) return GS_OK;
-    void *buf = G.buft_alloc_buffer(e->cfg.repack_buft, total);
-    if (!buf) return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, layer);
-    G.buffer_set_usage(buf, GGML_USAGE_WEIGHTS);
-    char *base = G.buffer_get_base(buf);
-    size_t off = 0, repacked = 0;
-    for (int k = ly->first; k < ly->first + ly->count; k++) {
-        if (!e->recs[k].matmul_only) continue;
-        off = align_up(off, align);
-        int rc = repack_tensor(e, k, buf, base + off, &repacked);
-        if (rc) { forget_homes(e, ly); G.buffer_free(buf); return rc; }
-        off += e->up[k].nbytes;
+ * repack buffer does not take keeps reading the host copy.
+ *
+ * Repacking is a CPU-bound shuffle of every byte (one thread managed well
+ * under 1 GB/s): gigabytes of CPU layers took seconds of every load, so the
+ * tensors are repacked by up to REPACK_MAX_THREADS threads. Each writes its
+ * own tensor's bytes and its own srec; ggml's repack (init_tensor, then
+ * set_tensor) keeps no shared state. */
+#define REPACK_MAX_THREADS 32
+
+typedef struct {
+    int     k;
+    void   *buf;
+    char   *at;
+    size_t  repacked;
+    int     rc;
+} repack_job;
+
+typedef struct {
+    gs_engine  *e;
+    repack_job *jobs;
+    int         n;
+    int         next;     /* the next job to take (atomic) */
+    int         failed;   /* the first error's code (atomic), 0: none */
+    char        err[512]; /* its message (fail() writes a thread-local one) */
+    pthread_mutex_t mu;
+} repack_work;
+
+static void *repack_worker(void *arg) {
+    repack_work *w = arg;
+    for (;;) {
+        int j = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
+        if (j >= w->n || __atomic_load_n(&w->failed, __ATOMIC_RELAXED)) break;
+        repack_job *jb = &w->jobs[j];
+        jb->rc = repack_tensor(w->e, jb->k, jb->buf, jb->at, &jb->repacked);
+        if (jb->rc) {
+            pthread_mutex_lock(&w->mu);
+            if (!w->failed) {
+                snprintf(w->err, sizeof w->err, "%s", gs_last_error());
+                __atomic_store_n(&w->failed, jb->rc, __ATOMIC_RELAXED);
+            }
+            pthread_mutex_unlock(&w->mu);
+        }
     }
-    if (repacked == 0) { G.buffer_free(buf); return GS_OK; }
-    ly->repack_buf = buf;
-    ly->repacked_bytes = G.buffer_get_size(buf);
-    e->size.repacked_bytes += ly->repacked_bytes;
-    return GS_OK;
+    return NULL;
+}
+
+static int repack_threads(int n_jobs) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) n = 1;
+    if (n > REPACK_MAX_THREADS) n = REPACK_MAX_THREADS;
+    return (int)(n < n_jobs ? n : n_jobs);
+}
+
+/* Run every job, on this thread and up to repack_threads() - 1 others. */
+static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n) {
+    repack_work w = {.e = e, .jobs = jobs, .n = n};
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_t th[REPACK_MAX_THREADS];
+    int started = 0, want = repack_threads(n) - 1;
+    for (int i = 0; i < want; i++) {
+        if (pthread_create(&th[started], NULL, repack_worker, &w) != 0) break;  /* fewer threads: still done */
+        started++;
+    }
+    repack_worker(&w);
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    pthread_mutex_destroy(&w.mu);
+    return w.failed ? fail(w.failed, "%s", w.err) : GS_OK;
 }
 
 /* Repacked copies exactly for the current CPU layers. Tensors must not point
- * at a copy being dropped (callers are in the prompt phase). */
+ * at a copy being dropped (callers are in the prompt phase). On an error no
+ * layer of this call keeps a repacked copy (or a pointer into one). */
 int sync_repacks(gs_engine *e) {
-    for (int i = 0; i < e->cfg.n_layer; i++) {
+    int n_layer = e->cfg.n_layer, n_jobs = 0, rc = GS_OK;
+    void **bufs = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers, by layer */
+    if (!bufs) return fail(GS_E_NOMEM, "repack: out of host memory");
+    size_t align = e->cfg.repack_buft ? G.buft_get_alignment(e->cfg.repack_buft) : 1;
+    if (align == 0) align = 1;
+    for (int i = 0; i < n_layer && rc == GS_OK; i++) {
         layer_info *ly = &e->layers[i];
         int want = e->cfg.repack_buft && ly->cpu_generate && ly->count > 0;
         if (!want && ly->repack_buf) drop_repack(e, i);
-        if (want && !ly->repack_buf) {
-            int rc = repack_layer(e, i);
-            if (rc) return rc;
-        }
+        if (!want || ly->repack_buf) continue;
+        size_t total = 0;
+        int n = 0;
+        for (int k = ly->first; k < ly->first + ly->count; k++)
+            if (e->recs[k].matmul_only) { total = align_up(total, align) + e->up[k].nbytes; n++; }
+        if (total == 0) continue;
+        bufs[i] = G.buft_alloc_buffer(e->cfg.repack_buft, total);
+        if (!bufs[i]) { rc = fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, i); break; }
+        G.buffer_set_usage(bufs[i], GGML_USAGE_WEIGHTS);
+        n_jobs += n;
     }
-    return GS_OK;
+    repack_job *jobs = rc == GS_OK && n_jobs ? calloc((size_t)n_jobs, sizeof *jobs) : NULL;
+    if (rc == GS_OK && n_jobs && !jobs) rc = fail(GS_E_NOMEM, "repack: out of host memory");
+    if (rc == GS_OK && n_jobs) {
+        int j = 0;
+        for (int i = 0; i < n_layer; i++) {
+            if (!bufs[i]) continue;
+            const layer_info *ly = &e->layers[i];
+            char *base = G.buffer_get_base(bufs[i]);
+            size_t off = 0;
+            for (int k = ly->first; k < ly->first + ly->count; k++) {
+                if (!e->recs[k].matmul_only) continue;
+                off = align_up(off, align);
+                jobs[j++] = (repack_job){.k = k, .buf = bufs[i], .at = base + off};
+                off += e->up[k].nbytes;
+            }
+        }
+        rc = run_repack_jobs(e, jobs, n_jobs);
+    }
+    for (int i = 0, j = 0; i < n_layer; i++) {
+        if (!bufs[i]) continue;
+        layer_info *ly = &e->layers[i];
+        size_t repacked = 0;
+        for (; jobs && j < n_jobs && jobs[j].buf == bufs[i]; j++) repacked += jobs[j].repacked;
+        if (rc != GS_OK || repacked == 0) {
+            forget_homes(e, ly);
+            G.buffer_free(bufs[i]);
+            continue;
+        }
+        ly->repack_buf = bufs[i];
+        ly->repacked_bytes = G.buffer_get_size(bufs[i]);
+        e->size.repacked_bytes += ly->repacked_bytes;
+    }
+    free(jobs);
+    free(bufs);
+    return rc;
 }

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import CPU
 from gguf_stream import read_model
-from gguf_stream.calibrate import Calibrator, RatesCache, cache_key
+from gguf_stream.calibrate import (CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS, SPLIT_TRIAL_WARMUP, Calibrator, RatesCache,
+                                   cache_key)
 from gguf_stream.config import EngineConfig
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.perfmodel import Rates, generate_splits
@@ -137,7 +138,7 @@ def test_tampered_rates_are_measured_again_end_to_end(tiny_path, tmp_path, monke
         cal.cache.path.write_text(json.dumps({
             cal.cache.key: {"pcie_bytes_per_s": 0, "cpu_bytes_per_s": "fast", "gpu_token_seconds": 0.01},
             cal.cache._split_key(overflow): {"0": "0.5", "1": "0.1"}}))
-        def time_splits(splits, best):  # the rates are measured for real, the (slow) split timing is not
+        def time_splits(splits, best, ctx=None):  # the rates are measured for real, the (slow) timing is not
             trials = {n: 0.01 * (1 + n) for n in range(len(splits))}
             cal.cache.put_split_trials(overflow, trials)
             return trials
@@ -153,3 +154,65 @@ def test_tampered_rates_are_measured_again_end_to_end(tiny_path, tmp_path, monke
     assert all(isinstance(t, float) and t > 0 for t in calibration.split_trials.values())
     assert set(cpu) <= set(overflow)
     assert cal.cache.rates() == r and cal.cache.split_trials(overflow) == calibration.split_trials
+
+
+def test_first_calibration_counts_its_decodes_in_one_context_and_the_next_load_is_cached(
+        tiny_path, tmp_path, monkeypatch, capsys):
+    """The cost of a first load's calibration, counted: the rates' decodes
+    and each timed split's, all in one small context; the chosen split's CPU
+    layers (and their repacked copies) stay for the run. The same model again
+    reads both from rates.json: no decode, no context. Progress lines only
+    with progress on."""
+    from gguf_stream import llama_abi
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    contexts, lc = [], llama_abi.llama()
+    init = lc.llama_init_from_model
+    monkeypatch.setattr(lc, "llama_init_from_model", lambda *a: contexts.append(1) or init(*a))
+    opts = dict(CPU, n_streamed=4, n_slots=2, cpu_repack=True)
+    results = []
+    for progress in (True, False):
+        with StreamedModel(tiny_path, **opts, progress=progress) as m:
+            cal = Calibrator(m.streamer, m.model)
+            # real decodes, counted, but token times that favour more CPU
+            # layers, so that the choice does not hang on this machine's load
+            engine, n_cpu, decode = m.streamer.engine, [0], cal.decode_token
+            set_cpu_layers = engine.set_cpu_layers
+            monkeypatch.setattr(engine, "set_cpu_layers", lambda c: (n_cpu.__setitem__(0, len(c)),
+                                                                     set_cpu_layers(c)))
+            monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: decode(ctx, tok) * 0 + 1 / (1 + n_cpu[0]))
+            m.streamer.context_closing()
+            contexts.clear()
+            try:
+                cpu, calibration = cal.choose_split()
+            finally:
+                m.streamer.context_opened()
+            repacked = m.stats.counters.repacked_bytes
+            results.append((cpu, calibration, len(contexts), repacked))
+        err = capsys.readouterr().err
+        assert ("calibrating the generate split" in err) == progress
+    (cpu, first, n_ctx, repacked), (cpu2, second, n_ctx2, _) = results
+    assert first.decodes == CALIBRATION_TOKENS + len(first.split_trials) * (SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)
+    assert n_ctx == 1 and not first.cached and first.seconds > 0
+    mf = read_model(tiny_path)
+    assert cpu and repacked >= sum(mf.layer_bytes[i] for i in cpu) // 2  # the chosen split stays repacked
+    assert second.cached and second.decodes == 0 and n_ctx2 == 0
+    assert cpu2 == cpu and second.split_trials == first.split_trials and second.rates == first.rates
+
+
+def test_one_calibration_context_outlasts_its_kv_cache(tiny_path, tmp_path, monkeypatch):
+    """Every trial decodes into the one context: a full KV cache is cleared
+    instead of failing the load (a long split search on a deep model)."""
+    from gguf_stream.streamer import SMALL_CONTEXT_CELLS
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        cal = Calibrator(m.streamer, m.model)
+        m.streamer.context_closing()
+        try:
+            with cal.context() as ctx:
+                for _ in range(SMALL_CONTEXT_CELLS + 10):
+                    cal.decode_token(ctx, m.streamer.bos(m.model))
+        finally:
+            m.streamer.context_opened()
+    assert cal.decodes == SMALL_CONTEXT_CELLS + 10

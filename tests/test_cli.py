@@ -100,6 +100,26 @@ def test_run_prints_stock_greedy_text_and_counters(capsys, gemma_path):
     assert "t/s" in err and "adopted ready" in err and "6 of 18 layers streamed" in err
 
 
+def test_run_default_in_host_mode_is_exact_with_load_progress_and_quiet_has_none(capsys, gemma_path):
+    """Host mode has no split to measure: the default stays the exact
+    placement (no error, no CPU layer), the same text as --exact and as
+    stock; the load's progress goes to stderr as plain lines up to 100%,
+    and -q leaves only the error channel's silence."""
+    texts = []
+    for extra in ((), ("--exact",), ("-q",)):
+        rc, out, err = run_main(capsys, "run", str(gemma_path), "-p", PROMPT, "-n", "8", "--n-streamed", "6",
+                                "--device", "host", "-t", T, *SMALL, *extra)
+        assert rc == 0, err
+        texts.append(out)
+        loading = [line for line in err.splitlines() if "loading gemma" in line and "%" in line]
+        if extra == ("-q",):
+            assert err == ""
+        else:
+            assert loading and loading[-1].split(": ")[2].startswith("100%"), err
+            assert "the CPU computes" not in err
+    assert texts[0] == texts[1] == texts[2]
+
+
 def run_text(capsys, gemma_path, *argv, n=16):
     rc, out, err = run_main(capsys, "run", str(gemma_path), "-p", PROMPT, "-n", str(n), "--n-streamed", "6",
                             "--device", "host", "-t", T, *SMALL, "--no-display-prompt", *argv)
@@ -415,11 +435,22 @@ def test_bad_kv_cache_type_is_a_usage_error(capsys, tiny_path):
 
 
 def test_plan_shows_host_memory(capsys, tiny_path):
-    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL)
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--exact")
     assert rc == 0, err
     mf = read_model(tiny_path)
     plan = make_plan(mf, n_streamed=4, n_ctx=256, n_ubatch=64)
     assert plan.host_memory_line() in out and "host memory: pinned" in out
+    # the default is a CUDA run's default, the measured split: every overflow layer may be a CPU layer
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL)
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("host memory:"))
+    assert "the CPU layers' repacked weights" in line and plan.host_memory_line() not in out
+    rc, out2, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--generate-cpu-layers",
+                             "auto")
+    assert rc == 0 and out2 == out, err
+    rc, _, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--exact",
+                          "--generate-cpu-layers", "auto")
+    assert_user_error(rc, err, "--exact computes every layer on the GPU")
     # a CUDA run's generate placement: explicit CPU layers add their repacked copy and KV caches
     rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--generate-cpu-layers",
                             ",".join(map(str, plan.streamed[:2])))

@@ -12,6 +12,10 @@ from gguf_stream.config import EngineConfig, cache_dir, cuda_available, physical
     (dict(n_batch=16, n_ubatch=32), "n_ubatch"),
     (dict(generate_cpu_layers="all"), "generate_cpu_layers must be"),
     (dict(generate_resident="some"), "generate_resident must be"),
+    (dict(exact=True, generate_cpu_layers="auto"), "exact=True computes every layer on the GPU"),
+    (dict(exact=True, generate_cpu_layers=(1, 2)), r"combined with generate_cpu_layers=\(1, 2\)"),
+    (dict(exact=1), "exact must be True or False"),
+    (dict(progress="yes"), "progress must be True or False"),
     (dict(n_slots=0), "n_slots must be at least 1"),
     # numbers that would wrap in ctypes, or are not numbers of the right kind
     (dict(n_ctx=2**32 + 1), r"n_ctx must be at least 0 and at most 2147483647 .*got 4294967297"),
@@ -80,6 +84,21 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "home" / ".cache" / "gguf-stream"
     monkeypatch.setenv("GGUF_STREAM_CACHE", "~/mine")
     assert cache_dir() == Path(tmp_path / "home" / "mine")
+
+
+def test_the_generate_split_default_resolves_per_device():
+    """The fast mode by default on CUDA, the exact placement in host mode
+    (where there is no split to measure); exact=True and explicit choices
+    mean the same on both."""
+    default = EngineConfig()
+    assert default.generate_cpu_layers is None
+    assert default.generate_split(cuda=True) == "auto" and default.generate_split(cuda=False) == "none"
+    for cuda in (True, False):
+        assert EngineConfig(exact=True).generate_split(cuda) == "none"
+        assert EngineConfig(exact=True, generate_cpu_layers="none").generate_split(cuda) == "none"
+        assert EngineConfig(generate_cpu_layers="none").generate_split(cuda) == "none"
+        assert EngineConfig(generate_cpu_layers="auto").generate_split(cuda) == "auto"
+        assert EngineConfig(generate_cpu_layers=[3]).generate_split(cuda) == (3,)
 
 
 def test_layer_lists_become_tuples():

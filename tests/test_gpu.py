@@ -17,7 +17,7 @@ def test_cuda_streamed_matches_all_in_vram(tiny_path, n_streamed, n_slots):
     with StockModel(tiny_path, n_gpu_layers=-1, **OPTS) as s:
         prompt = s.tokenize("Once upon a time")
         ref_tokens, ref_logits = s.generate(prompt, 16, with_logits=True)
-    with StreamedModel(tiny_path, n_streamed=n_streamed, n_slots=n_slots, **OPTS) as m:
+    with StreamedModel(tiny_path, n_streamed=n_streamed, n_slots=n_slots, exact=True, **OPTS) as m:
         tokens, logits = m.generate(prompt, 16, with_logits=True)
         c = m.stats.counters
         assert m.stats.pinned_host_bytes > 0
@@ -26,11 +26,27 @@ def test_cuda_streamed_matches_all_in_vram(tiny_path, n_streamed, n_slots):
     assert c.adoptions == n_streamed * 17 and c.uploads > 0
 
 
+def test_cuda_default_is_the_measured_split_and_exact_is_one_flag_away(tiny_path, tmp_path, monkeypatch):
+    """On CUDA the default generate split is measured (first load: decodes
+    counted; second: from the cache) and CPU layers compute while
+    generating; exact=True has none and no calibration."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    seen = []
+    for _ in range(2):  # (no generate-resident layers: tiny layers would all fit the idle compute buffer)
+        with StreamedModel(tiny_path, n_streamed=6, n_slots=2, generate_resident="none", **OPTS) as m:
+            assert m.config.generate_cpu_layers == "auto" and m.calibration is not None
+            seen.append((m.calibration.decodes, m.plan.cpu_layers))
+    (first, cpu), (second, cpu2) = seen
+    assert first > 0 and second == 0 and cpu == cpu2
+    with StreamedModel(tiny_path, n_streamed=6, n_slots=2, exact=True, **OPTS) as m:
+        assert m.calibration is None and m.plan.cpu_layers == () and m.config.generate_cpu_layers == "none"
+
+
 def test_cuda_swapped_layers_change_output(tiny_path):
     with StockModel(tiny_path, n_gpu_layers=-1, **OPTS) as s:
         prompt = s.tokenize("Once upon a time")
         _, ref_logits = s.generate(prompt, 4, with_logits=True)
-    with StreamedModel(tiny_path, n_streamed=4, n_slots=2, **OPTS) as m:
+    with StreamedModel(tiny_path, n_streamed=4, n_slots=2, exact=True, **OPTS) as m:
         a, b = m.plan.streamed[:2]
         m.engine.debug_swap_sources(a, b)
         _, logits = m.generate(prompt, 4, with_logits=True)

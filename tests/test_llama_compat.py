@@ -208,6 +208,29 @@ def test_context_0_plans_for_the_training_context(tiny_path):
         llm.close()
 
 
+def test_generate_split_default_exact_and_progress(tiny_path, capfd):
+    """The engine's generate options reach StreamedLlama: the default in
+    host mode is the exact placement, exact=True with CPU layers is refused
+    before loading, and progress=True shows the load (off by default, even
+    with verbose=False's silence around llama.cpp's load)."""
+    opts = dict(n_streamed=2, device="host", n_ctx=256, n_threads=CPU["n_threads"], verbose=False)
+    with pytest.raises(ValueError, match="exact=True computes every layer on the GPU"):
+        StreamedLlama(tiny_path, **opts, exact=True, generate_cpu_layers=(1,))
+    for progress in (False, True):
+        llm = StreamedLlama(tiny_path, **opts, exact=True, progress=progress)
+        try:
+            assert llm._streamer.config.generate_cpu_layers == "none" and llm.plan.cpu_layers == ()
+        finally:
+            llm.close()
+        err = capfd.readouterr().err
+        assert ("loading tiny.gguf" in err and "100%" in err) == progress, err
+    llm = StreamedLlama(tiny_path, **opts)
+    try:
+        assert llm._streamer.config.generate_cpu_layers == "none"  # no CUDA: nothing to measure
+    finally:
+        llm.close()
+
+
 def test_quantized_v_cache_without_flash_attention_is_refused_before_loading(tiny_path):
     """llama.cpp cannot create a context with a quantized V cache and no
     flash attention: refused with one line before anything loads (it used to

@@ -75,6 +75,52 @@ def test_generate_phase_cpu_layers_match(case):
     assert c.host_kv_bytes > 0 and c.kv_moved_bytes >= c.host_kv_bytes // 2
 
 
+HOOKLESS = {
+    "every streamed layer holds a slot": dict(n_streamed=2, n_slots=2),
+    "the rest on the CPU": dict(n_streamed=6, n_slots=2, n_cpu=4),
+}
+
+
+def run_hookless_case(path, prompt, n_streamed, n_slots, n_cpu=0):
+    """Greedy tokens, logits and counters; the first n_cpu streamed layers
+    are CPU layers while generating."""
+    from gguf_stream.planner import interleaved_layers
+
+    cpu = interleaved_layers(read_model(path).n_layer, n_streamed)[:n_cpu]
+    with StreamedModel(path, **CPU, n_streamed=n_streamed, n_slots=n_slots, generate_cpu_layers=cpu) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        return tokens, logits, m.stats.counters
+
+
+@pytest.mark.parametrize("name", HOOKLESS)
+def test_generation_leaves_out_the_hook_where_it_has_nothing_to_do(case, name, monkeypatch):
+    """While generating, when no more layers stream than there are slots (each
+    stays in the slot it was adopted into), a decode that reuses the last
+    graph runs without the scheduler hook, as stock's does: the output must
+    not change, and the counters show those decodes, with no upload in them.
+    With the hook forced on (GGUF_STREAM_ALWAYS_HOOK=1, the A/B aid) none
+    leaves it out, and the output is the same."""
+    path, _, _, _ = case
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT * 4)
+        ref_tokens, ref_logits = s.generate(prompt, N_GEN, with_logits=True)
+    tokens, logits, c = run_hookless_case(path, prompt, **HOOKLESS[name])
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    # the first generated token's decode (a new graph) ran with the hook, the rest without
+    assert c.hookless_decodes == N_GEN - 1
+    monkeypatch.setenv("GGUF_STREAM_ALWAYS_HOOK", "1")
+    tokens, logits, hooked = run_hookless_case(path, prompt, **HOOKLESS[name])
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert hooked.hookless_decodes == 0 and hooked.uploads == c.uploads
+
+
+def test_generation_keeps_the_hook_while_layers_stream(case):
+    path, prompt, ref_tokens, _ = case
+    with StreamedModel(path, **CPU, n_streamed=3, n_slots=2) as m:
+        assert m.generate(prompt, N_GEN) == ref_tokens
+        assert m.stats.counters.hookless_decodes == 0
+
+
 def test_timeline_accounts_for_each_decode(case):
     """The probe's timeline splits a token's wall time into graph building,
     segments per backend and the hook's work, adding no boundaries: on this

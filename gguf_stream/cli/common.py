@@ -39,7 +39,7 @@ _API_TO_FLAGS = (("run with verbose=True", "run with -v"), ("lower n_ctx / n_uba
                  ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"),
                  ("set flash_attn=True, or use type_v='f16'", "give -fa on, or -ctv f16"),
                  ("a larger vram_budget", "a larger --vram-budget"),
-                 ("(generate_cpu_layers='none' or fewer layer numbers)", "(--generate-cpu-layers none or fewer)"))
+                 ("(exact=True, or fewer generate_cpu_layers)", "(--exact, or fewer --generate-cpu-layers)"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -97,7 +97,7 @@ def resolve_model(name: str | None) -> os.PathLike:
     if name is None:
         say("no MODEL given: using the embedded default model (gemma3-270m, Gemma 3 270M Q4_K_M)")
     t0 = time.perf_counter()
-    path = resolve(name, progress=lambda m: say(m + " (first use only)"))
+    path = resolve(name, progress=None if output.quiet else lambda m: say(m + " (first use only)"))
     if time.perf_counter() - t0 > 1:
         say(f"model ready: {path}")
     return path
@@ -292,6 +292,8 @@ def placement(args, path, device: str) -> dict:
     options = _placement(args, path, device)
     if getattr(args, "whole_layers", False):
         options["whole_layers"] = True
+    if getattr(args, "exact", False):
+        options["exact"] = True
     return options
 
 
@@ -346,7 +348,7 @@ def describe_plan(plan, device: str) -> str:
     cpu = tuple(getattr(plan, "cpu_layers", ()) or ())
     experts = getattr(plan, "part", "layer") == "experts"
     generate = (f"; while generating, the CPU computes {'the experts of ' if experts else ''}layers "
-                f"{', '.join(map(str, cpu))}" if cpu else "")
+                f"{', '.join(map(str, cpu))} (--exact: every layer on the GPU)" if cpu else "")
     what = "layers' experts" if experts else "layers"
     return (f"plan: {len(plan.streamed)} of {plan.n_layer} {what} streamed ({layers}) through "
             f"{plan.n_slots} slot(s) of {format_size(plan.slot_bytes)} in {where}; estimated device memory "
@@ -360,7 +362,8 @@ def streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
 
     threads = args.threads or physical_cores()   # -t sets both, as in llama.cpp (no -tb here)
     return StreamedLlama(path, device=device, prefetch=not args.no_prefetch, **context_options(args),
-                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose, **options,
+                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose,
+                         progress=not output.quiet, **options,
                          **llama_kwargs)
 
 
@@ -415,6 +418,11 @@ def add_placement(p, *, device: bool = True) -> None:
     g.add_argument("--whole-layers", action="store_true",
                    help="mixture-of-experts models: place whole layers, as for dense ones (default: place the "
                    "experts; every layer's attention, norms and router stay on the GPU)")
+    g.add_argument("--exact", action="store_true",
+                   help="while generating, compute every layer on the GPU (streamed ones uploaded each token): "
+                   "tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes some "
+                   "streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, "
+                   "which are not bit-identical to all-in-VRAM either")
     if device:
         g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
                        help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "

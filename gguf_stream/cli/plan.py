@@ -14,9 +14,10 @@ def add_parser(sub, parents) -> None:
     add_model(p, required=False)
     add_placement(p, device=False)
     p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
-                   help="plan the generate placement of a CUDA run with this choice (as in run): the layers "
-                   "kept resident while generating and the CPU layers, whose repacked copy adds pageable host "
-                   "memory (auto: every overflow layer, the most the measured split can choose)")
+                   help="plan the generate placement of a CUDA run with this choice (as in run; default auto, "
+                   "as a CUDA run's default; --exact: none): the layers kept resident while generating and the "
+                   "CPU layers, whose repacked copy adds pageable host memory (auto: every overflow layer, the "
+                   "most the measured split can choose)")
     p.add_argument("-np", "--parallel", type=int, default=1, metavar="K",
                    help="sequences sharing -c (as batch -np: -c / K KV cells each, padded to 256)")
     p.add_argument("-kvu", "--kv-unified", action="store_true", help="the sequences share one KV cache")
@@ -34,24 +35,27 @@ def cmd_plan(args) -> int:
     if args.vram_budget is None and args.n_streamed is None and args.n_gpu_layers is None:
         raise ValueError("plan needs --vram-budget B (or --n-streamed K / -ngl N)")
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
+    if args.exact and split not in (None, "none"):
+        raise ValueError(f"--exact computes every layer on the GPU; it cannot be combined with "
+                         f"--generate-cpu-layers {args.generate_cpu_layers}")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
     ctx = context_options(args, mf.hparams["n_ctx_train"])
     plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
                      type_k=ctx["type_k"], type_v=ctx["type_v"], n_seq=1 if args.kv_unified else args.parallel,
                      whole_layers=True if args.whole_layers else None, **explicit_placement(args, mf))
-    if split is not None:
-        plan = _as_on_cuda(mf, plan, ctx, split)
+    plan = _as_on_cuda(mf, plan, ctx, split, args.exact)
     print(plan.table())
     print(f"(estimates from the GGUF header at -c {ctx['n_ctx']} -ub {ctx['n_ubatch']}; "
           "`run` measures the real figures)")
     return EXIT_OK
 
 
-def _as_on_cuda(mf, plan, ctx: dict, split):
-    """The plan with the generate placement a CUDA run would start from."""
+def _as_on_cuda(mf, plan, ctx: dict, split, exact: bool):
+    """The plan with the generate placement a CUDA run would start from
+    (split None: the default, the measured split)."""
     from ..config import EngineConfig
     from ..streamer import expected_generate_plan
 
-    config = EngineConfig(device="cuda", generate_cpu_layers=split, **ctx)
+    config = EngineConfig(device="cuda", generate_cpu_layers=split, exact=exact, **ctx)
     return expected_generate_plan(mf, plan, config, cuda=True)

@@ -8,7 +8,7 @@ import time
 
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
     add_sampling, check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, \
-    sampling_params, say
+    output, sampling_params, say
 from . import speculative
 
 DEFAULT_N_PREDICT = 128
@@ -29,9 +29,8 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
     p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
                    help="CUDA: streamed layers the CPU computes while generating instead of uploading them "
-                   "(none, the default: every streamed layer is uploaded, results bit-identical to "
-                   "all-in-VRAM; auto: split measured on this machine, faster generation with CPU rounding "
-                   "like stock -ngl's; or layer numbers)")
+                   "(auto, the default: a split measured on this machine, cached; none: every streamed layer "
+                   "uploaded, the same as --exact; or layer numbers)")
     add_sampling(p)
     speculative.add_speculative(p)
     add_placement(p)
@@ -45,6 +44,9 @@ def cmd_run(args) -> int:
     check_flags(args)
     check_n_predict(args, "end of text")
     split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
+    if args.exact and split not in (None, "none"):
+        raise ValueError(f"--exact computes every layer on the GPU; it cannot be combined with "
+                         f"--generate-cpu-layers {args.generate_cpu_layers}")
     device, path, options = prepare_load(args)
     sampling = sampling_params(args, path)  # a bad grammar or schema fails before the load
     if speculative.wanted(args):
@@ -53,7 +55,7 @@ def cmd_run(args) -> int:
         options["generate_cpu_layers"] = split
     t0 = time.perf_counter()
     model = load(path, device=device, **context_options(args), n_threads=args.threads,
-                 prefetch=not args.no_prefetch, verbose=args.verbose, **options)
+                 prefetch=not args.no_prefetch, verbose=args.verbose, progress=not output.quiet, **options)
     try:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
         if speculative.wanted(args):

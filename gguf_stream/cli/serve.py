@@ -5,7 +5,7 @@ import time
 
 from ..errors import EnvironmentMismatchError
 from .common import EXIT_OK, Formatter, add_context, add_model, add_placement, check_flags, context_options, \
-    describe_plan, prepare_load, say
+    describe_plan, output, prepare_load, say
 
 
 def add_parser(sub, parents) -> None:
@@ -58,7 +58,7 @@ def cmd_serve(args) -> int:
                             n_threads_batch=args.threads or physical_cores(),
                             chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose,
                             api_key=args.api_key, cors_origins=args.cors, embedding=args.embedding,
-                            pooling=args.pooling, **options)
+                            pooling=args.pooling, progress=not output.quiet, **options)
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
