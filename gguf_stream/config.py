@@ -23,6 +23,7 @@ MAX_COPY_DELAY_US = 10_000_000
 # Without a placement on a GPU: plan for the free VRAM minus this much (other
 # processes, CUDA context growth, fragmentation).
 GPU_HEADROOM = 1 << 30
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,14 @@ class EngineConfig:
     n_ctx: int = 4096
     n_batch: int = 512
     n_ubatch: int = 512
+    # Sequences the context holds (llama.cpp's -np / n_parallel, the
+    # context's n_seq_max): n_ctx is all of them together, n_ctx / n_seq_max
+    # KV cells each (llama.cpp's default, non-unified KV cache)
+    n_seq_max: int = 1
+    # One KV cache the sequences share (llama.cpp's -kvu): n_ctx cells in all,
+    # any sequence may take any of them (a short sequence leaves room to a
+    # long one; padding is per cache, not per sequence)
+    kv_unified: bool = False
     # llama.cpp's -fa: True (on), False (off) or "auto" (llama.cpp decides
     # when it creates the context: on where the backend runs it for every
     # layer). The estimates plan "auto" as off (the larger compute buffer),
@@ -59,6 +68,11 @@ class EngineConfig:
     # or layer numbers. exact=True is "none".
     generate_cpu_layers: str | tuple[int, ...] | None = None
     exact: bool = False
+    # The most rows (tokens of one ubatch: parallel sequences, a speculative
+    # verify) the CPU layers compute on the CPU; larger ubatches take the
+    # prompt placement (every streamed layer through the slots, all rows on
+    # the GPU). None: up to llama.cpp's offload threshold (31).
+    cpu_layers_max_batch: int | None = None
     # Streamed layers that stay resident while generating, in the part of
     # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
     # generated token leaves idle (no extra VRAM; they are copied in at each
@@ -124,6 +138,10 @@ class EngineConfig:
         check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)
         # a ubatch no larger than the batch, as llama.cpp clamps it (every front end alike)
         object.__setattr__(self, "n_ubatch", min(self.n_ubatch, self.n_batch))
+        check_int("n_seq_max", self.n_seq_max, 1, MAX_SEQUENCES)
+        if 0 < self.n_ctx < self.n_seq_max:
+            raise ValueError(f"n_ctx {self.n_ctx} is shared by n_seq_max {self.n_seq_max} sequences: give at least "
+                             "one KV cell per sequence (n_ctx = sequences x cells per sequence)")
         if self.n_threads is not None:
             check_int("n_threads", self.n_threads, 1, max_threads())
         if self.n_streamed is not None:
@@ -134,8 +152,10 @@ class EngineConfig:
         check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
         if not (isinstance(self.flash_attn, bool) or self.flash_attn == "auto"):
             raise ValueError(f"flash_attn must be True, False or 'auto', not {self.flash_attn!r:.40}")
+        if self.cpu_layers_max_batch is not None:
+            check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        for name in ("prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
+        for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
@@ -145,8 +165,8 @@ class EngineConfig:
         if self.streamed_layers is not None:
             object.__setattr__(self, "streamed_layers", layer_numbers("streamed_layers", self.streamed_layers))
         if self.exact and self.generate_cpu_layers not in (None, "none"):
-            raise ValueError(f"exact=True computes every layer on the GPU while generating; it cannot be "
-                             f"combined with generate_cpu_layers={self.generate_cpu_layers!r}")
+            raise ValueError(f"exact computes every layer on the GPU while generating; it cannot be combined with "
+                             f"CPU layers (generate_cpu_layers={self.generate_cpu_layers!r})")
         for name in ("generate_cpu_layers", "generate_resident"):
             value = getattr(self, name)
             if value is None and name == "generate_cpu_layers":
@@ -237,6 +257,11 @@ def with_default_budget(config: EngineConfig, cuda: bool) -> EngineConfig:
     if config.places_layers or not cuda:
         return config
     return replace(config, vram_budget=free_vram_budget()[0])
+
+
+def kv_streams(config: EngineConfig) -> int:
+    """KV cache streams llama.cpp allocates: one per sequence, or one shared (kv_unified)."""
+    return 1 if config.kv_unified else config.n_seq_max
 
 
 def check_kv_types(type_k, type_v, flash_attn) -> None:

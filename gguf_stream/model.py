@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, engine_config, resolve_context, select_device, with_default_budget
+from .config import EngineConfig, engine_config, kv_streams, resolve_context, select_device, with_default_budget
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
@@ -84,6 +84,7 @@ class _Session:
         c = self.config
         p = self._lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = c.n_ctx, c.n_batch, c.n_ubatch
+        p.n_seq_max, p.kv_unified = c.n_seq_max, c.kv_unified
         p.n_threads = p.n_threads_batch = c.threads
         p.flash_attn_type = llama_abi.flash_attn_type(c.flash_attn)
         p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
@@ -241,6 +242,16 @@ class _Session:
             self.eval([tok])
         return (tokens, np.stack(all_logits)) if with_logits else tokens
 
+    def generate_batch(self, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True, on_done=None):
+        """Generate after several prompts (texts or token lists) at once, up
+        to config.n_seq_max sequences per decode (batch.generate_batch);
+        returns a batch.BatchResult."""
+        from .batch import generate_batch
+
+        if isinstance(prompts, (list, tuple)):
+            prompts = [self.tokenize(p, add_bos=True, special=True) if isinstance(p, str) else p for p in prompts]
+        return generate_batch(self, prompts, n_tokens, sampling=sampling, stop_at_eog=stop_at_eog, on_done=on_done)
+
     # -- lifetime --
     def close(self) -> None:
         """Free the context, then the model (it owns the pinned host copy),
@@ -387,7 +398,8 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     if plan.streamed and c.vram_budget is not None and c.n_streamed is None and c.streamed_layers is None:
         budget = parse_size(c.vram_budget)
         full = make_plan(model_file, vram_budget=None, n_streamed=0, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch,
-                         flash_attn=c.planned_flash_attn, type_k=c.type_k, type_v=c.type_v).device_bytes
+                         flash_attn=c.planned_flash_attn, type_k=c.type_k, type_v=c.type_v,
+                         n_seq=kv_streams(c)).device_bytes
         if full <= budget * 1.05 and _stock_fits(path, -1, budget, c):
             return initial_plan(model_file, replace(c, vram_budget=None), cuda=True)
     if plan.stock_gpu_layers is not None:
@@ -395,7 +407,7 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
         return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.planned_flash_attn, c.type_k,
-                                c.type_v)
+                                c.type_v, kv_streams(c))
     return plan
 
 

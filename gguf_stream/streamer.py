@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
-from .config import EngineConfig, available_host_memory, resolve_context, select_device, with_default_budget
+from .config import EngineConfig, available_host_memory, kv_streams, resolve_context, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
                      UnsupportedModelError)
@@ -58,7 +58,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.planned_flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
-                     type_v=c.type_v, repack_cpu_layers=c.repack, **what)
+                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c), **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,
@@ -455,7 +455,7 @@ class Streamer:
         keep theirs in host memory while generating)."""
         self._last_ubatch = 0
         if self.engine is not None:
-            self.engine.kv_attach(OFFLOAD_MIN_BATCH if self.reuses_graphs else 0)
+            self.engine.kv_attach(self.prompt_min_ubatch if self.reuses_graphs else 0)
 
     def kv_cleared(self) -> None:
         """After llama_memory_clear on that context."""
@@ -476,17 +476,27 @@ class Streamer:
         self.context_closing()
 
     # ------------------------------------------------------------ decoding
+    @property
+    def prompt_min_ubatch(self) -> int:
+        """Ubatches of at least this many tokens take the prompt placement
+        (planner.is_generate_phase): OFFLOAD_MIN_BATCH, or with CPU layers
+        one more than config.cpu_layers_max_batch where that is lower."""
+        most = self.config.cpu_layers_max_batch
+        if most is None or not self.plan.cpu_layers:
+            return OFFLOAD_MIN_BATCH
+        return min(most + 1, OFFLOAD_MIN_BATCH)
+
     def decode_sizes(self, n_tokens: int) -> list[int]:
         """Tokens per llama_decode call for a batch of n_tokens (planner.decode_sizes)."""
         split = self.engine is not None and self.reuses_graphs and bool(self.plan.cpu_layers)
-        return decode_sizes(n_tokens, self.config.n_ubatch, split)
+        return decode_sizes(n_tokens, self.config.n_ubatch, split, self.prompt_min_ubatch)
 
     def before_decode(self, n_tokens: int) -> None:
         """The phase of the coming llama_decode (planner.is_generate_phase)."""
         if self.engine is None:
             return
         first, last = decode_ubatches(n_tokens, self.config.n_ubatch)
-        generate = is_generate_phase(first)
+        generate = is_generate_phase(first, self.prompt_min_ubatch)
         # A decode of the last graph's shape may reuse it: CPU layers' KV
         # caches stay where that graph reads them (the first move to host
         # memory waits for a decode of another shape).

@@ -51,6 +51,9 @@ SAMPLES = {
     "exact": [(True, ["--exact"], True)],
     "progress": [(False, ["-q"], False)],
     "host_budget": [("1GiB", ["--host-budget", "1GiB"], "1GiB")],
+    "n_seq_max": [(2, ["-np", "2"], 2)],
+    "kv_unified": [(True, ["-kvu"], True)],
+    "cpu_layers_max_batch": [(4, ["--cpu-layers-max-batch", "4"], 4)],
 }
 CASES = [(name, *sample) for name, samples in SAMPLES.items() for sample in samples]
 IDS = [f"{name}={value}" for name, value, _, _ in CASES]

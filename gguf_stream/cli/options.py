@@ -114,6 +114,11 @@ ENGINE_FLAGS = (
          f"{_shown('type_k')})", dict(choices=tuple(KV_CACHE_TYPES), metavar="TYPE")),
     Flag("type_v", ("-ctv", "--cache-type-v"), CONTEXT, f"KV cache type for V (default {_shown('type_v')}); a "
          "quantized one needs flash attention", dict(choices=tuple(KV_CACHE_TYPES), metavar="TYPE")),
+    Flag("n_seq_max", ("-np", "--parallel"), CONTEXT, "sequences the context holds, as llama.cpp's -np: -c is "
+         f"shared, -c / K KV cells each, padded to 256 (default {_shown('n_seq_max')}; batch: 4)",
+         dict(type=int, metavar="K")),
+    Flag("kv_unified", ("-kvu", "--kv-unified"), CONTEXT, "the sequences share one KV cache (-c cells in all), as "
+         "llama.cpp's -kvu", dict(action="store_const", const=True)),
     Flag("n_threads", ("-t", "--threads"), CONTEXT, "CPU threads (default: the physical cores)",
          dict(type=int, metavar="N")),
     Flag("use_mlock", ("--mlock",), CONTEXT, "lock the model's host memory in RAM, as llama.cpp's --mlock (streamed "
@@ -132,6 +137,10 @@ ENGINE_FLAGS = (
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
          "some streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, which are "
          "not bit-identical to all-in-VRAM either", dict(action="store_const", const=True)),
+    Flag("cpu_layers_max_batch", ("--cpu-layers-max-batch",), GENERATE, "the most rows of a decode (parallel "
+         "sequences, a speculative verify) the CPU layers compute on the CPU; a larger decode takes the prompt "
+         "placement, every streamed layer through the slots and all rows on the GPU (default: llama.cpp's "
+         "offload threshold, 31)", dict(type=int, metavar="M")),
     Flag("generate_resident", ("--generate-resident",), GENERATE, "streamed layers kept resident while generating, "
          "in the compute buffer a prompt needs and a token leaves idle: auto (as many as fit), none, or layer numbers "
          f"(default {_shown('generate_resident')})", dict(metavar="auto|none|L,L"), _layers("--generate-resident")),
