@@ -4,7 +4,7 @@ the device (CUDA or host-slot mode), the thread count and the cache directory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +20,10 @@ LONG_CONTEXT_FACTOR = 8
 MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_SLOTS = 512  # one per layer at most (LLAMA_MAX_LAYERS)
 MAX_COPY_DELAY_US = 10_000_000
+# Without a placement on a GPU: plan for the free VRAM minus this much (other
+# processes, CUDA context growth, fragmentation).
+GPU_HEADROOM = 1 << 30
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +35,19 @@ class EngineConfig:
     n_ctx: int = 4096
     n_batch: int = 512
     n_ubatch: int = 512
-    flash_attn: bool = True
+    # Sequences the context holds (llama.cpp's -np / n_parallel, the
+    # context's n_seq_max): n_ctx is all of them together, n_ctx / n_seq_max
+    # KV cells each (llama.cpp's default, non-unified KV cache)
+    n_seq_max: int = 1
+    # One KV cache the sequences share (llama.cpp's -kvu): n_ctx cells in all,
+    # any sequence may take any of them (a short sequence leaves room to a
+    # long one; padding is per cache, not per sequence)
+    kv_unified: bool = False
+    # llama.cpp's -fa: True (on), False (off) or "auto" (llama.cpp decides
+    # when it creates the context: on where the backend runs it for every
+    # layer). The estimates plan "auto" as off (the larger compute buffer),
+    # except with a quantized V cache, which makes llama.cpp turn it on.
+    flash_attn: bool | str = True
     device: str = "auto"  # "auto", "cuda" or "host" (slots in host memory, CPU compute)
     n_streamed: int | None = None
     streamed_layers: tuple[int, ...] | None = None
@@ -52,6 +68,11 @@ class EngineConfig:
     # or layer numbers. exact=True is "none".
     generate_cpu_layers: str | tuple[int, ...] | None = None
     exact: bool = False
+    # The most rows (tokens of one ubatch: parallel sequences, a speculative
+    # verify) the CPU layers compute on the CPU; larger ubatches take the
+    # prompt placement (every streamed layer through the slots, all rows on
+    # the GPU). None: up to llama.cpp's offload threshold (31).
+    cpu_layers_max_batch: int | None = None
     # Streamed layers that stay resident while generating, in the part of
     # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
     # generated token leaves idle (no extra VRAM; they are copied in at each
@@ -91,6 +112,11 @@ class EngineConfig:
     # mode only for now). None: what the machine has available (MemAvailable,
     # which the check above enforces).
     host_budget: int | str | None = None
+    # llama.cpp's --mlock: lock the model's host buffers in RAM (streamed
+    # layers' pinned copies are locked anyway; this adds the rest). The model
+    # always loads without mmap (--no-mmap): streamed layers must sit in
+    # pinned memory, and with mmap llama.cpp drops that placement.
+    use_mlock: bool = False
     verbose: bool = False
     # Progress of the long steps (loading, calibration) on stderr: a bar on a
     # terminal, plain lines otherwise (progress.py); off: silent
@@ -110,8 +136,12 @@ class EngineConfig:
         check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
         check_int("n_batch", self.n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)
-        if self.n_ubatch > self.n_batch:
-            raise ValueError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
+        # a ubatch no larger than the batch, as llama.cpp clamps it (every front end alike)
+        object.__setattr__(self, "n_ubatch", min(self.n_ubatch, self.n_batch))
+        check_int("n_seq_max", self.n_seq_max, 1, MAX_SEQUENCES)
+        if 0 < self.n_ctx < self.n_seq_max:
+            raise ValueError(f"n_ctx {self.n_ctx} is shared by n_seq_max {self.n_seq_max} sequences: give at least "
+                             "one KV cell per sequence (n_ctx = sequences x cells per sequence)")
         if self.n_threads is not None:
             check_int("n_threads", self.n_threads, 1, max_threads())
         if self.n_streamed is not None:
@@ -120,9 +150,13 @@ class EngineConfig:
             check_int("n_slots", self.n_slots, 1, MAX_SLOTS)
         check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
         check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
+        if not (isinstance(self.flash_attn, bool) or self.flash_attn == "auto"):
+            raise ValueError(f"flash_attn must be True, False or 'auto', not {self.flash_attn!r:.40}")
+        if self.cpu_layers_max_batch is not None:
+            check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        for name in ("flash_attn", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
-                     "host_memory_check", "verbose", "exact", "progress"):
+        for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
+                     "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
         for name in ("cpu_repack", "whole_layers"):
@@ -131,8 +165,8 @@ class EngineConfig:
         if self.streamed_layers is not None:
             object.__setattr__(self, "streamed_layers", layer_numbers("streamed_layers", self.streamed_layers))
         if self.exact and self.generate_cpu_layers not in (None, "none"):
-            raise ValueError(f"exact=True computes every layer on the GPU while generating; it cannot be "
-                             f"combined with generate_cpu_layers={self.generate_cpu_layers!r}")
+            raise ValueError(f"exact computes every layer on the GPU while generating; it cannot be combined with "
+                             f"CPU layers (generate_cpu_layers={self.generate_cpu_layers!r})")
         for name in ("generate_cpu_layers", "generate_resident"):
             value = getattr(self, name)
             if value is None and name == "generate_cpu_layers":
@@ -162,19 +196,82 @@ class EngineConfig:
         return self.n_threads or physical_cores()
 
     @property
+    def planned_flash_attn(self) -> bool:
+        """Whether the memory estimates assume flash attention: "auto" is
+        planned as off (its compute buffer is the larger), unless a quantized
+        V cache makes llama.cpp turn it on."""
+        from .memory import is_quantized_kv
+
+        return self.flash_attn is True or (self.flash_attn == "auto" and is_quantized_kv(self.type_v))
+
+    @property
     def places_layers(self) -> bool:
         """A budget or streamed layers were given (else everything stays resident)."""
         return not (self.vram_budget is None and self.n_streamed is None and self.streamed_layers is None)
 
 
-def check_kv_types(type_k, type_v, flash_attn: bool) -> None:
-    """Known KV cache types; a quantized V cache only with flash attention
-    (llama.cpp cannot create the context otherwise)."""
+# ------------------------------------------------------------------ the options' one source
+
+ENGINE_OPTIONS = tuple(f.name for f in fields(EngineConfig))
+# EngineConfig fields llama_cpp.Llama takes too, under the same name: a front
+# end built on Llama (StreamedLlama, the server) passes them to both.
+SHARED_WITH_LLAMA = ("n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_threads", "type_k", "type_v", "use_mlock",
+                     "verbose")
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """(engine options, the others) of a front end's keyword arguments: every
+    EngineConfig field goes to the engine; the rest (llama_cpp.Llama's or the
+    server's) to the other, whose receiver names what it does not know.
+    Fields shared with Llama are in the engine's part only: the front end
+    passes them on to Llama in Llama's terms."""
+    engine = {k: v for k, v in options.items() if k in ENGINE_OPTIONS}
+    return engine, {k: v for k, v in options.items() if k not in engine}
+
+
+def engine_config(**options) -> EngineConfig:
+    """EngineConfig(**options), with an unknown option named among the known ones."""
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        hint = ("; n_gpu_layers and llama_cpp.Llama's other options go to gguf_stream.StreamedLlama (the placement "
+                "here is vram_budget or n_streamed)" if any(k in ("n_gpu_layers", "use_mmap") for k in unknown) else "")
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the engine's options "
+                        f"are {', '.join(ENGINE_OPTIONS)}{hint}")
+    return EngineConfig(**options)
+
+
+def free_vram_budget() -> tuple[int, int]:
+    """(budget, free VRAM) of a GPU run given no placement: the free VRAM
+    of CUDA0 minus GPU_HEADROOM, as every front end plans it."""
+    from . import native
+
+    free = native.device_memory("CUDA0")[0]
+    return max(free - GPU_HEADROOM, 0), free
+
+
+def with_default_budget(config: EngineConfig, cuda: bool) -> EngineConfig:
+    """The config a run plans with: on a GPU without a placement, a budget of
+    the free VRAM (free_vram_budget), so that a model larger than it streams
+    instead of failing to load; in host mode, or with a placement, as given
+    (without one every layer stays resident)."""
+    if config.places_layers or not cuda:
+        return config
+    return replace(config, vram_budget=free_vram_budget()[0])
+
+
+def kv_streams(config: EngineConfig) -> int:
+    """KV cache streams llama.cpp allocates: one per sequence, or one shared (kv_unified)."""
+    return 1 if config.kv_unified else config.n_seq_max
+
+
+def check_kv_types(type_k, type_v, flash_attn) -> None:
+    """Known KV cache types; a quantized V cache not with flash attention off
+    (llama.cpp cannot create the context; "auto" turns it on)."""
     from .memory import check_kv_type, is_quantized_kv
 
     check_kv_type("type_k", type_k)
     check_kv_type("type_v", type_v)
-    if is_quantized_kv(type_v) and not flash_attn:
+    if is_quantized_kv(type_v) and flash_attn is False:
         raise ValueError(f"a quantized V cache (type_v {type_v!r}) needs flash attention in llama.cpp: "
                          "set flash_attn=True, or use type_v='f16'")
 

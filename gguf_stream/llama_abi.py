@@ -40,6 +40,22 @@ def llama():
     return lc
 
 
+def flash_attn_type(flash_attn) -> int:
+    """llama_context_params.flash_attn_type for EngineConfig.flash_attn (True, False, "auto")."""
+    lc = llama()
+    if flash_attn == "auto" and not isinstance(flash_attn, bool):
+        return lc.LLAMA_FLASH_ATTN_TYPE_AUTO
+    return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+def load_mode(use_mlock: bool) -> int:
+    """llama_model_params.load_mode of every model the engine loads: never
+    mmap (with mmap llama.cpp silently drops overrides to pinned host memory),
+    and llama.cpp's mlock of the model's host buffers with use_mlock."""
+    lc = llama()
+    return lc.LLAMA_LOAD_MODE_MLOCK if use_mlock else lc.LLAMA_LOAD_MODE_NONE
+
+
 def library_dir() -> Path:
     lc = llama()
     override = os.environ.get("LLAMA_CPP_LIB_PATH")

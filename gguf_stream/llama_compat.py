@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 
 from . import llama_abi
-from .config import MAX_CONTEXT, EngineConfig, check_int, resolve_context
+from .config import MAX_CONTEXT, SHARED_WITH_LLAMA, EngineConfig, check_int, resolve_context, split_options
 from .errors import DecodeError
 from .gguf_file import read_model
 from .grammar import grammar_error
@@ -34,25 +35,6 @@ import llama_cpp.llama as llama_module  # noqa: E402
 from llama_cpp.llama_tokenizer import LlamaTokenizer  # noqa: E402
 
 _swap_lock = threading.RLock()
-
-
-def kv_types_as_ggml(llama_kwargs: dict) -> dict:
-    """The kwargs with type_k / type_v as the ggml type ids llama_cpp.Llama
-    takes, whether given as ids or as llama.cpp's names ('q8_0')."""
-    out = dict(llama_kwargs)
-    for key in ("type_k", "type_v"):
-        value = out.get(key)
-        if isinstance(value, str):
-            out[key] = kv_ggml_type(value)
-        elif value is not None:
-            kv_type_name(value)  # a one-line error for an id that is no KV cache type
-    return out
-
-
-def kv_type_names(llama_kwargs: dict) -> dict:
-    """type_k / type_v of Llama's kwargs (ggml ids, None: f16) as EngineConfig's names."""
-    return {key: "f16" if llama_kwargs.get(key) is None else kv_type_name(llama_kwargs[key])
-            for key in ("type_k", "type_v")}
 
 
 @contextmanager
@@ -93,48 +75,92 @@ class _Closed:
 _CLOSED = _Closed()
 
 
+# llama_cpp.Llama options the engine decides itself, with the value that
+# changes nothing (Llama's default; for use_mmap what the engine does): given
+# another, each warns once (per call site) with what happens instead
+IGNORED_LLAMA_OPTIONS = {
+    "n_gpu_layers": (0, "gguf-stream places the layers itself: every layer computes on the GPU and those that do "
+                        "not fit stream through it (none run on the CPU); give vram_budget='8GiB' (--vram-budget) to "
+                        "set the GPU memory it may use (without one it plans for the free VRAM), or n_streamed=K"),
+    "split_mode": (llama_cpp.LLAMA_SPLIT_MODE_LAYER, "gguf-stream runs on one GPU (CUDA0)"),
+    "main_gpu": (0, "gguf-stream runs on one GPU (CUDA0; choose it with CUDA_VISIBLE_DEVICES)"),
+    "tensor_split": (None, "gguf-stream runs on one GPU (CUDA0; choose it with CUDA_VISIBLE_DEVICES)"),
+    "use_mmap": (False, "gguf-stream loads without mmap (as use_mmap=False): streamed layers must sit in pinned host "
+                       "memory, which llama.cpp does not give a memory-mapped file"),
+}
+# Llama's defaults for the EngineConfig fields it takes too (SHARED_WITH_LLAMA):
+# StreamedLlama keeps them, being a Llama
+LLAMA_DEFAULTS = dict(n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=False, n_threads=None, type_k="f16",
+                      type_v="f16", use_mlock=False, verbose=True)
+
+
+class IgnoredOptionWarning(UserWarning):
+    """A llama_cpp.Llama option that gguf-stream decides itself was given."""
+
+
+def warn_ignored(llama_kwargs: dict, stacklevel: int = 3) -> None:
+    """One warning per llama.cpp option in llama_kwargs the engine decides
+    (IGNORED_LLAMA_OPTIONS), naming it and what the engine does instead."""
+    for name, (default, instead) in IGNORED_LLAMA_OPTIONS.items():
+        if name in llama_kwargs and llama_kwargs[name] != default:
+            warnings.warn(f"gguf-stream: {name}={llama_kwargs[name]!r:.40} is ignored: {instead}",
+                          IgnoredOptionWarning, stacklevel=stacklevel)
+
+
+def engine_and_llama_options(options: dict) -> tuple[EngineConfig, dict]:
+    """(EngineConfig, llama_cpp.Llama's kwargs) from StreamedLlama's keyword
+    arguments: engine options by EngineConfig's names (config.split_options),
+    the ones Llama takes too at Llama's defaults and passed on to it in its
+    terms (KV cache types as ggml ids, flash attention on or off: the engine
+    sets "auto" on the context itself)."""
+    engine, llama_kwargs = split_options(options)
+    shared = {**LLAMA_DEFAULTS, **{k: engine.pop(k) for k in SHARED_WITH_LLAMA if k in engine}}
+    for key in ("type_k", "type_v"):  # ggml ids (Llama's way) or llama.cpp's names, None: f16
+        value = shared[key]
+        shared[key] = "f16" if value is None else kv_type_name(kv_ggml_type(value) if isinstance(value, str) else value)
+    check_int("n_batch", shared["n_batch"], 1, MAX_CONTEXT)
+    check_int("n_ubatch", shared["n_ubatch"], 1, MAX_CONTEXT)
+    # splitting a prompt's short tail off (see EngineConfig.graph_reuse) would
+    # lose the outputs of every token before it
+    keeps_outputs = llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")
+    config = EngineConfig(**{**engine, "graph_reuse": engine.get("graph_reuse", True) and not keeps_outputs},
+                          **{**shared, "n_ubatch": min(shared["n_ubatch"], shared["n_batch"]),
+                             "flash_attn": shared["flash_attn"] if shared["flash_attn"] == "auto"
+                             else bool(shared["flash_attn"]), "verbose": bool(shared["verbose"])})
+    llama_kwargs.update(n_ctx=shared["n_ctx"], n_batch=shared["n_batch"], n_ubatch=shared["n_ubatch"],
+                        flash_attn=config.flash_attn is True, n_threads=shared["n_threads"],
+                        type_k=kv_ggml_type(config.type_k), type_v=kv_ggml_type(config.type_v),
+                        use_mlock=config.use_mlock, use_mmap=False, verbose=config.verbose)
+    return config, llama_kwargs
+
+
 class StreamedLlama(llama_cpp.Llama):
     """``llama_cpp.Llama`` with gguf-stream placement.
 
-    Takes Llama's keyword arguments plus the engine's: ``vram_budget`` (the
-    planner streams what does not fit), or ``n_streamed`` / ``streamed_layers``
-    and ``n_slots``; ``device`` ("auto", "cuda", "host"), ``prefetch``,
-    ``generate_cpu_layers`` (default: the measured CPU/PCIe split on CUDA, the
-    exact placement in host mode; "auto", "none" or layer numbers: see
-    EngineConfig), ``exact=True`` (every layer on the GPU while generating:
-    tokens bit-identical to all-in-VRAM, slower), ``progress=True`` (load and
-    calibration progress on stderr; off by default, whatever ``verbose`` says),
-    ``graph_reuse`` (off by itself with ``logits_all`` or ``embedding``) and
-    ``whole_layers`` (mixture-of-experts models: see EngineConfig).
-    ``type_k`` / ``type_v`` (KV cache types) take Llama's ggml type ids or
-    llama.cpp's names ("q8_0"); the planner sizes the KV cache by them.
-    ``n_gpu_layers`` and ``use_mmap`` are decided by the engine and ignored.
+    Takes Llama's keyword arguments plus the engine's: every field of
+    ``gguf_stream.EngineConfig`` by its name, e.g. ``vram_budget`` (the
+    planner streams what does not fit), or ``n_streamed`` /
+    ``streamed_layers`` and ``n_slots``; ``device`` ("auto", "cuda", "host"),
+    ``generate_cpu_layers`` (default: the measured CPU/PCIe split on CUDA,
+    the exact placement in host mode), ``exact=True`` (every layer on the
+    GPU while generating: tokens bit-identical to all-in-VRAM, slower),
+    ``progress=True`` (load and calibration progress on stderr; off by
+    default, whatever ``verbose`` says), ``whole_layers`` (see EngineConfig). Without a
+    placement a GPU run plans for the free VRAM; host mode keeps every layer
+    resident. The fields Llama has too (n_ctx, n_batch, n_ubatch, flash_attn
+    (also "auto", as llama.cpp's -fa), n_threads, type_k / type_v (ggml ids
+    or names such as "q8_0"), use_mlock, verbose) keep Llama's defaults and
+    reach both. ``graph_reuse`` is off by itself with ``logits_all`` or
+    ``embedding``. n_gpu_layers, split_mode, main_gpu, tensor_split and
+    use_mmap are the engine's to decide: given, they warn
+    (IgnoredOptionWarning) and are ignored.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, vram_budget=None, n_streamed=None, streamed_layers=None,
-                 n_slots=None, device: str = "auto", prefetch: bool = True,
-                 generate_cpu_layers=None, exact: bool = False, progress: bool = False, graph_reuse: bool = True,
-                 whole_layers=None, **llama_kwargs):
+    def __init__(self, model_path: str | os.PathLike, **options):
         model_file = read_model(model_path)
-        llama_kwargs = kv_types_as_ggml(llama_kwargs)
-        n_batch, n_ubatch = llama_kwargs.get("n_batch", 512), llama_kwargs.get("n_ubatch", 512)
-        check_int("n_batch", n_batch, 1, MAX_CONTEXT)
-        check_int("n_ubatch", n_ubatch, 1, MAX_CONTEXT)
-        config = EngineConfig(
-            vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
-            device=device, prefetch=prefetch, generate_cpu_layers=generate_cpu_layers, exact=exact,
-            progress=progress, whole_layers=whole_layers,
-            # n_ctx 0: the training context, as Llama reads it (resolve_context)
-            n_ctx=llama_kwargs.get("n_ctx", 512), n_batch=n_batch,
-            n_ubatch=min(n_ubatch, n_batch),
-            flash_attn=bool(llama_kwargs.get("flash_attn", False)), n_threads=llama_kwargs.get("n_threads"),
-            verbose=bool(llama_kwargs.get("verbose", True)),
-            # splitting a prompt's short tail off (see EngineConfig.graph_reuse)
-            # would lose the outputs of every token before it
-            graph_reuse=graph_reuse and not (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")),
-            **kv_type_names(llama_kwargs),
-        )
-        config = resolve_context(config, model_file.hparams["n_ctx_train"])
+        warn_ignored(options)
+        config, llama_kwargs = engine_and_llama_options(options)
+        config = resolve_context(config, model_file.hparams["n_ctx_train"])  # n_ctx 0: the training context
         self._streamer = streamer = Streamer(model_path, config, model_file=model_file)
         self._vram_base = streamer.vram_free()
         try:

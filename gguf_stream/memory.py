@@ -86,6 +86,16 @@ def kv_row_bytes(type_name: str, n: int) -> int:
     return n * block_bytes // block
 
 
+KV_PAD = 256  # llama.cpp pads each sequence's KV cells to a multiple of this
+
+
+def kv_cells(n_ctx: int, n_seq: int = 1) -> int:
+    """KV cells llama.cpp allocates for a context of n_ctx shared by n_seq
+    sequences (non-unified cache): n_ctx / n_seq each, padded up to KV_PAD."""
+    per_seq = -(-(n_ctx // n_seq) // KV_PAD) * KV_PAD
+    return n_seq * max(per_seq, KV_PAD)
+
+
 def kv_cache_bytes(model: ModelFile, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """K and V of these types for every layer (all layers keep their KV on the GPU)."""
     hp = model.hparams
@@ -133,13 +143,13 @@ def input_embedding_bytes(model: ModelFile) -> int:
 
 
 def stock_device_bytes(model: ModelFile, n_gpu_layers: int, n_ctx: int, n_ubatch: int,
-                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> int:
+                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> int:
     """Estimated GPU memory of llama.cpp's own `-ngl n` split (n <= n_layer):
     the last n layers with their KV cache, the compute buffer, and room for
     the host weights the scheduler copies in for large batches (measured on
     the H100 box as about the output matrix: 0.27 GiB for the 8B shape at
     n_ubatch 2048 and 512, against 0.28 GiB of output matrix)."""
-    per_layer_kv = kv_cache_bytes(model, n_ctx, type_k, type_v) // model.n_layer
+    per_layer_kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v) // model.n_layer
     resident = model.layer_bytes[model.n_layer - n_gpu_layers:] if n_gpu_layers else ()
     output = model.tensor("output.weight") or model.tensor("token_embd.weight")  # tied embeddings
     staging = output.nbytes if output is not None else 0

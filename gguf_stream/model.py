@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, resolve_context, select_device
+from .config import EngineConfig, engine_config, kv_streams, resolve_context, select_device, with_default_budget
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
 from .planner import Plan, make_plan, stock_split_plan
-from .streamer import LOAD_MODE_NONE, StreamedLlamaContext, StreamedLlamaModel, Streamer, initial_plan
+from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer, initial_plan
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp._internals as internals  # noqa: E402
@@ -76,7 +76,7 @@ class _Session:
     def _model_params(self, n_gpu_layers: int = 0):
         p = self._lc.llama_model_default_params()
         p.n_gpu_layers = n_gpu_layers
-        p.load_mode = LOAD_MODE_NONE
+        p.load_mode = llama_abi.load_mode(self.config.use_mlock)
         p.use_extra_bufts = self.config.repack
         return p
 
@@ -84,9 +84,9 @@ class _Session:
         c = self.config
         p = self._lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = c.n_ctx, c.n_batch, c.n_ubatch
+        p.n_seq_max, p.kv_unified = c.n_seq_max, c.kv_unified
         p.n_threads = p.n_threads_batch = c.threads
-        p.flash_attn_type = (self._lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
-                             else self._lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        p.flash_attn_type = llama_abi.flash_attn_type(c.flash_attn)
         p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
         p.no_perf = True
         return p
@@ -242,6 +242,16 @@ class _Session:
             self.eval([tok])
         return (tokens, np.stack(all_logits)) if with_logits else tokens
 
+    def generate_batch(self, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True, on_done=None):
+        """Generate after several prompts (texts or token lists) at once, up
+        to config.n_seq_max sequences per decode (batch.generate_batch);
+        returns a batch.BatchResult."""
+        from .batch import generate_batch
+
+        if isinstance(prompts, (list, tuple)):
+            prompts = [self.tokenize(p, add_bos=True, special=True) if isinstance(p, str) else p for p in prompts]
+        return generate_batch(self, prompts, n_tokens, sampling=sampling, stop_at_eog=stop_at_eog, on_done=on_done)
+
     # -- lifetime --
     def close(self) -> None:
         """Free the context, then the model (it owns the pinned host copy),
@@ -275,7 +285,7 @@ class StockModel(_Session):
 
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, config: EngineConfig | None = None, *,
                  n_cpu_moe: int = 0, **kw):
-        super().__init__(config or EngineConfig(**kw))
+        super().__init__(config or engine_config(**kw))
         self.path = str(path)
         self.n_gpu_layers = n_gpu_layers
         self.n_cpu_moe = n_cpu_moe
@@ -322,7 +332,7 @@ class StreamedModel(_Session):
     """A GGUF model whose non-resident layers stream through GPU (or host) slots."""
 
     def __init__(self, path: str | os.PathLike, config: EngineConfig | None = None, **kw):
-        super().__init__(config or EngineConfig(**kw))
+        super().__init__(config or engine_config(**kw))
         self.path = str(path)
         self.streamer: Streamer | None = None
         self._guarded_init(self._build)
@@ -332,6 +342,7 @@ class StreamedModel(_Session):
         mf = read_model(self.path)
         self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         self._cuda = select_device(self.config.device) == "cuda"
+        self.config = with_default_budget(self.config, self._cuda)  # no placement on a GPU: the free VRAM
         plan = initial_plan(mf, self.config, self._cuda)
         if self._cuda:
             plan = measured_plan(self.path, mf, self.config, plan)
@@ -387,14 +398,16 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     if plan.streamed and c.vram_budget is not None and c.n_streamed is None and c.streamed_layers is None:
         budget = parse_size(c.vram_budget)
         full = make_plan(model_file, vram_budget=None, n_streamed=0, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch,
-                         flash_attn=c.flash_attn, type_k=c.type_k, type_v=c.type_v).device_bytes
+                         flash_attn=c.planned_flash_attn, type_k=c.type_k, type_v=c.type_v,
+                         n_seq=kv_streams(c)).device_bytes
         if full <= budget * 1.05 and _stock_fits(path, -1, budget, c):
             return initial_plan(model_file, replace(c, vram_budget=None), cuda=True)
     if plan.stock_gpu_layers is not None:
         budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
-        return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.flash_attn, c.type_k, c.type_v)
+        return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.planned_flash_attn, c.type_k,
+                                c.type_v, kv_streams(c))
     return plan
 
 
@@ -418,5 +431,9 @@ def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig, n_cpu_moe: in
 
 
 def load(path: str | os.PathLike, **options) -> StreamedModel:
-    """``with gguf_stream.load(path, vram_budget="8GiB", n_ctx=4096) as m: ...``"""
-    return StreamedModel(path, EngineConfig(**options))
+    """``with gguf_stream.load(path, vram_budget="8GiB", n_ctx=4096) as m: ...``
+
+    options: EngineConfig's fields. Without a placement (vram_budget,
+    n_streamed, streamed_layers) a GPU run plans for the free VRAM, a host
+    run keeps every layer resident."""
+    return StreamedModel(path, engine_config(**options))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from .errors import BudgetError
 from .gguf_file import ModelFile
 from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
+                     kv_cells,
                      parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
@@ -97,6 +98,10 @@ class Plan:
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
     host_budget: int | None = None  # the host-memory budget the tiers were chosen for (disk.py)
+    # KV streams: the sequences of a context (n_seq_max), each with n_ctx /
+    # n_seq cells, padded (memory.kv_cells); 1 also when they share one
+    # (kv_unified). kv_bytes covers them all.
+    n_seq: int = 1
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -203,7 +208,10 @@ class Plan:
         return ", ".join(parts)
 
     def _kv_types(self) -> str:
-        return "" if self.type_k == self.type_v == "f16" else f" (K {self.type_k}, V {self.type_v})"
+        types = "" if self.type_k == self.type_v == "f16" else f"K {self.type_k}, V {self.type_v}"
+        seqs = (f"{self.n_seq} sequences x {kv_cells(self.n_ctx, self.n_seq) // self.n_seq} cells" if self.n_seq > 1
+                else "")
+        return f" ({'; '.join(p for p in (types, seqs) if p)})" if types or seqs else ""
 
     def table(self) -> str:
         experts = self.part == "experts"
@@ -305,16 +313,16 @@ def generate_resident_layers(model: ModelFile, plan: Plan, n_ubatch: int, reserv
 
 # ------------------------------------------------------------------ decodes
 
-def decode_sizes(n_tokens: int, n_ubatch: int, split_tail: bool) -> list[int]:
+def decode_sizes(n_tokens: int, n_ubatch: int, split_tail: bool, prompt_min: int = OFFLOAD_MIN_BATCH) -> list[int]:
     """How many tokens each llama_decode call takes for a batch of n_tokens
     (at most n_batch). One call, except with split_tail (a context that
     reuses graphs, with CPU layers): a prompt whose tail ubatch is under
-    OFFLOAD_MIN_BATCH tokens decodes that tail on its own, in the generate
+    prompt_min tokens (is_generate_phase) decodes that tail on its own, in the generate
     placement (where stock -ngl runs such a ubatch too), so that every
     graph's shape decides its placement."""
     tail = n_tokens % n_ubatch
-    if (not split_tail or n_ubatch < OFFLOAD_MIN_BATCH or n_tokens <= n_ubatch
-            or not 0 < tail < OFFLOAD_MIN_BATCH):
+    if (not split_tail or n_ubatch < prompt_min or n_tokens <= n_ubatch
+            or not 0 < tail < prompt_min):
         return [n_tokens]
     return [n_tokens - tail, tail]
 
@@ -324,11 +332,14 @@ def decode_ubatches(n_tokens: int, n_ubatch: int) -> tuple[int, int]:
     return min(n_tokens, n_ubatch), (n_tokens - 1) % n_ubatch + 1
 
 
-def is_generate_phase(first_ubatch: int) -> bool:
+def is_generate_phase(first_ubatch: int, prompt_min: int = OFFLOAD_MIN_BATCH) -> bool:
     """Prompt-sized ubatches stream every non-resident layer; small ones
     leave the CPU layers to the CPU (the scheduler runs host weights on the
-    CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides)."""
-    return first_ubatch < OFFLOAD_MIN_BATCH
+    CPU below OFFLOAD_MIN_BATCH tokens, so the first ubatch decides).
+    prompt_min lowers the bound: a ubatch of k rows (k sequences, or a
+    speculative verify) costs CPU layers k rows of CPU work, while streaming
+    a layer costs the same for any k (EngineConfig.cpu_layers_max_batch)."""
+    return first_ubatch < prompt_min
 
 def _slot_bytes(unit: tuple[int, ...], streamed: tuple[int, ...], slot_pad: int) -> int:
     return max((unit[i] for i in streamed), default=0) + slot_pad
@@ -350,6 +361,7 @@ def make_plan(
     type_k: str = "f16",
     type_v: str = "f16",
     repack_cpu_layers: bool = True,
+    n_seq: int = 1,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -365,7 +377,8 @@ def make_plan(
     ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
     ``repack_cpu_layers`` says whether CPU layers get a repacked copy
-    (host memory figures only).
+    (host memory figures only). ``n_seq`` sequences share the n_ctx KV
+    cells (the estimate is the same; the plan says it).
     """
     budget = None if vram_budget is None else parse_size(vram_budget)
     if n_ctx <= 0 or n_ubatch <= 0:
@@ -375,7 +388,7 @@ def make_plan(
             plan = make_plan(model, vram_budget=vram_budget, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn,
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
                              max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
-                             type_v=type_v, repack_cpu_layers=repack_cpu_layers)
+                             type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -387,7 +400,7 @@ def make_plan(
     fixed_layer = model.fixed_layer_bytes if by_experts else (0,) * N
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
-    kv = kv_cache_bytes(model, n_ctx, type_k, type_v)
+    kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v)
     comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
     fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
@@ -426,7 +439,7 @@ def make_plan(
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
         minimum = fixed + _slot_bytes(unit, candidates, slot_pad)
         if budget < minimum:
-            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
         streamed, k = _fewest_streamed([unit[i] for i in candidates], spread, fits, n_slots, max_slots, need,
                                        slot_pad)
@@ -455,11 +468,12 @@ def make_plan(
         input_bytes=input_embedding_bytes(model),
         kv_layer_bytes=kv // N,
         repack_cpu_layers=repack_cpu_layers,
+        n_seq=n_seq,
     )
 
 
 def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, n_ubatch: int,
-                flash_attn: bool, type_k: str = "f16", type_v: str = "f16") -> Plan:
+                flash_attn: bool, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
     """Below streaming's minimum (every KV cache, the shared tensors and a
     slot on the GPU) llama.cpp's own split may still fit: keep its KV cache
     and output matrix on the host. Nothing can beat it there, so use it."""
@@ -467,29 +481,29 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
     # the estimate grows with the GPU layers: the most that fit, by bisection
     n_fit = bisect.bisect_right(range(N + 1), budget,
                                 key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn, type_k,
-                                                                 type_v)) - 1
+                                                                 type_v, n_seq)) - 1
     if n_fit < 0:
-        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
         raise BudgetError(
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
-                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16") -> Plan:
+                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
     """llama.cpp's `-ngl ngl` split as a Plan (nothing streams)."""
     N = model.n_layer
     spans = tuple(LayerSpan(i, model.layer_bytes[i], "resident" if i >= N - ngl else "host") for i in range(N))
     comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
-    kv_layer = kv_cache_bytes(model, n_ctx, type_k, type_v) // N
+    kv_layer = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v) // N
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),
         arch=model.arch, n_layer=N, layers=spans, n_slots=0, slot_bytes=0, shared_bytes=0,
         kv_bytes=ngl * kv_layer, compute_bytes=comp,
         budget=budget, n_ctx=n_ctx, n_ubatch=n_ubatch, stock_gpu_layers=ngl, type_k=type_k, type_v=type_v,
-        input_bytes=input_embedding_bytes(model), kv_layer_bytes=kv_layer)
+        input_bytes=input_embedding_bytes(model), kv_layer_bytes=kv_layer, n_seq=n_seq)
 
 
 def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: int, slot_pad: int):

@@ -25,7 +25,8 @@ llama_cpp.server.app.create_app builds its model through
 (in the app module, for the duration of the call, under llama_compat's lock)
 for StreamedLlamaProxy, whose loader runs llama-cpp-python's own loader with
 ``llama_cpp.Llama`` seen as StreamedLlama there: every ModelSettings field is
-passed exactly as llama_cpp.server passes it, plus the engine options.
+passed as llama_cpp.server passes it (except its defaults for the options the
+engine decides, and its mlock on by default), plus the engine options as given.
 
 Like llama_cpp.server itself, one app per process: the model lives in a
 module global of llama_cpp.server.app. Creating a second app closes the model
@@ -39,7 +40,8 @@ import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
 from .grammar import grammar_error, schema_grammar
-from .llama_compat import StreamedLlama, apply_chat_format, kv_types_as_ggml, swapped
+from .config import ENGINE_OPTIONS, split_options
+from .llama_compat import IGNORED_LLAMA_OPTIONS, StreamedLlama, apply_chat_format, swapped
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
 import anyio
@@ -54,8 +56,11 @@ from llama_cpp.server import types as server_types
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from starlette.middleware import Middleware
 
-ENGINE_OPTIONS = ("vram_budget", "n_streamed", "streamed_layers", "n_slots", "whole_layers", "device", "prefetch",
-                  "generate_cpu_layers", "exact", "progress")
+# ModelSettings fields llama_cpp.server passes to Llama whatever the caller
+# said: unless the caller of create_app gave them, StreamedLlama gets Llama's
+# defaults (no ignored-option warning; and no mlock, which ModelSettings turns
+# on by default where llama.cpp's own server does not)
+SERVER_DEFAULTS_DROPPED = (*IGNORED_LLAMA_OPTIONS, "use_mlock")
 CLOSED_MESSAGE = ("gguf-stream: error: the model of this server was closed (server shutting down or "
                   "close_app called); restart the server to serve requests again")
 # The request body each endpoint takes (llama_cpp.server.types), checked by RequestGuard
@@ -75,13 +80,17 @@ MAX_BODY_BYTES = 16 << 20  # a 128k-token prompt is about 0.5 MiB of text
 class _LlamaCppWithStreamed:
     """The ``llama_cpp`` module as llama_cpp.server.model sees it while loading:
     everything is llama_cpp's, except that ``Llama`` builds a StreamedLlama
-    (with the engine options, and Llama options ModelSettings has no field for)."""
+    with the engine options (EngineConfig's fields, as the caller gave them)
+    and Llama options ModelSettings has no field for, over what the server
+    passes; ModelSettings' values for SERVER_DEFAULTS_DROPPED only where the
+    caller gave them."""
 
-    def __init__(self, engine_options: dict, llama_options: dict):
-        self._engine_options, self._llama_options = engine_options, llama_options
+    def __init__(self, engine_options: dict, llama_options: dict, given: frozenset = frozenset()):
+        self._engine_options, self._llama_options, self._given = engine_options, llama_options, given
 
     def Llama(self, **kwargs):  # noqa: N802 (mirrors the class name)
-        return StreamedLlama(**kwargs, **self._llama_options, **self._engine_options)
+        kwargs = {k: v for k, v in kwargs.items() if k not in SERVER_DEFAULTS_DROPPED or k in self._given}
+        return StreamedLlama(**{**kwargs, **self._llama_options, **self._engine_options})
 
     def __getattr__(self, name):
         return getattr(llama_cpp, name)
@@ -91,19 +100,22 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
     """llama_cpp.server's model holder, loading StreamedLlama with the engine
     options; after close() requests get HTTP 503 instead of touching freed memory."""
 
-    def __init__(self, models: list[ModelSettings], *, engine_options: dict, llama_options: dict | None = None):
+    def __init__(self, models: list[ModelSettings], *, engine_options: dict, llama_options: dict | None = None,
+                 given: frozenset = frozenset()):
         unknown = set(engine_options) - set(ENGINE_OPTIONS)
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)}; known: {', '.join(ENGINE_OPTIONS)}")
         self._engine_options = dict(engine_options)
         self._llama_options = dict(llama_options or {})
+        self._given = frozenset(given)
         self._closed = False
         super().__init__(models)
 
     def load_llama_from_model_settings(self, settings: ModelSettings) -> StreamedLlama:  # llama_cpp: a staticmethod
         if settings.hf_model_repo_id is not None:
             raise ValueError("gguf-stream serves local GGUF files: give a path, not hf_model_repo_id")
-        with swapped(server_model, "llama_cpp", _LlamaCppWithStreamed(self._engine_options, self._llama_options)):
+        loader = _LlamaCppWithStreamed(self._engine_options, self._llama_options, self._given)
+        with swapped(server_model, "llama_cpp", loader):
             llm = server_model.LlamaProxy.load_llama_from_model_settings(settings)
         try:
             apply_chat_format(llm, settings.chat_format)  # GGUFs without a chat template (Gemma)
@@ -313,28 +325,30 @@ def _schema_grammar(schema) -> str:
         raise BadRequest(400, f"response_format: {exc}", "response_format") from None
 
 
-def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers=None, n_slots=None,
-               whole_layers=None, device: str = "auto", prefetch: bool = True, generate_cpu_layers=None,
-               exact: bool = False, progress: bool = False, host: str = "127.0.0.1",
-               port: int = 8000, api_key: str | None = None, cors_origins=(), pooling: str | None = None,
-               **model_settings) -> FastAPI:
+def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               cors_origins=(), pooling: str | None = None, **options) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
-    ``model_settings`` are llama_cpp.server ModelSettings fields (n_ctx,
-    n_batch, n_ubatch, n_threads, chat_format, model_alias, flash_attn,
-    verbose, ...); the engine options are StreamedLlama's (generation defaults
-    to the measured CPU/PCIe split on CUDA; exact=True: bit-identical to
-    all-in-VRAM). ``api_key``:
+    ``options``: the engine's (every EngineConfig field, as StreamedLlama
+    takes them: vram_budget, generate_cpu_layers (default: the measured
+    CPU/PCIe split on CUDA), exact=True (bit-identical to all-in-VRAM),
+    progress, flash_attn="auto", ...;
+    without a placement a GPU run plans for the free VRAM), and
+    llama_cpp.server's ModelSettings fields (chat_format, model_alias,
+    embedding, n_threads_batch, seed, ...; n_ctx defaults to its 2048).
+    ``api_key``:
     requests must send ``Authorization: Bearer KEY``; ``cors_origins``: the
     browser origins allowed to call it (none by default). ``embedding=True``
     serves /v1/embeddings, pooled by ``pooling`` (see embedding_pooling). The model is loaded
     here (errors raise here); it is closed by close_app(app) or when the
     server shuts down.
     """
-    engine = dict(vram_budget=vram_budget, n_streamed=n_streamed, streamed_layers=streamed_layers,
-                  n_slots=n_slots, whole_layers=whole_layers, device=device, prefetch=prefetch,
-                  generate_cpu_layers=generate_cpu_layers, exact=exact, progress=progress)
-    settings = ModelSettings(model=str(model_path), **kv_types_as_ggml(model_settings))  # type_k='q8_0' too
+    engine, model_settings = split_options(options)  # the engine's reach StreamedLlama as given
+    unknown = sorted(set(model_settings) - set(ModelSettings.model_fields))
+    if unknown:
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: create_app takes "
+                        f"the engine's ({', '.join(ENGINE_OPTIONS)}) and llama_cpp.server's model settings")
+    settings = ModelSettings(model=str(model_path), **model_settings)
     llama_options = {"pooling_type": embedding_pooling(model_path, pooling)} if settings.embedding else {}
     if pooling is not None and not settings.embedding:
         raise ValueError("pooling applies to embeddings: give embedding=True (--embedding) too")
@@ -346,7 +360,8 @@ def create_app(model_path, *, vram_budget=None, n_streamed=None, streamed_layers
         previous.close()  # one model per process, as in llama_cpp.server
 
     def proxy_factory(models):
-        return StreamedLlamaProxy(models, engine_options=engine, llama_options=llama_options)
+        return StreamedLlamaProxy(models, engine_options=engine, llama_options=llama_options,
+                                  given=frozenset(model_settings))
 
     with swapped(server_app, "LlamaProxy", proxy_factory):
         app = server_app.create_app(server_settings=server_settings, model_settings=[settings])

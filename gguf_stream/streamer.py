@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
-from .config import EngineConfig, available_host_memory, resolve_context, select_device
+from .config import EngineConfig, available_host_memory, kv_streams, resolve_context, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
                      UnsupportedModelError)
@@ -38,7 +38,6 @@ llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
 import llama_cpp._internals as internals  # noqa: E402
 
-LOAD_MODE_NONE = 0  # with mmap, overrides to pinned host memory are silently dropped
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 DISCOVERY_BATCH = 16
 SMALL_CONTEXT_CELLS = 256
@@ -57,9 +56,9 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
         what = {"vram_budget": c.vram_budget, "n_streamed": c.n_streamed, "streamed_layers": c.streamed_layers}
     else:
         what = {"n_streamed": 0}
-    return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.flash_attn,
+    return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.planned_flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
-                     type_v=c.type_v, repack_cpu_layers=c.repack, **what)
+                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c), **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,
@@ -70,7 +69,7 @@ def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineCo
     choice = config.generate_resident
     if choice == "none" or (choice == "auto" and not cuda):
         return (), 0
-    reserve = generate_graph_bytes(model_file, config.n_ctx, OFFLOAD_MIN_BATCH, config.flash_attn)
+    reserve = generate_graph_bytes(model_file, config.n_ctx, OFFLOAD_MIN_BATCH, config.planned_flash_attn)
     if choice != "auto":
         return tuple(choice), reserve
     split = config.generate_split(cuda)
@@ -158,6 +157,8 @@ class Streamer:
         self.model_file = model_file or read_model(self.path)
         self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
+        if plan is None:  # StreamedLlama: no placement on a GPU plans for the free VRAM
+            self.config = config = with_default_budget(config, self.cuda)
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
         # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
@@ -238,7 +239,7 @@ class Streamer:
         GPU); streamed layers are overridden into host memory."""
         stock = self.plan.stock_gpu_layers
         params.n_gpu_layers = (-1 if stock is None else stock) if self.cuda else 0
-        params.load_mode = LOAD_MODE_NONE
+        params.load_mode = llama_abi.load_mode(self.config.use_mlock)
         params.use_extra_bufts = self.config.repack
         self._report_load(params)
         if self.engine is not None:
@@ -386,9 +387,9 @@ class Streamer:
         p.n_threads = p.n_threads_batch = self.config.threads
         # the run's KV types and attention (a quantized V cache needs flash
         # attention), so that calibration times what the run will do
-        c, lc = self.config, self.lc
+        c = self.config
         p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
-        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = llama_abi.flash_attn_type(c.flash_attn)
         return p
 
     def bos(self, model) -> int:
@@ -396,6 +397,8 @@ class Streamer:
 
     # ------------------------------------------------------------ the context
     def patch_context_params(self, params) -> None:
+        # llama_cpp.Llama knows flash attention on or off only ("auto" too here)
+        params.flash_attn_type = llama_abi.flash_attn_type(self.config.flash_attn)
         if self.engine is None:
             return
         cb = self.lc.ggml_backend_sched_eval_callback(native.EVAL_CB)
@@ -452,7 +455,7 @@ class Streamer:
         keep theirs in host memory while generating)."""
         self._last_ubatch = 0
         if self.engine is not None:
-            self.engine.kv_attach(OFFLOAD_MIN_BATCH if self.reuses_graphs else 0)
+            self.engine.kv_attach(self.prompt_min_ubatch if self.reuses_graphs else 0)
 
     def kv_cleared(self) -> None:
         """After llama_memory_clear on that context."""
@@ -473,17 +476,27 @@ class Streamer:
         self.context_closing()
 
     # ------------------------------------------------------------ decoding
+    @property
+    def prompt_min_ubatch(self) -> int:
+        """Ubatches of at least this many tokens take the prompt placement
+        (planner.is_generate_phase): OFFLOAD_MIN_BATCH, or with CPU layers
+        one more than config.cpu_layers_max_batch where that is lower."""
+        most = self.config.cpu_layers_max_batch
+        if most is None or not self.plan.cpu_layers:
+            return OFFLOAD_MIN_BATCH
+        return min(most + 1, OFFLOAD_MIN_BATCH)
+
     def decode_sizes(self, n_tokens: int) -> list[int]:
         """Tokens per llama_decode call for a batch of n_tokens (planner.decode_sizes)."""
         split = self.engine is not None and self.reuses_graphs and bool(self.plan.cpu_layers)
-        return decode_sizes(n_tokens, self.config.n_ubatch, split)
+        return decode_sizes(n_tokens, self.config.n_ubatch, split, self.prompt_min_ubatch)
 
     def before_decode(self, n_tokens: int) -> None:
         """The phase of the coming llama_decode (planner.is_generate_phase)."""
         if self.engine is None:
             return
         first, last = decode_ubatches(n_tokens, self.config.n_ubatch)
-        generate = is_generate_phase(first)
+        generate = is_generate_phase(first, self.prompt_min_ubatch)
         # A decode of the last graph's shape may reuse it: CPU layers' KV
         # caches stay where that graph reads them (the first move to host
         # memory waits for a decode of another shape).

@@ -9,11 +9,10 @@ from gguf_stream.config import EngineConfig, cache_dir, cuda_available, physical
 
 @pytest.mark.parametrize("kw,match", [
     (dict(device="gpu"), "device must be"),
-    (dict(n_batch=16, n_ubatch=32), "n_ubatch"),
     (dict(generate_cpu_layers="all"), "generate_cpu_layers must be"),
     (dict(generate_resident="some"), "generate_resident must be"),
-    (dict(exact=True, generate_cpu_layers="auto"), "exact=True computes every layer on the GPU"),
-    (dict(exact=True, generate_cpu_layers=(1, 2)), r"combined with generate_cpu_layers=\(1, 2\)"),
+    (dict(exact=True, generate_cpu_layers="auto"), "exact computes every layer on the GPU"),
+    (dict(exact=True, generate_cpu_layers=(1, 2)), r"combined with CPU layers \(generate_cpu_layers=\(1, 2\)\)"),
     (dict(exact=1), "exact must be True or False"),
     (dict(progress="yes"), "progress must be True or False"),
     (dict(n_slots=0), "n_slots must be at least 1"),
@@ -43,7 +42,10 @@ from gguf_stream.config import EngineConfig, cache_dir, cuda_available, physical
     (dict(n_slots=1.5), "n_slots must be at least 1 .*got 1.5"),
     (dict(n_slots=True), "n_slots must be .*got True"),
     (dict(generate_cpu_layers=(1.5,)), "each of generate_cpu_layers"),
-    (dict(flash_attn="no"), "flash_attn must be True or False, not 'no'"),
+    (dict(flash_attn="no"), "flash_attn must be True, False or 'auto', not 'no'"),
+    (dict(flash_attn=1), "flash_attn must be True, False or 'auto', not 1"),
+    (dict(use_mlock="yes"), "use_mlock must be True or False"),
+    (dict(type_v="q8_0", flash_attn=False), "a quantized V cache"),
     (dict(host_copy_delay_us=-1), "host_copy_delay_us must be at least 0"),
 ])
 def test_bad_options_are_named(kw, match):
@@ -99,6 +101,11 @@ def test_the_generate_split_default_resolves_per_device():
         assert EngineConfig(generate_cpu_layers="none").generate_split(cuda) == "none"
         assert EngineConfig(generate_cpu_layers="auto").generate_split(cuda) == "auto"
         assert EngineConfig(generate_cpu_layers=[3]).generate_split(cuda) == (3,)
+
+
+def test_ubatch_is_clamped_to_the_batch_as_llama_cpp_does():
+    assert EngineConfig(n_batch=16, n_ubatch=32).n_ubatch == 16
+    assert EngineConfig(n_batch=64, n_ubatch=32).n_ubatch == 32
 
 
 def test_layer_lists_become_tuples():

@@ -145,3 +145,24 @@ def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
     with StockModel(tiny_path, n_gpu_layers=ngl, **OPTS) as s:
         ref_tokens, ref_logits = s.generate(prompt, 8, with_logits=True)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+def test_cuda_no_placement_plans_for_the_free_vram(tiny_path):
+    """Without a placement, StreamedLlama and load plan for the free VRAM
+    less the headroom, as the command line does (before, StreamedLlama kept
+    every layer resident, and a model larger than the GPU failed to load)."""
+    from gguf_stream import native
+    from gguf_stream.config import GPU_HEADROOM
+    from gguf_stream.llama_compat import StreamedLlama
+
+    want = native.device_memory("CUDA0")[0] - GPU_HEADROOM
+    llm = StreamedLlama(tiny_path, n_ctx=512, verbose=False)
+    try:
+        got_llama = llm._streamer.config.vram_budget
+        assert llm.plan.streamed == ()  # the tiny model fits
+    finally:
+        llm.close()
+    with StreamedModel(tiny_path, **OPTS) as m:
+        got_model = m.config.vram_budget
+    for got in (got_llama, got_model):
+        assert abs(got - want) < 256 << 20, (got, want)  # free VRAM moves a little between loads

@@ -214,7 +214,7 @@ def test_generate_split_default_exact_and_progress(tiny_path, capfd):
     before loading, and progress=True shows the load (off by default, even
     with verbose=False's silence around llama.cpp's load)."""
     opts = dict(n_streamed=2, device="host", n_ctx=256, n_threads=CPU["n_threads"], verbose=False)
-    with pytest.raises(ValueError, match="exact=True computes every layer on the GPU"):
+    with pytest.raises(ValueError, match="exact computes every layer on the GPU"):
         StreamedLlama(tiny_path, **opts, exact=True, generate_cpu_layers=(1,))
     for progress in (False, True):
         llm = StreamedLlama(tiny_path, **opts, exact=True, progress=progress)

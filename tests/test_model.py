@@ -355,7 +355,7 @@ def test_bad_inputs(tmp_path, tiny_path):
     with pytest.raises(BudgetError, match="below the minimum"):
         StreamedModel(tiny_path, vram_budget="1MiB", **CPU)
     with pytest.raises(ValueError, match="n_ubatch"):
-        StreamedModel(tiny_path, n_batch=16, n_ubatch=32)
+        StreamedModel(tiny_path, n_batch=16, n_ubatch=0)
 
 
 def test_gpu_request_without_cuda_build(tiny_path):

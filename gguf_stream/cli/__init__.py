@@ -4,11 +4,13 @@
     gguf-stream plan MODEL --vram-budget 6GiB -c 4096
     gguf-stream chat MODEL --vram-budget 6GiB
     gguf-stream serve MODEL --vram-budget 6GiB --port 8000
+    gguf-stream batch MODEL --vram-budget 6GiB -np 16 -f prompts.txt > results.jsonl
     gguf-stream models
     gguf-stream bench -m MODEL --vram-budget 0.5x,all
 
 MODEL is a GGUF path or a name from models.toml. Flags mean what they mean in
-llama.cpp (-m, -ngl, -c, -b, -ub, -n, -p, -t, -fa, --temp). User errors print
+llama.cpp (-m, -ngl, -c, -b, -ub, -n, -p, -t, -fa, -ctk, --mlock, --temp; the
+engine's flags come from one table, cli/options.py). User errors print
 one line, ``gguf-stream: error: ...``, and exit 1; Ctrl-C exits 130; progress
 goes to stderr, generated text to stdout. One module per command, each with
 its parser (add_parser) and its function; common.py holds what they share.
@@ -22,7 +24,7 @@ import traceback
 from .. import __version__  # first: loads llama.cpp before anything imports numpy
 from ..bench import cli as bench
 from ..errors import GGUFStreamError
-from . import chat, list_models, plan, run, serve
+from . import batch, batched_bench, chat, list_models, plan, run, serve
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, Formatter, error, one_line, output, \
     quiet_llama_log, restore_llama_log
 
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = [_common_flags()]
-    for command in (plan, run, chat, bench, list_models, serve):
+    for command in (plan, run, chat, batch, bench, batched_bench, list_models, serve):
         command.add_parser(sub, parents)
     return ap
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
+from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_engine, add_model, check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
 
 CHAT_N_PREDICT = 256
 
@@ -28,8 +27,7 @@ def add_parser(sub, parents) -> None:
     p.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default 0; -1: random, said on stderr)")
     p.add_argument("--chat-format", metavar="NAME", help="llama-cpp-python chat format instead of the GGUF's "
                    "template (GGUFs without one: 'gemma' for Gemma, else llama-cpp-python's default)")
-    add_placement(p)
-    add_context(p)
+    add_engine(p)
     p.set_defaults(func=cmd_chat)
 
 
@@ -40,7 +38,7 @@ def cmd_chat(args) -> int:
     check_n_predict(args, "end of turn")
     device, path, options = prepare_load(args)
     t0 = time.perf_counter()
-    llm = streamed_llama(args, path, device, options, seed=resolve_seed(args.seed), chat_format=args.chat_format)
+    llm = streamed_llama(args, path, options, seed=resolve_seed(args.seed), chat_format=args.chat_format)
     try:
         fmt = apply_chat_format(llm, args.chat_format)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")

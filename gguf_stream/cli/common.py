@@ -10,13 +10,10 @@ import sys
 import threading
 import time
 
-from ..memory import KV_CACHE_TYPES, format_size
+from ..memory import format_size
 
 PROG = "gguf-stream"
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
-# Without a budget on a GPU: plan for the free VRAM minus this much (other
-# processes, CUDA context growth, fragmentation).
-GPU_HEADROOM = 1 << 30
 MAX_SEED = 2**32 - 2  # llama.cpp's 2**32 - 1 (LLAMA_DEFAULT_SEED) means "random"
 
 
@@ -112,17 +109,23 @@ def model_arg(args) -> str | None:
 
 
 def check_flags(args) -> None:
-    """Every number in range before anything loads (argparse only checks it is an int)."""
+    """Every number in range and every engine option valid before anything
+    loads (argparse only checks it is an int), named by its flag."""
     from ..config import MAX_CONTEXT, MAX_SLOTS, max_threads
 
     chosen = [f for f, v in (("--vram-budget", args.vram_budget), ("--n-streamed", args.n_streamed),
-                             ("-ngl", args.n_gpu_layers)) if v is not None]
+                             ("--streamed-layers", args.streamed_layers), ("-ngl", args.n_gpu_layers))
+              if v is not None]
     if len(chosen) > 1:
         raise ValueError(f"{' and '.join(chosen)} both choose the placement; give only one")
+    if args.mmap:
+        raise ValueError("--mmap: gguf-stream loads models without mmap (streamed layers must sit in pinned host "
+                         "memory, which llama.cpp does not give a memory-mapped file); leave it out (--no-mmap is "
+                         "what it does)")
     for flag, name, lo, hi, note in (
-            ("-c", "ctx_size", 0, MAX_CONTEXT, "0: the model's training context"),
-            ("-b", "batch_size", 1, MAX_CONTEXT, ""), ("-ub", "ubatch_size", 1, MAX_CONTEXT, ""),
-            ("-t", "threads", 1, max_threads(), "8 per CPU at most"),
+            ("-c", "n_ctx", 0, MAX_CONTEXT, "0: the model's training context"),
+            ("-b", "n_batch", 1, MAX_CONTEXT, ""), ("-ub", "n_ubatch", 1, MAX_CONTEXT, ""),
+            ("-t", "n_threads", 1, max_threads(), "8 per CPU at most"),
             ("--n-streamed", "n_streamed", 0, MAX_SLOTS, ""), ("--n-slots", "n_slots", 1, MAX_SLOTS, ""),
             ("-ngl", "n_gpu_layers", -1, MAX_CONTEXT, "-1: all"), ("--seed", "seed", -1, MAX_SEED, "-1: random"),
             ("--top-k", "top_k", 0, MAX_CONTEXT, "0: off"),
@@ -138,18 +141,7 @@ def check_flags(args) -> None:
     penalty = getattr(args, "repeat_penalty", None)
     if penalty is not None and not (math.isfinite(penalty) and 0 < penalty <= 100):
         raise ValueError(f"--repeat-penalty must be a number over 0, at most 100 (1: off), got {penalty}")
-    if hasattr(args, "cache_type_v"):  # a quantized V cache without flash attention: refused before loading
-        from ..config import check_kv_types
-
-        check_kv_types(args.cache_type_k, args.cache_type_v, args.flash_attn == "on")
-    if args.vram_budget is not None:
-        from ..memory import parse_size
-
-        parse_size(args.vram_budget)  # a clear message for '8 gigs'
-    if getattr(args, "host_budget", None) is not None:
-        from ..memory import parse_size
-
-        parse_size(args.host_budget)
+    engine_config_of(args)  # the rest of the engine's checks (a quantized V cache without -fa, a budget, ...)
     for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
         check_utf8(flag, getattr(args, name, None))
 
@@ -241,20 +233,6 @@ def sampling_params(args, model_path):
                           grammar=grammar)
 
 
-def parse_layers(spec: str):
-    """'auto' | 'none' | '3,7,11' for --generate-cpu-layers."""
-    spec = spec.strip().lower()
-    if spec in ("auto", "none"):
-        return spec
-    try:
-        layers = tuple(int(x) for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--generate-cpu-layers takes auto, none or layer numbers like 3,7,11; got {spec!r}") from None
-    if not layers or min(layers) < 0:
-        raise ValueError(f"--generate-cpu-layers: give auto, none or non-negative layer numbers; got {spec!r}")
-    return layers
-
-
 def pick_device(requested: str) -> str:
     """'cuda' or 'host' for --device auto|cuda|host (config.select_device)."""
     from ..config import select_device
@@ -263,82 +241,98 @@ def pick_device(requested: str) -> str:
 
 
 def context_options(args, n_ctx_train: int | None = None) -> dict:
-    """n_ctx, n_batch, n_ubatch, flash_attn and the KV cache types from -c /
-    -b / -ub / -fa / -ctk / -ctv, as
-    llama.cpp clamps them (a batch no larger than the context, a ubatch no
-    larger than the batch; -c 0: the training context, once the model's is
-    known, else left to the engine): one derivation for plan, run, chat and serve."""
-    n_ctx, n_batch, n_ubatch = args.ctx_size, args.batch_size, args.ubatch_size
-    if n_ctx or n_ctx_train is not None:
-        from ..config import context_sizes
+    """n_ctx, n_batch, n_ubatch from -c / -b / -ub (EngineConfig's defaults
+    where not given) as llama.cpp clamps them (a batch no larger than the
+    context, a ubatch no larger than the batch; -c 0: the training context,
+    once the model's is known, else left to the engine)."""
+    from ..config import EngineConfig, context_sizes
 
+    default = EngineConfig()
+    n_ctx, n_batch, n_ubatch = (default.n_ctx if args.n_ctx is None else args.n_ctx,
+                                default.n_batch if args.n_batch is None else args.n_batch,
+                                default.n_ubatch if args.n_ubatch is None else args.n_ubatch)
+    if n_ctx or n_ctx_train is not None:
         n_ctx, n_batch, n_ubatch = context_sizes(n_ctx, n_batch, n_ubatch, n_ctx_train or 0)
-    return dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), flash_attn=args.flash_attn == "on",
-                type_k=args.cache_type_k, type_v=args.cache_type_v)
+    return dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch))
+
+
+def engine_options(args, n_ctx_train: int | None = None) -> dict:
+    """EngineConfig keyword arguments from the engine flags (cli/options.py's
+    table), the context sizes clamped as llama.cpp clamps them: one
+    derivation for plan, run, chat and serve."""
+    from .options import given_engine_options
+
+    return {**given_engine_options(args), **context_options(args, n_ctx_train)}
+
+
+def engine_config_of(args, **more):
+    """EngineConfig of the flags (with `more`); its errors name the flags."""
+    from ..config import EngineConfig
+    from .options import in_flag_terms
+
+    try:
+        return EngineConfig(**{**engine_options(args), **more})
+    except ValueError as exc:
+        raise ValueError(in_flag_terms(str(exc))) from None
 
 
 def explicit_placement(args, mf) -> dict | None:
-    """make_plan options from --vram-budget / --n-streamed / -ngl, or None."""
+    """The placement options from --vram-budget / --n-streamed / --streamed-layers / -ngl, or None."""
     if args.n_gpu_layers is not None:
         ngl = args.n_gpu_layers
-        return {"n_streamed": 0 if ngl < 0 or ngl >= mf.n_layer else mf.n_layer - ngl, "n_slots": args.n_slots}
-    if args.n_streamed is not None:
-        if args.n_streamed > mf.n_layer:
-            raise ValueError(f"--n-streamed {args.n_streamed}: the model has only {mf.n_layer} layers")
-        return {"n_streamed": args.n_streamed, "n_slots": args.n_slots}
-    if args.vram_budget is not None:
-        return {"vram_budget": args.vram_budget, "n_slots": args.n_slots}
+        return {"n_streamed": 0 if ngl < 0 or ngl >= mf.n_layer else mf.n_layer - ngl}
+    if args.n_streamed is not None and args.n_streamed > mf.n_layer:
+        raise ValueError(f"--n-streamed {args.n_streamed}: the model has only {mf.n_layer} layers")
+    if args.streamed_layers is not None:
+        from .options import ENGINE_FLAGS
+
+        layers = next(f for f in ENGINE_FLAGS if f.field == "streamed_layers").convert(args.streamed_layers)
+        if max(layers) >= mf.n_layer:
+            raise ValueError(f"--streamed-layers {args.streamed_layers}: the model has layers 0..{mf.n_layer - 1}")
+    for name in ("n_streamed", "streamed_layers", "vram_budget"):
+        if getattr(args, name) is not None:
+            return {}  # the flag's own value, in engine_options
     return None
 
 
 def placement(args, path, device: str) -> dict:
-    """EngineConfig placement options from the flags, or the defaults; says what it chose."""
-    options = _placement(args, path, device)
-    if getattr(args, "whole_layers", False):
-        options["whole_layers"] = True
-    if getattr(args, "exact", False):
-        options["exact"] = True
-    if getattr(args, "host_budget", None) is not None:
-        options["host_budget"] = args.host_budget
-    return options
-
-
-def _placement(args, path, device: str) -> dict:
+    """Placement options from the flags, or the defaults; says what it chose."""
+    from ..config import GPU_HEADROOM, free_vram_budget
     from ..gguf_file import read_model
 
     mf = read_model(path)
     train = mf.hparams["n_ctx_train"]
-    if train and args.ctx_size > train:
-        say(f"-c {args.ctx_size} is past the model's training context ({train}): llama.cpp runs it, but "
+    if train and args.n_ctx is not None and args.n_ctx > train:
+        say(f"-c {args.n_ctx} is past the model's training context ({train}): llama.cpp runs it, but "
             "output may degrade there")
     context_options(args, train)  # a context far past it is an error before anything loads
     chosen = explicit_placement(args, mf)
     if chosen is not None:
-        if "vram_budget" in chosen and device == "host":
+        if args.vram_budget is not None and device == "host":
             say(f"no CUDA device: simulating the plan for a {args.vram_budget} VRAM budget with slots in host "
                 "memory (exact, for testing, not fast)")
         return chosen
     if device == "cuda":
-        from .. import native
-
-        free = native.device_memory("CUDA0")[0]
-        budget = max(free - GPU_HEADROOM, 0)
+        budget, free = free_vram_budget()  # what the engine does without a placement, said here
         say(f"no --vram-budget: planning for {format_size(budget)} (free VRAM {format_size(free)} minus "
             f"{format_size(GPU_HEADROOM)} headroom); give --vram-budget B to choose")
-        return {"vram_budget": budget, "n_slots": args.n_slots}
+        return {"vram_budget": budget}
     n_streamed = max(mf.n_layer // 2, 1)
     say(f"no CUDA device and no budget: streaming {n_streamed} of {mf.n_layer} layers through host-memory "
         "slots so the engine runs (exact, for testing, not fast); give --n-streamed K or -ngl N to change")
-    return {"n_streamed": n_streamed, "n_slots": args.n_slots}
+    return {"n_streamed": n_streamed}
 
 
 def prepare_load(args) -> tuple[str, os.PathLike, dict]:
-    """(device, model path, placement options) for a command that loads a
+    """(device, model path, EngineConfig options) for a command that loads a
     model; the device first, so that a GPU asked for without CUDA fails
     before anything is assembled or loaded."""
-    device = pick_device(args.device)
+    device = pick_device(args.device or "auto")
     path = resolve_model(model_arg(args))
-    options = placement(args, path, device)
+    options = {**engine_options(args), **placement(args, path, device), "device": device}
+    if options.get("flash_attn") == "auto":
+        say("-fa auto: llama.cpp decides flash attention when it creates the context; the plan assumes it off "
+            "(the larger compute buffer)")
     say(f"loading {path} ({device} mode)")
     return device, path, options
 
@@ -361,16 +355,20 @@ def describe_plan(plan, device: str) -> str:
             f"{format_size(plan.device_bytes)}{generate}")
 
 
-def streamed_llama(args, path, device: str, options: dict, **llama_kwargs):
+def streamed_llama(args, path, options: dict, **llama_kwargs):
     """The StreamedLlama behind chat (serve builds its own through llama_cpp.server)."""
-    from ..config import physical_cores
     from ..llama_compat import StreamedLlama
 
-    threads = args.threads or physical_cores()   # -t sets both, as in llama.cpp (no -tb here)
-    return StreamedLlama(path, device=device, prefetch=not args.no_prefetch, **context_options(args),
-                         n_threads=threads, n_threads_batch=threads, verbose=args.verbose,
-                         progress=not output.quiet, **options,
-                         **llama_kwargs)
+    return StreamedLlama(path, **{**options, **threads(args)}, **llama_kwargs)
+
+
+def threads(args) -> dict:
+    """-t as llama.cpp's tools take it: the prompt's threads too (no -tb here);
+    the physical cores by default (llama_cpp.Llama's is half the CPUs)."""
+    from ..config import physical_cores
+
+    n = args.n_threads or physical_cores()
+    return dict(n_threads=n, n_threads_batch=n)
 
 
 class CtrlC:
@@ -412,31 +410,11 @@ def add_model(p, required: bool) -> None:
     p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help=argparse.SUPPRESS)
 
 
-def add_placement(p, *, device: bool = True) -> None:
-    g = p.add_argument_group("placement (give at most one of --vram-budget, --n-streamed, -ngl)")
-    g.add_argument("--vram-budget", metavar="B", help="GPU memory the run may use (e.g. 6GiB, 7.5GB); the "
-                   "planner streams the layers that do not fit")
-    g.add_argument("--n-streamed", type=int, metavar="K", help="stream K layers (spread evenly)")
-    g.add_argument("-ngl", "--n-gpu-layers", type=int, metavar="N",
-                   help="keep N layers resident, stream the others (llama.cpp would compute them on the CPU)")
-    g.add_argument("--n-slots", type=int, metavar="S", help="slots streamed layers rotate through (default: "
-                   "planner's choice, at most 2)")
-    g.add_argument("--host-budget", metavar="B", help="host memory the weights may hold (default: what is "
-                   "available); streamed layers beyond it go to the disk tier, read from the GGUF file at every use "
-                   "(host-slot mode only for now)")
-    g.add_argument("--whole-layers", action="store_true",
-                   help="mixture-of-experts models: place whole layers, as for dense ones (default: place the "
-                   "experts; every layer's attention, norms and router stay on the GPU)")
-    g.add_argument("--exact", action="store_true",
-                   help="while generating, compute every layer on the GPU (streamed ones uploaded each token): "
-                   "tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes some "
-                   "streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, "
-                   "which are not bit-identical to all-in-VRAM either")
-    if device:
-        g.add_argument("--device", choices=("auto", "cuda", "host"), default="auto",
-                       help="cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots in host "
-                       "memory, CPU compute (exact, for testing, not fast); auto: cuda if there is one")
-        g.add_argument("--no-prefetch", action="store_true", help="upload streamed layers synchronously")
+def add_engine(p) -> None:
+    """The engine's options: one group per kind, from cli/options.py's table."""
+    from .options import add_engine_options
+
+    add_engine_options(p)
 
 
 def add_sampling(p) -> None:
@@ -464,18 +442,3 @@ def add_sampling(p) -> None:
     g.add_argument("-j", "--json-schema", metavar="SCHEMA", help="constrain the output to JSON matching this JSON "
                    "schema (turned into a grammar as llama-cpp-python does), e.g. '{}' for any JSON object")
     g.add_argument("-jf", "--json-schema-file", metavar="FILE", help="the same, read from FILE")
-
-
-def add_context(p, *, threads: bool = True) -> None:
-    g = p.add_argument_group("context (as in llama.cpp)")
-    g.add_argument("-c", "--ctx-size", type=int, default=4096, metavar="N", help="context size (default 4096)")
-    g.add_argument("-b", "--batch-size", type=int, default=512, metavar="N", help="logical batch (default 512)")
-    g.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N",
-                   help="physical batch (default 512)")
-    g.add_argument("-fa", "--flash-attn", choices=("on", "off"), default="on", help="flash attention (default on)")
-    for flag, name, which in (("-ctk", "--cache-type-k", "K"), ("-ctv", "--cache-type-v", "V")):
-        g.add_argument(flag, name, choices=tuple(KV_CACHE_TYPES), default="f16", metavar="TYPE",
-                       help=f"KV cache type for {which}: {', '.join(KV_CACHE_TYPES)} (default f16)"
-                       + ("; a quantized one needs -fa on" if which == "V" else ""))
-    if threads:
-        g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: all cores)")

@@ -1,8 +1,8 @@
 """gguf-stream plan: the plan for a budget, from the GGUF header alone."""
 from __future__ import annotations
 
-from .common import EXIT_OK, Formatter, add_context, add_model, add_placement, check_flags, context_options, \
-    explicit_placement, model_arg, parse_layers, resolve_model
+from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, engine_config_of, explicit_placement, \
+    model_arg, resolve_model
 
 
 def add_parser(sub, parents) -> None:
@@ -12,50 +12,47 @@ def add_parser(sub, parents) -> None:
                        "sizes come from the GGUF header): per layer where it lives, then the device-memory and "
                        "host-memory estimates.")
     add_model(p, required=False)
-    add_placement(p, device=False)
-    p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
-                   help="plan the generate placement of a CUDA run with this choice (as in run; default auto, "
-                   "as a CUDA run's default; --exact: none): the layers kept resident while generating and the "
-                   "CPU layers, whose repacked copy adds pageable host memory (auto: every overflow layer, the "
-                   "most the measured split can choose)")
-    add_context(p, threads=False)
+    # the options of run, chat and serve; the generate placement shown is a CUDA run's (its default: the
+    # measured split, every overflow layer counted, the most it can choose; --exact: none)
+    add_engine(p)
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
     from ..gguf_file import read_model
-    from ..planner import make_plan
+    from ..streamer import initial_plan
 
     check_flags(args)
-    if args.vram_budget is None and args.n_streamed is None and args.n_gpu_layers is None:
-        raise ValueError("plan needs --vram-budget B (or --n-streamed K / -ngl N)")
-    split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
-    if args.exact and split not in (None, "none"):
-        raise ValueError(f"--exact computes every layer on the GPU; it cannot be combined with "
-                         f"--generate-cpu-layers {args.generate_cpu_layers}")
+    if args.vram_budget is None and args.n_streamed is None and args.streamed_layers is None \
+            and args.n_gpu_layers is None:
+        raise ValueError("plan needs --vram-budget B (or --n-streamed K, --streamed-layers L,L, -ngl N)")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
-    ctx = context_options(args, mf.hparams["n_ctx_train"])
-    plan = make_plan(mf, n_ctx=ctx["n_ctx"], n_ubatch=ctx["n_ubatch"], flash_attn=ctx["flash_attn"],
-                     type_k=ctx["type_k"], type_v=ctx["type_v"],
-                     whole_layers=True if args.whole_layers else None, **explicit_placement(args, mf))
-    plan = _as_on_cuda(mf, plan, ctx, split, args.exact)
+    config = engine_config_of(args, **_context(args, mf), **explicit_placement(args, mf))
+    plan = _as_on_cuda(mf, initial_plan(mf, config, cuda=False), config)
     if args.host_budget is not None:
         from ..disk import assign_disk_tier
         from ..memory import parse_size
 
         plan = assign_disk_tier(plan, parse_size(args.host_budget))
     print(plan.table())
-    print(f"(estimates from the GGUF header at -c {ctx['n_ctx']} -ub {ctx['n_ubatch']}; "
+    fa = " -fa auto (planned as off: the larger compute buffer; llama.cpp decides when it creates the " \
+         "context)" if config.flash_attn == "auto" else ""
+    print(f"(estimates from the GGUF header at -c {config.n_ctx} -ub {config.n_ubatch}{fa}; "
           "`run` measures the real figures)")
     return EXIT_OK
 
 
-def _as_on_cuda(mf, plan, ctx: dict, split, exact: bool):
-    """The plan with the generate placement a CUDA run would start from
-    (split None: the default, the measured split)."""
-    from ..config import EngineConfig
+def _context(args, mf) -> dict:
+    from .common import context_options
+
+    return context_options(args, mf.hparams["n_ctx_train"])
+
+
+def _as_on_cuda(mf, plan, config):
+    """The plan with the generate placement a CUDA run would start from."""
+    from dataclasses import replace
+
     from ..streamer import expected_generate_plan
 
-    config = EngineConfig(device="cuda", generate_cpu_layers=split, exact=exact, **ctx)
-    return expected_generate_plan(mf, plan, config, cuda=True)
+    return expected_generate_plan(mf, plan, replace(config, device="cuda"), cuda=True)

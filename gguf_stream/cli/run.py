@@ -6,9 +6,9 @@ import codecs
 import sys
 import time
 
-from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_context, add_model, add_placement, \
-    add_sampling, check_flags, check_n_predict, context_options, describe_plan, error, parse_layers, prepare_load, \
-    output, sampling_params, say
+from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_engine, add_model, add_sampling, check_flags, \
+    check_n_predict, describe_plan, error, prepare_load, sampling_params, say
+from . import speculative
 
 DEFAULT_N_PREDICT = 128
 
@@ -26,13 +26,9 @@ def add_parser(sub, parents) -> None:
                    help=f"tokens to generate (default {DEFAULT_N_PREDICT}; -1: until end of text)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after an end-of-text token")
     p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
-    p.add_argument("--generate-cpu-layers", metavar="auto|none|L,L", default=None,
-                   help="CUDA: streamed layers the CPU computes while generating instead of uploading them "
-                   "(auto, the default: a split measured on this machine, cached; none: every streamed layer "
-                   "uploaded, the same as --exact; or layer numbers)")
     add_sampling(p)
-    add_placement(p)
-    add_context(p)
+    speculative.add_speculative(p)
+    add_engine(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -41,19 +37,17 @@ def cmd_run(args) -> int:
 
     check_flags(args)
     check_n_predict(args, "end of text")
-    split = None if args.generate_cpu_layers is None else parse_layers(args.generate_cpu_layers)
-    if args.exact and split not in (None, "none"):
-        raise ValueError(f"--exact computes every layer on the GPU; it cannot be combined with "
-                         f"--generate-cpu-layers {args.generate_cpu_layers}")
     device, path, options = prepare_load(args)
     sampling = sampling_params(args, path)  # a bad grammar or schema fails before the load
-    if split is not None:
-        options["generate_cpu_layers"] = split
+    if speculative.wanted(args):
+        speculative.check(args, sampling)
     t0 = time.perf_counter()
-    model = load(path, device=device, **context_options(args), n_threads=args.threads,
-                 prefetch=not args.no_prefetch, verbose=args.verbose, progress=not output.quiet, **options)
+    model = load(path, **options)
     try:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}")
+        if speculative.wanted(args):
+            prompt, n = _prompt_and_length(model, args)
+            return speculative.generate(model, args, device, prompt, n)
         if sampling.greedy:  # the argmax itself: today's output, byte for byte
             return _generate(model, args, _argmax)
         from ..sampling import Sampler
@@ -70,8 +64,8 @@ def _argmax(logits) -> int:
     return int(np.argmax(logits))
 
 
-def _generate(model, args, pick, see_prompt=None) -> int:
-    """Generate with pick(logits) -> token; see_prompt(tokens) first, where the sampler wants the prompt."""
+def _prompt_and_length(model, args) -> tuple[list[int], int]:
+    """The prompt's tokens and how many to generate (-n; -1: up to the context's end)."""
     prompt = model.tokenize(args.prompt, add_bos=True, special=True)
     n_ctx = model.config.n_ctx  # -c 0: the training context
     room = n_ctx - len(prompt)
@@ -79,6 +73,12 @@ def _generate(model, args, pick, see_prompt=None) -> int:
     if n > room:
         raise ValueError(f"the prompt ({len(prompt)} tokens) plus -n {n} exceed the context -c {n_ctx}; "
                          "raise -c or lower -n")
+    return prompt, n
+
+
+def _generate(model, args, pick, see_prompt=None) -> int:
+    """Generate with pick(logits) -> token; see_prompt(tokens) first, where the sampler wants the prompt."""
+    prompt, n = _prompt_and_length(model, args)
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(args.prompt)

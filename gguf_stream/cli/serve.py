@@ -4,8 +4,7 @@ from __future__ import annotations
 import time
 
 from ..errors import EnvironmentMismatchError
-from .common import EXIT_OK, Formatter, add_context, add_model, add_placement, check_flags, context_options, \
-    describe_plan, output, prepare_load, say
+from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_plan, prepare_load, say, threads
 
 
 def add_parser(sub, parents) -> None:
@@ -29,14 +28,11 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="how --embedding pools a text's token vectors into one (default: the model's own where its "
                    "GGUF names one other than none, else mean; none: a vector per token, not OpenAI's shape)")
-    add_placement(p)
-    add_context(p)
+    add_engine(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
-    from ..config import physical_cores
-
     check_flags(args)
     try:
         import uvicorn
@@ -53,12 +49,9 @@ def cmd_serve(args) -> int:
         raise ValueError("--pooling applies to embeddings: give --embedding too")
     device, path, options = prepare_load(args)
     t0 = time.perf_counter()
-    app = server.create_app(path, device=device, prefetch=not args.no_prefetch, host=args.host, port=args.port,
-                            **context_options(args), n_threads=args.threads or physical_cores(),
-                            n_threads_batch=args.threads or physical_cores(),
-                            chat_format=args.chat_format, model_alias=args.alias, verbose=args.verbose,
-                            api_key=args.api_key, cors_origins=args.cors, embedding=args.embedding,
-                            pooling=args.pooling, progress=not output.quiet, **options)
+    app = server.create_app(path, host=args.host, port=args.port, **{**options, **threads(args)},
+                            chat_format=args.chat_format, model_alias=args.alias, api_key=args.api_key,
+                            cors_origins=args.cors, embedding=args.embedding, pooling=args.pooling)
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")

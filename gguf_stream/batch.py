@@ -1,0 +1,249 @@
+"""Several sequences in one llama.cpp context: batched generation.
+
+A context made with n_seq_max = k (EngineConfig.n_seq_max, llama.cpp's -np)
+holds k sequences, each in its own KV cells (llama.cpp's default
+non-unified cache: n_ctx / k cells per sequence). Every step decodes one
+llama_batch holding the next token of every live sequence, so one pass over
+the weights - one upload of every streamed layer - yields up to k tokens.
+More prompts than seats queue; a finished sequence's seat (its KV cells
+cleared) takes the next prompt at the following step, as llama.cpp's
+parallel example does.
+
+A step of k tokens is one ubatch of k rows and is placed as the streamer
+places any decode of that size (Streamer.before_decode): under
+OFFLOAD_MIN_BATCH rows the generate placement, from there on the prompt
+placement, which streams every non-resident layer through the slots and
+computes all rows on the GPU (never llama.cpp's op-by-op copies of host
+weights). A prompt is decoded on its own, in one or more passes, before its
+sequence joins the steps.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DecodeError
+
+
+@dataclass
+class SequenceResult:
+    """One prompt's generation; index is its place in the prompts given."""
+
+    index: int
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    stop: str = ""  # "eos" (an end-of-generation token, not kept) or "length"
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0  # from its prompt's logits to its last token
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+@dataclass
+class BatchResult:
+    sequences: list[SequenceResult]  # in the order of the prompts
+    seconds: float  # wall time of the whole batch, prompts included
+    generate_seconds: float  # wall time of the generation steps
+    steps: int  # llama_decode calls of generated tokens (each one pass over the weights)
+    max_parallel: int  # the most sequences decoded in one step
+
+    @property
+    def n_generated(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.n_generated / self.steps if self.steps else 0.0
+
+    @property
+    def aggregate_tps(self) -> float:
+        """Generated tokens of all sequences per second of generation steps."""
+        return self.n_generated / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+class TokenBatch:
+    """A llama_batch of up to `capacity` tokens, one sequence id each."""
+
+    def __init__(self, lc, capacity: int):
+        self._lc, self.capacity = lc, capacity
+        self.batch = lc.llama_batch_init(capacity, 0, 1)
+
+    def fill(self, entries) -> None:
+        """entries: (token, position, sequence, wants logits) tuples."""
+        if len(entries) > self.capacity:
+            raise ValueError(f"{len(entries)} tokens do not fit a batch of {self.capacity}")
+        b = self.batch
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, bool(out)
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._lc.llama_batch_free(self.batch)
+            self.batch = None
+
+
+@dataclass
+class _Seat:
+    seq: int  # the llama.cpp sequence id
+    result: SequenceResult
+    pos: int  # the next token's position
+    last: int = -1  # the token the next step decodes
+    pick: object = None  # logits -> token
+    t0: float = 0.0
+
+
+def check_prompts(model, prompts, n_tokens: int) -> list[list[int]]:
+    """Token lists that fit a sequence's cells with n_tokens more, or a
+    one-line ValueError naming the prompt."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise ValueError("prompts must be a list of token lists")
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r:.40}")
+    cells = cells_per_sequence(model)
+    n_vocab = model.n_vocab
+    out = []
+    if model.config.kv_unified:  # one cache: the sequences seated together must fit it together
+        need = sorted((len(p) + n_tokens for p in prompts), reverse=True)[:model.config.n_seq_max]
+        if sum(need) > cells:
+            raise ValueError(f"{len(need)} sequences at once need up to {sum(need)} KV cells, over the shared "
+                             f"cache's {cells} (n_ctx {model.config.n_ctx}, kv_unified); raise n_ctx or lower "
+                             "n_tokens or n_seq_max")
+    for i, p in enumerate(prompts):
+        p = list(p)
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n_vocab for t in p):
+            raise ValueError(f"prompt {i} holds token ids outside the vocabulary (0..{n_vocab - 1})")
+        if len(p) + n_tokens > cells:
+            raise ValueError(f"prompt {i} ({len(p)} tokens) plus {n_tokens} generated exceed a sequence's "
+                             f"{cells} KV cells (n_ctx {model.config.n_ctx} / n_seq_max {model.config.n_seq_max}, "
+                             "padded); "
+                             "raise n_ctx or lower n_tokens")
+        out.append([int(t) for t in p])
+    return out
+
+
+def cells_per_sequence(model) -> int:
+    """KV cells a sequence of the model's context may have (llama.cpp's
+    non-unified cache: n_ctx / n_seq_max, padded; unified: all of them)."""
+    return model._lc.llama_n_ctx_seq(model._live_ctx())
+
+
+def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True,
+                   on_done=None) -> BatchResult:
+    """Generate up to n_tokens after each prompt (token lists), up to
+    model.config.n_seq_max of them at a time in one context. sampling: a
+    sampling.SamplingParams (None: greedy), one sampler chain per sequence,
+    each seeded alike, so a sequence's tokens are those it would get alone.
+    on_done(SequenceResult) is called as each finishes. The KV cache is
+    cleared first and left holding nothing of these sequences."""
+    prompts = check_prompts(model, prompts, n_tokens)
+    lc, ctx = model._lc, model._live_ctx()
+    k = model.config.n_seq_max
+    model.reset()
+    mem = lc.llama_get_memory(ctx)
+    queue = deque(enumerate(prompts))
+    free = list(range(k - 1, -1, -1))  # sequence ids, popped from the end: 0 first
+    seats: list[_Seat] = []
+    results: list[SequenceResult | None] = [None] * len(prompts)
+    steps = max_parallel = 0
+    t_start = time.perf_counter()
+    t_gen = 0.0
+    with ExitStack() as stack:
+        batch = TokenBatch(lc, max(k, model.config.n_batch))
+        stack.callback(batch.close)
+
+        def finish(seat: _Seat, stop: str) -> None:
+            seat.result.stop = stop
+            seat.result.generate_seconds = time.perf_counter() - seat.t0
+            lc.llama_memory_seq_rm(mem, seat.seq, -1, -1)
+            free.append(seat.seq)
+            results[seat.result.index] = seat.result
+            if on_done is not None:
+                on_done(seat.result)
+
+        def take(seat: _Seat, logits) -> bool:
+            """Pick the seat's next token; False when the sequence ends."""
+            tok = seat.pick(logits)
+            if stop_at_eog and model.is_eog(tok):
+                finish(seat, "eos")
+                return False
+            seat.result.tokens.append(tok)
+            if len(seat.result.tokens) >= n_tokens:
+                finish(seat, "length")
+                return False
+            seat.last = tok
+            return True
+
+        while queue or seats:
+            while queue and free:  # seat waiting prompts
+                index, prompt = queue.popleft()
+                seat = _Seat(free.pop(), SequenceResult(index, prompt), pos=len(prompt))
+                seat.pick = _picker(model, sampling, prompt, stack)
+                t0 = time.perf_counter()
+                _prefill(model, batch, seat.seq, prompt)
+                seat.t0 = time.perf_counter()
+                seat.result.prompt_seconds = seat.t0 - t0
+                if take(seat, _logits(model, -1)):
+                    seats.append(seat)
+            if not seats:
+                continue
+            t0 = time.perf_counter()
+            batch.fill([(s.last, s.pos, s.seq, True) for s in seats])
+            _decode(model, batch)
+            steps += 1
+            max_parallel = max(max_parallel, len(seats))
+            live = []
+            for i, s in enumerate(seats):
+                s.pos += 1
+                if take(s, _logits(model, i)):
+                    live.append(s)
+            seats = live
+            t_gen += time.perf_counter() - t0
+    model._vram_sample()
+    return BatchResult([r for r in results], time.perf_counter() - t_start, t_gen, steps, max_parallel)
+
+
+def _picker(model, sampling, prompt: list[int], stack: ExitStack):
+    if sampling is None or sampling.greedy:
+        return lambda logits: int(np.argmax(logits))
+    from .sampling import Sampler
+
+    sampler = Sampler(model, sampling)
+    stack.callback(sampler.close)
+    sampler.feed_prompt(prompt)
+    return sampler.sample
+
+
+def _prefill(model, batch: TokenBatch, seq: int, prompt: list[int]) -> None:
+    """The prompt into sequence seq, n_batch tokens per decode, logits for its last token."""
+    step = model.config.n_batch
+    for start in range(0, len(prompt), step):
+        part = prompt[start:start + step]
+        last = start + len(part) == len(prompt)
+        batch.fill([(t, start + j, seq, last and j == len(part) - 1) for j, t in enumerate(part)])
+        _decode(model, batch)
+
+
+def _decode(model, batch: TokenBatch) -> None:
+    rc = model._decode(batch.batch)
+    if rc != 0:
+        raise DecodeError(f"llama_decode returned {rc} (1: no KV cells left for the batch; 2: aborted; <0: error)")
+
+
+def _logits(model, i: int) -> np.ndarray:
+    """Logits of the i-th output of the last decode (-1: the last one), a copy."""
+    ptr = model._lc.llama_get_logits_ith(model.ctx, i)
+    if not ptr:
+        raise DecodeError(f"llama.cpp has no logits for output {i} of the last decode")
+    return np.ctypeslib.as_array(ptr, shape=(model.n_vocab,)).copy()

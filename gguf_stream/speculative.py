@@ -1,0 +1,195 @@
+"""Speculative decoding, greedy: a cheap drafter proposes tokens, one decode
+of the model checks them all.
+
+A streamed model pays for a pass over its weights (an upload of every
+streamed layer) whatever the number of tokens in it, so a decode of the last
+token plus k drafted ones costs about one token's decode and yields every
+drafted token that matches the model's own greedy choice, plus one. The
+output is the model's greedy output: each position's token is the argmax of
+the logits the model computes for it after the tokens before it, drafts
+only decide how many positions one pass computes.
+
+Drafters: PromptLookup (n-grams of the text so far, llama.cpp's
+llama-lookup / prompt lookup decoding) and DraftModel (a small model with
+the same vocabulary, e.g. a StockModel fully on the GPU).
+
+The verify decode is a ubatch of 1 + k rows, placed like any decode of that
+size (Streamer.before_decode): the generate placement below
+OFFLOAD_MIN_BATCH rows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batch import TokenBatch, _decode, _logits
+
+DEFAULT_NGRAM_MAX = 3
+
+
+@dataclass
+class SpeculativeResult:
+    tokens: list[int] = field(default_factory=list)
+    stop: str = ""  # "eos" (not kept) or "length"
+    passes: int = 0  # verify decodes of the model (after the prompt's)
+    drafted: int = 0
+    accepted: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted drafted tokens per drafted token."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Generated tokens per decode of the model (the first comes from the prompt's)."""
+        return len(self.tokens) / (self.passes + 1) if self.tokens else 0.0
+
+    def summary(self) -> str:
+        return (f"speculative: {self.accepted} of {self.drafted} drafted tokens accepted "
+                f"({100 * self.acceptance:.0f}%), {self.tokens_per_pass:.2f} tokens per pass "
+                f"({self.passes + 1} passes for {len(self.tokens)} tokens)")
+
+
+class PromptLookup:
+    """Drafts from the context itself: the tokens that followed the latest
+    earlier occurrence of its last n tokens (n from ngram_max down to
+    ngram_min), at most n_draft of them."""
+
+    def __init__(self, n_draft: int, ngram_max: int = DEFAULT_NGRAM_MAX, ngram_min: int = 1):
+        if not 1 <= n_draft <= 256 or not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"prompt lookup needs 1 <= n_draft <= 256 and 1 <= ngram_min <= ngram_max, got "
+                             f"{n_draft}, {ngram_min}, {ngram_max}")
+        self.n_draft, self.ngram_max, self.ngram_min = n_draft, ngram_max, ngram_min
+
+    def draft(self, context: list[int], n: int) -> list[int]:
+        n = min(n, self.n_draft)
+        for size in range(min(self.ngram_max, len(context) - 1), self.ngram_min - 1, -1):
+            tail = context[-size:]
+            for start in range(len(context) - size - 1, -1, -1):  # the latest match first
+                if context[start:start + size] == tail:
+                    return context[start + size:start + size + n]
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class DraftModel:
+    """Drafts greedily with a small model (a model.py session) of the same
+    vocabulary; its KV cache follows the context, only what changed is
+    decoded again."""
+
+    def __init__(self, model, n_draft: int):
+        if not 1 <= n_draft <= 256:
+            raise ValueError(f"n_draft must be in 1..256, got {n_draft}")
+        self.model, self.n_draft = model, n_draft
+        self._seen: list[int] = []  # tokens in the draft model's KV cache
+
+    def check_vocabulary(self, target) -> None:
+        """The draft model must tokenize as the target does (llama.cpp checks the same)."""
+        d, t = self.model, target
+        same = d.n_vocab == t.n_vocab and all(d.token_bytes(i) == t.token_bytes(i)
+                                              for i in range(0, t.n_vocab, max(t.n_vocab // 64, 1)))
+        if not same:
+            raise ValueError(f"the draft model's vocabulary ({d.n_vocab} tokens) differs from the model's "
+                             f"({t.n_vocab}); give a draft model of the same family")
+
+    def draft(self, context: list[int], n: int) -> list[int]:
+        n = min(n, self.n_draft)
+        m, lc = self.model, self.model._lc
+        common = 0
+        while common < min(len(self._seen), len(context) - 1) and self._seen[common] == context[common]:
+            common += 1
+        lc.llama_memory_seq_rm(lc.llama_get_memory(m._live_ctx()), 0, common, -1)
+        if common >= len(context) - 1 and common:
+            common = len(context) - 1  # the last token is decoded again for its logits
+            lc.llama_memory_seq_rm(lc.llama_get_memory(m.ctx), 0, common, -1)
+        self._seen = context[:common]
+        if len(context) + n > m.config.n_ctx:
+            n = max(m.config.n_ctx - len(context), 0)
+        out = []
+        m.eval(context[common:])
+        self._seen = list(context)
+        for _ in range(n):
+            tok = int(np.argmax(m.logits()))
+            out.append(tok)
+            if len(out) == n:
+                break
+            m.eval([tok])
+            self._seen.append(tok)
+        return out
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def generate_speculative(model, prompt: list[int], n_tokens: int, drafter, *, stop_at_eog: bool = True,
+                         on_token=None) -> SpeculativeResult:
+    """Greedy generation of up to n_tokens after prompt with drafts checked
+    in one decode each; the tokens equal model.generate's. on_token(token)
+    is called for each generated token in order (not for an end token)."""
+    lc, ctx = model._lc, model._live_ctx()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) + n_tokens > model.config.n_ctx:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) plus {n_tokens} exceed the context "
+                         f"({model.config.n_ctx}); raise n_ctx or lower n_tokens")
+    r = SpeculativeResult()
+    model.reset()
+    mem = lc.llama_get_memory(ctx)
+    t0 = time.perf_counter()
+    model.eval(prompt)
+    r.prompt_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_draft = min(getattr(drafter, "n_draft", 16), model.config.n_batch - 1)
+    batch = TokenBatch(lc, 1 + n_draft)
+    context = list(prompt)
+
+    def emit(tok: int) -> bool:
+        """Keep the model's token; False when generation ends."""
+        if stop_at_eog and model.is_eog(tok):
+            r.stop = "eos"
+            return False
+        r.tokens.append(tok)
+        context.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(r.tokens) >= n_tokens:
+            r.stop = "length"
+            return False
+        return True
+
+    try:
+        pending = model.logits()  # for the position after the KV cache's tokens
+        n_past = len(prompt)
+        while True:
+            tok = int(np.argmax(pending))
+            if not emit(tok):
+                return r
+            room = min(n_draft, n_tokens - len(r.tokens) - 1, model.config.n_ctx - n_past - 1)
+            draft = drafter.draft(context, room) if room > 0 else []
+            batch.fill([(t, n_past + j, 0, True) for j, t in enumerate([tok] + draft)])
+            _decode(model, batch)
+            r.passes += 1
+            r.drafted += len(draft)
+            rows = [_logits(model, j) for j in range(len(draft) + 1)]
+            accepted = 0
+            for j, d in enumerate(draft):
+                if int(np.argmax(rows[j])) != d:
+                    break
+                accepted += 1
+                r.accepted += 1
+                if not emit(d):
+                    return r
+            n_past += 1 + accepted
+            lc.llama_memory_seq_rm(mem, 0, n_past, -1)  # the rejected drafts' cells
+            pending = rows[accepted]
+    finally:
+        batch.close()
+        r.generate_seconds = time.perf_counter() - t0
+        model._vram_sample()

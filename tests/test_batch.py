@@ -1,0 +1,182 @@
+"""Batched generation (batch.py): k sequences in one context give each
+sequence the tokens it gets alone, on stock llama.cpp and streamed (host
+mode, exact), with more prompts than seats; the KV cache is sized for the
+sequences as llama.cpp sizes it."""
+import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+import pytest
+from conftest import CPU, HYBRID, hybrid_cpu_layers
+
+from gguf_stream.gguf_file import read_model
+from gguf_stream.memory import kv_cache_bytes
+from gguf_stream.model import StockModel, StreamedModel
+from gguf_stream.sampling import Sampler, SamplingParams
+
+TEXTS = ["The quick brown fox", "Once upon a time there was", "In 1492 Columbus", "def fibonacci(n):",
+         "The capital of France is"]  # 5 prompts for 4 seats: the first to finish gives its seat to the last
+N = 8
+SEATS = dict(CPU, n_seq_max=4, n_ctx=1024)
+
+
+def alone(path, sampling=None):
+    """Each prompt generated alone by stock llama.cpp, one sequence, a cleared cache each time."""
+    out = []
+    with StockModel(path, 0, **CPU) as m:
+        for text in TEXTS:
+            m.reset()
+            prompt = m.tokenize(text, add_bos=True, special=True)
+            if sampling is None:
+                out.append(m.generate(prompt, N, stop_at_eog=True))
+                continue
+            with Sampler(m, sampling) as s:
+                s.feed_prompt(prompt)
+                m.eval(prompt)
+                toks = []
+                for _ in range(N):
+                    toks.append(s.sample(m.logits()))
+                    m.eval([toks[-1]])
+                out.append(toks)
+    return out
+
+
+@pytest.fixture(scope="module", params=["gemma", "tiny"])
+def model_alone(request):
+    path = request.getfixturevalue(f"{request.param}_path")
+    return path, alone(path)
+
+
+@pytest.mark.parametrize("placement", ["stock", "resident", "streamed", "hybrid", "hybrid-rows-on-gpu"])
+def test_batched_equals_each_sequence_alone(model_alone, placement):
+    path, reference = model_alone
+    if placement == "stock":
+        m = StockModel(path, 0, **SEATS)
+    else:
+        kw = {"resident": {}, "streamed": HYBRID,
+              "hybrid": dict(HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)),
+              "hybrid-rows-on-gpu": dict(HYBRID, generate_cpu_layers=hybrid_cpu_layers(path),
+                                         cpu_layers_max_batch=1)}[placement]
+        m = StreamedModel(path, **SEATS, **kw)
+    with m:
+        done = []
+        r = m.generate_batch(TEXTS, N, on_done=lambda s: done.append(s.index))
+        assert [s.tokens for s in r.sequences] == reference
+        assert [s.index for s in r.sequences] == list(range(len(TEXTS)))
+        assert sorted(done) == list(range(len(TEXTS)))
+        assert r.max_parallel == 4 and r.steps < len(TEXTS) * N  # several tokens per pass
+        assert r.tokens_per_step > 1 and r.aggregate_tps > 0
+        assert all(s.stop in ("length", "eos") and s.tokens_per_second > 0 for s in r.sequences)
+        if placement != "stock" and placement != "resident":
+            assert m.stats.counters.uploads > 0
+        # the model is usable alone afterwards (the batch leaves no sequence behind)
+        m.reset()
+        assert m.generate(m.tokenize(TEXTS[0], add_bos=True, special=True), N, stop_at_eog=True) == reference[0]
+
+
+def test_cpu_layers_max_batch_moves_multi_row_decodes_to_the_prompt_placement(tiny_path):
+    """With cpu_layers_max_batch=1 a step of several sequences streams the
+    CPU layers too (prompt placement, every row on the device), while a
+    lone sequence's step still leaves them to the CPU: more uploads, the
+    same tokens."""
+    cpu = hybrid_cpu_layers(tiny_path)
+    uploads, tokens = {}, {}
+    for most in (None, 1):
+        with StreamedModel(tiny_path, **SEATS, **HYBRID, generate_cpu_layers=cpu, cpu_layers_max_batch=most) as m:
+            assert m.streamer.prompt_min_ubatch == (32 if most is None else 2)
+            m.reset_counters()
+            r = m.generate_batch([[1, 2, 3]] * 4, N, stop_at_eog=False)
+            uploads[most], tokens[most] = m.stats.counters.uploads, [s.tokens for s in r.sequences]
+            m.reset_counters()
+            m.generate_batch([[1, 2, 3]], N, stop_at_eog=False)  # one row: the generate placement either way
+            alone = m.stats.counters.uploads
+    assert tokens[None] == tokens[1]
+    assert uploads[1] >= uploads[None] + (N - 1) * len(cpu)  # each 4-row step uploads the CPU layers too
+    assert alone < uploads[None]
+
+
+def test_negative_control_crossed_rows_are_caught(gemma_path, monkeypatch):
+    """Reading the logits of another sequence's row (an indexing slip) is
+    caught by the comparison above: the sequences' tokens change."""
+    from gguf_stream import batch
+
+    reference = alone(gemma_path)
+    logits = batch._logits
+    monkeypatch.setattr(batch, "_logits", lambda m, i: logits(m, i if i < 1 else i - 1))
+    with StockModel(gemma_path, 0, **SEATS) as m:
+        got = [s.tokens for s in m.generate_batch(TEXTS, N).sequences]
+    assert got[0] == reference[0] and got[1:] != reference[1:]
+
+
+def test_sampled_sequences_equal_alone(tiny_path):
+    """Each sequence has its own sampler chain, seeded alike: its tokens are those it draws alone."""
+    sampling = SamplingParams(temp=0.8, top_k=40, seed=7)
+    reference = alone(tiny_path, sampling)
+    with StreamedModel(tiny_path, **SEATS, **HYBRID) as m:
+        r = m.generate_batch(TEXTS, N, sampling=sampling, stop_at_eog=False)
+    assert [s.tokens for s in r.sequences] == reference
+    assert len(set(map(tuple, reference))) > 1
+
+
+def test_kv_cache_sized_for_the_sequences(tiny_path):
+    """The plan's KV is k sequences x n_ctx/k cells, padded as llama.cpp pads
+    them: the engine measures CPU layers' KV caches, and they match."""
+    mf = read_model(tiny_path)
+    cpu = hybrid_cpu_layers(tiny_path)
+    with StreamedModel(tiny_path, **dict(CPU, n_seq_max=3, n_ctx=1000), **HYBRID, generate_cpu_layers=cpu) as m:
+        assert m.generate_batch(TEXTS[:3], 2).n_generated == 6  # a generate-phase decode moves KV to host
+        plan = m.plan
+        assert "3 sequences x 512 cells" in plan.table()
+        assert plan.kv_bytes == kv_cache_bytes(mf, 3 * 512) and plan.n_seq == 3
+        measured = m.stats.counters.host_kv_bytes
+        assert measured == len(cpu) * plan.kv_layer_bytes
+        assert measured != len(cpu) * (kv_cache_bytes(mf, 1000) // mf.n_layer)  # unpadded would be wrong
+        assert m._lc.llama_n_ctx_seq(m.ctx) == 512
+
+
+def test_bad_input(tiny_path):
+    with StockModel(tiny_path, 0, **dict(CPU, n_seq_max=2, n_ctx=512)) as m:
+        for prompts, n, words in (([], 4, "at least one prompt"), ([[]], 4, "prompt 0 is empty"),
+                                  ([[1], [10**9]], 4, "prompt 1 holds token ids"),
+                                  ([[1] * 200], 100, "exceed a sequence's 256 KV cells"),
+                                  ("text", 4, "list of token lists"), ([[1]], 0, "n_tokens")):
+            with pytest.raises(ValueError, match=words):
+                m.generate_batch(prompts, n)
+        assert m.generate_batch([[1, 2]], 2).n_generated == 2  # still usable
+    with pytest.raises(ValueError, match="n_seq_max"):
+        StockModel(tiny_path, 0, **dict(CPU, n_seq_max=8, n_ctx=4))
+    with pytest.raises(ValueError, match="n_seq_max"):
+        StockModel(tiny_path, 0, **dict(CPU, n_seq_max=0))
+
+
+def test_unified_kv_cache(tiny_path):
+    """kv_unified (llama.cpp's -kvu): the sequences share one cache of n_ctx
+    cells (padded once), sized so in the plan and measured so; outputs as alone."""
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    with StockModel(tiny_path, 0, **CPU) as m:
+        reference = []
+        for p in prompts:
+            m.reset()
+            reference.append(m.generate(p, 6))
+    cpu = hybrid_cpu_layers(tiny_path)
+    with StreamedModel(tiny_path, **dict(CPU, n_ctx=64, n_seq_max=3, kv_unified=True), **HYBRID,
+                       generate_cpu_layers=cpu) as m:
+        r = m.generate_batch(prompts, 6, stop_at_eog=False)
+        assert [s.tokens for s in r.sequences] == reference
+        assert m.plan.kv_bytes == kv_cache_bytes(read_model(tiny_path), 256)
+        assert m.stats.counters.host_kv_bytes == len(cpu) * m.plan.kv_layer_bytes
+        with pytest.raises(ValueError, match="3 sequences at once need up to 600 KV cells"):
+            m.generate_batch([[1] * 100] * 3, 100)
+
+
+def test_plan_sizes_kv_for_the_sequences(tiny_path):
+    from gguf_stream.planner import make_plan
+
+    mf = read_model(tiny_path)
+    one = make_plan(mf, n_streamed=4, n_ctx=1024)
+    four = make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=4)  # 250 each, padded to 256
+    assert four.kv_bytes == one.kv_bytes == kv_cache_bytes(mf, 1024)
+    assert make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=8).kv_bytes == kv_cache_bytes(mf, 8 * 256)
+    assert "8 sequences x 256 cells" in make_plan(mf, n_streamed=4, n_ctx=1000, n_seq=8).table()
+    # the budget covers it: 8 sequences' KV counts in the device estimate the budget is held to
+    budget = make_plan(mf, n_streamed=2, n_ctx=256).device_bytes + kv_cache_bytes(mf, 7 * 256)
+    many = make_plan(mf, vram_budget=budget, n_ctx=256 * 8, n_seq=8)
+    alone = make_plan(mf, streamed_layers=many.streamed, n_slots=many.n_slots, n_ctx=256)
+    assert many.device_bytes <= budget and many.device_bytes - alone.device_bytes == kv_cache_bytes(mf, 7 * 256)

@@ -1,0 +1,71 @@
+"""gguf-stream batched-bench (bench/batched.py) in host mode on the tiny
+model: every row measured, stock beside streamed; the acceptance checks
+computed from the rows (and failing where the rows fail them)."""
+import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+
+import json
+
+import pytest
+from test_cli import T, assert_user_error, run_main
+
+from gguf_stream.bench.batched import BatchedWorkload, Run, checks, render_md
+
+
+def test_batched_bench_host(tiny_path, capsys):
+    argv = ["batched-bench", str(tiny_path), "--device", "host", "-npp", "8", "-ntg", "2", "-npl", "1,2",
+            "--verify", "1,3", "-r", "1", "-b", "64", "-ub", "64", "-t", T, "--n-streamed", "4",
+            "--generate-cpu-layers", "1,5"]
+    rc, out, err = run_main(capsys, *argv, "-o", "json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    runs = doc["runs"]
+    # CPU layers in the split: a second streamed run puts decodes of 2+ rows on the device
+    assert [r["mode"] for r in runs] == ["stock ngl=0", "streamed", "streamed, k rows on the GPU"]
+    assert [r["cpu_layers"] for r in runs] == [0, 2, 2]
+    for r in runs:
+        assert sorted(map(int, r["tg"])) == [1, 2] and all(v > 0 for v in r["tg"].values())
+        assert sorted(map(int, r["verify"])) == [1, 3] and all(v > 0 for v in r["verify"].values())
+    assert "4/8 layers streamed" in runs[1]["plan"]
+    assert doc["workload"]["parallel"] == [1, 2]
+    rc, out, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    assert "| parallel sequences | stock ngl=0 tg t/s | streamed tg t/s |" in out
+    assert "| verify decode of k tokens |" in out and "context 2 x 256 cells" in out
+
+
+def _run(mode, tg, verify, peak=None, budget=None):
+    return Run("0.5x", budget, mode, tg=tg, verify=verify, vram_peak=peak)
+
+
+def test_checks_pass_and_fail():
+    good = [_run("stock ngl=9", {1: 2.0, 16: 10.0}, {1: 0.1, 8: 0.3}, 90, 100),
+            _run("streamed", {1: 2.0, 16: 24.0}, {1: 0.1, 8: 0.12}, 99, 100)]
+    lines = checks(good)
+    assert len(lines) == 5 and all(line.endswith("PASS") for line in lines), lines
+    bad = [_run("stock ngl=9", {1: 2.0, 16: 20.0}, {1: 0.1, 8: 0.3}, 90, 100),
+           _run("streamed", {1: 3.0, 16: 21.0}, {1: 0.1, 8: 0.2}, 101, 100)]
+    verdicts = [line.rsplit(" ", 1)[1] for line in checks(bad)]
+    assert verdicts == ["FAIL", "FAIL", "FAIL", "PASS", "FAIL"]  # 7x, 1.05x, 2x verify, peaks
+    md = render_md(good, BatchedWorkload(parallel=(1, 16), verify=(1, 8)), checks(good))
+    assert "| 16 | 10.00 | 24.00 | 2.40 | 5.00 | 12.00 |" in md
+
+
+def test_bad_flags(tiny_path, capsys):
+    for extra, words in ((["-npl", "1,x"], "-npl: give comma-separated numbers"),
+                         (["-npl", "0"], "-npl needs numbers in 1..256"),
+                         (["-ntg", "0"], "-npp, -ntg and -r must be at least 1"),
+                         (["--verify", "128", "-b", "64"], "--verify 128 exceeds -b 64")):
+        rc, _, err = run_main(capsys, "batched-bench", str(tiny_path), "--device", "host", *extra)
+        assert_user_error(rc, err, words)
+
+
+@pytest.mark.parametrize("w", [dict(parallel=(1, 2), n_prompt=10, n_gen=5, verify=(1, 8))])
+def test_context_holds_every_sequence(w):
+    wl = BatchedWorkload(**w)
+    assert wl.n_seq_max == 2 and wl.n_ctx == 2 * 256
+
+
+def test_unified_context_is_what_the_workload_needs():
+    wl = BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8), kv_unified=True)
+    assert wl.n_ctx == 4096  # 32 x 121 = 3872 cells, padded to 256 once (not 256 per sequence: 8192)
+    assert BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8)).n_ctx == 8192

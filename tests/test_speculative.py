@@ -1,0 +1,123 @@
+"""Speculative decoding (speculative.py): greedy output with drafts checked
+in one decode equals plain greedy output, streamed or not, with prompt
+lookup and with a draft model; acceptance and tokens per pass counted."""
+import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+import pytest
+from conftest import CPU, HYBRID, hybrid_cpu_layers
+
+from gguf_stream.model import StockModel, StreamedModel
+from gguf_stream.speculative import DraftModel, PromptLookup, generate_speculative
+
+TEXT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+N = 24
+
+
+@pytest.fixture(scope="module", params=["gemma", "tiny"])
+def reference(request):
+    path = request.getfixturevalue(f"{request.param}_path")
+    with StockModel(path, 0, **CPU) as m:
+        prompt = m.tokenize(TEXT, add_bos=True, special=True)
+        return path, prompt, m.generate(prompt, N, stop_at_eog=True)
+
+
+def test_prompt_lookup_equals_greedy(reference):
+    path, prompt, ref = reference
+    with StreamedModel(path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(path)) as m:
+        for n_draft in (1, 5):
+            seen = []
+            r = generate_speculative(m, prompt, N, PromptLookup(n_draft), on_token=seen.append)
+            assert r.tokens == ref and seen == ref
+            assert r.passes + 1 >= len(ref) / (n_draft + 1)
+            assert r.drafted >= r.accepted >= 0 and 0 <= r.acceptance <= 1
+            assert "tokens per pass" in r.summary()
+
+
+def test_draft_model_equals_greedy(tiny_path):
+    """The model itself as its draft: every draft is accepted, so every pass
+    checks n_draft tokens at once - and the tokens are still greedy's."""
+    path = tiny_path
+    with StockModel(path, 0, **CPU) as m:
+        prompt = m.tokenize(TEXT, add_bos=True, special=True)
+        ref = m.generate(prompt, N, stop_at_eog=True)
+    with StreamedModel(path, **CPU, **HYBRID) as m, StockModel(path, 0, **CPU) as dm:
+        drafter = DraftModel(dm, 6)
+        drafter.check_vocabulary(m)
+        r = generate_speculative(m, prompt, N, drafter)
+        assert r.tokens == ref
+        if r.stop == "length":
+            assert r.acceptance == 1.0 and r.tokens_per_pass > 4
+        again = generate_speculative(m, prompt, N, drafter)  # the draft model's cache follows a new context
+        assert again.tokens == ref
+
+
+def test_lookup_finds_repeats():
+    lookup = PromptLookup(3)
+    assert lookup.draft([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
+    assert lookup.draft([5, 1, 2, 7, 1, 2], 2) == [7, 1]
+    assert lookup.draft([1, 2, 3], 3) == []
+    assert lookup.draft([4, 4], 3) == [4]
+    with pytest.raises(ValueError):
+        PromptLookup(0)
+
+
+def test_negative_control_wrong_row_is_caught(tiny_path, monkeypatch):
+    """Checking a draft against the next position's logits (an off-by-one)
+    changes the output: the comparison above would see it."""
+    from gguf_stream import speculative
+
+    path = tiny_path
+    with StockModel(path, 0, **CPU) as m:
+        prompt = m.tokenize(TEXT, add_bos=True, special=True)
+        ref = m.generate(prompt, N, stop_at_eog=True)
+    logits = speculative._logits
+    monkeypatch.setattr(speculative, "_logits", lambda m, i: logits(m, i + 1) if i == 0 and m._n_rows > 1
+                        else logits(m, i))
+    fill = speculative.TokenBatch.fill
+
+    def counting_fill(self, entries):
+        model_ref[0]._n_rows = len(entries)
+        fill(self, entries)
+
+    monkeypatch.setattr(speculative.TokenBatch, "fill", counting_fill)
+    with StockModel(path, 0, **CPU) as m, StockModel(path, 0, **CPU) as dm:
+        model_ref = [m]
+        r = generate_speculative(m, prompt, N, DraftModel(dm, 4))
+    assert r.tokens != ref
+
+
+def test_bad_input(tiny_path, gemma_path):
+    with StockModel(tiny_path, 0, **CPU) as m, StockModel(gemma_path, 0, **CPU) as other:
+        with pytest.raises(ValueError, match="vocabulary"):
+            DraftModel(other, 4).check_vocabulary(m)
+        with pytest.raises(ValueError, match="exceed the context"):
+            generate_speculative(m, [1] * 250, 10, PromptLookup(4))
+        with pytest.raises(ValueError, match="empty"):
+            generate_speculative(m, [], 10, PromptLookup(4))
+
+
+def test_run_lookup_prints_the_greedy_text(tiny_path, capsys):
+    from test_cli import SMALL, T, run_main
+
+    argv = ["run", str(tiny_path), "-p", TEXT, "-n", "20", "-t", T, "--n-streamed", "4", *SMALL]
+    rc, plain, err = run_main(capsys, *argv)
+    assert rc == 0, err
+    for extra in (["--lookup", "4"], ["-md", str(tiny_path), "--draft-max", "5"]):
+        rc, out, err = run_main(capsys, *argv, *extra)
+        assert rc == 0, err
+        assert out == plain and "tokens per pass" in err
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--lookup", "4", "--temp", "0.7"], ["greedy only"]),
+    (["--lookup", "4", "-md", "x.gguf"], ["give one"]),
+    (["--lookup", "0"], ["--lookup must be in 1..256"]),
+    (["-md", "{tiny}", "--draft-max", "0"], ["--draft-max must be in 1..256"]),
+    (["-md", "{gemma}"], ["vocabulary"]),
+])
+def test_run_speculative_bad_flags(tiny_path, gemma_path, capsys, extra, needles):
+    from test_cli import SMALL, T, assert_user_error, run_main
+
+    extra = [e.format(tiny=tiny_path, gemma=gemma_path) for e in extra]
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "x", "-n", "4", "-t", T, "--n-streamed", "2", *SMALL,
+                          *extra)
+    assert_user_error(rc, err, *needles)
