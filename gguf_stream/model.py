@@ -22,7 +22,8 @@ from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
 from .planner import Plan, make_plan, stock_split_plan
-from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer, initial_plan
+from .placement import initial_plan
+from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp._internals as internals  # noqa: E402

@@ -461,9 +461,9 @@ def test_plan_shows_host_memory(capsys, tiny_path):
 
 
 def test_host_memory_check_is_one_line_in_the_cli(capsys, tiny_path, monkeypatch):
-    from gguf_stream import streamer
+    from gguf_stream import placement
 
-    monkeypatch.setattr(streamer, "available_host_memory", lambda: 1 << 20)
+    monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
     rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
                           "--device", "host", "-t", T, *SMALL)
     assert_user_error(rc, err, "of host memory (pinned", "1.0 MiB is available (MemAvailable)",

@@ -15,7 +15,8 @@ from gguf_stream.disk import assign_disk_tier, disk_candidates, with_disk_layers
 from gguf_stream.errors import HostMemoryError
 from gguf_stream.model import StreamedModel
 from gguf_stream.planner import make_plan, with_generate_placement
-from gguf_stream.streamer import Streamer, initial_plan
+from gguf_stream.placement import initial_plan
+from gguf_stream.streamer import Streamer
 
 
 def hybrid_plan(path):

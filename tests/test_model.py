@@ -568,7 +568,7 @@ def test_quantized_kv_cache_matches_stock_with_the_same_types(tiny_path):
 
 
 def test_host_memory_check_refuses_before_loading(tiny_path, monkeypatch):
-    from gguf_stream import streamer
+    from gguf_stream import placement
     from gguf_stream.errors import BudgetError, HostMemoryError
 
     import gguf_stream.model as model_module
@@ -580,7 +580,7 @@ def test_host_memory_check_refuses_before_loading(tiny_path, monkeypatch):
         raise RuntimeError("loading")
 
     monkeypatch.setattr(model_module, "StreamedLlamaModel", load)
-    monkeypatch.setattr(streamer, "available_host_memory", lambda: 1 << 20)
+    monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
     with pytest.raises(HostMemoryError, match=r"needs about .* of host memory \(pinned .* \+ pageable .*\) but "
                        r"1\.0 MiB is available \(MemAvailable\); give a larger vram_budget") as exc:
         StreamedModel(tiny_path, **CPU, **HYBRID)
@@ -592,10 +592,10 @@ def test_host_memory_check_refuses_before_loading(tiny_path, monkeypatch):
 
 
 def test_host_memory_check_names_cpu_layers(tiny_path, monkeypatch):
-    from gguf_stream import streamer
+    from gguf_stream import placement
     from gguf_stream.errors import HostMemoryError
 
-    monkeypatch.setattr(streamer, "available_host_memory", lambda: 1 << 20)
+    monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
     with pytest.raises(HostMemoryError, match="fewer CPU layers"):
         StreamedModel(tiny_path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path))
     with StreamedModel(tiny_path, **CPU, **HYBRID, host_memory_check=False) as m:  # the option skips it too

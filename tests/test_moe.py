@@ -152,7 +152,7 @@ def test_expected_generate_plan_is_what_the_engine_chooses(tiny_moe_path):
     """The host-memory check's view before loading equals the load's choice
     (generate_cpu_layers auto on an experts plan)."""
     from gguf_stream.config import EngineConfig
-    from gguf_stream.streamer import expected_generate_plan, initial_plan
+    from gguf_stream.placement import expected_generate_plan, initial_plan
 
     options = dict(**CPU, n_streamed=3, n_slots=1, generate_cpu_layers="auto")
     mf = read_model(tiny_moe_path)

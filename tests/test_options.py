@@ -14,6 +14,7 @@ import pytest
 
 from conftest import CPU
 from gguf_stream import cli, config, native, streamer
+from gguf_stream import placement as placement_module
 from gguf_stream.config import ENGINE_OPTIONS, EngineConfig
 from gguf_stream.llama_compat import IgnoredOptionWarning, StreamedLlama
 from gguf_stream.model import load
@@ -126,7 +127,7 @@ def test_every_command_takes_every_engine_option(engine_config, tiny_path, capsy
 def test_plan_takes_every_engine_option(tiny_path, capsys, monkeypatch, name, value, flags, want):
     """plan builds its EngineConfig from the same flags (and needs a placement)."""
     seen = []
-    monkeypatch.setattr(streamer, "initial_plan", lambda mf, c, cuda: seen.append(c) or _raise(Reached()))
+    monkeypatch.setattr(placement_module, "initial_plan", lambda mf, c, cuda: seen.append(c) or _raise(Reached()))
     placement = [] if name in ("vram_budget", "n_streamed", "streamed_layers") else ["--n-streamed", "2"]
     with pytest.raises(Reached):
         cli.main(["plan", str(tiny_path), *placement, *flags])

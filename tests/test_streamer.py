@@ -12,7 +12,8 @@ from conftest import CPU, HYBRID, PROMPT, hybrid_cpu_layers
 from gguf_stream import DecodeError
 from gguf_stream.config import EngineConfig
 from gguf_stream.model import StockModel, StreamedModel
-from gguf_stream.streamer import Streamer, initial_plan
+from gguf_stream.placement import initial_plan
+from gguf_stream.streamer import Streamer
 from test_llama_abi import dev_layer
 
 

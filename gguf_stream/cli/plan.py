@@ -20,7 +20,7 @@ def add_parser(sub, parents) -> None:
 
 def cmd_plan(args) -> int:
     from ..gguf_file import read_model
-    from ..streamer import initial_plan
+    from ..placement import initial_plan
 
     check_flags(args)
     if args.vram_budget is None and args.n_streamed is None and args.streamed_layers is None \
@@ -53,6 +53,6 @@ def _as_on_cuda(mf, plan, config):
     """The plan with the generate placement a CUDA run would start from."""
     from dataclasses import replace
 
-    from ..streamer import expected_generate_plan
+    from ..placement import expected_generate_plan
 
     return expected_generate_plan(mf, plan, replace(config, device="cuda"), cuda=True)
