@@ -4,8 +4,8 @@ computes while generating (the generate split), and the rates behind it.
 The performance model (perfmodel.py) predicts a token's time for every split
 from three rates: p from timed uploads of a streamed layer, c and G from one
 short generation with a sample of the overflow layers on the CPU, timed
-layer by layer. Its best split is then checked by timing it against its
-neighbours: the rates come from separate measurements, and the two paths
+layer by layer. The splits around its best (from one more CPU layer up,
+FIRST_TRIAL_MORE_CPU_LAYERS) are then timed against their neighbours: the rates come from separate measurements, and the two paths
 slow each other down in ways they do not capture (shared host memory).
 Measured: the fastest split had 1-3 more CPU layers than the model's pick,
 3-15% faster. Both results are cached per machine, model and overflow.
@@ -39,14 +39,21 @@ from .progress import note
 
 RATES_VERSION = "4"  # bump when what measure_rates measures changes
 CALIBRATION_BATCH = 8
-CALIBRATION_TOKENS = 6  # single-token decodes timed per layer (the first is a warm-up)
+CALIBRATION_TOKENS = 4  # single-token decodes timed per layer (the first is a warm-up)
 # CPU layers during calibration: a sample, so that at most this much is
 # repacked for it (host memory, load time); the others stream meanwhile, as
 # they will while generating (the CPU then shares host memory with the DMA).
-CALIBRATION_CPU_BYTES = 1 << 30
-CALIBRATION_CPU_LAYERS = 8
-SPLIT_TRIAL_TOKENS = 8  # timed single-token decodes per split (after a warm-up), median taken
+CALIBRATION_CPU_BYTES = 1 << 29
+CALIBRATION_CPU_LAYERS = 4
+# Timed single-token decodes per split (after a warm-up), median taken: on the
+# GPU box one split's decodes vary by ~1%, a CPU layer more or less moves the
+# time by 3-5%, so 4 tell them apart (8 cost the first load 0.5 s on the 8B).
+SPLIT_TRIAL_TOKENS = 4
 SPLIT_TRIAL_WARMUP = 1
+# The search starts this many CPU layers above the model's pick: the fastest
+# split measured on the GPU box had 1-3 more (8B shape: pick 8, fastest 10),
+# so starting there saves the first load a split's trial.
+FIRST_TRIAL_MORE_CPU_LAYERS = 1
 
 
 @dataclass(frozen=True)
@@ -156,12 +163,15 @@ class Calibrator:
         if rates is None or trials is None:
             self._say("calibrating the generate split (first load of this model on this machine; cached in "
                       f"{self.cache.path} for the next ones)")
+            t_ctx = time.perf_counter()
             with self.context() as ctx:
+                self._say(f"  calibration context ready in {time.perf_counter() - t_ctx:.2f} s")
                 if rates is None:
                     rates = self.measure_rates(ctx)
                 splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
                 if trials is None:
-                    trials = self.time_splits(splits, best_split(splits), ctx)
+                    start = min(best_split(splits) + FIRST_TRIAL_MORE_CPU_LAYERS, len(splits) - 1)
+                    trials = self.time_splits(splits, start, ctx)
                 n_cpu = min(trials, key=lambda n: (trials[n], -n))
                 self.s.engine.set_cpu_layers(splits[n_cpu][0])
                 self.keep_cpu_layers = splits[n_cpu][0]
@@ -240,7 +250,7 @@ class Calibrator:
         return seconds
 
     def time_splits(self, splits, best: int, ctx=None) -> dict[int, float]:
-        """Median seconds per token of the model's best split, then of
+        """Median seconds per token of split `best` (where the search starts), then of
         neighbours one CPU layer at a time (more first), for as long as they
         are faster; timed in one context, so load-to-load variation of the
         CPU path does not enter the comparison."""
@@ -248,11 +258,14 @@ class Calibrator:
         trials = {}
         with self.context(ctx) as ctx:
             def timed(n_cpu):
-                e.set_cpu_layers(splits[n_cpu][0])
+                t0 = time.perf_counter()
+                e.set_cpu_layers(splits[n_cpu][0])  # repacks the layers it adds
+                t1 = time.perf_counter()
                 times = [self.decode_token(ctx, bos) for _ in range(SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)]
                 times = times[SPLIT_TRIAL_WARMUP:]
                 trials[n_cpu] = sorted(times)[len(times) // 2]
-                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms/token")
+                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms/token (set up "
+                          f"{t1 - t0:.2f} s, timed {time.perf_counter() - t1:.2f} s)")
                 return trials[n_cpu]
 
             fastest = timed(best)
@@ -277,6 +290,7 @@ class Calibrator:
         n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
         sample = tuple(overflow[j] for j in interleaved_layers(len(overflow), n_cpu))
         bos = s.bos(self.model)
+        t0 = time.perf_counter()
         with self.context(ctx) as ctx:
             e.set_cpu_layers(sample)  # inside: the context's exit takes them away again on any path
             token_times = []
@@ -301,6 +315,7 @@ class Calibrator:
         rates = Rates(pcie_bytes_per_s=pcie, cpu_bytes_per_s=cpu_rate,
                       gpu_token_seconds=mf.n_layer * gpu_layer + edges)
         self._say(f"  rates: PCIe {pcie / 1e9:.1f} GB/s, CPU layers {cpu_rate / 1e9:.1f} GB/s, "
-                  f"GPU token {rates.gpu_token_seconds * 1e3:.1f} ms ({CALIBRATION_TOKENS} decodes)")
+                  f"GPU token {rates.gpu_token_seconds * 1e3:.1f} ms ({CALIBRATION_TOKENS} decodes, "
+                  f"{len(sample)} CPU layers, {time.perf_counter() - t0:.2f} s)")
         self.cache.put_rates(rates)
         return rates

@@ -34,25 +34,62 @@ void drop_repack(gs_engine *e, int layer) {
     ly->repacked_bytes = 0;
 }
 
-/* Record k's weights repacked at `at` in buf, if the buffer takes them
- * (its init leaves repack traits in extra); their size, else 0. Runs on a
- * scratch tensor so that the live one keeps pointing where the current
- * phase needs it. */
-static int repack_tensor(gs_engine *e, int k, void *buf, char *at, size_t *repacked) {
-    srec *r = &e->recs[k];
-    struct gs_tensor scratch = *r->t;
-    scratch.buffer = NULL;
-    scratch.data = NULL;
-    scratch.extra = NULL;
-    int st = G.tensor_alloc(buf, &scratch, at);
-    if (st != 0) return fail(GS_E_GGML, "repack: ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st);
-    if (scratch.extra) {
-        G.tensor_set(&scratch, e->up[k].src, 0, e->up[k].nbytes);
-        r->cpu_buffer = buf;
-        r->cpu_data = at;
-        r->cpu_extra = scratch.extra;
-        *repacked += e->up[k].nbytes;
+/* A scratch copy of k's tensor, `rows` rows of it (0: all) allocated at `at`
+ * in buf: the live tensor keeps pointing where the current phase needs it.
+ * Its extra: the repack traits the buffer chose for that shape (NULL: the
+ * buffer does not repack it). */
+static int scratch_at(gs_engine *e, int k, void *buf, char *at, int64_t rows, struct gs_tensor *scratch) {
+    const srec *r = &e->recs[k];
+    *scratch = *r->t;
+    scratch->buffer = NULL;
+    scratch->data = NULL;
+    scratch->extra = NULL;
+    if (rows) {
+        scratch->ne[1] = rows;
+        scratch->nb[2] = scratch->nb[1] * (size_t)rows;
+        scratch->nb[3] = scratch->nb[2] * (size_t)scratch->ne[2];
     }
+    int st = G.tensor_alloc(buf, scratch, at);
+    return st ? fail(GS_E_GGML, "repack: ggml_backend_tensor_alloc(%s) failed with status %d", r->t->name, st) : GS_OK;
+}
+
+/* Rows per piece when a tensor is repacked in pieces by several threads
+ * (0: whole). ggml repacks a tensor as a whole (set_tensor takes no offset),
+ * one thread per tensor, at a few hundred MB/s: adding one 8B-shape layer
+ * took 0.17 s, mostly its three largest tensors. Its layouts interleave
+ * groups of 8 or 16 rows, row group after row group, so a piece of whole
+ * row groups repacks to the same bytes at the same offset: pieces are
+ * multiples of 64 rows, and only where the buffer picks the same repack
+ * traits for the piece's shape as for the tensor's. */
+#define REPACK_PIECE_BYTES ((size_t)4 << 20)
+
+static int64_t piece_rows(gs_engine *e, int k, void *buf, char *at, const void *whole_traits) {
+    const struct gs_tensor *t = e->recs[k].t;
+    size_t piece = REPACK_PIECE_BYTES;
+    const char *env = getenv("GGUF_STREAM_REPACK_PIECE_BYTES");  /* tests: pieces of small tensors */
+    if (env && atoll(env) > 0) piece = (size_t)atoll(env);
+    if (t->ne[2] != 1 || t->ne[3] != 1 || t->ne[1] % 64 || t->nb[1] == 0) return 0;
+    int64_t rows = (int64_t)(piece / t->nb[1]) / 64 * 64;
+    if (rows < 64) rows = 64;
+    if (rows >= t->ne[1]) return 0;
+    struct gs_tensor scratch;
+    int64_t shapes[2] = {rows, t->ne[1] % rows};
+    for (int s = 0; s < 2; s++) {
+        if (!shapes[s]) continue;
+        if (scratch_at(e, k, buf, at, shapes[s], &scratch) != GS_OK || scratch.extra != whole_traits) return 0;
+    }
+    return rows;
+}
+
+/* Repack rows [row0, row0 + rows) of k (rows 0: all of it) into its place at
+ * `at` (the tensor's start) in buf. */
+static int repack_piece(gs_engine *e, int k, void *buf, char *at, int64_t row0, int64_t rows) {
+    struct gs_tensor scratch;
+    size_t off = e->recs[k].t->nb[1] * (size_t)row0;
+    int rc = scratch_at(e, k, buf, at + off, rows, &scratch);
+    if (rc) return rc;
+    size_t n = rows ? e->recs[k].t->nb[1] * (size_t)rows : e->up[k].nbytes;
+    G.tensor_set(&scratch, (const char *)e->up[k].src + off, 0, n);
     return GS_OK;
 }
 
@@ -71,8 +108,8 @@ static int repack_tensor(gs_engine *e, int k, void *buf, char *at, size_t *repac
 typedef struct {
     int     k;
     void   *buf;
-    char   *at;
-    size_t  repacked;
+    char   *at;       /* the tensor's start in buf */
+    int64_t row0, rows;  /* the piece (rows 0: the whole tensor) */
     int     rc;
 } repack_job;
 
@@ -92,7 +129,7 @@ static void *repack_worker(void *arg) {
         int j = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
         if (j >= w->n || __atomic_load_n(&w->failed, __ATOMIC_RELAXED)) break;
         repack_job *jb = &w->jobs[j];
-        jb->rc = repack_tensor(w->e, jb->k, jb->buf, jb->at, &jb->repacked);
+        jb->rc = repack_piece(w->e, jb->k, jb->buf, jb->at, jb->row0, jb->rows);
         if (jb->rc) {
             pthread_mutex_lock(&w->mu);
             if (!w->failed) {
@@ -132,7 +169,7 @@ static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n) {
  * at a copy being dropped (callers are in the prompt phase). On an error no
  * layer of this call keeps a repacked copy (or a pointer into one). */
 int sync_repacks(gs_engine *e) {
-    int n_layer = e->cfg.n_layer, n_jobs = 0, rc = GS_OK;
+    int n_layer = e->cfg.n_layer, n_jobs, rc = GS_OK;
     void **bufs = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers, by layer */
     if (!bufs) return fail(GS_E_NOMEM, "repack: out of host memory");
     size_t align = e->cfg.repack_buft ? G.buft_get_alignment(e->cfg.repack_buft) : 1;
@@ -143,38 +180,53 @@ int sync_repacks(gs_engine *e) {
         if (!want && ly->repack_buf) drop_repack(e, i);
         if (!want || ly->repack_buf) continue;
         size_t total = 0;
-        int n = 0;
         for (int k = ly->first; k < ly->first + ly->count; k++)
-            if (e->recs[k].matmul_only) { total = align_up(total, align) + e->up[k].nbytes; n++; }
+            if (e->recs[k].matmul_only) total = align_up(total, align) + e->up[k].nbytes;
         if (total == 0) continue;
         bufs[i] = G.buft_alloc_buffer(e->cfg.repack_buft, total);
         if (!bufs[i]) { rc = fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, i); break; }
         G.buffer_set_usage(bufs[i], GGML_USAGE_WEIGHTS);
-        n_jobs += n;
     }
-    repack_job *jobs = rc == GS_OK && n_jobs ? calloc((size_t)n_jobs, sizeof *jobs) : NULL;
-    if (rc == GS_OK && n_jobs && !jobs) rc = fail(GS_E_NOMEM, "repack: out of host memory");
-    if (rc == GS_OK && n_jobs) {
-        int j = 0;
-        for (int i = 0; i < n_layer; i++) {
-            if (!bufs[i]) continue;
-            const layer_info *ly = &e->layers[i];
-            char *base = G.buffer_get_base(bufs[i]);
-            size_t off = 0;
-            for (int k = ly->first; k < ly->first + ly->count; k++) {
-                if (!e->recs[k].matmul_only) continue;
-                off = align_up(off, align);
-                jobs[j++] = (repack_job){.k = k, .buf = bufs[i], .at = base + off};
-                off += e->up[k].nbytes;
+    /* The jobs: each tensor the buffer repacks, in pieces where that gives
+     * the same bytes (piece_rows); its generate-phase home is recorded here. */
+    repack_job *jobs = NULL;
+    int cap = 0;
+    n_jobs = 0;
+    for (int i = 0; i < n_layer && rc == GS_OK; i++) {
+        if (!bufs[i]) continue;
+        const layer_info *ly = &e->layers[i];
+        char *base = G.buffer_get_base(bufs[i]);
+        size_t off = 0;
+        for (int k = ly->first; k < ly->first + ly->count && rc == GS_OK; k++) {
+            if (!e->recs[k].matmul_only) continue;
+            off = align_up(off, align);
+            char *at = base + off;
+            off += e->up[k].nbytes;
+            struct gs_tensor whole;
+            if ((rc = scratch_at(e, k, bufs[i], at, 0, &whole)) != GS_OK || !whole.extra) continue;
+            int64_t rows = piece_rows(e, k, bufs[i], at, whole.extra), n_rows = e->recs[k].t->ne[1];
+            for (int64_t r0 = 0; rc == GS_OK; r0 += rows) {
+                if (n_jobs == cap) {
+                    repack_job *more = realloc(jobs, (size_t)(cap = cap ? 2 * cap : 64) * sizeof *jobs);
+                    if (!more) { rc = fail(GS_E_NOMEM, "repack: out of host memory"); break; }
+                    jobs = more;
+                }
+                int64_t n = rows && n_rows - r0 < rows ? n_rows - r0 : rows;
+                jobs[n_jobs++] = (repack_job){.k = k, .buf = bufs[i], .at = at, .row0 = r0, .rows = n};
+                if (!rows || r0 + rows >= n_rows) break;
             }
+            e->recs[k].cpu_buffer = bufs[i];
+            e->recs[k].cpu_data = at;
+            e->recs[k].cpu_extra = whole.extra;
         }
-        rc = run_repack_jobs(e, jobs, n_jobs);
     }
-    for (int i = 0, j = 0; i < n_layer; i++) {
+    if (rc == GS_OK && n_jobs) rc = run_repack_jobs(e, jobs, n_jobs);
+    for (int i = 0; i < n_layer; i++) {
         if (!bufs[i]) continue;
         layer_info *ly = &e->layers[i];
         size_t repacked = 0;
-        for (; jobs && j < n_jobs && jobs[j].buf == bufs[i]; j++) repacked += jobs[j].repacked;
+        for (int k = ly->first; k < ly->first + ly->count; k++)
+            if (e->recs[k].cpu_buffer == bufs[i]) repacked += e->up[k].nbytes;
         if (rc != GS_OK || repacked == 0) {
             forget_homes(e, ly);
             G.buffer_free(bufs[i]);

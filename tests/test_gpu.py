@@ -53,13 +53,17 @@ def test_cuda_swapped_layers_change_output(tiny_path):
     assert not np.array_equal(logits, ref_logits)
 
 
-def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path):
+@pytest.mark.parametrize("piece_bytes", [None, "4096"], ids=["default-pieces", "64-row-pieces"])
+def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path, piece_bytes, monkeypatch):
     """Generate phase with CPU layers on CUDA: they compute from a repacked
     copy (stock's CPU path), with their KV cache moved to host memory after
     the first decode (which records it). Layers 0-3 on the CPU, 4-7 on the
     GPU is stock -ngl 4's placement for single tokens, so a short prompt
     (generate phase throughout) must give stock -ngl 4's logits, up to
-    rounding: the first decode ran our CPU layers' attention on the GPU."""
+    rounding: the first decode ran our CPU layers' attention on the GPU.
+    Also with the weights repacked in 64-row pieces (gs_repack.c)."""
+    if piece_bytes:
+        monkeypatch.setenv("GGUF_STREAM_REPACK_PIECE_BYTES", piece_bytes)
     with StockModel(tiny_path, n_gpu_layers=4, **OPTS) as s:
         prompt = s.tokenize("Once upon a time")
         assert len(prompt) < 32

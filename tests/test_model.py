@@ -247,13 +247,19 @@ def test_cpu_layer_kv_can_stay_on_the_device(case):
 
 
 @needs_no_amx
-def test_cpu_layers_use_stocks_repacked_layout(gemma_path):
+@pytest.mark.parametrize("piece_bytes", [None, "4096"], ids=["whole-or-4MiB-pieces", "64-row-pieces"])
+def test_cpu_layers_use_stocks_repacked_layout(gemma_path, piece_bytes, monkeypatch):
     """With repacking on, CPU layers compute from a repacked copy (what stock
     does with its CPU layers): a short prompt and generation (all in the
     generate phase) with every layer a CPU layer must equal stock *with*
     repacking bit for bit, and differ from stock without it (on Gemma the
-    two layouts round differently, so this comparison can fail)."""
+    two layouts round differently, so this comparison can fail). Repacked
+    in pieces of 64 rows by several threads too (gs_repack.c piece_rows):
+    the same bytes (a piece written at a wrong offset fails this)."""
     from gguf_stream import read_model
+
+    if piece_bytes:
+        monkeypatch.setenv("GGUF_STREAM_REPACK_PIECE_BYTES", piece_bytes)
 
     n = read_model(gemma_path).n_layer
     refs = {}
