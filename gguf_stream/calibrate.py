@@ -4,9 +4,10 @@ computes while generating (the generate split), and the rates behind it.
 The performance model (perfmodel.py) predicts a token's time for every split
 from three rates: p from timed uploads of a streamed layer, c and G from one
 short generation with a sample of the overflow layers on the CPU, timed
-layer by layer. The splits around its best (from one more CPU layer up,
-FIRST_TRIAL_MORE_CPU_LAYERS) are then timed against their neighbours: the rates come from separate measurements, and the two paths
-slow each other down in ways they do not capture (shared host memory).
+layer by layer. Splits near its best are then timed, from one more CPU
+layer up (FIRST_TRIAL_MORE_CPU_LAYERS), against their neighbours: the rates
+come from separate measurements, and the two paths slow each other down in
+ways they do not capture (shared host memory).
 Measured: the fastest split had 1-3 more CPU layers than the model's pick,
 3-15% faster. Both results are cached per machine, model and overflow.
 
