@@ -62,10 +62,11 @@ class Calibration:
     """What the automatic generate split was chosen from."""
 
     rates: Rates
-    split_trials: dict[int, float]  # CPU-layer count -> measured seconds per token
+    split_trials: dict[int, float]  # CPU-layer count -> measured seconds per decode (of `rows` rows)
     predicted_token_seconds: float  # the performance model's time for the chosen split
-    decodes: int = 0  # single-token decodes this load ran to measure (0: all from the cache)
+    decodes: int = 0  # decodes this load ran to measure (0: all from the cache)
     seconds: float = 0.0  # wall time of choosing the split, measurements included
+    rows: int = 1  # rows per timed decode (EngineConfig.split_rows)
 
     @property
     def cached(self) -> bool:
@@ -136,11 +137,13 @@ class RatesCache:
 
 def cache_key(path: str, config, device_total: int | None) -> str:
     """What the measured rates depend on: this code's version, the machine
-    and its GPU, the model file, and the options that change the CPU path."""
+    and its GPU, the model file, the options that change the CPU path and
+    the rows per decode they are measured for (config.split_rows)."""
     st = os.stat(path)
-    return "|".join([RATES_VERSION, platform.node(), str(device_total), os.path.abspath(path), str(st.st_size),
-                     str(int(st.st_mtime)), str(config.threads), str(config.repack),
-                     str(config.cpu_layer_host_kv), str(config.cpu_layer_device)])
+    key = [RATES_VERSION, platform.node(), str(device_total), os.path.abspath(path), str(st.st_size),
+           str(int(st.st_mtime)), str(config.threads), str(config.repack),
+           str(config.cpu_layer_host_kv), str(config.cpu_layer_device)]
+    return "|".join(key + ([f"rows={config.split_rows}"] if config.split_rows > 1 else []))
 
 
 class Calibrator:
@@ -151,7 +154,9 @@ class Calibrator:
         self.s, self.model = streamer, model
         total = native.device_memory("CUDA0")[1] if streamer.cuda else None
         self.cache = RatesCache(cache_key(streamer.path, streamer.config, total))
-        self.decodes = 0  # single-token decodes run so far (decode_token)
+        # rows of every timed decode: the split is chosen for decodes of that many
+        self.rows = streamer.config.split_rows
+        self.decodes = 0  # decodes run so far (decode_token)
         self.keep_cpu_layers: tuple[int, ...] = ()  # left set when the calibration context closes without error
 
     def choose_split(self) -> tuple[tuple[int, ...], Calibration]:
@@ -171,7 +176,8 @@ class Calibrator:
                     rates = self.measure_rates(ctx)
                 splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
                 if trials is None:
-                    start = min(best_split(splits) + FIRST_TRIAL_MORE_CPU_LAYERS, len(splits) - 1)
+                    bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0  # measured for one row
+                    start = min(best_split(splits) + bias, len(splits) - 1)
                     trials = self.time_splits(splits, start, ctx)
                 n_cpu = min(trials, key=lambda n: (trials[n], -n))
                 self.s.engine.set_cpu_layers(splits[n_cpu][0])
@@ -180,13 +186,17 @@ class Calibrator:
             splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
         n_cpu = min(trials, key=lambda n: (trials[n], -n))
         cpu, predicted = splits[n_cpu]
-        calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0)
+        calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0, self.rows)
         self._say(f"generate split: the CPU computes {n_cpu} of {len(overflow)} overflow layers while generating "
-                  f"({trials[n_cpu] * 1e3:.1f} ms/token measured; "
+                  f"({trials[n_cpu] * 1e3:.1f} ms per {self._decode} measured; "
                   + (f"from {self.cache.path})" if calibration.cached else
                      f"calibrated in {calibration.seconds:.1f} s: {self.decodes} timed decodes, "
                      f"{len(trials)} splits)"))
         return cpu, calibration
+
+    @property
+    def _decode(self) -> str:
+        return "token" if self.rows == 1 else f"decode of {self.rows} rows"
 
     def _say(self, msg: str) -> None:
         note(msg, self.s.config.progress)
@@ -201,7 +211,7 @@ class Calibrator:
             return
         s, e = self.s, self.s.engine
         lc = s.lc
-        p = s.small_context_params(CALIBRATION_BATCH)
+        p = s.small_context_params(max(CALIBRATION_BATCH, self.rows))
         p.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.config.flash_attn
                              else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         s.patch_context_params(p)
@@ -234,15 +244,17 @@ class Calibrator:
             e.set_generate_resident(s.plan.generate_resident, s.generate_reserve)
 
     def decode_token(self, ctx, token: int) -> float:
-        """One generate-phase token; seconds until its results are ready.
-        A full KV cache is cleared first (one context serves every trial)."""
-        lc = self.s.lc
-        if lc.llama_memory_seq_pos_max(lc.llama_get_memory(ctx), 0) + 1 >= lc.llama_n_ctx(ctx):
+        """One generate-phase decode of self.rows tokens of one sequence (as a
+        speculative verify; parallel sequences' rows cost the layers the
+        same); seconds until its results are ready. A full KV cache is
+        cleared first (one context serves every trial)."""
+        lc, k = self.s.lc, self.rows
+        if lc.llama_memory_seq_pos_max(lc.llama_get_memory(ctx), 0) + k >= lc.llama_n_ctx(ctx):
             lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
             self.s.kv_cleared()
-        arr = (lc.llama_token * 1)(token)
+        arr = (lc.llama_token * k)(*([token] * k))
         t0 = time.perf_counter()
-        rc = self.s.decode(ctx, lc.llama_batch_get_one(arr, 1))
+        rc = self.s.decode(ctx, lc.llama_batch_get_one(arr, k))
         lc.llama_synchronize(ctx)
         seconds = time.perf_counter() - t0
         self.decodes += 1
@@ -265,7 +277,7 @@ class Calibrator:
                 times = [self.decode_token(ctx, bos) for _ in range(SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)]
                 times = times[SPLIT_TRIAL_WARMUP:]
                 trials[n_cpu] = sorted(times)[len(times) // 2]
-                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms/token (set up "
+                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms per {self._decode} (set up "
                           f"{t1 - t0:.2f} s, timed {time.perf_counter() - t1:.2f} s)")
                 return trials[n_cpu]
 

@@ -73,6 +73,11 @@ class EngineConfig:
     # prompt placement (every streamed layer through the slots, all rows on
     # the GPU). None: up to llama.cpp's offload threshold (31).
     cpu_layers_max_batch: int | None = None
+    # Rows of the generate decodes the measured split ("auto") is chosen for:
+    # CPU layers' work grows with the rows, a streamed layer's upload does
+    # not, so k parallel sequences or a speculative verify of k-1 drafts want
+    # fewer CPU layers than one token. None: n_seq_max (1 for one sequence).
+    generate_rows: int | None = None
     # Streamed layers that stay resident while generating, in the part of
     # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
     # generated token leaves idle (no extra VRAM; they are copied in at each
@@ -154,6 +159,8 @@ class EngineConfig:
             raise ValueError(f"flash_attn must be True, False or 'auto', not {self.flash_attn!r:.40}")
         if self.cpu_layers_max_batch is not None:
             check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
+        if self.generate_rows is not None:
+            check_int("generate_rows", self.generate_rows, 1, MAX_SEQUENCES)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
@@ -186,6 +193,11 @@ class EngineConfig:
         if self.generate_cpu_layers is None:
             return "auto" if cuda else "none"
         return self.generate_cpu_layers
+
+    @property
+    def split_rows(self) -> int:
+        """Rows per generate decode the measured split is chosen for."""
+        return self.generate_rows or self.n_seq_max
 
     @property
     def repack(self) -> bool:

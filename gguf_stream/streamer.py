@@ -33,7 +33,7 @@ from .memory import format_size, kv_ggml_type, parse_size
 from .placement import (check_host_memory, chosen_generate_resident, expected_generate_plan, initial_plan,
                         moe_cpu_parts)
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
-from .progress import Progress
+from .progress import Progress, note
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
@@ -282,8 +282,12 @@ class Streamer:
         """Which overflow layers the CPU computes while generating: measured
         (calibrate.py) with 'auto' on CUDA, else as given."""
         choice, cpu = self.config.generate_cpu_layers, ()
+        rows, most = self.config.split_rows, self.config.cpu_layers_max_batch
         if choice == "auto" and self.experts_only:
             cpu = moe_cpu_parts(self.plan)
+        elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
+            # decodes of that many rows take the prompt placement: no CPU layers to choose
+            note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)
         elif choice == "auto" and self.cuda and self.plan.generate_overflow:
             cpu, self.calibration = Calibrator(self, model).choose_split()
         elif not isinstance(choice, str):

@@ -216,3 +216,42 @@ def test_one_calibration_context_outlasts_its_kv_cache(tiny_path, tmp_path, monk
         finally:
             m.streamer.context_opened()
     assert cal.decodes == SMALL_CONTEXT_CELLS + 10
+
+
+def test_split_for_rows_times_decodes_of_that_many_rows(tiny_path, tmp_path, monkeypatch):
+    """generate_rows=k (or n_seq_max=k): every timed decode has k rows (the
+    split is chosen for k parallel sequences or a verify of k-1 drafts), the
+    calibration context takes them in one ubatch, a full KV cache is cleared
+    in time, and the cache keeps them apart from the one-row measurements."""
+    from gguf_stream.streamer import SMALL_CONTEXT_CELLS
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2, generate_rows=5) as m:
+        cal = Calibrator(m.streamer, m.model)
+        assert cal.rows == 5 and cache_key(tiny_path, m.config, None).endswith("|rows=5")
+        rows, decode = [], m.streamer.decode
+        monkeypatch.setattr(m.streamer, "decode", lambda ctx, batch: rows.append(batch.n_tokens) or decode(ctx, batch))
+        m.streamer.context_closing()
+        try:
+            with cal.context() as ctx:
+                for _ in range(SMALL_CONTEXT_CELLS // 5 + 3):  # past a full cache
+                    assert cal.decode_token(ctx, m.streamer.bos(m.model)) > 0
+        finally:
+            m.streamer.context_opened()
+        assert set(rows) == {5}
+    one = EngineConfig(**CPU, n_streamed=4, n_slots=2)
+    assert cache_key(tiny_path, one, None) != cache_key(tiny_path, EngineConfig(**CPU, n_seq_max=5), None)
+    assert EngineConfig(**CPU, n_seq_max=5).split_rows == 5 and one.split_rows == 1
+    with pytest.raises(ValueError, match="generate_rows"):
+        EngineConfig(generate_rows=0)
+
+
+def test_no_split_for_rows_that_take_the_prompt_placement(tiny_path, capsys):
+    """Decodes of 32 rows or more (or more than cpu_layers_max_batch) stream
+    every layer with all rows on the GPU: 'auto' then chooses no CPU layers,
+    and says why."""
+    for extra in (dict(generate_rows=32), dict(generate_rows=4, cpu_layers_max_batch=3)):
+        with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2, generate_cpu_layers="auto", progress=True,
+                           **extra) as m:
+            assert m.plan.cpu_layers == ()
+        assert f"decodes of {extra['generate_rows']} rows compute every row on the GPU" in capsys.readouterr().err

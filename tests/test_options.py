@@ -55,6 +55,7 @@ SAMPLES = {
     "n_seq_max": [(2, ["-np", "2"], 2)],
     "kv_unified": [(True, ["-kvu"], True)],
     "cpu_layers_max_batch": [(4, ["--cpu-layers-max-batch", "4"], 4)],
+    "generate_rows": [(8, ["--generate-rows", "8"], 8)],
 }
 CASES = [(name, *sample) for name, samples in SAMPLES.items() for sample in samples]
 IDS = [f"{name}={value}" for name, value, _, _ in CASES]

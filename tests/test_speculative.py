@@ -121,3 +121,20 @@ def test_run_speculative_bad_flags(tiny_path, gemma_path, capsys, extra, needles
     rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "x", "-n", "4", "-t", T, "--n-streamed", "2", *SMALL,
                           *extra)
     assert_user_error(rc, err, *needles)
+
+
+def test_run_speculative_measures_the_split_for_verify_rows(tiny_path, capsys, monkeypatch):
+    """run --lookup N / -md with --draft-max N: the generate split is chosen
+    for verify decodes of N + 1 rows (EngineConfig.generate_rows), unless
+    --generate-rows says otherwise."""
+    import gguf_stream.model as model_mod
+    from test_cli import SMALL, T, run_main
+
+    seen, load = [], model_mod.load
+    monkeypatch.setattr(model_mod, "load", lambda path, **o: seen.append(o.get("generate_rows")) or load(path, **o))
+    argv = ["run", str(tiny_path), "-p", TEXT, "-n", "4", "-t", T, "--n-streamed", "4", *SMALL]
+    for extra in (["--lookup", "4"], ["-md", str(tiny_path), "--draft-max", "6"], ["--lookup", "4", "--generate-rows",
+                                                                                  "2"], []):
+        rc, _, err = run_main(capsys, *argv, *extra)
+        assert rc == 0, err
+    assert seen == [5, 7, 2, None]

@@ -141,6 +141,10 @@ ENGINE_FLAGS = (
          "sequences, a speculative verify) the CPU layers compute on the CPU; a larger decode takes the prompt "
          "placement, every streamed layer through the slots and all rows on the GPU (default: llama.cpp's "
          "offload threshold, 31)", dict(type=int, metavar="M")),
+    Flag("generate_rows", ("--generate-rows",), GENERATE, "rows of the generate decodes the measured split is "
+         "chosen for (parallel sequences, or a speculative verify: drafts + 1): the CPU layers' work grows with the "
+         "rows, a streamed layer's upload does not (default: -np; run --lookup N / --draft-max N: N + 1)",
+         dict(type=int, metavar="K")),
     Flag("generate_resident", ("--generate-resident",), GENERATE, "streamed layers kept resident while generating, "
          "in the compute buffer a prompt needs and a token leaves idle: auto (as many as fit), none, or layer numbers "
          f"(default {_shown('generate_resident')})", dict(metavar="auto|none|L,L"), _layers("--generate-resident")),

@@ -41,6 +41,8 @@ def cmd_run(args) -> int:
     sampling = sampling_params(args, path)  # a bad grammar or schema fails before the load
     if speculative.wanted(args):
         speculative.check(args, sampling)
+        if options.get("generate_rows") is None:  # the split measured for verify decodes
+            options["generate_rows"] = speculative.verify_rows(args)
     t0 = time.perf_counter()
     model = load(path, **options)
     try:

@@ -26,6 +26,12 @@ def wanted(args) -> bool:
     return args.lookup is not None or args.model_draft is not None
 
 
+def verify_rows(args) -> int:
+    """Rows of a verify decode: the most drafts per pass and the last kept
+    token (EngineConfig.generate_rows: the generate split is measured for them)."""
+    return (args.lookup if args.lookup is not None else args.draft_max) + 1
+
+
 def check(args, sampling) -> None:
     """Speculative flags that make sense, before anything loads."""
     if args.lookup is not None and args.model_draft is not None:
