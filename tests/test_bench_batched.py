@@ -69,3 +69,34 @@ def test_unified_context_is_what_the_workload_needs():
     wl = BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8), kv_unified=True)
     assert wl.n_ctx == 4096  # 32 x 121 = 3872 cells, padded to 256 once (not 256 per sequence: 8192)
     assert BatchedWorkload(parallel=(1, 32), n_prompt=100, n_gen=20, verify=(1, 8)).n_ctx == 8192
+
+
+def test_split_per_rows_measures_each_row_count_with_its_own_split(monkeypatch):
+    """With the measured split, a run per row count: each load's split is
+    chosen for its rows (generate_rows) and measures only its own row; one
+    row comes from the single-token run, so a verify's cost is over the best
+    single-token decode."""
+    from gguf_stream.bench.batched import BatchedBench
+    from gguf_stream.bench.budgets import Budget
+    from gguf_stream.bench.timing import Progress
+
+    w = BatchedWorkload(parallel=(1, 4, 16), verify=(1, 8), reps=1)
+    bench = BatchedBench("m.gguf", 8, w, "cuda", Progress(quiet=True))
+    loads = []
+
+    def streamed(b, placement, rows_on_gpu=False, rows=1, only_rows=False):
+        loads.append((rows, only_rows))
+        r = Run(b.label, b.nbytes, "streamed" if rows == 1 else "x", plan="p", cpu_layers=10 // rows,
+                vram_peak=100 + rows)
+        r.tg = {n: float(n * 10 + rows) for n in w.parallel if not only_rows or n == rows}
+        r.verify = {k: 0.01 * (k + rows) for k in w.verify if not only_rows or k == rows}
+        return r
+
+    monkeypatch.setattr(bench, "streamed", streamed)
+    monkeypatch.setattr(bench, "stock", lambda b, ngl: Run(b.label, b.nbytes, f"stock ngl={ngl}", tg={1: 1.0}))
+    runs = bench.budget_runs(Budget("0.5x", 1000), {}, 3)
+    assert [r.mode for r in runs] == ["stock ngl=3", "streamed", "streamed, split per rows"]
+    assert loads == [(1, False), (4, True), (8, True), (16, True)]
+    per = runs[2]
+    assert per.tg == {1: 11.0, 4: 44.0, 16: 176.0} and per.verify == {1: 0.02, 8: 0.16}
+    assert per.vram_peak == 116 and "16: 0" in per.plan and "1 row: 10" in per.plan

@@ -127,13 +127,17 @@ def time_verify(model, w: BatchedWorkload, k: int) -> float:
     return statistics.median(times[1:])
 
 
-def measure(model, run: Run, w: BatchedWorkload, progress: Progress) -> Run:
+def measure(model, run: Run, w: BatchedWorkload, progress: Progress, only: int | None = None) -> Run:
+    """Every row of the workload (only: those of that many sequences / verify tokens)."""
     for npl in w.parallel:
+        if only not in (None, npl):
+            continue
         progress(f"{run.budget} {run.mode}: {npl} sequence(s)")
         run.tg[npl] = time_parallel(model, w, npl)
         progress(f"  aggregate tg {run.tg[npl]:.2f} t/s")
     for k in w.verify:
-        run.verify[k] = time_verify(model, w, k)
+        if only in (None, k):
+            run.verify[k] = time_verify(model, w, k)
     run.vram_peak = model.stats.vram_peak_bytes
     return run
 
@@ -164,19 +168,44 @@ class BatchedBench:
         with StockModel(self.path, ngl, config=self.config()) as m:
             return measure(m, run, self.w, self.progress)
 
-    def streamed(self, b: Budget, placement: dict, rows_on_gpu: bool = False) -> Run:
+    def streamed(self, b: Budget, placement: dict, rows_on_gpu: bool = False, rows: int = 1,
+                 only_rows: bool = False) -> Run:
+        """A streamed load with the generate split for `rows` rows (one
+        sequence by default, not the context's n_seq_max); only_rows: it
+        measures only the rows of that many sequences / that verify."""
         from ..model import StreamedModel
         from .sweep import plan_line
 
-        mode = "streamed, k rows on the GPU" if rows_on_gpu else "streamed"
+        mode = ("streamed, k rows on the GPU" if rows_on_gpu else
+                "streamed" if rows == 1 else f"streamed, split for {rows}")
         run = Run(b.label, b.nbytes, mode)
         self.progress(f"loading {mode}")
-        config = self.config(generate_cpu_layers=self.generate_cpu_layers,
+        config = self.config(generate_cpu_layers=self.generate_cpu_layers, generate_rows=rows,
                              cpu_layers_max_batch=1 if rows_on_gpu else None, **placement)
         with StreamedModel(self.path, config=config) as m:
             run.plan = plan_line(m.plan) if m.plan is not None and m.plan.streamed else "all layers resident"
             run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
-            return measure(m, run, self.w, self.progress)
+            return measure(m, run, self.w, self.progress, rows if only_rows else None)
+
+    def split_per_rows(self, b: Budget, placement: dict, single: Run) -> Run:
+        """What a run gets with the generate split measured for the rows it
+        decodes (EngineConfig.generate_rows): one load per row count of the
+        workload, each measuring its own parallel / verify row; one row is
+        `single`'s (the split for one token). A verify's cost is then over
+        the best single-token decode, what speculative decoding must beat."""
+        run = Run(b.label, b.nbytes, "streamed, split per rows", tg={1: single.tg[1]} if 1 in single.tg else {},
+                  verify={1: single.verify[1]} if 1 in single.verify else {}, vram_peak=single.vram_peak,
+                  cpu_layers=single.cpu_layers)
+        splits = [f"1 row: {single.cpu_layers}"]
+        for rows in sorted((set(self.w.parallel) | set(self.w.verify)) - {1}):
+            r = self.streamed(b, placement, rows=rows, only_rows=True)
+            run.tg.update(r.tg)
+            run.verify.update(r.verify)
+            peaks = [v for v in (run.vram_peak, r.vram_peak) if v is not None]
+            run.vram_peak = max(peaks) if peaks else None
+            splits.append(f"{rows}: {r.cpu_layers}")
+        run.plan = f"{single.plan}; CPU layers of the split for k rows: " + ", ".join(splits)
+        return run
 
     def stock_ngl(self, b: Budget) -> int | None:
         """The largest -ngl whose measured GPU memory with this context fits the budget."""
@@ -194,15 +223,18 @@ class BatchedBench:
         return None if found is None else found[0]
 
     def budget_runs(self, b: Budget, placement: dict, stock_ngl: int | None) -> list[Run]:
-        """Stock at its ngl, streamed with the configured generate split, and
-        where that split has CPU layers, streamed again with every decode of
-        2 or more rows in the prompt placement (cpu_layers_max_batch=1: all
-        k rows on the GPU, the CPU layers streamed) - the generate placement
-        computes CPU layers' k rows on the CPU."""
+        """Stock at its ngl, streamed with the configured generate split (for
+        one row), and where that split has CPU layers - they compute all k
+        rows of a bigger decode - also: with the measured split ('auto') the
+        split measured per row count (split_per_rows); with given CPU
+        layers, every decode of 2 or more rows in the prompt placement
+        (cpu_layers_max_batch=1: all k rows on the GPU, the CPU layers streamed)."""
         runs = [] if stock_ngl is None else [self.stock(b, stock_ngl)]
         first = self.streamed(b, placement)
         runs.append(first)
-        if first.cpu_layers:
+        if first.cpu_layers and self.generate_cpu_layers == "auto":
+            runs.append(self.split_per_rows(b, placement, first))
+        elif first.cpu_layers:
             runs.append(self.streamed(b, placement, rows_on_gpu=True))
         return runs
 

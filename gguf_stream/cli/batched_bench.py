@@ -54,8 +54,10 @@ def add_parser(sub, parents) -> None:
                    help="stock's -ngl for every budget (default: searched per budget)")
     p.add_argument("--n-streamed", type=int, metavar="K", help="host mode: streamed layers (default half)")
     p.add_argument("--generate-cpu-layers", default="auto", metavar="auto|none|L,L",
-                   help="streamed runs' generate split (default auto, as bench; where it has CPU layers a second "
-                   "streamed run puts decodes of 2 or more rows on the GPU, cpu_layers_max_batch=1)")
+                   help="streamed runs' generate split (default auto, as bench: measured for one row, and where "
+                   "it has CPU layers also for each row count of -npl / --verify, one load each, --generate-rows; "
+                   "given layers: a second streamed run puts decodes of 2 or more rows on the GPU, "
+                   "cpu_layers_max_batch=1)")
     p.add_argument("--device", choices=("auto", "cuda", "host"), default="auto")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="table format (default md)")
     p.set_defaults(func=cmd_batched_bench)
