@@ -193,3 +193,27 @@ def generate_speculative(model, prompt: list[int], n_tokens: int, drafter, *, st
         batch.close()
         r.generate_seconds = time.perf_counter() - t0
         model._vram_sample()
+
+
+class LlamaDrafter:
+    """A drafter (PromptLookup, DraftModel) behind llama-cpp-python's
+    draft_model interface (llama_cpp.llama_speculative.LlamaDraftModel: called
+    with the context's token ids, returns the draft), so StreamedLlama -
+    chat - drafts as run does; Llama.generate checks the drafts in one
+    decode. Counts its calls: one per pass. `drafter` may be set after the
+    StreamedLlama exists (a draft model sized from its context)."""
+
+    def __init__(self, drafter=None):
+        self.drafter, self.passes = drafter, 0
+
+    def __call__(self, input_ids, /, **kwargs):
+        self.passes += 1
+        if self.drafter is None:
+            return np.zeros(0, dtype=np.intc)
+        return np.array(self.drafter.draft([int(t) for t in input_ids], self.drafter.n_draft), dtype=np.intc)
+
+    def close(self) -> None:
+        close = getattr(self.drafter, "close", None)
+        if close is not None:
+            close()
+

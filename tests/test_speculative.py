@@ -138,3 +138,36 @@ def test_run_speculative_measures_the_split_for_verify_rows(tiny_path, capsys, m
         rc, _, err = run_main(capsys, *argv, *extra)
         assert rc == 0, err
     assert seen == [5, 7, 2, None]
+
+
+def test_chat_drafts_give_the_greedy_reply(gemma_path, capsys, monkeypatch):
+    """chat --lookup N / -md DRAFT: llama-cpp-python's draft_model path with
+    our drafters (speculative.LlamaDrafter) replies exactly as without; with
+    the model itself as the draft every draft is right, so a reply takes
+    fewer passes than tokens."""
+    import io
+    import re
+    import sys
+
+    from test_cli import SMALL, T, run_main
+
+    message = "Repeat exactly: red green blue red green blue red green blue\n"
+    argv = ["chat", str(gemma_path), "-n", "24", "--n-streamed", "6", "--device", "host", "-t", T, *SMALL]
+    replies = []
+    for extra in ([], ["--lookup", "4"], ["-md", str(gemma_path), "--draft-max", "4"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(message))
+        rc, out, err = run_main(capsys, *argv, *extra)
+        assert rc == 0, err
+        replies.append((out, err))
+    assert replies[0][0].strip() and replies[1][0] == replies[0][0] and replies[2][0] == replies[0][0]
+    assert "speculative passes" not in replies[0][1]
+    generated, passes = re.search(r"generated: (\d+) tokens.*; (\d+) speculative passes", replies[2][1]).groups()
+    assert int(passes) < int(generated)
+
+
+def test_chat_speculative_is_greedy_only(gemma_path, capsys):
+    from test_cli import SMALL, T, assert_user_error, run_main
+
+    rc, _, err = run_main(capsys, "chat", str(gemma_path), "--lookup", "4", "--temp", "0.7", "--device", "host",
+                          "-t", T, *SMALL)
+    assert_user_error(rc, err, "greedy only")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import sys
 import time
+from types import SimpleNamespace
 
+from . import speculative
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_engine, add_model, check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
 
 CHAT_N_PREDICT = 256
@@ -27,26 +29,39 @@ def add_parser(sub, parents) -> None:
     p.add_argument("-s", "--seed", type=int, default=0, help="sampling seed (default 0; -1: random, said on stderr)")
     p.add_argument("--chat-format", metavar="NAME", help="llama-cpp-python chat format instead of the GGUF's "
                    "template (GGUFs without one: 'gemma' for Gemma, else llama-cpp-python's default)")
+    speculative.add_speculative(p)
     add_engine(p)
     p.set_defaults(func=cmd_chat)
 
 
 def cmd_chat(args) -> int:
     from ..llama_compat import apply_chat_format
+    from ..speculative import LlamaDrafter
 
     check_flags(args)
     check_n_predict(args, "end of turn")
     device, path, options = prepare_load(args)
+    drafter, extra = None, {}
+    if speculative.wanted(args):
+        speculative.check(args, SimpleNamespace(greedy=args.temp == 0))
+        if options.get("generate_rows") is None:  # the split measured for verify decodes
+            options["generate_rows"] = speculative.verify_rows(args)
+        drafter = extra["draft_model"] = LlamaDrafter()
     t0 = time.perf_counter()
-    llm = streamed_llama(args, path, options, seed=resolve_seed(args.seed), chat_format=args.chat_format)
+    llm = streamed_llama(args, path, options, seed=resolve_seed(args.seed), chat_format=args.chat_format, **extra)
     try:
         fmt = apply_chat_format(llm, args.chat_format)
+        if drafter is not None:
+            vocab = SimpleNamespace(n_vocab=llm.n_vocab(), token_bytes=lambda i: llm.detokenize([i]))
+            drafter.drafter = speculative.make_drafter(args, vocab, device, llm._streamer.config)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
         say(f"chat format: {fmt}; type a message and Enter; Ctrl-C stops a reply; /reset clears the "
             "conversation, /exit or EOF ends")
-        return _chat_loop(llm, args)
+        return _chat_loop(llm, args, drafter)
     finally:
         llm.close()
+        if drafter is not None:
+            drafter.close()
 
 
 def _line_editing() -> bool:
@@ -138,7 +153,7 @@ def _reply(llm, messages, args) -> tuple[str, bool, str | None]:
     return "".join(pieces), ctrl_c.hit, timer.summary()
 
 
-def _chat_loop(llm, args) -> int:
+def _chat_loop(llm, args, drafter=None) -> int:
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -181,5 +196,8 @@ def _chat_loop(llm, args) -> int:
         if stopped:
             say("reply stopped (Ctrl-C); what it said so far stays in the conversation; Ctrl-C at the "
                 "prompt ends the chat")
+        if timing and drafter is not None:
+            timing += f"; {drafter.passes} speculative passes"
+            drafter.passes = 0
         if timing:
             say(timing)

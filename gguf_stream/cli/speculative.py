@@ -45,17 +45,20 @@ def check(args, sampling) -> None:
                          "or drop --lookup / --model-draft")
 
 
-def make_drafter(args, model, device: str):
+def make_drafter(args, model, device: str, config=None):
+    """The drafter the flags ask for; a draft model gets the context shape of
+    `config` (default model.config) and must share `model`'s vocabulary
+    (n_vocab, token_bytes)."""
     from ..model import StockModel
     from ..speculative import DraftModel, PromptLookup
 
     if args.lookup is not None:
         return PromptLookup(args.lookup)
+    c = config if config is not None else model.config
     path = resolve_model(args.model_draft)
     t0 = time.perf_counter()
-    draft = StockModel(path, -1 if device == "cuda" else 0, device=device, n_ctx=model.config.n_ctx,
-                       n_batch=model.config.n_batch, n_ubatch=model.config.n_ubatch, n_threads=model.config.n_threads,
-                       flash_attn=model.config.flash_attn, verbose=args.verbose)
+    draft = StockModel(path, -1 if device == "cuda" else 0, device=device, n_ctx=c.n_ctx, n_batch=c.n_batch,
+                       n_ubatch=c.n_ubatch, n_threads=c.n_threads, flash_attn=c.flash_attn, verbose=args.verbose)
     drafter = DraftModel(draft, args.draft_max)
     try:
         drafter.check_vocabulary(model)
