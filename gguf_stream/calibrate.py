@@ -40,7 +40,7 @@ from .progress import note
 
 RATES_VERSION = "4"  # bump when what measure_rates measures changes
 CALIBRATION_BATCH = 8
-CALIBRATION_TOKENS = 4  # single-token decodes timed per layer (the first is a warm-up)
+CALIBRATION_TOKENS = 3  # single-token decodes timed per layer (the first is a warm-up)
 # CPU layers during calibration: a sample, so that at most this much is
 # repacked for it (host memory, load time); the others stream meanwhile, as
 # they will while generating (the CPU then shares host memory with the DMA).
@@ -48,8 +48,8 @@ CALIBRATION_CPU_BYTES = 1 << 29
 CALIBRATION_CPU_LAYERS = 4
 # Timed single-token decodes per split (after a warm-up), median taken: on the
 # GPU box one split's decodes vary by ~1%, a CPU layer more or less moves the
-# time by 3-5%, so 4 tell them apart (8 cost the first load 0.5 s on the 8B).
-SPLIT_TRIAL_TOKENS = 4
+# time by 3-7%, so 3 tell them apart (8 cost the first load 0.6 s on the 8B).
+SPLIT_TRIAL_TOKENS = 3
 SPLIT_TRIAL_WARMUP = 1
 # The search starts this many CPU layers above the model's pick: the fastest
 # split measured on the GPU box had 1-3 more (8B shape: pick 8, fastest 10),
