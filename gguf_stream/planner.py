@@ -56,8 +56,8 @@ class LayerSpan:
     slot: int | None = None  # first-evaluation slot of a streamed layer
     generate: str = ""  # generate phase: "resident", "streamed" or "cpu" (computed from host memory)
     # Bytes of the layer resident whatever the placement says (attention,
-    # norms, router of a mixture-of-experts layer, whose `bytes` are its
-    # experts); 0 when the placement moves the whole layer.
+    # norms, router, shared experts of a mixture-of-experts layer, whose
+    # `bytes` are its routed experts); 0 when the placement moves the whole layer.
     fixed_bytes: int = 0
     # A streamed part on the disk tier: its uploads read the GGUF file, it
     # holds no host memory (disk.py decides, under the host budget).
@@ -228,8 +228,8 @@ class Plan:
             lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {s.generate}{disk} | "
                          f"{'' if s.slot is None else s.slot} |")
         if experts:
-            lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router) stays "
-                      "resident; prompt/generate say where its experts are)"]
+            lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router, "
+                      "shared experts if any) stays resident; prompt/generate say where its experts are)"]
         if self.stock_gpu_layers is not None:
             return "\n".join(lines + [
                 "",

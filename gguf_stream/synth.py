@@ -3,7 +3,7 @@
 The files are complete GGUF models that llama.cpp can load and run: real
 hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer, and
 quantized weight tensors whose blocks are generated *directly as raw bytes*
-(quantizing floats would take minutes for an 8B model).  Two architectures:
+(quantizing floats would take minutes for an 8B model).  Three architectures:
 
 * dense "llama" (Llama 3 shapes);
 * mixture-of-experts "qwen3moe" (Qwen3-30B-A3B shapes): per layer a float32 router
@@ -28,12 +28,16 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
   with the attention output at MATRIX_STD / 16 deep layers spread like the first
   (qwen3-30b-a3b, 128 tokens: all 128 experts used in every layer, two tokens share
   0.5 of 8 on average, as chance gives); at MATRIX_STD, random attention's common
-  part swamped the tokens (32-41 experts used past layer 24);
+  part swamped the tokens (32-41 experts used past layer 24); qwen1.5-moe-a2.7b, 128
+  tokens: all 60 experts used in every layer, consecutive tokens share 0.2-0.35 of 4
+  (chance: 0.27). The shared expert's gate is random like a router (sigmoid of a
+  logit of std ~1), so it scales the shared expert token by token;
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
 CLI:  python -m gguf_stream.synth OUT.gguf --shape llama3-8b --type Q4_K --seed 0
       python -m gguf_stream.synth OUT.gguf --shape qwen3-30b-a3b   (MoE, 16.0 GiB, ~1 min)
+      python -m gguf_stream.synth OUT.gguf --shape qwen1.5-moe-a2.7b   (shared expert, 8.0 GiB)
       python -m gguf_stream.synth --list
 """
 from __future__ import annotations
@@ -60,8 +64,8 @@ class Shape:
     """Hyper-parameters of a dense llama or a qwen3moe mixture-of-experts model.
 
     head_dim 0 means n_embd // n_head (llama); n_expert 0 means a dense model.
-    For MoE, n_ff is only the `feed_forward_length` metadata (qwen3moe's graph uses
-    n_ff_exp, the hidden size of one expert).
+    For MoE, n_ff is only the `feed_forward_length` metadata (the graphs use
+    n_ff_exp, the hidden size of one expert, and n_ff_shexp, the shared expert's).
     """
     arch: str
     n_layer: int
@@ -77,6 +81,7 @@ class Shape:
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
+    n_ff_shexp: int = 0  # the shared expert's hidden size (qwen2moe)
 
     def __post_init__(self):
         if not self.head_dim:
@@ -105,6 +110,16 @@ SHAPES: dict[str, Shape] = {
     "tiny-moe": Shape("qwen3moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                       n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
                       head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=256),
+    # Qwen1.5-MoE-A2.7B: 60 experts of n_ff 1408 (written Q5_0 under Q4_K), 4 used, a
+    # shared expert of 5632; 16 heads of 128, no GQA
+    "qwen1.5-moe-a2.7b": Shape("qwen2moe", n_layer=24, n_embd=2048, n_ff=5632, n_head=16, n_head_kv=16,
+                               n_vocab=151936, ctx_len=8192, rope_theta=1000000.0, rms_eps=1e-6,
+                               n_expert=60, n_expert_used=4, n_ff_exp=1408, n_ff_shexp=5632),
+    # for tests: qwen2moe in miniature; experts 160 wide, so their down matrices are
+    # Q5_0 (the fallback the real size needs) and the rest Q4_K
+    "tiny-qwen2moe": Shape("qwen2moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                           n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
+                           n_expert=8, n_expert_used=2, n_ff_exp=160, n_ff_shexp=512),
 }
 
 QTYPES: dict[str, QT] = {"Q4_K": QT.Q4_K, "Q8_0": QT.Q8_0}
@@ -130,9 +145,18 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 MOE_KINDS = ("attn_q_norm", "attn_k_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
                      "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS)}
+# qwen2moe's kinds come after those (names with a dot are full suffixes: biases)
+SHARED_KINDS = ("attn_q.bias", "attn_k.bias", "attn_v.bias",
+                "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+QWEN2MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
+                          "attn_output", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                          "ffn_down_exps", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS)}
+_LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
-ARCHS = ("llama", "qwen3moe")  # qwen3moe is MoE, llama dense
+ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
+SHARED_EXPERT_ARCHS = ("qwen2moe",)
+BIAS_STD = 0.02     # q/k/v biases: F32, small next to the projections' outputs
 
 
 # --------------------------------------------------------------------------- blocks
@@ -160,6 +184,22 @@ def q8_0_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarr
     blocks = _raw_bytes(rng, n_blocks, 34)
     blocks[:, 2:] |= 1
     d = np.float16(_pow2(std / (127 / math.sqrt(3))))
+    blocks[:, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+    return blocks
+
+
+def q5_0_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarray:
+    """Random Q5_0 blocks: (n_blocks, 22) uint8.
+
+    Layout (ggml block_q5_0, 32 values): fp16 d | 4 bytes qh: the 5th bit of each
+    quant | 16 bytes qs: low nibbles (value j in byte j's low half, j + 16 in its high
+    half);  value = d * (q - 16), q in 0..31.
+    Every nibble's low bit is set, so q is odd and q - 16 uniform over {-15, -13, ..., 15}:
+    symmetric, mean exactly 0, std sqrt(85). d is one power of two per tensor.
+    """
+    blocks = _raw_bytes(rng, n_blocks, 22)
+    blocks[:, 6:] |= 0x11
+    d = np.float16(_pow2(std / math.sqrt(85)))
     blocks[:, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
     return blocks
 
@@ -193,7 +233,10 @@ def q4_k_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarr
     return blocks
 
 
-_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32)}
+_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32), "Q5_0": (q5_0_blocks, 32)}
+# What a tensor whose rows do not split into the type's blocks is written as
+# (llama-quantize's convert_incompatible_tensor: Q4_K -> Q5_0)
+_FALLBACK = {"Q4_K": "Q5_0"}
 
 
 # --------------------------------------------------------------------------- tensors
@@ -211,6 +254,7 @@ class TensorSpec:
     is_norm: bool
     is_router: bool = False   # F32 random (not 1 + noise), not quantized
     std: float | None = None  # of the dequantized values; None: EMBD_STD / MATRIX_STD
+    is_bias: bool = False     # F32, BIAS_STD * N(0, 1)
 
 
 def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -225,6 +269,11 @@ def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         shapes.update({"attn_q_norm": (hd,), "attn_k_norm": (hd,), "ffn_gate_inp": (n_exp, e),
                        "ffn_gate_exps": (n_exp, ff_exp, e), "ffn_up_exps": (n_exp, ff_exp, e),
                        "ffn_down_exps": (n_exp, e, ff_exp)})
+    if shape.n_ff_shexp:
+        sh = shape.n_ff_shexp
+        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+                       "ffn_gate_inp_shexp": (e,), "ffn_gate_shexp": (sh, e), "ffn_up_shexp": (sh, e),
+                       "ffn_down_shexp": (e, sh)})
     return shapes
 
 
@@ -234,18 +283,34 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
     layer_shapes = _layer_shapes(shape)
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
-        for name in MOE_LAYER_TENSORS if shape.is_moe else LAYER_TENSORS:
+        for name in _LAYER_TENSORS[shape.arch]:
             std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
-            specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, _KIND_INDEX[name]),
-                                    name.endswith("_norm"), name == "ffn_gate_inp", std))
+            # the shared expert's gate is a vector of one logit's weights, random like a router's
+            router = name in ("ffn_gate_inp", "ffn_gate_inp_shexp")
+            full = f"blk.{il}.{name}" + ("" if "." in name else ".weight")
+            specs.append(TensorSpec(full, layer_shapes[name], (il + 1, _KIND_INDEX[name]),
+                                    name.endswith("_norm"), router, std, name.endswith(".bias")))
     specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
     specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
     return specs
 
 
 def _is_float(spec: TensorSpec) -> bool:
-    """Stored as F32: norms and the router (llama.cpp needs a float router)."""
-    return spec.is_norm or spec.is_router
+    """Stored as F32: norms, biases and routers (llama.cpp needs float vectors and routers)."""
+    return spec.is_norm or spec.is_router or spec.is_bias
+
+
+def tensor_type(spec: TensorSpec, qtype: str) -> str:
+    """What the tensor is written as: F32, qtype, or qtype's fallback where its rows
+    do not split into qtype's blocks (raises where neither fits)."""
+    if _is_float(spec):
+        return "F32"
+    cols = spec.shape[-1]
+    for t in (qtype, _FALLBACK.get(qtype)):
+        if t and cols % _BLOCKS[t][1] == 0:
+            return t
+    raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {_BLOCKS[qtype][1]} ({qtype})"
+                     + (f" nor of {_BLOCKS[_FALLBACK[qtype]][1]} ({_FALLBACK[qtype]})" if qtype in _FALLBACK else ""))
 
 
 def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
@@ -253,13 +318,10 @@ def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
     rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=spec.key)))
     if spec.is_norm:
         return (1.0 + NORM_NOISE * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
-    if spec.is_router:
-        std = ROUTER_LOGIT_STD / math.sqrt(spec.shape[-1])
+    if spec.is_router or spec.is_bias:
+        std = BIAS_STD if spec.is_bias else ROUTER_LOGIT_STD / math.sqrt(spec.shape[-1])
         return (std * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
-    make, block_size = _BLOCKS[qtype]
-    cols = spec.shape[-1]
-    if cols % block_size:
-        raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {block_size} ({qtype})")
+    make, block_size = _BLOCKS[tensor_type(spec, qtype)]
     std = spec.std or (EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD)
     blocks = make(rng, math.prod(spec.shape) // block_size, std)
     return blocks.reshape(*spec.shape[:-1], -1)
@@ -305,6 +367,8 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         w.add_expert_feed_forward_length(shape.n_ff_exp)
+    if shape.n_ff_shexp:
+        w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -325,19 +389,27 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
 def _nbytes(spec: TensorSpec, qtype: str) -> int:
     if _is_float(spec):
         return 4 * math.prod(spec.shape)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[QT[tensor_type(spec, qtype)]]
     return math.prod(spec.shape) // block_size * type_size
 
 
 def _check_arch(shape: Shape) -> None:
-    """llama is written dense, qwen3moe as MoE (its loader requires experts)."""
+    """llama is written dense, the others as MoE (their loaders require experts);
+    qwen2moe with a shared expert and n_embd / n_head heads (its loader's shapes)."""
     if shape.arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {shape.arch!r}")
-    if shape.is_moe != (shape.arch == "qwen3moe"):
-        raise ValueError(f"arch {shape.arch!r} is written {'with' if shape.arch == 'qwen3moe' else 'without'} "
+    moe = shape.arch != "llama"
+    if shape.is_moe != moe:
+        raise ValueError(f"arch {shape.arch!r} is written {'with' if moe else 'without'} "
                          f"experts; got n_expert={shape.n_expert}")
     if shape.is_moe and not (0 < shape.n_expert_used <= shape.n_expert and shape.n_ff_exp > 0):
         raise ValueError(f"MoE needs 0 < n_expert_used <= n_expert and n_ff_exp > 0; got {shape}")
+    shared = shape.arch in SHARED_EXPERT_ARCHS
+    if (shape.n_ff_shexp > 0) != shared:
+        raise ValueError(f"arch {shape.arch!r} is written {'with' if shared else 'without'} a shared expert; "
+                         f"got n_ff_shexp={shape.n_ff_shexp}")
+    if shared and shape.head_dim * shape.n_head != shape.n_embd:
+        raise ValueError(f"{shape.arch} needs head_dim * n_head == n_embd; got {shape.head_dim} * {shape.n_head}")
 
 
 def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", seed: int = 0,
@@ -345,7 +417,8 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
     """Write a random-weight GGUF model with the given shape; returns the path.
 
     shape: a `Shape` or a key of `SHAPES`.  qtype: "Q4_K" or "Q8_0" (all 2-D tensors,
-    including token_embd and output; norms are F32).  seed: RNG seed; each tensor has its
+    including token_embd and output, Q5_0 where Q4_K's rows do not fit; norms, biases
+    and routers are F32).  seed: RNG seed; each tensor has its
     own stream keyed by (seed, layer, tensor kind).  progress: optional callback
     progress(tensor_name, bytes_done, bytes_total) called after each tensor is written.
     """
@@ -366,7 +439,7 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
             rows = math.prod(spec.shape[:-1])
             nbytes = _nbytes(spec, qtype)
             w.add_tensor_info(spec.name, (*spec.shape[:-1], nbytes // rows), np.dtype(np.uint8), nbytes,
-                              raw_dtype=QTYPES[qtype])
+                              raw_dtype=QT[tensor_type(spec, qtype)])
     total = sum(_nbytes(s, qtype) for s in specs)
 
     def datas() -> Iterator[tuple[TensorSpec, np.ndarray]]:

@@ -1,6 +1,8 @@
 """Mixture-of-experts models in host mode: placement moves expert tensors
-(every layer's attention, norms and router stay resident), and whatever the
-placement, greedy tokens and logits are bit-identical to stock llama.cpp."""
+(every layer's attention, norms, router and shared expert stay resident), and
+whatever the placement, greedy tokens and logits are bit-identical to stock
+llama.cpp. Each test runs on qwen3moe (routed experts only) and on qwen2moe
+(routed experts plus a shared expert every token uses)."""
 
 import re
 
@@ -14,14 +16,19 @@ from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.planner import make_plan
 
 
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe"])
+def moe_path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
 @pytest.fixture(scope="module")
-def moe_case(tiny_moe_path):
+def moe_case(moe_path):
     """(path, a prompt of several ubatches, stock's greedy tokens and logits)."""
-    with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
+    with StockModel(moe_path, n_gpu_layers=0, **CPU) as stock:
         prompt = stock.tokenize(PROMPT * 3)
         tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
     assert len(prompt) > 2 * CPU["n_ubatch"] and np.isfinite(logits).all()
-    return tiny_moe_path, prompt, tokens, logits
+    return moe_path, prompt, tokens, logits
 
 
 PLACEMENTS = {
@@ -88,8 +95,8 @@ def test_swapped_experts_fail_the_comparison(moe_case):
     assert not np.array_equal(logits, ref_logits)
 
 
-def test_moe_plan_keeps_dense_parts_resident(tiny_moe_path):
-    mf = read_model(tiny_moe_path)
+def test_moe_plan_keeps_dense_parts_resident(moe_path):
+    mf = read_model(moe_path)
     assert mf.is_moe and all(0 < e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
     dense = sum(mf.layer_bytes) - sum(mf.stream_bytes)
     full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
@@ -106,8 +113,8 @@ def test_moe_plan_keeps_dense_parts_resident(tiny_moe_path):
     assert whole.part == "layer" and whole.streamed_bytes > plan.streamed_bytes
 
 
-def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(tiny_moe_path):
-    mf = read_model(tiny_moe_path)
+def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(moe_path):
+    mf = read_model(moe_path)
     experts_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
     layers_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64, whole_layers=True).device_bytes
     assert layers_minimum < experts_minimum
@@ -140,25 +147,53 @@ def test_stock_n_cpu_moe_overrides_the_first_layers_experts(moe_case, capsys):
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
-def test_stock_n_cpu_moe_bad_inputs(tiny_moe_path, tiny_path):
+def test_stock_n_cpu_moe_bad_inputs(moe_path, tiny_path):
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
         StockModel(tiny_path, n_gpu_layers=99, n_cpu_moe=1, **CPU)
     for n in (-1, 5):
         with pytest.raises(ValueError, match=r"n_cpu_moe must be in 0\.\.4"):
-            StockModel(tiny_moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)
+            StockModel(moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)
 
 
-def test_expected_generate_plan_is_what_the_engine_chooses(tiny_moe_path):
+def test_expected_generate_plan_is_what_the_engine_chooses(moe_path):
     """The host-memory check's view before loading equals the load's choice
     (generate_cpu_layers auto on an experts plan)."""
     from gguf_stream.config import EngineConfig
     from gguf_stream.placement import expected_generate_plan, initial_plan
 
     options = dict(**CPU, n_streamed=3, n_slots=1, generate_cpu_layers="auto")
-    mf = read_model(tiny_moe_path)
+    mf = read_model(moe_path)
     expected = expected_generate_plan(mf, initial_plan(mf, EngineConfig(**options), False),
                                       EngineConfig(**options), cuda=False)
-    with StreamedModel(tiny_moe_path, **options) as m:
+    with StreamedModel(moe_path, **options) as m:
         assert m.plan.cpu_layers and m.plan.cpu_layers == expected.cpu_layers
         assert m.plan.pageable_bytes == expected.pageable_bytes
         assert m.plan.pageable_bytes == m.plan.input_bytes  # host mode: no repacked copy, experts keep no KV
+
+
+# ------------------------------------------- shared experts (qwen2moe): the dense part
+
+def test_shared_experts_belong_to_the_dense_part(tiny_qwen2moe_path):
+    """A shared expert and its gate are read by every token: they stay with
+    attention, norms and router in the resident dense part; only the routed
+    experts are placed (and a slot holds those alone)."""
+    mf = read_model(tiny_qwen2moe_path)
+    for il in range(mf.n_layer):
+        tensors = mf.layer_tensors(il)
+        shared = [t for t in tensors if "_shexp." in t.name]
+        assert sorted(t.name.split(".")[2] for t in shared) == [
+            "ffn_down_shexp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp"]
+        assert not any(is_expert_tensor(t.name) for t in shared)
+        routed = [t for t in tensors if is_expert_tensor(t.name)]
+        assert sorted(t.name.split(".")[2] for t in routed) == ["ffn_down_exps", "ffn_gate_exps", "ffn_up_exps"]
+        assert mf.stream_bytes[il] == sum(t.nbytes for t in routed)
+        assert mf.fixed_layer_bytes[il] == sum(t.nbytes for t in tensors if t not in routed)
+        assert mf.fixed_layer_bytes[il] > sum(t.nbytes for t in shared) > 0
+    plan = make_plan(mf, n_streamed=4, n_slots=2, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts" and plan.slot_bytes == max(mf.stream_bytes)
+    assert all(s.fixed_bytes == mf.fixed_layer_bytes[s.layer] for s in plan.layers)
+    table = plan.table()
+    for s in plan.layers:
+        assert re.search(rf"^\| {s.layer} \| [\d.]+ \w+ resident \| [\d.]+ \w+ \| streamed \| streamed \| \d \|$",
+                         table, re.M), table
+    assert "dense part (attention, norms, router, shared experts if any) stays resident" in table
