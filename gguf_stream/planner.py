@@ -223,7 +223,8 @@ class Plan:
             "| ---: | ---: | ---: | :--- | :--- | ---: |" if experts else "| ---: | ---: | :--- | :--- | ---: |",
         ]
         for s in self.layers:
-            size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + format_size(s.bytes)
+            size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + (
+                format_size(s.bytes) if s.bytes or not experts else "none (a dense layer)")
             disk = " (disk)" if s.disk and s.placement == "streamed" else ""
             lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {s.generate}{disk} | "
                          f"{'' if s.slot is None else s.slot} |")
@@ -421,7 +422,10 @@ def make_plan(
                              "(a mixture-of-experts model streams experts; its dense layers stay resident)")
     elif n_streamed is not None:
         if not 0 <= n_streamed <= len(candidates):
-            raise ValueError(f"cannot stream {n_streamed} of {len(candidates)} layers")
+            dense = N - len(candidates)  # a mixture-of-experts model's leading dense layers
+            raise ValueError(f"cannot stream {n_streamed} of {len(candidates)} layers"
+                             + (f" ({dense} of the {N} layers have no experts to stream; whole_layers / "
+                                "--whole-layers places whole layers)" if dense else ""))
         streamed = spread(n_streamed)
     else:
         streamed = None

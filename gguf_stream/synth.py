@@ -3,15 +3,27 @@
 The files are complete GGUF models that llama.cpp can load and run: real
 hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer, and
 quantized weight tensors whose blocks are generated *directly as raw bytes*
-(quantizing floats would take minutes for an 8B model).  Three architectures:
+(quantizing floats would take minutes for an 8B model).  Four architectures:
 
 * dense "llama" (Llama 3 shapes);
 * mixture-of-experts "qwen3moe" (Qwen3-30B-A3B shapes): per layer a float32 router
   `ffn_gate_inp` and 3-D expert tensors `ffn_{gate,up,down}_exps` (one slab of
   n_ff_exp x n_embd weights per expert), plus Qwen3's per-head RMS norms
-  `attn_q_norm` / `attn_k_norm` and a head_dim that need not be n_embd / n_head.
+  `attn_q_norm` / `attn_k_norm` and a head_dim that need not be n_embd / n_head;
+* mixture-of-experts with a shared expert "qwen2moe" (Qwen1.5-MoE-A2.7B shapes): the
+  same routed experts, plus a shared expert every token uses (`ffn_{gate,up,down}_shexp`,
+  n_ff_shexp wide) scaled by a sigmoid gate (`ffn_gate_inp_shexp`, one F32 vector),
+  and Qwen2's q/k/v biases;
+* "glm4moe" (GLM-4.5-Air shapes): the first n_dense_lead layers dense (no experts at
+  all), the others routed experts with sigmoid gating and a selection bias
+  (`exp_probs_b`) plus shared experts without a gate; q/k/v biases, rotary embedding
+  on n_rot of each head's dimensions, `post_attention_norm` before the feed-forward.
 
-Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
+Rows whose length is not a multiple of 256 cannot be Q4_K (the experts of
+Qwen1.5-MoE and GLM-4.5 are 1408 wide): such tensors are written Q5_0, as
+llama-quantize falls back.
+
+Weight design (see `q4_k_blocks` / `q8_0_blocks` / `q5_0_blocks` for the exact layouts):
 
 * zero mean: the quants are uniform over a set that is symmetric about the block's
   zero point, so every dequantized value has mean exactly 0 and a modest, chosen
@@ -81,11 +93,15 @@ class Shape:
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
-    n_ff_shexp: int = 0  # the shared expert's hidden size (qwen2moe)
+    n_ff_shexp: int = 0  # the shared experts' hidden size (qwen2moe; glm4moe: n_ff_exp x their count)
+    n_dense_lead: int = 0  # leading layers without experts (glm4moe)
+    n_rot: int = 0       # rotated dimensions of a head; 0: head_dim
 
     def __post_init__(self):
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not self.n_rot:
+            object.__setattr__(self, "n_rot", self.head_dim)
 
     @property
     def is_moe(self) -> bool:
@@ -120,6 +136,16 @@ SHAPES: dict[str, Shape] = {
     "tiny-qwen2moe": Shape("qwen2moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                            n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
                            n_expert=8, n_expert_used=2, n_ff_exp=160, n_ff_shexp=512),
+    # GLM-4.5-Air: layer 0 dense (n_ff 10944), 45 of 128 experts of n_ff 1408 (Q5_0 under
+    # Q4_K), 8 used, 1 shared; 96 heads of 128 (3x n_embd), half of each rotated
+    "glm-4.5-air": Shape("glm4moe", n_layer=46, n_embd=4096, n_ff=10944, n_head=96, n_head_kv=8,
+                         n_vocab=151552, ctx_len=131072, rope_theta=1000000.0, head_dim=128,
+                         n_expert=128, n_expert_used=8, n_ff_exp=1408, n_ff_shexp=1408, n_dense_lead=1,
+                         n_rot=64),
+    # for tests: glm4moe in miniature, layer 0 dense
+    "tiny-glm4moe": Shape("glm4moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                          n_vocab=512, ctx_len=512, rope_theta=1000000.0, head_dim=64, n_expert=8,
+                          n_expert_used=2, n_ff_exp=160, n_ff_shexp=160, n_dense_lead=1, n_rot=32),
 }
 
 QTYPES: dict[str, QT] = {"Q4_K": QT.Q4_K, "Q8_0": QT.Q8_0}
@@ -151,11 +177,19 @@ SHARED_KINDS = ("attn_q.bias", "attn_k.bias", "attn_v.bias",
 QWEN2MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
                           "attn_output", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
                           "ffn_down_exps", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
-_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS)}
-_LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS}
+# then glm4moe's
+GLM_KINDS = ("post_attention_norm", "exp_probs_b.bias")
+_GLM_ATTENTION = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
+                  "attn_output", "post_attention_norm")
+GLM4MOE_DENSE_TENSORS = _GLM_ATTENTION + ("ffn_gate", "ffn_up", "ffn_down")
+GLM4MOE_LAYER_TENSORS = _GLM_ATTENTION + ("ffn_gate_inp", "exp_probs_b.bias", "ffn_gate_exps", "ffn_up_exps",
+                                          "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS)}
+_LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS,
+                  "glm4moe": GLM4MOE_LAYER_TENSORS}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
 ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
-SHARED_EXPERT_ARCHS = ("qwen2moe",)
+SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe")
 BIAS_STD = 0.02     # q/k/v biases: F32, small next to the projections' outputs
 
 
@@ -273,7 +307,7 @@ def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         sh = shape.n_ff_shexp
         shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
                        "ffn_gate_inp_shexp": (e,), "ffn_gate_shexp": (sh, e), "ffn_up_shexp": (sh, e),
-                       "ffn_down_shexp": (e, sh)})
+                       "ffn_down_shexp": (e, sh), "post_attention_norm": (e,), "exp_probs_b.bias": (shape.n_expert,)})
     return shapes
 
 
@@ -283,7 +317,8 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
     layer_shapes = _layer_shapes(shape)
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
-        for name in _LAYER_TENSORS[shape.arch]:
+        dense_lead = il < shape.n_dense_lead
+        for name in GLM4MOE_DENSE_TENSORS if dense_lead else _LAYER_TENSORS[shape.arch]:
             std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
             # the shared expert's gate is a vector of one logit's weights, random like a router's
             router = name in ("ffn_gate_inp", "ffn_gate_inp_shexp")
@@ -360,15 +395,21 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
     w.add_head_count_kv(shape.n_head_kv)
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.rms_eps)
-    w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_dimension_count(shape.n_rot)
     if shape.is_moe:
         w.add_key_length(shape.head_dim)
         w.add_value_length(shape.head_dim)
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         w.add_expert_feed_forward_length(shape.n_ff_exp)
-    if shape.n_ff_shexp:
+    if shape.arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
+    if shape.arch == "glm4moe":  # GLM-4.5's: sigmoid scores, top-k weights normalised, scale 1
+        w.add_expert_shared_count(shape.n_ff_shexp // shape.n_ff_exp)
+        w.add_leading_dense_block_count(shape.n_dense_lead)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_norm(True)
+        w.add_expert_weights_scale(1.0)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -408,8 +449,16 @@ def _check_arch(shape: Shape) -> None:
     if (shape.n_ff_shexp > 0) != shared:
         raise ValueError(f"arch {shape.arch!r} is written {'with' if shared else 'without'} a shared expert; "
                          f"got n_ff_shexp={shape.n_ff_shexp}")
-    if shared and shape.head_dim * shape.n_head != shape.n_embd:
+    if shape.arch == "qwen2moe" and shape.head_dim * shape.n_head != shape.n_embd:
         raise ValueError(f"{shape.arch} needs head_dim * n_head == n_embd; got {shape.head_dim} * {shape.n_head}")
+    if shape.arch == "glm4moe" and shape.n_ff_shexp % shape.n_ff_exp:
+        raise ValueError(f"glm4moe's shared experts are n_ff_exp wide: n_ff_shexp ({shape.n_ff_shexp}) must be a "
+                         f"multiple of n_ff_exp ({shape.n_ff_exp})")
+    if not 0 <= shape.n_dense_lead < shape.n_layer or (shape.n_dense_lead and shape.arch != "glm4moe"):
+        raise ValueError(f"n_dense_lead must be in 0..n_layer-1, and only glm4moe has dense leading layers; "
+                         f"got {shape.n_dense_lead} for {shape.arch}")
+    if shape.arch != "glm4moe" and shape.n_rot != shape.head_dim:
+        raise ValueError(f"{shape.arch} rotates whole heads: n_rot must be head_dim ({shape.head_dim})")
 
 
 def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", seed: int = 0,

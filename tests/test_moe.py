@@ -1,8 +1,10 @@
 """Mixture-of-experts models in host mode: placement moves expert tensors
 (every layer's attention, norms, router and shared expert stay resident), and
 whatever the placement, greedy tokens and logits are bit-identical to stock
-llama.cpp. Each test runs on qwen3moe (routed experts only) and on qwen2moe
-(routed experts plus a shared expert every token uses)."""
+llama.cpp. Each test runs on qwen3moe (routed experts only), qwen2moe
+(routed experts plus a gated shared expert every token uses) and glm4moe
+(a shared expert, sigmoid routing, and a leading dense layer: nothing to
+place in an experts plan)."""
 
 import re
 
@@ -16,9 +18,14 @@ from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.planner import make_plan
 
 
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe"])
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
 def moe_path(request):
     return request.getfixturevalue(f"{request.param}_path")
+
+
+def expert_layers(path) -> list[int]:
+    """The layers with routed experts (glm4moe's leading dense layer has none)."""
+    return [i for i, b in enumerate(read_model(path).stream_bytes) if b]
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +38,23 @@ def moe_case(moe_path):
     return moe_path, prompt, tokens, logits
 
 
+# options for a model whose layers with experts are E
 PLACEMENTS = {
-    "experts streamed, 2 slots": dict(n_streamed=3, n_slots=2),
-    "every layer's experts through 1 slot": dict(n_streamed=4, n_slots=1),
-    "overflow experts on the CPU while generating": dict(n_streamed=3, n_slots=2, generate_cpu_layers="auto"),
-    "some experts on the CPU, some streamed": dict(n_streamed=4, n_slots=2, generate_cpu_layers=(0, 2)),
-    "whole layers (dense part streamed too)": dict(n_streamed=3, n_slots=2, whole_layers=True,
-                                                  generate_cpu_layers=(1,)),
+    "experts streamed, 2 slots": lambda E: dict(n_streamed=3, n_slots=2),
+    "every layer's experts through 1 slot": lambda E: dict(n_streamed=len(E), n_slots=1),
+    "overflow experts on the CPU while generating": lambda E: dict(n_streamed=3, n_slots=2,
+                                                                   generate_cpu_layers="auto"),
+    "some experts on the CPU, some streamed": lambda E: dict(n_streamed=len(E), n_slots=2,
+                                                             generate_cpu_layers=(E[0], E[2])),
+    "whole layers (dense part streamed too)": lambda E: dict(n_streamed=3, n_slots=2, whole_layers=True,
+                                                             generate_cpu_layers=(1,)),
 }
 
 
 @pytest.mark.parametrize("name", PLACEMENTS)
 def test_moe_placements_are_bit_identical_to_stock(moe_case, name):
     path, prompt, ref_tokens, ref_logits = moe_case
-    options = PLACEMENTS[name]
+    options = PLACEMENTS[name](expert_layers(path))
     with StreamedModel(path, **CPU, **options) as m:
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         plan, c = m.plan, m.stats.counters
@@ -89,18 +99,20 @@ def test_auto_leaves_to_the_cpu_what_the_slots_cannot_hold(moe_case):
 def test_swapped_experts_fail_the_comparison(moe_case):
     """Proves the comparison can fail: two layers' expert tensors swapped."""
     path, prompt, _, ref_logits = moe_case
-    with StreamedModel(path, **CPU, n_streamed=4, n_slots=2) as m:
-        m.engine.debug_swap_sources(0, 2)
+    experts = expert_layers(path)
+    with StreamedModel(path, **CPU, n_streamed=len(experts), n_slots=2) as m:
+        m.engine.debug_swap_sources(experts[0], experts[2])
         _, logits = m.generate(prompt, N_GEN, with_logits=True)
     assert not np.array_equal(logits, ref_logits)
 
 
 def test_moe_plan_keeps_dense_parts_resident(moe_path):
     mf = read_model(moe_path)
-    assert mf.is_moe and all(0 < e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
+    assert mf.is_moe and all(e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
+    assert len(expert_layers(moe_path)) >= 3
     dense = sum(mf.layer_bytes) - sum(mf.stream_bytes)
     full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
-    budget = full.device_bytes - 2 * mf.stream_bytes[0]  # room for the slots, then less
+    budget = full.device_bytes - 2 * max(mf.stream_bytes)  # room for the slots, then less
     plan = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
     assert plan.part == "experts" and plan.streamed and plan.device_bytes <= budget
     assert plan.fixed_bytes == dense and plan.resident_bytes == dense + sum(
@@ -115,8 +127,10 @@ def test_moe_plan_keeps_dense_parts_resident(moe_path):
 
 def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(moe_path):
     mf = read_model(moe_path)
-    experts_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
-    layers_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64, whole_layers=True).device_bytes
+    n = len(expert_layers(moe_path))
+    experts_minimum = make_plan(mf, n_streamed=n, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
+    layers_minimum = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=256, n_ubatch=64,
+                               whole_layers=True).device_bytes
     assert layers_minimum < experts_minimum
     plan = make_plan(mf, vram_budget=(layers_minimum + experts_minimum) // 2, n_ctx=256, n_ubatch=64, n_slots=1)
     assert plan.part == "layer" and plan.stock_gpu_layers is None
@@ -142,7 +156,7 @@ def test_stock_n_cpu_moe_overrides_the_first_layers_experts(moe_case, capsys):
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         assert m.stats.mode == f"stock ngl={mf.n_layer + 1} n-cpu-moe=2"
     experts = {t.name for t in mf.tensors if is_expert_tensor(t.name) and t.layer < 2}
-    assert set(overridden) == experts and len(experts) == 6
+    assert set(overridden) == experts and len(experts) == 3 * len([i for i in expert_layers(path) if i < 2]) > 0
     assert set(overridden.values()) <= {"CPU", "CPU_REPACK"}
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
@@ -197,3 +211,34 @@ def test_shared_experts_belong_to_the_dense_part(tiny_qwen2moe_path):
         assert re.search(rf"^\| {s.layer} \| [\d.]+ \w+ resident \| [\d.]+ \w+ \| streamed \| streamed \| \d \|$",
                          table, re.M), table
     assert "dense part (attention, norms, router, shared experts if any) stays resident" in table
+
+
+# ------------------------------------------- leading dense layers (glm4moe): nothing to place
+
+def test_a_leading_dense_layer_stays_resident_in_an_experts_plan(tiny_glm4moe_path):
+    """glm4moe's layer 0 has no experts: an experts plan keeps it resident
+    whole (its dense part is all of it) and never streams it; asking to
+    stream it, or more layers than have experts, is a one-line error that
+    says what to do. Placing whole layers streams it like any other."""
+    mf = read_model(tiny_glm4moe_path)
+    assert mf.stream_bytes[0] == 0 and mf.fixed_layer_bytes[0] == mf.layer_bytes[0] > 0
+    assert expert_layers(tiny_glm4moe_path) == [1, 2, 3]
+    plan = make_plan(mf, n_streamed=3, n_slots=2, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts" and plan.streamed == (1, 2, 3)
+    assert (plan.layers[0].placement, plan.layers[0].bytes, plan.layers[0].fixed_bytes) == (
+        "resident", 0, mf.layer_bytes[0])
+    assert plan.fixed_bytes == sum(mf.fixed_layer_bytes)
+    assert re.search(r"^\| 0 \| [\d.]+ \w+ resident \| none \(a dense layer\) \| resident \| resident \|  \|$",
+                     plan.table(), re.M), plan.table()
+    with pytest.raises(ValueError, match=r"cannot stream 4 of 3 layers \(1 of the 4 layers have no experts "
+                                         r"to stream; whole_layers / --whole-layers places whole layers\)"):
+        make_plan(mf, n_streamed=4, n_ctx=256, n_ubatch=64)
+    with pytest.raises(ValueError, match=r"layers \[0\] have no expert tensors to stream"):
+        make_plan(mf, streamed_layers=(0, 1), n_ctx=256, n_ubatch=64)
+    whole = make_plan(mf, n_streamed=4, n_slots=2, n_ctx=256, n_ubatch=64, whole_layers=True)
+    assert whole.part == "layer" and whole.streamed == (0, 1, 2, 3)
+    # a budget: the dense layer is never what streaming takes off the GPU
+    full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
+    for budget in (full.device_bytes - max(mf.stream_bytes), full.device_bytes - 2 * max(mf.stream_bytes)):
+        p = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
+        assert p.part == "experts" and p.streamed and 0 not in p.streamed and p.device_bytes <= budget

@@ -111,8 +111,8 @@ def test_cli(tmp_path, capsys):
 def test_8b_shape_sizes():
     s = SHAPES["llama3-8b"]
     assert (s.n_layer, s.n_embd, s.n_ff, s.n_head, s.n_head_kv, s.n_vocab) == (32, 4096, 14336, 32, 8, 128256)
-    for s in SHAPES.values():
-        assert s.n_embd % 256 == 0 and s.n_ff % 256 == 0
+    for s in SHAPES.values():  # Q4_K throughout (MoE shapes: Q5_0 where rows of n_ff* do not fit, see below)
+        assert s.n_embd % 256 == 0 and (s.is_moe or s.n_ff % 256 == 0)
 
 
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
@@ -387,3 +387,57 @@ def test_qwen2moe_shared_expert_and_routed_experts_reach_the_output(shared_files
         change(changed)
         _, other = _moe_generate(changed)
         assert np.abs(other - logits).max() > 1e-4, name
+
+
+# ------------------------------------------------------------------ glm4moe: a leading dense layer
+
+GLM = SHAPES["tiny-glm4moe"]
+
+
+def test_glm4moe_structure_and_llama_cpp_decodes(tmp_path):
+    from gguf_stream.gguf_file import is_expert_tensor, read_model
+
+    path = write_synthetic(tmp_path / "tiny-glm4moe.gguf", GLM, "Q4_K", seed=0)
+    m = read_model(path)
+    assert (m.arch, m.n_layer, m.is_moe) == ("glm4moe", GLM.n_layer, True)
+    names = {il: {t.name.split(".", 2)[2]: t for t in m.layer_tensors(il)} for il in range(GLM.n_layer)}
+    e, kv, q = GLM.n_embd, GLM.n_head_kv * GLM.head_dim, GLM.n_head * GLM.head_dim
+    attention = {"attn_norm.weight": (e,), "attn_q.weight": (e, q), "attn_q.bias": (q,), "attn_k.weight": (e, kv),
+                 "attn_k.bias": (kv,), "attn_v.weight": (e, kv), "attn_v.bias": (kv,),
+                 "attn_output.weight": (q, e), "post_attention_norm.weight": (e,)}
+    dense = {**attention, "ffn_gate.weight": (e, GLM.n_ff), "ffn_up.weight": (e, GLM.n_ff),
+             "ffn_down.weight": (GLM.n_ff, e)}
+    ff, sh, n = GLM.n_ff_exp, GLM.n_ff_shexp, GLM.n_expert
+    moe = {**attention, "ffn_gate_inp.weight": (e, n), "exp_probs_b.bias": (n,),
+           "ffn_gate_exps.weight": (e, ff, n), "ffn_up_exps.weight": (e, ff, n), "ffn_down_exps.weight": (ff, e, n),
+           "ffn_gate_shexp.weight": (e, sh), "ffn_up_shexp.weight": (e, sh), "ffn_down_shexp.weight": (sh, e)}
+    for il in range(GLM.n_layer):
+        want = dense if il < GLM.n_dense_lead else moe
+        assert {k: t.shape for k, t in names[il].items()} == want, il
+        assert any(is_expert_tensor(t.name) for t in names[il].values()) == (il >= GLM.n_dense_lead)
+    assert names[1]["ffn_down_exps.weight"].qtype == "Q5_0"  # rows of 160
+    r = gguf.GGUFReader(path)
+    assert _field(r, "glm4moe.leading_dense_block_count") == GLM.n_dense_lead
+    assert _field(r, "glm4moe.expert_shared_count") == 1
+    assert _field(r, "glm4moe.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert _field(r, "glm4moe.rope.dimension_count") == GLM.n_rot < GLM.head_dim
+    tokens, logits = _moe_generate(path)
+    assert len(tokens) == N_MOE_TOKENS and np.isfinite(logits).all() and logits.std() > 1e-3
+
+
+def test_glm_4_5_air_shape():
+    from gguf_stream.synth import _nbytes, tensor_specs
+
+    s = SHAPES["glm-4.5-air"]
+    assert (s.arch, s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.head_dim, s.n_rot) == (
+        "glm4moe", 46, 4096, 96, 8, 128, 64)
+    assert (s.n_expert, s.n_expert_used, s.n_ff_exp, s.n_ff_shexp, s.n_dense_lead) == (128, 8, 1408, 1408, 1)
+    specs = tensor_specs(s)
+    assert not any("exps" in spec.name for spec in specs if spec.name.startswith("blk.0."))
+    assert 59 < sum(_nbytes(spec, "Q4_K") for spec in specs) / 2**30 < 61
+    import dataclasses
+
+    with pytest.raises(ValueError, match="only glm4moe has dense leading layers"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_dense_lead=1))
+    with pytest.raises(ValueError, match="must be a multiple of n_ff_exp"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(GLM, n_ff_shexp=200))
