@@ -242,3 +242,23 @@ def test_a_leading_dense_layer_stays_resident_in_an_experts_plan(tiny_glm4moe_pa
     for budget in (full.device_bytes - max(mf.stream_bytes), full.device_bytes - 2 * max(mf.stream_bytes)):
         p = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
         assert p.part == "experts" and p.streamed and 0 not in p.streamed and p.device_bytes <= budget
+
+
+def test_naming_a_layer_that_does_not_stream_is_refused_before_loading(tiny_glm4moe_path, monkeypatch):
+    """--generate-cpu-layers / generate_resident naming a layer the plan does
+    not stream (here glm4moe's dense layer 0, which has no experts) is one
+    line naming the layers that do, before llama.cpp loads anything (it was
+    reported as a file llama.cpp could not load)."""
+    import gguf_stream.streamer as streamer
+
+    def no_load(*a, **k):
+        raise AssertionError("llama.cpp was asked to load")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streamer.Streamer, "patch_model_params", no_load)
+        for option in (dict(generate_cpu_layers=(0,)), dict(generate_resident=(0, 2))):
+            with pytest.raises(ValueError, match=r"names layers \[0\], which are not streamed; this plan's layers "
+                                                 r"whose experts stream are \[1, 2, 3\]"):
+                StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, **option)
+    with StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, generate_cpu_layers=(2,)) as m:
+        assert m.plan.cpu_layers == (2,)
