@@ -67,17 +67,19 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-__all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "q4_k_blocks", "q8_0_blocks",
-           "write_synthetic", "main"]
+__all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "tensor_type", "q4_k_blocks", "q8_0_blocks",
+           "q5_0_blocks", "write_synthetic", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Hyper-parameters of a dense llama or a qwen3moe mixture-of-experts model.
+    """Hyper-parameters of a dense llama or a mixture-of-experts model (qwen3moe,
+    qwen2moe, glm4moe).
 
     head_dim 0 means n_embd // n_head (llama); n_expert 0 means a dense model.
-    For MoE, n_ff is only the `feed_forward_length` metadata (the graphs use
-    n_ff_exp, the hidden size of one expert, and n_ff_shexp, the shared expert's).
+    For MoE, n_ff is the `feed_forward_length` metadata, which only glm4moe's
+    leading dense layers use (the expert layers use n_ff_exp, the hidden size of
+    one expert, and n_ff_shexp, the shared experts').
     """
     arch: str
     n_layer: int
