@@ -192,7 +192,7 @@ _LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2m
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
 ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
 SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe")
-BIAS_STD = 0.02     # q/k/v biases: F32, small next to the projections' outputs
+BIAS_STD = 0.02     # q/k/v biases and glm4moe's expert selection bias: F32, small (routing stays the router's)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -438,7 +438,7 @@ def _nbytes(spec: TensorSpec, qtype: str) -> int:
 
 def _check_arch(shape: Shape) -> None:
     """llama is written dense, the others as MoE (their loaders require experts);
-    qwen2moe with a shared expert and n_embd / n_head heads (its loader's shapes)."""
+    qwen2moe and glm4moe with shared experts, as their loaders' shapes need them."""
     if shape.arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {shape.arch!r}")
     moe = shape.arch != "llama"
