@@ -99,8 +99,8 @@ class ModelFile:
     @cached_property
     def stream_bytes(self) -> tuple[int, ...]:
         """Per layer, the bytes placement moves: a mixture-of-experts layer's
-        expert tensors (its attention, norms and router are small, read by
-        every token, and stay resident), or the whole layer."""
+        routed expert tensors (its attention, norms, router and shared experts
+        are read by every token, and stay resident), or the whole layer."""
         if not self.is_moe:
             return self.layer_bytes
         out = [0] * self.n_layer

@@ -63,6 +63,22 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
     return tuple(i for i in overflow if i not in held)
 
 
+def _check_named_layers(plan: Plan, config: EngineConfig, cuda: bool) -> None:
+    """Layers named for the generate phase must be streamed ones: refused
+    here, before loading, in one line (an experts plan never streams a
+    layer without experts, such as glm4moe's leading dense ones)."""
+    named = (("generate_cpu_layers", config.generate_split(cuda)),
+             ("generate_resident", config.generate_resident))
+    for flag, layers in named:
+        if isinstance(layers, str) or layers is None:
+            continue
+        bad = sorted(set(layers) - set(plan.streamed))
+        if bad:
+            what = "layers whose experts stream" if plan.part == "experts" else "streamed layers"
+            raise ValueError(f"{flag} names layers {bad}, which are not streamed; this plan's {what} are "
+                             f"{list(plan.streamed)} (give n_streamed / streamed_layers to stream others)")
+
+
 def expected_generate_plan(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bool) -> Plan:
     """The plan with the generate placement the Streamer will choose at
     load, as far as it is known before loading: with 'auto' on CUDA a dense
@@ -70,7 +86,8 @@ def expected_generate_plan(model_file: ModelFile, plan: Plan, config: EngineConf
     (the most calibration can choose)."""
     if not plan.streamed:
         return plan
-    streamed = set(plan.streamed)  # layer numbers the engine would refuse are its to name, after loading
+    _check_named_layers(plan, config, cuda)
+    streamed = set(plan.streamed)
     resident = [i for i in chosen_generate_resident(model_file, plan, config, cuda)[0] if i in streamed]
     plan = with_generate_placement(plan, (), resident)
     choice = config.generate_split(cuda)

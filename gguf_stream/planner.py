@@ -56,8 +56,8 @@ class LayerSpan:
     slot: int | None = None  # first-evaluation slot of a streamed layer
     generate: str = ""  # generate phase: "resident", "streamed" or "cpu" (computed from host memory)
     # Bytes of the layer resident whatever the placement says (attention,
-    # norms, router of a mixture-of-experts layer, whose `bytes` are its
-    # experts); 0 when the placement moves the whole layer.
+    # norms, router, shared experts of a mixture-of-experts layer, whose
+    # `bytes` are its routed experts); 0 when the placement moves the whole layer.
     fixed_bytes: int = 0
     # A streamed part on the disk tier: its uploads read the GGUF file, it
     # holds no host memory (disk.py decides, under the host budget).
@@ -223,13 +223,14 @@ class Plan:
             "| ---: | ---: | ---: | :--- | :--- | ---: |" if experts else "| ---: | ---: | :--- | :--- | ---: |",
         ]
         for s in self.layers:
-            size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + format_size(s.bytes)
+            size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + (
+                format_size(s.bytes) if s.bytes or not experts else "none (a dense layer)")
             disk = " (disk)" if s.disk and s.placement == "streamed" else ""
             lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {s.generate}{disk} | "
                          f"{'' if s.slot is None else s.slot} |")
         if experts:
-            lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router) stays "
-                      "resident; prompt/generate say where its experts are)"]
+            lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router, "
+                      "shared experts if any) stays resident; prompt/generate say where its experts are)"]
         if self.stock_gpu_layers is not None:
             return "\n".join(lines + [
                 "",
@@ -421,7 +422,10 @@ def make_plan(
                              "(a mixture-of-experts model streams experts; its dense layers stay resident)")
     elif n_streamed is not None:
         if not 0 <= n_streamed <= len(candidates):
-            raise ValueError(f"cannot stream {n_streamed} of {len(candidates)} layers")
+            dense = N - len(candidates)  # a mixture-of-experts model's leading dense layers
+            raise ValueError(f"cannot stream {n_streamed} of {len(candidates)} layers"
+                             + (f" ({dense} of the {N} layers have no experts to stream; whole_layers / "
+                                "--whole-layers places whole layers)" if dense else ""))
         streamed = spread(n_streamed)
     else:
         streamed = None

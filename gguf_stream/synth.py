@@ -3,15 +3,27 @@
 The files are complete GGUF models that llama.cpp can load and run: real
 hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer, and
 quantized weight tensors whose blocks are generated *directly as raw bytes*
-(quantizing floats would take minutes for an 8B model).  Two architectures:
+(quantizing floats would take minutes for an 8B model).  Four architectures:
 
 * dense "llama" (Llama 3 shapes);
 * mixture-of-experts "qwen3moe" (Qwen3-30B-A3B shapes): per layer a float32 router
   `ffn_gate_inp` and 3-D expert tensors `ffn_{gate,up,down}_exps` (one slab of
   n_ff_exp x n_embd weights per expert), plus Qwen3's per-head RMS norms
-  `attn_q_norm` / `attn_k_norm` and a head_dim that need not be n_embd / n_head.
+  `attn_q_norm` / `attn_k_norm` and a head_dim that need not be n_embd / n_head;
+* mixture-of-experts with a shared expert "qwen2moe" (Qwen1.5-MoE-A2.7B shapes): the
+  same routed experts, plus a shared expert every token uses (`ffn_{gate,up,down}_shexp`,
+  n_ff_shexp wide) scaled by a sigmoid gate (`ffn_gate_inp_shexp`, one F32 vector),
+  and Qwen2's q/k/v biases;
+* "glm4moe" (GLM-4.5-Air shapes): the first n_dense_lead layers dense (no experts at
+  all), the others routed experts with sigmoid gating and a selection bias
+  (`exp_probs_b`) plus shared experts without a gate; q/k/v biases, rotary embedding
+  on n_rot of each head's dimensions, `post_attention_norm` before the feed-forward.
 
-Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
+Rows whose length is not a multiple of 256 cannot be Q4_K (the experts of
+Qwen1.5-MoE and GLM-4.5 are 1408 wide): such tensors are written Q5_0, as
+llama-quantize falls back.
+
+Weight design (see `q4_k_blocks` / `q8_0_blocks` / `q5_0_blocks` for the exact layouts):
 
 * zero mean: the quants are uniform over a set that is symmetric about the block's
   zero point, so every dequantized value has mean exactly 0 and a modest, chosen
@@ -28,12 +40,16 @@ Weight design (see `q4_k_blocks` / `q8_0_blocks` for the exact layouts):
   with the attention output at MATRIX_STD / 16 deep layers spread like the first
   (qwen3-30b-a3b, 128 tokens: all 128 experts used in every layer, two tokens share
   0.5 of 8 on average, as chance gives); at MATRIX_STD, random attention's common
-  part swamped the tokens (32-41 experts used past layer 24);
+  part swamped the tokens (32-41 experts used past layer 24); qwen1.5-moe-a2.7b, 128
+  tokens: all 60 experts used in every layer, consecutive tokens share 0.2-0.35 of 4
+  (chance: 0.27). The shared expert's gate is random like a router (sigmoid of a
+  logit of std ~1), so it scales the shared expert token by token;
 * streaming: tensors are generated and written one at a time (generation of the next
   tensor overlaps the write of the previous one), so memory stays around two tensors.
 
 CLI:  python -m gguf_stream.synth OUT.gguf --shape llama3-8b --type Q4_K --seed 0
       python -m gguf_stream.synth OUT.gguf --shape qwen3-30b-a3b   (MoE, 16.0 GiB, ~1 min)
+      python -m gguf_stream.synth OUT.gguf --shape qwen1.5-moe-a2.7b   (shared expert, 8.0 GiB)
       python -m gguf_stream.synth --list
 """
 from __future__ import annotations
@@ -51,17 +67,19 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-__all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "q4_k_blocks", "q8_0_blocks",
-           "write_synthetic", "main"]
+__all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "tensor_type", "q4_k_blocks", "q8_0_blocks",
+           "q5_0_blocks", "write_synthetic", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """Hyper-parameters of a dense llama or a qwen3moe mixture-of-experts model.
+    """Hyper-parameters of a dense llama or a mixture-of-experts model (qwen3moe,
+    qwen2moe, glm4moe).
 
     head_dim 0 means n_embd // n_head (llama); n_expert 0 means a dense model.
-    For MoE, n_ff is only the `feed_forward_length` metadata (qwen3moe's graph uses
-    n_ff_exp, the hidden size of one expert).
+    For MoE, n_ff is the `feed_forward_length` metadata, which only glm4moe's
+    leading dense layers use (the expert layers use n_ff_exp, the hidden size of
+    one expert, and n_ff_shexp, the shared experts').
     """
     arch: str
     n_layer: int
@@ -77,10 +95,15 @@ class Shape:
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
+    n_ff_shexp: int = 0  # the shared experts' hidden size (qwen2moe; glm4moe: n_ff_exp x their count)
+    n_dense_lead: int = 0  # leading layers without experts (glm4moe)
+    n_rot: int = 0       # rotated dimensions of a head; 0: head_dim
 
     def __post_init__(self):
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not self.n_rot:
+            object.__setattr__(self, "n_rot", self.head_dim)
 
     @property
     def is_moe(self) -> bool:
@@ -105,6 +128,26 @@ SHAPES: dict[str, Shape] = {
     "tiny-moe": Shape("qwen3moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                       n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
                       head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=256),
+    # Qwen1.5-MoE-A2.7B: 60 experts of n_ff 1408 (written Q5_0 under Q4_K), 4 used, a
+    # shared expert of 5632; 16 heads of 128, no GQA
+    "qwen1.5-moe-a2.7b": Shape("qwen2moe", n_layer=24, n_embd=2048, n_ff=5632, n_head=16, n_head_kv=16,
+                               n_vocab=151936, ctx_len=8192, rope_theta=1000000.0, rms_eps=1e-6,
+                               n_expert=60, n_expert_used=4, n_ff_exp=1408, n_ff_shexp=5632),
+    # for tests: qwen2moe in miniature; experts 160 wide, so their down matrices are
+    # Q5_0 (the fallback the real size needs) and the rest Q4_K
+    "tiny-qwen2moe": Shape("qwen2moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                           n_vocab=512, ctx_len=512, rope_theta=1000000.0, rms_eps=1e-6,
+                           n_expert=8, n_expert_used=2, n_ff_exp=160, n_ff_shexp=512),
+    # GLM-4.5-Air: layer 0 dense (n_ff 10944), 45 of 128 experts of n_ff 1408 (Q5_0 under
+    # Q4_K), 8 used, 1 shared; 96 heads of 128 (3x n_embd), half of each rotated
+    "glm-4.5-air": Shape("glm4moe", n_layer=46, n_embd=4096, n_ff=10944, n_head=96, n_head_kv=8,
+                         n_vocab=151552, ctx_len=131072, rope_theta=1000000.0, head_dim=128,
+                         n_expert=128, n_expert_used=8, n_ff_exp=1408, n_ff_shexp=1408, n_dense_lead=1,
+                         n_rot=64),
+    # for tests: glm4moe in miniature, layer 0 dense
+    "tiny-glm4moe": Shape("glm4moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
+                          n_vocab=512, ctx_len=512, rope_theta=1000000.0, head_dim=64, n_expert=8,
+                          n_expert_used=2, n_ff_exp=160, n_ff_shexp=160, n_dense_lead=1, n_rot=32),
 }
 
 QTYPES: dict[str, QT] = {"Q4_K": QT.Q4_K, "Q8_0": QT.Q8_0}
@@ -130,9 +173,26 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 MOE_KINDS = ("attn_q_norm", "attn_k_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
                      "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS)}
+# qwen2moe's kinds come after those (names with a dot are full suffixes: biases)
+SHARED_KINDS = ("attn_q.bias", "attn_k.bias", "attn_v.bias",
+                "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+QWEN2MOE_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
+                          "attn_output", "ffn_norm", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                          "ffn_down_exps", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+# then glm4moe's
+GLM_KINDS = ("post_attention_norm", "exp_probs_b.bias")
+_GLM_ATTENTION = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
+                  "attn_output", "post_attention_norm")
+GLM4MOE_DENSE_TENSORS = _GLM_ATTENTION + ("ffn_gate", "ffn_up", "ffn_down")
+GLM4MOE_LAYER_TENSORS = _GLM_ATTENTION + ("ffn_gate_inp", "exp_probs_b.bias", "ffn_gate_exps", "ffn_up_exps",
+                                          "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS)}
+_LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS,
+                  "glm4moe": GLM4MOE_LAYER_TENSORS}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
-ARCHS = ("llama", "qwen3moe")  # qwen3moe is MoE, llama dense
+ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
+SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe")
+BIAS_STD = 0.02     # q/k/v biases and glm4moe's expert selection bias: F32, small (routing stays the router's)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -160,6 +220,22 @@ def q8_0_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarr
     blocks = _raw_bytes(rng, n_blocks, 34)
     blocks[:, 2:] |= 1
     d = np.float16(_pow2(std / (127 / math.sqrt(3))))
+    blocks[:, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
+    return blocks
+
+
+def q5_0_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarray:
+    """Random Q5_0 blocks: (n_blocks, 22) uint8.
+
+    Layout (ggml block_q5_0, 32 values): fp16 d | 4 bytes qh: the 5th bit of each
+    quant | 16 bytes qs: low nibbles (value j in byte j's low half, j + 16 in its high
+    half);  value = d * (q - 16), q in 0..31.
+    Every nibble's low bit is set, so q is odd and q - 16 uniform over {-15, -13, ..., 15}:
+    symmetric, mean exactly 0, std sqrt(85). d is one power of two per tensor.
+    """
+    blocks = _raw_bytes(rng, n_blocks, 22)
+    blocks[:, 6:] |= 0x11
+    d = np.float16(_pow2(std / math.sqrt(85)))
     blocks[:, 0:2] = np.frombuffer(d.tobytes(), np.uint8)
     return blocks
 
@@ -193,7 +269,10 @@ def q4_k_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarr
     return blocks
 
 
-_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32)}
+_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32), "Q5_0": (q5_0_blocks, 32)}
+# What a tensor whose rows do not split into the type's blocks is written as
+# (llama-quantize's convert_incompatible_tensor: Q4_K -> Q5_0)
+_FALLBACK = {"Q4_K": "Q5_0"}
 
 
 # --------------------------------------------------------------------------- tensors
@@ -211,6 +290,7 @@ class TensorSpec:
     is_norm: bool
     is_router: bool = False   # F32 random (not 1 + noise), not quantized
     std: float | None = None  # of the dequantized values; None: EMBD_STD / MATRIX_STD
+    is_bias: bool = False     # F32, BIAS_STD * N(0, 1)
 
 
 def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -225,6 +305,11 @@ def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         shapes.update({"attn_q_norm": (hd,), "attn_k_norm": (hd,), "ffn_gate_inp": (n_exp, e),
                        "ffn_gate_exps": (n_exp, ff_exp, e), "ffn_up_exps": (n_exp, ff_exp, e),
                        "ffn_down_exps": (n_exp, e, ff_exp)})
+    if shape.n_ff_shexp:
+        sh = shape.n_ff_shexp
+        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+                       "ffn_gate_inp_shexp": (e,), "ffn_gate_shexp": (sh, e), "ffn_up_shexp": (sh, e),
+                       "ffn_down_shexp": (e, sh), "post_attention_norm": (e,), "exp_probs_b.bias": (shape.n_expert,)})
     return shapes
 
 
@@ -234,18 +319,35 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
     layer_shapes = _layer_shapes(shape)
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
-        for name in MOE_LAYER_TENSORS if shape.is_moe else LAYER_TENSORS:
+        dense_lead = il < shape.n_dense_lead
+        for name in GLM4MOE_DENSE_TENSORS if dense_lead else _LAYER_TENSORS[shape.arch]:
             std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
-            specs.append(TensorSpec(f"blk.{il}.{name}.weight", layer_shapes[name], (il + 1, _KIND_INDEX[name]),
-                                    name.endswith("_norm"), name == "ffn_gate_inp", std))
+            # the shared expert's gate is a vector of one logit's weights, random like a router's
+            router = name in ("ffn_gate_inp", "ffn_gate_inp_shexp")
+            full = f"blk.{il}.{name}" + ("" if "." in name else ".weight")
+            specs.append(TensorSpec(full, layer_shapes[name], (il + 1, _KIND_INDEX[name]),
+                                    name.endswith("_norm"), router, std, name.endswith(".bias")))
     specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
     specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
     return specs
 
 
 def _is_float(spec: TensorSpec) -> bool:
-    """Stored as F32: norms and the router (llama.cpp needs a float router)."""
-    return spec.is_norm or spec.is_router
+    """Stored as F32: norms, biases and routers (llama.cpp needs float vectors and routers)."""
+    return spec.is_norm or spec.is_router or spec.is_bias
+
+
+def tensor_type(spec: TensorSpec, qtype: str) -> str:
+    """What the tensor is written as: F32, qtype, or qtype's fallback where its rows
+    do not split into qtype's blocks (raises where neither fits)."""
+    if _is_float(spec):
+        return "F32"
+    cols = spec.shape[-1]
+    for t in (qtype, _FALLBACK.get(qtype)):
+        if t and cols % _BLOCKS[t][1] == 0:
+            return t
+    raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {_BLOCKS[qtype][1]} ({qtype})"
+                     + (f" nor of {_BLOCKS[_FALLBACK[qtype]][1]} ({_FALLBACK[qtype]})" if qtype in _FALLBACK else ""))
 
 
 def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
@@ -253,13 +355,10 @@ def _tensor_data(spec: TensorSpec, qtype: str, seed: int) -> np.ndarray:
     rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=spec.key)))
     if spec.is_norm:
         return (1.0 + NORM_NOISE * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
-    if spec.is_router:
-        std = ROUTER_LOGIT_STD / math.sqrt(spec.shape[-1])
+    if spec.is_router or spec.is_bias:
+        std = BIAS_STD if spec.is_bias else ROUTER_LOGIT_STD / math.sqrt(spec.shape[-1])
         return (std * rng.standard_normal(spec.shape, dtype=np.float32)).astype(np.float32)
-    make, block_size = _BLOCKS[qtype]
-    cols = spec.shape[-1]
-    if cols % block_size:
-        raise ValueError(f"{spec.name}: row length {cols} is not a multiple of {block_size} ({qtype})")
+    make, block_size = _BLOCKS[tensor_type(spec, qtype)]
     std = spec.std or (EMBD_STD if spec.name == "token_embd.weight" else MATRIX_STD)
     blocks = make(rng, math.prod(spec.shape) // block_size, std)
     return blocks.reshape(*spec.shape[:-1], -1)
@@ -298,13 +397,21 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
     w.add_head_count_kv(shape.n_head_kv)
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.rms_eps)
-    w.add_rope_dimension_count(shape.head_dim)
+    w.add_rope_dimension_count(shape.n_rot)
     if shape.is_moe:
         w.add_key_length(shape.head_dim)
         w.add_value_length(shape.head_dim)
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         w.add_expert_feed_forward_length(shape.n_ff_exp)
+    if shape.arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
+    if shape.arch == "glm4moe":  # GLM-4.5's: sigmoid scores, top-k weights normalised, scale 1
+        w.add_expert_shared_count(shape.n_ff_shexp // shape.n_ff_exp)
+        w.add_leading_dense_block_count(shape.n_dense_lead)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_norm(True)
+        w.add_expert_weights_scale(1.0)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -325,19 +432,35 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
 def _nbytes(spec: TensorSpec, qtype: str) -> int:
     if _is_float(spec):
         return 4 * math.prod(spec.shape)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[QTYPES[qtype]]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[QT[tensor_type(spec, qtype)]]
     return math.prod(spec.shape) // block_size * type_size
 
 
 def _check_arch(shape: Shape) -> None:
-    """llama is written dense, qwen3moe as MoE (its loader requires experts)."""
+    """llama is written dense, the others as MoE (their loaders require experts);
+    qwen2moe and glm4moe with shared experts, as their loaders' shapes need them."""
     if shape.arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {shape.arch!r}")
-    if shape.is_moe != (shape.arch == "qwen3moe"):
-        raise ValueError(f"arch {shape.arch!r} is written {'with' if shape.arch == 'qwen3moe' else 'without'} "
+    moe = shape.arch != "llama"
+    if shape.is_moe != moe:
+        raise ValueError(f"arch {shape.arch!r} is written {'with' if moe else 'without'} "
                          f"experts; got n_expert={shape.n_expert}")
     if shape.is_moe and not (0 < shape.n_expert_used <= shape.n_expert and shape.n_ff_exp > 0):
         raise ValueError(f"MoE needs 0 < n_expert_used <= n_expert and n_ff_exp > 0; got {shape}")
+    shared = shape.arch in SHARED_EXPERT_ARCHS
+    if (shape.n_ff_shexp > 0) != shared:
+        raise ValueError(f"arch {shape.arch!r} is written {'with' if shared else 'without'} a shared expert; "
+                         f"got n_ff_shexp={shape.n_ff_shexp}")
+    if shape.arch == "qwen2moe" and shape.head_dim * shape.n_head != shape.n_embd:
+        raise ValueError(f"{shape.arch} needs head_dim * n_head == n_embd; got {shape.head_dim} * {shape.n_head}")
+    if shape.arch == "glm4moe" and shape.n_ff_shexp % shape.n_ff_exp:
+        raise ValueError(f"glm4moe's shared experts are n_ff_exp wide: n_ff_shexp ({shape.n_ff_shexp}) must be a "
+                         f"multiple of n_ff_exp ({shape.n_ff_exp})")
+    if not 0 <= shape.n_dense_lead < shape.n_layer or (shape.n_dense_lead and shape.arch != "glm4moe"):
+        raise ValueError(f"n_dense_lead must be in 0..n_layer-1, and only glm4moe has dense leading layers; "
+                         f"got {shape.n_dense_lead} for {shape.arch}")
+    if shape.arch != "glm4moe" and shape.n_rot != shape.head_dim:
+        raise ValueError(f"{shape.arch} rotates whole heads: n_rot must be head_dim ({shape.head_dim})")
 
 
 def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", seed: int = 0,
@@ -345,7 +468,8 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
     """Write a random-weight GGUF model with the given shape; returns the path.
 
     shape: a `Shape` or a key of `SHAPES`.  qtype: "Q4_K" or "Q8_0" (all 2-D tensors,
-    including token_embd and output; norms are F32).  seed: RNG seed; each tensor has its
+    including token_embd and output, Q5_0 where Q4_K's rows do not fit; norms, biases
+    and routers are F32).  seed: RNG seed; each tensor has its
     own stream keyed by (seed, layer, tensor kind).  progress: optional callback
     progress(tensor_name, bytes_done, bytes_total) called after each tensor is written.
     """
@@ -366,7 +490,7 @@ def write_synthetic(path: str | Path, shape: Shape | str, qtype: str = "Q4_K", s
             rows = math.prod(spec.shape[:-1])
             nbytes = _nbytes(spec, qtype)
             w.add_tensor_info(spec.name, (*spec.shape[:-1], nbytes // rows), np.dtype(np.uint8), nbytes,
-                              raw_dtype=QTYPES[qtype])
+                              raw_dtype=QT[tensor_type(spec, qtype)])
     total = sum(_nbytes(s, qtype) for s in specs)
 
     def datas() -> Iterator[tuple[TensorSpec, np.ndarray]]:

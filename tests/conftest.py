@@ -79,6 +79,24 @@ def tiny_moe_path(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-moe.gguf", "tiny-moe", "Q4_K", seed=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2moe_path(tmp_path_factory) -> Path:
+    """Synthetic 4-layer qwen2moe: tiny-moe's routed experts (160 wide: their down
+    matrices Q5_0) plus a shared expert with its sigmoid gate, and q/k/v biases."""
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-qwen2moe.gguf", "tiny-qwen2moe", "Q4_K", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4moe_path(tmp_path_factory) -> Path:
+    """Synthetic 4-layer glm4moe: layer 0 dense (no experts), layers 1-3 with 8 routed
+    experts (2 used, sigmoid gating, a selection bias) and a shared expert."""
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-glm4moe.gguf", "tiny-glm4moe", "Q4_K", seed=5)
+
+
 CPU = dict(device="host", n_ctx=256, n_batch=64, n_ubatch=64, n_threads=min(4, os.cpu_count() or 1))
 
 

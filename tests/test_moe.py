@@ -1,6 +1,10 @@
 """Mixture-of-experts models in host mode: placement moves expert tensors
-(every layer's attention, norms and router stay resident), and whatever the
-placement, greedy tokens and logits are bit-identical to stock llama.cpp."""
+(every layer's attention, norms, router and shared expert stay resident), and
+whatever the placement, greedy tokens and logits are bit-identical to stock
+llama.cpp. Each test runs on qwen3moe (routed experts only), qwen2moe
+(routed experts plus a gated shared expert every token uses) and glm4moe
+(a shared expert, sigmoid routing, and a leading dense layer: nothing to
+place in an experts plan)."""
 
 import re
 
@@ -14,30 +18,43 @@ from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.planner import make_plan
 
 
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
+def moe_path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+def expert_layers(path) -> list[int]:
+    """The layers with routed experts (glm4moe's leading dense layer has none)."""
+    return [i for i, b in enumerate(read_model(path).stream_bytes) if b]
+
+
 @pytest.fixture(scope="module")
-def moe_case(tiny_moe_path):
+def moe_case(moe_path):
     """(path, a prompt of several ubatches, stock's greedy tokens and logits)."""
-    with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
+    with StockModel(moe_path, n_gpu_layers=0, **CPU) as stock:
         prompt = stock.tokenize(PROMPT * 3)
         tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
     assert len(prompt) > 2 * CPU["n_ubatch"] and np.isfinite(logits).all()
-    return tiny_moe_path, prompt, tokens, logits
+    return moe_path, prompt, tokens, logits
 
 
+# options for a model whose layers with experts are E
 PLACEMENTS = {
-    "experts streamed, 2 slots": dict(n_streamed=3, n_slots=2),
-    "every layer's experts through 1 slot": dict(n_streamed=4, n_slots=1),
-    "overflow experts on the CPU while generating": dict(n_streamed=3, n_slots=2, generate_cpu_layers="auto"),
-    "some experts on the CPU, some streamed": dict(n_streamed=4, n_slots=2, generate_cpu_layers=(0, 2)),
-    "whole layers (dense part streamed too)": dict(n_streamed=3, n_slots=2, whole_layers=True,
-                                                  generate_cpu_layers=(1,)),
+    "experts streamed, 2 slots": lambda E: dict(n_streamed=3, n_slots=2),
+    "every layer's experts through 1 slot": lambda E: dict(n_streamed=len(E), n_slots=1),
+    "overflow experts on the CPU while generating": lambda E: dict(n_streamed=3, n_slots=2,
+                                                                   generate_cpu_layers="auto"),
+    "some experts on the CPU, some streamed": lambda E: dict(n_streamed=len(E), n_slots=2,
+                                                             generate_cpu_layers=(E[0], E[2])),
+    "whole layers (dense part streamed too)": lambda E: dict(n_streamed=3, n_slots=2, whole_layers=True,
+                                                             generate_cpu_layers=(1,)),
 }
 
 
 @pytest.mark.parametrize("name", PLACEMENTS)
 def test_moe_placements_are_bit_identical_to_stock(moe_case, name):
     path, prompt, ref_tokens, ref_logits = moe_case
-    options = PLACEMENTS[name]
+    options = PLACEMENTS[name](expert_layers(path))
     with StreamedModel(path, **CPU, **options) as m:
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         plan, c = m.plan, m.stats.counters
@@ -82,18 +99,20 @@ def test_auto_leaves_to_the_cpu_what_the_slots_cannot_hold(moe_case):
 def test_swapped_experts_fail_the_comparison(moe_case):
     """Proves the comparison can fail: two layers' expert tensors swapped."""
     path, prompt, _, ref_logits = moe_case
-    with StreamedModel(path, **CPU, n_streamed=4, n_slots=2) as m:
-        m.engine.debug_swap_sources(0, 2)
+    experts = expert_layers(path)
+    with StreamedModel(path, **CPU, n_streamed=len(experts), n_slots=2) as m:
+        m.engine.debug_swap_sources(experts[0], experts[2])
         _, logits = m.generate(prompt, N_GEN, with_logits=True)
     assert not np.array_equal(logits, ref_logits)
 
 
-def test_moe_plan_keeps_dense_parts_resident(tiny_moe_path):
-    mf = read_model(tiny_moe_path)
-    assert mf.is_moe and all(0 < e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
+def test_moe_plan_keeps_dense_parts_resident(moe_path):
+    mf = read_model(moe_path)
+    assert mf.is_moe and all(e < t for e, t in zip(mf.stream_bytes, mf.layer_bytes))
+    assert len(expert_layers(moe_path)) >= 3
     dense = sum(mf.layer_bytes) - sum(mf.stream_bytes)
     full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
-    budget = full.device_bytes - 2 * mf.stream_bytes[0]  # room for the slots, then less
+    budget = full.device_bytes - 2 * max(mf.stream_bytes)  # room for the slots, then less
     plan = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
     assert plan.part == "experts" and plan.streamed and plan.device_bytes <= budget
     assert plan.fixed_bytes == dense and plan.resident_bytes == dense + sum(
@@ -106,10 +125,12 @@ def test_moe_plan_keeps_dense_parts_resident(tiny_moe_path):
     assert whole.part == "layer" and whole.streamed_bytes > plan.streamed_bytes
 
 
-def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(tiny_moe_path):
-    mf = read_model(tiny_moe_path)
-    experts_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
-    layers_minimum = make_plan(mf, n_streamed=4, n_slots=1, n_ctx=256, n_ubatch=64, whole_layers=True).device_bytes
+def test_moe_plan_falls_back_to_whole_layers_when_dense_parts_do_not_fit(moe_path):
+    mf = read_model(moe_path)
+    n = len(expert_layers(moe_path))
+    experts_minimum = make_plan(mf, n_streamed=n, n_slots=1, n_ctx=256, n_ubatch=64).device_bytes
+    layers_minimum = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=256, n_ubatch=64,
+                               whole_layers=True).device_bytes
     assert layers_minimum < experts_minimum
     plan = make_plan(mf, vram_budget=(layers_minimum + experts_minimum) // 2, n_ctx=256, n_ubatch=64, n_slots=1)
     assert plan.part == "layer" and plan.stock_gpu_layers is None
@@ -135,30 +156,109 @@ def test_stock_n_cpu_moe_overrides_the_first_layers_experts(moe_case, capsys):
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         assert m.stats.mode == f"stock ngl={mf.n_layer + 1} n-cpu-moe=2"
     experts = {t.name for t in mf.tensors if is_expert_tensor(t.name) and t.layer < 2}
-    assert set(overridden) == experts and len(experts) == 6
+    assert set(overridden) == experts and len(experts) == 3 * len([i for i in expert_layers(path) if i < 2]) > 0
     assert set(overridden.values()) <= {"CPU", "CPU_REPACK"}
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
-def test_stock_n_cpu_moe_bad_inputs(tiny_moe_path, tiny_path):
+def test_stock_n_cpu_moe_bad_inputs(moe_path, tiny_path):
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
         StockModel(tiny_path, n_gpu_layers=99, n_cpu_moe=1, **CPU)
     for n in (-1, 5):
         with pytest.raises(ValueError, match=r"n_cpu_moe must be in 0\.\.4"):
-            StockModel(tiny_moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)
+            StockModel(moe_path, n_gpu_layers=99, n_cpu_moe=n, **CPU)
 
 
-def test_expected_generate_plan_is_what_the_engine_chooses(tiny_moe_path):
+def test_expected_generate_plan_is_what_the_engine_chooses(moe_path):
     """The host-memory check's view before loading equals the load's choice
     (generate_cpu_layers auto on an experts plan)."""
     from gguf_stream.config import EngineConfig
     from gguf_stream.placement import expected_generate_plan, initial_plan
 
     options = dict(**CPU, n_streamed=3, n_slots=1, generate_cpu_layers="auto")
-    mf = read_model(tiny_moe_path)
+    mf = read_model(moe_path)
     expected = expected_generate_plan(mf, initial_plan(mf, EngineConfig(**options), False),
                                       EngineConfig(**options), cuda=False)
-    with StreamedModel(tiny_moe_path, **options) as m:
+    with StreamedModel(moe_path, **options) as m:
         assert m.plan.cpu_layers and m.plan.cpu_layers == expected.cpu_layers
         assert m.plan.pageable_bytes == expected.pageable_bytes
         assert m.plan.pageable_bytes == m.plan.input_bytes  # host mode: no repacked copy, experts keep no KV
+
+
+# ------------------------------------------- shared experts (qwen2moe): the dense part
+
+def test_shared_experts_belong_to_the_dense_part(tiny_qwen2moe_path):
+    """A shared expert and its gate are read by every token: they stay with
+    attention, norms and router in the resident dense part; only the routed
+    experts are placed (and a slot holds those alone)."""
+    mf = read_model(tiny_qwen2moe_path)
+    for il in range(mf.n_layer):
+        tensors = mf.layer_tensors(il)
+        shared = [t for t in tensors if "_shexp." in t.name]
+        assert sorted(t.name.split(".")[2] for t in shared) == [
+            "ffn_down_shexp", "ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp"]
+        assert not any(is_expert_tensor(t.name) for t in shared)
+        routed = [t for t in tensors if is_expert_tensor(t.name)]
+        assert sorted(t.name.split(".")[2] for t in routed) == ["ffn_down_exps", "ffn_gate_exps", "ffn_up_exps"]
+        assert mf.stream_bytes[il] == sum(t.nbytes for t in routed)
+        assert mf.fixed_layer_bytes[il] == sum(t.nbytes for t in tensors if t not in routed)
+        assert mf.fixed_layer_bytes[il] > sum(t.nbytes for t in shared) > 0
+    plan = make_plan(mf, n_streamed=4, n_slots=2, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts" and plan.slot_bytes == max(mf.stream_bytes)
+    assert all(s.fixed_bytes == mf.fixed_layer_bytes[s.layer] for s in plan.layers)
+    table = plan.table()
+    for s in plan.layers:
+        assert re.search(rf"^\| {s.layer} \| [\d.]+ \w+ resident \| [\d.]+ \w+ \| streamed \| streamed \| \d \|$",
+                         table, re.M), table
+    assert "dense part (attention, norms, router, shared experts if any) stays resident" in table
+
+
+# ------------------------------------------- leading dense layers (glm4moe): nothing to place
+
+def test_a_leading_dense_layer_stays_resident_in_an_experts_plan(tiny_glm4moe_path):
+    """glm4moe's layer 0 has no experts: an experts plan keeps it resident
+    whole (its dense part is all of it) and never streams it; asking to
+    stream it, or more layers than have experts, is a one-line error that
+    says what to do. Placing whole layers streams it like any other."""
+    mf = read_model(tiny_glm4moe_path)
+    assert mf.stream_bytes[0] == 0 and mf.fixed_layer_bytes[0] == mf.layer_bytes[0] > 0
+    assert expert_layers(tiny_glm4moe_path) == [1, 2, 3]
+    plan = make_plan(mf, n_streamed=3, n_slots=2, n_ctx=256, n_ubatch=64)
+    assert plan.part == "experts" and plan.streamed == (1, 2, 3)
+    assert (plan.layers[0].placement, plan.layers[0].bytes, plan.layers[0].fixed_bytes) == (
+        "resident", 0, mf.layer_bytes[0])
+    assert plan.fixed_bytes == sum(mf.fixed_layer_bytes)
+    assert re.search(r"^\| 0 \| [\d.]+ \w+ resident \| none \(a dense layer\) \| resident \| resident \|  \|$",
+                     plan.table(), re.M), plan.table()
+    with pytest.raises(ValueError, match=r"cannot stream 4 of 3 layers \(1 of the 4 layers have no experts "
+                                         r"to stream; whole_layers / --whole-layers places whole layers\)"):
+        make_plan(mf, n_streamed=4, n_ctx=256, n_ubatch=64)
+    with pytest.raises(ValueError, match=r"layers \[0\] have no expert tensors to stream"):
+        make_plan(mf, streamed_layers=(0, 1), n_ctx=256, n_ubatch=64)
+    whole = make_plan(mf, n_streamed=4, n_slots=2, n_ctx=256, n_ubatch=64, whole_layers=True)
+    assert whole.part == "layer" and whole.streamed == (0, 1, 2, 3)
+    # a budget: the dense layer is never what streaming takes off the GPU
+    full = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64)
+    for budget in (full.device_bytes - max(mf.stream_bytes), full.device_bytes - 2 * max(mf.stream_bytes)):
+        p = make_plan(mf, vram_budget=budget, n_ctx=256, n_ubatch=64)
+        assert p.part == "experts" and p.streamed and 0 not in p.streamed and p.device_bytes <= budget
+
+
+def test_naming_a_layer_that_does_not_stream_is_refused_before_loading(tiny_glm4moe_path, monkeypatch):
+    """--generate-cpu-layers / generate_resident naming a layer the plan does
+    not stream (here glm4moe's dense layer 0, which has no experts) is one
+    line naming the layers that do, before llama.cpp loads anything (it was
+    reported as a file llama.cpp could not load)."""
+    import gguf_stream.streamer as streamer
+
+    def no_load(*a, **k):
+        raise AssertionError("llama.cpp was asked to load")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streamer.Streamer, "patch_model_params", no_load)
+        for option in (dict(generate_cpu_layers=(0,)), dict(generate_resident=(0, 2))):
+            with pytest.raises(ValueError, match=r"names layers \[0\], which are not streamed; this plan's layers "
+                                                 r"whose experts stream are \[1, 2, 3\]"):
+                StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, **option)
+    with StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, generate_cpu_layers=(2,)) as m:
+        assert m.plan.cpu_layers == (2,)

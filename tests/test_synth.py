@@ -111,8 +111,8 @@ def test_cli(tmp_path, capsys):
 def test_8b_shape_sizes():
     s = SHAPES["llama3-8b"]
     assert (s.n_layer, s.n_embd, s.n_ff, s.n_head, s.n_head_kv, s.n_vocab) == (32, 4096, 14336, 32, 8, 128256)
-    for s in SHAPES.values():
-        assert s.n_embd % 256 == 0 and s.n_ff % 256 == 0
+    for s in SHAPES.values():  # Q4_K throughout (MoE shapes: Q5_0 where rows of n_ff* do not fit, see below)
+        assert s.n_embd % 256 == 0 and (s.is_moe or s.n_ff % 256 == 0)
 
 
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
@@ -266,13 +266,20 @@ def test_moe_shapes():
     assert 15.9 < size / 2**30 < 16.2
     for s in SHAPES.values():
         if s.is_moe:
-            assert s.n_ff_exp % 256 == 0 and s.n_expert_used <= s.n_expert
+            assert s.n_expert_used <= s.n_expert
+            for spec in tensor_specs(s):  # every tensor has a type llama.cpp can use (Q5_0 where Q4_K cannot)
+                assert _nbytes(spec, "Q4_K") > 0
+    q = SHAPES["qwen1.5-moe-a2.7b"]
+    assert (q.arch, q.n_layer, q.n_embd, q.n_head, q.n_head_kv, q.head_dim) == ("qwen2moe", 24, 2048, 16, 16, 128)
+    assert (q.n_expert, q.n_expert_used, q.n_ff_exp, q.n_ff_shexp, q.n_vocab) == (60, 4, 1408, 5632, 151936)
+    assert 7.9 < sum(_nbytes(spec, "Q4_K") for spec in tensor_specs(q)) / 2**30 < 8.1
 
 
 def test_moe_cli_lists_the_shapes(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "tiny-moe" in out and "qwen3-30b-a3b" in out
+    assert "tiny-qwen2moe" in out and "qwen1.5-moe-a2.7b" in out
 
 
 def test_arch_and_experts_must_agree():
@@ -282,3 +289,155 @@ def test_arch_and_experts_must_agree():
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_expert=0))
     with pytest.raises(ValueError, match="experts"):
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(TINY, n_expert=4, n_expert_used=2, n_ff_exp=256))
+    with pytest.raises(ValueError, match="shared expert"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_ff_shexp=256))
+    with pytest.raises(ValueError, match="shared expert"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(SHARED, n_ff_shexp=0))
+    with pytest.raises(ValueError, match="not a multiple of 256 .Q4_K. nor of 32 .Q5_0."):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(SHARED, n_ff_exp=100))
+
+
+# ------------------------------------------------------------------ shared expert (qwen2moe)
+
+SHARED = SHAPES["tiny-qwen2moe"]
+
+
+@pytest.fixture(scope="module")
+def shared_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("synth-qwen2moe")
+    return {qt: write_synthetic(d / f"tiny-qwen2moe-{qt}.gguf", SHARED, qt, seed=0) for qt in QTYPES}
+
+
+def _expected_qwen2moe_layer(s=SHARED, qtype="Q4_K") -> dict[str, tuple[tuple[int, ...], str]]:
+    """ggml shape (ne) and type of one qwen2moe layer's tensors (llama_model_qwen2moe::load_arch_tensors)."""
+    e, n_exp, ff, sh = s.n_embd, s.n_expert, s.n_ff_exp, s.n_ff_shexp
+    kv = s.n_head_kv * s.head_dim
+    down = qtype if ff % 256 == 0 or qtype != "Q4_K" else "Q5_0"  # llama-quantize's fallback
+    return {"attn_norm.weight": ((e,), "F32"), "attn_q.weight": ((e, e), qtype), "attn_q.bias": ((e,), "F32"),
+            "attn_k.weight": ((e, kv), qtype), "attn_k.bias": ((kv,), "F32"), "attn_v.weight": ((e, kv), qtype),
+            "attn_v.bias": ((kv,), "F32"), "attn_output.weight": ((e, e), qtype), "ffn_norm.weight": ((e,), "F32"),
+            "ffn_gate_inp.weight": ((e, n_exp), "F32"), "ffn_gate_exps.weight": ((e, ff, n_exp), qtype),
+            "ffn_up_exps.weight": ((e, ff, n_exp), qtype), "ffn_down_exps.weight": ((ff, e, n_exp), down),
+            "ffn_gate_inp_shexp.weight": ((e,), "F32"), "ffn_gate_shexp.weight": ((e, sh), qtype),
+            "ffn_up_shexp.weight": ((e, sh), qtype), "ffn_down_shexp.weight": ((sh, e), qtype)}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_qwen2moe_structure(shared_files, qtype):
+    from gguf_stream.gguf_file import read_model
+
+    m = read_model(shared_files[qtype])  # validate.py's header checks run here
+    assert (m.arch, m.n_layer, m.is_moe) == ("qwen2moe", SHARED.n_layer, True)
+    tensors = {t.name: t for t in m.tensors}
+    expected = _expected_qwen2moe_layer(qtype=qtype)
+    assert len(tensors) == 3 + len(expected) * SHARED.n_layer
+    for il in range(SHARED.n_layer):
+        for kind, (shape, qt) in expected.items():
+            t = tensors[f"blk.{il}.{kind}"]
+            assert (t.shape, t.qtype) == (shape, qt), t.name
+    r = gguf.GGUFReader(shared_files[qtype])
+    assert _field(r, "qwen2moe.expert_count") == SHARED.n_expert
+    assert _field(r, "qwen2moe.expert_used_count") == SHARED.n_expert_used
+    assert _field(r, "qwen2moe.expert_feed_forward_length") == SHARED.n_ff_exp
+    assert _field(r, "qwen2moe.expert_shared_feed_forward_length") == SHARED.n_ff_shexp
+
+
+def test_q5_0_fallback_is_zero_mean_and_distinct_per_expert(shared_files):
+    r = gguf.GGUFReader(shared_files["Q4_K"])
+    tensors = {t.name: t for t in r.tensors}
+    layers = [np.asarray(tensors[f"blk.{i}.ffn_down_exps.weight"].data) for i in range(SHARED.n_layer)]
+    assert tensors["blk.0.ffn_down_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_0
+    assert len({a.tobytes() for a in layers}) == SHARED.n_layer
+    assert len({row.tobytes() for row in layers[0].reshape(SHARED.n_expert, -1)}) == SHARED.n_expert
+    x = gguf.quants.dequantize(layers[0], gguf.GGMLQuantizationType.Q5_0)
+    assert abs(x.mean()) < 2e-3 and 0.01 < x.std() < 0.04
+    gate = np.asarray(tensors["blk.0.ffn_gate_inp_shexp.weight"].data)
+    assert gate.dtype == np.float32 and abs(gate.std() * np.sqrt(SHARED.n_embd) - 1.0) < 0.2  # sigmoid not saturated
+
+
+def _swap_tensors(src: Path, dst: Path, a: str, b: str) -> None:
+    """Copy src to dst with the bytes of two tensors of one size exchanged."""
+    from gguf_stream.gguf_file import read_model
+
+    ta, tb = (next(t for t in read_model(src).tensors if t.name == n) for n in (a, b))
+    assert ta.nbytes == tb.nbytes
+    data = bytearray(src.read_bytes())
+    pa, pb, n = ta.offset, tb.offset, ta.nbytes
+    data[pa:pa + n], data[pb:pb + n] = data[pb:pb + n], data[pa:pa + n]
+    dst.write_bytes(bytes(data))
+
+
+def test_qwen2moe_shared_expert_and_routed_experts_reach_the_output(shared_files, tmp_path):
+    """llama.cpp computes the shared expert (two layers' shared experts
+    swapped change the logits) and routes to the experts (two experts swapped
+    change them), so a misplaced shared or routed expert shows in a
+    comparison; the same bytes give the same logits, bit for bit. (A routed
+    expert moves them less than in qwen3moe: qwen2moe does not renormalise the
+    chosen experts' weights, and the shared expert's output is added.)"""
+    src = shared_files["Q4_K"]
+    tokens, logits = _moe_generate(src)
+    assert len(tokens) == N_MOE_TOKENS and np.isfinite(logits).all() and logits.std() > 1e-3
+    same = tmp_path / "same.gguf"
+    same.write_bytes(src.read_bytes())
+    assert np.array_equal(_moe_generate(same)[1], logits)
+    for name, change in (("shexp", lambda d: _swap_tensors(src, d, "blk.1.ffn_up_shexp.weight",
+                                                           "blk.2.ffn_up_shexp.weight")),
+                         ("experts", lambda d: _swap_experts(src, d, "blk.0.ffn_up_exps.weight", 0, 1))):
+        changed = tmp_path / f"{name}.gguf"
+        change(changed)
+        _, other = _moe_generate(changed)
+        assert np.abs(other - logits).max() > 1e-4, name
+
+
+# ------------------------------------------------------------------ glm4moe: a leading dense layer
+
+GLM = SHAPES["tiny-glm4moe"]
+
+
+def test_glm4moe_structure_and_llama_cpp_decodes(tmp_path):
+    from gguf_stream.gguf_file import is_expert_tensor, read_model
+
+    path = write_synthetic(tmp_path / "tiny-glm4moe.gguf", GLM, "Q4_K", seed=0)
+    m = read_model(path)
+    assert (m.arch, m.n_layer, m.is_moe) == ("glm4moe", GLM.n_layer, True)
+    names = {il: {t.name.split(".", 2)[2]: t for t in m.layer_tensors(il)} for il in range(GLM.n_layer)}
+    e, kv, q = GLM.n_embd, GLM.n_head_kv * GLM.head_dim, GLM.n_head * GLM.head_dim
+    attention = {"attn_norm.weight": (e,), "attn_q.weight": (e, q), "attn_q.bias": (q,), "attn_k.weight": (e, kv),
+                 "attn_k.bias": (kv,), "attn_v.weight": (e, kv), "attn_v.bias": (kv,),
+                 "attn_output.weight": (q, e), "post_attention_norm.weight": (e,)}
+    dense = {**attention, "ffn_gate.weight": (e, GLM.n_ff), "ffn_up.weight": (e, GLM.n_ff),
+             "ffn_down.weight": (GLM.n_ff, e)}
+    ff, sh, n = GLM.n_ff_exp, GLM.n_ff_shexp, GLM.n_expert
+    moe = {**attention, "ffn_gate_inp.weight": (e, n), "exp_probs_b.bias": (n,),
+           "ffn_gate_exps.weight": (e, ff, n), "ffn_up_exps.weight": (e, ff, n), "ffn_down_exps.weight": (ff, e, n),
+           "ffn_gate_shexp.weight": (e, sh), "ffn_up_shexp.weight": (e, sh), "ffn_down_shexp.weight": (sh, e)}
+    for il in range(GLM.n_layer):
+        want = dense if il < GLM.n_dense_lead else moe
+        assert {k: t.shape for k, t in names[il].items()} == want, il
+        assert any(is_expert_tensor(t.name) for t in names[il].values()) == (il >= GLM.n_dense_lead)
+    assert names[1]["ffn_down_exps.weight"].qtype == "Q5_0"  # rows of 160
+    r = gguf.GGUFReader(path)
+    assert _field(r, "glm4moe.leading_dense_block_count") == GLM.n_dense_lead
+    assert _field(r, "glm4moe.expert_shared_count") == 1
+    assert _field(r, "glm4moe.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert _field(r, "glm4moe.rope.dimension_count") == GLM.n_rot < GLM.head_dim
+    tokens, logits = _moe_generate(path)
+    assert len(tokens) == N_MOE_TOKENS and np.isfinite(logits).all() and logits.std() > 1e-3
+
+
+def test_glm_4_5_air_shape():
+    from gguf_stream.synth import _nbytes, tensor_specs
+
+    s = SHAPES["glm-4.5-air"]
+    assert (s.arch, s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.head_dim, s.n_rot) == (
+        "glm4moe", 46, 4096, 96, 8, 128, 64)
+    assert (s.n_expert, s.n_expert_used, s.n_ff_exp, s.n_ff_shexp, s.n_dense_lead) == (128, 8, 1408, 1408, 1)
+    specs = tensor_specs(s)
+    assert not any("exps" in spec.name for spec in specs if spec.name.startswith("blk.0."))
+    assert 59 < sum(_nbytes(spec, "Q4_K") for spec in specs) / 2**30 < 61
+    import dataclasses
+
+    with pytest.raises(ValueError, match="only glm4moe has dense leading layers"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_dense_lead=1))
+    with pytest.raises(ValueError, match="must be a multiple of n_ff_exp"):
+        write_synthetic("/nonexistent/x.gguf", dataclasses.replace(GLM, n_ff_shexp=200))
