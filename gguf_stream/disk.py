@@ -53,7 +53,7 @@ def staging_bytes(model_file, options: dict, cuda: bool) -> int:
     """Host memory the staging buffers take when a disk tier exists (pinned
     on CUDA): GS_STAGING_BUFFERS chunks, a chunk capped at the largest
     layer tensor (page-rounded) as the engine caps it at the largest disk-tier one."""
-    if not (cuda or options["host_staging"]):
+    if not (cuda or options["host_staging"] or options.get("disk_direct")):
         return 0
     biggest = max((t.nbytes for t in model_file.tensors if t.layer is not None), default=0)
     return STAGING_BUFFERS * min(options["staging_bytes"], -(-biggest // PAGE) * PAGE)

@@ -74,7 +74,8 @@ class Streamer:
             self.config = config = with_default_budget(config, self.cuda)
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
-        self._staging = staging_options(self.cuda)  # the disk tier's reader: chunk size, host-mode staging
+        # the disk tier's reader: chunk size, host-mode staging, O_DIRECT
+        self._staging = dict(staging_options(self.cuda), disk_direct=config.disk_direct)
         # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
         self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)

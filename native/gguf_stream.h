@@ -105,6 +105,7 @@ typedef struct {
     uint64_t disk_tier_bytes;  /* streamed bytes whose upload source is the model file (disk tier) */
     uint64_t released_host_bytes; /* pages of llama.cpp's copy of them returned to the OS */
     uint64_t staging_bytes;    /* the disk tier's staging buffers (pinned on CUDA), 0 without them */
+    int      disk_direct;      /* 1: the disk tier reads with O_DIRECT (asked for and allowed) */
 } gs_sizes;
 
 /* ---- the model file (disk tier) ---------------------------------------------- */
@@ -119,8 +120,19 @@ typedef struct {
 typedef struct gs_file gs_file;
 int  gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns, gs_file **out);
 void gs_file_close(gs_file *f);
-/* n bytes at offset into dst (pread, retried on EINTR and partial reads). */
+/* n bytes at offset into dst (pread, retried on EINTR and partial reads).
+ * Refused while O_DIRECT reads are on (dst need not be aligned). */
 int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
+/* Optional O_DIRECT reads (the page cache bypassed): on = 1 opens a second
+ * descriptor with O_DIRECT; *active = 0 where the filesystem refuses it
+ * (reads stay buffered, as they do if a later read is refused). */
+#define GS_DIRECT_ALIGN 4096
+int  gs_file_set_direct(gs_file *f, int on, int *active);
+int  gs_file_is_direct(const gs_file *f);
+/* n bytes at offset into buf, starting at buf + *at: with O_DIRECT the
+ * GS_DIRECT_ALIGN-aligned span around them is read, so buf must be aligned
+ * to it with room for n + 2 * GS_DIRECT_ALIGN bytes; buffered, *at = 0. */
+int  gs_file_read_span(gs_file *f, void *buf, size_t n, uint64_t offset, size_t *at);
 /* Ask the kernel to start reading n bytes at offset into its page cache
  * (posix_fadvise WILLNEED): the disk tier's early trigger. */
 int  gs_file_advise(gs_file *f, uint64_t offset, size_t n);
@@ -281,6 +293,8 @@ typedef struct {
                                   the largest disk-tier tensor); 0: GS_STAGING_DEFAULT */
     int    host_staging;       /* host mode with a disk tier: the staged engine over memcpy instead
                                   of the host engine's direct reads (CUDA always stages) */
+    int    disk_direct;        /* disk tier: O_DIRECT reads where the filesystem allows (staged engine,
+                                  also in host mode; the kernel's read-ahead hints are then off) */
 } gs_engine_config;
 
 #define GS_STAGING_DEFAULT 67108864   /* 64 MiB per staging buffer */

@@ -192,8 +192,8 @@ static int hl_thread_init(gs_lower *l) { (void)l; return GS_OK; }
 
 static int hl_host_alloc(gs_lower *l, size_t n, void **out) {
     (void)l;
-    *out = malloc(n);
-    return *out ? GS_OK : fail(GS_E_NOMEM, "disk tier: malloc of a %zu-byte staging buffer", n);
+    if (posix_memalign(out, GS_DIRECT_ALIGN, n)) *out = NULL;   /* aligned, as O_DIRECT reads need */
+    return *out ? GS_OK : fail(GS_E_NOMEM, "disk tier: allocation of a %zu-byte staging buffer", n);
 }
 
 static void hl_host_free(gs_lower *l, void *p) { (void)l; free(p); }

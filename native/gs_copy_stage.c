@@ -64,8 +64,9 @@ static int stage_file_piece(staged_copy *s, char *dst, gs_file *f, uint64_t offs
         s->next = (s->next + 1) % s->n_staging;
         /* The buffer's last copy must have read it before it is overwritten. */
         if ((rc = l->vt->sync(l, staging_event(s, b)))) return rc;
-        if ((rc = gs_file_read(f, s->staging[b], len, offset + done))) return rc;
-        if ((rc = l->vt->copy(l, dst + done, s->staging[b], len))) return rc;
+        size_t at;   /* O_DIRECT reads an aligned span: the bytes start at staging + at */
+        if ((rc = gs_file_read_span(f, s->staging[b], len, offset + done, &at))) return rc;
+        if ((rc = l->vt->copy(l, dst + done, (char *)s->staging[b] + at, len))) return rc;
         if ((rc = l->vt->record(l, staging_event(s, b)))) return rc;
         done += len;
     }
@@ -233,7 +234,8 @@ int copy_create_staged(gs_lower *lower, int n_slots, size_t chunk_bytes, int n_s
     s->staging = calloc(n_staging, sizeof *s->staging);
     if (!s->jobs || !s->ticket || !s->staging) { staged_destroy(&s->base); return fail(GS_E_NOMEM, "staged copy engine: calloc"); }
     for (int b = 0; b < n_staging; b++) {
-        int rc = lower->vt->host_alloc(lower, chunk_bytes, &s->staging[b]);
+        /* room for an O_DIRECT span around a chunk (gs_file_read_span) */
+        int rc = lower->vt->host_alloc(lower, chunk_bytes + 2 * GS_DIRECT_ALIGN, &s->staging[b]);
         if (rc) { s->staging[b] = NULL; staged_destroy(&s->base); return rc; }
     }
     if (pthread_create(&s->thread, NULL, reader, s)) {

@@ -92,7 +92,8 @@ char *slot_base(const gs_engine *e, int slot) { return e->ring_base + (size_t)sl
  * cache. A hint only: its failure changes nothing but speed. */
 static void read_ahead(gs_engine *e, int layer) {
     int pos, target;
-    if (!e->file || e->cfg.disk_lookahead <= 0 || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
+    if (!e->file || e->cfg.disk_lookahead <= 0 || e->size.disk_direct   /* O_DIRECT: no page cache to fill */
+        || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
         || gs_ring_get_layer_at(e->ring, e->phase, pos + e->cfg.disk_lookahead, &target) || target < 0
         || !e->layers[target].disk_bytes)
         return;
@@ -209,10 +210,14 @@ static size_t staging_chunk(const gs_engine *e) {
 }
 
 /* A disk tier goes through the staged engine on CUDA (pread into pinned
- * staging, then the upload) and, when asked, in host mode (its test bed). */
+ * staging, then the upload) and, when asked, in host mode (its test bed);
+ * O_DIRECT reads need it too (aligned staging). */
 static int create_copy_engine(gs_engine *e, int n_slots) {
-    if (e->size.disk_tier_bytes && (e->cfg.use_cuda || e->cfg.host_staging)) {
+    if (e->size.disk_tier_bytes && (e->cfg.use_cuda || e->cfg.host_staging || e->cfg.disk_direct)) {
         size_t chunk = staging_chunk(e);
+        int direct = 0, rc0 = e->cfg.disk_direct ? gs_file_set_direct(e->file, 1, &direct) : GS_OK;
+        if (rc0) return rc0;
+        e->size.disk_direct = direct;
         int rc = e->cfg.use_cuda
             ? gs_copy_create_cuda_staged(e->cfg.cuda_device, n_slots, chunk, GS_STAGING_BUFFERS, &e->copy)
             : gs_copy_create_host_staged(n_slots, chunk, GS_STAGING_BUFFERS, e->cfg.host_copy_delay_us, &e->copy);

@@ -178,6 +178,27 @@ def test_moe_experts_on_disk_match_stock(tiny_moe_path, reader):
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
+def test_o_direct_reads_match_stock(case, tmp_path):
+    """--disk-direct: the disk tier read with O_DIRECT (aligned spans into the
+    staging buffers, no read-ahead hints), where the filesystem allows it."""
+    path, prompt, ref_tokens, ref_logits = case
+    copy = tmp_path / "model.gguf"  # tmp_path: a disk filesystem, as a model's would be
+    shutil.copyfile(path, copy)
+    tokens, logits, c, plan = run_with_disk(copy, prompt, 3, disk_direct=True)
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.staging_bytes > 0 and c.disk_reads > 0  # the staged reader, also in host mode
+    try:
+        os.close(os.open(copy, os.O_RDONLY | os.O_DIRECT))
+        allowed = True
+    except OSError:
+        allowed = False
+    assert c.disk_direct == int(allowed)
+    if c.disk_direct:
+        assert c.disk_readaheads == 0  # no page cache to fill
+    else:
+        assert c.disk_readaheads > 0  # the filesystem refused O_DIRECT: buffered reads, read-ahead as usual
+
+
 @pytest.mark.parametrize("change", ["truncate", "rewrite"])
 def test_a_model_file_changed_underneath_is_a_clear_error(tiny_path, tmp_path, change, reader):
     path = tmp_path / "model.gguf"

@@ -201,3 +201,70 @@ def test_staged_engine_refuses_bad_arguments():
         lib.gs_copy_destroy(out[0])
     else:  # without it, a clear refusal
         assert out[0] == ffi.NULL and "CUDA runtime is not loaded" in last_error()
+
+
+def direct_file(path):
+    """path opened with O_DIRECT reads on; skips where its filesystem refuses them."""
+    rc, f = open_file(path)
+    active = ffi.new("int *")
+    assert lib.gs_file_set_direct(f, 1, active) == lib.GS_OK
+    if not active[0]:
+        lib.gs_file_close(f)
+        pytest.skip(f"no O_DIRECT on the filesystem of {path}")
+    return f
+
+
+def test_direct_reads_give_the_bytes_at_any_offset(data_file):
+    f = direct_file(data_file)
+    try:
+        assert lib.gs_file_is_direct(f) == 1
+        buf = ffi.new("char[]", len(DATA) + 3 * lib.GS_DIRECT_ALIGN)
+        aligned = ffi.cast("char *", (int(ffi.cast("uintptr_t", buf)) + lib.GS_DIRECT_ALIGN - 1)
+                           // lib.GS_DIRECT_ALIGN * lib.GS_DIRECT_ALIGN)
+        at = ffi.new("size_t *")
+        for offset, n in ((0, 4096), (4097, 1000), (100, len(DATA) - 100), (len(DATA) - 7, 7)):
+            assert lib.gs_file_read_span(f, aligned, n, offset, at) == lib.GS_OK, last_error()
+            assert at[0] == offset % lib.GS_DIRECT_ALIGN
+            assert ffi.buffer(aligned + at[0], n)[:] == DATA[offset:offset + n]
+        # an unaligned destination cannot take an O_DIRECT read: the plain read refuses
+        assert lib.gs_file_read(f, buf, 8, 0) == lib.GS_E_INVALID and "O_DIRECT" in last_error()
+        os.truncate(data_file, 5000)
+        assert lib.gs_file_read_span(f, aligned, 64, 0, at) == lib.GS_E_IO
+        assert "changed while the model was loaded" in last_error()
+    finally:
+        lib.gs_file_close(f)
+
+
+def test_staged_engine_reads_with_o_direct(data_file):
+    f = direct_file(data_file)
+    h = HostWithFile(f, chunk=4000)  # chunks not aligned: each read is the aligned span around one
+    try:
+        dst = ffi.new("char[]", 9000)
+        assert lib.gs_copy_issue(h.c, 0, dst, *h.pieces((333, 8000, 9000, 0))) == lib.GS_OK
+        assert lib.gs_copy_wait(h.c, 0) == lib.GS_OK, last_error()
+        got = ffi.buffer(dst, 9000)[:]
+        assert got[:8000] == DATA[333:8333] and got[8000:] == bytes(1000)
+    finally:
+        h.close()
+        lib.gs_file_close(f)
+
+
+def test_direct_reads_fall_back_where_the_filesystem_refuses():
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm")
+    path = os.path.join(shm, f"gs_direct_{os.getpid()}.bin")
+    with open(path, "wb") as fp:
+        fp.write(DATA)
+    try:
+        rc, f = open_file(path)
+        active = ffi.new("int *")
+        assert lib.gs_file_set_direct(f, 1, active) == lib.GS_OK
+        if active[0]:
+            lib.gs_file_close(f)
+            pytest.skip("this tmpfs allows O_DIRECT")
+        assert lib.gs_file_is_direct(f) == 0  # buffered reads, as without the option
+        assert read(f, 100, 50) == (lib.GS_OK, DATA[50:150])
+        lib.gs_file_close(f)
+    finally:
+        os.unlink(path)
