@@ -228,6 +228,29 @@ static void disk_tier_staged(const char *dir) {
     printf("     page cache -> pinned staging -> GPU: %.2f GB/s (%u MiB chunks)\n",
            4.0 * D_LAYERS * D_PIECE / dt / 1e9, D_CHUNK >> 20);
     gs_ring_destroy(r);
+    /* the file's pages dropped first: the device's rate through the engine, O_DIRECT (where allowed) and buffered */
+    for (int direct = 1; direct >= 0; direct--) {
+        int active = 0, fd = open(path, O_RDONLY);
+        gs_file_set_direct(f, direct, &active);
+        if (direct && !active) { printf("     O_DIRECT refused on %s\n", dir); close(fd); continue; }
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        close(fd);
+        t0 = now_s();
+        for (int k = 0; k < 2 * D_LAYERS; k++) rc |= d_issue(&b, k % D_SLOTS, k % D_LAYERS);
+        rc |= gs_copy_drain(b.c);
+        dt = now_s() - t0;
+        right = 1;
+        for (int s = 0; s < D_SLOTS; s++) {   /* the last copies: layers 3 and 4 */
+            int l = (2 * D_LAYERS - D_SLOTS + s) % D_LAYERS;
+            readback(got, b.slots + (size_t)s * D_SLOT, D_SLOT);
+            right &= memcmp(got, bytes + (size_t)l * D_PIECE, D_PIECE) == 0
+                     && memcmp(got + D_ALLOC, mem[l], D_MEM) == 0;
+        }
+        CHECK(direct ? "O_DIRECT reads, cache dropped: the right bytes" : "buffered reads, cache dropped: the right bytes",
+              rc == GS_OK && right);
+        printf("     disk -> %s -> pinned staging -> GPU: %.2f GB/s\n", direct ? "O_DIRECT" : "page cache",
+               2.0 * D_LAYERS * D_PIECE / dt / 1e9);
+    }
     /* a file changed underneath: the read fails, the engine stays failed, nothing hangs */
     CHECK("truncate the file", truncate(path, fsize / 2) == 0);
     int done = -1;
