@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens compared")
     ap.add_argument("--drop-every", type=float, default=0.05)
-    ap.add_argument("--read-limit", default="4GiB", help="bytes of the file read for the disk's rate")
+    ap.add_argument("--read-limit", default="2GiB", help="bytes of the file read for the disk's rate")
     ap.add_argument("--device", default="auto", help="host: a smoke test of this script without a GPU")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
