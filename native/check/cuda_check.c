@@ -161,7 +161,8 @@ static char *write_scratch(const char *path, size_t n) {
     uint32_t *w = malloc(n);
     for (size_t k = 0; k < n / 4; k++) w[k] = word_at(4 * k);
     FILE *fp = fopen(path, "wb");
-    int ok = fp && fwrite(w, 1, n, fp) == n;
+    /* written back (fsync): dirty pages would survive the cache drops below */
+    int ok = fp && fwrite(w, 1, n, fp) == n && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
     if (fp) fclose(fp);
     if (!ok) { printf("FAIL writing %s\n", path); exit(1); }
     return (char *)w;
