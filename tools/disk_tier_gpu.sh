@@ -17,7 +17,7 @@ HOST=${HOST:-1.5GiB}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 mkdir -p "$out" "$(dirname "$M")"
-nvidia-smi -L > "$out/device.txt" 2>&1
+{ nvidia-smi -L; free -g; df -h "$(dirname "$M")"; } > "$out/device.txt" 2>&1
 python3 -m gguf_stream._build_native > "$out/build.log" 2>&1 || { tail "$out/build.log"; exit 1; }
 [ -f "$M" ] || python3 -m gguf_stream.synth "$M" --shape llama3-8b --type Q4_K --seed 0 -q
 drop() { python3 -c "import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)" "$M"; }
