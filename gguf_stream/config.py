@@ -113,10 +113,13 @@ class EngineConfig:
     # GGUF_STREAM_HOST_MEMORY_CHECK=0
     host_memory_check: bool = True
     # Host memory the weights may hold (e.g. "16GiB"); streamed parts beyond
-    # it go to the disk tier, read from the GGUF file at every use (host-slot
-    # mode only for now). None: what the machine has available (MemAvailable,
-    # which the check above enforces).
+    # it go to the disk tier, read from the GGUF file at every use. None:
+    # what the machine has available (MemAvailable, which the check above
+    # enforces).
     host_budget: int | str | None = None
+    # The disk tier reads with O_DIRECT (bypassing the page cache) where the
+    # filesystem allows it, buffered reads where it refuses.
+    disk_direct: bool = False
     # llama.cpp's --mlock: lock the model's host buffers in RAM (streamed
     # layers' pinned copies are locked anyway; this adds the rest). The model
     # always loads without mmap (--no-mmap): streamed layers must sit in

@@ -12,13 +12,51 @@ import os
 from dataclasses import replace
 
 from .errors import HostMemoryError
-from .memory import format_size
+from .memory import format_size, parse_size
 from .planner import Plan, interleaved_layers
 
 # The disk tier's early trigger (gs_engine_config.disk_lookahead): with each
 # upload issued, the kernel starts reading the disk-tier layer this many
 # streamed layers further on (a disk read needs more lead time than an upload).
 DISK_LOOKAHEAD = 2
+
+# The staged reader (gs_copy_stage.c: pread into staging buffers, then the
+# upload): always on CUDA, where the buffers are pinned; in host-slot mode
+# only when this variable asks for it ("on", or a chunk size such as
+# "64KiB"), so that CI runs the CUDA path's reader and staging code. Its
+# value also sets the chunk on CUDA. See staging_options.
+STAGING_ENV = "GGUF_STREAM_DISK_STAGING"
+STAGING_CHUNK = 64 << 20  # gguf_stream.h GS_STAGING_DEFAULT
+STAGING_BUFFERS = 2       # GS_STAGING_BUFFERS
+PAGE = 4096
+
+
+def staging_options(cuda: bool, environ=os.environ) -> dict:
+    """native.Engine's staging_bytes (chunk) and host_staging, from
+    STAGING_ENV: unset/"off" stages on CUDA only, with 64 MiB chunks; "on"
+    also in host mode; a size stages everywhere in chunks of that size."""
+    value = environ.get(STAGING_ENV, "").strip().lower()
+    if value in ("", "off", "0"):
+        return {"staging_bytes": STAGING_CHUNK, "host_staging": False}
+    if value == "on":
+        return {"staging_bytes": STAGING_CHUNK, "host_staging": True}
+    try:
+        chunk = parse_size(value)
+    except ValueError as exc:
+        raise ValueError(f"{STAGING_ENV}={value!r}: give on, off or a chunk size such as 64MiB ({exc})") from None
+    if chunk <= 0:
+        raise ValueError(f"{STAGING_ENV}={value!r}: the chunk size must be above 0")
+    return {"staging_bytes": chunk, "host_staging": True}
+
+
+def staging_bytes(model_file, options: dict, cuda: bool) -> int:
+    """Host memory the staging buffers take when a disk tier exists (pinned
+    on CUDA): GS_STAGING_BUFFERS chunks, a chunk capped at the largest
+    layer tensor (page-rounded) as the engine caps it at the largest disk-tier one."""
+    if not (cuda or options["host_staging"] or options.get("disk_direct")):
+        return 0
+    biggest = max((t.nbytes for t in model_file.tensors if t.layer is not None), default=0)
+    return STAGING_BUFFERS * min(options["staging_bytes"], -(-biggest // PAGE) * PAGE)
 
 
 def disk_candidates(plan: Plan) -> tuple[int, ...]:
@@ -37,26 +75,28 @@ def with_disk_layers(plan: Plan, layers, host_budget: int | None = None) -> Plan
     return replace(plan, layers=spans, host_budget=host_budget)
 
 
-def assign_disk_tier(plan: Plan, host_budget: int) -> Plan:
+def assign_disk_tier(plan: Plan, host_budget: int, staging: int = 0) -> Plan:
     """Fewest streamed parts on the disk tier so that the plan's host memory
     (Plan.host_bytes) fits host_budget, spread evenly through the candidates
-    (so pinned uploads lie between disk reads). Refuses a budget that even
-    every candidate on disk cannot meet."""
+    (so pinned uploads lie between disk reads). A disk tier also takes
+    `staging` bytes (its staging buffers). Refuses a budget that even every
+    candidate on disk cannot meet."""
     if host_budget < 0:
         raise ValueError(f"host budget {host_budget} < 0")
-    excess = plan.host_bytes - host_budget
-    if excess <= 0:
+    if plan.host_bytes <= host_budget:
         return with_disk_layers(plan, (), host_budget)
+    excess = plan.host_bytes + staging - host_budget
     candidates = disk_candidates(plan)
     sizes = {s.layer: s.bytes for s in plan.layers}
     for n in range(1, len(candidates) + 1):
         chosen = [candidates[j] for j in interleaved_layers(len(candidates), n)]
         if sum(sizes[i] for i in chosen) >= excess:
             return with_disk_layers(plan, chosen, host_budget)
-    rest = plan.host_bytes - sum(sizes[i] for i in candidates)
+    rest = plan.host_bytes + staging - sum(sizes[i] for i in candidates)
     raise HostMemoryError(
         f"host budget {format_size(host_budget)} is below the {format_size(rest)} of host memory this run needs "
-        "with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV caches); "
+        "with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV caches"
+        + (f", {format_size(staging)} of staging buffers" if staging else "") + "); "
         "raise the host budget, or use a larger vram_budget or fewer CPU layers")
 
 

@@ -25,11 +25,12 @@ from dataclasses import replace
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator
 from .config import EngineConfig, resolve_context, select_device, with_default_budget
-from .disk import DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, with_disk_layers
-from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, HostMemoryError, NativeError,
+from .disk import (DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, staging_bytes, staging_options,
+                   with_disk_layers)
+from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
-from .memory import format_size, kv_ggml_type, parse_size
+from .memory import kv_ggml_type, parse_size
 from .placement import (check_host_memory, chosen_generate_resident, expected_generate_plan, initial_plan,
                         moe_cpu_parts)
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
@@ -73,6 +74,8 @@ class Streamer:
             self.config = config = with_default_budget(config, self.cuda)
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
+        # the disk tier's reader: chunk size, host-mode staging, O_DIRECT
+        self._staging = dict(staging_options(self.cuda), disk_direct=config.disk_direct)
         # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
         self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))
         check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
@@ -99,13 +102,9 @@ class Streamer:
         budget = self.config.host_budget
         if budget is None or not plan.streamed:
             return plan
+        staging = staging_bytes(self.model_file, self._staging, self.cuda)
         tiered = assign_disk_tier(expected_generate_plan(self.model_file, plan, self.config, self.cuda),
-                                  parse_size(budget))
-        if tiered.disk_layers and self.cuda:
-            raise HostMemoryError(
-                f"host budget {format_size(tiered.host_budget)}: {format_size(tiered.disk_bytes)} of streamed "
-                f"layers would go to the disk tier, which runs only in host-slot mode in this version (the CUDA "
-                "copy engine does not read the file yet); raise the host budget or the vram_budget")
+                                  parse_size(budget), staging)
         return with_disk_layers(plan, tiered.disk_layers, tiered.host_budget)
 
     def file_offset(self, name: str) -> int:
@@ -128,7 +127,7 @@ class Streamer:
                                     repack_buft=native.cpu_repack_buft() if config.repack else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
                                     and config.cpu_layer_host_kv else 0,
-                                    disk_lookahead=DISK_LOOKAHEAD)
+                                    disk_lookahead=DISK_LOOKAHEAD, **self._staging)
 
     @property
     def experts_only(self) -> bool:

@@ -103,7 +103,9 @@ typedef struct {
     uint64_t compute_buffer_bytes; /* the attached context's device compute buffer, 0 until seen */
     uint64_t generate_extent;  /* bytes of it the generate phase's graphs used so far */
     uint64_t disk_tier_bytes;  /* streamed bytes whose upload source is the model file (disk tier) */
-    uint64_t released_host_bytes; /* host mode: pages of llama.cpp's copy of them returned to the OS */
+    uint64_t released_host_bytes; /* pages of llama.cpp's copy of them returned to the OS */
+    uint64_t staging_bytes;    /* the disk tier's staging buffers (pinned on CUDA), 0 without them */
+    int      disk_direct;      /* 1: the disk tier reads with O_DIRECT (asked for and allowed) */
 } gs_sizes;
 
 /* ---- the model file (disk tier) ---------------------------------------------- */
@@ -118,8 +120,19 @@ typedef struct {
 typedef struct gs_file gs_file;
 int  gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns, gs_file **out);
 void gs_file_close(gs_file *f);
-/* n bytes at offset into dst (pread, retried on EINTR and partial reads). */
+/* n bytes at offset into dst (pread, retried on EINTR and partial reads).
+ * Refused while O_DIRECT reads are on (dst need not be aligned). */
 int  gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset);
+/* Optional O_DIRECT reads (the page cache bypassed): on = 1 opens a second
+ * descriptor with O_DIRECT; *active = 0 where the filesystem refuses it
+ * (reads stay buffered, as they do if a later read is refused). */
+#define GS_DIRECT_ALIGN 4096
+int  gs_file_set_direct(gs_file *f, int on, int *active);
+int  gs_file_is_direct(const gs_file *f);
+/* n bytes at offset into buf, starting at buf + *at: with O_DIRECT the
+ * GS_DIRECT_ALIGN-aligned span around them is read, so buf must be aligned
+ * to it with room for n + 2 * GS_DIRECT_ALIGN bytes; buffered, *at = 0. */
+int  gs_file_read_span(gs_file *f, void *buf, size_t n, uint64_t offset, size_t *at);
 /* Ask the kernel to start reading n bytes at offset into its page cache
  * (posix_fadvise WILLNEED): the disk tier's early trigger. */
 int  gs_file_advise(gs_file *f, uint64_t offset, size_t n);
@@ -158,13 +171,23 @@ typedef struct gs_copy gs_copy;
  * stream on `device` and one event per slot. */
 int  gs_copy_create_host(int n_slots, int delay_us, gs_copy **out);
 int  gs_copy_create_cuda(int device, int n_slots, gs_copy **out);
+/* The staged engine, the disk tier's (gs_copy_stage.c): one reader thread
+ * through which every copy goes in issue order; a file piece is read in
+ * chunks of chunk_bytes into n_staging (>= 2) staging buffers, each chunk
+ * then copied to the slot, a staging buffer reused only once its copy has
+ * passed. CUDA: pinned staging (cudaHostAlloc), cudaMemcpyAsync on its own
+ * stream, an event per slot and per staging buffer. Host: the same reader
+ * and staging over memcpy (so CI runs it); delay_us as gs_copy_create_host. */
+int  gs_copy_create_cuda_staged(int device, int n_slots, size_t chunk_bytes, int n_staging, gs_copy **out);
+int  gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int delay_us, gs_copy **out);
 /* Waits for the copies in flight, then frees. */
 void gs_copy_destroy(gs_copy *c);
 /* Queue the copy of pieces[0..n) to dst; it ends the slot's fence. pieces
  * and their sources must stay valid until it has landed. Pieces with a file
- * (disk tier) are read by the host engine's worker straight into dst; the
- * CUDA engine refuses them (GS_E_INVALID: not built yet, see ARCHITECTURE.md).
- * A failed read makes the engine failed: every later call reports it. */
+ * (disk tier) are read by the host engine's worker straight into dst, or by
+ * the staged engine's reader through its staging buffers; the plain CUDA
+ * engine refuses them (GS_E_INVALID). A failed read makes the engine
+ * failed: every later call reports it. */
 int  gs_copy_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n);
 /* Copy pieces to dst outside any slot: queued on the stream (CUDA, see
  * drain) or done before returning (host). */
@@ -266,7 +289,16 @@ typedef struct {
     int    disk_lookahead;     /* disk tier's early trigger: with each upload issued, the disk-tier
                                   layer this many streamed layers further on is read ahead by the
                                   kernel (its reads need more lead time than uploads); 0: off */
+    size_t staging_bytes;      /* disk tier: the staged engine's chunk (one staging buffer; capped at
+                                  the largest disk-tier tensor); 0: GS_STAGING_DEFAULT */
+    int    host_staging;       /* host mode with a disk tier: the staged engine over memcpy instead
+                                  of the host engine's direct reads (CUDA always stages) */
+    int    disk_direct;        /* disk tier: O_DIRECT reads where the filesystem allows (staged engine,
+                                  also in host mode; the kernel's read-ahead hints are then off) */
 } gs_engine_config;
+
+#define GS_STAGING_DEFAULT 67108864   /* 64 MiB per staging buffer */
+#define GS_STAGING_BUFFERS 2
 
 /* Where decodes' wall time goes (probe; see gs_engine_set_timeline). A segment
  * is what the scheduler launches between two host syncs; its time runs from
@@ -318,10 +350,11 @@ int  gs_engine_add_tensor(gs_engine *e, int layer, void *tensor);
 /* Disk tier: the model file (see gs_file_open), before adding file tensors. */
 int  gs_engine_set_file(gs_engine *e, const char *path, uint64_t expect_size, int64_t expect_mtime_ns);
 /* Like add_tensor, but the upload source is the model file at file_offset
- * (where the GGUF puts the tensor's data). At start, in host mode, the pages
- * of llama.cpp's copy are returned to the OS (they are never read again);
- * with use_cuda, start refuses file tensors. Such a layer cannot be a CPU
- * layer (the CPU would read host memory that is not there). */
+ * (where the GGUF puts the tensor's data). At start the pages of
+ * llama.cpp's copy are returned to the OS (they are never read again), and
+ * the copy engine is the staged one with CUDA (or host_staging). Such a
+ * layer cannot be a CPU layer (the CPU would read host memory that is not
+ * there). */
 int  gs_engine_add_file_tensor(gs_engine *e, int layer, void *tensor, uint64_t file_offset);
 /* Allocates the ring, re-homes every added tensor into it and prefetches the
  * first n_slots streamed layers. Must run before the real context exists. */

@@ -84,6 +84,7 @@ extern struct gs_ggml_syms G;
 #define CUDA_H2D 1
 #define CUDA_STREAM_NON_BLOCKING 1
 #define CUDA_EVENT_DISABLE_TIMING 2
+#define CUDA_HOST_ALLOC_PORTABLE 1
 struct gs_cudart_syms {
     int loaded;
     int (*SetDevice)(int);
@@ -98,6 +99,8 @@ struct gs_cudart_syms {
     int (*MemcpyAsync)(void *, const void *, size_t, int, void *);
     int (*MemsetAsync)(void *, int, size_t, void *);
     int (*DeviceSynchronize)(void);
+    int (*HostAlloc)(void **, size_t, unsigned);   /* the disk tier's pinned staging buffers */
+    int (*FreeHost)(void *);
     const char *(*GetErrorString)(int);
 };
 extern struct gs_cudart_syms C;

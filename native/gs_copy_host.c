@@ -177,3 +177,67 @@ int gs_copy_create_host(int n_slots, int delay_us, gs_copy **out) {
     *out = &h->base;
     return GS_OK;
 }
+
+/* ---- the host stream under the staged engine (gs_copy_stage.c) ----------------
+ * Host-slot mode's stand-in for the CUDA stream, so that CI runs the disk
+ * tier's reader and staging code: a copy is a memcpy done before the call
+ * returns, so every event has passed as soon as it is recorded: its
+ * "completed flag" is always set, and only its number is checked. */
+typedef struct {
+    gs_lower base;
+    int      delay_us, delay_events;
+} host_lower;
+
+static int hl_thread_init(gs_lower *l) { (void)l; return GS_OK; }
+
+static int hl_host_alloc(gs_lower *l, size_t n, void **out) {
+    (void)l;
+    if (posix_memalign(out, GS_DIRECT_ALIGN, n)) *out = NULL;   /* aligned, as O_DIRECT reads need */
+    return *out ? GS_OK : fail(GS_E_NOMEM, "disk tier: allocation of a %zu-byte staging buffer", n);
+}
+
+static void hl_host_free(gs_lower *l, void *p) { (void)l; free(p); }
+
+static int hl_copy(gs_lower *l, void *dst, const void *src, size_t n) { (void)l; memcpy(dst, src, n); return GS_OK; }
+static int hl_zero(gs_lower *l, void *dst, size_t n) { (void)l; memset(dst, 0, n); return GS_OK; }
+
+static int hl_record(gs_lower *l, int event) {
+    const host_lower *h = (const host_lower *)l;
+    if (event < 0 || event >= l->n_events) return fail(GS_E_INVALID, "host stream: event %d out of range", event);
+    if (h->delay_us > 0 && event < h->delay_events) usleep(h->delay_us);   /* a slot's copy: the slow link */
+    return GS_OK;
+}
+
+static int hl_query(gs_lower *l, int event) {
+    return event < 0 || event >= l->n_events ? fail(GS_E_INVALID, "host stream: event %d out of range", event) : 1;
+}
+
+static int hl_sync(gs_lower *l, int event) { int rc = hl_query(l, event); return rc < 0 ? rc : GS_OK; }
+static int hl_nothing(gs_lower *l) { (void)l; return GS_OK; }
+
+static void hl_destroy(gs_lower *l) { free(l); }
+
+static const gs_lower_vt host_lower_vt = {
+    hl_thread_init, hl_host_alloc, hl_host_free, hl_copy, hl_zero, hl_record, hl_query, hl_sync,
+    hl_nothing, hl_nothing, hl_destroy,
+};
+
+int lower_create_host(int n_events, int delay_us, int delay_events, gs_lower **out) {
+    *out = NULL;
+    host_lower *h = calloc(1, sizeof *h);
+    if (!h) return fail(GS_E_NOMEM, "host stream: calloc");
+    h->base = (gs_lower){ &host_lower_vt, n_events };
+    h->delay_us = delay_us;
+    h->delay_events = delay_events;
+    *out = &h->base;
+    return GS_OK;
+}
+
+int gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int delay_us, gs_copy **out) {
+    *out = NULL;
+    if (n_slots <= 0 || n_staging < 2)
+        return fail(GS_E_INVALID, "gs_copy_create_host_staged: n_slots %d <= 0 or n_staging %d < 2", n_slots, n_staging);
+    gs_lower *l;
+    int rc = lower_create_host(n_slots + n_staging, delay_us, n_slots, &l);
+    return rc ? rc : copy_create_staged(l, n_slots, chunk_bytes, n_staging, out);
+}

@@ -4,6 +4,7 @@
  * at open, which were those the plan was made from) and gets every byte or
  * fails: a file truncated or rewritten underneath is GS_E_IO, never wrong
  * weights. Reads may run on any thread (the host copy worker). */
+#define _GNU_SOURCE   /* O_DIRECT */
 #include <errno.h>
 #include <stdio.h>
 #include <fcntl.h>
@@ -17,6 +18,7 @@
 
 struct gs_file {
     int      fd;
+    int      dfd;                   /* O_DIRECT descriptor (gs_file_set_direct), -1 if none */
     uint64_t size;
     int64_t  mtime_ns;
     char     path[512];
@@ -45,6 +47,7 @@ int gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns
     gs_file *f = calloc(1, sizeof *f);
     if (!f) return fail(GS_E_NOMEM, "gs_file_open: calloc");
     snprintf(f->path, sizeof f->path, "%s", path);
+    f->dfd = -1;
     f->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (f->fd < 0) {
         int err = errno;
@@ -64,10 +67,33 @@ int gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns
 void gs_file_close(gs_file *f) {
     if (!f) return;
     if (f->fd >= 0) close(f->fd);
+    if (f->dfd >= 0) close(f->dfd);
     free(f);
 }
 
-int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
+/* Reads [from, to) of the file through fd into dst; the bytes up to `need`
+ * must come (EOF after them is fine: an O_DIRECT span rounded past the end).
+ * 1 if fd refused the read (EINVAL: O_DIRECT not allowed there), else 0 or <0. */
+static int read_range(gs_file *f, int fd, char *dst, uint64_t from, uint64_t to, uint64_t need) {
+    for (uint64_t got = 0; got < to - from;) {
+        ssize_t k = pread(fd, dst + got, to - from - got, (off_t)(from + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && errno == EINVAL && fd == f->dfd && got == 0) return 1;
+        if (k < 0)
+            return fail(GS_E_IO, "disk tier: read of %llu bytes at offset %llu from %s: %s",
+                        (unsigned long long)(to - from), (unsigned long long)from, f->path, strerror(errno));
+        if (k == 0) {
+            if (from + got >= need) return GS_OK;
+            /* end of file before the tensor's end: truncated since the check */
+            return fail(GS_E_IO, "disk tier: %s ended after %llu bytes, inside a tensor (truncated while the "
+                        "model was loaded?); reload the model", f->path, (unsigned long long)(from + got));
+        }
+        got += (size_t)k;
+    }
+    return GS_OK;
+}
+
+static int read_checked(gs_file *f, void *dst, size_t n, uint64_t offset, size_t *at) {
     if (!f || (!dst && n)) return fail(GS_E_INVALID, "gs_file_read: no file or destination");
     double t0 = now_s();
     int rc = same_file(f);
@@ -75,24 +101,58 @@ int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
     if (offset > f->size || n > f->size - offset)
         return fail(GS_E_IO, "disk tier: read of %zu bytes at offset %llu is past the end of %s (%llu bytes)",
                     n, (unsigned long long)offset, f->path, (unsigned long long)f->size);
-    for (size_t got = 0; got < n;) {
-        ssize_t k = pread(f->fd, (char *)dst + got, n - got, (off_t)(offset + got));
-        if (k < 0 && errno == EINTR) continue;
-        if (k < 0)
-            return fail(GS_E_IO, "disk tier: read of %zu bytes at offset %llu from %s: %s", n,
-                        (unsigned long long)offset, f->path, strerror(errno));
-        if (k == 0)   /* end of file before the tensor's end: truncated since the check */
-            return fail(GS_E_IO, "disk tier: %s ended after %llu bytes, inside a tensor (truncated while the "
-                        "model was loaded?); reload the model", f->path, (unsigned long long)(offset + got));
-        got += (size_t)k;
+    *at = 0;
+    rc = 1;
+    if (f->dfd >= 0 && n) {   /* the aligned span around the bytes, straight from the device */
+        uint64_t from = offset / GS_DIRECT_ALIGN * GS_DIRECT_ALIGN;
+        uint64_t to = align_up(offset + n, GS_DIRECT_ALIGN);
+        rc = read_range(f, f->dfd, dst, from, to, offset + n);
+        if (rc == 1) {        /* refused after all: buffered reads from now on */
+            close(f->dfd);
+            f->dfd = -1;
+        } else if (rc == GS_OK) {
+            *at = (size_t)(offset - from);
+        }
     }
+    if (rc == 1) rc = read_range(f, f->fd, dst, offset, offset + n, offset + n);
     /* A rewrite during the read shows in the mtime afterwards. */
-    if ((rc = same_file(f))) return rc;
+    if (rc || (rc = same_file(f))) return rc;
     __atomic_add_fetch(&f->reads, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&f->bytes, n, __ATOMIC_RELAXED);
     __atomic_add_fetch(&f->nanos, (uint64_t)((now_s() - t0) * 1e9), __ATOMIC_RELAXED);
     return GS_OK;
 }
+
+int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
+    if (f && f->dfd >= 0)
+        return fail(GS_E_INVALID, "gs_file_read: %s reads with O_DIRECT: use gs_file_read_span", f->path);
+    size_t at;
+    return read_checked(f, dst, n, offset, &at);
+}
+
+int gs_file_read_span(gs_file *f, void *buf, size_t n, uint64_t offset, size_t *at) {
+    return read_checked(f, buf, n, offset, at);
+}
+
+int gs_file_set_direct(gs_file *f, int on, int *active) {
+    *active = 0;
+    if (!f) return fail(GS_E_INVALID, "gs_file_set_direct: no file");
+    if (f->dfd >= 0) close(f->dfd);
+    f->dfd = -1;
+    if (!on) return GS_OK;
+    int fd = open(f->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) return GS_OK;            /* the filesystem refuses O_DIRECT: buffered reads */
+    struct stat a, b;                    /* the same file as the one opened (not one renamed over it) */
+    if (fstat(fd, &a) || fstat(f->fd, &b) || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
+        close(fd);
+        return fail(GS_E_IO, "disk tier: %s is no longer the file that was opened; reload the model", f->path);
+    }
+    f->dfd = fd;
+    *active = 1;
+    return GS_OK;
+}
+
+int gs_file_is_direct(const gs_file *f) { return f && f->dfd >= 0; }
 
 int gs_file_advise(gs_file *f, uint64_t offset, size_t n) {
     if (!f) return fail(GS_E_INVALID, "gs_file_advise: no file");

@@ -74,6 +74,8 @@ int load_cudart(const char *cudart) {
     RESOLVE(hc, NULL, C.MemcpyAsync, "cudaMemcpyAsync");
     RESOLVE(hc, NULL, C.MemsetAsync, "cudaMemsetAsync");
     RESOLVE(hc, NULL, C.DeviceSynchronize, "cudaDeviceSynchronize");
+    RESOLVE(hc, NULL, C.HostAlloc, "cudaHostAlloc");
+    RESOLVE(hc, NULL, C.FreeHost, "cudaFreeHost");
     RESOLVE(hc, NULL, C.GetErrorString, "cudaGetErrorString");
     C.loaded = 1;
     return GS_OK;

@@ -92,7 +92,8 @@ char *slot_base(const gs_engine *e, int slot) { return e->ring_base + (size_t)sl
  * cache. A hint only: its failure changes nothing but speed. */
 static void read_ahead(gs_engine *e, int layer) {
     int pos, target;
-    if (!e->file || e->cfg.disk_lookahead <= 0 || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
+    if (!e->file || e->cfg.disk_lookahead <= 0 || e->size.disk_direct   /* O_DIRECT: no page cache to fill */
+        || gs_ring_get_position(e->ring, e->phase, layer, &pos) || pos < 0
         || gs_ring_get_layer_at(e->ring, e->phase, pos + e->cfg.disk_lookahead, &target) || target < 0
         || !e->layers[target].disk_bytes)
         return;
@@ -183,10 +184,11 @@ static int alloc_slots(gs_engine *e, int n_slots) {
     return GS_OK;
 }
 
-/* Host mode: llama.cpp's copy of a disk-tier tensor is never read again
- * (uploads read the file; such layers are not CPU layers), so its whole
- * pages go back to the OS. Reading them would now give zeros: a path that
- * still used the copy could not pass the exactness tests. */
+/* llama.cpp's copy of a disk-tier tensor (plain CPU memory, CPU_disk_tier,
+ * on CUDA too) is never read again (uploads read the file; such layers are
+ * not CPU layers), so its whole pages go back to the OS. Reading them would
+ * now give zeros: a path that still used the copy could not pass the
+ * exactness tests. */
 static void release_host_copies(gs_engine *e) {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (int k = 0; k < e->n_recs; k++) {
@@ -197,6 +199,35 @@ static void release_host_copies(gs_engine *e) {
     }
 }
 
+/* The disk tier's staging chunk: the configured size, but no larger than
+ * its largest tensor (page-rounded): small models stage little. */
+static size_t staging_chunk(const gs_engine *e) {
+    size_t want = e->cfg.staging_bytes ? e->cfg.staging_bytes : GS_STAGING_DEFAULT, biggest = 0;
+    for (int k = 0; k < e->n_recs; k++)
+        if (e->up[k].file && e->up[k].nbytes > biggest) biggest = e->up[k].nbytes;
+    biggest = align_up(biggest, 4096);
+    return want < biggest ? want : biggest;
+}
+
+/* A disk tier goes through the staged engine on CUDA (pread into pinned
+ * staging, then the upload) and, when asked, in host mode (its test bed);
+ * O_DIRECT reads need it too (aligned staging). */
+static int create_copy_engine(gs_engine *e, int n_slots) {
+    if (e->size.disk_tier_bytes && (e->cfg.use_cuda || e->cfg.host_staging || e->cfg.disk_direct)) {
+        size_t chunk = staging_chunk(e);
+        int direct = 0, rc0 = e->cfg.disk_direct ? gs_file_set_direct(e->file, 1, &direct) : GS_OK;
+        if (rc0) return rc0;
+        e->size.disk_direct = direct;
+        int rc = e->cfg.use_cuda
+            ? gs_copy_create_cuda_staged(e->cfg.cuda_device, n_slots, chunk, GS_STAGING_BUFFERS, &e->copy)
+            : gs_copy_create_host_staged(n_slots, chunk, GS_STAGING_BUFFERS, e->cfg.host_copy_delay_us, &e->copy);
+        if (!rc) e->size.staging_bytes = chunk * GS_STAGING_BUFFERS;
+        return rc;
+    }
+    return e->cfg.use_cuda ? gs_copy_create_cuda(e->cfg.cuda_device, n_slots, &e->copy)
+                           : gs_copy_create_host(n_slots, e->cfg.host_copy_delay_us, &e->copy);
+}
+
 int gs_engine_start(gs_engine *e) {
     if (e->started || e->start_attempted)
         return fail(GS_E_INVALID, "gs_engine_start: already started (or a failed start left it unusable)");
@@ -204,9 +235,6 @@ int gs_engine_start(gs_engine *e) {
     if (e->n_recs == 0) return fail(GS_E_INVALID, "gs_engine_start: no streamed tensors were added");
     for (int i = 0; i < e->cfg.n_layer; i++) {
         if (!e->layers[i].disk_bytes) continue;
-        if (e->cfg.use_cuda)
-            return fail(GS_E_INVALID, "layer %d is on the disk tier, which the CUDA copy engine cannot read yet "
-                        "(host-slot mode only); give a host budget that holds every streamed layer", i);
         if (e->layers[i].cpu_generate)
             return fail(GS_E_INVALID, "layer %d is on the disk tier; it cannot be a CPU layer", i);
         e->size.disk_tier_bytes += e->layers[i].disk_bytes;
@@ -220,10 +248,8 @@ int gs_engine_start(gs_engine *e) {
     e->phase = GS_PHASE_PROMPT;
     e->size.slot_bytes = align_up(max_bytes, align);
     if ((rc = alloc_slots(e, n_slots))) return rc;
-    rc = e->cfg.use_cuda ? gs_copy_create_cuda(e->cfg.cuda_device, n_slots, &e->copy)
-                         : gs_copy_create_host(n_slots, e->cfg.host_copy_delay_us, &e->copy);
-    if (rc || (rc = sync_repacks(e))) return rc;
-    if (!e->cfg.use_cuda) release_host_copies(e);
+    if ((rc = create_copy_engine(e, n_slots)) || (rc = sync_repacks(e))) return rc;
+    release_host_copies(e);
     e->started = 1;
     e->size.ring_bytes = e->size.slot_bytes * (size_t)n_slots;
     e->size.n_streamed = n_streamed;

@@ -343,3 +343,39 @@ def test_plan_line_reads_in_every_case(cpu, resident, want):
                  stock_gpu_layers=3)
     assert sweep.plan_line(stock).startswith("plan: below streaming's minimum at this budget: llama.cpp's own "
                                              "split -ngl 3 (5 of 8 layers on the CPU)")
+
+
+def test_host_budget_axis_reads_the_disk_tier_and_gates_it(bench_tiny, capsys):
+    """--host-budget: one more streamed run per host budget, part of it on
+    the disk tier, gated against the streamed run without one; its rows
+    carry the disk's bytes and rate. A budget below the minimum is an error
+    row and a note, not a failed bench."""
+    from gguf_stream import read_model
+    from gguf_stream.bench.timing import Workload
+    from gguf_stream.placement import expected_generate_plan, initial_plan
+
+    mf = read_model(bench_tiny)
+    w = Workload(32, 4, 32, 32, 1, 8, 42, 1)
+    ctx = sweep.Ctx(str(bench_tiny), mf, w, "CPU", "host", Progress(True), "tiny")
+    config = ctx.config(n_streamed=4, n_slots=2)
+    host = expected_generate_plan(mf, initial_plan(mf, config, False), config, False).host_bytes
+    assert bench("-m", str(bench_tiny), *SMALL, "--n-streamed", "4", "--host-budget", f"{host - 1},1KiB",
+                 "-o", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["rows"]
+    assert [(r["mode"], r["host_budget"]) for r in rows] == [("stock", "")] * 2 + [("streamed", "")] * 2 + \
+        [("streamed", str(host - 1))] * 2 + [("streamed", "1KiB")] * 2
+    plain, disk, failed = rows[2:4], rows[4:6], rows[6:]
+    assert all(r["n_disk"] is None and r["disk_bytes"] is None for r in plain)
+    assert all(r["n_disk"] >= 1 and r["disk_bytes"] > 0 and r["disk_rate"] > 0 for r in disk)
+    assert all(0 <= r["disk_overlap"] <= 1 and r["check"] == "ok" for r in disk)
+    pp, tg = disk
+    assert tg["disk_bytes"] >= 4 * pp["disk_bytes"] > 0  # every token reads the disk tier again
+    assert all(r["tps_mean"] is None and r["note"] == "error: HostMemoryError" for r in failed)
+    assert any("host budget 1KiB: streamed run failed" in n for n in doc["notes"])
+    assert any("tiers (host budget" in n for n in doc["notes"])
+    assert bench("-m", str(bench_tiny), *SMALL, "--host-budget", f"{host - 1}") == 0
+    md = capsys.readouterr().out
+    assert "on disk |" in md and "GB/s" in md and "hidden" in md and f", host {host - 1} |" in md
+    assert bench("-m", str(bench_tiny), *SMALL, "--host-budget", "lots") == 2
+    assert "--host-budget 'lots'" in capsys.readouterr().err

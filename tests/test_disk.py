@@ -1,7 +1,10 @@
 """The disk tier (disk.py, the engine's file reads) in host-slot mode: the
 planner's tiers under a host budget, exactness against stock llama.cpp with
 part of the model read from the GGUF file, the counters, a negative control,
-and a file truncated or rewritten underneath a running model."""
+and a file truncated or rewritten underneath a running model. Each running
+test goes through both readers: the host engine's direct reads, and the
+staged reader the CUDA engine uses (pread into staging buffers, then the
+upload; here over memcpy) with chunks smaller than a tensor."""
 import os
 import shutil
 
@@ -11,7 +14,8 @@ import pytest
 from conftest import CPU, HYBRID, N_GEN
 from gguf_stream import DecodeError, read_model
 from gguf_stream.config import EngineConfig
-from gguf_stream.disk import assign_disk_tier, disk_candidates, with_disk_layers
+from gguf_stream.disk import (STAGING_BUFFERS, STAGING_CHUNK, STAGING_ENV, assign_disk_tier, disk_candidates,
+                              staging_bytes, staging_options, with_disk_layers)
 from gguf_stream.errors import HostMemoryError
 from gguf_stream.model import StreamedModel
 from gguf_stream.planner import make_plan, with_generate_placement
@@ -61,15 +65,52 @@ def test_cpu_layers_never_go_to_disk(tiny_path):
         with_disk_layers(hybrid, cpu[:1])
 
 
-def test_cuda_refuses_a_disk_tier_before_loading(tiny_path):
-    plan = hybrid_plan(tiny_path)
-    config = EngineConfig(**CPU, **HYBRID, host_budget=budget_for(plan, 2), exact=True)
-    with pytest.raises(HostMemoryError, match="runs only in host-slot mode") as exc:
-        Streamer(tiny_path, config, cuda=True)
-    assert "\n" not in str(exc.value)
+def test_staging_options_and_their_host_memory(tiny_path):
+    mf = read_model(tiny_path)
+    biggest = max(t.nbytes for t in mf.tensors if t.layer is not None)
+    assert staging_options(True, {}) == {"staging_bytes": STAGING_CHUNK, "host_staging": False}
+    assert staging_options(False, {STAGING_ENV: "on"})["host_staging"]
+    assert staging_options(False, {STAGING_ENV: "16KiB"}) == {"staging_bytes": 16384, "host_staging": True}
+    for bad in ("lots", "0"):
+        if bad == "0":  # "0" means off
+            assert not staging_options(False, {STAGING_ENV: bad})["host_staging"]
+            continue
+        with pytest.raises(ValueError, match=STAGING_ENV):
+            staging_options(False, {STAGING_ENV: bad})
+    off = staging_options(False, {})
+    assert staging_bytes(mf, off, cuda=False) == 0  # host mode's direct reads stage nothing
+    # CUDA: two chunks, a chunk no larger than the largest tensor (page-rounded)
+    assert staging_bytes(mf, off, cuda=True) == STAGING_BUFFERS * (-(-biggest // 4096) * 4096)
+    assert staging_bytes(mf, staging_options(False, {STAGING_ENV: "16KiB"}), cuda=False) == 2 * 16384
+
+
+def test_the_staging_buffers_count_against_the_host_budget(tiny_path):
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2)
+    layer = max(s.bytes for s in plan.layers if s.placement == "streamed")
+    budget = budget_for(plan, 2)  # 2 layers on disk without staging ...
+    assert len(assign_disk_tier(plan, budget).disk_layers) == 2
+    assert len(assign_disk_tier(plan, budget, staging=layer).disk_layers) == 3  # ... 3 with a layer of staging
+    assert not assign_disk_tier(plan, plan.host_bytes, staging=layer).disk_layers  # no disk tier, no staging
+    with pytest.raises(HostMemoryError, match="of staging buffers"):
+        assign_disk_tier(plan, plan.host_bytes - plan.streamed_bytes + 1, staging=layer)
 
 
 # ------------------------------------------------------------------ running (host-slot mode)
+
+# the disk tier's reader: the host engine's direct reads, or the staged one
+# (the CUDA path's code) in 16 KiB chunks, smaller than most tensors
+READERS = {"direct": "off", "staged": "16KiB"}
+
+
+@pytest.fixture(params=READERS)
+def reader(request, monkeypatch):
+    monkeypatch.setenv(STAGING_ENV, READERS[request.param])
+    return request.param
+
+
+def check_reader(c, reader):
+    """The reader asked for is the one that ran."""
+    assert c.staging_bytes == (STAGING_BUFFERS * 16384 if reader == "staged" else 0)
 
 def run_with_disk(path, prompt, n_disk, **options):
     budget = budget_for(hybrid_plan(path), n_disk)
@@ -78,10 +119,11 @@ def run_with_disk(path, prompt, n_disk, **options):
         return tokens, logits, m.stats.counters, m.plan
 
 
-def test_disk_tier_is_bit_identical_to_stock(case):
+def test_disk_tier_is_bit_identical_to_stock(case, reader):
     path, prompt, ref_tokens, ref_logits = case
     tokens, logits, c, plan = run_with_disk(path, prompt, 3)
     assert len(plan.disk_layers) == 3 and plan.host_bytes <= plan.host_budget
+    check_reader(c, reader)
     assert tokens == ref_tokens
     assert np.array_equal(logits, ref_logits), f"max |diff| {np.abs(logits - ref_logits).max()}"
     # every evaluation reads the disk tier from the file (the last may have prefetched into the next one)
@@ -94,7 +136,7 @@ def test_disk_tier_is_bit_identical_to_stock(case):
     assert 0 < c.released_host_bytes <= c.disk_tier_bytes
 
 
-def test_reading_the_wrong_file_offsets_changes_the_output(case, monkeypatch):
+def test_reading_the_wrong_file_offsets_changes_the_output(case, reader, monkeypatch):
     """Negative control: the disk tier's bytes are what the model computes with."""
     path, prompt, ref_tokens, ref_logits = case
     n_layer = read_model(path).n_layer
@@ -107,16 +149,19 @@ def test_reading_the_wrong_file_offsets_changes_the_output(case, monkeypatch):
     monkeypatch.setattr(Streamer, "file_offset", wrong)
     tokens, logits, c, plan = run_with_disk(path, prompt, 3)
     assert c.disk_reads > 0 and not np.array_equal(logits, ref_logits)
+    check_reader(c, reader)
 
 
-def test_disk_tier_with_a_slow_link_waits_and_stays_exact(case):
+def test_disk_tier_with_a_slow_link_waits_and_stays_exact(case, reader):
     path, prompt, ref_tokens, ref_logits = case
-    tokens, logits, c, plan = run_with_disk(path, prompt, 6, host_copy_delay_us=20000)
+    # 50 ms a copy: longer than a layer's compute even on a loaded CI box, so adoptions wait
+    tokens, logits, c, plan = run_with_disk(path, prompt, 6, host_copy_delay_us=50000)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    check_reader(c, reader)
     assert c.adopted_waited > 0 and c.disk_wait_seconds > 0
 
 
-def test_moe_experts_on_disk_match_stock(tiny_moe_path):
+def test_moe_experts_on_disk_match_stock(tiny_moe_path, reader):
     from gguf_stream.model import StockModel
 
     with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
@@ -130,11 +175,33 @@ def test_moe_experts_on_disk_match_stock(tiny_moe_path):
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         c = m.stats.counters
         assert len(m.plan.disk_layers) == 2 and c.disk_reads > 0
+        check_reader(c, reader)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
+def test_o_direct_reads_match_stock(case, tmp_path):
+    """--disk-direct: the disk tier read with O_DIRECT (aligned spans into the
+    staging buffers, no read-ahead hints), where the filesystem allows it."""
+    path, prompt, ref_tokens, ref_logits = case
+    copy = tmp_path / "model.gguf"  # tmp_path: a disk filesystem, as a model's would be
+    shutil.copyfile(path, copy)
+    tokens, logits, c, plan = run_with_disk(copy, prompt, 3, disk_direct=True)
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert c.staging_bytes > 0 and c.disk_reads > 0  # the staged reader, also in host mode
+    try:
+        os.close(os.open(copy, os.O_RDONLY | os.O_DIRECT))
+        allowed = True
+    except OSError:
+        allowed = False
+    assert c.disk_direct == int(allowed)
+    if c.disk_direct:
+        assert c.disk_readaheads == 0  # no page cache to fill
+    else:
+        assert c.disk_readaheads > 0  # the filesystem refused O_DIRECT: buffered reads, read-ahead as usual
+
+
 @pytest.mark.parametrize("change", ["truncate", "rewrite"])
-def test_a_model_file_changed_underneath_is_a_clear_error(tiny_path, tmp_path, change):
+def test_a_model_file_changed_underneath_is_a_clear_error(tiny_path, tmp_path, change, reader):
     path = tmp_path / "model.gguf"
     shutil.copyfile(tiny_path, path)
     budget = budget_for(hybrid_plan(path), 3)
@@ -226,3 +293,70 @@ def test_plan_and_run_on_the_command_line(capsys, tiny_path):
     assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--host-budget", "1KiB", "--exact", *small]) == 1
     err = capsys.readouterr().err
     assert "host budget" in err and "raise the host budget" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ on a GPU (skipped without CUDA)
+
+GPU_OPTS = dict(n_ctx=512, n_batch=64, n_ubatch=64)
+
+
+def cuda_or_skip():
+    from gguf_stream.config import cuda_available
+
+    if not cuda_available():
+        pytest.skip("needs a CUDA build of llama-cpp-python and a GPU")
+
+
+def cuda_budget(path, n_disk: int) -> int:
+    """A host budget that puts at least n_disk of 6 streamed layers on the disk tier in a CUDA run."""
+    from gguf_stream.placement import expected_generate_plan
+
+    mf = read_model(path)
+    config = EngineConfig(n_streamed=6, n_slots=2, exact=True, **GPU_OPTS)
+    host = expected_generate_plan(mf, initial_plan(mf, config, cuda=True), config, True).host_bytes
+    return host - n_disk * max(mf.layer_bytes) - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("staging,direct", [("off", False), ("16KiB", False), ("16KiB", True)])
+def test_cuda_disk_tier_matches_all_in_vram(tiny_path, tmp_path, monkeypatch, staging, direct):
+    """The CUDA engine's staged reader (pinned staging, an event per buffer):
+    bit-identical to all-in-VRAM, in 16 KiB chunks (smaller than a tensor)
+    and with O_DIRECT too."""
+    cuda_or_skip()
+    from gguf_stream.model import StockModel
+
+    monkeypatch.setenv(STAGING_ENV, staging)  # on CUDA: the chunk size ("off": the default, capped per model)
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_path, copy)
+    with StockModel(copy, n_gpu_layers=-1, **GPU_OPTS) as s:
+        prompt = s.tokenize("Once upon a time")
+        ref_tokens, ref_logits = s.generate(prompt, 16, with_logits=True)
+    with StreamedModel(copy, n_streamed=6, n_slots=2, exact=True, host_budget=cuda_budget(copy, 3),
+                       disk_direct=direct, **GPU_OPTS) as m:
+        tokens, logits = m.generate(prompt, 16, with_logits=True)
+        c = m.stats.counters
+        assert len(m.plan.disk_layers) >= 3 and c.disk_reads > 0 and c.staging_bytes > 0
+        assert c.released_host_bytes > 0  # llama.cpp's copy of the disk tier was handed back
+        if staging != "off":
+            assert c.staging_bytes == STAGING_BUFFERS * 16384
+        assert direct or c.disk_direct == 0
+    assert tokens == ref_tokens
+    assert np.abs(logits - ref_logits).max() == 0.0
+
+
+@pytest.mark.gpu
+def test_cuda_disk_tier_file_truncated_is_a_clear_error(tiny_path, tmp_path):
+    cuda_or_skip()
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_path, path)
+    with StreamedModel(path, n_streamed=6, n_slots=2, exact=True, host_budget=cuda_budget(path, 3),
+                       **GPU_OPTS) as m:
+        prompt = m.tokenize("Once upon a time")
+        m.generate(prompt, 2)
+        os.truncate(path, os.path.getsize(path) // 2)
+        with pytest.raises(DecodeError, match="changed while the model was loaded") as exc:
+            m.generate(prompt, 8)
+        assert "\n" not in str(exc.value)
+        with pytest.raises(DecodeError):
+            m.generate(prompt, 1)

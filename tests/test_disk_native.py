@@ -1,5 +1,7 @@
 """The disk tier's native parts alone: gs_file (identity checks, reads,
-faults) and the host copy engine reading file pieces into a slot. No
+faults), and the copy engines reading file pieces into a slot: the host
+engine's direct reads and the staged engine (the CUDA path's reader and
+staging buffers, here over memcpy), with chunks smaller than a piece. No
 engine, no llama.cpp."""
 import os
 
@@ -85,19 +87,32 @@ def test_a_file_changed_underneath_fails_every_later_read(data_file, change):
         lib.gs_file_close(f)
 
 
-class HostWithFile:
-    """A host copy engine whose pieces read data_file."""
+# the engines under test: the host one, and the staged one with chunks of
+# these many bytes (48: every piece below is cut into chunks, and the two
+# staging buffers are reused many times within one copy)
+ENGINES = {"host": None, "staged": 4096, "staged-small-chunks": 48}
 
-    def __init__(self, f, n_slots=2):
+
+class HostWithFile:
+    """A host copy engine (direct or staged) whose file pieces read data_file."""
+
+    def __init__(self, f, n_slots=2, chunk=None):
         out = ffi.new("gs_copy **")
-        assert lib.gs_copy_create_host(n_slots, 0, out) == lib.GS_OK
+        rc = (lib.gs_copy_create_host(n_slots, 0, out) if chunk is None
+              else lib.gs_copy_create_host_staged(n_slots, chunk, lib.GS_STAGING_BUFFERS, 0, out))
+        assert rc == lib.GS_OK, last_error()
         self.c, self.f, self._keep = out[0], f, []
 
     def pieces(self, *parts):
-        """parts: (file offset, nbytes, alloc, slot offset)."""
+        """parts: (file offset, nbytes, alloc, slot offset), or (bytes, alloc, slot offset) from memory."""
         arr = ffi.new("gs_piece[]", len(parts))
-        for p, (file_offset, nbytes, alloc, offset) in zip(arr, parts):
-            p.file, p.file_offset, p.nbytes, p.alloc, p.offset = self.f, file_offset, nbytes, alloc, offset
+        for p, part in zip(arr, parts):
+            if isinstance(part[0], bytes):
+                src = ffi.new("char[]", part[0])
+                self._keep.append(src)
+                p.src, p.nbytes, (p.alloc, p.offset) = src, len(part[0]), part[1:]
+            else:
+                p.file, p.file_offset, p.nbytes, p.alloc, p.offset = self.f, *part
         self._keep.append(arr)
         return arr, len(parts)
 
@@ -105,9 +120,14 @@ class HostWithFile:
         lib.gs_copy_destroy(self.c)
 
 
-def test_host_copy_reads_file_pieces_into_the_slot(data_file):
+@pytest.fixture(params=ENGINES)
+def chunk(request):
+    return ENGINES[request.param]
+
+
+def test_host_copy_reads_file_pieces_into_the_slot(data_file, chunk):
     rc, f = open_file(data_file)
-    h = HostWithFile(f)
+    h = HostWithFile(f, chunk=chunk)
     try:
         dst = ffi.new("char[]", 256)
         ffi.memmove(dst, b"\xff" * 256, 256)
@@ -124,9 +144,9 @@ def test_host_copy_reads_file_pieces_into_the_slot(data_file):
         lib.gs_file_close(f)
 
 
-def test_a_failed_read_fails_the_copy_engine_with_its_message(data_file):
+def test_a_failed_read_fails_the_copy_engine_with_its_message(data_file, chunk):
     rc, f = open_file(data_file)
-    h = HostWithFile(f)
+    h = HostWithFile(f, chunk=chunk)
     try:
         dst = ffi.new("char[]", 128)
         os.truncate(data_file, 1000)
@@ -140,3 +160,111 @@ def test_a_failed_read_fails_the_copy_engine_with_its_message(data_file):
     finally:
         h.close()  # no hang: the failed copy still completed its ticket
         lib.gs_file_close(f)
+
+
+def test_staged_copies_stay_in_issue_order(data_file):
+    """Memory and file pieces into the same slots, many copies in flight
+    through the reader: each slot ends with its last copy's bytes, and a
+    put lands in order with them."""
+    rc, f = open_file(data_file)
+    h = HostWithFile(f, n_slots=3, chunk=100)
+    try:
+        slots = [ffi.new("char[]", 512) for _ in range(3)]
+        last = {}
+        for k in range(30):
+            s = k % 3
+            if k % 2:
+                parts, want = [((bytes([k]) * 300), 300, 0)], bytes([k]) * 300
+            else:
+                parts, want = [(97 * k, 300, 300, 0)], DATA[97 * k:97 * k + 300]
+            assert lib.gs_copy_issue(h.c, s, slots[s], *h.pieces(*parts)) == lib.GS_OK
+            last[s] = want
+        for s in range(3):
+            assert lib.gs_copy_wait(h.c, s) == lib.GS_OK
+            assert ffi.buffer(slots[s], 300)[:] == last[s]
+        put = ffi.new("char[]", 1000)
+        assert lib.gs_copy_put(h.c, put, *h.pieces((1234, 1000, 1000, 0))) == lib.GS_OK
+        assert ffi.buffer(put, 1000)[:] == DATA[1234:2234]  # host: landed when put returns
+        assert lib.gs_copy_drain(h.c) == lib.GS_OK
+    finally:
+        h.close()
+        lib.gs_file_close(f)
+
+
+def test_staged_engine_refuses_bad_arguments():
+    out = ffi.new("gs_copy **")
+    for n_slots, chunk, n_staging in ((0, 64, 2), (2, 0, 2), (2, 64, 1)):
+        assert lib.gs_copy_create_host_staged(n_slots, chunk, n_staging, 0, out) == lib.GS_E_INVALID
+        assert out[0] == ffi.NULL and "staged" in last_error()
+    rc = lib.gs_copy_create_cuda_staged(0, 2, 64, 2, out)
+    if rc == lib.GS_OK:  # a process that loaded the CUDA runtime (the GPU suite)
+        lib.gs_copy_destroy(out[0])
+    else:  # without it, a clear refusal
+        assert out[0] == ffi.NULL and "CUDA runtime is not loaded" in last_error()
+
+
+def direct_file(path):
+    """path opened with O_DIRECT reads on; skips where its filesystem refuses them."""
+    rc, f = open_file(path)
+    active = ffi.new("int *")
+    assert lib.gs_file_set_direct(f, 1, active) == lib.GS_OK
+    if not active[0]:
+        lib.gs_file_close(f)
+        pytest.skip(f"no O_DIRECT on the filesystem of {path}")
+    return f
+
+
+def test_direct_reads_give_the_bytes_at_any_offset(data_file):
+    f = direct_file(data_file)
+    try:
+        assert lib.gs_file_is_direct(f) == 1
+        buf = ffi.new("char[]", len(DATA) + 3 * lib.GS_DIRECT_ALIGN)
+        aligned = ffi.cast("char *", (int(ffi.cast("uintptr_t", buf)) + lib.GS_DIRECT_ALIGN - 1)
+                           // lib.GS_DIRECT_ALIGN * lib.GS_DIRECT_ALIGN)
+        at = ffi.new("size_t *")
+        for offset, n in ((0, 4096), (4097, 1000), (100, len(DATA) - 100), (len(DATA) - 7, 7)):
+            assert lib.gs_file_read_span(f, aligned, n, offset, at) == lib.GS_OK, last_error()
+            assert at[0] == offset % lib.GS_DIRECT_ALIGN
+            assert ffi.buffer(aligned + at[0], n)[:] == DATA[offset:offset + n]
+        # an unaligned destination cannot take an O_DIRECT read: the plain read refuses
+        assert lib.gs_file_read(f, buf, 8, 0) == lib.GS_E_INVALID and "O_DIRECT" in last_error()
+        os.truncate(data_file, 5000)
+        assert lib.gs_file_read_span(f, aligned, 64, 0, at) == lib.GS_E_IO
+        assert "changed while the model was loaded" in last_error()
+    finally:
+        lib.gs_file_close(f)
+
+
+def test_staged_engine_reads_with_o_direct(data_file):
+    f = direct_file(data_file)
+    h = HostWithFile(f, chunk=4000)  # chunks not aligned: each read is the aligned span around one
+    try:
+        dst = ffi.new("char[]", 9000)
+        assert lib.gs_copy_issue(h.c, 0, dst, *h.pieces((333, 8000, 9000, 0))) == lib.GS_OK
+        assert lib.gs_copy_wait(h.c, 0) == lib.GS_OK, last_error()
+        got = ffi.buffer(dst, 9000)[:]
+        assert got[:8000] == DATA[333:8333] and got[8000:] == bytes(1000)
+    finally:
+        h.close()
+        lib.gs_file_close(f)
+
+
+def test_direct_reads_fall_back_where_the_filesystem_refuses():
+    shm = "/dev/shm"
+    if not os.path.isdir(shm):
+        pytest.skip("no /dev/shm")
+    path = os.path.join(shm, f"gs_direct_{os.getpid()}.bin")
+    with open(path, "wb") as fp:
+        fp.write(DATA)
+    try:
+        rc, f = open_file(path)
+        active = ffi.new("int *")
+        assert lib.gs_file_set_direct(f, 1, active) == lib.GS_OK
+        if active[0]:
+            lib.gs_file_close(f)
+            pytest.skip("this tmpfs allows O_DIRECT")
+        assert lib.gs_file_is_direct(f) == 0  # buffered reads, as without the option
+        assert read(f, 100, 50) == (lib.GS_OK, DATA[50:150])
+        lib.gs_file_close(f)
+    finally:
+        os.unlink(path)

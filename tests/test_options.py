@@ -52,6 +52,7 @@ SAMPLES = {
     "exact": [(True, ["--exact"], True)],
     "progress": [(False, ["-q"], False)],
     "host_budget": [("1GiB", ["--host-budget", "1GiB"], "1GiB")],
+    "disk_direct": [(True, ["--disk-direct"], True)],
     "n_seq_max": [(2, ["-np", "2"], 2)],
     "kv_unified": [(True, ["-kvu"], True)],
     "cpu_layers_max_batch": [(4, ["--cpu-layers-max-batch", "4"], 4)],

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GGUFStreamError
-from ..memory import KV_CACHE_TYPES, format_size, is_quantized_kv
+from ..memory import KV_CACHE_TYPES, format_size, is_quantized_kv, parse_size
 from . import plot
 from .budgets import parse_budgets
 from .gate import GATE_PROMPT, NEAR_TIE, PEER_MARGIN
@@ -104,6 +104,11 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    "stock run, calibrated by that run's mirror (see above and --allow-near-ties)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
+    g.add_argument("--host-budget", default=None, metavar="LIST",
+                   help="comma list of host-memory budgets (sizes, 2GiB): for each VRAM budget one more streamed "
+                   "run per host budget, the streamed layers beyond it on the disk tier (read from the GGUF file "
+                   "at every use), gated against the streamed run without one; its rows give the disk bytes read, "
+                   "their rate and the share hidden (default: none)")
     g = p.add_argument_group("correctness gate")
     g.add_argument("--check-tokens", type=int, default=16, metavar="N",
                    help=f"greedy tokens after {GATE_PROMPT!r} compared (0: off; default 16)")
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     # a registry name as given; a file by its stem; the default by its registry name
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
     ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
-               args.allow_near_ties)
+               args.allow_near_ties, host_budgets=_host_budgets(args.host_budget))
     meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
             "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
             "workload": asdict(w), "command": " ".join(sys.argv)}
@@ -166,6 +171,19 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
                  f"{w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def _host_budgets(text: str | None) -> tuple[str, ...]:
+    """--host-budget's sizes as given (checked before any loading)."""
+    if not text:
+        return ()
+    out = tuple(s.strip() for s in text.split(","))
+    for s in out:
+        try:
+            parse_size(s)
+        except ValueError as exc:
+            raise ValueError(f"--host-budget {s!r}: {exc}") from None
+    return out
 
 
 def _check_n_cpu_moe(mf, n: int) -> None:

@@ -28,7 +28,16 @@ def _size(n: int | None) -> str:
 
 
 MD_COLUMNS = ["model", "size", "params", "backend", "budget", "mode", "ngl", "streamed", "n_ubatch", "test",
-              "t/s", "ratio", "peak VRAM", "pinned host", "waits/fallbacks/uploads", "check"]
+              "t/s", "ratio", "peak VRAM", "pinned host", "waits/fallbacks/uploads", "disk read", "check"]
+
+
+def _disk(r: Row) -> str:
+    """The disk tier's reads per repetition: bytes, their rate, the share hidden behind compute."""
+    if r.disk_bytes is None:
+        return ""
+    rate = "" if r.disk_rate is None else f" at {r.disk_rate / 1e9:.2f} GB/s"
+    hidden = "" if r.disk_overlap is None else f", {r.disk_overlap:.0%} hidden"
+    return f"{format_size(int(r.disk_bytes))}{rate}{hidden}"
 
 
 def _md_cells(r: Row) -> list[str]:
@@ -41,18 +50,21 @@ def _md_cells(r: Row) -> list[str]:
     if r.n_resident_generate and r.test.startswith("tg"):
         streamed += f", {r.n_resident_generate} resident"
     counters = "" if r.waits is None else f"{_num(r.waits)}/{_num(r.sync_fallbacks)}/{_num(r.uploads)}"
+    if r.n_disk:
+        streamed += f", {r.n_disk} on disk"
+    budget = f"{r.budget}, host {r.host_budget}" if r.host_budget else r.budget
     check = r.check if r.check in ("", "ok") else f"**{r.check}**"
     ngl = "" if r.ngl is None else str(r.ngl) + ("" if r.n_cpu_moe is None else f", n-cpu-moe {r.n_cpu_moe}")
     # with two stock recipes (MoE) a ratio says which it is to
     ratio = "" if r.ratio is None else f"{r.ratio:.2f}" + (f" vs {r.ratio_vs}" if r.ratio_vs else "")
-    return [r.model, _size(r.size_bytes), _params(r.params), r.backend, r.budget, r.mode, ngl, streamed,
+    return [r.model, _size(r.size_bytes), _params(r.params), r.backend, budget, r.mode, ngl, streamed,
             str(r.n_ubatch), r.test, tps or r.note, ratio, _size(r.vram_peak_bytes), _size(r.pinned_host_bytes),
-            counters, check]
+            counters, _disk(r), check]
 
 
 def render_md(result: BenchResult) -> str:
     right = {"size", "params", "ngl", "streamed", "n_ubatch", "t/s", "ratio", "peak VRAM", "pinned host",
-             "waits/fallbacks/uploads"}
+             "waits/fallbacks/uploads", "disk read"}
     lines = ["| " + " | ".join(MD_COLUMNS) + " |",
              "| " + " | ".join("---:" if c in right else ":---" for c in MD_COLUMNS) + " |"]
     lines += ["| " + " | ".join(_md_cells(r)) + " |" for r in result.rows]

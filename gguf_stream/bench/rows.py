@@ -51,6 +51,11 @@ class Row:
     cpu_rate_streaming: float | None = None  # see Timing
     n_cpu_moe: int | None = None  # stock-moe: the expert tensors of layers 0..N-1 stay in host memory
     ratio_vs: str = ""  # the mode of the stock row ratio is to, where a budget has two stock recipes (MoE)
+    host_budget: str = ""  # --host-budget of a streamed run with a disk tier ("" without one)
+    n_disk: int | None = None  # streamed parts on the disk tier
+    disk_bytes: float | None = None  # per repetition: bytes read from the GGUF file (the disk tier)
+    disk_rate: float | None = None  # those reads' bytes/s (in the reader, page cache dropped or not)
+    disk_overlap: float | None = None  # share of the read time hidden behind compute (Counters.disk_overlap)
 
 
 @dataclass(frozen=True)

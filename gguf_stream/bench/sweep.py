@@ -13,6 +13,7 @@ from ..errors import GGUFStreamError
 from ..memory import format_size
 from .bounds import bound_notes, weights_per_token
 from .budgets import Budget, search_stock_n_cpu_moe, search_stock_ngl
+from .disk_tier import disk_fields, host_budget_rows
 from .gate import PEER_MARGIN, Greedy, gate
 from .mirror import Mirror, mirror_of
 from .rows import Row, count_params, mean_sd
@@ -93,6 +94,7 @@ class Ctx:
     allow_near_ties: bool = False
     stock_times: dict = field(default_factory=dict)  # (ngl, n_cpu_moe) -> Timing (reused across budgets)
     mirror_tokens: dict = field(default_factory=dict)  # Mirror -> its gate tokens or None (reused across budgets)
+    host_budgets: tuple = ()  # --host-budget: each adds a streamed run with a disk tier per budget
 
     def config(self, **kw):
         from ..config import EngineConfig
@@ -104,7 +106,7 @@ class Ctx:
                             device=self.device, n_threads=self.w.n_threads, **kw)
 
     def rows(self, t: Timing | None, *, budget: Budget, mode: str, ngl=None, n_cpu_moe=None, note="", check="",
-             refs: dict | None = None) -> list[Row]:
+             refs: dict | None = None, host_budget: str = "") -> list[Row]:
         """One row per test of run t; refs: best_stock's reference per test
         (the ratio's denominator and the mode it came from)."""
         out = []
@@ -135,7 +137,8 @@ class Ctx:
                 pinned_host_bytes=t.pinned if t and mode == "streamed" and plan and plan.streamed else None,
                 waits=ctr[0] if ctr else None, sync_fallbacks=ctr[1] if ctr else None,
                 uploads=ctr[2] if ctr else None, check=check, note=note,
-                cpu_rate_streaming=t.cpu_rate_streaming if t else None))
+                cpu_rate_streaming=t.cpu_rate_streaming if t else None, host_budget=host_budget,
+                **disk_fields(plan, ctr)))
         return out
 
     def run_stock(self, ngl: int, n_cpu_moe: int = 0) -> Timing:
@@ -282,7 +285,9 @@ def run_host(ctx: Ctx, n_streamed: int | None, n_cpu_moe: int | None = None) -> 
         check = gate(_greedy(streamed), [(m, _greedy(t)) for m, t in references], ctx.allow_near_ties)
         rows += ctx.rows(streamed, budget=budget, mode="streamed", check=check, refs=refs)
     except GGUFStreamError as exc:
+        streamed = None
         rows += ctx.rows(None, budget=budget, mode="streamed", note=f"error: {exc}")
+    rows += host_budget_rows(ctx, budget, streamed, refs, notes, n_streamed=n, n_slots=min(2, n) if n else None)
     if stock.tg:
         rate = weights_per_token(ctx.mf) * mean_sd(stock.tg)[0]
         notes.append(f"CPU path: stock ngl=0 tg {mean_sd(stock.tg)[0]:.2f} t/s x "
@@ -541,6 +546,7 @@ def _budget_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | N
         notes.append(f"budget {b.label}: streamed run failed: {exc}")
         return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}"), None
     rows += ctx.rows(streamed, budget=b, mode="streamed", refs=refs)
+    rows += host_budget_rows(ctx, b, streamed, refs, notes, vram_budget=b.nbytes)
     if streamed.engine_note:
         notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:

@@ -87,8 +87,10 @@ def decode_tps(model, tokens: list[int], one_at_a_time: bool) -> float:
 
 
 def _counter_tuple(model):
+    """(waits, sync fallbacks, uploads, disk bytes, disk read seconds, disk wait seconds) so far."""
     c = model.stats.counters
-    return None if c is None else (c.adopted_waited, c.sync_fallbacks, c.uploads)
+    return None if c is None else (c.adopted_waited, c.sync_fallbacks, c.uploads, c.disk_bytes,
+                                   c.disk_read_seconds, c.disk_wait_seconds)
 
 
 def gate_tokens(model, n: int) -> Greedy | None:

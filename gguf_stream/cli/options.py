@@ -94,7 +94,10 @@ ENGINE_FLAGS = (
          dict(action="store_const", const=True)),
     Flag("host_budget", ("--host-budget",), PLACEMENT, "host memory the weights may hold (default: what is "
          "available); streamed layers beyond it go to the disk tier, read from the GGUF file at every use "
-         "(host-slot mode only for now)", dict(metavar="B")),
+         "(see also --disk-direct)", dict(metavar="B")),
+    Flag("disk_direct", ("--disk-direct",), PLACEMENT, "the disk tier reads the GGUF file with O_DIRECT, bypassing "
+         "the page cache (buffered where the filesystem refuses it; default: buffered reads with read-ahead)",
+         dict(action="store_const", const=True)),
     Flag("device", ("--device",), PLACEMENT, "cuda: GPU slots (needs a CUDA build of llama-cpp-python); host: slots "
          "in host memory, CPU compute (exact, for testing, not fast); auto: cuda if there is one (default "
          f"{_shown('device')})", dict(choices=("auto", "cuda", "host"))),

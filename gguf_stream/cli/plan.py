@@ -31,10 +31,12 @@ def cmd_plan(args) -> int:
     config = engine_config_of(args, **_context(args, mf), **explicit_placement(args, mf))
     plan = _as_on_cuda(mf, initial_plan(mf, config, cuda=False), config)
     if args.host_budget is not None:
-        from ..disk import assign_disk_tier
+        from ..disk import assign_disk_tier, staging_bytes, staging_options
         from ..memory import parse_size
 
-        plan = assign_disk_tier(plan, parse_size(args.host_budget))
+        # as a CUDA run places it: its staging buffers count against the host budget
+        staging = staging_bytes(mf, staging_options(True), cuda=True)
+        plan = assign_disk_tier(plan, parse_size(args.host_budget), staging)
     print(plan.table())
     fa = " -fa auto (planned as off: the larger compute buffer; llama.cpp decides when it creates the " \
          "context)" if config.flash_attn == "auto" else ""

@@ -3,18 +3,24 @@
  * with a GPU and the CUDA runtime, from the repository root:
  *
  *   gcc -O2 -std=gnu11 -Wall -Inative -o /tmp/cuda_check native/check/cuda_check.c \
- *       native/gs_copy.c native/gs_copy_cuda.c native/gs_copy_host.c native/gs_ring.c \
- *       native/gs_util.c native/gs_libs.c -ldl -lpthread
- *   /tmp/cuda_check /usr/local/cuda/lib64/libcudart.so
+ *       native/gs_copy.c native/gs_copy_cuda.c native/gs_copy_host.c native/gs_copy_stage.c \
+ *       native/gs_file.c native/gs_ring.c native/gs_util.c native/gs_libs.c -ldl -lpthread
+ *   /tmp/cuda_check /usr/local/cuda/lib64/libcudart.so [DIR]
  *
- * Prints one line per check and exits 0 if all pass. */
+ * The disk tier's checks write a scratch file of about 120 MiB in DIR
+ * (default /tmp). Prints one line per check and exits 0 if all pass. */
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <stdint.h>
 #include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "gguf_stream.h"
 #include "gs_abi.h"
+#include "gs_util.h"
 
 static int failures;
 static int (*Malloc)(void **, size_t);
@@ -130,6 +136,148 @@ static void ring_on_cuda(void) {
     Free(b.slots);
 }
 
+/* ---- the disk tier: the staged engine (reader, pinned staging, events) ---- */
+#define D_LAYERS 5
+#define D_SLOTS 2
+#define D_PIECE ((24u << 20) + 1000)   /* a file piece: not a multiple of the chunk */
+#define D_ALLOC (D_PIECE + 3096)       /* ... padded: the rest must read as zeros */
+#define D_MEM 4096                     /* then a piece from host memory */
+#define D_SLOT (D_ALLOC + D_MEM)
+#define D_CHUNK (4u << 20)             /* 7 chunks a piece: each staging buffer reused within it */
+
+static uint32_t word_at(uint64_t off) { return (uint32_t)(off / 4) * 2654435761u ^ 0x5bd1e995u; }
+
+typedef struct { gs_copy *c; char *slots; gs_piece piece[D_LAYERS][2]; } dbench;
+
+static int d_issue(void *ctx, int s, int l) {
+    dbench *b = ctx;
+    return gs_copy_issue(b->c, s, b->slots + (size_t)s * D_SLOT, b->piece[l], 2);
+}
+static int d_done(void *ctx, int s) { int d, rc = gs_copy_done(((dbench *)ctx)->c, s, &d); return rc ? rc : d; }
+static int d_wait(void *ctx, int s) { return gs_copy_wait(((dbench *)ctx)->c, s); }
+static int d_drain(void *ctx) { return gs_copy_drain(((dbench *)ctx)->c); }
+
+static char *write_scratch(const char *path, size_t n) {
+    uint32_t *w = malloc(n);
+    for (size_t k = 0; k < n / 4; k++) w[k] = word_at(4 * k);
+    FILE *fp = fopen(path, "wb");
+    /* written back (fsync): dirty pages would survive the cache drops below */
+    int ok = fp && fwrite(w, 1, n, fp) == n && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
+    if (fp) fclose(fp);
+    if (!ok) { printf("FAIL writing %s\n", path); exit(1); }
+    return (char *)w;
+}
+
+static void disk_tier_staged(const char *dir) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/gs_cuda_check_disk.bin", dir);
+    size_t fsize = (size_t)D_LAYERS * D_PIECE;
+    char *bytes = write_scratch(path, fsize);
+    struct stat st;
+    stat(path, &st);
+    gs_file *f = NULL;
+    CHECK("open the scratch file", gs_file_open(path, st.st_size, (int64_t)st.st_mtim.tv_sec * 1000000000LL
+                                                + st.st_mtim.tv_nsec, &f) == GS_OK);
+    if (!f) return;
+    static char mem[D_LAYERS][D_MEM];
+    dbench b;
+    for (int l = 0; l < D_LAYERS; l++) {
+        memset(mem[l], 'a' + l, D_MEM);
+        b.piece[l][0] = (gs_piece){ NULL, D_PIECE, D_ALLOC, 0, f, (uint64_t)l * D_PIECE };
+        b.piece[l][1] = (gs_piece){ mem[l], D_MEM, D_MEM, D_ALLOC, NULL, 0 };
+    }
+    gs_copy *plain;
+    if (gs_copy_create_cuda(0, 1, &plain) == GS_OK) {
+        char *d = dev_alloc(D_SLOT, 0);
+        CHECK("the plain CUDA engine refuses file pieces", gs_copy_issue(plain, 0, d, b.piece[0], 2) == GS_E_INVALID);
+        gs_copy_destroy(plain);
+        Free(d);
+    }
+    CHECK("create the staged CUDA engine", gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 2, &b.c) == GS_OK);
+    if (!b.c) { gs_file_close(f); return; }
+    b.slots = dev_alloc((size_t)D_SLOTS * D_SLOT, 0xAA);
+    gs_counters ctr = { 0 };
+    gs_ring_config cfg = { D_LAYERS, D_SLOTS, 1, NULL, &ctr, { &b, d_issue, d_done, d_wait, d_drain, NULL } };
+    gs_ring *r;
+    int order[D_LAYERS] = { 0, 1, 2, 3, 4 }, right = 1, rc = GS_OK;
+    CHECK("create the ring", gs_ring_create(&cfg, &r) == GS_OK && gs_ring_set_order(r, 0, order, D_LAYERS) == GS_OK);
+    rc |= gs_ring_prefetch_first(r, 0);
+    char *got = malloc(D_SLOT), *want = malloc(D_SLOT);
+    for (int ev = 0; ev < 3; ev++) {
+        for (int l = 0; l < D_LAYERS; l++) {
+            int slot;
+            rc |= gs_ring_adopt(r, 0, l);
+            rc |= gs_ring_get_adopted(r, l, &slot);
+            readback(got, b.slots + (size_t)slot * D_SLOT, D_SLOT);
+            memcpy(want, bytes + (size_t)l * D_PIECE, D_PIECE);
+            memset(want + D_PIECE, 0, D_ALLOC - D_PIECE);
+            memcpy(want + D_ALLOC, mem[l], D_MEM);
+            right &= memcmp(got, want, D_SLOT) == 0;
+            rc |= gs_ring_release(r, 0, l);
+        }
+    }
+    CHECK("3 evaluations of 5 disk-tier layers through 2 slots", rc == GS_OK);
+    CHECK("every adopted slot held its layer's file bytes, zeroed padding and memory piece", right);
+    printf("     adopted ready %llu, waited %llu, sync %llu, uploads %llu, wait %.1f ms\n",
+           (unsigned long long)ctr.adopted_ready, (unsigned long long)ctr.adopted_waited,
+           (unsigned long long)ctr.sync_fallbacks, (unsigned long long)ctr.uploads, ctr.wait_seconds * 1e3);
+    double t0 = now_s();               /* the staged rate with the file in the page cache */
+    for (int k = 0; k < 4 * D_LAYERS; k++) rc |= d_issue(&b, k % D_SLOTS, k % D_LAYERS);
+    rc |= gs_copy_drain(b.c);
+    double dt = now_s() - t0;
+    CHECK("20 staged layer copies and a drain", rc == GS_OK);
+    printf("     page cache -> pinned staging -> GPU: %.2f GB/s (%u MiB chunks)\n",
+           4.0 * D_LAYERS * D_PIECE / dt / 1e9, D_CHUNK >> 20);
+    gs_ring_destroy(r);
+    /* the file's pages dropped first: the device's rate through the engine, O_DIRECT (where allowed) and buffered */
+    for (int direct = 1; direct >= 0; direct--) {
+        int active = 0, fd = open(path, O_RDONLY);
+        gs_file_set_direct(f, direct, &active);
+        if (direct && !active) { printf("     O_DIRECT refused on %s\n", dir); close(fd); continue; }
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        close(fd);
+        t0 = now_s();
+        for (int k = 0; k < 2 * D_LAYERS; k++) rc |= d_issue(&b, k % D_SLOTS, k % D_LAYERS);
+        rc |= gs_copy_drain(b.c);
+        dt = now_s() - t0;
+        right = 1;
+        for (int s = 0; s < D_SLOTS; s++) {   /* the last copies: layers 3 and 4 */
+            int l = (2 * D_LAYERS - D_SLOTS + s) % D_LAYERS;
+            readback(got, b.slots + (size_t)s * D_SLOT, D_SLOT);
+            right &= memcmp(got, bytes + (size_t)l * D_PIECE, D_PIECE) == 0
+                     && memcmp(got + D_ALLOC, mem[l], D_MEM) == 0;
+        }
+        CHECK(direct ? "O_DIRECT reads, cache dropped: the right bytes" : "buffered reads, cache dropped: the right bytes",
+              rc == GS_OK && right);
+        printf("     disk -> %s -> pinned staging -> GPU: %.2f GB/s\n", direct ? "O_DIRECT" : "page cache",
+               2.0 * D_LAYERS * D_PIECE / dt / 1e9);
+    }
+    /* a file changed underneath: the read fails, the engine stays failed, nothing hangs */
+    CHECK("truncate the file", truncate(path, fsize / 2) == 0);
+    int done = -1;
+    CHECK("issue after the truncation (queued)", gs_copy_issue(b.c, 0, b.slots, b.piece[D_LAYERS - 1], 2) == GS_OK);
+    CHECK("its wait fails with GS_E_IO", gs_copy_wait(b.c, 0) == GS_E_IO);
+    CHECK("naming the change", strstr(gs_last_error(), "changed while the model was loaded") != NULL);
+    CHECK("and the engine stays failed", gs_copy_done(b.c, 1, &done) == GS_E_IO && gs_copy_drain(b.c) == GS_E_IO);
+    gs_copy_destroy(b.c);
+    gs_file_close(f);
+    /* destroyed with copies in flight: the reader finishes, staging is freed after the stream drains */
+    free(write_scratch(path, fsize));
+    stat(path, &st);
+    f = NULL;
+    gs_file_open(path, st.st_size, (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec, &f);
+    CHECK("a second staged engine", f && gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 3, &b.c) == GS_OK);
+    if (b.c) {
+        for (int l = 0; l < D_LAYERS; l++) rc |= d_issue(&b, l % D_SLOTS, l);
+        gs_copy_destroy(b.c);
+        CHECK("destroyed with 5 copies in flight", rc == GS_OK);
+    }
+    gs_file_close(f);
+    Free(b.slots);
+    free(got); free(want); free(bytes);
+    unlink(path);
+}
+
 int main(int argc, char **argv) {
     const char *cudart = argc > 1 ? argv[1] : "libcudart.so";
     if (load_cudart(cudart) != GS_OK) { printf("FAIL %s\n", gs_last_error()); return 1; }
@@ -140,6 +288,7 @@ int main(int argc, char **argv) {
     Memset = dlsym(h, "cudaMemset");
     copy_engine_alone();
     ring_on_cuda();
+    disk_tier_staged(argc > 2 ? argv[2] : "/tmp");
     printf("%s\n", failures ? "FAILED" : "all passed");
     return failures != 0;
 }
