@@ -14,8 +14,9 @@ places any decode of that size (Streamer.before_decode): under
 OFFLOAD_MIN_BATCH rows the generate placement, from there on the prompt
 placement, which streams every non-resident layer through the slots and
 computes all rows on the GPU (never llama.cpp's op-by-op copies of host
-weights). A prompt is decoded on its own, in one or more passes, before its
-sequence joins the steps.
+weights). A prompt is prefilled before its sequence joins the steps; with
+a unified KV cache (kv_unified) the prompts seated at one time share
+decodes, as many tokens per decode as n_batch holds (BatchDecoder.prefill).
 """
 from __future__ import annotations
 
@@ -139,6 +140,68 @@ def cells_per_sequence(model) -> int:
     return model._lc.llama_n_ctx_seq(model._live_ctx())
 
 
+class BatchDecoder:
+    """The decodes of several sequences in one context: prompts prefilled
+    together (as many tokens per decode as n_batch holds), then steps of one
+    token per live sequence. Used by generate_batch and by the server's batch
+    loop (serve_batch); the caller owns the seats (sequence ids)."""
+
+    def __init__(self, model, stack: ExitStack):
+        self.model, self._lc = model, model._lc
+        self.batch = TokenBatch(self._lc, max(model.config.n_seq_max, model.config.n_batch))
+        stack.callback(self.batch.close)
+        self._mem = self._lc.llama_get_memory(model._live_ctx())
+
+    def prefill(self, prompts) -> list[np.ndarray]:
+        """prompts: (sequence id, tokens) pairs, each tokens at positions 0..;
+        returns the logits after each prompt's last token, in their order.
+        With one KV cache for all sequences (kv_unified) several prompts
+        share a decode where they fit in n_batch (a long one spans decodes):
+        llama.cpp cuts it into ubatches of n_ubatch tokens, as one prompt's.
+        With a cache per sequence llama.cpp cuts a decode of several
+        sequences into ubatches of equal tokens per sequence (split_equal):
+        prompts of unequal lengths give more ubatches (each a pass over the
+        streamed weights) of mixed sizes, which one decode cannot place
+        (Streamer.before_decode places a decode by its first ubatch), so
+        there each prompt has its own decodes. A decode the streamer would
+        split in two (a short tail, Streamer.decode_sizes) ends where the
+        split would fall, since the split keeps only the tail's outputs."""
+        entries = [(t, pos, seq, (n, pos == len(p) - 1)) for n, (seq, p) in enumerate(prompts)
+                   for pos, t in enumerate(p)]
+        logits: list[np.ndarray | None] = [None] * len(prompts)
+        shared = self.model.config.kv_unified
+        start = 0
+        while start < len(entries):
+            part = entries[start:start + self.batch.capacity]
+            if not shared:  # up to the end of the first prompt in it
+                part = part[:next(i for i, e in enumerate(part) if e[3][1] or i == len(part) - 1) + 1]
+            part = part[:_unsplit(self.model, len(part))]
+            self.batch.fill([(t, pos, seq, last) for t, pos, seq, (_, last) in part])
+            _decode(self.model, self.batch)
+            for i, (_, _, _, (n, last)) in enumerate(part):
+                if last:
+                    logits[n] = _logits(self.model, i)
+            start += len(part)
+        return logits
+
+    def step(self, entries) -> list[np.ndarray]:
+        """entries: (token, position, sequence id) of each live sequence; the
+        logits after each, in their order. One decode: one pass over the weights."""
+        self.batch.fill([(t, pos, seq, True) for t, pos, seq in entries])
+        _decode(self.model, self.batch)
+        return [_logits(self.model, i) for i in range(len(entries))]
+
+    def clear(self, seq: int) -> None:
+        """Free a sequence's KV cells (its seat can take another prompt)."""
+        self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+
+def _unsplit(model, n: int) -> int:
+    """The most of n tokens one llama_decode takes without the streamer splitting it."""
+    streamer = getattr(model, "streamer", None)
+    return n if streamer is None else streamer.decode_sizes(n)[0]
+
+
 def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True,
                    on_done=None) -> BatchResult:
     """Generate up to n_tokens after each prompt (token lists), up to
@@ -146,12 +209,12 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
     sampling.SamplingParams (None: greedy), one sampler chain per sequence,
     each seeded alike, so a sequence's tokens are those it would get alone.
     on_done(SequenceResult) is called as each finishes. The KV cache is
-    cleared first and left holding nothing of these sequences."""
+    cleared first and left holding nothing of these sequences. Prompts seated
+    at once are prefilled together (BatchDecoder.prefill); a prompt's
+    prompt_seconds is the wall time of the prefill it was part of."""
     prompts = check_prompts(model, prompts, n_tokens)
-    lc, ctx = model._lc, model._live_ctx()
     k = model.config.n_seq_max
     model.reset()
-    mem = lc.llama_get_memory(ctx)
     queue = deque(enumerate(prompts))
     free = list(range(k - 1, -1, -1))  # sequence ids, popped from the end: 0 first
     seats: list[_Seat] = []
@@ -160,13 +223,12 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
     t_start = time.perf_counter()
     t_gen = 0.0
     with ExitStack() as stack:
-        batch = TokenBatch(lc, max(k, model.config.n_batch))
-        stack.callback(batch.close)
+        decoder = BatchDecoder(model, stack)
 
         def finish(seat: _Seat, stop: str) -> None:
             seat.result.stop = stop
             seat.result.generate_seconds = time.perf_counter() - seat.t0
-            lc.llama_memory_seq_rm(mem, seat.seq, -1, -1)
+            decoder.clear(seat.seq)
             free.append(seat.seq)
             results[seat.result.index] = seat.result
             if on_done is not None:
@@ -186,27 +248,30 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
             return True
 
         while queue or seats:
+            new = []
             while queue and free:  # seat waiting prompts
                 index, prompt = queue.popleft()
                 seat = _Seat(free.pop(), SequenceResult(index, prompt), pos=len(prompt))
                 seat.pick = _picker(model, sampling, prompt, stack)
+                new.append(seat)
+            if new:
                 t0 = time.perf_counter()
-                _prefill(model, batch, seat.seq, prompt)
-                seat.t0 = time.perf_counter()
-                seat.result.prompt_seconds = seat.t0 - t0
-                if take(seat, _logits(model, -1)):
-                    seats.append(seat)
+                first = decoder.prefill([(s.seq, s.result.prompt_tokens) for s in new])
+                t1 = time.perf_counter()
+                for seat, logits in zip(new, first):
+                    seat.result.prompt_seconds, seat.t0 = t1 - t0, t1
+                    if take(seat, logits):
+                        seats.append(seat)
             if not seats:
                 continue
             t0 = time.perf_counter()
-            batch.fill([(s.last, s.pos, s.seq, True) for s in seats])
-            _decode(model, batch)
+            out = decoder.step([(s.last, s.pos, s.seq) for s in seats])
             steps += 1
             max_parallel = max(max_parallel, len(seats))
             live = []
-            for i, s in enumerate(seats):
+            for s, logits in zip(seats, out):
                 s.pos += 1
-                if take(s, _logits(model, i)):
+                if take(s, logits):
                     live.append(s)
             seats = live
             t_gen += time.perf_counter() - t0
@@ -223,16 +288,6 @@ def _picker(model, sampling, prompt: list[int], stack: ExitStack):
     stack.callback(sampler.close)
     sampler.feed_prompt(prompt)
     return sampler.sample
-
-
-def _prefill(model, batch: TokenBatch, seq: int, prompt: list[int]) -> None:
-    """The prompt into sequence seq, n_batch tokens per decode, logits for its last token."""
-    step = model.config.n_batch
-    for start in range(0, len(prompt), step):
-        part = prompt[start:start + step]
-        last = start + len(part) == len(prompt)
-        batch.fill([(t, start + j, seq, last and j == len(part) - 1) for j, t in enumerate(part)])
-        _decode(model, batch)
 
 
 def _decode(model, batch: TokenBatch) -> None:

@@ -98,11 +98,51 @@ def test_negative_control_crossed_rows_are_caught(gemma_path, monkeypatch):
     from gguf_stream import batch
 
     reference = alone(gemma_path)
-    logits = batch._logits
-    monkeypatch.setattr(batch, "_logits", lambda m, i: logits(m, i if i < 1 else i - 1))
+    step = batch.BatchDecoder.step
+
+    def crossed(self, entries):  # row i gets row i-1's logits
+        out = step(self, entries)
+        return out[:1] + out[:-1]
+
+    monkeypatch.setattr(batch.BatchDecoder, "step", crossed)
     with StockModel(gemma_path, 0, **SEATS) as m:
         got = [s.tokens for s in m.generate_batch(TEXTS, N).sequences]
     assert got[0] == reference[0] and got[1:] != reference[1:]
+
+
+def test_prompts_seated_together_share_a_prefill_decode(gemma_path, monkeypatch):
+    """With a unified KV cache the 4 prompts seated at first are prefilled
+    in one decode (they fit n_batch), the fifth in its own when a seat
+    frees; a long prompt spans decodes of n_batch tokens; the tokens are
+    still each prompt's alone. With a cache per sequence each prompt has its
+    own decode (llama.cpp would cut a shared one into uneven ubatches)."""
+    from gguf_stream import batch
+
+    reference = alone(gemma_path)
+    sizes = []
+    decode = batch._decode
+
+    def counted(model, tb):
+        sizes.append(tb.batch.n_tokens)
+        return decode(model, tb)
+
+    monkeypatch.setattr(batch, "_decode", counted)
+    with StreamedModel(gemma_path, **SEATS, kv_unified=True) as m:
+        prompts = [m.tokenize(t, add_bos=True, special=True) for t in TEXTS]
+        r = m.generate_batch(prompts, N)
+        assert [s.tokens for s in r.sequences] == reference
+        first_four = sum(len(p) for p in prompts[:4])
+        assert sizes[0] == first_four and len(prompts[4]) in sizes  # one decode for four prompts
+        assert len(sizes) == r.steps + 2
+        sizes.clear()
+        long = (prompts[0] * 40)[:SEATS["n_batch"] + 5]  # over n_batch: two decodes
+        m.generate_batch([long, prompts[1]], 2, stop_at_eog=False)
+        assert sizes[:2] == [SEATS["n_batch"], 5 + len(prompts[1])]
+    sizes.clear()
+    with StreamedModel(gemma_path, **SEATS) as m:
+        r = m.generate_batch(prompts, N)
+        assert [s.tokens for s in r.sequences] == reference
+        assert sizes[:4] == [len(p) for p in prompts[:4]]
 
 
 def test_sampled_sequences_equal_alone(tiny_path):
