@@ -62,6 +62,10 @@ class _Internals:
         return StreamedLlamaModel(self._streamer, **kw)
 
     def LlamaContext(self, **kw):  # noqa: N802
+        c, params = self._streamer.config, kw["params"]
+        if c.n_seq_max > 1:  # -np: Llama has no such option (its embedding mode sets its own, unified)
+            params.n_seq_max = max(params.n_seq_max, c.n_seq_max)
+            params.kv_unified = params.kv_unified or c.kv_unified
         return StreamedLlamaContext(self._streamer, **kw)
 
 

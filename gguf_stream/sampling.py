@@ -38,13 +38,16 @@ class SamplingParams:
     min_p: float = DEFAULT_MIN_P  # 0: off
     repeat_penalty: float = 1.0  # 1: off
     repeat_last_n: int = DEFAULT_REPEAT_LAST_N  # 0: off, -1: the context size
+    frequency_penalty: float = 0.0  # 0: off (OpenAI's, over the same last tokens)
+    presence_penalty: float = 0.0  # 0: off
     seed: int = 0
     grammar: str | None = None  # GBNF, rule "root"; check it with grammar.grammar_error first
 
     @property
     def greedy(self) -> bool:
         """The pick is the plain argmax: nothing here changes which token has the largest logit."""
-        return self.temp == 0 and self.repeat_penalty == 1.0 and self.grammar is None
+        return (self.temp == 0 and self.repeat_penalty == 1.0 and self.frequency_penalty == 0.0
+                and self.presence_penalty == 0.0 and self.grammar is None)
 
 
 class Sampler:
@@ -72,7 +75,8 @@ class Sampler:
             # first: no later cut may leave only tokens the grammar forbids
             self._add(lc.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root"), "the grammar")
         last_n = n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
-        self._penalties = self._add(lc.llama_sampler_init_penalties(self.n_vocab, last_n, p.repeat_penalty, 0.0, 0.0),
+        self._penalties = self._add(lc.llama_sampler_init_penalties(self.n_vocab, last_n, p.repeat_penalty,
+                                                                        p.frequency_penalty, p.presence_penalty),
                                     "the repeat penalty")
         if p.temp == 0:
             self._add(lc.llama_sampler_init_greedy(), "greedy")

@@ -109,6 +109,7 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         self._llama_options = dict(llama_options or {})
         self._given = frozenset(given)
         self._closed = False
+        self.batch_loop = None  # serve_batch.BatchLoop with -np > 1 (start_batching)
         super().__init__(models)
 
     def load_llama_from_model_settings(self, settings: ModelSettings) -> StreamedLlama:  # llama_cpp: a staticmethod
@@ -127,7 +128,12 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
     def __call__(self, model: str | None = None) -> StreamedLlama:
         if self._closed:
             raise HTTPException(status_code=503, detail=CLOSED_MESSAGE)
-        return super().__call__(model)
+        llm = super().__call__(model)
+        if self.batch_loop is not None:  # a request's view: its generation takes a seat of the loop
+            from .serve_batch import SeatedLlama
+
+            return SeatedLlama(llm, self.batch_loop)
+        return llm
 
     @property
     def model(self) -> StreamedLlama | None:
@@ -142,6 +148,8 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         if self._closed:
             return
         self._closed = True
+        if self.batch_loop is not None:  # its thread uses the context
+            self.batch_loop.close()
         llm, self._current_model, self._current_model_alias = self._current_model, None, None
         if llm is not None:
             llm.close()
@@ -369,6 +377,8 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     app.state.gguf_stream_proxy = proxy
     _set_middleware(app, proxy, api_key, tuple(cors_origins))
     app.add_api_route("/health", lambda: _health(proxy), methods=["GET"], include_in_schema=False)
+    if proxy.model._streamer.config.n_seq_max > 1:
+        _start_batching(app, proxy)
 
     async def close_on_shutdown():
         # after uvicorn drained the connections; the locks wait for a request still generating
@@ -410,10 +420,23 @@ def _set_middleware(app: FastAPI, proxy, api_key: str | None, cors_origins: tupl
     app.user_middleware[:] = ours + kept
 
 
+def _start_batching(app: FastAPI, proxy) -> None:
+    """-np N > 1: continuous batching of the completion endpoints (serve_batch)."""
+    from .serve_batch import BatchLoop, install_routes
+
+    proxy.batch_loop = BatchLoop(proxy.model)
+    try:
+        install_routes(app, proxy, proxy.batch_loop)
+    except BaseException:
+        proxy.close()
+        raise
+
+
 def _health(proxy) -> JSONResponse:
     if proxy.closed:
         return JSONResponse({"status": "closed"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    slots = proxy.batch_loop.health() if proxy.batch_loop is not None else {}
+    return JSONResponse({"status": "ok", **slots})
 
 
 def app_model(app: FastAPI) -> StreamedLlama:
