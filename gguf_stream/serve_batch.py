@@ -14,7 +14,7 @@ The HTTP side reuses llama-cpp-python: a request's completion runs
 templates, stop strings, response and stream-chunk shapes) on a SeatedLlama,
 a per-request view of the StreamedLlama whose ``generate`` yields the
 tokens the loop produces for its job instead of decoding itself. The
-routes (install_routes) replace llama_cpp.server's completion routes, which
+routes (install_routes) shadow llama_cpp.server's completion routes, which
 hold a lock for a whole request; embeddings still go through its routes
 and run in the loop between jobs (run_exclusive), since they clear the cache.
 """
@@ -125,6 +125,7 @@ class BatchLoop:
         self._waiting: deque = deque()
         self._seated: dict[int, Job] = {}
         self._closing = False
+        self.steps = self.generated = self.max_parallel = 0  # decodes of steps, tokens, most rows in one
         self._thread = threading.Thread(target=self._run, name="gguf-stream-batch", daemon=True)
         self._thread.start()
 
@@ -247,9 +248,10 @@ class BatchLoop:
                 if job.sampling.greedy:
                     job.pick = _argmax
                 else:
+                    # the prompt is not fed to the repeat penalty: llama_cpp.Llama's chain sees
+                    # only the tokens it samples, and a request gets what -np 1 gives it
                     sampler = Sampler(self.session, job.sampling)
                     job.pick, job.closer = sampler.sample, sampler.close
-                    sampler.feed_prompt(job.prompt)
                 ready.append(job)
             except Exception as exc:  # noqa: BLE001 - this request's error
                 self._leave(decoder, job, exc)
@@ -260,6 +262,7 @@ class BatchLoop:
 
     def _step(self, decoder: BatchDecoder) -> None:
         jobs = list(self._seated.values())
+        self.steps, self.max_parallel = self.steps + 1, max(self.max_parallel, len(jobs))
         out = decoder.step([(j.tokens[-1], len(j.prompt) + len(j.tokens) - 1, j.seq) for j in jobs])
         for job, logits in zip(jobs, out):
             self._take(decoder, job, logits)
@@ -271,6 +274,7 @@ class BatchLoop:
             self._leave(decoder, job, exc)
             return
         job.tokens.append(token)
+        self.generated += 1
         job.out.put((token, logits))
         if self.session.is_eog(token) or len(job.tokens) >= job.limit:
             self._leave(decoder, job, _END)
@@ -386,16 +390,16 @@ class SeatedLlama:
 # ---------------------------------------------------------------- HTTP routes
 
 def install_routes(app, proxy, loop: BatchLoop) -> None:
-    """Replace llama_cpp.server's completion routes by ones that run on the
-    batch loop, and answer /slots."""
-    paths = {*COMPLETION_PATHS, CHAT_PATH}
-    app.router.routes[:] = [r for r in app.router.routes
-                            if not (getattr(r, "path", None) in paths and "POST" in getattr(r, "methods", ()))]
+    """Completion routes that run on the batch loop, in front of
+    llama_cpp.server's (which its app includes as a router shared by every
+    app, so they are shadowed rather than removed), and /slots."""
+    before = len(app.router.routes)
     for path in COMPLETION_PATHS:
-        app.add_api_route(path, _route(proxy, loop, chat=False), methods=["POST"],
-                          include_in_schema=path == COMPLETION_PATHS[0])
-    app.add_api_route(CHAT_PATH, _route(proxy, loop, chat=True), methods=["POST"])
+        app.add_api_route(path, _route(proxy, loop, chat=False), methods=["POST"], include_in_schema=False)
+    app.add_api_route(CHAT_PATH, _route(proxy, loop, chat=True), methods=["POST"], include_in_schema=False)
     app.add_api_route("/slots", lambda: JSONResponse(loop.slots()), methods=["GET"], include_in_schema=False)
+    routes = app.router.routes
+    routes[:] = routes[before:] + routes[:before]  # the first route that matches a request serves it
 
 
 def _route(proxy, loop: BatchLoop, chat: bool):
