@@ -81,8 +81,9 @@ class LlamaSession:
 
 @dataclass(eq=False)
 class Job:
-    """One request's generation: tokens (with the logits that chose them) go
-    to `out` as the loop makes them, then _END (or an exception)."""
+    """One request's generation: tokens go to `out` as the loop makes them,
+    then _END (or an exception). Only the latest logits are kept (a slow
+    client's queue holds token ids, not a vocabulary's floats per token)."""
 
     prompt: list[int]
     limit: int  # tokens at most
@@ -94,6 +95,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     pick: object = None
     closer: object = None
+    logits: np.ndarray | None = None  # of the latest token
 
     def choose(self, logits: np.ndarray) -> int:
         if self.processors is not None:
@@ -275,7 +277,8 @@ class BatchLoop:
             return
         job.tokens.append(token)
         self.generated += 1
-        job.out.put((token, logits))
+        job.logits = logits
+        job.out.put(token)
         if self.session.is_eog(token) or len(job.tokens) >= job.limit:
             self._leave(decoder, job, _END)
 
@@ -372,10 +375,11 @@ class SeatedLlama:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                token, logits = item
-                # as Llama.generate: the criteria see the tokens before this one and its logits
-                self._input_ids, self._scores = np.array(tokens, dtype=np.intc), logits[None, :]
-                if stopping_criteria is not None and stopping_criteria(self._input_ids, logits):
+                token = item
+                # as Llama.generate: the criteria see the tokens before this one and the latest
+                # logits (llama-cpp-python's own criteria look at the tokens only)
+                self._input_ids, self._scores = np.array(tokens, dtype=np.intc), job.logits[None, :]
+                if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1]):
                     return
                 tokens.append(token)
                 yield token

@@ -17,7 +17,8 @@ process), and OpenAI's newer chat fields are put in llama_cpp.server's terms
 (openai_compatible: max_completion_tokens, a json_schema response format);
 ``embedding=True`` serves /v1/embeddings pooled (embedding_pooling); ``api_key`` is required when given; CORS is off unless origins are
 named; concurrent requests queue instead of cutting a running stream off
-(interrupt_requests); ``/health`` answers.
+(interrupt_requests), or with ``n_seq_max`` > 1 (-np) share one batch loop
+(serve_batch: continuous batching, ``/slots``); ``/health`` answers.
 
 llama_cpp.server.app.create_app builds its model through
 ``set_llama_proxy -> LlamaProxy(models) -> LlamaProxy.load_llama_from_model_settings

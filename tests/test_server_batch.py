@@ -137,7 +137,7 @@ def stream_text(url, body) -> tuple[str, str | None, bool]:
                 done = True
             elif line.startswith("data: "):
                 choice = json.loads(line[6:])["choices"][0]
-                pieces.append(choice["text"])
+                pieces.append(choice["text"] if "text" in choice else choice["delta"].get("content") or "")
                 finish = choice.get("finish_reason") or finish
     return "".join(pieces), finish, done
 
@@ -164,26 +164,29 @@ def test_concurrent_requests_get_what_each_gets_alone(batch_app, reference):
 
 
 def test_concurrent_streams_get_what_each_gets_alone(batch_app, reference):
-    texts, _ = reference
+    texts, chat = reference
     got, errors = {}, []
 
     def one(i):
         try:
-            got[i] = stream_text(f"{running.url}/v1/completions", completion(PROMPTS[i], MAX_TOKENS[i]))
+            if i == len(PROMPTS):
+                got[i] = stream_text(f"{running.url}/v1/chat/completions", CHAT)
+            else:
+                got[i] = stream_text(f"{running.url}/v1/completions", completion(PROMPTS[i], MAX_TOKENS[i]))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(repr(exc))
 
     loop = batch_app.state.gguf_stream_proxy.batch_loop
     with Running(batch_app) as running:
-        clients = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-        with held(loop, len(PROMPTS)) as all_waiting:
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS) + 1)]
+        with held(loop, len(clients)) as all_waiting:
             for c in clients:
                 c.start()
             all_waiting()
         for c in clients:
             c.join(timeout=TIMEOUT * 4)
     assert not errors, errors
-    assert [got[i] for i in range(len(PROMPTS))] == [(t, f, True) for t, f in texts]
+    assert [got[i] for i in range(len(PROMPTS) + 1)] == [(t, f, True) for t, f in [*texts, chat]]
 
 
 def test_negative_control_crossed_seats_are_caught(batch_app, reference, monkeypatch):

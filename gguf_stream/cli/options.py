@@ -118,7 +118,8 @@ ENGINE_FLAGS = (
     Flag("type_v", ("-ctv", "--cache-type-v"), CONTEXT, f"KV cache type for V (default {_shown('type_v')}); a "
          "quantized one needs flash attention", dict(choices=tuple(KV_CACHE_TYPES), metavar="TYPE")),
     Flag("n_seq_max", ("-np", "--parallel"), CONTEXT, "sequences the context holds, as llama.cpp's -np: -c is "
-         f"shared, -c / K KV cells each, padded to 256 (default {_shown('n_seq_max')}; batch: 4)",
+         f"shared, -c / K KV cells each, padded to 256 (default {_shown('n_seq_max')}; batch: 4; serve: K slots "
+         "whose requests are decoded together)",
          dict(type=int, metavar="K")),
     Flag("kv_unified", ("-kvu", "--kv-unified"), CONTEXT, "the sequences share one KV cache (-c cells in all), as "
          "llama.cpp's -kvu", dict(action="store_const", const=True)),

@@ -1,0 +1,128 @@
+"""Aggregate t/s of K concurrent HTTP clients against one, on `gguf-stream serve -np K` (GPU box).
+
+    python3 tools/serve_batch_bench.py [MODEL] [--budget 0.25x] [-k 1,4,16] [-n 64] [-c 512] [-- SERVE FLAGS]
+
+MODEL defaults to /tmp/m/llama3-8b.gguf (made with gguf_stream.synth when
+missing). For each K it starts `gguf-stream serve MODEL -np K -c C*K
+--vram-budget B` (C cells per slot), waits for /health, then times K clients
+that each send one greedy /v1/completions of -n tokens at the same moment
+(short distinct prompts), and, on the same server, one client alone. With
+--queued it also runs K clients against -np 1 (llama_cpp.server's queue).
+
+Prints one line per run: np, clients, generated tokens (the responses'
+usage), wall seconds (first request sent to last response), aggregate t/s
+(tokens / wall, prompts included), and the ratio to one client on that
+server. Decides: aggregate t/s with K clients vs 1 (issue #18's target for
+the engine: >= 8x at 16 sequences on the 8B shape at 0.25x / 0.5x budgets;
+the server adds HTTP and Python per token, so expect somewhat less), and
+-np K vs --queued (1x: requests served one after another).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+PROMPTS = ["The capital of France is", "Once upon a time", "The quick brown fox", "In 1492 Columbus",
+           "Water boils at", "def fibonacci(n):", "The best way to learn", "My favourite colour is"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        return json.load(r)
+
+
+def clients(url: str, k: int, n: int) -> tuple[int, float]:
+    """k requests at once; (generated tokens, wall seconds)."""
+    out, start = [0] * k, threading.Barrier(k + 1)
+
+    def one(i):
+        start.wait()
+        body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": n, "temperature": 0}
+        out[i] = post(f"{url}/v1/completions", body)["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(out), time.perf_counter() - t0
+
+
+def serve(model: str, np_: int, args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gguf_stream", "serve", model, "--port", str(port), "-np", str(np_),
+           "-c", str(args.c * np_), "--vram-budget", args.budget, *args.extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if json.load(r).get("status") == "ok":
+                    return proc, url
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise SystemExit("serve did not start in 30 min")
+
+
+def run(model: str, np_: int, ks: list[int], args) -> None:
+    proc, url = serve(model, np_, args)
+    try:
+        clients(url, 1, 4)  # warm-up (graphs, pools)
+        one_tok, one_s = clients(url, 1, args.n)
+        base = one_tok / one_s
+        print(f"np {np_:3d}  clients   1  tokens {one_tok:5d}  {one_s:7.2f} s  {base:8.2f} t/s  1.00x", flush=True)
+        for k in ks:
+            if k == 1:
+                continue
+            tok, s = clients(url, k, args.n)
+            print(f"np {np_:3d}  clients {k:3d}  tokens {tok:5d}  {s:7.2f} s  {tok / s:8.2f} t/s  "
+                  f"{tok / s / base:.2f}x", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default="/tmp/m/llama3-8b.gguf")
+    p.add_argument("--budget", default="0.25x", help="--vram-budget (default 0.25x)")
+    p.add_argument("-k", default="1,4,16", help="concurrent clients, comma-separated (default 1,4,16)")
+    p.add_argument("-n", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("-c", type=int, default=512, help="KV cells per slot (default 512)")
+    p.add_argument("--queued", action="store_true", help="also the largest K against -np 1")
+    args, extra = p.parse_known_args()  # the rest: serve flags, after --
+    args.extra = [a for a in extra if a != "--"]
+    if not os.path.exists(args.model):
+        subprocess.run([sys.executable, "-m", "gguf_stream.synth", args.model, "--shape", "llama3-8b", "--type",
+                        "Q4_K", "--seed", "0", "-q"], check=True)
+    ks = [int(k) for k in args.k.split(",")]
+    for k in ks:
+        if k > 1:
+            run(args.model, k, [k], args)
+    if args.queued:
+        run(args.model, 1, [max(ks)], args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
