@@ -434,9 +434,15 @@ async def _completion(request: Request, proxy, loop: BatchLoop, chat: bool):
             return result
         chunks = call(view, **kwargs)
         first = await _watched(request, view, partial(next, chunks, None))  # errors before the stream starts: 4xx
-    except ValueError as exc:
+    except ValueError as exc:  # as llama_cpp.server: a prompt over the context, an option it lacks
         view.cancel()
         return _bad_request(str(exc))
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a decode error: OpenAI's shape, not a bare 500
+        view.cancel()
+        return JSONResponse({"error": {"message": str(exc), "type": "internal_server_error", "param": None,
+                                       "code": None}}, status_code=500)
     send, receive = anyio.create_memory_object_stream(10)
     return EventSourceResponse(receive, data_sender_callable=partial(_publish, send, request, view, first, chunks),
                                sep="\n", ping_message_factory=server_app._ping_message_factory)
