@@ -156,8 +156,9 @@ def test_concurrent_requests_get_what_each_gets_alone(batch_app, reference):
     assert all(r.status_code == 200 for r in out), [r.text for r in out]
     got = [(r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) for r in out[:-1]]
     assert got == texts
-    assert [r.json()["usage"]["completion_tokens"] for r in out[:-1]] <= MAX_TOKENS  # max_tokens per request
-    assert any(r.json()["usage"]["completion_tokens"] == n for r, n in zip(out, MAX_TOKENS))
+    for r, n in zip(out, MAX_TOKENS):  # max_tokens per request: each stops at its own
+        used, finish = r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]
+        assert used == n if finish == "length" else used < n
     message = out[-1].json()["choices"][0]
     assert (message["message"]["content"], message["finish_reason"]) == chat
     assert loop.max_parallel == SEATS and loop.steps - steps < loop.generated - generated  # several per step

@@ -55,6 +55,10 @@ def cmd_serve(args) -> int:
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
+        loop = app.state.gguf_stream_proxy.batch_loop
+        if loop is not None:
+            say(f"{loop.n_seats} slots of {loop.cells} KV cells: concurrent completions are decoded together "
+                "(GET /slots)")
         say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             say(f"anyone who can reach {args.host}:{args.port} can use it: give --api-key KEY to require a key")
