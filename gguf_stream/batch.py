@@ -142,8 +142,8 @@ def cells_per_sequence(model) -> int:
 
 class BatchDecoder:
     """The decodes of several sequences in one context: prompts prefilled
-    together (as many tokens per decode as n_batch holds), then steps of one
-    token per live sequence. Used by generate_batch and by the server's batch
+    (together where the KV cache is unified), then steps of one token per
+    live sequence. Used by generate_batch and by the server's batch
     loop (serve_batch); the caller owns the seats (sequence ids)."""
 
     def __init__(self, model, stack: ExitStack):
@@ -210,8 +210,8 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
     each seeded alike, so a sequence's tokens are those it would get alone.
     on_done(SequenceResult) is called as each finishes. The KV cache is
     cleared first and left holding nothing of these sequences. Prompts seated
-    at once are prefilled together (BatchDecoder.prefill); a prompt's
-    prompt_seconds is the wall time of the prefill it was part of."""
+    at once are prefilled together (BatchDecoder.prefill; sharing decodes
+    with kv_unified); a prompt's prompt_seconds is the wall time of that prefill."""
     prompts = check_prompts(model, prompts, n_tokens)
     k = model.config.n_seq_max
     model.reset()
