@@ -57,8 +57,8 @@ def cmd_serve(args) -> int:
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
         loop = app.state.gguf_stream_proxy.batch_loop
         if loop is not None:
-            say(f"{loop.n_seats} slots of {loop.cells} KV cells: concurrent completions are decoded together "
-                "(GET /slots)")
+            say(f"-np {loop.n_seats}: {loop.n_seats} sequences (llama-server's slots, GET /slots) of {loop.cells} "
+                "KV cells each; concurrent completions are decoded together")
         say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             say(f"anyone who can reach {args.host}:{args.port} can use it: give --api-key KEY to require a key")
