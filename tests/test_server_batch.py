@@ -266,3 +266,22 @@ def test_np1_keeps_llama_cpp_servers_routes(gemma_path, batch_app):  # last: it 
         assert not any(getattr(r, "path", "") == "/v1/completions" for r in app.router.routes)  # theirs serve
     finally:
         server.close_app(app)
+
+
+def test_embeddings_run_between_batched_requests(gemma_path):  # last: a new app closes the others' models
+    """--embedding with -np 2: embeddings (they clear the cache) run in the
+    loop between requests, while completions arrive at the same time; each
+    answers, the same input gives the same vector, the slots end free."""
+    app = server.create_app(gemma_path, n_ctx=512, n_seq_max=2, embedding=True, **SETTINGS)
+    try:
+        calls = [("POST", "/v1/embeddings", {"json": {"input": "hello"}}),
+                 *[("POST", "/v1/completions", {"json": completion(p, 4)}) for p in PROMPTS[:3]],
+                 ("POST", "/v1/embeddings", {"json": {"input": "hello"}})]
+        out = asyncio.run(_requests(app, calls))
+        assert [r.status_code for r in out] == [200] * len(calls), [r.text[:200] for r in out]
+        first, last = (r.json()["data"][0]["embedding"] for r in (out[0], out[-1]))
+        assert first == last and len(first) > 0
+        assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in out[1:-1])
+        assert app.state.gguf_stream_proxy.batch_loop.health()["slots_processing"] == 0
+    finally:
+        server.close_app(app)
