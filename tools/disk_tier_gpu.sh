@@ -72,7 +72,7 @@ PY
 )
 if command -v llama-bench > /dev/null; then
   drop
-  timeout 120 llama-bench -m "$M" -ngl "$ngl" -mmp 1 -fa 1 -b 2048 -ub 2048 -p 2048 -n 16 -r 1 -o md 2>/dev/null \
+  timeout 120 llama-bench -m "$M" -ngl "$ngl" -lm mmap -fa 1 -b 2048 -ub 2048 -p 2048 -n 16 -r 1 -o md 2>/dev/null \
     | tee "$out/llama-bench.md"
 else
   echo "llama-bench not on PATH: no stock comparison" | tee "$out/llama-bench.md"

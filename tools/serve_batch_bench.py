@@ -33,6 +33,13 @@ PROMPTS = ["The capital of France is", "Once upon a time", "The quick brown fox"
            "Water boils at", "def fibonacci(n):", "The best way to learn", "My favourite colour is"]
 
 
+def vram_budget(budget: str, model: str) -> str:
+    """--vram-budget for serve: a fraction of the file ('0.25x', as bench takes it) in MiB, else as given."""
+    if budget.endswith("x"):
+        return f"{os.path.getsize(model) * float(budget[:-1]) / 2**20:.0f}MiB"
+    return budget
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +74,7 @@ def clients(url: str, k: int, n: int) -> tuple[int, float]:
 def serve(model: str, np_: int, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "gguf_stream", "serve", model, "--port", str(port), "-np", str(np_),
-           "-c", str(args.c * np_), "--vram-budget", args.budget, *args.extra]
+           "-c", str(args.c * np_), "--vram-budget", vram_budget(args.budget, args.model), *args.extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800
