@@ -14,6 +14,30 @@ typedef struct {
     void  **event;     /* per slot */
 } cuda_copy;
 
+/* Event and stream calls as both engines here use them: 0 or GS_E_*;
+ * event_done 1 / 0 (passed / not yet) or GS_E_*. */
+static int event_record(void *event, void *stream) {
+    int err = C.EventRecord(event, stream);
+    return err ? cuda_fail("cudaEventRecord", err) : GS_OK;
+}
+
+static int event_done(void *event) {
+    int err = C.EventQuery(event);
+    if (err == CUDA_SUCCESS) return 1;
+    if (err == CUDA_NOT_READY) return 0;
+    return cuda_fail("cudaEventQuery", err);
+}
+
+static int event_wait(void *event) {
+    int err = C.EventSynchronize(event);
+    return err ? cuda_fail("cudaEventSynchronize", err) : GS_OK;
+}
+
+static int stream_drain(void *stream) {
+    int err = stream ? C.StreamSynchronize(stream) : CUDA_SUCCESS;
+    return err ? cuda_fail("cudaStreamSynchronize", err) : GS_OK;
+}
+
 static int cuda_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
     cuda_copy *g = (cuda_copy *)c;
     for (int k = 0; k < n; k++)   /* before queueing anything: a slot is filled whole or not at all */
@@ -34,28 +58,12 @@ static int cuda_put(gs_copy *c, void *dst, const gs_piece *p, int n) {
 static int cuda_issue(gs_copy *c, int slot, void *dst, const gs_piece *pieces, int n) {
     cuda_copy *g = (cuda_copy *)c;
     int rc = cuda_put(c, dst, pieces, n);
-    if (rc) return rc;
-    int err = C.EventRecord(g->event[slot], g->stream);
-    return err ? cuda_fail("cudaEventRecord", err) : GS_OK;
+    return rc ? rc : event_record(g->event[slot], g->stream);
 }
 
-static int cuda_done(gs_copy *c, int slot) {
-    int err = C.EventQuery(((cuda_copy *)c)->event[slot]);
-    if (err == CUDA_SUCCESS) return 1;
-    if (err == CUDA_NOT_READY) return 0;
-    return cuda_fail("cudaEventQuery", err);
-}
-
-static int cuda_wait(gs_copy *c, int slot) {
-    int err = C.EventSynchronize(((cuda_copy *)c)->event[slot]);
-    return err ? cuda_fail("cudaEventSynchronize", err) : GS_OK;
-}
-
-static int cuda_drain(gs_copy *c) {
-    cuda_copy *g = (cuda_copy *)c;
-    int err = g->stream ? C.StreamSynchronize(g->stream) : CUDA_SUCCESS;
-    return err ? cuda_fail("cudaStreamSynchronize", err) : GS_OK;
-}
+static int cuda_done(gs_copy *c, int slot) { return event_done(((cuda_copy *)c)->event[slot]); }
+static int cuda_wait(gs_copy *c, int slot) { return event_wait(((cuda_copy *)c)->event[slot]); }
+static int cuda_drain(gs_copy *c) { return stream_drain(((cuda_copy *)c)->stream); }
 
 static int cuda_sync_device(gs_copy *c) {
     (void)c;
@@ -147,27 +155,12 @@ static int cl_zero(gs_lower *l, void *dst, size_t n) {
 
 static int cl_record(gs_lower *l, int event) {
     cuda_lower *g = (cuda_lower *)l;
-    int err = C.EventRecord(g->event[event], g->stream);
-    return err ? cuda_fail("cudaEventRecord", err) : GS_OK;
+    return event_record(g->event[event], g->stream);
 }
 
-static int cl_query(gs_lower *l, int event) {
-    int err = C.EventQuery(((cuda_lower *)l)->event[event]);
-    if (err == CUDA_SUCCESS) return 1;
-    if (err == CUDA_NOT_READY) return 0;
-    return cuda_fail("cudaEventQuery", err);
-}
-
-static int cl_sync(gs_lower *l, int event) {
-    int err = C.EventSynchronize(((cuda_lower *)l)->event[event]);
-    return err ? cuda_fail("cudaEventSynchronize", err) : GS_OK;
-}
-
-static int cl_drain(gs_lower *l) {
-    cuda_lower *g = (cuda_lower *)l;
-    int err = g->stream ? C.StreamSynchronize(g->stream) : CUDA_SUCCESS;
-    return err ? cuda_fail("cudaStreamSynchronize", err) : GS_OK;
-}
+static int cl_query(gs_lower *l, int event) { return event_done(((cuda_lower *)l)->event[event]); }
+static int cl_sync(gs_lower *l, int event) { return event_wait(((cuda_lower *)l)->event[event]); }
+static int cl_drain(gs_lower *l) { return stream_drain(((cuda_lower *)l)->stream); }
 
 static int cl_sync_device(gs_lower *l) { (void)l; return cuda_sync_device(NULL); }
 
