@@ -46,6 +46,12 @@ def test_checks_pass_and_fail():
            _run("streamed", {1: 3.0, 16: 21.0}, {1: 0.1, 8: 0.2}, 101, 100)]
     verdicts = [line.rsplit(" ", 1)[1] for line in checks(bad)]
     assert verdicts == ["FAIL", "FAIL", "FAIL", "PASS", "FAIL"]  # 7x, 1.05x, 2x verify, peaks
+    fallback = _run("streamed", {1: 2.0, 16: 9.0}, {}, 99, 100)
+    fallback.plan = "plan: below streaming's minimum at this budget: llama.cpp's own split -ngl 2 (...)"
+    assert [line for line in checks([fallback]) if "nothing streams" in line] == [
+        "0.5x: streamed: nothing streams: with the KV cache of the largest -npl the budget is below streaming's "
+        "minimum (llama.cpp's own split ran); measure fewer sequences here"]
+    assert not [line for line in checks(good) if "nothing streams" in line]
     md = render_md(good, BatchedWorkload(parallel=(1, 16), verify=(1, 8)), checks(good))
     assert "| 16 | 10.00 | 24.00 | 2.40 | 5.00 | 12.00 |" in md
 

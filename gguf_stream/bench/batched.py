@@ -183,7 +183,7 @@ class BatchedBench:
         config = self.config(generate_cpu_layers=self.generate_cpu_layers, generate_rows=rows,
                              cpu_layers_max_batch=1 if rows_on_gpu else None, **placement)
         with StreamedModel(self.path, config=config) as m:
-            run.plan = plan_line(m.plan) if m.plan is not None and m.plan.streamed else "all layers resident"
+            run.plan = plan_line(m.plan) if m.plan is not None else "all layers resident"
             run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
             return measure(m, run, self.w, self.progress, rows if only_rows else None)
 
@@ -251,6 +251,10 @@ def checks(runs: list[Run]) -> list[str]:
         streamed = [r for r in rs if r.mode.startswith("streamed")]
         if not streamed:
             continue
+        for r in streamed:
+            if "below streaming's minimum" in r.plan:
+                out.append(f"{label}: {r.mode}: nothing streams: with the KV cache of the largest -npl the budget "
+                           "is below streaming's minimum (llama.cpp's own split ran); measure fewer sequences here")
         n = ACCEPT_PARALLEL
         single = max((r.tg.get(1, 0.0) for r in streamed), default=0.0)
         best = max(streamed, key=lambda r: r.tg.get(n, 0.0))
