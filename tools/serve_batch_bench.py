@@ -2,7 +2,8 @@
 
     python3 tools/serve_batch_bench.py [MODEL] [--budget 0.25x] [-k 1,4,16] [-n 64] [-c 512] [-- SERVE FLAGS]
 
-MODEL defaults to /tmp/m/llama3-8b.gguf (made with gguf_stream.synth when
+On the GPU box the server packages come from `bash tools/stage_server_wheels.sh`
+(run locally after staging .device). MODEL defaults to /tmp/m/llama3-8b.gguf (made with gguf_stream.synth when
 missing). For each K it starts `gguf-stream serve MODEL -np K -c C*K
 --vram-budget B` (C cells per slot), waits for /health, then times K clients
 that each send one greedy /v1/completions of -n tokens at the same moment
