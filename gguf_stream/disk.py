@@ -20,43 +20,72 @@ from .planner import Plan, interleaved_layers
 # streamed layers further on (a disk read needs more lead time than an upload).
 DISK_LOOKAHEAD = 2
 
-# The staged reader (gs_copy_stage.c: pread into staging buffers, then the
-# upload): always on CUDA, where the buffers are pinned; in host-slot mode
-# only when this variable asks for it ("on", or a chunk size such as
-# "64KiB"), so that CI runs the CUDA path's reader and staging code. Its
-# value also sets the chunk on CUDA. See staging_options.
+# The staged reader (gs_copy_stage.c: preads into staging buffers by a pool
+# of reader threads, then the uploads in order): always on CUDA, where the
+# buffers are pinned; in host-slot mode only when this variable asks for it
+# ("on", or a chunk size such as "64KiB"), so that CI runs the CUDA path's
+# reader and staging code. Its value also sets the chunk on CUDA. See
+# staging_options.
 STAGING_ENV = "GGUF_STREAM_DISK_STAGING"
 STAGING_CHUNK = 64 << 20  # gguf_stream.h GS_STAGING_DEFAULT
-STAGING_BUFFERS = 2       # GS_STAGING_BUFFERS
+# Reads in flight at once (the reader threads): an NVMe drive reaches its
+# bandwidth only with several requests queued; one pread at a time read 1.31
+# GB/s where the drive gives 1.79 to a streaming reader (BENCHMARKS.md).
+READERS_ENV = "GGUF_STREAM_DISK_READERS"
+DISK_READERS = 4          # GS_DISK_READERS
+DISK_READERS_MAX = 64     # GS_DISK_READERS_MAX
+STAGING_SPARE = 2         # GS_STAGING_SPARE: staging buffers = readers + this
 PAGE = 4096
 
 
 def staging_options(cuda: bool, environ=os.environ) -> dict:
-    """native.Engine's staging_bytes (chunk) and host_staging, from
-    STAGING_ENV: unset/"off" stages on CUDA only, with 64 MiB chunks; "on"
-    also in host mode; a size stages everywhere in chunks of that size."""
+    """native.Engine's staging_bytes (chunk), host_staging and disk_readers,
+    from STAGING_ENV: unset/"off" stages on CUDA only, with 64 MiB chunks;
+    "on" also in host mode; a size stages everywhere in chunks of that size;
+    and READERS_ENV: the reader threads (default DISK_READERS)."""
     value = environ.get(STAGING_ENV, "").strip().lower()
-    if value in ("", "off", "0"):
-        return {"staging_bytes": STAGING_CHUNK, "host_staging": False}
-    if value == "on":
-        return {"staging_bytes": STAGING_CHUNK, "host_staging": True}
+    options = {"staging_bytes": STAGING_CHUNK, "host_staging": value not in ("", "off", "0"),
+               "disk_readers": disk_readers(environ)}
+    if value in ("", "off", "0", "on"):
+        return options
     try:
         chunk = parse_size(value)
     except ValueError as exc:
         raise ValueError(f"{STAGING_ENV}={value!r}: give on, off or a chunk size such as 64MiB ({exc})") from None
     if chunk <= 0:
         raise ValueError(f"{STAGING_ENV}={value!r}: the chunk size must be above 0")
-    return {"staging_bytes": chunk, "host_staging": True}
+    return dict(options, staging_bytes=chunk)
+
+
+def disk_readers(environ=os.environ) -> int:
+    """READERS_ENV as a reader count, DISK_READERS when unset."""
+    value = environ.get(READERS_ENV, "").strip()
+    if not value:
+        return DISK_READERS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= DISK_READERS_MAX:
+        raise ValueError(f"{READERS_ENV}={value!r}: give the disk tier's reader threads as a whole number "
+                         f"from 1 to {DISK_READERS_MAX} (default {DISK_READERS})")
+    return n
+
+
+def staging_buffers(options: dict) -> int:
+    """The staged engine's staging buffers: one a reader, and STAGING_SPARE
+    for chunks read and waiting for their turn or being uploaded."""
+    return options["disk_readers"] + STAGING_SPARE
 
 
 def staging_bytes(model_file, options: dict, cuda: bool) -> int:
     """Host memory the staging buffers take when a disk tier exists (pinned
-    on CUDA): GS_STAGING_BUFFERS chunks, a chunk capped at the largest
-    layer tensor (page-rounded) as the engine caps it at the largest disk-tier one."""
+    on CUDA): staging_buffers chunks, a chunk capped at the largest layer
+    tensor (page-rounded) as the engine caps it at the largest disk-tier one."""
     if not (cuda or options["host_staging"] or options.get("disk_direct")):
         return 0
     biggest = max((t.nbytes for t in model_file.tensors if t.layer is not None), default=0)
-    return STAGING_BUFFERS * min(options["staging_bytes"], -(-biggest // PAGE) * PAGE)
+    return staging_buffers(options) * min(options["staging_bytes"], -(-biggest // PAGE) * PAGE)
 
 
 def disk_candidates(plan: Plan) -> tuple[int, ...]:

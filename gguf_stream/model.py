@@ -54,7 +54,8 @@ class Stats:
             if c.disk_tier_bytes:
                 overlap = "" if c.disk_overlap is None else f", {c.disk_overlap:.0%} hidden"
                 staging = format_size(c.staging_bytes) if c.staging_bytes >= 1 << 20 else f"{c.staging_bytes >> 10} KiB"
-                via = (f", staged through {staging}" if c.staging_bytes else "") + (", O_DIRECT" if c.disk_direct else "")
+                via = (f", staged through {staging} by {c.disk_readers} readers" if c.staging_bytes else "") \
+                    + (", O_DIRECT" if c.disk_direct else "")
                 parts.append(f"disk tier {format_size(c.disk_tier_bytes)}: {c.disk_reads} reads "
                              f"({format_size(c.disk_bytes)} in {c.disk_read_seconds:.2f} s{overlap}{via})")
         return "; ".join(parts)

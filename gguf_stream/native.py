@@ -137,6 +137,7 @@ class Counters:
     released_host_bytes: int = 0
     staging_bytes: int = 0  # the disk tier's staging buffers (pinned on CUDA)
     disk_direct: int = 0  # 1: the disk tier reads with O_DIRECT
+    disk_readers: int = 0  # the staged reader's threads (reads in flight at once), 0 without it
 
     @property
     def adoptions(self) -> int:
@@ -194,13 +195,15 @@ class Engine:
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
                  cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
                  repack_buft: int = 0, host_kv_buft: int = 0, disk_lookahead: int = 0,
-                 staging_bytes: int = 0, host_staging: bool = False, disk_direct: bool = False):
+                 staging_bytes: int = 0, host_staging: bool = False, disk_direct: bool = False,
+                 disk_readers: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
             "host_copy_delay_us": host_copy_delay_us, "repack_buft": ffi.cast("void *", repack_buft),
             "host_kv_buft": ffi.cast("void *", host_kv_buft), "disk_lookahead": disk_lookahead,
             "staging_bytes": staging_bytes, "host_staging": int(host_staging), "disk_direct": int(disk_direct),
+            "disk_readers": disk_readers,
         })
         out = ffi.new("gs_engine **")
         _check("gs_engine_create", lib.gs_engine_create(cfg, out))

@@ -74,7 +74,7 @@ class Streamer:
             self.config = config = with_default_budget(config, self.cuda)
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
-        # the disk tier's reader: chunk size, host-mode staging, O_DIRECT
+        # the disk tier's reader: chunk size, host-mode staging, reader threads, O_DIRECT
         self._staging = dict(staging_options(self.cuda), disk_direct=config.disk_direct)
         # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
         self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))

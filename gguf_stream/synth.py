@@ -117,6 +117,9 @@ SHAPES: dict[str, Shape] = {
     # Llama-3.2-1B shapes (the real model ties output to token_embd; here output is separate)
     "llama3.2-1b": Shape("llama", n_layer=16, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8,
                          n_vocab=128256, ctx_len=8192, rope_theta=500000.0),
+    # a 32B-class dense model (Qwen2.5-32B's sizes, written as llama): the disk tier's larger GPU test
+    "dense-32b": Shape("llama", n_layer=64, n_embd=5120, n_ff=27648, n_head=40, n_head_kv=8,
+                       n_vocab=152064, ctx_len=32768, rope_theta=1000000.0, rms_eps=1e-6),
     # for tests: every row length is a multiple of 256 (the K-quant super-block)
     "tiny": Shape("llama", n_layer=8, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                   n_vocab=512, ctx_len=512, rope_theta=10000.0),

@@ -106,6 +106,7 @@ typedef struct {
     uint64_t released_host_bytes; /* pages of llama.cpp's copy of them returned to the OS */
     uint64_t staging_bytes;    /* the disk tier's staging buffers (pinned on CUDA), 0 without them */
     int      disk_direct;      /* 1: the disk tier reads with O_DIRECT (asked for and allowed) */
+    int      disk_readers;     /* the staged engine's reader threads, 0 without it */
 } gs_sizes;
 
 /* ---- the model file (disk tier) ---------------------------------------------- */
@@ -136,7 +137,9 @@ int  gs_file_read_span(gs_file *f, void *buf, size_t n, uint64_t offset, size_t 
 /* Ask the kernel to start reading n bytes at offset into its page cache
  * (posix_fadvise WILLNEED): the disk tier's early trigger. */
 int  gs_file_advise(gs_file *f, uint64_t offset, size_t n);
-/* What the reads so far did: calls, bytes, seconds (they only grow). */
+/* What the reads so far did: calls, bytes, seconds (they only grow); the
+ * seconds are wall time with at least one read in flight (parallel reads
+ * count once: bytes / seconds is the file's read rate). */
 int  gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds);
 
 /* Loading with a disk tier (see gs_diskload.c): disk-tier tensors are
@@ -171,15 +174,19 @@ typedef struct gs_copy gs_copy;
  * stream on `device` and one event per slot. */
 int  gs_copy_create_host(int n_slots, int delay_us, gs_copy **out);
 int  gs_copy_create_cuda(int device, int n_slots, gs_copy **out);
-/* The staged engine, the disk tier's (gs_copy_stage.c): one reader thread
+/* The staged engine, the disk tier's (gs_copy_stage.c): one uploader thread
  * through which every copy goes in issue order; a file piece is read in
- * chunks of chunk_bytes into n_staging (>= 2) staging buffers, each chunk
- * then copied to the slot, a staging buffer reused only once its copy has
- * passed. CUDA: pinned staging (cudaHostAlloc), cudaMemcpyAsync on its own
- * stream, an event per slot and per staging buffer. Host: the same reader
- * and staging over memcpy (so CI runs it); delay_us as gs_copy_create_host. */
-int  gs_copy_create_cuda_staged(int device, int n_slots, size_t chunk_bytes, int n_staging, gs_copy **out);
-int  gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int delay_us, gs_copy **out);
+ * chunks of chunk_bytes into n_staging (>= 2) staging buffers by n_readers
+ * (1 .. GS_DISK_READERS_MAX) reader threads, several chunks in flight, ahead
+ * of the uploads; each chunk then copied to the slot in order, a staging
+ * buffer reused only once its copy has passed. CUDA: pinned staging
+ * (cudaHostAlloc), cudaMemcpyAsync on its own stream, an event per slot and
+ * per staging buffer. Host: the same threads and staging over memcpy (so CI
+ * runs them); delay_us as gs_copy_create_host. */
+int  gs_copy_create_cuda_staged(int device, int n_slots, size_t chunk_bytes, int n_staging, int n_readers,
+                                gs_copy **out);
+int  gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int n_readers, int delay_us,
+                                gs_copy **out);
 /* Waits for the copies in flight, then frees. */
 void gs_copy_destroy(gs_copy *c);
 /* Queue the copy of pieces[0..n) to dst; it ends the slot's fence. pieces
@@ -295,10 +302,14 @@ typedef struct {
                                   of the host engine's direct reads (CUDA always stages) */
     int    disk_direct;        /* disk tier: O_DIRECT reads where the filesystem allows (staged engine,
                                   also in host mode; the kernel's read-ahead hints are then off) */
+    int    disk_readers;       /* disk tier: the staged engine's reader threads (reads in flight at
+                                  once); 0: GS_DISK_READERS */
 } gs_engine_config;
 
 #define GS_STAGING_DEFAULT 67108864   /* 64 MiB per staging buffer */
-#define GS_STAGING_BUFFERS 2
+#define GS_DISK_READERS 4             /* an NVMe drive needs several reads in flight */
+#define GS_DISK_READERS_MAX 64
+#define GS_STAGING_SPARE 2            /* staging buffers = readers + this: chunks read, waiting or uploading */
 
 /* Where decodes' wall time goes (probe; see gs_engine_set_timeline). A segment
  * is what the scheduler launches between two host syncs; its time runs from

@@ -28,7 +28,9 @@ struct gs_copy {
  * (gs_copy_host.c: memcpy done at once, events as completed flags), so the
  * same reader and staging code runs in CI. Events are numbered 0 ..
  * n_events-1; one never recorded counts as passed. Every call but
- * host_alloc/host_free/destroy may run on the reader thread. */
+ * host_alloc/host_free/destroy may run on the uploader thread; thread_init
+ * and sync also on the reader threads (sync of a staging buffer's event,
+ * never at the same time as its record). */
 typedef struct gs_lower gs_lower;
 typedef struct {
     int   (*thread_init)(gs_lower *l);                            /* first, on the reader thread */
@@ -53,6 +55,7 @@ int lower_create_cuda(int device, int n_events, gs_lower **out);
 /* delay_us: sleep when recording events below delay_events (the slots'), as the host engine's slow link. */
 int lower_create_host(int n_events, int delay_us, int delay_events, gs_lower **out);
 /* Takes lower (destroyed with the engine, or here on failure). */
-int copy_create_staged(gs_lower *lower, int n_slots, size_t chunk_bytes, int n_staging, gs_copy **out);
+int copy_create_staged(gs_lower *lower, int n_slots, size_t chunk_bytes, int n_staging, int n_readers,
+                       gs_copy **out);
 
 #endif

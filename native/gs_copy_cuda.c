@@ -118,8 +118,8 @@ int gs_copy_create_cuda(int device, int n_slots, gs_copy **out) {
  * What the disk tier needs of CUDA, kept to the calls the plain engine makes
  * plus pinned staging memory: its own non-blocking stream, events (slots,
  * then staging buffers), cudaHostAlloc'd staging (portable: pinned for every
- * context). The reader thread binds itself to the device first: the CUDA
- * runtime's current device is per thread. */
+ * context). The uploader and reader threads bind themselves to the device
+ * first: the CUDA runtime's current device is per thread. */
 typedef struct {
     gs_lower base;
     int      device;
@@ -129,7 +129,7 @@ typedef struct {
 
 static int cl_thread_init(gs_lower *l) {
     int err = C.SetDevice(((cuda_lower *)l)->device);
-    return err ? cuda_fail("cudaSetDevice (disk tier reader thread)", err) : GS_OK;
+    return err ? cuda_fail("cudaSetDevice (disk tier thread)", err) : GS_OK;
 }
 
 static int cl_host_alloc(gs_lower *l, size_t n, void **out) {
@@ -200,12 +200,13 @@ int lower_create_cuda(int device, int n_events, gs_lower **out) {
     return GS_OK;
 }
 
-int gs_copy_create_cuda_staged(int device, int n_slots, size_t chunk_bytes, int n_staging, gs_copy **out) {
+int gs_copy_create_cuda_staged(int device, int n_slots, size_t chunk_bytes, int n_staging, int n_readers,
+                               gs_copy **out) {
     *out = NULL;
     if (!C.loaded) return fail(GS_E_INVALID, "gs_copy_create_cuda_staged: the CUDA runtime is not loaded");
     if (n_slots <= 0 || n_staging < 2)
         return fail(GS_E_INVALID, "gs_copy_create_cuda_staged: n_slots %d <= 0 or n_staging %d < 2", n_slots, n_staging);
     gs_lower *l;
     int rc = lower_create_cuda(device, n_slots + n_staging, &l);
-    return rc ? rc : copy_create_staged(l, n_slots, chunk_bytes, n_staging, out);
+    return rc ? rc : copy_create_staged(l, n_slots, chunk_bytes, n_staging, n_readers, out);
 }

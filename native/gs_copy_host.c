@@ -233,11 +233,12 @@ int lower_create_host(int n_events, int delay_us, int delay_events, gs_lower **o
     return GS_OK;
 }
 
-int gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int delay_us, gs_copy **out) {
+int gs_copy_create_host_staged(int n_slots, size_t chunk_bytes, int n_staging, int n_readers, int delay_us,
+                               gs_copy **out) {
     *out = NULL;
     if (n_slots <= 0 || n_staging < 2)
         return fail(GS_E_INVALID, "gs_copy_create_host_staged: n_slots %d <= 0 or n_staging %d < 2", n_slots, n_staging);
     gs_lower *l;
     int rc = lower_create_host(n_slots + n_staging, delay_us, n_slots, &l);
-    return rc ? rc : copy_create_staged(l, n_slots, chunk_bytes, n_staging, out);
+    return rc ? rc : copy_create_staged(l, n_slots, chunk_bytes, n_staging, n_readers, out);
 }

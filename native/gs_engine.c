@@ -17,6 +17,9 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
     if (!G.loaded) return fail(GS_E_INVALID, "gs_engine_create: call gs_libs_load first");
     if (!cfg || cfg->n_layer <= 0 || cfg->n_slots <= 0 || !cfg->ring_buft)
         return fail(GS_E_INVALID, "gs_engine_create: need n_layer > 0, n_slots > 0 and a ring buffer type");
+    if (cfg->disk_readers < 0 || cfg->disk_readers > GS_DISK_READERS_MAX)
+        return fail(GS_E_INVALID, "gs_engine_create: disk_readers %d is outside 0 .. %d", cfg->disk_readers,
+                    GS_DISK_READERS_MAX);
     if (cfg->use_cuda && !C.loaded)
         return fail(GS_E_INVALID, "gs_engine_create: CUDA mode needs the CUDA runtime (gs_libs_load with cudart)");
     gs_engine *e = calloc(1, sizeof *e);

@@ -3,9 +3,11 @@
  * read re-checks the file's identity (fstat: size and modification time as
  * at open, which were those the plan was made from) and gets every byte or
  * fails: a file truncated or rewritten underneath is GS_E_IO, never wrong
- * weights. Reads may run on any thread (the host copy worker). */
+ * weights. Reads may run on any thread, several at once (the staged
+ * engine's readers). */
 #define _GNU_SOURCE   /* O_DIRECT */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <fcntl.h>
 #include <stdlib.h>
@@ -19,10 +21,18 @@
 struct gs_file {
     int      fd;
     int      dfd;                   /* O_DIRECT descriptor (gs_file_set_direct), -1 if none */
+    int      direct_refused;        /* set (atomically) once a read was refused: buffered from then on;
+                                       dfd stays open until close, another reader may be using it */
     uint64_t size;
     int64_t  mtime_ns;
     char     path[512];
-    uint64_t reads, bytes, nanos;   /* updated atomically: readers may be several threads */
+    /* Under mu: readers may be several threads. `busy` is wall time with at
+     * least one read in flight, so parallel reads count once and
+     * bytes / busy is the file's read rate, not one reader's. */
+    pthread_mutex_t mu;
+    uint64_t reads, bytes;
+    int      in_flight;
+    double   busy, busy_since;
 };
 
 static int64_t mtime_ns(const struct stat *st) {
@@ -48,9 +58,11 @@ int gs_file_open(const char *path, uint64_t expect_size, int64_t expect_mtime_ns
     if (!f) return fail(GS_E_NOMEM, "gs_file_open: calloc");
     snprintf(f->path, sizeof f->path, "%s", path);
     f->dfd = -1;
+    pthread_mutex_init(&f->mu, NULL);
     f->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (f->fd < 0) {
         int err = errno;
+        pthread_mutex_destroy(&f->mu);
         free(f);
         return fail(GS_E_IO, "disk tier: open(%s): %s", path, strerror(err));
     }
@@ -68,7 +80,26 @@ void gs_file_close(gs_file *f) {
     if (!f) return;
     if (f->fd >= 0) close(f->fd);
     if (f->dfd >= 0) close(f->dfd);
+    pthread_mutex_destroy(&f->mu);
     free(f);
+}
+
+static int direct_on(const gs_file *f) {
+    return f->dfd >= 0 && !__atomic_load_n(&f->direct_refused, __ATOMIC_ACQUIRE);
+}
+
+static void read_begin(gs_file *f) {
+    pthread_mutex_lock(&f->mu);
+    if (f->in_flight++ == 0) f->busy_since = now_s();
+    pthread_mutex_unlock(&f->mu);
+}
+
+/* A read ended: counted if it got its n bytes. */
+static void read_end(gs_file *f, int ok, size_t n) {
+    pthread_mutex_lock(&f->mu);
+    if (--f->in_flight == 0) f->busy += now_s() - f->busy_since;
+    if (ok) { f->reads++; f->bytes += n; }
+    pthread_mutex_unlock(&f->mu);
 }
 
 /* Reads [from, to) of the file through fd into dst; the bytes up to `need`
@@ -94,8 +125,6 @@ static int read_range(gs_file *f, int fd, char *dst, uint64_t from, uint64_t to,
 }
 
 static int read_checked(gs_file *f, void *dst, size_t n, uint64_t offset, size_t *at) {
-    if (!f || (!dst && n)) return fail(GS_E_INVALID, "gs_file_read: no file or destination");
-    double t0 = now_s();
     int rc = same_file(f);
     if (rc) return rc;
     if (offset > f->size || n > f->size - offset)
@@ -103,42 +132,45 @@ static int read_checked(gs_file *f, void *dst, size_t n, uint64_t offset, size_t
                     n, (unsigned long long)offset, f->path, (unsigned long long)f->size);
     *at = 0;
     rc = 1;
-    if (f->dfd >= 0 && n) {   /* the aligned span around the bytes, straight from the device */
+    if (direct_on(f) && n) {   /* the aligned span around the bytes, straight from the device */
         uint64_t from = offset / GS_DIRECT_ALIGN * GS_DIRECT_ALIGN;
         uint64_t to = align_up(offset + n, GS_DIRECT_ALIGN);
         rc = read_range(f, f->dfd, dst, from, to, offset + n);
-        if (rc == 1) {        /* refused after all: buffered reads from now on */
-            close(f->dfd);
-            f->dfd = -1;
-        } else if (rc == GS_OK) {
+        if (rc == 1)          /* refused after all: buffered reads from now on */
+            __atomic_store_n(&f->direct_refused, 1, __ATOMIC_RELEASE);
+        else if (rc == GS_OK)
             *at = (size_t)(offset - from);
-        }
     }
     if (rc == 1) rc = read_range(f, f->fd, dst, offset, offset + n, offset + n);
     /* A rewrite during the read shows in the mtime afterwards. */
-    if (rc || (rc = same_file(f))) return rc;
-    __atomic_add_fetch(&f->reads, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&f->bytes, n, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&f->nanos, (uint64_t)((now_s() - t0) * 1e9), __ATOMIC_RELAXED);
-    return GS_OK;
+    return rc ? rc : same_file(f);
+}
+
+static int read_counted(gs_file *f, void *dst, size_t n, uint64_t offset, size_t *at) {
+    if (!f || (!dst && n)) return fail(GS_E_INVALID, "gs_file_read: no file or destination");
+    read_begin(f);
+    int rc = read_checked(f, dst, n, offset, at);
+    read_end(f, rc == GS_OK, n);
+    return rc;
 }
 
 int gs_file_read(gs_file *f, void *dst, size_t n, uint64_t offset) {
-    if (f && f->dfd >= 0)
+    if (f && direct_on(f))
         return fail(GS_E_INVALID, "gs_file_read: %s reads with O_DIRECT: use gs_file_read_span", f->path);
     size_t at;
-    return read_checked(f, dst, n, offset, &at);
+    return read_counted(f, dst, n, offset, &at);
 }
 
 int gs_file_read_span(gs_file *f, void *buf, size_t n, uint64_t offset, size_t *at) {
-    return read_checked(f, buf, n, offset, at);
+    return read_counted(f, buf, n, offset, at);
 }
 
 int gs_file_set_direct(gs_file *f, int on, int *active) {
     *active = 0;
     if (!f) return fail(GS_E_INVALID, "gs_file_set_direct: no file");
-    if (f->dfd >= 0) close(f->dfd);
+    if (f->dfd >= 0) close(f->dfd);   /* before any reader runs: no read can be using it */
     f->dfd = -1;
+    f->direct_refused = 0;
     if (!on) return GS_OK;
     int fd = open(f->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
     if (fd < 0) return GS_OK;            /* the filesystem refuses O_DIRECT: buffered reads */
@@ -152,7 +184,7 @@ int gs_file_set_direct(gs_file *f, int on, int *active) {
     return GS_OK;
 }
 
-int gs_file_is_direct(const gs_file *f) { return f && f->dfd >= 0; }
+int gs_file_is_direct(const gs_file *f) { return f && direct_on(f); }
 
 int gs_file_advise(gs_file *f, uint64_t offset, size_t n) {
     if (!f) return fail(GS_E_INVALID, "gs_file_advise: no file");
@@ -162,8 +194,11 @@ int gs_file_advise(gs_file *f, uint64_t offset, size_t n) {
 
 int gs_file_get_stats(const gs_file *f, uint64_t *reads, uint64_t *bytes, double *seconds) {
     if (!f) return fail(GS_E_INVALID, "gs_file_get_stats: no file");
-    *reads = __atomic_load_n(&f->reads, __ATOMIC_RELAXED);
-    *bytes = __atomic_load_n(&f->bytes, __ATOMIC_RELAXED);
-    *seconds = __atomic_load_n(&f->nanos, __ATOMIC_RELAXED) * 1e-9;
+    gs_file *m = (gs_file *)f;   /* the lock only: the stats are read, not changed */
+    pthread_mutex_lock(&m->mu);
+    *reads = f->reads;
+    *bytes = f->bytes;
+    *seconds = f->busy + (f->in_flight ? now_s() - f->busy_since : 0);
+    pthread_mutex_unlock(&m->mu);
     return GS_OK;
 }

@@ -209,19 +209,23 @@ static size_t staging_chunk(const gs_engine *e) {
     return want < biggest ? want : biggest;
 }
 
-/* A disk tier goes through the staged engine on CUDA (pread into pinned
- * staging, then the upload) and, when asked, in host mode (its test bed);
- * O_DIRECT reads need it too (aligned staging). */
+/* A disk tier goes through the staged engine on CUDA (parallel preads into
+ * pinned staging, then the upload) and, when asked, in host mode (its test
+ * bed); O_DIRECT reads need it too (aligned staging). */
 static int create_copy_engine(gs_engine *e, int n_slots) {
     if (e->size.disk_tier_bytes && (e->cfg.use_cuda || e->cfg.host_staging || e->cfg.disk_direct)) {
         size_t chunk = staging_chunk(e);
+        int readers = e->cfg.disk_readers ? e->cfg.disk_readers : GS_DISK_READERS, buffers = readers + GS_STAGING_SPARE;
         int direct = 0, rc0 = e->cfg.disk_direct ? gs_file_set_direct(e->file, 1, &direct) : GS_OK;
         if (rc0) return rc0;
         e->size.disk_direct = direct;
         int rc = e->cfg.use_cuda
-            ? gs_copy_create_cuda_staged(e->cfg.cuda_device, n_slots, chunk, GS_STAGING_BUFFERS, &e->copy)
-            : gs_copy_create_host_staged(n_slots, chunk, GS_STAGING_BUFFERS, e->cfg.host_copy_delay_us, &e->copy);
-        if (!rc) e->size.staging_bytes = chunk * GS_STAGING_BUFFERS;
+            ? gs_copy_create_cuda_staged(e->cfg.cuda_device, n_slots, chunk, buffers, readers, &e->copy)
+            : gs_copy_create_host_staged(n_slots, chunk, buffers, readers, e->cfg.host_copy_delay_us, &e->copy);
+        if (!rc) {
+            e->size.staging_bytes = chunk * buffers;
+            e->size.disk_readers = readers;
+        }
         return rc;
     }
     return e->cfg.use_cuda ? gs_copy_create_cuda(e->cfg.cuda_device, n_slots, &e->copy)

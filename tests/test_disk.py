@@ -3,8 +3,9 @@ planner's tiers under a host budget, exactness against stock llama.cpp with
 part of the model read from the GGUF file, the counters, a negative control,
 and a file truncated or rewritten underneath a running model. Each running
 test goes through both readers: the host engine's direct reads, and the
-staged reader the CUDA engine uses (pread into staging buffers, then the
-upload; here over memcpy) with chunks smaller than a tensor."""
+staged reader the CUDA engine uses (preads into staging buffers, then the
+upload; here over memcpy) with chunks smaller than a tensor, by one reader
+thread and by several reading ahead in parallel."""
 import os
 import shutil
 
@@ -14,8 +15,8 @@ import pytest
 from conftest import CPU, HYBRID, N_GEN
 from gguf_stream import DecodeError, read_model
 from gguf_stream.config import EngineConfig
-from gguf_stream.disk import (STAGING_BUFFERS, STAGING_CHUNK, STAGING_ENV, assign_disk_tier, disk_candidates,
-                              staging_bytes, staging_options, with_disk_layers)
+from gguf_stream.disk import (DISK_READERS, READERS_ENV, STAGING_CHUNK, STAGING_ENV, STAGING_SPARE, assign_disk_tier,
+                              disk_candidates, staging_bytes, staging_options, with_disk_layers)
 from gguf_stream.errors import HostMemoryError
 from gguf_stream.model import StreamedModel
 from gguf_stream.planner import make_plan, with_generate_placement
@@ -68,20 +69,27 @@ def test_cpu_layers_never_go_to_disk(tiny_path):
 def test_staging_options_and_their_host_memory(tiny_path):
     mf = read_model(tiny_path)
     biggest = max(t.nbytes for t in mf.tensors if t.layer is not None)
-    assert staging_options(True, {}) == {"staging_bytes": STAGING_CHUNK, "host_staging": False}
+    assert staging_options(True, {}) == {"staging_bytes": STAGING_CHUNK, "host_staging": False,
+                                         "disk_readers": DISK_READERS}
     assert staging_options(False, {STAGING_ENV: "on"})["host_staging"]
-    assert staging_options(False, {STAGING_ENV: "16KiB"}) == {"staging_bytes": 16384, "host_staging": True}
+    assert staging_options(False, {STAGING_ENV: "16KiB", READERS_ENV: " 7 "}) == {
+        "staging_bytes": 16384, "host_staging": True, "disk_readers": 7}
     for bad in ("lots", "0"):
         if bad == "0":  # "0" means off
             assert not staging_options(False, {STAGING_ENV: bad})["host_staging"]
             continue
         with pytest.raises(ValueError, match=STAGING_ENV):
             staging_options(False, {STAGING_ENV: bad})
+    for bad in ("0", "-1", "four", "2.5", "65"):
+        with pytest.raises(ValueError, match=f"{READERS_ENV}=.*from 1 to 64") as exc:
+            staging_options(True, {READERS_ENV: bad})
+        assert "\n" not in str(exc.value)
     off = staging_options(False, {})
     assert staging_bytes(mf, off, cuda=False) == 0  # host mode's direct reads stage nothing
-    # CUDA: two chunks, a chunk no larger than the largest tensor (page-rounded)
-    assert staging_bytes(mf, off, cuda=True) == STAGING_BUFFERS * (-(-biggest // 4096) * 4096)
-    assert staging_bytes(mf, staging_options(False, {STAGING_ENV: "16KiB"}), cuda=False) == 2 * 16384
+    # CUDA: a buffer a reader and two more, a chunk no larger than the largest tensor (page-rounded)
+    assert staging_bytes(mf, off, cuda=True) == (DISK_READERS + STAGING_SPARE) * (-(-biggest // 4096) * 4096)
+    assert staging_bytes(mf, staging_options(False, {STAGING_ENV: "16KiB", READERS_ENV: "1"}), cuda=False) \
+        == (1 + STAGING_SPARE) * 16384
 
 
 def test_the_staging_buffers_count_against_the_host_budget(tiny_path):
@@ -98,19 +106,25 @@ def test_the_staging_buffers_count_against_the_host_budget(tiny_path):
 # ------------------------------------------------------------------ running (host-slot mode)
 
 # the disk tier's reader: the host engine's direct reads, or the staged one
-# (the CUDA path's code) in 16 KiB chunks, smaller than most tensors
-READERS = {"direct": "off", "staged": "16KiB"}
+# (the CUDA path's code) as (chunk, reader threads): one reader in 16 KiB
+# chunks, smaller than most tensors, or 6 in parallel in 4 KiB chunks (many
+# chunks in flight, read ahead across layers)
+READERS = {"direct": None, "staged": (16384, 1), "parallel": (4096, 6)}
 
 
 @pytest.fixture(params=READERS)
 def reader(request, monkeypatch):
-    monkeypatch.setenv(STAGING_ENV, READERS[request.param])
+    staged = READERS[request.param]
+    monkeypatch.setenv(STAGING_ENV, str(staged[0]) if staged else "off")
+    monkeypatch.setenv(READERS_ENV, str(staged[1]) if staged else "")
     return request.param
 
 
 def check_reader(c, reader):
     """The reader asked for is the one that ran."""
-    assert c.staging_bytes == (STAGING_BUFFERS * 16384 if reader == "staged" else 0)
+    staged = READERS[reader]
+    assert c.disk_readers == (staged[1] if staged else 0)
+    assert c.staging_bytes == ((staged[1] + STAGING_SPARE) * staged[0] if staged else 0)
 
 def run_with_disk(path, prompt, n_disk, **options):
     budget = budget_for(hybrid_plan(path), n_disk)
@@ -277,13 +291,18 @@ def test_the_disk_tier_never_sits_in_host_memory(gemma_path):
 def test_plan_and_run_on_the_command_line(capsys, tiny_path):
     from gguf_stream import cli
 
-    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2, n_ctx=256, n_ubatch=64)
+    mf = read_model(tiny_path)
+    plan = make_plan(mf, n_streamed=6, n_slots=2, n_ctx=256, n_ubatch=64)
     small = ["-c", "256", "-b", "64", "-ub", "64"]
     budget = str(budget_for(plan, 2))
     # --exact: plan shows a CUDA run's placement, whose default gives the CPU
-    # layers (never on the disk tier) a repacked copy in host memory
-    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--n-slots", "2", "--host-budget", budget,
-                     "--exact", *small]) == 0
+    # layers (never on the disk tier) a repacked copy in host memory; its
+    # staging buffers count against the budget (host mode's direct reads have
+    # none): 2 layers' worth over it (the staging is less than that here)
+    cuda_staging = staging_bytes(mf, staging_options(True), cuda=True)
+    assert cuda_staging < 2 * max(mf.layer_bytes)
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "6", "--n-slots", "2", "--host-budget",
+                     str(plan.host_bytes + cuda_staging - 2 * max(mf.layer_bytes)), "--exact", *small]) == 0
     out = capsys.readouterr().out
     assert sum("| streamed (disk) |" in line for line in out.splitlines()) == 2
     assert "tiers (host budget" in out and "pinned host 4 (" in out and "disk 2 (" in out
@@ -338,8 +357,9 @@ def test_cuda_disk_tier_matches_all_in_vram(tiny_path, tmp_path, monkeypatch, st
         c = m.stats.counters
         assert len(m.plan.disk_layers) >= 3 and c.disk_reads > 0 and c.staging_bytes > 0
         assert c.released_host_bytes > 0  # llama.cpp's copy of the disk tier was handed back
+        assert c.disk_readers == DISK_READERS
         if staging != "off":
-            assert c.staging_bytes == STAGING_BUFFERS * 16384
+            assert c.staging_bytes == (DISK_READERS + STAGING_SPARE) * 16384
         assert direct or c.disk_direct == 0
     assert tokens == ref_tokens
     assert np.abs(logits - ref_logits).max() == 0.0

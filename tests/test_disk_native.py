@@ -1,9 +1,11 @@
 """The disk tier's native parts alone: gs_file (identity checks, reads,
 faults), and the copy engines reading file pieces into a slot: the host
-engine's direct reads and the staged engine (the CUDA path's reader and
-staging buffers, here over memcpy), with chunks smaller than a piece. No
-engine, no llama.cpp."""
+engine's direct reads and the staged engine (the CUDA path's readers and
+staging buffers, here over memcpy), with chunks smaller than a piece, one
+reader or several. No engine, no llama.cpp."""
 import os
+import threading
+import time
 
 import pytest
 
@@ -87,10 +89,12 @@ def test_a_file_changed_underneath_fails_every_later_read(data_file, change):
         lib.gs_file_close(f)
 
 
-# the engines under test: the host one, and the staged one with chunks of
-# these many bytes (48: every piece below is cut into chunks, and the two
-# staging buffers are reused many times within one copy)
-ENGINES = {"host": None, "staged": 4096, "staged-small-chunks": 48}
+# the engines under test: the host one, and the staged one as (chunk bytes,
+# reader threads, staging buffers); 48-byte chunks: every piece below is cut
+# into chunks and the staging buffers are reused many times within one copy;
+# more readers than buffers: reads wait for buffers, not only for uploads
+ENGINES = {"host": None, "staged": (4096, 1, 2), "staged-small-chunks": (48, 1, 2),
+           "parallel-small-chunks": (48, 4, 6), "parallel-few-buffers": (48, 8, 3)}
 
 
 class HostWithFile:
@@ -98,8 +102,10 @@ class HostWithFile:
 
     def __init__(self, f, n_slots=2, chunk=None):
         out = ffi.new("gs_copy **")
+        if isinstance(chunk, int):
+            chunk = (chunk, 1, 2)
         rc = (lib.gs_copy_create_host(n_slots, 0, out) if chunk is None
-              else lib.gs_copy_create_host_staged(n_slots, chunk, lib.GS_STAGING_BUFFERS, 0, out))
+              else lib.gs_copy_create_host_staged(n_slots, chunk[0], chunk[2], chunk[1], 0, out))
         assert rc == lib.GS_OK, last_error()
         self.c, self.f, self._keep = out[0], f, []
 
@@ -162,12 +168,46 @@ def test_a_failed_read_fails_the_copy_engine_with_its_message(data_file, chunk):
         lib.gs_file_close(f)
 
 
-def test_staged_copies_stay_in_issue_order(data_file):
+def within(seconds, fn):
+    """fn() on a thread; fails (instead of hanging the suite) if it has not returned in time."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s: a hang"
+    return out[0]
+
+
+@pytest.mark.parametrize("readers,buffers", [(4, 6), (8, 3)])
+def test_a_file_truncated_under_parallel_reads_fails_cleanly(big_file, readers, buffers):
+    """Many chunks in flight in several readers when the file is truncated:
+    every wait ends (its copy landed before, or the engine's failure), the
+    engine stays failed, a destroy with copies queued returns."""
+    path, big = big_file
+    rc, f = open_file(path)
+    h = HostWithFile(f, n_slots=3, chunk=(4096, readers, buffers))
+    dst = [ffi.new("char[]", len(big)) for _ in range(3)]
+    try:
+        for k in range(9):
+            assert lib.gs_copy_issue(h.c, k % 3, dst[k % 3], *h.pieces((0, len(big), len(big), 0))) == lib.GS_OK
+        os.truncate(path, 1000)
+        waits, message = within(30, lambda: ([lib.gs_copy_wait(h.c, s) for s in range(3)], last_error()))
+        assert set(waits) <= {lib.GS_OK, lib.GS_E_IO} and lib.GS_E_IO in waits
+        assert "changed while the model was loaded" in message or "ended after" in message, message
+        assert lib.gs_copy_issue(h.c, 0, dst[0], *h.pieces((0, 8, 8, 0))) == lib.GS_E_IO
+        assert within(30, lambda: lib.gs_copy_drain(h.c)) == lib.GS_E_IO
+    finally:
+        within(30, h.close)
+        lib.gs_file_close(f)
+
+
+@pytest.mark.parametrize("readers", [1, 4])
+def test_staged_copies_stay_in_issue_order(data_file, readers):
     """Memory and file pieces into the same slots, many copies in flight
-    through the reader: each slot ends with its last copy's bytes, and a
-    put lands in order with them."""
+    through the readers (reading ahead across copies): each slot ends with
+    its last copy's bytes, and a put lands in order with them."""
     rc, f = open_file(data_file)
-    h = HostWithFile(f, n_slots=3, chunk=100)
+    h = HostWithFile(f, n_slots=3, chunk=(100, readers, readers + 2))
     try:
         slots = [ffi.new("char[]", 512) for _ in range(3)]
         last = {}
@@ -193,14 +233,102 @@ def test_staged_copies_stay_in_issue_order(data_file):
 
 def test_staged_engine_refuses_bad_arguments():
     out = ffi.new("gs_copy **")
-    for n_slots, chunk, n_staging in ((0, 64, 2), (2, 0, 2), (2, 64, 1)):
-        assert lib.gs_copy_create_host_staged(n_slots, chunk, n_staging, 0, out) == lib.GS_E_INVALID
+    for n_slots, chunk, n_staging, readers in ((0, 64, 2, 1), (2, 0, 2, 1), (2, 64, 1, 1), (2, 64, 2, 0),
+                                               (2, 64, 2, lib.GS_DISK_READERS_MAX + 1)):
+        assert lib.gs_copy_create_host_staged(n_slots, chunk, n_staging, readers, 0, out) == lib.GS_E_INVALID
         assert out[0] == ffi.NULL and "staged" in last_error()
-    rc = lib.gs_copy_create_cuda_staged(0, 2, 64, 2, out)
+    rc = lib.gs_copy_create_cuda_staged(0, 2, 64, 2, 1, out)
     if rc == lib.GS_OK:  # a process that loaded the CUDA runtime (the GPU suite)
         lib.gs_copy_destroy(out[0])
     else:  # without it, a clear refusal
         assert out[0] == ffi.NULL and "CUDA runtime is not loaded" in last_error()
+
+
+@pytest.fixture
+def big_file(tmp_path):
+    path = tmp_path / "big.bin"
+    big = os.urandom(1 << 20) * 8
+    path.write_bytes(big)
+    return path, big
+
+
+def test_parallel_reads_count_their_time_once(big_file):
+    """The file's read seconds are the time it was being read: 8 threads
+    reading it at once stay within the wall time (a sum of every read's own
+    time would be several times it on this machine's few cores), so bytes /
+    seconds is the file's rate, not one reader's."""
+    path, big = big_file
+    rc, f = open_file(path)
+    buffers = [ffi.new("char[]", len(big)) for _ in range(8)]
+
+    def work(buf):
+        for _ in range(4):
+            assert lib.gs_file_read(f, buf, len(big), 0) == lib.GS_OK
+
+    try:
+        threads = [threading.Thread(target=work, args=(b,)) for b in buffers]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        reads, nbytes, seconds = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("double *")
+        lib.gs_file_get_stats(f, reads, nbytes, seconds)
+        assert (reads[0], nbytes[0]) == (32, 32 * len(big))
+        assert 0 < seconds[0] <= wall
+        assert all(ffi.buffer(b, len(big))[:] == big for b in buffers)
+    finally:
+        lib.gs_file_close(f)
+
+
+def test_parallel_staged_reads_are_counted_exactly(big_file):
+    """Through the staged engine's 8 readers: every chunk read and counted
+    once, within the copies' wall time, the slots right."""
+    path, big = big_file
+    rc, f = open_file(path)
+    h = HostWithFile(f, n_slots=2, chunk=(64 << 10, 8, 10))
+    try:
+        dst = [ffi.new("char[]", len(big)) for _ in range(2)]
+        t0 = time.perf_counter()
+        for k in range(6):
+            assert lib.gs_copy_issue(h.c, k % 2, dst[k % 2], *h.pieces((0, len(big), len(big), 0))) == lib.GS_OK
+        assert lib.gs_copy_drain(h.c) == lib.GS_OK
+        wall = time.perf_counter() - t0
+        reads, nbytes, seconds = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("double *")
+        lib.gs_file_get_stats(f, reads, nbytes, seconds)
+        assert (reads[0], nbytes[0]) == (6 * len(big) // (64 << 10), 6 * len(big))
+        assert 0 < seconds[0] <= wall
+        assert ffi.buffer(dst[0], len(big))[:] == big and ffi.buffer(dst[1], len(big))[:] == big
+    finally:
+        h.close()
+        lib.gs_file_close(f)
+
+
+def test_reads_from_several_threads_at_once_are_right(data_file):
+    """gs_file itself from several threads (the readers share one): every read
+    gets its bytes and is counted."""
+    rc, f = open_file(data_file)
+    bad = []
+
+    def work(seed):
+        for k in range(200):
+            offset, n = (seed * 7919 + k * 131) % 8000, 1 + (k * 37) % 8000
+            rc, got = read(f, n, offset)
+            if rc != lib.GS_OK or got != DATA[offset:offset + n]:
+                bad.append((seed, k))
+
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        reads = ffi.new("uint64_t *")
+        lib.gs_file_get_stats(f, reads, ffi.new("uint64_t *"), ffi.new("double *"))
+        assert not bad and reads[0] == 6 * 200
+    finally:
+        lib.gs_file_close(f)
 
 
 def direct_file(path):
@@ -237,7 +365,7 @@ def test_direct_reads_give_the_bytes_at_any_offset(data_file):
 
 def test_staged_engine_reads_with_o_direct(data_file):
     f = direct_file(data_file)
-    h = HostWithFile(f, chunk=4000)  # chunks not aligned: each read is the aligned span around one
+    h = HostWithFile(f, chunk=(4000, 3, 5))  # chunks not aligned: each read is the aligned span around one
     try:
         dst = ffi.new("char[]", 9000)
         assert lib.gs_copy_issue(h.c, 0, dst, *h.pieces((333, 8000, 9000, 0))) == lib.GS_OK

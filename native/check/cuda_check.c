@@ -193,7 +193,8 @@ static void disk_tier_staged(const char *dir) {
         gs_copy_destroy(plain);
         Free(d);
     }
-    CHECK("create the staged CUDA engine", gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 2, &b.c) == GS_OK);
+    /* two staging buffers for three readers: reads wait for buffers, not only for uploads */
+    CHECK("create the staged CUDA engine", gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 2, 3, &b.c) == GS_OK);
     if (!b.c) { gs_file_close(f); return; }
     b.slots = dev_alloc((size_t)D_SLOTS * D_SLOT, 0xAA);
     gs_counters ctr = { 0 };
@@ -229,29 +230,42 @@ static void disk_tier_staged(const char *dir) {
     printf("     page cache -> pinned staging -> GPU: %.2f GB/s (%u MiB chunks)\n",
            4.0 * D_LAYERS * D_PIECE / dt / 1e9, D_CHUNK >> 20);
     gs_ring_destroy(r);
-    /* the file's pages dropped first: the device's rate through the engine, O_DIRECT (where allowed) and buffered */
-    for (int direct = 1; direct >= 0; direct--) {
-        int active = 0, fd = open(path, O_RDONLY);
-        gs_file_set_direct(f, direct, &active);
-        if (direct && !active) { printf("     O_DIRECT refused on %s\n", dir); close(fd); continue; }
-        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-        close(fd);
-        t0 = now_s();
-        for (int k = 0; k < 2 * D_LAYERS; k++) rc |= d_issue(&b, k % D_SLOTS, k % D_LAYERS);
-        rc |= gs_copy_drain(b.c);
-        dt = now_s() - t0;
-        right = 1;
-        for (int s = 0; s < D_SLOTS; s++) {   /* the last copies: layers 3 and 4 */
-            int l = (2 * D_LAYERS - D_SLOTS + s) % D_LAYERS;
-            readback(got, b.slots + (size_t)s * D_SLOT, D_SLOT);
-            right &= memcmp(got, bytes + (size_t)l * D_PIECE, D_PIECE) == 0
-                     && memcmp(got + D_ALLOC, mem[l], D_MEM) == 0;
+    gs_copy_destroy(b.c);
+    /* the file's pages dropped first: the device's rate through the engine, one reader and
+     * GS_DISK_READERS in parallel, O_DIRECT (where allowed) and buffered; each layer read once */
+    int readers[2] = { 1, GS_DISK_READERS };
+    for (int i = 0; i < 2; i++) {
+        b.c = NULL;
+        if (gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, readers[i] + GS_STAGING_SPARE, readers[i], &b.c)) {
+            CHECK("a staged engine with more readers", 0);
+            break;
         }
-        CHECK(direct ? "O_DIRECT reads, cache dropped: the right bytes" : "buffered reads, cache dropped: the right bytes",
-              rc == GS_OK && right);
-        printf("     disk -> %s -> pinned staging -> GPU: %.2f GB/s\n", direct ? "O_DIRECT" : "page cache",
-               2.0 * D_LAYERS * D_PIECE / dt / 1e9);
+        for (int direct = 1; direct >= 0; direct--) {
+            int active = 0, fd = open(path, O_RDONLY);
+            gs_file_set_direct(f, direct, &active);
+            if (direct && !active) { printf("     O_DIRECT refused on %s\n", dir); close(fd); continue; }
+            posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+            close(fd);
+            t0 = now_s();
+            for (int l = 0; l < D_LAYERS; l++) rc |= d_issue(&b, l % D_SLOTS, l);
+            rc |= gs_copy_drain(b.c);
+            dt = now_s() - t0;
+            right = 1;
+            for (int l = D_LAYERS - D_SLOTS; l < D_LAYERS; l++) {   /* the last copies, one a slot */
+                readback(got, b.slots + (size_t)(l % D_SLOTS) * D_SLOT, D_SLOT);
+                right &= memcmp(got, bytes + (size_t)l * D_PIECE, D_PIECE) == 0
+                         && memcmp(got + D_ALLOC, mem[l], D_MEM) == 0;
+            }
+            char what[160];
+            snprintf(what, sizeof what, "%s reads by %d reader(s), cache dropped: the right bytes",
+                     direct ? "O_DIRECT" : "buffered", readers[i]);
+            CHECK(what, rc == GS_OK && right);
+            printf("     disk -> %s -> pinned staging -> GPU, %d reader(s): %.2f GB/s\n",
+                   direct ? "O_DIRECT" : "page cache", readers[i], (double)D_LAYERS * D_PIECE / dt / 1e9);
+        }
+        if (i == 0) gs_copy_destroy(b.c);
     }
+    if (!b.c) { gs_file_close(f); Free(b.slots); free(got); free(want); free(bytes); unlink(path); return; }
     /* a file changed underneath: the read fails, the engine stays failed, nothing hangs */
     CHECK("truncate the file", truncate(path, fsize / 2) == 0);
     int done = -1;
@@ -261,12 +275,12 @@ static void disk_tier_staged(const char *dir) {
     CHECK("and the engine stays failed", gs_copy_done(b.c, 1, &done) == GS_E_IO && gs_copy_drain(b.c) == GS_E_IO);
     gs_copy_destroy(b.c);
     gs_file_close(f);
-    /* destroyed with copies in flight: the reader finishes, staging is freed after the stream drains */
+    /* destroyed with copies in flight: the readers finish, staging is freed after the stream drains */
     free(write_scratch(path, fsize));
     stat(path, &st);
     f = NULL;
     gs_file_open(path, st.st_size, (int64_t)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec, &f);
-    CHECK("a second staged engine", f && gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 3, &b.c) == GS_OK);
+    CHECK("a second staged engine", f && gs_copy_create_cuda_staged(0, D_SLOTS, D_CHUNK, 3, GS_DISK_READERS, &b.c) == GS_OK);
     if (b.c) {
         for (int l = 0; l < D_LAYERS; l++) rc |= d_issue(&b, l % D_SLOTS, l);
         gs_copy_destroy(b.c);
