@@ -212,6 +212,11 @@ class StreamedLlama(llama_cpp.Llama):
         return self._streamer.plan
 
     @property
+    def flash_attn(self) -> bool | None:
+        """Whether the context computes with flash attention (flash_attn="auto": llama.cpp's choice; None: unknown)."""
+        return self._streamer.flash_attn
+
+    @property
     def stats(self) -> dict:
         """Plan, streaming counters and memory, as in StreamedModel.stats."""
         s = self._streamer
