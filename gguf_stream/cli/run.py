@@ -19,7 +19,9 @@ def add_parser(sub, parents) -> None:
                        formatter_class=Formatter, description="Generation from a prompt: greedy by default, or "
                        "sampled with llama.cpp's flags (--temp, --top-k, ..., --seed), optionally constrained by a "
                        "grammar or JSON schema. Text goes to stdout; load progress, t/s and streaming counters to "
-                       "stderr.")
+                       "stderr. The generation t/s counts as llama.cpp's eval time and bench's tg do: the first "
+                       "token comes from the prompt's logits (in the prompt's time), each later one costs one "
+                       "decode, and the rate is those decodes over their time.")
     add_model(p, required=False)
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("-n", "--n-predict", type=int, default=DEFAULT_N_PREDICT, metavar="N",
