@@ -143,3 +143,40 @@ def test_watch_log_restores_the_callback():
     with llama_abi.watch_log(b"x") as seen:
         assert current() != before
     assert current() == before and seen == []
+
+
+def test_streamed_llama_greedy_reads_the_argmax_as_stock_llama_samples(gemma_path, monkeypatch):
+    """StreamedLlama's plain greedy skips llama.cpp's full-vocabulary
+    candidate array: the same tokens as through llama.cpp's sampler
+    (Llama.sample itself) and as stock llama_cpp.Llama; a penalty goes
+    through the chain and changes them (the negative control)."""
+    import llama_cpp
+
+    from gguf_stream.llama_compat import StreamedLlama
+
+    kw = dict(n_ctx=CPU["n_ctx"], n_batch=CPU["n_batch"], n_ubatch=CPU["n_ubatch"], n_threads=CPU["n_threads"],
+              verbose=False)
+
+    def first(llm, n=N, **sampling):
+        out = []
+        for tok in llm.generate(llm.tokenize(PROMPT.encode()), **sampling):
+            out.append(tok)
+            if len(out) == n:
+                return out
+
+    stock = llama_cpp.Llama(model_path=str(gemma_path), **kw)
+    try:
+        want = first(stock, temp=0.0)
+    finally:
+        stock.close()
+    llm = StreamedLlama(gemma_path, device="host", cpu_repack=True, **kw)  # resident, stock's kernels
+    try:
+        fast = first(llm, temp=0.0)
+        penalized = first(llm, temp=0.0, repeat_penalty=1.5)
+        monkeypatch.setattr(StreamedLlama, "sample", llama_cpp.Llama.sample)  # llama.cpp's sampler for each token
+        assert first(llm, temp=0.0) == want
+        assert first(llm, temp=0.0, repeat_penalty=1.5) == penalized
+    finally:
+        llm.close()
+    assert fast == want and len(set(want)) > 3
+    assert penalized != want
