@@ -1,6 +1,6 @@
 """Where `gguf-stream run`'s time per generated token goes beyond the decode (issue #16).
 
-    python tools/run_tg_overhead.py [run's flags: MODEL -p PROMPT --vram-budget 0.5x -n 128 ...] [--reps 3]
+    python tools/run_tg_overhead.py [run's flags: MODEL -p PROMPT --vram-budget SIZE -n 128 ...] [--reps 3]
 
 Takes `gguf-stream run`'s own flags (same parser, defaults and load: the
 placement run gets), loads once, then per repetition, from the same prompt
@@ -11,17 +11,19 @@ placement run gets), loads once, then per repetition, from the same prompt
   old     the loop before issue #16: the logits copied to numpy every token,
           the argmax of the copy, n_vocab asked of llama.cpp at each use
   decode  bench's tg timing (bench/timing.decode_tps: eval + synchronize per
-          token) over the prompt, then the tokens run generated, each one decode
+          token) after the prompt, over the tokens run generated, one decode each
 
-and prints milliseconds per decode (median of the repetitions) of each, and
+and prints milliseconds per decode (median of the repetitions) of each and
 what run and old add to decode; run's first decodes after the prompt (the
-phase switch) apart from the rest; and microseconds per token of each piece
-of run's loop outside llama.cpp's compute (picks, text out, eval's Python). The loops' tokens must agree (checked). On
-the GPU box, the issue's case and the same with bench's context sizes (the
-placement bench measured: -c n_prompt+n_gen, -b/-ub 2048):
+phase switch) apart from the rest; microseconds per token of each piece of
+run's loop outside llama.cpp's compute (picks, text out, eval's Python). The
+loops' tokens must agree (checked). On the GPU box, the issue's case (SIZE:
+the budget bench's 0.5x row printed; run takes sizes only), then the same
+with bench's context sizes (-c n_prompt + n_gen, -b/-ub 2048), whose
+placement (plan line) may differ:
 
-    python tools/run_tg_overhead.py llama3-8b.gguf -p "The capital of France is" --vram-budget 0.5x -n 128
-    python tools/run_tg_overhead.py llama3-8b.gguf -p "The capital of France is" --vram-budget 0.5x -n 128 \\
+    python tools/run_tg_overhead.py llama3-8b.gguf -p "The capital of France is" --vram-budget SIZE -n 128
+    python tools/run_tg_overhead.py llama3-8b.gguf -p "The capital of France is" --vram-budget SIZE -n 128 \
         -c 2176 -b 2048 -ub 2048
 """
 from __future__ import annotations
