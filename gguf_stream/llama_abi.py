@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,6 +47,50 @@ def flash_attn_type(flash_attn) -> int:
     if flash_attn == "auto" and not isinstance(flash_attn, bool):
         return lc.LLAMA_FLASH_ATTN_TYPE_AUTO
     return lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+# What llama.cpp logs when it settles flash attention "auto" at context
+# creation (llama_init_from_model, llama_context::resolve_fused_ops); it
+# keeps the outcome in cparams, which no function of its API returns.
+FLASH_ATTN_ON_LOG = (b"Flash Attention enabled", b"enabling flash_attn since")
+FLASH_ATTN_OFF_LOG = (b"Flash Attention not supported", b"flash_attn is not compatible")
+FLASH_ATTN_LOG = FLASH_ATTN_ON_LOG + FLASH_ATTN_OFF_LOG
+
+
+@contextmanager
+def watch_log(*needles: bytes):
+    """Yields a list that collects the lines of llama.cpp's log containing
+    one of needles while inside; every line still goes on to the callback
+    that was set (llama-cpp-python's, or the command line's), which is set
+    back after."""
+    lc = llama()
+    prev, prev_data = lc.llama_log_callback(), ctypes.c_void_p()
+    lc.llama_log_get(ctypes.byref(prev), ctypes.byref(prev_data))
+    seen: list[bytes] = []
+
+    @lc.llama_log_callback
+    def forward(level, text, user_data):
+        if text and any(n in text for n in needles):
+            seen.append(text)
+        if prev:
+            prev(level, text, prev_data)
+
+    lc.llama_log_set(forward, None)
+    try:
+        yield seen
+    finally:
+        lc.llama_log_set(prev, prev_data)
+
+
+def flash_attn_outcome(flash_attn, log_lines) -> bool | None:
+    """Whether the context computes with flash attention: what llama.cpp's
+    log said at its creation, else the setting (True / False); None for
+    "auto" where the log said nothing."""
+    said = [on for line in log_lines for on, needles in ((True, FLASH_ATTN_ON_LOG), (False, FLASH_ATTN_OFF_LOG))
+            if any(n in line for n in needles)]
+    if said:
+        return said[-1]
+    return None if flash_attn == "auto" and not isinstance(flash_attn, bool) else bool(flash_attn)
 
 
 def load_mode(use_mlock: bool) -> int:

@@ -30,6 +30,7 @@ from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
 import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402  (after llama_cpp, as gguf_stream/__init__.py says)
 import llama_cpp._internals as internals  # noqa: E402
 import llama_cpp.llama as llama_module  # noqa: E402
 from llama_cpp.llama_tokenizer import LlamaTokenizer  # noqa: E402
@@ -138,6 +139,14 @@ def engine_and_llama_options(options: dict) -> tuple[EngineConfig, dict]:
     return config, llama_kwargs
 
 
+def _plain_greedy(sample_kwargs: dict) -> bool:
+    """Llama.sample's arguments pick the argmax (its defaults where not given)."""
+    k = sample_kwargs
+    return (k.get("temp", 0.80) == 0.0 and k.get("repeat_penalty", 1.0) == 1.0
+            and k.get("frequency_penalty", 0.0) == 0.0 and k.get("presence_penalty", 0.0) == 0.0
+            and k.get("logits_processor") is None and k.get("grammar") is None)
+
+
 class StreamedLlama(llama_cpp.Llama):
     """``llama_cpp.Llama`` with gguf-stream placement.
 
@@ -207,9 +216,31 @@ class StreamedLlama(llama_cpp.Llama):
                 raise ValueError(f"llama.cpp cannot use this grammar: {reason}")
         return super()._init_sampler(*args, grammar=grammar, **kwargs)
 
+    def sample(self, *args, **kwargs):
+        # llama.cpp's llama_sampler_sample fills a candidate array of the whole
+        # vocabulary for every token (milliseconds for a 128k vocabulary on a
+        # CPU); plain greedy (no penalty, grammar, logits processor) is the
+        # argmax, read in llama.cpp's logits buffer: the first on a tie, as its
+        # greedy sampler, which still sees the token accepted
+        if args or not _plain_greedy(kwargs) or self.n_tokens <= 0:
+            return super().sample(*args, **kwargs)
+        idx = kwargs.get("idx")
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1 if idx is None else idx - self.n_tokens)
+        if not ptr:
+            return super().sample(*args, **kwargs)
+        token = int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))))
+        if self._sampler is not None:
+            self._sampler.accept(token)
+        return token
+
     @property
     def plan(self):
         return self._streamer.plan
+
+    @property
+    def flash_attn(self) -> bool | None:
+        """Whether the context computes with flash attention (flash_attn="auto": llama.cpp's choice; None: unknown)."""
+        return self._streamer.flash_attn
 
     @property
     def stats(self) -> dict:

@@ -75,6 +75,7 @@ class _Session:
         self._cuda = False
         self._vram_base = self._vram_peak = self._vram_loaded = None
         self._load_seconds = 0.0
+        self._n_vocab = None  # read once: eval and the logits views ask for it every token
 
     # -- construction (each step registers its own cleanup) --
     def _model_params(self, n_gpu_layers: int = 0):
@@ -160,7 +161,10 @@ class _Session:
     # -- decoding --
     @property
     def n_vocab(self) -> int:
-        return self._lc.llama_vocab_n_tokens(self.vocab)
+        vocab = self.vocab  # raises once closed
+        if self._n_vocab is None:
+            self._n_vocab = self._lc.llama_vocab_n_tokens(vocab)
+        return self._n_vocab
 
     @property
     def n_layer(self) -> int:
@@ -224,10 +228,21 @@ class _Session:
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token (a copy)."""
+        return self.logits_view().copy()
+
+    def logits_view(self) -> np.ndarray:
+        """Logits of the last evaluated token in llama.cpp's own buffer, not
+        copied (n_vocab floats a token: half a MiB for a 128k vocabulary);
+        valid until the next eval. Waits for the device, as llama.cpp does."""
         ptr = self._lc.llama_get_logits_ith(self._live_ctx(), -1)
         if not ptr:
             raise DecodeError("no logits: evaluate tokens first")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def greedy_token(self) -> int:
+        """The argmax of the last logits (the first on a tie, as llama.cpp's
+        greedy sampler), read in place."""
+        return int(np.argmax(self.logits_view()))
 
     def generate(self, prompt: list[int], n_tokens: int, *, stop_at_eog: bool = False,
                  with_logits: bool = False):
@@ -236,10 +251,11 @@ class _Session:
         self.eval(prompt)
         tokens, all_logits = [], []
         for _ in range(n_tokens):
-            lg = self.logits()
-            tok = int(np.argmax(lg))
             if with_logits:
-                all_logits.append(lg)
+                all_logits.append(self.logits())
+                tok = int(np.argmax(all_logits[-1]))
+            else:
+                tok = self.greedy_token()
             tokens.append(tok)
             if stop_at_eog and self.is_eog(tok):
                 break
@@ -262,6 +278,7 @@ class _Session:
         then the slots. Safe to call twice."""
         self._stack.close()
         self.llama_model = self.llama_ctx = None
+        self._n_vocab = None
 
     def __enter__(self):
         return self
@@ -368,6 +385,11 @@ class StreamedModel(_Session):
     @property
     def engine(self) -> native.Engine | None:
         return self.streamer.engine if self.streamer else None
+
+    @property
+    def flash_attn(self) -> bool | None:
+        """Whether the context computes with flash attention (flash_attn="auto": llama.cpp's choice; None: unknown)."""
+        return self.streamer.flash_attn if self.streamer else None
 
     @property
     def calibration(self):

@@ -89,6 +89,7 @@ class Streamer:
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
         self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
+        self.flash_attn: bool | None = None  # the decoding context's, once created (None: not known)
         self._keep = []  # ctypes objects that must outlive the C calls using them
         self._load_progress: Progress | None = None
         if self.plan.streamed:
@@ -343,14 +344,17 @@ class Streamer:
         graph keeps the scheduler's placement and the KV views it was built
         with; with CPU layers the driver keeps placement a function of the
         graph's shape for such contexts (decode_sizes, before_decode, and the
-        engine's checks)."""
+        engine's checks). Records whether flash attention ended on
+        (self.flash_attn: llama.cpp settles -fa auto here)."""
         self.reuses_graphs = (self.config.graph_reuse
                               and not int(os.environ.get("LLAMA_GRAPH_REUSE_DISABLE") or 0))
-        if self.engine is None or self.reuses_graphs:
-            yield
-            return
-        with self.no_graph_reuse():
-            yield
+        with llama_abi.watch_log(*llama_abi.FLASH_ATTN_LOG) as said:  # -fa auto: what llama.cpp chose
+            if self.engine is None or self.reuses_graphs:
+                yield
+            else:
+                with self.no_graph_reuse():
+                    yield
+        self.flash_attn = llama_abi.flash_attn_outcome(self.config.flash_attn, said)
 
     @contextmanager
     def own_context(self):

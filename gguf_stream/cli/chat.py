@@ -6,7 +6,7 @@ import time
 from types import SimpleNamespace
 
 from . import speculative
-from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_engine, add_model, check_flags, check_n_predict, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
+from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, Formatter, add_engine, add_model, check_flags, check_n_predict, describe_flash_attn, describe_plan, error, one_line, prepare_load, resolve_seed, say, streamed_llama
 
 CHAT_N_PREDICT = 256
 
@@ -55,6 +55,7 @@ def cmd_chat(args) -> int:
             vocab = SimpleNamespace(n_vocab=llm.n_vocab(), token_bytes=lambda i: llm.detokenize([i]))
             drafter.drafter = speculative.make_drafter(args, vocab, device, llm._streamer.config)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
+        say(describe_flash_attn(llm.flash_attn, llm._streamer.config.flash_attn))
         say(f"chat format: {fmt}; type a message and Enter; Ctrl-C stops a reply; /reset clears the "
             "conversation, /exit or EOF ends")
         return _chat_loop(llm, args, drafter)
@@ -124,10 +125,11 @@ class ReplyTimer:
         if self.t_first is None:
             return None
         t_prompt, t_gen = self.t_first - self.t0, time.perf_counter() - self.t_first
-        n_gen = self.llm.n_tokens - self.n_first + 1  # the first token came from the prompt's logits
+        decodes = self.llm.n_tokens - self.n_first  # one per token after the first, as run counts
+        n_gen = decodes + 1  # the first token came from the prompt's logits
         return (f"prompt: {self.n_prompt} new tokens ({self.n_first} in context) in {t_prompt:.2f} s "
                 f"({self.n_prompt / t_prompt if t_prompt else 0:.1f} t/s); generated: {n_gen} tokens in "
-                f"{t_gen:.2f} s ({n_gen / t_gen if t_gen else 0:.1f} t/s)")
+                f"{t_gen:.2f} s ({decodes / t_gen if t_gen else 0:.1f} t/s)")
 
 
 def _reply(llm, messages, args) -> tuple[str, bool, str | None]:

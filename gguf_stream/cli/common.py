@@ -355,6 +355,12 @@ def describe_plan(plan, device: str) -> str:
             f"{format_size(plan.device_bytes)}{generate}")
 
 
+def describe_flash_attn(on: bool | None, setting) -> str:
+    """After the load: whether flash attention ended on (-fa auto: llama.cpp's choice at context creation)."""
+    state = "unknown (llama.cpp did not say)" if on is None else "on" if on else "off"
+    return f"flash attention {state}" + (" (-fa auto, llama.cpp's choice)" if setting == "auto" else "")
+
+
 def streamed_llama(args, path, options: dict, **llama_kwargs):
     """The StreamedLlama behind chat (serve builds its own through llama_cpp.server)."""
     from ..llama_compat import StreamedLlama
