@@ -13,11 +13,15 @@ Measured: the fastest split had 1-3 more CPU layers than the model's pick,
 
 Calibration runs in one short-lived context of its own, before the real
 context exists (its memory is free then), on the first load of a model on a
-machine only. What it costs is counted (Calibration.decodes, .seconds) and
-said on stderr with progress on: the rates' tokens, then each timed split's.
-Its largest costs on a big model are the timed tokens and repacking the CPU
-layers each split adds (the chosen split's repacked copies are kept for the
-run, not made again).
+machine only. What it costs is counted (Calibration.decodes, .seconds,
+.parts) and said on stderr with progress on: the rates' tokens, then each
+timed split's. Its largest costs on a big model are the timed tokens and
+repacking CPU layers, so nothing is done twice: a layer repacked once keeps
+its copy for the whole search (gs_engine_keep_repacks; the splits'
+interleaved CPU sets differ by several layers from one count to the next,
+and the search comes back), the rates' sample is taken from the layers most
+splits put on the CPU, the chosen split's copies are the run's, and a
+neighbour's decodes stop once its median is sure to be slower.
 """
 from __future__ import annotations
 
@@ -68,7 +72,10 @@ class Calibration:
     """What the automatic generate split was chosen from."""
 
     rates: Rates
-    split_trials: dict[int, float]  # CPU-layer count -> measured seconds per decode (of `rows` rows)
+    # CPU-layer count -> measured seconds per decode (of `rows` rows): the median of
+    # its timed decodes, or for a split slower than the chosen one possibly a
+    # lower bound of it (its decodes stopped once it was sure to be slower)
+    split_trials: dict[int, float]
     predicted_token_seconds: float  # the performance model's time for the chosen split
     decodes: int = 0  # decodes this load ran to measure (0: all from the cache)
     seconds: float = 0.0  # wall time of choosing the split, measurements included
@@ -325,12 +332,12 @@ class Calibrator:
                 if len(times) < SPLIT_TRIAL_TOKENS:
                     # a lower bound of the median: at most T // 2 samples could
                     # have come in below the least of these
-                    trials[n_cpu], how = slower[0], f">= {slower[0] * 1e3:.1f} ms (slower either way)"
+                    trials[n_cpu], bound, why = slower[0], ">= ", "slower either way; "
                 else:
-                    trials[n_cpu] = sorted(times)[len(times) // 2]
-                    how = f"{trials[n_cpu] * 1e3:.1f} ms"
-                self._say(f"  split with {n_cpu} CPU layers: {how} per {self._decode} (set up {t1 - t0:.2f} s, "
-                          f"{SPLIT_TRIAL_WARMUP + len(times)} decodes {time.perf_counter() - t1:.2f} s)")
+                    trials[n_cpu], bound, why = sorted(times)[len(times) // 2], "", ""
+                self._say(f"  split with {n_cpu} CPU layers: {bound}{trials[n_cpu] * 1e3:.1f} ms per {self._decode} "
+                          f"({why}set up {t1 - t0:.2f} s, {SPLIT_TRIAL_WARMUP + len(times)} decodes "
+                          f"{time.perf_counter() - t1:.2f} s)")
                 self._spent("split decodes", t1)
                 return trials[n_cpu]
 

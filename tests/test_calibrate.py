@@ -8,8 +8,8 @@ import pytest
 
 from conftest import CPU, N_GEN, needs_no_amx
 from gguf_stream import read_model
-from gguf_stream.calibrate import (CALIBRATION_CPU_LAYERS, CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS, SPLIT_TRIAL_WARMUP,
-                                   Calibrator, RatesCache, cache_key)
+from gguf_stream.calibrate import (CALIBRATION_CPU_LAYERS, CALIBRATION_PARTS, CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS,
+                                   SPLIT_TRIAL_WARMUP, Calibrator, RatesCache, cache_key)
 from gguf_stream.config import EngineConfig
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.perfmodel import Rates, generate_splits
@@ -191,12 +191,15 @@ def test_first_calibration_counts_its_decodes_in_one_context_and_the_next_load_i
             results.append((cpu, calibration, len(contexts), repacked))
         err = capsys.readouterr().err
         assert ("calibrating the generate split" in err) == progress
+        assert ("split decodes" in err) == progress  # where the time went, said with the result
     (cpu, first, n_ctx, repacked), (cpu2, second, n_ctx2, _) = results
     assert first.decodes == CALIBRATION_TOKENS + len(first.split_trials) * (SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)
     assert n_ctx == 1 and not first.cached and first.seconds > 0
+    # its parts: measured pieces of that time, each named
+    assert set(first.parts) == set(CALIBRATION_PARTS) and 0 < sum(first.parts.values()) <= first.seconds
     mf = read_model(tiny_path)
     assert cpu and repacked >= sum(mf.layer_bytes[i] for i in cpu) // 2  # the chosen split stays repacked
-    assert second.cached and second.decodes == 0 and n_ctx2 == 0
+    assert second.cached and second.decodes == 0 and n_ctx2 == 0 and second.parts == {}
     assert cpu2 == cpu and second.split_trials == first.split_trials and second.rates == first.rates
 
 
