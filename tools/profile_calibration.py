@@ -57,7 +57,12 @@ def profile(path: str, streamed: int, threads: int) -> dict:
         timed(e, "set_cpu_layers", "CPU-layer changes")
         sets, set_cpu_layers = [], e.set_cpu_layers
         patched.append((e, "set_cpu_layers", set_cpu_layers))
-        e.set_cpu_layers = lambda cpu: (sets.append(tuple(cpu)), set_cpu_layers(cpu))[1]
+
+        def change(cpu):  # each change: CPU layers, seconds
+            t = time.perf_counter()
+            set_cpu_layers(cpu)
+            sets.append((tuple(cpu), time.perf_counter() - t))
+        e.set_cpu_layers = change
         timed(e, "measure_upload", "upload timing")
         timed(e, "set_generate_resident", "generate-resident changes")
         timed(cal, "decode_token", "timed decodes")
@@ -72,10 +77,12 @@ def profile(path: str, streamed: int, threads: int) -> dict:
             s.context_opened()
         repacked = m.stats.counters.repacked_bytes
     repacks, held, kept = 0, set(), hasattr(e, "keep_repacks")  # layers repacked, by the code's policy
-    for cpu in sets:
+    changes = []
+    for cpu, seconds in sets:
+        changes.append(f"{len(cpu)} CPU layers, {len(set(cpu) - held)} repacked: {seconds:.3f} s")
         repacks += len(set(cpu) - held)
         held = held | set(cpu) if kept else set(cpu)
-    return dict(repacks=repacks, sets=[len(c) for c in sets], load=t_load, total=total, spent=dict(spent), count=dict(count), cpu=cpu, trials=c.split_trials,
+    return dict(repacks=repacks, sets=[len(c) for c, _ in sets], changes=changes, load=t_load, total=total, spent=dict(spent), count=dict(count), cpu=cpu, trials=c.split_trials,
                 decodes=c.decodes, parts=getattr(c, "parts", None), repacked=repacked)
 
 
@@ -102,6 +109,7 @@ def main() -> int:
         print(f"  {'rest':26s} {rest:7.3f} s")
         if r["parts"]:
             print("  Calibration.parts: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["parts"].items()))
+        print("  changes: " + "; ".join(r["changes"]))
         print("  trials (ms/token): " + ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in sorted(r["trials"].items())))
     return 0
 
