@@ -13,11 +13,15 @@ Measured: the fastest split had 1-3 more CPU layers than the model's pick,
 
 Calibration runs in one short-lived context of its own, before the real
 context exists (its memory is free then), on the first load of a model on a
-machine only. What it costs is counted (Calibration.decodes, .seconds) and
-said on stderr with progress on: the rates' tokens, then each timed split's.
-Its largest costs on a big model are the timed tokens and repacking the CPU
-layers each split adds (the chosen split's repacked copies are kept for the
-run, not made again).
+machine only. What it costs is counted (Calibration.decodes, .seconds,
+.parts) and said on stderr with progress on: the rates' tokens, then each
+timed split's. Its largest costs on a big model are the timed tokens and
+repacking CPU layers, so nothing is done twice: a layer repacked once keeps
+its copy for the whole search (gs_engine_keep_repacks; the splits'
+interleaved CPU sets differ by several layers from one count to the next,
+and the search comes back), the rates' sample is taken from the layers most
+splits put on the CPU, the chosen split's copies are the run's, and a
+neighbour's decodes stop once its median is sure to be slower.
 """
 from __future__ import annotations
 
@@ -28,14 +32,13 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import native
 from .config import cache_dir
 from .errors import BudgetError, DecodeError
-from .perfmodel import Rates, best_split, generate_splits
-from .planner import interleaved_layers
+from .perfmodel import Rates, best_split, generate_splits, split_cpu_layers
 from .progress import note
 
 RATES_VERSION = "4"  # bump when what measure_rates measures changes
@@ -46,6 +49,13 @@ CALIBRATION_TOKENS = 3  # single-token decodes timed per layer (the first is a w
 # they will while generating (the CPU then shares host memory with the DMA).
 CALIBRATION_CPU_BYTES = 1 << 29
 CALIBRATION_CPU_LAYERS = 4
+# Where a first load's calibration goes (Calibration.parts, said with its
+# result): creating its context, the rates (uploads timed, the sample's
+# repack, its decodes), changing CPU layers between splits (repacking the
+# layers added, KV moves), the splits' timed decodes (warm-ups included),
+# and closing (the chosen split set, the context freed, the other trials'
+# repacked copies dropped).
+CALIBRATION_PARTS = ("context", "rates", "split set-up", "split decodes", "closing")
 # Timed single-token decodes per split (after a warm-up), median taken: on the
 # GPU box one split's decodes vary by ~1%, a CPU layer more or less moves the
 # time by 3-7%, so 3 tell them apart (8 cost the first load 0.6 s on the 8B).
@@ -62,11 +72,16 @@ class Calibration:
     """What the automatic generate split was chosen from."""
 
     rates: Rates
-    split_trials: dict[int, float]  # CPU-layer count -> measured seconds per decode (of `rows` rows)
+    # CPU-layer count -> measured seconds per decode (of `rows` rows): the median of
+    # its timed decodes, or for a split slower than the chosen one possibly a
+    # lower bound of it (its decodes stopped once it was sure to be slower)
+    split_trials: dict[int, float]
     predicted_token_seconds: float  # the performance model's time for the chosen split
     decodes: int = 0  # decodes this load ran to measure (0: all from the cache)
     seconds: float = 0.0  # wall time of choosing the split, measurements included
     rows: int = 1  # rows per timed decode (EngineConfig.split_rows)
+    # where `seconds` went (CALIBRATION_PARTS; empty: from the cache)
+    parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def cached(self) -> bool:
@@ -146,6 +161,18 @@ def cache_key(path: str, config, device_total: int | None) -> str:
     return "|".join(key + ([f"rows={config.split_rows}"] if config.split_rows > 1 else []))
 
 
+def rates_sample(overflow: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """n overflow layers for the rates' CPU sample: those that are CPU
+    layers in the most of the splits that can hold n of them, so that their
+    repacked copies (kept through the search) serve the timed splits too.
+    In a dense model the layers are alike: any n measure the same rate."""
+    count = dict.fromkeys(overflow, 0)
+    for n_cpu in range(n, len(overflow) + 1):
+        for i in split_cpu_layers(overflow, n_cpu):
+            count[i] += 1
+    return tuple(sorted(sorted(overflow, key=lambda i: -count[i])[:n]))
+
+
 class Calibrator:
     """Measures one loaded model through its Streamer (between loading the
     model and creating the context that will decode)."""
@@ -157,6 +184,7 @@ class Calibrator:
         # rows of every timed decode: the split is chosen for decodes of that many
         self.rows = streamer.config.split_rows
         self.decodes = 0  # decodes run so far (decode_token)
+        self.parts = dict.fromkeys(CALIBRATION_PARTS, 0.0)  # seconds, as Calibration.parts
         self.keep_cpu_layers: tuple[int, ...] = ()  # left set when the calibration context closes without error
 
     def choose_split(self) -> tuple[tuple[int, ...], Calibration]:
@@ -169,30 +197,41 @@ class Calibrator:
         if rates is None or trials is None:
             self._say("calibrating the generate split (first load of this model on this machine; cached in "
                       f"{self.cache.path} for the next ones)")
-            t_ctx = time.perf_counter()
+            t = time.perf_counter()
             with self.context() as ctx:
-                self._say(f"  calibration context ready in {time.perf_counter() - t_ctx:.2f} s")
+                t = self._spent("context", t)
+                self._say(f"  calibration context ready in {self.parts['context']:.2f} s")
                 if rates is None:
                     rates = self.measure_rates(ctx)
+                    t = self._spent("rates", t)
                 splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
                 if trials is None:
                     bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0  # measured for one row
                     start = min(best_split(splits) + bias, len(splits) - 1)
                     trials = self.time_splits(splits, start, ctx)
+                t = time.perf_counter()
                 n_cpu = min(trials, key=lambda n: (trials[n], -n))
                 self.s.engine.set_cpu_layers(splits[n_cpu][0])
                 self.keep_cpu_layers = splits[n_cpu][0]
+            self._spent("closing", t)
         else:
             splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
         n_cpu = min(trials, key=lambda n: (trials[n], -n))
         cpu, predicted = splits[n_cpu]
-        calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0, self.rows)
+        parts = {k: v for k, v in self.parts.items() if v} if self.decodes else {}
+        calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0, self.rows, parts)
         self._say(f"generate split: the CPU computes {n_cpu} of {len(overflow)} overflow layers while generating "
                   f"({trials[n_cpu] * 1e3:.1f} ms per {self._decode} measured; "
                   + (f"from {self.cache.path})" if calibration.cached else
                      f"calibrated in {calibration.seconds:.1f} s: {self.decodes} timed decodes, "
-                     f"{len(trials)} splits)"))
+                     f"{len(trials)} splits; " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " s)"))
         return cpu, calibration
+
+    def _spent(self, part: str, since: float) -> float:
+        """Count the time since `since` to `part`; returns now."""
+        now = time.perf_counter()
+        self.parts[part] += now - since
+        return now
 
     @property
     def _decode(self) -> str:
@@ -227,6 +266,9 @@ class Calibrator:
                 raise BudgetError("llama.cpp could not create a small calibration context (out of memory?)")
             try:
                 e.kv_attach()  # (a context that rebuilds every graph)
+                # a layer leaving the CPU keeps its repacked copy: a later trial
+                # (or the chosen split) may take it back
+                e.keep_repacks(True)
                 with s.own_context():
                     yield ctx
                 ok = True
@@ -237,8 +279,11 @@ class Calibrator:
                     s.context_closing()
                 finally:
                     lc.llama_free(ctx)
-                # the chosen split stays (its repacked copies are the run's); else none
-                e.set_cpu_layers(self.keep_cpu_layers if ok else ())
+                try:
+                    # the chosen split stays (its repacked copies are the run's); else none
+                    e.set_cpu_layers(self.keep_cpu_layers if ok else ())
+                finally:
+                    e.keep_repacks(False)  # the other trials' copies go
                 e.reset_counters()
         finally:
             e.set_generate_resident(s.plan.generate_resident, s.generate_reserve)
@@ -266,25 +311,40 @@ class Calibrator:
         """Median seconds per token of split `best` (where the search starts), then of
         neighbours one CPU layer at a time (more first), for as long as they
         are faster; timed in one context, so load-to-load variation of the
-        CPU path does not enter the comparison."""
+        CPU path does not enter the comparison. A neighbour's decodes stop
+        once its median is sure to be slower than the fastest so far (then
+        it holds a lower bound of its median, which is still slower)."""
         e, bos = self.s.engine, self.s.bos(self.model)
         trials = {}
         with self.context(ctx) as ctx:
-            def timed(n_cpu):
+            def timed(n_cpu, fastest=None):
                 t0 = time.perf_counter()
-                e.set_cpu_layers(splits[n_cpu][0])  # repacks the layers it adds
-                t1 = time.perf_counter()
-                times = [self.decode_token(ctx, bos) for _ in range(SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)]
-                times = times[SPLIT_TRIAL_WARMUP:]
-                trials[n_cpu] = sorted(times)[len(times) // 2]
-                self._say(f"  split with {n_cpu} CPU layers: {trials[n_cpu] * 1e3:.1f} ms per {self._decode} (set up "
-                          f"{t1 - t0:.2f} s, timed {time.perf_counter() - t1:.2f} s)")
+                e.set_cpu_layers(splits[n_cpu][0])  # repacks the layers it adds (kept ones serve again)
+                t1 = self._spent("split set-up", t0)
+                for _ in range(SPLIT_TRIAL_WARMUP):
+                    self.decode_token(ctx, bos)
+                # this many samples above `fastest` put the median (index T // 2) above it
+                enough = SPLIT_TRIAL_TOKENS - SPLIT_TRIAL_TOKENS // 2
+                times, slower = [], []
+                while len(times) < SPLIT_TRIAL_TOKENS and len(slower) < enough:
+                    times.append(self.decode_token(ctx, bos))
+                    slower = sorted(t for t in times if fastest is not None and t > fastest)
+                if len(times) < SPLIT_TRIAL_TOKENS:
+                    # a lower bound of the median: at most T // 2 samples could
+                    # have come in below the least of these
+                    trials[n_cpu], bound, why = slower[0], ">= ", "slower either way; "
+                else:
+                    trials[n_cpu], bound, why = sorted(times)[len(times) // 2], "", ""
+                self._say(f"  split with {n_cpu} CPU layers: {bound}{trials[n_cpu] * 1e3:.1f} ms per {self._decode} "
+                          f"({why}set up {t1 - t0:.2f} s, {SPLIT_TRIAL_WARMUP + len(times)} decodes "
+                          f"{time.perf_counter() - t1:.2f} s)")
+                self._spent("split decodes", t1)
                 return trials[n_cpu]
 
             fastest = timed(best)
             for step in (1, -1):
                 n, moved = best + step, False
-                while 0 <= n < len(splits) and timed(n) < fastest:
+                while 0 <= n < len(splits) and timed(n, fastest) < fastest:
                     fastest, n, moved = trials[n], n + step, True
                 if moved:
                     break
@@ -301,7 +361,7 @@ class Calibrator:
         pcie = mf.layer_bytes[first] / e.measure_upload(first, 3)
         overflow = plan.generate_overflow
         n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
-        sample = tuple(overflow[j] for j in interleaved_layers(len(overflow), n_cpu))
+        sample = rates_sample(overflow, n_cpu)
         bos = s.bos(self.model)
         t0 = time.perf_counter()
         with self.context(ctx) as ctx:

@@ -133,6 +133,7 @@ class Counters:
     disk_read_seconds: float = 0.0
     disk_wait_seconds: float = 0.0
     disk_readaheads: int = 0
+    layers_repacked: int = 0
     disk_tier_bytes: int = 0
     released_host_bytes: int = 0
     staging_bytes: int = 0  # the disk tier's staging buffers (pinned on CUDA)
@@ -259,6 +260,11 @@ class Engine:
     def set_cpu_layers(self, layers) -> None:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
+
+    def keep_repacks(self, keep: bool) -> None:
+        """keep: layers leaving the CPU keep their repacked copies (reused if
+        they return: the split search); False frees those of non-CPU layers."""
+        _check("gs_engine_keep_repacks", lib.gs_engine_keep_repacks(self._h, int(keep)))
 
     def set_generate_resident(self, layers, reserve_bytes: int = 0, own: bool = False) -> None:
         """Streamed layers kept resident while generating (see gguf_stream.h):

@@ -89,6 +89,7 @@ typedef struct {
     double   disk_read_seconds; /* time those reads took (in the copy worker) */
     double   disk_wait_seconds; /* adoptions' waits for copies that read the file (the part not overlapped) */
     uint64_t disk_readaheads;  /* disk-tier layers the kernel was asked to read ahead (early trigger) */
+    uint64_t layers_repacked;  /* CPU layers whose weights were repacked (a kept copy serving again: not) */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -388,6 +389,11 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
  * engine then returns to the prompt phase. Refused while a context that
  * reuses graphs is attached (see gs_engine_attach_kv). */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+/* keep = 1: a layer that stops being a CPU layer keeps its repacked copy,
+ * which serves again (not repacked anew) if it becomes one again: the split
+ * search tries several sets of CPU layers. keep = 0 frees the copies of
+ * layers that are not CPU layers now, and from then on at each change. */
+int  gs_engine_keep_repacks(gs_engine *e, int keep);
 /* Generate-resident layers: streamed for prompts, resident while generating
  * in device memory that prompts use. own = 1: the engine's own buffer (for
  * the short-lived calibration contexts, before the real context exists);

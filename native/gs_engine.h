@@ -84,6 +84,7 @@ struct gs_engine {
     struct { uint64_t reads, bytes; double seconds; } disk_base;  /* its stats at the last counter reset */
     void      *cpu_dev;               /* set while layer devices are bound (gs_phase.c) */
     int        hook_ran;              /* the hook ran in the generate phase since placement changed (gs_phase.c) */
+    int        keep_repacks;          /* layers leaving the CPU keep their repacked copies (gs_repack.c) */
 
     struct {                          /* KV caches of the attached context (gs_kv.c) */
         int attached, scan;           /* a context's KV caches are (being) recorded */

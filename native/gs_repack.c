@@ -165,9 +165,11 @@ static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n) {
     return w.failed ? fail(w.failed, "%s", w.err) : GS_OK;
 }
 
-/* Repacked copies exactly for the current CPU layers. Tensors must not point
- * at a copy being dropped (callers are in the prompt phase). On an error no
- * layer of this call keeps a repacked copy (or a pointer into one). */
+/* Repacked copies for the current CPU layers (and, with keep_repacks, the
+ * ones already made for former CPU layers). Tensors must not point at a copy
+ * being dropped (only a CPU layer in the generate phase points at its copy:
+ * point_home). On an error no layer of this call keeps a repacked copy (or a
+ * pointer into one). */
 int sync_repacks(gs_engine *e) {
     int n_layer = e->cfg.n_layer, n_jobs, rc = GS_OK;
     void **bufs = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers, by layer */
@@ -177,7 +179,7 @@ int sync_repacks(gs_engine *e) {
     for (int i = 0; i < n_layer && rc == GS_OK; i++) {
         layer_info *ly = &e->layers[i];
         int want = e->cfg.repack_buft && ly->cpu_generate && ly->count > 0;
-        if (!want && ly->repack_buf) drop_repack(e, i);
+        if (!want && ly->repack_buf && !e->keep_repacks) drop_repack(e, i);
         if (!want || ly->repack_buf) continue;
         size_t total = 0;
         for (int k = ly->first; k < ly->first + ly->count; k++)
@@ -233,10 +235,16 @@ int sync_repacks(gs_engine *e) {
             continue;
         }
         ly->repack_buf = bufs[i];
+        e->ctr.layers_repacked++;
         ly->repacked_bytes = G.buffer_get_size(bufs[i]);
         e->size.repacked_bytes += ly->repacked_bytes;
     }
     free(jobs);
     free(bufs);
     return rc;
+}
+
+int gs_engine_keep_repacks(gs_engine *e, int keep) {
+    e->keep_repacks = keep != 0;
+    return keep || !e->started ? GS_OK : sync_repacks(e);
 }

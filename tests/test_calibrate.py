@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from conftest import CPU
+from conftest import CPU, N_GEN, needs_no_amx
 from gguf_stream import read_model
-from gguf_stream.calibrate import (CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS, SPLIT_TRIAL_WARMUP, Calibrator, RatesCache,
-                                   cache_key)
+from gguf_stream.calibrate import (CALIBRATION_CPU_LAYERS, CALIBRATION_PARTS, CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS,
+                                   SPLIT_TRIAL_WARMUP, Calibrator, RatesCache, cache_key)
 from gguf_stream.config import EngineConfig
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.perfmodel import Rates, generate_splits
@@ -191,12 +191,15 @@ def test_first_calibration_counts_its_decodes_in_one_context_and_the_next_load_i
             results.append((cpu, calibration, len(contexts), repacked))
         err = capsys.readouterr().err
         assert ("calibrating the generate split" in err) == progress
+        assert ("split decodes" in err) == progress  # where the time went, said with the result
     (cpu, first, n_ctx, repacked), (cpu2, second, n_ctx2, _) = results
     assert first.decodes == CALIBRATION_TOKENS + len(first.split_trials) * (SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS)
     assert n_ctx == 1 and not first.cached and first.seconds > 0
+    # its parts: measured pieces of that time, each named
+    assert set(first.parts) == set(CALIBRATION_PARTS) and 0 < sum(first.parts.values()) <= first.seconds
     mf = read_model(tiny_path)
     assert cpu and repacked >= sum(mf.layer_bytes[i] for i in cpu) // 2  # the chosen split stays repacked
-    assert second.cached and second.decodes == 0 and n_ctx2 == 0
+    assert second.cached and second.decodes == 0 and n_ctx2 == 0 and second.parts == {}
     assert cpu2 == cpu and second.split_trials == first.split_trials and second.rates == first.rates
 
 
@@ -255,3 +258,129 @@ def test_no_split_for_rows_that_take_the_prompt_placement(tiny_path, capsys):
                            **extra) as m:
             assert m.plan.cpu_layers == ()
         assert f"decodes of {extra['generate_rows']} rows compute every row on the GPU" in capsys.readouterr().err
+
+
+def test_a_neighbour_stops_once_its_median_is_sure_to_be_slower(tiny_path, tmp_path, monkeypatch):
+    """Scripted token times: the up neighbour's first two timed decodes are
+    both slower than the start's median, so its third cannot change the
+    decision and is not run (a lower bound of its median is kept); the down
+    neighbour's first one is faster, so it runs all three and keeps its
+    median (the negative control)."""
+    assert (SPLIT_TRIAL_WARMUP, SPLIT_TRIAL_TOKENS) == (1, 3)  # the script below is written for these
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    script = {2: [5.0, 1.0, 1.0, 1.0], 3: [5.0, 1.2, 1.3, 0.1], 1: [5.0, 0.9, 1.1, 1.1]}
+    with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2) as m:
+        engine = m.streamer.engine
+        cal = Calibrator(m.streamer, m.model)
+        splits = [(tuple(m.plan.streamed[:n]), 0.0) for n in range(5)]
+        current, ran = [0], []
+        set_cpu_layers = engine.set_cpu_layers
+        monkeypatch.setattr(engine, "set_cpu_layers", lambda cpu: (current.__setitem__(0, len(cpu)),
+                                                                    set_cpu_layers(cpu)))
+
+        def decode_token(ctx, tok):
+            ran.append(current[0])
+            return script[current[0]][sum(1 for n in ran if n == current[0]) - 1]
+
+        monkeypatch.setattr(cal, "decode_token", decode_token)
+        m.streamer.context_closing()
+        try:
+            trials = cal.time_splits(splits, 2)
+        finally:
+            m.streamer.context_opened()
+    assert ran == [2] * 4 + [3] * 3 + [1] * 4
+    assert trials == {2: 1.0, 3: 1.2, 1: 1.1}  # 3: the least of its two slower samples, a bound under 1.3
+
+
+def _tracking_repacks(monkeypatch, engine):
+    """engine.set_cpu_layers counting the layers each call repacked."""
+    repacked, set_cpu_layers = [], engine.set_cpu_layers
+
+    def tracked(cpu):
+        before = engine.counters().layers_repacked
+        set_cpu_layers(cpu)
+        repacked.append(engine.counters().layers_repacked - before)
+
+    monkeypatch.setattr(engine, "set_cpu_layers", tracked)
+    return repacked
+
+
+def test_kept_repacks_serve_a_layer_that_returns_to_the_cpu(tiny_path):
+    """With keep_repacks, a layer that leaves the CPU keeps its repacked
+    copy and is not repacked when it comes back; turning it off frees the
+    copies of layers that are not CPU layers. Negative control: without
+    it, the same moves repack the returning layers again."""
+    with StreamedModel(tiny_path, **CPU, n_streamed=6, n_slots=2, cpu_repack=True, graph_reuse=False) as m:
+        e = m.streamer.engine
+        a, b = m.plan.streamed[:2], m.plan.streamed[1:3]
+
+        def moves():
+            before = e.counters().layers_repacked
+            for cpu in (a, b, a):
+                e.set_cpu_layers(cpu)
+            return e.counters().layers_repacked - before
+
+        assert e.counters().repacked_bytes == 0
+        assert moves() == 2 + 1 + 1  # dropped copies are made again
+        only_a = e.counters().repacked_bytes
+        e.set_cpu_layers(())
+        e.keep_repacks(True)
+        assert moves() == 2 + 1  # the third move finds a's copies kept
+        assert e.counters().repacked_bytes > only_a  # b's own layer still held
+        e.keep_repacks(False)
+        assert e.counters().repacked_bytes == only_a  # only the CPU layers' copies stay
+        e.set_cpu_layers(())
+        assert e.counters().repacked_bytes == 0
+
+
+@needs_no_amx
+def test_the_calibrated_split_computes_as_a_load_given_that_split(tiny_path, tmp_path, monkeypatch):
+    """After a search that moved between splits (start, up, down, back to
+    the start), the engine's CPU layers compute bit-identically to a fresh
+    load with the chosen split named explicitly: their kept repacked copies
+    are the weights a fresh repack makes. The layers that came back were not
+    repacked again. Negative control: a load with the neighbouring split
+    gives other logits (a CPU layer's repacked kernels round differently)."""
+    from gguf_stream import calibrate
+    from gguf_stream.planner import with_generate_placement
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    opts = dict(CPU, n_streamed=6, n_slots=2, cpu_repack=True, graph_reuse=False)
+    with StreamedModel(tiny_path, **opts) as m:
+        s, engine = m.streamer, m.streamer.engine
+        prompt = m.tokenize(PROMPT)
+        cal = Calibrator(s, m.model)
+        overflow = m.plan.generate_overflow
+        repacked = _tracking_repacks(monkeypatch, engine)
+        current = [()]
+        set_cpu_layers = engine.set_cpu_layers
+        monkeypatch.setattr(engine, "set_cpu_layers", lambda cpu: (current.__setitem__(0, tuple(cpu)),
+                                                                    set_cpu_layers(cpu)))
+        target = calibrate.split_cpu_layers(overflow, 2)
+        decode = cal.decode_token  # real decodes; the times favour the 2-layer split
+        monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: decode(ctx, tok) * 0 + 1.0 + abs(len(current[0]) - 2))
+        monkeypatch.setattr(calibrate, "best_split", lambda splits: 1)  # the search starts at 2
+        s.context_closing()
+        try:
+            cpu, c = cal.choose_split()
+            s.plan = with_generate_placement(s.plan, cpu, s.plan.generate_resident)
+        finally:
+            s.context_opened()
+        assert cpu == target and sorted(c.split_trials) == [1, 2, 3]
+        # sample, then 2, 3, 1, back to 2 (the chosen): only what no earlier set had is repacked
+        sets = [calibrate.rates_sample(overflow, CALIBRATION_CPU_LAYERS)] + \
+            [calibrate.split_cpu_layers(overflow, n) for n in (2, 3, 1, 2)]
+        seen, fresh = set(), []
+        for cpu_set in sets:
+            fresh.append(len(set(cpu_set) - seen))
+            seen |= set(cpu_set)
+        assert repacked[:5] == fresh and repacked[4] == 0
+        assert m.stats.counters.repacked_bytes > 0
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+    results = {}
+    for n in (2, 3):
+        with StreamedModel(tiny_path, **opts, generate_cpu_layers=calibrate.split_cpu_layers(overflow, n)) as f:
+            assert f.plan.cpu_layers == calibrate.split_cpu_layers(overflow, n)
+            results[n] = f.generate(prompt, N_GEN, with_logits=True)
+    assert tokens == results[2][0] and np.array_equal(logits, results[2][1])
+    assert not np.array_equal(logits, results[3][1])

@@ -42,6 +42,30 @@ def test_cuda_default_is_the_measured_split_and_exact_is_one_flag_away(tiny_path
         assert m.calibration is None and m.plan.cpu_layers == () and m.config.generate_cpu_layers == "none"
 
 
+def test_cuda_calibrated_split_computes_as_that_split_given(tiny_path, tmp_path, monkeypatch):
+    """A first load's split search moves CPU layers back and forth, keeping
+    repacked copies; its run computes bit-identically to a load given the
+    chosen split explicitly. Negative control: one CPU layer more or less
+    changes the logits (the CPU rounds differently from the GPU)."""
+    from gguf_stream.perfmodel import split_cpu_layers
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    opts = dict(n_streamed=6, n_slots=2, generate_resident="none", cpu_repack=True, **OPTS)
+    with StreamedModel(tiny_path, **opts) as m:
+        assert m.calibration is not None and m.calibration.decodes > 0
+        cpu, overflow = m.plan.cpu_layers, m.plan.generate_overflow
+        prompt = m.tokenize("Once upon a time")
+        tokens, logits = m.generate(prompt, 8, with_logits=True)
+    other = split_cpu_layers(overflow, len(cpu) + 1 if len(cpu) < len(overflow) else len(cpu) - 1)
+    results = {}
+    for split in (cpu, other):
+        with StreamedModel(tiny_path, **opts, generate_cpu_layers=split) as f:
+            assert f.calibration is None and f.plan.cpu_layers == split
+            results[split] = f.generate(prompt, 8, with_logits=True)
+    assert tokens == results[cpu][0] and np.array_equal(logits, results[cpu][1])
+    assert not np.array_equal(logits, results[other][1])
+
+
 def test_cuda_swapped_layers_change_output(tiny_path):
     with StockModel(tiny_path, n_gpu_layers=-1, **OPTS) as s:
         prompt = s.tokenize("Once upon a time")

@@ -15,7 +15,11 @@ process, at B = the fraction of the file's size:
 
 It prints each run's load time ("loaded in X s", the engine's own figure),
 the process's wall time, the generation t/s, the calibration's counted cost
-(timed decodes, splits) and the ratio first / plain; the issue's target is
+(timed decodes, splits), where its time went (calibrate.CALIBRATION_PARTS:
+context, rates, split set-up, split decodes, closing; the rest of the first
+load is what the cached load does too, the chosen split's repack included),
+each timed split's result ('>=': its decodes stopped once it was sure to be
+slower) and the ratio first / plain; the issue's target is
 first <= 1.5 x plain (load time). Decides: that ratio, and tg of 'first' and
 'second' against 'plain'.
 """
@@ -44,12 +48,15 @@ def run(model: str, budget: str, n: int, *extra: str, env: dict) -> dict:
     err = p.stderr
     load = re.search(r"loaded in ([\d.]+) s", err)
     tg = re.search(r"generated: \d+ tokens in [\d.]+ s \(([\d.]+) t/s\)", err)
-    cal = re.search(r"calibrated in ([\d.]+) s: (\d+) timed decodes, (\d+) splits", err)
+    cal = re.search(r"calibrated in ([\d.]+) s: (\d+) timed decodes, (\d+) splits(?:; ([^)]*))?\)", err)
+    trials = re.findall(r"split with (\d+) CPU layers: (>= )?([\d.]+) ms per .*?set up ([\d.]+) s, (\d+) decodes", err)
     split = re.search(r"the CPU computes (\d+) of (\d+) overflow layers", err)
     return {"load": float(load.group(1)) if load else float("nan"), "wall": wall,
             "tg": float(tg.group(1)) if tg else float("nan"),
             "calibration": f"{cal.group(1)} s, {cal.group(2)} decodes, {cal.group(3)} splits" if cal else
             ("from cache" if split else "-"),
+            "parts": cal.group(4) if cal and cal.group(4) else "",
+            "trials": "; ".join(f"{n}: {ge or ''}{ms} ms/token, set up {su} s, {d} decodes" for n, ge, ms, su, d in trials),
             "cpu_layers": f"{split.group(1)}/{split.group(2)}" if split else "0", "stderr": err}
 
 
@@ -78,6 +85,9 @@ def main() -> int:
         runs.append((name, r))
         print(f"{name:18s} load {r['load']:6.1f} s  wall {r['wall']:6.1f} s  tg {r['tg']:6.1f} t/s  "
               f"CPU layers {r['cpu_layers']:>6s}  calibration: {r['calibration']}", flush=True)
+        if r["parts"]:
+            print(f"{'':18s} calibration's parts (engine's own clock): {r['parts']}")
+            print(f"{'':18s} splits timed (CPU layers): {r['trials']}", flush=True)
     if a.log:
         with open(a.log, "w") as f:
             for name, r in runs:

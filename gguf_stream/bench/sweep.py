@@ -167,7 +167,8 @@ class Ctx:
                 notes.append(f"engine-measured rates: PCIe {r.pcie_bytes_per_s / 1e9:.1f} GB/s, CPU layers "
                              f"{r.cpu_bytes_per_s / 1e9:.1f} GB/s, GPU part of a token (timed layer by layer) "
                              f"{r.gpu_token_seconds * 1e3:.2f} ms; "
-                             f"splits timed (CPU layers: t/s) {trials}, chosen {len(m.plan.cpu_layers)} "
+                             f"splits timed (CPU layers: t/s; a slower one's may be an upper bound) {trials}, chosen "
+                             f"{len(m.plan.cpu_layers)} "
                              f"(the rates predict {1 / predicted:.1f} t/s for it)")
                 self.progress(notes[-1])
             timing = time_model(m, self.w, self.progress, "streamed")
