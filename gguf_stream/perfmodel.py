@@ -41,10 +41,18 @@ def generate_splits(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> lis
     total = sum(layer_bytes[i] for i in overflow)
     splits = []
     for n_cpu in range(len(overflow) + 1):
-        streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
-        x = sum(layer_bytes[i] for i in streamed)
-        splits.append((tuple(i for i in overflow if i not in streamed), token_seconds(G, c, p, total, x)))
+        cpu = split_cpu_layers(overflow, n_cpu)
+        x = total - sum(layer_bytes[i] for i in cpu)
+        splits.append((cpu, token_seconds(G, c, p, total, x)))
     return splits
+
+
+def split_cpu_layers(overflow: tuple[int, ...], n_cpu: int) -> tuple[int, ...]:
+    """The CPU layers of the split with n_cpu of them: the streamed rest
+    spread evenly through the overflow (independent of the rates, so the
+    host memory a split takes is known before anything is measured)."""
+    streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
+    return tuple(i for i in overflow if i not in streamed)
 
 
 def best_split(splits) -> int:
