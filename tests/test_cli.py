@@ -466,6 +466,10 @@ def test_host_memory_check_is_one_line_in_the_cli(capsys, tiny_path, monkeypatch
     monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
     rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
                           "--device", "host", "-t", T, *SMALL)
+    assert_user_error(rc, err, "host budget 0.0 MiB (what this machine can spare: MemAvailable 1.0 MiB",
+                      "give --host-budget", "a larger --vram-budget")
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
+                          "--device", "host", "-t", T, "--host-budget", "none", *SMALL)
     assert_user_error(rc, err, "of host memory (pinned", "1.0 MiB is available (MemAvailable)",
                       "give a larger --vram-budget")
 
