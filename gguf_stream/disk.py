@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from .errors import HostMemoryError
 from .memory import format_size, parse_size
+from .perfmodel import tg_bound_seconds
 from .planner import Plan, interleaved_layers
 
 # The disk tier's early trigger (gs_engine_config.disk_lookahead): with each
@@ -145,7 +146,12 @@ def tier_bounds(plan: Plan, n_ubatch: int, rates=None, disk_rate: float | None =
         tg = f"tg: each token reads the disk tier, {rate(plan.disk_bytes, disk_rate, 'disk read rate')}" + (
             f", at most {disk_rate / plan.disk_bytes:.2f} t/s" if disk_rate else "")
     else:
-        tg = "tg: no disk tier (the generate split's rates decide it)"
+        tg = "tg: no disk tier"
+    if rates is not None and plan.generate_overflow:
+        # the best split of the overflow at the measured rates, as if all of it sat in pinned memory
+        token = tg_bound_seconds(rates.gpu_token_seconds, 1 / rates.cpu_bytes_per_s, 1 / pcie,
+                                 plan.generate_overflow_bytes)
+        tg += f"; the generate split at the measured rates: at most {1 / token:.1f} t/s"
     known = "measured: " + ", ".join(f"{n} {v / 1e9:.1f} GB/s" for n, v in (("PCIe", pcie), ("disk", disk_rate)) if v) \
         if pcie or disk_rate else "no rates measured on this machine yet"
     return f"bounds ({known}): {pp}; {tg}"

@@ -529,3 +529,22 @@ def test_cuda_disk_tier_file_truncated_is_a_clear_error(tiny_path, tmp_path):
         assert "\n" not in str(exc.value)
         with pytest.raises(DecodeError):
             m.generate(prompt, 1)
+
+
+def test_tier_bounds_follow_the_rates(tiny_path):
+    """The bounds `plan` prints: symbolic without measured rates, numbers with
+    them (a ubatch moves every streamed byte over PCIe and reads the disk tier
+    once; a token reads the disk tier once)."""
+    from gguf_stream.disk import tier_bounds
+    from gguf_stream.perfmodel import Rates
+
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2)
+    tiered = assign_disk_tier(plan, budget_for(plan, 2))
+    line = tier_bounds(tiered, 64)
+    assert "no rates measured" in line and "(PCIe rate)" in line and "(disk read rate)" in line
+    rates = Rates(pcie_bytes_per_s=tiered.streamed_bytes * 10.0, cpu_bytes_per_s=1e9, gpu_token_seconds=1e-3)
+    line = tier_bounds(tiered, 64, rates, disk_rate=tiered.disk_bytes * 4.0)
+    assert "at most 256 t/s" in line  # 64 tokens per max(0.1 s PCIe, 0.25 s disk)
+    assert "at most 4.00 t/s" in line  # the disk tier every token
+    line = tier_bounds(plan, 64, rates)  # no disk tier: PCIe alone bounds a ubatch
+    assert "at most 640 t/s" in line and "no disk tier" in line and "disk read rate" not in line
