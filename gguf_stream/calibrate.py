@@ -134,20 +134,34 @@ class RatesCache:
     def put_rates(self, rates: Rates) -> None:
         self._write(self.key, asdict(rates))
 
-    def split_trials(self, overflow: tuple[int, ...]) -> dict[int, float] | None:
-        entry = self._read().get(self._split_key(overflow))
+    def split_trials(self, overflow: tuple[int, ...], most: int | None = None) -> dict[int, float] | None:
+        """Timed splits of these candidate CPU layers, with at most `most` of
+        them on the CPU (a host budget's room; None: any number)."""
+        most = len(overflow) if most is None else most
+        entry = self._read().get(self._split_key(overflow, most))
         try:
             trials = {int(n): t for n, t in entry.items()}
         except (AttributeError, TypeError, ValueError):
             return None
-        ok = trials and all(0 <= n <= len(overflow) and _number(t) and t > 0 for n, t in trials.items())
+        ok = trials and all(0 <= n <= most and _number(t) and t > 0 for n, t in trials.items())
         return trials if ok else None
 
-    def put_split_trials(self, overflow: tuple[int, ...], trials: dict[int, float]) -> None:
-        self._write(self._split_key(overflow), trials)
+    def put_split_trials(self, overflow: tuple[int, ...], trials: dict[int, float], most: int | None = None) -> None:
+        self._write(self._split_key(overflow, len(overflow) if most is None else most), trials)
 
-    def _split_key(self, overflow: tuple[int, ...]) -> str:
-        return self.key + "|split|" + ",".join(map(str, overflow))
+    def _split_key(self, overflow: tuple[int, ...], most: int | None = None) -> str:
+        key = self.key + "|split|" + ",".join(map(str, overflow))
+        return key + (f"|most={most}" if most is not None and most < len(overflow) else "")
+
+
+def cached_split(cache: RatesCache, choices: tuple[int, ...], most: int) -> tuple[int, ...] | None:
+    """The CPU layers of the split calibrated before for these candidates
+    (at most `most` of them), as a load would take it from the cache; None
+    when the cache lacks it (the load then measures)."""
+    trials = cache.split_trials(choices, most)
+    if cache.rates() is None or trials is None:
+        return None
+    return split_cpu_layers(choices, min(trials, key=lambda n: (trials[n], -n)))
 
 
 def cache_key(path: str, config, device_total: int | None) -> str:
@@ -161,26 +175,38 @@ def cache_key(path: str, config, device_total: int | None) -> str:
     return "|".join(key + ([f"rows={config.split_rows}"] if config.split_rows > 1 else []))
 
 
-def rates_sample(overflow: tuple[int, ...], n: int) -> tuple[int, ...]:
+def rates_sample(overflow: tuple[int, ...], n: int, most: int | None = None) -> tuple[int, ...]:
     """n overflow layers for the rates' CPU sample: those that are CPU
-    layers in the most of the splits that can hold n of them, so that their
-    repacked copies (kept through the search) serve the timed splits too.
-    In a dense model the layers are alike: any n measure the same rate."""
+    layers in the most of the splits (up to `most` CPU layers) that can hold
+    n of them, so that their repacked copies (kept through the search) serve
+    the timed splits too. In a dense model the layers are alike: any n
+    measure the same rate."""
     count = dict.fromkeys(overflow, 0)
-    for n_cpu in range(n, len(overflow) + 1):
+    for n_cpu in range(n, (len(overflow) if most is None else min(most, len(overflow))) + 1):
         for i in split_cpu_layers(overflow, n_cpu):
             count[i] += 1
     return tuple(sorted(sorted(overflow, key=lambda i: -count[i])[:n]))
 
 
+def split_lookup(path: str, config, device_total: int | None):
+    """(choices, most) -> cached_split for this model, machine and config: what
+    the load will find in the cache (placement.host_tiers asks it before loading)."""
+    cache = RatesCache(cache_key(path, config, device_total))
+    return lambda choices, most: cached_split(cache, tuple(choices), most)
+
+
 class Calibrator:
     """Measures one loaded model through its Streamer (between loading the
-    model and creating the context that will decode)."""
+    model and creating the context that will decode). The CPU layers are
+    chosen among `choices` (default: the generate overflow), at most `most`
+    of them (a host budget's room for their copies; default: all)."""
 
-    def __init__(self, streamer, model):
+    def __init__(self, streamer, model, choices: tuple[int, ...] | None = None, most: int | None = None):
         self.s, self.model = streamer, model
         total = native.device_memory("CUDA0")[1] if streamer.cuda else None
         self.cache = RatesCache(cache_key(streamer.path, streamer.config, total))
+        self.choices = tuple(streamer.plan.generate_overflow if choices is None else choices)
+        self.most = len(self.choices) if most is None else min(most, len(self.choices))
         # rows of every timed decode: the split is chosen for decodes of that many
         self.rows = streamer.config.split_rows
         self.decodes = 0  # decodes run so far (decode_token)
@@ -192,8 +218,8 @@ class Calibrator:
         cache lacks is measured in one context, whose CPU layers are left
         at the chosen split (their repacked copies serve the run)."""
         t0 = time.perf_counter()
-        overflow = self.s.plan.generate_overflow
-        rates, trials = self.cache.rates(), self.cache.split_trials(overflow)
+        overflow = self.choices
+        rates, trials = self.cache.rates(), self.cache.split_trials(overflow, self.most)
         if rates is None or trials is None:
             self._say("calibrating the generate split (first load of this model on this machine; cached in "
                       f"{self.cache.path} for the next ones)")
@@ -204,7 +230,7 @@ class Calibrator:
                 if rates is None:
                     rates = self.measure_rates(ctx)
                     t = self._spent("rates", t)
-                splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
+                splits = self._splits(rates)
                 if trials is None:
                     bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0  # measured for one row
                     start = min(best_split(splits) + bias, len(splits) - 1)
@@ -215,7 +241,7 @@ class Calibrator:
                 self.keep_cpu_layers = splits[n_cpu][0]
             self._spent("closing", t)
         else:
-            splits = generate_splits(overflow, self.s.model_file.layer_bytes, rates)
+            splits = self._splits(rates)
         n_cpu = min(trials, key=lambda n: (trials[n], -n))
         cpu, predicted = splits[n_cpu]
         parts = {k: v for k, v in self.parts.items() if v} if self.decodes else {}
@@ -232,6 +258,10 @@ class Calibrator:
         now = time.perf_counter()
         self.parts[part] += now - since
         return now
+
+    def _splits(self, rates: Rates):
+        """generate_splits of the choices, up to `most` CPU layers."""
+        return generate_splits(self.choices, self.s.model_file.layer_bytes, rates)[:self.most + 1]
 
     @property
     def _decode(self) -> str:
@@ -267,8 +297,9 @@ class Calibrator:
             try:
                 e.kv_attach()  # (a context that rebuilds every graph)
                 # a layer leaving the CPU keeps its repacked copy: a later trial
-                # (or the chosen split) may take it back
-                e.keep_repacks(True)
+                # (or the chosen split) may take it back; not when a host budget
+                # caps the CPU layers (the trials' copies together could pass it)
+                e.keep_repacks(self.most == len(self.choices))
                 with s.own_context():
                     yield ctx
                 ok = True
@@ -348,7 +379,7 @@ class Calibrator:
                     fastest, n, moved = trials[n], n + step, True
                 if moved:
                     break
-        self.cache.put_split_trials(self.s.plan.generate_overflow, trials)
+        self.cache.put_split_trials(self.choices, trials, self.most)
         return trials
 
     def measure_rates(self, ctx=None) -> Rates:
@@ -359,9 +390,10 @@ class Calibrator:
         mf, plan = s.model_file, s.plan
         first = plan.streamed[0]
         pcie = mf.layer_bytes[first] / e.measure_upload(first, 3)
-        overflow = plan.generate_overflow
-        n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)))
-        sample = rates_sample(overflow, n_cpu)
+        overflow = self.choices
+        n_cpu = min(len(overflow), CALIBRATION_CPU_LAYERS, max(2, CALIBRATION_CPU_BYTES // max(mf.layer_bytes)),
+                    self.most)  # the sample's copies stay within the host budget's room too
+        sample = rates_sample(overflow, n_cpu, self.most)
         bos = s.bos(self.model)
         t0 = time.perf_counter()
         with self.context(ctx) as ctx:

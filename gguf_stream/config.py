@@ -114,8 +114,10 @@ class EngineConfig:
     host_memory_check: bool = True
     # Host memory the weights may hold (e.g. "16GiB"); streamed parts beyond
     # it go to the disk tier, read from the GGUF file at every use. None:
-    # what the machine has available (MemAvailable, which the check above
-    # enforces).
+    # what the machine can spare (MemAvailable less max(1 GiB, 10%), measured
+    # at load; not with the check above off); "none": no budget, no disk
+    # tier (every streamed part in host memory, the check above enforcing
+    # MemAvailable).
     host_budget: int | str | None = None
     # The disk tier reads with O_DIRECT (bypassing the page cache) where the
     # filesystem allows it, buffered reads where it refuses.
@@ -137,10 +139,13 @@ class EngineConfig:
             from .memory import parse_size
 
             parse_size(self.vram_budget)  # names what is wrong with it
-        if self.host_budget is not None:
+        if self.host_budget is not None and self.host_budget != "none":
             from .memory import parse_size
 
-            parse_size(self.host_budget)
+            try:
+                parse_size(self.host_budget)
+            except ValueError as exc:
+                raise ValueError(f"host_budget: {exc} (or 'none': no budget, no disk tier)") from None
         check_int("n_ctx", self.n_ctx, 0, MAX_CONTEXT, "0: the model's training context")
         check_int("n_batch", self.n_batch, 1, MAX_CONTEXT)
         check_int("n_ubatch", self.n_ubatch, 1, MAX_CONTEXT)
@@ -398,11 +403,14 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def available_host_memory() -> int | None:
+MEMINFO = "/proc/meminfo"
+
+
+def available_host_memory(meminfo: str | None = None) -> int | None:
     """Bytes of host memory available without swapping (MemAvailable of
-    /proc/meminfo); None where the kernel does not say."""
+    MEMINFO, /proc/meminfo, or of the file `meminfo`); None where it does not say."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo or MEMINFO) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key == "MemAvailable":

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from .errors import HostMemoryError
 from .memory import format_size, parse_size
+from .perfmodel import tg_bound_seconds
 from .planner import Plan, interleaved_layers
 
 # The disk tier's early trigger (gs_engine_config.disk_lookahead): with each
@@ -36,6 +37,22 @@ DISK_READERS = 4          # GS_DISK_READERS
 DISK_READERS_MAX = 64     # GS_DISK_READERS_MAX
 STAGING_SPARE = 2         # GS_STAGING_SPARE: staging buffers = readers + this
 PAGE = 4096
+
+# The default host budget (no --host-budget): what the machine can spare,
+# MemAvailable less a margin for everything else on it (the OS, other
+# programs, this process's own Python and llama.cpp's buffers not estimated)
+HOST_MARGIN_MIN = 1 << 30
+HOST_MARGIN_FRACTION = 0.10
+
+
+def host_margin(available: int) -> int:
+    """The margin the default host budget leaves: max(1 GiB, 10% of MemAvailable)."""
+    return max(HOST_MARGIN_MIN, int(available * HOST_MARGIN_FRACTION))
+
+
+def spare_host_memory(available: int) -> int:
+    """The default host budget for MemAvailable `available` (at least 0)."""
+    return max(available - host_margin(available), 0)
 
 
 def staging_options(cuda: bool, environ=os.environ) -> dict:
@@ -78,6 +95,11 @@ def staging_buffers(options: dict) -> int:
     return options["disk_readers"] + STAGING_SPARE
 
 
+def reader_options(cuda: bool, disk_direct: bool) -> dict:
+    """The disk tier's reader as a run on this device has it: staging_options and O_DIRECT."""
+    return dict(staging_options(cuda), disk_direct=disk_direct)
+
+
 def staging_bytes(model_file, options: dict, cuda: bool) -> int:
     """Host memory the staging buffers take when a disk tier exists (pinned
     on CUDA): staging_buffers chunks, a chunk capped at the largest layer
@@ -104,12 +126,14 @@ def with_disk_layers(plan: Plan, layers, host_budget: int | None = None) -> Plan
     return replace(plan, layers=spans, host_budget=host_budget)
 
 
-def assign_disk_tier(plan: Plan, host_budget: int, staging: int = 0) -> Plan:
+def assign_disk_tier(plan: Plan, host_budget: int, staging: int = 0, budget_source: str = "",
+                     remedy: str = "raise the host budget") -> Plan:
     """Fewest streamed parts on the disk tier so that the plan's host memory
     (Plan.host_bytes) fits host_budget, spread evenly through the candidates
     (so pinned uploads lie between disk reads). A disk tier also takes
     `staging` bytes (its staging buffers). Refuses a budget that even every
-    candidate on disk cannot meet."""
+    candidate on disk cannot meet (`budget_source` says where the budget
+    came from in that error, `remedy` what to change first)."""
     if host_budget < 0:
         raise ValueError(f"host budget {host_budget} < 0")
     if plan.host_bytes <= host_budget:
@@ -123,10 +147,43 @@ def assign_disk_tier(plan: Plan, host_budget: int, staging: int = 0) -> Plan:
             return with_disk_layers(plan, chosen, host_budget)
     rest = plan.host_bytes + staging - sum(sizes[i] for i in candidates)
     raise HostMemoryError(
-        f"host budget {format_size(host_budget)} is below the {format_size(rest)} of host memory this run needs "
-        "with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV caches"
-        + (f", {format_size(staging)} of staging buffers" if staging else "") + "); "
-        "raise the host budget, or use a larger vram_budget or fewer CPU layers")
+        f"host budget {format_size(host_budget)}{budget_source} is below the {format_size(rest)} of host memory "
+        "this run needs with every streamed part on the disk tier (the input embedding, CPU layers' copies and KV "
+        "caches" + (f", {format_size(staging)} of staging buffers" if staging else "") + "); "
+        f"{remedy}, or use a larger vram_budget or fewer CPU layers")
+
+
+def tier_bounds(plan: Plan, n_ubatch: int, rates=None, disk_rate: float | None = None) -> str:
+    """The speeds the tiers allow, from measured rates where known
+    (perfmodel.Rates: PCIe, CPU, G; the disk's read rate): a prompt's ubatch
+    moves every streamed part over PCIe and reads the disk tier once; a
+    generated token reads the disk tier once (it streams in both phases)."""
+    def rate(nbytes, per_s, name):
+        return f"{nbytes / per_s:.3f} s" if per_s else f"{format_size(nbytes)} / ({name})"
+
+    if not plan.streamed:
+        return "bounds: nothing streams (every layer resident)"
+    pcie = rates.pcie_bytes_per_s if rates is not None else None
+    ub = [rate(plan.streamed_bytes, pcie, "PCIe rate")]
+    if plan.disk_layers:
+        ub.append(rate(plan.disk_bytes, disk_rate, "disk read rate"))
+    pp = f"pp: a ubatch of {n_ubatch} tokens takes at least " + (f"max({', '.join(ub)})" if len(ub) > 1 else ub[0])
+    if pcie and (disk_rate or not plan.disk_layers):
+        per_ub = max(plan.streamed_bytes / pcie, plan.disk_bytes / disk_rate if plan.disk_layers else 0.0)
+        pp += f", at most {n_ubatch / per_ub:.0f} t/s"
+    if plan.disk_layers:
+        tg = f"tg: each token reads the disk tier, {rate(plan.disk_bytes, disk_rate, 'disk read rate')}" + (
+            f", at most {disk_rate / plan.disk_bytes:.2f} t/s" if disk_rate else "")
+    else:
+        tg = "tg: no disk tier"
+    if rates is not None and plan.generate_overflow:
+        # the best split of the overflow at the measured rates, as if all of it sat in pinned memory
+        token = tg_bound_seconds(rates.gpu_token_seconds, 1 / rates.cpu_bytes_per_s, 1 / pcie,
+                                 plan.generate_overflow_bytes)
+        tg += f"; the generate split at the measured rates: at most {1 / token:.1f} t/s"
+    known = "measured: " + ", ".join(f"{n} {v / 1e9:.1f} GB/s" for n, v in (("PCIe", pcie), ("disk", disk_rate)) if v) \
+        if pcie or disk_rate else "no rates measured on this machine yet"
+    return f"bounds ({known}): {pp}; {tg}"
 
 
 def arm_disk_load(params):

@@ -48,8 +48,9 @@ def generate_splits(overflow: tuple[int, ...], layer_bytes, rates: Rates) -> lis
 
 
 def split_cpu_layers(overflow: tuple[int, ...], n_cpu: int) -> tuple[int, ...]:
-    """The CPU layers of the split with n_cpu of them: the streamed ones
-    spread evenly through the overflow, the CPU computes the rest."""
+    """The CPU layers of the split with n_cpu of them: the streamed rest
+    spread evenly through the overflow (independent of the rates, so the
+    host memory a split takes is known before anything is measured)."""
     streamed = {overflow[j] for j in interleaved_layers(len(overflow), len(overflow) - n_cpu)}
     return tuple(i for i in overflow if i not in streamed)
 

@@ -6,11 +6,14 @@ host-memory check on it. Pure but for the device's size (native), so
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .config import EngineConfig, available_host_memory, kv_streams, resolve_context
+from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
 from .errors import BudgetError, HostMemoryError
 from .gguf_file import ModelFile
 from .memory import format_size, generate_graph_bytes, parse_size
+from .perfmodel import split_cpu_layers
 from .planner import (OFFLOAD_MIN_BATCH, Plan, generate_resident_layers, interleaved_layers, make_plan,
                       with_generate_placement)
 
@@ -81,26 +84,167 @@ def _check_named_layers(plan: Plan, config: EngineConfig, cuda: bool) -> None:
 
 def expected_generate_plan(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bool) -> Plan:
     """The plan with the generate placement the Streamer will choose at
-    load, as far as it is known before loading: with 'auto' on CUDA a dense
+    load without a host budget (host_tiers): with 'auto' on CUDA a dense
     model's CPU layers are measured then, so every overflow layer counts
     (the most calibration can choose)."""
-    if not plan.streamed:
-        return plan
-    _check_named_layers(plan, config, cuda)
-    streamed = set(plan.streamed)
-    resident = [i for i in chosen_generate_resident(model_file, plan, config, cuda)[0] if i in streamed]
-    plan = with_generate_placement(plan, (), resident)
-    choice = config.generate_split(cuda)
-    if choice == "auto" and plan.part == "experts":
-        cpu = moe_cpu_parts(plan)
-    elif choice == "auto" and cuda:
-        cpu = plan.generate_overflow
-    else:
-        cpu = () if isinstance(choice, str) else tuple(choice)
-    return with_generate_placement(plan, [i for i in cpu if i in streamed and i not in resident], resident)
+    return host_tiers(model_file, plan, config, cuda, HostBudget(None)).most_plan
 
 
 ENV_HOST_MEMORY_CHECK = "GGUF_STREAM_HOST_MEMORY_CHECK"
+
+
+def _host_check_on(config: EngineConfig) -> bool:
+    return config.host_memory_check and os.environ.get(ENV_HOST_MEMORY_CHECK, "1") != "0"
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """The host-memory budget a run's tiers are chosen for: given
+    (host_budget), measured (what the machine can spare), or none (None)."""
+
+    nbytes: int | None
+    available: int | None = None  # MemAvailable, when the budget was measured from it
+
+    @property
+    def source(self) -> str:
+        """Where a measured budget came from, for messages ('' when given)."""
+        if self.available is None:
+            return ""
+        return (f" (what this machine can spare: MemAvailable {format_size(self.available)} less a margin of "
+                f"{format_size(host_margin(self.available))})")
+
+
+def host_budget_of(config: EngineConfig, available: int | None = None) -> HostBudget:
+    """config.host_budget as a HostBudget: a size; 'none' (no budget); or,
+    without one, what the machine can spare (disk.spare_host_memory of
+    MemAvailable, or `available`) while the host-memory check is on."""
+    value = config.host_budget
+    if value == "none":
+        return HostBudget(None)
+    if value is not None:
+        return HostBudget(parse_size(value))
+    if not _host_check_on(config):
+        return HostBudget(None)
+    available = available_host_memory() if available is None else available
+    return HostBudget(None) if available is None else HostBudget(spare_host_memory(available), available)
+
+
+@dataclass(frozen=True)
+class HostTiers:
+    """What host_tiers decided: the plan's tiers (disk layers) and the
+    generate placement the load starts from, and for a split measured at
+    load ('auto' on CUDA) the layers it may put on the CPU."""
+
+    plan: Plan
+    budget: HostBudget
+    split: str  # where the plan's CPU layers come from (plan prints it)
+    choices: tuple[int, ...] = ()  # 'auto' on CUDA: pinned overflow layers the calibrated split chooses among
+    most: int = 0  # at most this many of them (their copies within the host budget)
+    cached: bool = False  # the plan's CPU layers are the split cached by an earlier load
+
+    @property
+    def most_plan(self) -> Plan:
+        """The plan with the most CPU layers the load may end with (the host-memory check's view)."""
+        if self.cached or not self.most:
+            return self.plan
+        cpu = split_cpu_layers(self.choices, self.most)
+        return with_generate_placement(self.plan, cpu, self.plan.generate_resident)
+
+    def notice(self) -> str | None:
+        """The one line a run and `plan` print when the measured default budget put parts on the disk tier."""
+        p = self.plan
+        if self.budget.available is None or not p.disk_layers:
+            return None
+        return (f"host memory: this run would need {format_size(p.host_bytes + p.disk_bytes)} but the host budget is "
+                f"{format_size(self.budget.nbytes)}{self.budget.source}, so {len(p.disk_layers)} streamed part(s) "
+                f"({format_size(p.disk_bytes)}) are read from the GGUF file at every use (the disk tier); "
+                "--host-budget SIZE sets the budget, --host-budget none keeps every streamed part in host memory")
+
+
+def host_tiers(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bool, budget: HostBudget,
+               staging: int = 0, lookup=None) -> HostTiers:
+    """The one decision, for `plan` and the load alike, of the host memory a
+    run holds: its CPU layers while generating (given, none, a mixture-of-
+    experts' parts, or the calibrated split) and, under a host budget, which
+    streamed parts go to the disk tier (disk.assign_disk_tier; a disk tier
+    adds `staging` bytes). With 'auto' on CUDA (a dense model) the split is
+    measured after loading, but the disk tier must be chosen before: the
+    tiers are chosen without CPU layers, and the split then chooses among
+    the pinned overflow layers, as many as the budget's room left holds
+    copies of. `lookup(choices, most)` gives the split an earlier load
+    cached (calibrate.split_lookup): then the plan has those CPU layers,
+    exactly what the load will take from the cache."""
+    if not plan.streamed:
+        return HostTiers(plan, budget, "")
+    _check_named_layers(plan, config, cuda)
+    streamed = set(plan.streamed)
+    resident = [i for i in chosen_generate_resident(model_file, plan, config, cuda)[0] if i in streamed]
+    base = with_generate_placement(plan, (), resident)
+    choice = config.generate_split(cuda)
+    rows, most_rows = config.split_rows, config.cpu_layers_max_batch
+    measured = (choice == "auto" and cuda and plan.part != "experts" and bool(base.generate_overflow)
+                and rows < OFFLOAD_MIN_BATCH and (most_rows is None or rows <= most_rows))
+    if not measured:
+        if choice == "auto" and plan.part == "experts":
+            cpu, why = moe_cpu_parts(base), "the overflow layers' experts beyond the slots (a token reads few of them)"
+        elif choice == "auto" and cuda and not base.generate_overflow:
+            cpu, why = (), "none (every streamed layer stays resident while generating)"
+        elif choice == "auto" and cuda:
+            cpu, why = (), f"none (decodes of {rows} rows compute every row on the GPU)"
+        elif choice == "auto":
+            cpu, why = (), "none (host mode: no split to measure)"
+        elif choice == "none":
+            cpu, why = (), "none (every layer computed on the GPU: exact)"
+        else:
+            cpu, why = tuple(choice), "as given"
+        fixed = with_generate_placement(base, [i for i in cpu if i in streamed and i not in resident], resident)
+        return HostTiers(_with_budget(fixed, budget, staging), budget, why)
+    tiered = _with_budget(base, budget, staging)
+    disk = set(tiered.disk_layers)
+    choices = tuple(i for i in tiered.generate_overflow if i not in disk)
+    room = None if budget.nbytes is None else budget.nbytes - tiered.host_bytes - (staging if disk else 0)
+    most = _most_cpu_layers(tiered, choices, room)
+    cpu = lookup(choices, most) if lookup is not None and most else None
+    if cpu is not None:
+        return HostTiers(with_generate_placement(tiered, cpu, resident), budget,
+                         f"the calibrated split cached by an earlier load on this machine ({len(cpu)} of "
+                         f"{len(choices)} CPU layers)", choices, most, cached=True)
+    if not most:
+        why = ("none: the host budget leaves no room for a CPU layer's repacked copy" if choices else
+               "none: every overflow layer is on the disk tier")
+    else:
+        within = "" if room is None else f", their copies within the {format_size(room)} the host budget leaves"
+        why = (f"measured at load (none cached{'' if lookup else ' here'}): up to {most} of {len(choices)} pinned "
+               f"overflow layers{within}; the tiers stay as shown")
+    return HostTiers(tiered, budget, why, choices, most)
+
+
+def run_tiers(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bool, lookup=None) -> HostTiers:
+    """host_tiers for a run of `config` on this device: its host budget
+    (host_budget_of) and its disk reader's staging buffers. `plan` and the
+    Streamer both call this."""
+    staging = staging_bytes(model_file, reader_options(cuda, config.disk_direct), cuda)
+    return host_tiers(model_file, plan, config, cuda, host_budget_of(config), staging, lookup)
+
+
+def _with_budget(plan: Plan, budget: HostBudget, staging: int) -> Plan:
+    if budget.nbytes is None:
+        return plan
+    remedy = ("free host memory, give a host_budget ('none': no budget), or skip the measured budget with "
+              f"{ENV_HOST_MEMORY_CHECK}=0") if budget.available is not None else "raise the host budget"
+    return assign_disk_tier(plan, budget.nbytes, staging, budget.source, remedy)
+
+
+def _most_cpu_layers(plan: Plan, choices: tuple[int, ...], room: int | None) -> int:
+    """The most of `choices` the calibrated split may put on the CPU: as
+    many as their host memory (repacked copies, KV caches) fits in `room`."""
+    if room is None:
+        return len(choices)
+    n = 0
+    while n < len(choices) and with_generate_placement(plan, split_cpu_layers(choices, n + 1),
+                                                       plan.generate_resident).cpu_layer_host_bytes <= room:
+        n += 1
+    return n
 
 
 def check_host_memory(plan: Plan, config: EngineConfig, available: int | None = None) -> None:
@@ -108,7 +252,7 @@ def check_host_memory(plan: Plan, config: EngineConfig, available: int | None = 
     machine has available: pinned memory cannot be swapped out, and a run
     whose weights swap crawls. Skipped with config.host_memory_check False,
     GGUF_STREAM_HOST_MEMORY_CHECK=0, or where MemAvailable is unknown."""
-    if not config.host_memory_check or os.environ.get(ENV_HOST_MEMORY_CHECK, "1") == "0":
+    if not _host_check_on(config):
         return
     available = available_host_memory() if available is None else available
     if available is None or plan.host_bytes <= available:

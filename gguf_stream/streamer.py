@@ -23,16 +23,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from . import llama_abi, native
-from .calibrate import Calibration, Calibrator
+from .calibrate import Calibration, Calibrator, split_lookup
 from .config import EngineConfig, resolve_context, select_device, with_default_budget
-from .disk import (DISK_LOOKAHEAD, arm_disk_load, assign_disk_tier, file_identity, staging_bytes, staging_options,
-                   with_disk_layers)
+from .disk import DISK_LOOKAHEAD, arm_disk_load, file_identity, reader_options, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
-from .memory import kv_ggml_type, parse_size
-from .placement import (check_host_memory, chosen_generate_resident, expected_generate_plan, initial_plan,
-                        moe_cpu_parts)
+from .memory import kv_ggml_type
+from .placement import HostTiers, check_host_memory, chosen_generate_resident, initial_plan, moe_cpu_parts, run_tiers
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
 from .progress import Progress, note
 
@@ -75,15 +73,21 @@ class Streamer:
         # the default split resolved for the device (EngineConfig.generate_split)
         self.config = config = replace(config, generate_cpu_layers=config.generate_split(self.cuda))
         # the disk tier's reader: chunk size, host-mode staging, reader threads, O_DIRECT
-        self._staging = dict(staging_options(self.cuda), disk_direct=config.disk_direct)
+        self._staging = reader_options(self.cuda, config.disk_direct)
         # the disk tier holds no host memory, at load included (gs_diskload.c): check what is left
         self.plan: Plan = self._with_disk_tier(plan or initial_plan(self.model_file, config, self.cuda))
-        check_host_memory(expected_generate_plan(self.model_file, self.plan, config, self.cuda), config)
+        check_host_memory(self.tiers.most_plan, config)
+        notice = self.tiers.notice()
+        if notice:
+            note(notice, True)
         # the file the plan was made from: the engine's disk reads check it is still that file
         self._file_identity = file_identity(self.path) if self.plan.disk_layers else None
         self.engine: native.Engine | None = None
         self.pinned_bytes = 0
         self.disk_released_at_load = 0  # bytes of the disk tier's load buffers handed back while loading
+        # the layers' weights as attach found them, by tier: "resident" (not streamed), "host" (the
+        # uploads' source in host memory: pinned on CUDA), "disk" (read from the file)
+        self.tier_bytes = {"resident": 0, "host": 0, "disk": 0}
         self.calibration: Calibration | None = None
         self.generate_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
@@ -96,17 +100,15 @@ class Streamer:
             self._create_engine()
 
     def _with_disk_tier(self, plan: Plan) -> Plan:
-        """With a host budget, the streamed parts beyond it on the disk tier
-        (disk.py). Without one, MemAvailable is the budget, which
-        check_host_memory has already enforced: llama.cpp still loads every
-        streamed byte into host memory (see ARCHITECTURE.md, the disk tier)."""
-        budget = self.config.host_budget
-        if budget is None or not plan.streamed:
+        """The streamed parts beyond the host budget (given, or what the
+        machine can spare) on the disk tier: placement.host_tiers, which
+        `plan` shows too (self.tiers: also the CPU layers the generate split
+        may choose among)."""
+        lookup = split_lookup(self.path, self.config, native.device_memory("CUDA0")[1]) if self.cuda else None
+        self.tiers: HostTiers = run_tiers(self.model_file, plan, self.config, self.cuda, lookup)
+        if not plan.streamed:
             return plan
-        staging = staging_bytes(self.model_file, self._staging, self.cuda)
-        tiered = assign_disk_tier(expected_generate_plan(self.model_file, plan, self.config, self.cuda),
-                                  parse_size(budget), staging)
-        return with_disk_layers(plan, tiered.disk_layers, tiered.host_budget)
+        return with_disk_layers(plan, self.tiers.plan.disk_layers, self.tiers.plan.host_budget)
 
     def file_offset(self, name: str) -> int:
         """Where tensor `name`'s data lies in the GGUF file (the disk tier reads it there)."""
@@ -203,10 +205,13 @@ class Streamer:
             self.engine.set_file(self.path, *self._file_identity)
         for w in self._discover(model):
             if not self.streams(w.name, w.layer):
+                self.tier_bytes["resident"] += w.nbytes if w.layer is not None else 0
                 continue
             if w.layer in disk:  # uploads read the file; llama.cpp's copy is released at start
                 self.engine.add_file_tensor(w.layer, w.tensor, self.file_offset(w.name))
+                self.tier_bytes["disk"] += w.nbytes
                 continue
+            self.tier_bytes["host"] += w.nbytes
             if self.cuda:
                 buf_name, _ = native.tensor_buffer(w.tensor)
                 if buf_name != "CUDA_Host":
@@ -288,8 +293,11 @@ class Streamer:
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose
             note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)
+        elif choice == "auto" and self.cuda and self.plan.generate_overflow and not self.tiers.most:
+            note(f"generate split: {self.tiers.split}", self.config.progress)
         elif choice == "auto" and self.cuda and self.plan.generate_overflow:
-            cpu, self.calibration = Calibrator(self, model).choose_split()
+            # among the layers host_tiers left it (not the disk tier's, copies within the host budget)
+            cpu, self.calibration = Calibrator(self, model, self.tiers.choices, self.tiers.most).choose_split()
         elif not isinstance(choice, str):
             cpu = tuple(choice)
         if cpu:

@@ -77,6 +77,33 @@ def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, faste
     assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
 
 
+def test_split_keeps_to_its_choices_and_their_most_and_the_plan_finds_it_cached(tiny_path, tmp_path, monkeypatch):
+    """With a disk tier or a host budget's room, the split chooses only among
+    the layers host_tiers leaves it (pinned ones), at most `most` of them, even
+    where more would be faster; the cache keys that, and split_lookup (what
+    `plan` and the next load ask before loading) gives the same layers."""
+    from gguf_stream.calibrate import cached_split, split_lookup
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=6, n_slots=2) as m:
+        streamer, engine = m.streamer, m.streamer.engine
+        choices = m.plan.streamed[1:]  # as if the first were on the disk tier
+        cal = Calibrator(streamer, m.model, choices, 2)
+        n_cpu, set_cpu_layers = [0], engine.set_cpu_layers
+        monkeypatch.setattr(engine, "set_cpu_layers", lambda c: (n_cpu.__setitem__(0, len(c)), set_cpu_layers(c)))
+        decode = cal.decode_token  # real decodes (the rates time them), token times favouring more CPU layers
+        monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: decode(ctx, tok) * 0 + 1 / (1 + n_cpu[0]))
+        streamer.context_closing()
+        try:
+            cpu, calibration = cal.choose_split()
+        finally:
+            streamer.context_opened()
+        assert len(cpu) == 2 and set(cpu) <= set(choices) and max(calibration.split_trials) == 2
+        assert cached_split(cal.cache, choices, 2) == cpu == split_lookup(m.path, streamer.config, None)(choices, 2)
+        # negative controls: other choices, or another most, are other keys
+        assert cached_split(cal.cache, m.plan.streamed, 2) is None and cached_split(cal.cache, choices, 3) is None
+
+
 def test_rates_measured_layer_by_layer_are_plausible(tiny_path, tmp_path, monkeypatch):
     """measure_rates on the real engine in host mode: positive, finite
     rates, cached, and the engine left without CPU layers."""

@@ -86,7 +86,7 @@ def test_plan_prints_the_table(capsys, gemma_path):
 
     # the ubatch is clamped like the context will clamp it (by -b, which -c clamps), as run does
     rc, out, _ = run_main(capsys, "plan", str(gemma_path), "-ngl", "12", "-c", "128")
-    assert rc == 0 and "at -c 128 -ub 128;" in out
+    assert rc == 0 and "at -c 128 -ub 128, as a CUDA run places it;" in out
 
 
 def test_run_prints_stock_greedy_text_and_counters(capsys, gemma_path):
@@ -440,11 +440,13 @@ def test_plan_shows_host_memory(capsys, tiny_path):
     mf = read_model(tiny_path)
     plan = make_plan(mf, n_streamed=4, n_ctx=256, n_ubatch=64)
     assert plan.host_memory_line() in out and "host memory: pinned" in out
-    # the default is a CUDA run's default, the measured split: every overflow layer may be a CPU layer
+    # the default is a CUDA run's default, the measured split: chosen at load (nothing cached here), after the
+    # tiers, among the pinned overflow layers; the plan holds no CPU layer yet and says how many it may get
     rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL)
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.startswith("host memory:"))
-    assert "the CPU layers' repacked weights" in line and plan.host_memory_line() not in out
+    assert "the CPU layers' repacked weights" not in line and plan.host_memory_line() in out
+    assert "generate split: measured at load (none cached here): up to " in out
     rc, out2, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--generate-cpu-layers",
                              "auto")
     assert rc == 0 and out2 == out, err
@@ -466,6 +468,10 @@ def test_host_memory_check_is_one_line_in_the_cli(capsys, tiny_path, monkeypatch
     monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
     rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
                           "--device", "host", "-t", T, *SMALL)
+    assert_user_error(rc, err, "host budget 0.0 MiB (what this machine can spare: MemAvailable 1.0 MiB",
+                      "give --host-budget", "a larger --vram-budget")
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--n-streamed", "4",
+                          "--device", "host", "-t", T, "--host-budget", "none", *SMALL)
     assert_user_error(rc, err, "of host memory (pinned", "1.0 MiB is available (MemAvailable)",
                       "give a larger --vram-budget")
 

@@ -8,6 +8,7 @@ upload; here over memcpy) with chunks smaller than a tensor, by one reader
 thread and by several reading ahead in parallel."""
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -314,6 +315,174 @@ def test_plan_and_run_on_the_command_line(capsys, tiny_path):
     assert "host budget" in err and "raise the host budget" in err and len(err.strip().splitlines()) == 1
 
 
+# ------------------------------------------------------------------ one decision for plan and load (host_tiers)
+
+SMALL = ["-c", "256", "-b", "64", "-ub", "64"]
+
+
+def fake_meminfo(tmp_path, monkeypatch, available: int) -> None:
+    """/proc/meminfo as a file saying MemAvailable is `available` bytes."""
+    from gguf_stream import config
+
+    f = tmp_path / "meminfo"
+    f.write_text(f"MemTotal:       {4 * available >> 10} kB\nMemFree:        1024 kB\n"
+                 f"MemAvailable:   {available >> 10} kB\nBuffers:        0 kB\n")
+    monkeypatch.setattr(config, "MEMINFO", str(f))
+
+
+def available_for(budget: int) -> int:
+    """A MemAvailable whose default budget (disk.spare_host_memory) is `budget` or up to 1 KiB below (meminfo's unit)."""
+    from gguf_stream.disk import HOST_MARGIN_MIN
+
+    assert budget < 9 * HOST_MARGIN_MIN  # under 10 GiB the margin is 1 GiB
+    return (budget + HOST_MARGIN_MIN) // 1024 * 1024
+
+
+def test_default_host_budget_from_a_faked_meminfo(tmp_path, monkeypatch):
+    from gguf_stream.config import available_host_memory
+    from gguf_stream.disk import spare_host_memory
+    from gguf_stream.placement import host_budget_of
+
+    GiB = 1 << 30
+    assert spare_host_memory(8 * GiB) == 7 * GiB  # margin 1 GiB
+    assert spare_host_memory(100 * GiB) == 90 * GiB  # margin 10%
+    assert spare_host_memory(GiB // 2) == 0
+    fake_meminfo(tmp_path, monkeypatch, 20 * GiB)
+    assert available_host_memory() == 20 * GiB
+    default = host_budget_of(EngineConfig())
+    assert default.nbytes == 18 * GiB and default.available == 20 * GiB and "MemAvailable 20.00 GiB" in default.source
+    assert host_budget_of(EngineConfig(host_budget="3GiB")).nbytes == 3 * GiB  # given: no measurement
+    assert host_budget_of(EngineConfig(host_budget="none")).nbytes is None  # off
+    assert host_budget_of(EngineConfig(host_memory_check=False)).nbytes is None  # the check off: no measured one
+    monkeypatch.setenv("GGUF_STREAM_HOST_MEMORY_CHECK", "0")
+    assert host_budget_of(EngineConfig()).nbytes is None
+    (tmp_path / "meminfo").write_text("MemTotal: 1 kB\n")  # no MemAvailable: no budget
+    monkeypatch.delenv("GGUF_STREAM_HOST_MEMORY_CHECK")
+    assert available_host_memory() is None and host_budget_of(EngineConfig()).nbytes is None
+    with pytest.raises(ValueError, match="host_budget: .*or 'none'"):
+        EngineConfig(host_budget="lots")
+
+
+def test_auto_on_cuda_tiers_without_cpu_layers_then_the_split_within_the_room(tiny_path):
+    """The 8B case of issue 19 on the tiny model: with the measured split
+    (auto on CUDA) the old view counted every overflow layer as a CPU layer
+    (never on disk, each with a repacked copy) and refused a budget the run
+    fits; the tiers are now chosen without CPU layers, and the split keeps
+    to the pinned overflow layers and the budget's room (pure: no GPU)."""
+    from gguf_stream.placement import HostBudget, expected_generate_plan, host_tiers
+
+    mf = read_model(tiny_path)
+    config = EngineConfig(n_streamed=6, n_slots=2, n_ctx=256, n_batch=64, n_ubatch=64, generate_resident="none")
+    plan = initial_plan(mf, config, cuda=False)
+    budget = budget_for(plan, 3)
+    with pytest.raises(HostMemoryError):  # negative control: the old view
+        assign_disk_tier(expected_generate_plan(mf, plan, config, cuda=True), budget)
+    asked = []
+    t = host_tiers(mf, plan, config, True, HostBudget(budget), lookup=lambda c, n: asked.append((c, n)))
+    exact = assign_disk_tier(plan, budget)
+    assert t.plan.disk_layers == exact.disk_layers and len(exact.disk_layers) == 3  # as without CPU layers
+    assert t.choices == tuple(i for i in plan.streamed if i not in exact.disk_layers)
+    assert t.most == 0 and not t.plan.cpu_layers and "no room" in t.split and not asked  # less than a layer left
+    # a budget with room for two CPU layers' copies (and no disk tier)
+    layer = max(mf.layer_bytes)
+    roomy = with_generate_placement(plan, plan.streamed[:2]).host_bytes + layer // 2
+    t = host_tiers(mf, plan, config, True, HostBudget(roomy), lookup=lambda c, n: asked.append((c, n)))
+    assert not t.plan.disk_layers and t.most == 2 and asked == [(plan.streamed, 2)]
+    assert "measured at load" in t.split and "up to 2 of 6" in t.split
+    assert t.most_plan.host_bytes <= roomy < with_generate_placement(plan, plan.streamed[:3]).host_bytes
+    cached = plan.streamed[1:3]
+    t = host_tiers(mf, plan, config, True, HostBudget(roomy), lookup=lambda c, n: cached)
+    assert t.cached and t.plan.cpu_layers == cached and "cached by an earlier load" in t.split
+    assert t.plan.host_bytes == with_generate_placement(plan, cached).host_bytes
+    # no budget: every overflow layer may go to the CPU (the host-memory check counts them all, as before)
+    t = host_tiers(mf, plan, config, True, HostBudget(None))
+    assert t.most == 6 and t.most_plan.cpu_layers == plan.streamed
+
+
+def loaded_tiers(m) -> dict:
+    """The tiers' bytes as the loaded engine found them (attach's tally, the C engine's disk tier size)."""
+    s = m.streamer
+    assert s.tier_bytes["disk"] == m.stats.counters.disk_tier_bytes
+    return dict(s.tier_bytes, disk_layers=m.plan.disk_layers, cpu_layers=m.plan.cpu_layers,
+                host_bytes=m.plan.host_bytes)
+
+
+def planned_tiers(t) -> dict:
+    p = t.plan
+    return dict(resident=p.resident_bytes, host=p.pinned_bytes, disk=p.disk_bytes, disk_layers=p.disk_layers,
+                cpu_layers=p.cpu_layers, host_bytes=p.host_bytes)
+
+
+@pytest.fixture(params=["gemma", "tiny"])
+def model_path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+@pytest.mark.parametrize("split", [None, "auto", "given"])
+@pytest.mark.parametrize("n_disk", [0, 1, 3])
+def test_plan_shows_the_tiers_the_load_makes(capsys, model_path, split, n_disk):
+    """`plan --device host` prints the tiers the loaded engine has, byte for
+    byte (one function decides both), for several host budgets and splits;
+    a plan for one layer's less budget does not (the check can fail)."""
+    from gguf_stream import cli
+    from gguf_stream.placement import run_tiers
+
+    mf = read_model(model_path)
+    hybrid = hybrid_plan(model_path)
+    cpu = hybrid.streamed[2::3] if split == "given" else None
+    floor = with_generate_placement(hybrid, cpu or ())
+    budget = floor.host_bytes + 1 if n_disk == 0 else budget_for(floor, n_disk)
+    options = dict(CPU, **HYBRID, host_budget=budget,
+                   generate_cpu_layers=cpu if split == "given" else split)
+    config = EngineConfig(**options)
+    planned = run_tiers(mf, initial_plan(mf, config, cuda=False), config, False)
+    flags = ["--generate-cpu-layers", ",".join(map(str, cpu)) if cpu else split] if split else []
+    assert cli.main(["plan", str(model_path), "--device", "host", "--n-streamed", "6", "--n-slots", "2",
+                     "--host-budget", str(budget), "-t", str(CPU["n_threads"]), *flags, *SMALL]) == 0
+    out = capsys.readouterr().out
+    with StreamedModel(model_path, **options) as m:
+        loaded = loaded_tiers(m)
+        assert m.plan.tiers_line() in out.splitlines()
+    assert planned_tiers(planned) == loaded
+    assert len(loaded["disk_layers"]) == n_disk and set(loaded["cpu_layers"]) == set(cpu or ())
+    assert f"generate split: {planned.split}" in out and "bounds (" in out
+    # negative control: the plan for one layer's less budget differs from what this load made
+    tighter = replace(config, host_budget=budget - max(mf.layer_bytes))
+    assert planned_tiers(run_tiers(mf, initial_plan(mf, tighter, cuda=False), tighter, False)) != loaded
+
+
+def test_the_default_budget_sends_the_rest_to_disk_and_says_so(case, tmp_path, monkeypatch, capsys):
+    """Without --host-budget, what the (faked) meminfo leaves to spare is the
+    budget: the streamed parts beyond it go to the disk tier, one line says
+    so and how to change it (run and plan print the same line), results stay
+    exact; --host-budget none keeps every part in host memory."""
+    from gguf_stream import cli
+
+    path, prompt, ref_tokens, ref_logits = case
+    budget = budget_for(hybrid_plan(path), 2)
+    fake_meminfo(tmp_path, monkeypatch, available_for(budget))
+    with StreamedModel(path, **CPU, **HYBRID) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        assert len(m.plan.disk_layers) == 2 and m.stats.counters.disk_tier_bytes == m.plan.disk_bytes
+        notice = m.streamer.tiers.notice()
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "host budget" in line]
+    assert len(lines) == 1 and lines[0].endswith(notice)
+    assert "MemAvailable" in notice and "--host-budget SIZE" in notice and "--host-budget none" in notice
+    assert cli.main(["plan", str(path), "--device", "host", "--n-streamed", "6", "--n-slots", "2",
+                     "-t", str(CPU["n_threads"]), *SMALL]) == 0
+    assert notice in capsys.readouterr().out.splitlines()
+    with StreamedModel(path, **CPU, **HYBRID, host_budget="none") as m:  # off: nothing on disk, no line
+        assert not m.plan.disk_layers and m.streamer.tiers.notice() is None
+    assert "host budget" not in capsys.readouterr().err
+    fake_meminfo(tmp_path, monkeypatch, 1 << 20)  # nothing to spare: refused in one line, before loading
+    with pytest.raises(HostMemoryError, match=r"host budget 0\.0 MiB \(what this machine can spare: MemAvailable "
+                       r"1\.0 MiB less a margin of 1\.00 GiB\) is below .* free host memory") as exc:
+        StreamedModel(path, **CPU, **HYBRID)
+    assert "\n" not in str(exc.value)
+
+
 # ------------------------------------------------------------------ on a GPU (skipped without CUDA)
 
 GPU_OPTS = dict(n_ctx=512, n_batch=64, n_ubatch=64)
@@ -380,3 +549,22 @@ def test_cuda_disk_tier_file_truncated_is_a_clear_error(tiny_path, tmp_path):
         assert "\n" not in str(exc.value)
         with pytest.raises(DecodeError):
             m.generate(prompt, 1)
+
+
+def test_tier_bounds_follow_the_rates(tiny_path):
+    """The bounds `plan` prints: symbolic without measured rates, numbers with
+    them (a ubatch moves every streamed byte over PCIe and reads the disk tier
+    once; a token reads the disk tier once)."""
+    from gguf_stream.disk import tier_bounds
+    from gguf_stream.perfmodel import Rates
+
+    plan = make_plan(read_model(tiny_path), n_streamed=6, n_slots=2)
+    tiered = assign_disk_tier(plan, budget_for(plan, 2))
+    line = tier_bounds(tiered, 64)
+    assert "no rates measured" in line and "(PCIe rate)" in line and "(disk read rate)" in line
+    rates = Rates(pcie_bytes_per_s=tiered.streamed_bytes * 10.0, cpu_bytes_per_s=1e9, gpu_token_seconds=1e-3)
+    line = tier_bounds(tiered, 64, rates, disk_rate=tiered.disk_bytes * 4.0)
+    assert "at most 256 t/s" in line  # 64 tokens per max(0.1 s PCIe, 0.25 s disk)
+    assert "at most 4.00 t/s" in line  # the disk tier every token
+    line = tier_bounds(plan, 64, rates)  # no disk tier: PCIe alone bounds a ubatch
+    assert "at most 640 t/s" in line and "no disk tier" in line and "disk read rate" not in line

@@ -587,10 +587,17 @@ def test_host_memory_check_refuses_before_loading(tiny_path, monkeypatch):
 
     monkeypatch.setattr(model_module, "StreamedLlamaModel", load)
     monkeypatch.setattr(placement, "available_host_memory", lambda: 1 << 20)
-    with pytest.raises(HostMemoryError, match=r"needs about .* of host memory \(pinned .* \+ pageable .*\) but "
-                       r"1\.0 MiB is available \(MemAvailable\); give a larger vram_budget") as exc:
+    # the default host budget (what the machine can spare) is below what even the disk tier leaves
+    with pytest.raises(HostMemoryError, match=r"host budget 0\.0 MiB \(what this machine can spare: MemAvailable "
+                       r"1\.0 MiB .*\) is below .* with every streamed part on the disk tier .*a larger vram_budget"
+                       ) as exc:
         StreamedModel(tiny_path, **CPU, **HYBRID)
     assert isinstance(exc.value, BudgetError) and not loads and "\n" not in str(exc.value)
+    # without a budget, the check itself against MemAvailable
+    with pytest.raises(HostMemoryError, match=r"needs about .* of host memory \(pinned .* \+ pageable .*\) but "
+                       r"1\.0 MiB is available \(MemAvailable\); give a larger vram_budget") as exc:
+        StreamedModel(tiny_path, **CPU, **HYBRID, host_budget="none")
+    assert not loads
     monkeypatch.setenv("GGUF_STREAM_HOST_MEMORY_CHECK", "0")
     with pytest.raises(RuntimeError, match="loading"):  # past the check: the (stubbed) load
         StreamedModel(tiny_path, **CPU, **HYBRID)

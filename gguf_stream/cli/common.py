@@ -35,7 +35,7 @@ def say(msg: str) -> None:
 _API_TO_FLAGS = (("run with verbose=True", "run with -v"), ("lower n_ctx / n_ubatch", "lower -c / -ub"),
                  ("(device='host')", "(--device host)"), ("raise n_ctx", "raise -c"),
                  ("set flash_attn=True, or use type_v='f16'", "give -fa on, or -ctv f16"),
-                 ("a larger vram_budget", "a larger --vram-budget"),
+                 ("a larger vram_budget", "a larger --vram-budget"), ("give a host_budget", "give --host-budget"),
                  ("(exact=True, or fewer generate_cpu_layers)", "(--exact, or fewer --generate-cpu-layers)"))
 
 

@@ -92,9 +92,9 @@ ENGINE_FLAGS = (
     Flag("whole_layers", ("--whole-layers",), PLACEMENT, "mixture-of-experts models: place whole layers, as for "
          "dense ones (default: place the experts; every layer's attention, norms and router stay on the GPU)",
          dict(action="store_const", const=True)),
-    Flag("host_budget", ("--host-budget",), PLACEMENT, "host memory the weights may hold (default: what is "
-         "available); streamed layers beyond it go to the disk tier, read from the GGUF file at every use "
-         "(see also --disk-direct)", dict(metavar="B")),
+    Flag("host_budget", ("--host-budget",), PLACEMENT, "host memory the weights may hold (default: what the "
+         "machine can spare, MemAvailable less max(1 GiB, 10%%); none: no budget); streamed layers beyond it go to "
+         "the disk tier, read from the GGUF file at every use (see also --disk-direct)", dict(metavar="B")),
     Flag("disk_direct", ("--disk-direct",), PLACEMENT, "the disk tier reads the GGUF file with O_DIRECT, bypassing "
          "the page cache (buffered where the filesystem refuses it; default: buffered reads with read-ahead)",
          dict(action="store_const", const=True)),

@@ -10,17 +10,21 @@ def add_parser(sub, parents) -> None:
                        help="print which layers stay resident and which stream, slots and bytes",
                        formatter_class=Formatter, description="Print the plan for a VRAM budget (no GPU needed: "
                        "sizes come from the GGUF header): per layer where it lives, then the device-memory and "
-                       "host-memory estimates.")
+                       "host-memory estimates, the three tiers (GPU-resident, pinned host, disk) under the host "
+                       "budget, and the speeds they allow.")
     add_model(p, required=False)
-    # the options of run, chat and serve; the generate placement shown is a CUDA run's (its default: the
-    # measured split, every overflow layer counted, the most it can choose; --exact: none)
+    # the options of run, chat and serve; the placement shown is a CUDA run's (--device host: a host-mode run's),
+    # chosen by the load's own function (placement.host_tiers)
     add_engine(p)
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args) -> int:
+    from dataclasses import replace
+
+    from ..disk import tier_bounds
     from ..gguf_file import read_model
-    from ..placement import initial_plan
+    from ..placement import initial_plan, run_tiers
 
     check_flags(args)
     if args.vram_budget is None and args.n_streamed is None and args.streamed_layers is None \
@@ -28,20 +32,25 @@ def cmd_plan(args) -> int:
         raise ValueError("plan needs --vram-budget B (or --n-streamed K, --streamed-layers L,L, -ngl N)")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
+    cuda = args.device != "host"
     config = engine_config_of(args, **_context(args, mf), **explicit_placement(args, mf))
-    plan = _as_on_cuda(mf, initial_plan(mf, config, cuda=False), config)
-    if args.host_budget is not None:
-        from ..disk import assign_disk_tier, staging_bytes, staging_options
-        from ..memory import parse_size
-
-        # as a CUDA run places it: its staging buffers count against the host budget
-        staging = staging_bytes(mf, staging_options(True), cuda=True)
-        plan = assign_disk_tier(plan, parse_size(args.host_budget), staging)
+    config = replace(config, device="cuda" if cuda else "host")
+    lookup, rates = cached_calibration(str(path), config) if cuda else (None, None)
+    # the load's own decision (placement.run_tiers); initial_plan without the device's size: plan needs no GPU
+    tiers = run_tiers(mf, initial_plan(mf, config, cuda=False), config, cuda, lookup)
+    plan = tiers.plan
     print(plan.table())
+    if plan.streamed:
+        print(f"generate split: {tiers.split}")
+        if plan.host_budget is None:
+            print(plan.tiers_line() + " (no host budget: --host-budget none)")
+        print(tier_bounds(plan, config.n_ubatch, rates))
+    if tiers.notice():
+        print(tiers.notice())
     fa = " -fa auto (planned as off: the larger compute buffer; llama.cpp decides when it creates the " \
          "context)" if config.flash_attn == "auto" else ""
-    print(f"(estimates from the GGUF header at -c {config.n_ctx} -ub {config.n_ubatch}{fa}; "
-          "`run` measures the real figures)")
+    print(f"(estimates from the GGUF header at -c {config.n_ctx} -ub {config.n_ubatch}{fa}, as a "
+          f"{'CUDA' if cuda else 'host-mode'} run places it; `run` measures the real figures)")
     return EXIT_OK
 
 
@@ -51,10 +60,20 @@ def _context(args, mf) -> dict:
     return context_options(args, mf.hparams["n_ctx_train"])
 
 
-def _as_on_cuda(mf, plan, config):
-    """The plan with the generate placement a CUDA run would start from."""
-    from dataclasses import replace
+def cached_calibration(path: str, config):
+    """(split lookup, cached rates) of a CUDA run on this machine: what its
+    load will find in the calibration cache; (None, None) without a CUDA
+    device here (plan needs none: a GPU run then measures at its first load)."""
+    from ..config import cuda_available
+    from ..errors import GGUFStreamError
 
-    from ..placement import expected_generate_plan
+    try:
+        if not cuda_available():
+            return None, None
+        from .. import native
+        from ..calibrate import RatesCache, cache_key, split_lookup
 
-    return expected_generate_plan(mf, plan, replace(config, device="cuda"), cuda=True)
+        total = native.device_memory("CUDA0")[1]
+    except (GGUFStreamError, OSError):  # no native helper or llama.cpp libraries here: nothing cached to read
+        return None, None
+    return split_lookup(path, config, total), RatesCache(cache_key(path, config, total)).rates()
