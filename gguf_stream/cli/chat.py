@@ -36,7 +36,7 @@ def add_parser(sub, parents) -> None:
 
 def cmd_chat(args) -> int:
     from ..llama_compat import apply_chat_format
-    from ..speculative import LlamaDrafter
+    from ..speculative import LlamaDrafter, counted, llama_vocabulary
 
     check_flags(args)
     check_n_predict(args, "end of turn")
@@ -52,8 +52,8 @@ def cmd_chat(args) -> int:
     try:
         fmt = apply_chat_format(llm, args.chat_format)
         if drafter is not None:
-            vocab = SimpleNamespace(n_vocab=llm.n_vocab(), token_bytes=lambda i: llm.detokenize([i]))
-            drafter.drafter = speculative.make_drafter(args, vocab, device, llm._streamer.config)
+            drafter.drafter = speculative.make_drafter(args, llama_vocabulary(llm), device, llm._streamer.config)
+            counted(llm, drafter)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
         say(f"chat format: {fmt}; type a message and Enter; Ctrl-C stops a reply; /reset clears the "
             "conversation, /exit or EOF ends")
@@ -197,7 +197,6 @@ def _chat_loop(llm, args, drafter=None) -> int:
             say("reply stopped (Ctrl-C); what it said so far stays in the conversation; Ctrl-C at the "
                 "prompt ends the chat")
         if timing and drafter is not None:
-            timing += f"; {drafter.passes} speculative passes"
-            drafter.passes = 0
+            timing += f"; {drafter.result.summary()}"
         if timing:
             say(timing)
