@@ -6,20 +6,21 @@
 # f16 for the 8B shape; without it llama.cpp pads each of the 32 sequences
 # to 256 cells: 8192 cells, 1 GiB, which crowds the 0.25x budget).
 # Output: batched-8b.md (the table, then PASS/FAIL lines for the acceptance),
-# batched-8b.json (the same rows), progress on stderr.
+# batched-8b.json (the same rows), batched-8b.png (aggregate tg against
+# parallel sequences, where matplotlib is installed; elsewhere:
+# python -m gguf_stream.bench.plot_batched batched-8b.json batched-8b.png),
+# progress on stderr.
 set -euo pipefail
 MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 [ -f "$MODEL" ] || python3 -m gguf_stream.synth "$MODEL" --shape llama3-8b --type Q4_K --seed 0 -q
 python3 -m gguf_stream batched-bench "$MODEL" --vram-budget 0.5x,0.25x -kvu \
     -npp 128 -ntg 32 -npl 1,2,4,8,16,32 --verify 1,2,4,8,16 -r 3 -o json "$@" > batched-8b.json
 python3 - <<'PY'
-import json
-from gguf_stream.bench.batched import BatchedWorkload, Run, render_md
-doc = json.load(open("batched-8b.json"))
-w = doc["workload"]
-w = BatchedWorkload(**{**w, "parallel": tuple(w["parallel"]), "verify": tuple(w["verify"])})
-runs = [Run(**{**r, "tg": {int(k): v for k, v in r["tg"].items()},
-               "verify": {int(k): v for k, v in r["verify"].items()}}) for r in doc["runs"]]
-open("batched-8b.md", "w").write(render_md(runs, w, doc["notes"]))
+from gguf_stream.bench.batched import load_json, render_md
+runs, w, notes = load_json(open("batched-8b.json").read())
+open("batched-8b.md", "w").write(render_md(runs, w, notes))
 print(open("batched-8b.md").read())
 PY
+# the chart by path, in its own process: matplotlib beside llama.cpp's libraries crashes here (bench/plot.py)
+python3 "$(dirname "$0")/../gguf_stream/bench/plot_batched.py" batched-8b.json batched-8b.png \
+    && echo "plot written to batched-8b.png" || echo "no plot (matplotlib missing?); the JSON re-renders elsewhere" >&2
