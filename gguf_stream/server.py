@@ -48,7 +48,8 @@ from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
 from .grammar import grammar_error, schema_grammar
 from .config import ENGINE_OPTIONS, split_options
 from .llama_compat import IGNORED_LLAMA_OPTIONS, StreamedLlama, apply_chat_format, swapped
-from .speculative import DEFAULT_DRAFT_MAX, LlamaDrafter, check_options, counted, llama_vocabulary, make_drafter, verify_rows
+from .speculative import (DEFAULT_DRAFT_MAX, LlamaDrafter, check_options, counted, llama_vocabulary, make_drafter,
+                          verify_rows)
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
 import anyio

@@ -199,3 +199,19 @@ def test_serve_cli_refuses_bad_speculative_flags(gemma_path, capsys):
                           (["--lookup", "4", "-md", str(gemma_path)], "give one")):
         rc, _, err = run_main(capsys, "serve", str(gemma_path), "--device", "host", "--port", "0", *extra)
         assert_user_error(rc, err, needle)
+
+
+def test_serve_prints_the_servers_lines(capsys):
+    """gguf-stream serve shows the per-request lines on stderr, once each."""
+    from gguf_stream.cli import serve
+
+    level = server.log.level
+    try:
+        serve._say_server_log(server.log)
+        serve._say_server_log(server.log)  # again (a second app in one process): still one handler
+        server.log.info("speculative: 3 of 4 drafted tokens accepted")
+        assert capsys.readouterr().err.count("gguf-stream: speculative: 3 of 4 drafted tokens accepted\n") == 1
+    finally:
+        for h in [h for h in server.log.handlers if isinstance(h, serve._Say)]:
+            server.log.removeHandler(h)
+        server.log.setLevel(level)

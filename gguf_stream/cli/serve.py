@@ -6,7 +6,8 @@ import time
 
 from ..errors import EnvironmentMismatchError
 from . import speculative
-from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_plan, prepare_load, resolve_model, say, threads
+from .common import (EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_plan, prepare_load, resolve_model,
+                     say, threads)
 
 
 def add_parser(sub, parents) -> None:

@@ -76,7 +76,8 @@ def generate(model, args, device: str, prompt: list[int], n: int) -> int:
     try:
         with CtrlC() as ctrl_c:
             try:
-                r = speculative.generate_speculative(model, prompt, n, drafter, stop_at_eog=not args.ignore_eos, on_token=show)
+                r = speculative.generate_speculative(model, prompt, n, drafter, stop_at_eog=not args.ignore_eos,
+                                                     on_token=show)
             except KeyboardInterrupt:
                 ctrl_c.hit = True
     finally:
