@@ -163,8 +163,10 @@ def test_chat_drafts_give_the_greedy_reply(gemma_path, capsys, monkeypatch):
     assert "speculative:" not in replies[0][1]
     for _, err in replies[1:]:  # the reply's acceptance after its timing
         assert re.search(r"generated: \d+ tokens.*; speculative: \d+ of \d+ drafted tokens accepted", err), err
-    accepted, drafted, passes, tokens = map(int, re.search(
-        r"(\d+) of (\d+) drafted tokens accepted .* \((\d+) passes for (\d+) tokens\)", replies[2][1]).groups())
+    generated, accepted, drafted, passes, tokens = map(int, re.search(
+        r"generated: (\d+) tokens.* (\d+) of (\d+) drafted tokens accepted .* \((\d+) passes for (\d+) tokens\)",
+        replies[2][1]).groups())
+    assert generated == tokens  # not the drafts decoded past the reply's end
     # the model as its own draft: every draft right, but for the last pass's
     # that the token limit cut off
     assert drafted - 4 <= accepted <= drafted and accepted > 0 and passes < tokens

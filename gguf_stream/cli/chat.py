@@ -119,18 +119,21 @@ class ReplyTimer:
                 reused += 1
             self.n_prompt = self.n_first - reused
 
-    def summary(self) -> str | None:
-        """'prompt: ...; generated: ...' like run prints, or None before any token."""
+    def summary(self, n_gen: int | None = None) -> str | None:
+        """'prompt: ...; generated: ...' like run prints, or None before any
+        token. n_gen: the tokens generated where the context holds more
+        (drafts decoded past the reply's end)."""
         if self.t_first is None:
             return None
         t_prompt, t_gen = self.t_first - self.t0, time.perf_counter() - self.t_first
-        n_gen = self.llm.n_tokens - self.n_first + 1  # the first token came from the prompt's logits
+        if n_gen is None:
+            n_gen = self.llm.n_tokens - self.n_first + 1  # the first token came from the prompt's logits
         return (f"prompt: {self.n_prompt} new tokens ({self.n_first} in context) in {t_prompt:.2f} s "
                 f"({self.n_prompt / t_prompt if t_prompt else 0:.1f} t/s); generated: {n_gen} tokens in "
                 f"{t_gen:.2f} s ({n_gen / t_gen if t_gen else 0:.1f} t/s)")
 
 
-def _reply(llm, messages, args) -> tuple[str, bool, str | None]:
+def _reply(llm, messages, args, drafter=None) -> tuple[str, bool, str | None]:
     """Stream one reply to stdout: (its text, whether Ctrl-C stopped it, the
     timing line). The first Ctrl-C stops it after the token being decoded; a
     second one raises KeyboardInterrupt (the caller exits 130)."""
@@ -150,7 +153,7 @@ def _reply(llm, messages, args) -> tuple[str, bool, str | None]:
                     break
         finally:
             stream.close()  # a stopped reply's generator ends here, not at some later collection
-    return "".join(pieces), ctrl_c.hit, timer.summary()
+    return "".join(pieces), ctrl_c.hit, timer.summary(None if drafter is None else len(drafter.result.tokens))
 
 
 def _chat_loop(llm, args, drafter=None) -> int:
@@ -177,7 +180,7 @@ def _chat_loop(llm, args, drafter=None) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply, stopped, timing = _reply(llm, messages, args)
+            reply, stopped, timing = _reply(llm, messages, args, drafter)
         except KeyboardInterrupt:  # a second Ctrl-C during the reply: end the chat
             sys.stdout.write("\n")
             sys.stdout.flush()
