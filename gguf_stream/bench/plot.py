@@ -255,13 +255,15 @@ def in_child(script: str, document: str, path: str) -> str:
     return f"plot written to {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, draw_document=draw,
+         usage: str = "python -m gguf_stream.bench.plot RESULT.json OUT.png") -> int:
+    """The command line of a chart module: `DOC.json OUT.png` drawn by draw_document."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m gguf_stream.bench.plot RESULT.json OUT.png", file=sys.stderr)
+        print(f"usage: {usage}", file=sys.stderr)
         return 2
     with open(args[0]) as f:
-        draw(json.load(f), args[1])
+        draw_document(json.load(f), args[1])
     return 0
 
 

@@ -16,7 +16,6 @@ imported here, plot.py is loaded as this file's sibling.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -84,13 +83,7 @@ def plot_batched(document: str, path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m gguf_stream.bench.plot_batched BATCHED.json OUT.png", file=sys.stderr)
-        return 2
-    with open(args[0]) as f:
-        draw(json.load(f), args[1])
-    return 0
+    return plot.main(argv, draw, "python -m gguf_stream.bench.plot_batched BATCHED.json OUT.png")
 
 
 if __name__ == "__main__":
