@@ -126,8 +126,10 @@ def engine_and_llama_options(options: dict) -> tuple[EngineConfig, dict]:
     check_int("n_batch", shared["n_batch"], 1, MAX_CONTEXT)
     check_int("n_ubatch", shared["n_ubatch"], 1, MAX_CONTEXT)
     # splitting a prompt's short tail off (see EngineConfig.graph_reuse) would
-    # lose the outputs of every token before it
-    keeps_outputs = llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")
+    # lose the outputs of every token before it (Llama keeps every token's
+    # logits with a draft_model too)
+    keeps_outputs = (llama_kwargs.get("logits_all") or llama_kwargs.get("embedding")
+                     or llama_kwargs.get("draft_model") is not None)
     config = EngineConfig(**{**engine, "graph_reuse": engine.get("graph_reuse", True) and not keeps_outputs},
                           **{**shared, "n_ubatch": min(shared["n_ubatch"], shared["n_batch"]),
                              "flash_attn": shared["flash_attn"] if shared["flash_attn"] == "auto"
@@ -163,9 +165,9 @@ class StreamedLlama(llama_cpp.Llama):
     resident. The fields Llama has too (n_ctx, n_batch, n_ubatch, flash_attn
     (also "auto", as llama.cpp's -fa), n_threads, type_k / type_v (ggml ids
     or names such as "q8_0"), use_mlock, verbose) keep Llama's defaults and
-    reach both. ``graph_reuse`` is off by itself with ``logits_all`` or
-    ``embedding``. n_gpu_layers, split_mode, main_gpu, tensor_split and
-    use_mmap are the engine's to decide: given, they warn
+    reach both. ``graph_reuse`` is off by itself with ``logits_all``,
+    ``embedding`` or a ``draft_model``. n_gpu_layers, split_mode, main_gpu,
+    tensor_split and use_mmap are the engine's to decide: given, they warn
     (IgnoredOptionWarning) and are ignored.
     """
 

@@ -18,7 +18,10 @@ process), and OpenAI's newer chat fields are put in llama_cpp.server's terms
 ``embedding=True`` serves /v1/embeddings pooled (embedding_pooling); ``api_key`` is required when given; CORS is off unless origins are
 named; concurrent requests queue instead of cutting a running stream off
 (interrupt_requests), or with ``n_seq_max`` > 1 (-np) share one batch loop
-(serve_batch: continuous batching, ``/slots``); ``/health`` answers.
+(serve_batch: continuous batching, ``/slots``); ``/health`` answers;
+``lookup=N`` or ``draft_model=PATH`` (``draft_max``) draft greedy requests
+(speculative.py's drafters through Llama's draft_model, -np 1 only), each
+request's acceptance logged on the ``gguf_stream.server`` logger.
 
 llama_cpp.server.app.create_app builds its model through
 ``set_llama_proxy -> LlamaProxy(models) -> LlamaProxy.load_llama_from_model_settings
@@ -37,12 +40,16 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import os
 import socket
 
 from . import __version__  # noqa: F401  (first: llama.cpp before numpy)
 from .grammar import grammar_error, schema_grammar
 from .config import ENGINE_OPTIONS, split_options
 from .llama_compat import IGNORED_LLAMA_OPTIONS, StreamedLlama, apply_chat_format, swapped
+from .speculative import (DEFAULT_DRAFT_MAX, LlamaDrafter, check_options, counted, llama_vocabulary, make_drafter,
+                          verify_rows)
 
 # ImportError without the server extra (gguf-stream serve turns it into advice)
 import anyio
@@ -76,6 +83,8 @@ BODIES = {
 }
 OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")  # no API key needed
 MAX_BODY_BYTES = 16 << 20  # a 128k-token prompt is about 0.5 MiB of text
+PROMPT_LOOKUP = "prompt-lookup-decoding"  # llama_cpp.server's draft_model value for prompt lookup
+log = logging.getLogger(__name__)
 
 
 class _LlamaCppWithStreamed:
@@ -102,7 +111,7 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
     options; after close() requests get HTTP 503 instead of touching freed memory."""
 
     def __init__(self, models: list[ModelSettings], *, engine_options: dict, llama_options: dict | None = None,
-                 given: frozenset = frozenset()):
+                 given: frozenset = frozenset(), speculative: dict | None = None):
         unknown = set(engine_options) - set(ENGINE_OPTIONS)
         if unknown:
             raise ValueError(f"unknown engine options {sorted(unknown)}; known: {', '.join(ENGINE_OPTIONS)}")
@@ -111,6 +120,11 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         self._given = frozenset(given)
         self._closed = False
         self.batch_loop = None  # serve_batch.BatchLoop with -np > 1 (start_batching)
+        # lookup / draft_model / draft_max: Llama's draft_model, its drafter set once the model is loaded
+        self._speculative = speculative
+        self.drafter = None
+        if speculative is not None:
+            self.drafter = self._llama_options["draft_model"] = LlamaDrafter()
         super().__init__(models)
 
     def load_llama_from_model_settings(self, settings: ModelSettings) -> StreamedLlama:  # llama_cpp: a staticmethod
@@ -121,10 +135,21 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
             llm = server_model.LlamaProxy.load_llama_from_model_settings(settings)
         try:
             apply_chat_format(llm, settings.chat_format)  # GGUFs without a chat template (Gemma)
+            if self.drafter is not None:
+                self._set_drafter(llm)
         except BaseException:
             llm.close()
             raise
         return llm
+
+    def _set_drafter(self, llm: StreamedLlama) -> None:
+        """The drafter asked for, sized for llm's context; its counts logged per request."""
+        s = self._speculative
+        self.drafter.close()  # a draft model of a model loaded before
+        self.drafter.drafter = make_drafter(s["lookup"], s["draft_model"], s["draft_max"], llama_vocabulary(llm),
+                                            cuda=llm._streamer.cuda, config=llm._streamer.config,
+                                            verbose=llm.verbose)
+        counted(llm, self.drafter, _log_drafts)
 
     def __call__(self, model: str | None = None) -> StreamedLlama:
         if self._closed:
@@ -154,6 +179,8 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         llm, self._current_model, self._current_model_alias = self._current_model, None, None
         if llm is not None:
             llm.close()
+        if self.drafter is not None:  # the draft model
+            self.drafter.close()
 
     free = close  # LlamaProxy's name for it
 
@@ -334,8 +361,39 @@ def _schema_grammar(schema) -> str:
         raise BadRequest(400, f"response_format: {exc}", "response_format") from None
 
 
+def _log_drafts(drafter: LlamaDrafter, greedy: bool) -> None:
+    """One line per request: its acceptance, or why it had no drafts."""
+    if greedy:
+        log.info(drafter.result.summary())
+    else:
+        log.info("speculative: a request that samples (temperature > 0, min_tokens or logit_bias) is generated "
+                 "without drafts (they are greedy's)")
+
+
+def speculative_options(lookup: int | None, draft_model, draft_max: int, model_settings: dict) -> dict | None:
+    """create_app's drafting options, checked (None: no drafting).
+    llama_cpp.server's spelling works too: draft_model="prompt-lookup-decoding"
+    with draft_model_num_pred_tokens N (default 10) is lookup=N."""
+    n_pred = model_settings.pop("draft_model_num_pred_tokens", None)
+    if draft_model == PROMPT_LOOKUP:
+        if lookup is not None:
+            raise ValueError(f"lookup and draft_model={PROMPT_LOOKUP!r} both ask for prompt lookup; give one")
+        default = ModelSettings.model_fields["draft_model_num_pred_tokens"].default
+        lookup, draft_model = n_pred if n_pred is not None else default, None
+    elif n_pred is not None:
+        raise ValueError(f"draft_model_num_pred_tokens goes with draft_model={PROMPT_LOOKUP!r}; give lookup=N "
+                         "for prompt lookup, draft_max=N for a draft model")
+    if lookup is None and draft_model is None:
+        return None
+    check_options(lookup, draft_model, draft_max)
+    if draft_model is not None and not os.path.isfile(draft_model):
+        raise ValueError(f"draft model {os.fspath(draft_model)!r} is not a file; give the path of a GGUF")
+    return {"lookup": lookup, "draft_model": draft_model, "draft_max": draft_max}
+
+
 def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               cors_origins=(), pooling: str | None = None, **options) -> FastAPI:
+               cors_origins=(), pooling: str | None = None, lookup: int | None = None, draft_model=None,
+               draft_max: int = DEFAULT_DRAFT_MAX, **options) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``options``: the engine's (every EngineConfig field, as StreamedLlama
@@ -348,11 +406,24 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     ``api_key``:
     requests must send ``Authorization: Bearer KEY``; ``cors_origins``: the
     browser origins allowed to call it (none by default). ``embedding=True``
-    serves /v1/embeddings, pooled by ``pooling`` (see embedding_pooling). The model is loaded
+    serves /v1/embeddings, pooled by ``pooling`` (see embedding_pooling).
+    ``lookup=N`` (prompt lookup: up to N drafted tokens per pass) or
+    ``draft_model=PATH`` (a GGUF of the same vocabulary, all on the GPU;
+    ``draft_max`` tokens per pass): greedy requests (temperature 0) are
+    checked in one decode per pass, the generate split measured for those
+    rows (generate_rows); one sequence only (n_seq_max 1). The model is loaded
     here (errors raise here); it is closed by close_app(app) or when the
     server shuts down.
     """
     engine, model_settings = split_options(options)  # the engine's reach StreamedLlama as given
+    speculative = speculative_options(lookup, draft_model, draft_max, model_settings)
+    if speculative is not None:
+        n_seq_max = engine.get("n_seq_max", 1)
+        if isinstance(n_seq_max, int) and n_seq_max > 1:
+            raise ValueError("speculative decoding (--lookup / -md) serves one sequence at a time: use -np 1, or "
+                             "drop --lookup / -md to batch requests")
+        if engine.get("generate_rows") is None:  # the split measured for verify decodes, as run and chat
+            engine["generate_rows"] = verify_rows(speculative["lookup"], draft_max)
     unknown = sorted(set(model_settings) - set(ModelSettings.model_fields))
     if unknown:
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: create_app takes "
@@ -370,7 +441,7 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
 
     def proxy_factory(models):
         return StreamedLlamaProxy(models, engine_options=engine, llama_options=llama_options,
-                                  given=frozenset(model_settings))
+                                  given=frozenset(model_settings), speculative=speculative)
 
     with swapped(server_app, "LlamaProxy", proxy_factory):
         app = server_app.create_app(server_settings=server_settings, model_settings=[settings])

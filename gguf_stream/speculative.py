@@ -19,14 +19,59 @@ OFFLOAD_MIN_BATCH rows.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
 from .batch import TokenBatch, _decode, _logits
 
 DEFAULT_NGRAM_MAX = 3
+DEFAULT_DRAFT_MAX = 16  # llama.cpp's --draft-max
+MAX_DRAFT = 256
+
+
+def check_options(lookup: int | None, draft_model, draft_max: int) -> None:
+    """The speculative options every front end takes (run, chat, serve,
+    create_app), checked before anything loads."""
+    if lookup is not None and draft_model is not None:
+        raise ValueError("--lookup and --model-draft both draft; give one")
+    if lookup is not None and (isinstance(lookup, bool) or not isinstance(lookup, int)
+                               or not 1 <= lookup <= MAX_DRAFT):
+        raise ValueError(f"--lookup must be in 1..{MAX_DRAFT} (tokens drafted per pass), got {lookup!r:.40}")
+    if isinstance(draft_max, bool) or not isinstance(draft_max, int) or not 1 <= draft_max <= MAX_DRAFT:
+        raise ValueError(f"--draft-max must be in 1..{MAX_DRAFT}, got {draft_max!r:.40}")
+
+
+def verify_rows(lookup: int | None, draft_max: int) -> int:
+    """Rows of a verify decode: the most drafts per pass and the last kept
+    token (EngineConfig.generate_rows: the generate split is measured for them)."""
+    return (lookup if lookup is not None else draft_max) + 1
+
+
+def make_drafter(lookup: int | None, draft_path, draft_max: int, target, *, cuda: bool, config,
+                 verbose: bool = False):
+    """PromptLookup(lookup), or a DraftModel of the GGUF at draft_path (all
+    its layers on the GPU with cuda, else in host memory) with the context
+    shape of `config` (the target's EngineConfig); it must share `target`'s
+    vocabulary (n_vocab, token_bytes)."""
+    from .model import StockModel
+
+    if lookup is not None:
+        return PromptLookup(lookup)
+    c = config
+    draft = StockModel(draft_path, -1 if cuda else 0, device="cuda" if cuda else "host", n_ctx=c.n_ctx,
+                       n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_threads=c.n_threads, flash_attn=c.flash_attn,
+                       verbose=verbose)
+    drafter = DraftModel(draft, draft_max)
+    try:
+        drafter.check_vocabulary(target)
+    except BaseException:
+        draft.close()
+        raise
+    return drafter
 
 
 @dataclass
@@ -61,8 +106,8 @@ class PromptLookup:
     ngram_min), at most n_draft of them."""
 
     def __init__(self, n_draft: int, ngram_max: int = DEFAULT_NGRAM_MAX, ngram_min: int = 1):
-        if not 1 <= n_draft <= 256 or not 1 <= ngram_min <= ngram_max:
-            raise ValueError(f"prompt lookup needs 1 <= n_draft <= 256 and 1 <= ngram_min <= ngram_max, got "
+        if not 1 <= n_draft <= MAX_DRAFT or not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"prompt lookup needs 1 <= n_draft <= {MAX_DRAFT} and 1 <= ngram_min <= ngram_max, got "
                              f"{n_draft}, {ngram_min}, {ngram_max}")
         self.n_draft, self.ngram_max, self.ngram_min = n_draft, ngram_max, ngram_min
 
@@ -85,8 +130,8 @@ class DraftModel:
     decoded again."""
 
     def __init__(self, model, n_draft: int):
-        if not 1 <= n_draft <= 256:
-            raise ValueError(f"n_draft must be in 1..256, got {n_draft}")
+        if not 1 <= n_draft <= MAX_DRAFT:
+            raise ValueError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
         self.model, self.n_draft = model, n_draft
         self._seen: list[int] = []  # tokens in the draft model's KV cache
 
@@ -199,21 +244,78 @@ class LlamaDrafter:
     """A drafter (PromptLookup, DraftModel) behind llama-cpp-python's
     draft_model interface (llama_cpp.llama_speculative.LlamaDraftModel: called
     with the context's token ids, returns the draft), so StreamedLlama -
-    chat - drafts as run does; Llama.generate checks the drafts in one
-    decode. Counts its calls: one per pass. `drafter` may be set after the
-    StreamedLlama exists (a draft model sized from its context)."""
+    chat, serve - drafts as run does; Llama.generate checks the drafts in one
+    decode. `drafter` may be set after the StreamedLlama exists (a draft
+    model sized from its context).
+
+    Counts one generation (Llama.generate's call, `counted` below) in
+    `result`: a call is one pass (a verify decode follows each); a generated
+    token equal to the pass's next drafted one is an accepted draft."""
 
     def __init__(self, drafter=None):
-        self.drafter, self.passes = drafter, 0
+        self.drafter = drafter
+        self.drafting = True  # off for a generation that samples (see counted)
+        self.begin()
+
+    def begin(self, drafting: bool = True) -> None:
+        self.drafting, self.result = drafting, SpeculativeResult()
+        self._draft, self._next = [], 0
+
+    @property
+    def passes(self) -> int:
+        return self.result.passes
 
     def __call__(self, input_ids, /, **kwargs):
-        self.passes += 1
-        if self.drafter is None:
-            return np.zeros(0, dtype=np.intc)
-        return np.array(self.drafter.draft([int(t) for t in input_ids], self.drafter.n_draft), dtype=np.intc)
+        self.result.passes += 1
+        draft = []
+        if self.drafter is not None and self.drafting:
+            draft = self.drafter.draft([int(t) for t in input_ids], self.drafter.n_draft)
+        self.result.drafted += len(draft)
+        self._draft, self._next = draft, 0
+        return np.array(draft, dtype=np.intc)
+
+    def saw(self, token: int) -> None:
+        """A token the model generated (in order). Llama.generate keeps the
+        drafts up to the first the model disagrees with, so a token that
+        equals the pass's next draft is that draft accepted."""
+        self.result.tokens.append(token)
+        if self._next < len(self._draft) and self._draft[self._next] == token:
+            self._next += 1
+            self.result.accepted += 1
+        else:
+            self._next = len(self._draft)  # the rest of this pass's draft is rejected
 
     def close(self) -> None:
         close = getattr(self.drafter, "close", None)
         if close is not None:
             close()
 
+
+def llama_vocabulary(llm):
+    """A llama_cpp.Llama's vocabulary as DraftModel.check_vocabulary reads it."""
+    return SimpleNamespace(n_vocab=llm.n_vocab(), token_bytes=lambda i: llm.detokenize([i]))
+
+
+def counted(llm, drafter: LlamaDrafter, report=None) -> None:
+    """Route llm's generations (Llama.generate, under its completion and chat
+    code) through drafter's counts: a generation drafts only when it is
+    greedy (temperature 0, no logits processor: min_tokens' reads the
+    context, which holds the drafts); report(drafter, greedy) after each."""
+    generate = llm.generate
+
+    def drafted_generate(tokens, *args, **kwargs):
+        bound = inspect.signature(generate).bind(tokens, *args, **kwargs)
+        bound.apply_defaults()
+        greedy = bound.arguments["temp"] == 0 and bound.arguments["logits_processor"] is None
+        drafter.begin(greedy)
+        inner = generate(tokens, *args, **kwargs)
+        try:
+            for token in inner:
+                drafter.saw(token)
+                yield token
+        finally:
+            inner.close()
+            if report is not None:
+                report(drafter, greedy)
+
+    llm.generate = drafted_generate

@@ -325,3 +325,14 @@ def test_kv_cache_types_by_name_or_ggml_id(tiny_path):
             llm.close()
     with pytest.raises(ValueError, match="not a KV cache type"):
         StreamedLlama(tiny_path, n_streamed=2, device="host", n_ctx=256, type_k=12, verbose=False)
+
+
+def test_a_draft_model_keeps_every_tokens_outputs():
+    """Llama keeps every token's logits with a draft_model (a verify's rows
+    are sampled one by one), so graph_reuse is off as with logits_all - a
+    prompt's tail split off would make the decode raise; without one it stays on."""
+    from gguf_stream.llama_compat import engine_and_llama_options
+    from gguf_stream.speculative import LlamaDrafter
+
+    assert engine_and_llama_options({"draft_model": LlamaDrafter()})[0].graph_reuse is False
+    assert engine_and_llama_options({"draft_model": None})[0].graph_reuse is True

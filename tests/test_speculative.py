@@ -160,9 +160,16 @@ def test_chat_drafts_give_the_greedy_reply(gemma_path, capsys, monkeypatch):
         assert rc == 0, err
         replies.append((out, err))
     assert replies[0][0].strip() and replies[1][0] == replies[0][0] and replies[2][0] == replies[0][0]
-    assert "speculative passes" not in replies[0][1]
-    generated, passes = re.search(r"generated: (\d+) tokens.*; (\d+) speculative passes", replies[2][1]).groups()
-    assert int(passes) < int(generated)
+    assert "speculative:" not in replies[0][1]
+    for _, err in replies[1:]:  # the reply's acceptance after its timing
+        assert re.search(r"generated: \d+ tokens.*; speculative: \d+ of \d+ drafted tokens accepted", err), err
+    generated, accepted, drafted, passes, tokens = map(int, re.search(
+        r"generated: (\d+) tokens.* (\d+) of (\d+) drafted tokens accepted .* \((\d+) passes for (\d+) tokens\)",
+        replies[2][1]).groups())
+    assert generated == tokens  # not the drafts decoded past the reply's end
+    # the model as its own draft: every draft right, but for the last pass's
+    # that the token limit cut off
+    assert drafted - 4 <= accepted <= drafted and accepted > 0 and passes < tokens
 
 
 def test_chat_speculative_is_greedy_only(gemma_path, capsys):
@@ -171,3 +178,68 @@ def test_chat_speculative_is_greedy_only(gemma_path, capsys):
     rc, _, err = run_main(capsys, "chat", str(gemma_path), "--lookup", "4", "--temp", "0.7", "--device", "host",
                           "-t", T, *SMALL)
     assert_user_error(rc, err, "greedy only")
+
+
+class FixedDrafts:
+    """A drafter proposing the given drafts in turn."""
+
+    n_draft = 3
+
+    def __init__(self, drafts):
+        self.drafts = iter(drafts)
+
+    def draft(self, context, n):
+        return next(self.drafts)
+
+
+def test_llama_drafter_counts_the_drafts_generate_keeps():
+    """Llama.generate keeps drafts up to the first the model disagrees with:
+    a generated token equal to the pass's next draft is accepted, nothing
+    after a disagreement is (even a token equal to a later draft)."""
+    from gguf_stream.speculative import LlamaDrafter
+
+    d = LlamaDrafter(FixedDrafts([[4, 5, 6], [7, 8], [1, 2]]))
+    d.begin()
+    d.saw(3)  # from the prompt's decode: no draft yet
+    assert list(d([1, 2, 3])) == [4, 5, 6]
+    for t in (4, 9, 6):  # one accepted, then the model's own; 6 after it is no draft of this pass
+        d.saw(t)
+    assert list(d([1, 2, 3, 4, 9, 6])) == [7, 8]
+    for t in (7, 8, 1):  # both accepted, then the token after them
+        d.saw(t)
+    r = d.result
+    assert (r.passes, r.drafted, r.accepted, r.tokens) == (2, 5, 3, [3, 4, 9, 6, 7, 8, 1])
+    assert r.tokens_per_pass == 7 / 3 and "3 of 5 drafted tokens accepted (60%)" in r.summary()
+    d.begin(drafting=False)  # a generation that samples: passes, no drafts
+    assert list(d([1, 2])) == [] and (d.result.passes, d.result.drafted) == (1, 0)
+
+
+def test_counted_drafts_for_greedy_generations_only():
+    """counted() routes Llama.generate through the drafter: greedy ones draft
+    (temperature 0, no logits processor), the report follows each, tokens
+    pass through unchanged and a generation closed early closes Llama's."""
+    from gguf_stream.speculative import LlamaDrafter, counted
+
+    closed = []
+
+    class FakeLlama:
+        def generate(self, tokens, top_k=40, temp=0.80, logits_processor=None):
+            try:  # llama-cpp-python's order: the prompt's token, a pass's draft, its checked tokens
+                yield 5
+                self.draft_model(tokens)
+                yield 6
+                yield 7
+            finally:
+                closed.append(True)
+
+    llm, drafter, reports = FakeLlama(), LlamaDrafter(FixedDrafts([[6, 8]] * 4)), []
+    llm.draft_model = drafter
+    counted(llm, drafter, lambda d, greedy: reports.append((greedy, d.result.drafted, d.result.accepted)))
+    assert list(llm.generate([1], temp=0)) == [5, 6, 7]
+    assert list(llm.generate([1], temp=0.7)) == [5, 6, 7]
+    assert list(llm.generate([1], 40, 0, ["processor"])) == [5, 6, 7]
+    assert reports == [(True, 2, 1), (False, 0, 0), (False, 0, 0)]
+    g = llm.generate([1], temp=0)
+    next(g)
+    g.close()
+    assert len(closed) == 4 and len(reports) == 4

@@ -6,7 +6,10 @@
 # f16 for the 8B shape; without it llama.cpp pads each of the 32 sequences
 # to 256 cells: 8192 cells, 1 GiB, which crowds the 0.25x budget).
 # Output per budget B: batched-8b-B.md (the table, then PASS/FAIL lines for the
-# acceptance), batched-8b-B.json (the same rows), progress on stderr.
+# acceptance), batched-8b-B.json (the same rows), batched-8b-B.png (aggregate
+# tg against parallel sequences, where matplotlib is installed; elsewhere:
+# python -m gguf_stream.bench.plot_batched batched-8b-B.json batched-8b-B.png),
+# progress on stderr.
 set -euo pipefail
 MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 [ -f "$MODEL" ] || python3 -m gguf_stream.synth "$MODEL" --shape llama3-8b --type Q4_K --seed 0 -q
@@ -15,18 +18,18 @@ MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 EXTRA=("$@")
 for cell in "0.5x 1,2,4,8,16,32" "0.25x 1,2,4,8,16"; do
   set -- $cell
+  name="batched-8b-$1"
   python3 -m gguf_stream batched-bench "$MODEL" --vram-budget "$1" -kvu \
-      -npp 128 -ntg 32 -npl "$2" --verify 1,2,4,8,16 -r 3 -o json "${EXTRA[@]}" > "batched-8b-$1.json"
-  BUDGET=$1 python3 - <<'PY'
-import json, os
-from gguf_stream.bench.batched import BatchedWorkload, Run, render_md
-name = f"batched-8b-{os.environ['BUDGET']}"
-doc = json.load(open(f"{name}.json"))
-w = doc["workload"]
-w = BatchedWorkload(**{**w, "parallel": tuple(w["parallel"]), "verify": tuple(w["verify"])})
-runs = [Run(**{**r, "tg": {int(k): v for k, v in r["tg"].items()},
-               "verify": {int(k): v for k, v in r["verify"].items()}}) for r in doc["runs"]]
-open(f"{name}.md", "w").write(render_md(runs, w, doc["notes"]))
+      -npp 128 -ntg 32 -npl "$2" --verify 1,2,4,8,16 -r 3 -o json "${EXTRA[@]}" > "$name.json"
+  NAME=$name python3 - <<'PY'
+import os
+from gguf_stream.bench.batched import load_json, render_md
+name = os.environ["NAME"]
+runs, w, notes = load_json(open(f"{name}.json").read())
+open(f"{name}.md", "w").write(render_md(runs, w, notes))
 print(open(f"{name}.md").read())
 PY
+  # the chart by path, in its own process: matplotlib beside llama.cpp's libraries crashes here (bench/plot.py)
+  python3 "$(dirname "$0")/../gguf_stream/bench/plot_batched.py" "$name.json" "$name.png" \
+      && echo "plot written to $name.png" || echo "no plot (matplotlib missing?); the JSON re-renders elsewhere" >&2
 done

@@ -78,7 +78,8 @@ class Run:
     budget_bytes: int | None
     mode: str  # "stock ngl=N" or "streamed" / "streamed, no CPU layers"
     plan: str = ""
-    tg: dict[int, float] = field(default_factory=dict)  # npl -> aggregate tg t/s
+    tg: dict[int, float] = field(default_factory=dict)  # npl -> aggregate tg t/s (median of the repetitions)
+    tg_reps: dict[int, list[float]] = field(default_factory=dict)  # npl -> each repetition's t/s (error bars)
     verify: dict[int, float] = field(default_factory=dict)  # k -> seconds per decode
     vram_peak: int | None = None
     cpu_layers: int = 0  # CPU layers of a streamed run's generate split
@@ -92,15 +93,15 @@ def _prompts(model, w: BatchedWorkload, npl: int) -> list[list[int]]:
     return [[bos] + rng.integers(0, model.n_vocab, w.n_prompt - 1).tolist() for _ in range(npl)]
 
 
-def time_parallel(model, w: BatchedWorkload, npl: int) -> float:
-    """Aggregate tg t/s of npl sequences (the median of w.reps, after a warm-up)."""
+def time_parallel(model, w: BatchedWorkload, npl: int) -> list[float]:
+    """Aggregate tg t/s of npl sequences, each of w.reps repetitions after a warm-up."""
     prompts = _prompts(model, w, npl)
     model.generate_batch(prompts, 2, stop_at_eog=False)  # warm-up: graphs and pools of this shape
     rates = []
     for _ in range(w.reps):
         r = model.generate_batch(prompts, w.n_gen + 1, stop_at_eog=False)  # the first token is the prompt's
         rates.append(npl * w.n_gen / r.generate_seconds)
-    return statistics.median(rates)
+    return rates
 
 
 def time_verify(model, w: BatchedWorkload, k: int) -> float:
@@ -133,7 +134,8 @@ def measure(model, run: Run, w: BatchedWorkload, progress: Progress, only: int |
         if only not in (None, npl):
             continue
         progress(f"{run.budget} {run.mode}: {npl} sequence(s)")
-        run.tg[npl] = time_parallel(model, w, npl)
+        run.tg_reps[npl] = time_parallel(model, w, npl)
+        run.tg[npl] = statistics.median(run.tg_reps[npl])
         progress(f"  aggregate tg {run.tg[npl]:.2f} t/s")
     for k in w.verify:
         if only in (None, k):
@@ -193,13 +195,17 @@ class BatchedBench:
         workload, each measuring its own parallel / verify row; one row is
         `single`'s (the split for one token). A verify's cost is then over
         the best single-token decode, what speculative decoding must beat."""
-        run = Run(b.label, b.nbytes, "streamed, split per rows", tg={1: single.tg[1]} if 1 in single.tg else {},
-                  verify={1: single.verify[1]} if 1 in single.verify else {}, vram_peak=single.vram_peak,
+        def one_row(d: dict) -> dict:
+            return {1: d[1]} if 1 in d else {}
+
+        run = Run(b.label, b.nbytes, "streamed, split per rows", tg=one_row(single.tg),
+                  tg_reps=one_row(single.tg_reps), verify=one_row(single.verify), vram_peak=single.vram_peak,
                   cpu_layers=single.cpu_layers)
         splits = [f"1 row: {single.cpu_layers}"]
         for rows in sorted((set(self.w.parallel) | set(self.w.verify)) - {1}):
             r = self.streamed(b, placement, rows=rows, only_rows=True)
             run.tg.update(r.tg)
+            run.tg_reps.update(r.tg_reps)
             run.verify.update(r.verify)
             peaks = [v for v in (run.vram_peak, r.vram_peak) if v is not None]
             run.vram_peak = max(peaks) if peaks else None
@@ -313,5 +319,17 @@ def render_md(runs: list[Run], w: BatchedWorkload, notes: list[str]) -> str:
     return "\n".join(lines + [f"- {n}" for n in notes]) + "\n"
 
 
-def render_json(runs: list[Run], w: BatchedWorkload, notes: list[str]) -> str:
-    return json.dumps({"workload": asdict(w), "runs": [asdict(r) for r in runs], "notes": notes}, indent=1) + "\n"
+def render_json(runs: list[Run], w: BatchedWorkload, notes: list[str], meta: dict | None = None) -> str:
+    """The rows as JSON (meta: {"model": name} for the chart's titles)."""
+    return json.dumps({"meta": meta or {}, "workload": asdict(w), "runs": [asdict(r) for r in runs], "notes": notes},
+                      indent=1) + "\n"
+
+
+def load_json(text: str) -> tuple[list[Run], BatchedWorkload, list[str]]:
+    """render_json's document read back: (runs, workload, notes), for re-rendering."""
+    doc = json.loads(text)
+    w = doc["workload"]
+    w = BatchedWorkload(**{**w, "parallel": tuple(w["parallel"]), "verify": tuple(w["verify"])})
+    runs = [Run(**{**r, **{key: {int(k): v for k, v in r.get(key, {}).items()} for key in ("tg", "tg_reps", "verify")}})
+            for r in doc["runs"]]
+    return runs, w, doc["notes"]

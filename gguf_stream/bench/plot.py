@@ -62,6 +62,7 @@ class Series:
     means: tuple
     sds: tuple
     labels: tuple
+    color: str | None = None  # None: COLORS[mode]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class Panel:
     ceiling: tuple | None  # (mean, sd, legend label) of the all-in-VRAM row
     log: bool  # log y axis: bars of 20-50 t/s stay readable next to a ~280 t/s ceiling
     ylim: tuple  # (bottom, top), with room for the labels over the bars
+    xlabel: str = "VRAM budget"
+    ylabel: str = "t/s"
+    positions: tuple | None = None  # x of each group of bars (None: 0, 1, 2, ...)
 
 
 def _decimals(v: float) -> int:
@@ -102,6 +106,22 @@ def _label(row: dict) -> str:
     return text
 
 
+def y_axis(series, highs=()) -> tuple[bool, tuple]:
+    """(log, ylim) for bars of series (and lines at highs): a log axis where
+    the largest value exceeds the smallest bar LOG_RATIO times, room above for
+    the labels."""
+    bars = [(m, sd) for s in series for m, sd in zip(s.means, s.sds) if m is not None]
+    highs = [m + sd for m, sd in bars] + list(highs)
+    lows = [m for m, _ in bars if m > 0]
+    log = bool(lows) and max(highs) > LOG_RATIO * min(lows)
+    if not highs:
+        return log, (0.0, 1.0)
+    if log:
+        bottom = min(min(lows), *(max(m - sd, m / 2) for m, sd in bars if m > 0)) / 2
+        return log, (bottom, max(highs) * 3.0)  # a decade of headroom reads like 15% on a linear axis
+    return log, (0.0, max(highs) * 1.25)
+
+
 def panels(doc: dict) -> list[Panel]:
     """The charts of a result's JSON document (render_json's): one panel per
     test (pp first), bars per budget and mode with their sd and labels, the
@@ -124,17 +144,7 @@ def panels(doc: dict) -> list[Panel]:
         top = next((r for r in these if r["mode"] == "all-in-VRAM" and r["tps_mean"] is not None), None)
         ceiling = None if top is None else (top["tps_mean"], top["tps_sd"] or 0.0,
                                             f"all in VRAM: {_label(top)} t/s")
-        bars = [(m, sd) for s in series for m, sd in zip(s.means, s.sds) if m is not None]
-        highs = [m + sd for m, sd in bars] + ([ceiling[0] + ceiling[1]] if ceiling else [])
-        lows = [m for m, _ in bars if m > 0]
-        log = bool(lows) and max(highs) > LOG_RATIO * min(lows)
-        if not highs:
-            ylim = (0.0, 1.0)
-        elif log:
-            bottom = min(min(lows), *(max(m - sd, m / 2) for m, sd in bars if m > 0)) / 2
-            ylim = (bottom, max(highs) * 3.0)  # a decade of headroom reads like 15% on a linear axis
-        else:
-            ylim = (0.0, max(highs) * 1.25)
+        log, ylim = y_axis(series, [ceiling[0] + ceiling[1]] if ceiling else [])
         model = doc.get("meta", {}).get("model", "")
         ubatch = next((r["n_ubatch"] for r in these if r.get("n_ubatch")), None)
         title = f"{model} {test}".strip() + (f", n_ubatch {ubatch}" if ubatch else "")
@@ -144,6 +154,21 @@ def panels(doc: dict) -> list[Panel]:
 
 def draw(doc: dict, png: str) -> None:
     """The chart of a result's JSON document (render_json's), written to png."""
+    render(panels(doc), png)
+
+
+def _groups(p: Panel) -> int:
+    """Groups of bars the panel's x axis has room for (positions may leave gaps)."""
+    at = p.positions
+    if not at or len(at) < 2:
+        return len(p.budgets)
+    gap = min(b - a for a, b in zip(at, at[1:]))
+    return round((at[-1] - at[0]) / gap) + 1
+
+
+def render(ps: list[Panel], png: str) -> None:
+    """Panels side by side (bars per group and series, their labels and
+    error bars, a ceiling line), one legend below, written to png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,18 +176,19 @@ def draw(doc: dict, png: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     from matplotlib.transforms import blended_transform_factory
 
-    ps = panels(doc)
-    widths = [max(5.0, 1.2 + BAR_INCHES * len(p.budgets) * len(p.series)) for p in ps] or [5.0]
+    widths = [max(5.0, 1.2 + BAR_INCHES * _groups(p) * len(p.series)) for p in ps] or [5.0]
     fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 4.8), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, p in zip(axes[0], ps):
         base = blended_transform_factory(ax.transData, ax.transAxes)
-        width = 0.8 / max(len(p.series), 1)
+        at = p.positions or tuple(range(len(p.budgets)))
+        gap = min((b - a for a, b in zip(at, at[1:])), default=1.0)
+        width = 0.8 * gap / max(len(p.series), 1)
         for k, s in enumerate(p.series):
-            xs = [i + (k - (len(p.series) - 1) / 2) * width for i in range(len(p.budgets))]
+            xs = [x + (k - (len(p.series) - 1) / 2) * width for x in at]
             heights = [float("nan") if m is None else m for m in s.means]
             ax.bar(xs, heights, width=width * 0.95, yerr=list(s.sds), capsize=3, label=s.mode,
-                   color=COLORS[s.mode], error_kw={"elinewidth": 1, "ecolor": "0.25"})
+                   color=s.color or COLORS[s.mode], error_kw={"elinewidth": 1, "ecolor": "0.25"})
             for x, m, sd, text in zip(xs, s.means, s.sds, s.labels):
                 if m is None:  # no bar: say why, from the bottom of the axes
                     ax.text(x, 0.02, text, transform=base, rotation=90, ha="center", va="bottom",
@@ -184,10 +210,10 @@ def draw(doc: dict, png: str) -> None:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(*p.ylim)
-        ax.set_xticks(range(len(p.budgets)), p.budgets)
-        ax.set_xlim(-0.6, len(p.budgets) - 0.4)
-        ax.set_xlabel("VRAM budget")
-        ax.set_ylabel("t/s (log scale)" if p.log else "t/s")
+        ax.set_xticks(at, p.budgets)
+        ax.set_xlim(at[0] - 0.6 * gap, at[-1] + 0.6 * gap)
+        ax.set_xlabel(p.xlabel)
+        ax.set_ylabel(f"{p.ylabel} (log scale)" if p.log else p.ylabel)
         ax.set_title(p.title, fontsize=10)
         ax.grid(axis="y", which="major", alpha=0.3)
         ax.set_axisbelow(True)
@@ -206,30 +232,38 @@ def draw(doc: dict, png: str) -> None:
 
 def plot(result, path: str) -> str:
     """Draw result's chart to path in a child process (see the module's
-    docstring); returns a line for stderr. A missing matplotlib is a note,
-    not a failed benchmark (the command refuses --plot before running
-    anything when it is missing)."""
+    docstring); returns a line for stderr."""
     from .report import render_json
 
+    return in_child(__file__, render_json(result), path)
+
+
+def in_child(script: str, document: str, path: str) -> str:
+    """Run `python SCRIPT DOC.json PNG` (a chart module by path) on document,
+    a JSON text; returns a line for stderr. A missing matplotlib is a note,
+    not a failed benchmark (the command refuses --plot before running
+    anything when it is missing)."""
     if not available():
         return f"--plot {path} skipped: matplotlib is not installed (`pip install matplotlib`)"
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        f.write(render_json(result))
+        f.write(document)
         f.flush()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), f.name, str(path)],
+        proc = subprocess.run([sys.executable, str(Path(script).resolve()), f.name, str(path)],
                               capture_output=True, text=True)
     if proc.returncode != 0:
         return f"--plot {path} failed: {(proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}"
     return f"plot written to {path}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, draw_document=draw,
+         usage: str = "python -m gguf_stream.bench.plot RESULT.json OUT.png") -> int:
+    """The command line of a chart module: `DOC.json OUT.png` drawn by draw_document."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m gguf_stream.bench.plot RESULT.json OUT.png", file=sys.stderr)
+        print(f"usage: {usage}", file=sys.stderr)
         return 2
     with open(args[0]) as f:
-        draw(json.load(f), args[1])
+        draw_document(json.load(f), args[1])
     return 0
 
 

@@ -60,11 +60,16 @@ def add_parser(sub, parents) -> None:
                    "cpu_layers_max_batch=1)")
     p.add_argument("--device", choices=("auto", "cuda", "host"), default="auto")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="table format (default md)")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also draw aggregate tg t/s against parallel "
+                   "sequences to PNG, a panel per budget (needs matplotlib; default: none; from a saved -o json: "
+                   "python -m gguf_stream.bench.plot_batched BATCHED.json PNG)")
     p.set_defaults(func=cmd_batched_bench)
 
 
 def cmd_batched_bench(args) -> int:
+    from ..bench import plot
     from ..bench.batched import BatchedBench, BatchedWorkload, checks, render_json, render_md
+    from ..bench.plot_batched import plot_batched
     from ..bench.budgets import Budget, parse_budgets
     from ..bench.timing import Progress
     from ..config import select_device
@@ -72,6 +77,9 @@ def cmd_batched_bench(args) -> int:
     from ..memory import format_size
     from ..models import resolve
 
+    problem = plot.cannot_write(args.plot) if args.plot else None
+    if problem:  # refuse before minutes of loading, not after
+        raise ValueError(f"--plot {args.plot}: {problem}; nothing was run")
     parallel, verify = _numbers("-npl")(args.parallel), _numbers("--verify")(args.verify)
     w = BatchedWorkload(args.n_prompt, args.n_gen, parallel, verify, args.batch_size,
                         min(args.ubatch_size, args.batch_size), args.repetitions, n_threads=args.threads,
@@ -103,7 +111,10 @@ def cmd_batched_bench(args) -> int:
                  f"{_context(w)} for every load, -b {w.n_batch} -ub {w.n_ubatch}, "
                  f"median of {w.reps} after a warm-up; aggregate tg = sequences x steps / the steps' time")
     notes += checks(runs)
-    sys.stdout.write((render_md if args.output == "md" else render_json)(runs, w, notes))
+    meta = {"model": path.name}
+    sys.stdout.write(render_md(runs, w, notes) if args.output == "md" else render_json(runs, w, notes, meta))
+    if args.plot:
+        print(plot_batched(render_json(runs, w, notes, meta), args.plot), file=sys.stderr)
     return EXIT_OK
 
 

@@ -36,7 +36,7 @@ def add_parser(sub, parents) -> None:
 
 def cmd_chat(args) -> int:
     from ..llama_compat import apply_chat_format
-    from ..speculative import LlamaDrafter
+    from ..speculative import LlamaDrafter, counted, llama_vocabulary
 
     check_flags(args)
     check_n_predict(args, "end of turn")
@@ -52,8 +52,8 @@ def cmd_chat(args) -> int:
     try:
         fmt = apply_chat_format(llm, args.chat_format)
         if drafter is not None:
-            vocab = SimpleNamespace(n_vocab=llm.n_vocab(), token_bytes=lambda i: llm.detokenize([i]))
-            drafter.drafter = speculative.make_drafter(args, vocab, device, llm._streamer.config)
+            drafter.drafter = speculative.make_drafter(args, llama_vocabulary(llm), device, llm._streamer.config)
+            counted(llm, drafter)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
         say(describe_flash_attn(llm.flash_attn, llm._streamer.config.flash_attn))
         say(f"chat format: {fmt}; type a message and Enter; Ctrl-C stops a reply; /reset clears the "
@@ -120,19 +120,22 @@ class ReplyTimer:
                 reused += 1
             self.n_prompt = self.n_first - reused
 
-    def summary(self) -> str | None:
-        """'prompt: ...; generated: ...' like run prints, or None before any token."""
+    def summary(self, n_gen: int | None = None) -> str | None:
+        """'prompt: ...; generated: ...' like run prints, or None before any
+        token. n_gen: the tokens generated where the context holds more
+        (drafts decoded past the reply's end)."""
         if self.t_first is None:
             return None
         t_prompt, t_gen = self.t_first - self.t0, time.perf_counter() - self.t_first
         decodes = self.llm.n_tokens - self.n_first  # one per token after the first, as run counts
-        n_gen = decodes + 1  # the first token came from the prompt's logits
+        if n_gen is None:
+            n_gen = decodes + 1  # the first token came from the prompt's logits
         return (f"prompt: {self.n_prompt} new tokens ({self.n_first} in context) in {t_prompt:.2f} s "
                 f"({self.n_prompt / t_prompt if t_prompt else 0:.1f} t/s); generated: {n_gen} tokens in "
-                f"{t_gen:.2f} s ({decodes / t_gen if t_gen else 0:.1f} t/s)")
+                f"{t_gen:.2f} s ({(n_gen - 1) / t_gen if t_gen else 0:.1f} t/s)")  # the tokens after the first
 
 
-def _reply(llm, messages, args) -> tuple[str, bool, str | None]:
+def _reply(llm, messages, args, drafter=None) -> tuple[str, bool, str | None]:
     """Stream one reply to stdout: (its text, whether Ctrl-C stopped it, the
     timing line). The first Ctrl-C stops it after the token being decoded; a
     second one raises KeyboardInterrupt (the caller exits 130)."""
@@ -152,7 +155,7 @@ def _reply(llm, messages, args) -> tuple[str, bool, str | None]:
                     break
         finally:
             stream.close()  # a stopped reply's generator ends here, not at some later collection
-    return "".join(pieces), ctrl_c.hit, timer.summary()
+    return "".join(pieces), ctrl_c.hit, timer.summary(None if drafter is None else len(drafter.result.tokens))
 
 
 def _chat_loop(llm, args, drafter=None) -> int:
@@ -179,7 +182,7 @@ def _chat_loop(llm, args, drafter=None) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply, stopped, timing = _reply(llm, messages, args)
+            reply, stopped, timing = _reply(llm, messages, args, drafter)
         except KeyboardInterrupt:  # a second Ctrl-C during the reply: end the chat
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -199,7 +202,6 @@ def _chat_loop(llm, args, drafter=None) -> int:
             say("reply stopped (Ctrl-C); what it said so far stays in the conversation; Ctrl-C at the "
                 "prompt ends the chat")
         if timing and drafter is not None:
-            timing += f"; {drafter.passes} speculative passes"
-            drafter.passes = 0
+            timing += f"; {drafter.result.summary()}"
         if timing:
             say(timing)

@@ -1,10 +1,13 @@
 """gguf-stream serve: llama-cpp-python's OpenAI-compatible server on a StreamedLlama."""
 from __future__ import annotations
 
+import logging
 import time
 
 from ..errors import EnvironmentMismatchError
-from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_plan, prepare_load, say, threads
+from . import speculative
+from .common import (EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_plan, prepare_load, resolve_model,
+                     say, threads)
 
 
 def add_parser(sub, parents) -> None:
@@ -28,6 +31,8 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="how --embedding pools a text's token vectors into one (default: the model's own where its "
                    "GGUF names one other than none, else mean; none: a vector per token, not OpenAI's shape)")
+    speculative.add_speculative(p, "requests with temperature 0; one sequence, -np 1; each request's acceptance "
+                                "on stderr")
     add_engine(p)
     p.set_defaults(func=cmd_serve)
 
@@ -47,11 +52,15 @@ def cmd_serve(args) -> int:
         raise ValueError("--api-key is empty; give a key or leave the flag out")
     if args.pooling is not None and not args.embedding:
         raise ValueError("--pooling applies to embeddings: give --embedding too")
+    speculative.check(args)
     device, path, options = prepare_load(args)
+    draft = resolve_model(args.model_draft) if args.model_draft is not None else None
     t0 = time.perf_counter()
     app = server.create_app(path, host=args.host, port=args.port, **{**options, **threads(args)},
                             chat_format=args.chat_format, model_alias=args.alias, api_key=args.api_key,
-                            cors_origins=args.cors, embedding=args.embedding, pooling=args.pooling)
+                            cors_origins=args.cors, embedding=args.embedding, pooling=args.pooling,
+                            lookup=args.lookup, draft_model=draft, draft_max=args.draft_max)
+    _say_server_log(server.log)
     try:
         llm = server.app_model(app)
         say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(llm.plan, device)}")
@@ -59,6 +68,10 @@ def cmd_serve(args) -> int:
         if loop is not None:
             say(f"-np {loop.n_seats}: {loop.n_seats} sequences (llama-server's slots, GET /slots) of {loop.cells} "
                 "KV cells each; concurrent completions are decoded together")
+        if app.state.gguf_stream_proxy.drafter is not None:
+            say("speculative decoding: " + (f"up to {args.lookup} tokens per pass from prompt lookup" if args.lookup
+                                            else f"draft model {draft}, up to {args.draft_max} tokens per pass")
+                + " for greedy requests (temperature 0)")
         say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             say(f"anyone who can reach {args.host}:{args.port} can use it: give --api-key KEY to require a key")
@@ -67,3 +80,15 @@ def cmd_serve(args) -> int:
         server.close_app(app)
     say("server stopped, model closed")
     return EXIT_OK
+
+
+class _Say(logging.Handler):
+    def emit(self, record) -> None:
+        say(record.getMessage())
+
+
+def _say_server_log(logger: logging.Logger) -> None:
+    """The server's per-request lines (speculative acceptance) as progress lines on stderr."""
+    if not any(isinstance(h, _Say) for h in logger.handlers):
+        logger.addHandler(_Say())
+    logger.setLevel(logging.INFO)

@@ -6,13 +6,16 @@ import codecs
 import sys
 import time
 
+from .. import speculative
+from ..speculative import DEFAULT_DRAFT_MAX
 from .common import EXIT_INTERRUPTED, EXIT_OK, CtrlC, error, resolve_model, say
 
-DEFAULT_DRAFT_MAX = 16  # llama.cpp's --draft-max
+
+GREEDY_ONLY = "greedy only: the output is the greedy output, in fewer passes"
 
 
-def add_speculative(p) -> None:
-    g = p.add_argument_group("speculative decoding (greedy only: the output is the greedy output, in fewer passes)")
+def add_speculative(p, scope: str = GREEDY_ONLY) -> None:
+    g = p.add_argument_group(f"speculative decoding ({scope})")
     g.add_argument("--lookup", type=int, metavar="N", help="draft up to N tokens per pass from n-grams of the text "
                    "so far (prompt lookup, as llama.cpp's llama-lookup); each pass checks them in one decode")
     g.add_argument("-md", "--model-draft", "--draft-model", dest="model_draft", metavar="MODEL",
@@ -27,20 +30,15 @@ def wanted(args) -> bool:
 
 
 def verify_rows(args) -> int:
-    """Rows of a verify decode: the most drafts per pass and the last kept
-    token (EngineConfig.generate_rows: the generate split is measured for them)."""
-    return (args.lookup if args.lookup is not None else args.draft_max) + 1
+    """Rows of a verify decode (speculative.verify_rows) for the flags."""
+    return speculative.verify_rows(args.lookup, args.draft_max)
 
 
-def check(args, sampling) -> None:
-    """Speculative flags that make sense, before anything loads."""
-    if args.lookup is not None and args.model_draft is not None:
-        raise ValueError("--lookup and --model-draft both draft; give one")
-    if args.lookup is not None and not 1 <= args.lookup <= 256:
-        raise ValueError(f"--lookup must be in 1..256 (tokens drafted per pass), got {args.lookup}")
-    if not 1 <= args.draft_max <= 256:
-        raise ValueError(f"--draft-max must be in 1..256, got {args.draft_max}")
-    if not sampling.greedy:
+def check(args, sampling=None) -> None:
+    """Speculative flags that make sense, before anything loads (sampling:
+    the command's, which must be greedy; serve's requests choose theirs)."""
+    speculative.check_options(args.lookup, args.model_draft, args.draft_max)
+    if sampling is not None and not sampling.greedy:
         raise ValueError("speculative decoding here is greedy only: drop --temp / --repeat-penalty / the grammar, "
                          "or drop --lookup / --model-draft")
 
@@ -49,31 +47,18 @@ def make_drafter(args, model, device: str, config=None):
     """The drafter the flags ask for; a draft model gets the context shape of
     `config` (default model.config) and must share `model`'s vocabulary
     (n_vocab, token_bytes)."""
-    from ..model import StockModel
-    from ..speculative import DraftModel, PromptLookup
-
-    if args.lookup is not None:
-        return PromptLookup(args.lookup)
-    c = config if config is not None else model.config
-    path = resolve_model(args.model_draft)
     t0 = time.perf_counter()
-    draft = StockModel(path, -1 if device == "cuda" else 0, device=device, n_ctx=c.n_ctx, n_batch=c.n_batch,
-                       n_ubatch=c.n_ubatch, n_threads=c.n_threads, flash_attn=c.flash_attn, verbose=args.verbose)
-    drafter = DraftModel(draft, args.draft_max)
-    try:
-        drafter.check_vocabulary(model)
-    except BaseException:
-        draft.close()
-        raise
-    say(f"draft model {path} loaded in {time.perf_counter() - t0:.1f} s (all layers "
-        f"{'on the GPU' if device == 'cuda' else 'in host memory'})")
+    path = None if args.lookup is not None else resolve_model(args.model_draft)
+    drafter = speculative.make_drafter(args.lookup, path, args.draft_max, model, cuda=device == "cuda",
+                                       config=config if config is not None else model.config, verbose=args.verbose)
+    if path is not None:
+        say(f"draft model {path} loaded in {time.perf_counter() - t0:.1f} s (all layers "
+            f"{'on the GPU' if device == 'cuda' else 'in host memory'})")
     return drafter
 
 
 def generate(model, args, device: str, prompt: list[int], n: int) -> int:
     """run's generation with drafts; prints as run does, then the acceptance."""
-    from ..speculative import generate_speculative
-
     drafter = make_drafter(args, model, device)
     out = sys.stdout
     if not args.no_display_prompt:
@@ -91,7 +76,8 @@ def generate(model, args, device: str, prompt: list[int], n: int) -> int:
     try:
         with CtrlC() as ctrl_c:
             try:
-                r = generate_speculative(model, prompt, n, drafter, stop_at_eog=not args.ignore_eos, on_token=show)
+                r = speculative.generate_speculative(model, prompt, n, drafter, stop_at_eog=not args.ignore_eos,
+                                                     on_token=show)
             except KeyboardInterrupt:
                 ctrl_c.hit = True
     finally:
