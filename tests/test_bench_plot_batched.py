@@ -103,6 +103,9 @@ def test_batched_bench_plot_is_refused_before_running(tiny_path, capsys, monkeyp
                           str(tiny_path.parent / "b.png"))
     assert_user_error(rc, err, "--plot", "needs matplotlib", "nothing was run")
     monkeypatch.delitem(sys.modules, "matplotlib")
+    import gguf_stream.bench.plot as plot
+
+    monkeypatch.setattr(plot, "available", lambda: True)  # the folder's check, with or without matplotlib here
     rc, _, err = run_main(capsys, "batched-bench", str(tiny_path), "--device", "host", "--plot", "/nonexistent/b.png")
     assert_user_error(rc, err, "folder /nonexistent does not exist")
 
