@@ -4,7 +4,7 @@ the device (CUDA or host-slot mode), the thread count and the cache directory.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,10 +44,15 @@ class EngineConfig:
     # long one; padding is per cache, not per sequence)
     kv_unified: bool = False
     # llama.cpp's -fa: True (on), False (off) or "auto" (llama.cpp decides
-    # when it creates the context: on where the backend runs it for every
-    # layer). The estimates plan "auto" as off (the larger compute buffer),
-    # except with a quantized V cache, which makes llama.cpp turn it on.
+    # when it creates the context: on where the device runs the op for every
+    # layer).
     flash_attn: bool | str = True
+    # What "auto" will become, asked of the device before planning
+    # (resolve_flash_attn): the estimates plan "auto" as that; None (not
+    # asked, or no device here to ask) plans it as off (the larger compute
+    # buffer), unless a quantized V cache makes llama.cpp turn it on. Derived:
+    # not an option of the front ends.
+    flash_attn_auto: bool | None = field(default=None, metadata={"derived": True})
     device: str = "auto"  # "auto", "cuda" or "host" (slots in host memory, CPU compute)
     n_streamed: int | None = None
     streamed_layers: tuple[int, ...] | None = None
@@ -217,12 +222,13 @@ class EngineConfig:
 
     @property
     def planned_flash_attn(self) -> bool:
-        """Whether the memory estimates assume flash attention: "auto" is
-        planned as off (its compute buffer is the larger), unless a quantized
-        V cache makes llama.cpp turn it on."""
+        """Whether the memory estimates assume flash attention: "auto" as
+        resolve_flash_attn found it, else off (its compute buffer is the
+        larger), unless a quantized V cache makes llama.cpp turn it on."""
         from .memory import is_quantized_kv
 
-        return self.flash_attn is True or (self.flash_attn == "auto" and is_quantized_kv(self.type_v))
+        return self.flash_attn is True or (self.flash_attn == "auto"
+                                           and (self.flash_attn_auto is True or is_quantized_kv(self.type_v)))
 
     @property
     def places_layers(self) -> bool:
@@ -232,7 +238,7 @@ class EngineConfig:
 
 # ------------------------------------------------------------------ the options' one source
 
-ENGINE_OPTIONS = tuple(f.name for f in fields(EngineConfig))
+ENGINE_OPTIONS = tuple(f.name for f in fields(EngineConfig) if not f.metadata.get("derived"))
 # EngineConfig fields llama_cpp.Llama takes too, under the same name: a front
 # end built on Llama (StreamedLlama, the server) passes them to both.
 SHARED_WITH_LLAMA = ("n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_threads", "type_k", "type_v", "use_mlock",
@@ -331,6 +337,28 @@ def context_sizes(n_ctx: int, n_batch: int, n_ubatch: int, n_ctx_train: int) -> 
                          f"({n_ctx_train}); give at most {LONG_CONTEXT_FACTOR * n_ctx_train} (0: {n_ctx_train})")
     n_batch = min(n_batch, n_ctx)
     return n_ctx, n_batch, min(n_ubatch, n_batch)
+
+
+def resolve_flash_attn(config: EngineConfig, hparams: dict, cuda: bool) -> EngineConfig:
+    """The config with flash_attn_auto set where flash_attn is "auto": whether
+    the device (CUDA0 or the CPU) computes flash attention for the model's
+    attention shape and KV cache types, asked the way llama.cpp asks it when
+    it creates the context, so that the plan sizes the compute buffer llama.cpp
+    will allocate. Unchanged for on/off, or with no native helper here."""
+    if config.flash_attn != "auto" or config.flash_attn_auto is not None:
+        return config
+    from . import native
+    from .errors import GGUFStreamError
+    from .memory import kv_ggml_type
+
+    try:
+        load_native(cuda)
+        on = native.supports_flash_attn("CUDA0" if cuda else "CPU", hparams["key_length"], hparams["value_length"],
+                                        hparams["n_head"], hparams["n_head_kv"], kv_ggml_type(config.type_k),
+                                        kv_ggml_type(config.type_v))
+    except (GGUFStreamError, OSError, KeyError, TypeError):  # nothing to ask here: planned as off
+        return config
+    return replace(config, flash_attn_auto=on)
 
 
 def resolve_context(config: EngineConfig, n_ctx_train: int) -> EngineConfig:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import llama_abi, native
-from .config import EngineConfig, engine_config, kv_streams, resolve_context, select_device, with_default_budget
+from .config import (EngineConfig, engine_config, kv_streams, resolve_context, resolve_flash_attn, select_device,
+                     with_default_budget)
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
@@ -363,6 +364,7 @@ class StreamedModel(_Session):
         mf = read_model(self.path)
         self.config = resolve_context(self.config, mf.hparams["n_ctx_train"])
         self._cuda = select_device(self.config.device) == "cuda"
+        self.config = resolve_flash_attn(self.config, mf.hparams, self._cuda)  # -fa auto planned as it will end
         self.config = with_default_budget(self.config, self._cuda)  # no placement on a GPU: the free VRAM
         plan = initial_plan(mf, self.config, self._cuda)
         if self._cuda:

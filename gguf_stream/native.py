@@ -80,6 +80,18 @@ def device_memory(name: str) -> tuple[int, int]:
     return int(free[0]), int(total[0])
 
 
+def supports_flash_attn(name: str, head_dim_k: int, head_dim_v: int, n_head: int, n_head_kv: int,
+                        type_k: int, type_v: int) -> bool:
+    """Whether device `name` computes flash attention for this shape and
+    these KV cache types (ggml ids): -fa auto's question, asked as llama.cpp
+    asks it (the device's supports_op on the op)."""
+    out = ffi.new("int *")
+    _check(f"gs_device_supports_flash_attn({name})",
+           lib.gs_device_supports_flash_attn(name.encode(), head_dim_k, head_dim_v, n_head, n_head_kv,
+                                             type_k, type_v, out))
+    return bool(out[0])
+
+
 def tensor_buffer(tensor: int) -> tuple[str, int]:
     name, size = ffi.new("const char **"), ffi.new("size_t *")
     _check("gs_tensor_get_buffer", lib.gs_tensor_get_buffer(ffi.cast("void *", tensor), name, size))

@@ -9,7 +9,7 @@ decode loop, written once for StreamedModel (model.py) and StreamedLlama
             # layer devices, choose generate-resident layers and the generate split (calibrate.py)
         ctx = StreamedLlamaContext(s, model=model, params=...)
             # s.patch_context_params (the scheduler hook); s.creating_context (graph reuse or not);
-            # create; s.context_opened (the engine records its KV caches)
+            # create; s.context_opened (the engine records its KV caches: one token decoded and forgotten)
         ctx.decode(batch)                   # s.decode: sizes, phase, llama_decode, the hook's status
         model.close()                       # the context (s.context_closing first), then the model;
                                             # the ring goes last (s.close): streamed tensors point into it
@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator, split_lookup
-from .config import EngineConfig, resolve_context, select_device, with_default_budget
+from .config import EngineConfig, resolve_context, resolve_flash_attn, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, file_identity, reader_options, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
                      UnsupportedModelError)
@@ -68,6 +68,7 @@ class Streamer:
         self.model_file = model_file or read_model(self.path)
         self.config = config = resolve_context(config, self.model_file.hparams["n_ctx_train"])
         self.cuda = select_device(config.device) == "cuda" if cuda is None else cuda
+        self.config = config = resolve_flash_attn(config, self.model_file.hparams, self.cuda)
         if plan is None:  # StreamedLlama: no placement on a GPU plans for the free VRAM
             self.config = config = with_default_budget(config, self.cuda)
         # the default split resolved for the device (EngineConfig.generate_split)
@@ -93,6 +94,7 @@ class Streamer:
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
         self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
+        self._outputs_all = False  # the attached context outputs every token (embeddings)
         self.flash_attn: bool | None = None  # the decoding context's, once created (None: not known)
         self._keep = []  # ctypes objects that must outlive the C calls using them
         self._load_progress: Progress | None = None
@@ -323,6 +325,7 @@ class Streamer:
     def patch_context_params(self, params) -> None:
         # llama_cpp.Llama knows flash attention on or off only ("auto" too here)
         params.flash_attn_type = llama_abi.flash_attn_type(self.config.flash_attn)
+        self._outputs_all = bool(params.embeddings)
         if self.engine is None:
             return
         cb = self.lc.ggml_backend_sched_eval_callback(native.EVAL_CB)
@@ -363,6 +366,10 @@ class Streamer:
                 with self.no_graph_reuse():
                     yield
         self.flash_attn = llama_abi.flash_attn_outcome(self.config.flash_attn, said)
+        if self.flash_attn is False and self.config.planned_flash_attn:
+            warnings.warn("-fa auto: llama.cpp turned flash attention off where the plan expected it on, so its "
+                          "compute buffer is larger than planned (the budget may not hold): give -fa off "
+                          "(flash_attn=False) to plan for it", stacklevel=2)
 
     @contextmanager
     def own_context(self):
@@ -376,13 +383,43 @@ class Streamer:
         finally:
             self.reuses_graphs, self._last_ubatch = saved
 
-    def context_opened(self) -> None:
+    def context_opened(self, ctx) -> None:
         """Right after creating the context that will decode (inside
         creating_context): the engine records its KV caches (CPU layers
         keep theirs in host memory while generating)."""
         self._last_ubatch = 0
-        if self.engine is not None:
-            self.engine.kv_attach(self.prompt_min_ubatch if self.reuses_graphs else 0)
+        if self.engine is None:
+            return
+        self.engine.kv_attach(self.prompt_min_ubatch if self.reuses_graphs else 0)
+        if self._cpu_computes_layers and self.config.cpu_layer_host_kv and self.plan.cpu_layers:
+            self._record_kv(ctx)
+
+    def _record_kv(self, ctx) -> None:
+        """Decode one token and forget it, so that the engine has recorded
+        the context's KV caches before the first real decode. Otherwise that
+        decode (a short prompt: generate phase) finds the CPU layers' caches
+        still where llama.cpp put them (the GPU) and computes their attention
+        there, while every later one reads them from host memory on the CPU:
+        the same prompt, other rounding, other tokens the second time."""
+        lc = self.lc
+        batch = lc.llama_batch_init(1, 0, 1)
+        try:
+            batch.n_tokens, batch.token[0], batch.pos[0] = 1, self.bos(lc.llama_get_model(ctx)), 0
+            batch.n_seq_id[0], batch.seq_id[0][0] = 1, 0
+            # no output: llama.cpp keeps graphs with and without outputs apart, so
+            # no later decode (all have one) can reuse this one's KV placement
+            batch.logits[0] = 0
+            rc = self.decode(ctx, batch)
+        finally:
+            lc.llama_batch_free(batch)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        self.kv_cleared()
+        if rc != 0:
+            raise DecodeError(f"the decode that records the KV caches failed with llama_decode = {rc}")
+        self.engine.reset_counters()  # the counters count the caller's decodes (as after calibration)
+        # an embeddings context outputs every token, so its next 1-token decode may
+        # reuse this graph: the caches stay where it reads them (before_decode's hold)
+        self._last_ubatch = 1 if self._outputs_all else 0
 
     def kv_cleared(self) -> None:
         """After llama_memory_clear on that context."""
@@ -554,7 +591,7 @@ class StreamedLlamaContext(internals.LlamaContext):
         streamer.patch_context_params(params)
         with streamer.creating_context():
             super().__init__(model=model, params=params, verbose=verbose)
-        streamer.context_opened()
+        streamer.context_opened(self.ctx)
         self._exit_stack.callback(streamer.context_closing)  # runs before llama_free (LIFO)
 
     def kv_cache_clear(self):

@@ -52,6 +52,13 @@ int gs_libs_load(const char *ggml_base, const char *ggml, const char *cudart);
  * (pinned) buffer type (NULL if it has none) and its memory figures. */
 int gs_device_get_bufts(const char *name, void **buft, void **host_buft);
 int gs_device_get_memory(const char *name, size_t *free_bytes, size_t *total_bytes);
+/* Whether the named device computes llama.cpp's flash attention op for
+ * this attention shape (head sizes of K and V, heads of Q and of K/V) and
+ * these KV cache types (ggml type ids): what llama.cpp's -fa auto asks of
+ * every layer's device when it creates a context. *supported is 0 for a
+ * shape or type the op cannot be built with. */
+int gs_device_supports_flash_attn(const char *name, int64_t head_dim_k, int64_t head_dim_v, int64_t n_head,
+                                  int64_t n_head_kv, int type_k, int type_v, int *supported);
 /* The plain CPU buffer type under another address. llama.cpp turns a
  * tensor override to the CPU buffer type (matched by address) into its
  * CPU_REPACK variant when repacking is on; host-mode upload sources must

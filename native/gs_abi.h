@@ -49,6 +49,13 @@ _Static_assert(sizeof(struct gs_object) == 32, "sizeof ggml_object");
 
 #define GGML_USAGE_WEIGHTS 1
 
+/* struct ggml_init_params (ggml.h), passed by value to ggml_init. */
+struct gs_init_params {
+    size_t mem_size;
+    void  *mem_buffer;
+    bool   no_alloc;
+};
+
 /* ggml-base / ggml entry points (buffers, buffer types, devices, tensors). */
 struct gs_ggml_syms {
     int    loaded;
@@ -75,6 +82,12 @@ struct gs_ggml_syms {
     void  *(*dev_backend_reg)(void *);
     void  *(*reg_get_proc_address)(void *, const char *);
     void   (*sched_set_eval_callback)(void *, bool (*)(void *, bool, void *), void *);
+    /* building one op on metadata only, to ask a device about it */
+    void  *(*init)(struct gs_init_params);
+    void   (*free)(void *);
+    void  *(*new_tensor_3d)(void *, int, int64_t, int64_t, int64_t);
+    void  *(*flash_attn_ext)(void *, void *, void *, void *, void *, float, float, float);
+    bool   (*dev_supports_op)(void *, const void *);
 };
 extern struct gs_ggml_syms G;
 

@@ -94,6 +94,9 @@ static int kv_alloc_host(gs_engine *e, int layer) {
     ly->kv_host_buf = G.buft_alloc_buffer(e->cfg.host_kv_buft, total);
     if (!ly->kv_host_buf)
         return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory for layer %d's KV cache", total, layer);
+    /* zeroed as llama.cpp zeroes its caches: a cleared cache moves without
+     * copying, and attention reads cells it masks out (garbage may be NaN) */
+    G.buffer_clear(ly->kv_host_buf, 0);
     e->size.host_kv_bytes += G.buffer_get_size(ly->kv_host_buf);
     return GS_OK;
 }

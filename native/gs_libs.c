@@ -55,6 +55,11 @@ static int load_ggml(const char *ggml_base, const char *ggml) {
     RESOLVE(hb, hg, G.dev_backend_reg, "ggml_backend_dev_backend_reg");
     RESOLVE(hb, hg, G.reg_get_proc_address, "ggml_backend_reg_get_proc_address");
     RESOLVE(hb, hg, G.sched_set_eval_callback, "ggml_backend_sched_set_eval_callback");
+    RESOLVE(hb, hg, G.init, "ggml_init");
+    RESOLVE(hb, hg, G.free, "ggml_free");
+    RESOLVE(hb, hg, G.new_tensor_3d, "ggml_new_tensor_3d");
+    RESOLVE(hb, hg, G.flash_attn_ext, "ggml_flash_attn_ext");
+    RESOLVE(hb, hg, G.dev_supports_op, "ggml_backend_dev_supports_op");
     G.loaded = 1;
     return GS_OK;
 }

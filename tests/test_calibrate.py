@@ -40,7 +40,7 @@ def test_split_trials_time_each_candidate_and_are_cached(path, tmp_path, monkeyp
         try:
             trials = cal.time_splits(splits, 1)
         finally:
-            streamer.context_opened()
+            streamer.context_opened(m.ctx)
         assert 1 in trials and sorted(trials) == list(range(min(trials), max(trials) + 1))
         assert all(0 < t < 10 for t in trials.values())
         assert cal.cache.split_trials(m.plan.generate_overflow) == trials
@@ -73,7 +73,7 @@ def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, faste
         try:
             trials = cal.time_splits(splits, best)
         finally:
-            streamer.context_opened()
+            streamer.context_opened(m.ctx)
     assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
 
 
@@ -97,7 +97,7 @@ def test_split_keeps_to_its_choices_and_their_most_and_the_plan_finds_it_cached(
         try:
             cpu, calibration = cal.choose_split()
         finally:
-            streamer.context_opened()
+            streamer.context_opened(m.ctx)
         assert len(cpu) == 2 and set(cpu) <= set(choices) and max(calibration.split_trials) == 2
         assert cached_split(cal.cache, choices, 2) == cpu == split_lookup(m.path, streamer.config, None)(choices, 2)
         # negative controls: other choices, or another most, are other keys
@@ -114,7 +114,7 @@ def test_rates_measured_layer_by_layer_are_plausible(tiny_path, tmp_path, monkey
         try:
             rates = cal.measure_rates()
         finally:
-            m.streamer.context_opened()
+            m.streamer.context_opened(m.ctx)
         assert cal.cache.rates() == rates
         assert m.stats.counters.host_kv_bytes == 0 and m.plan.cpu_layers == ()
     for v in (rates.pcie_bytes_per_s, rates.cpu_bytes_per_s, rates.gpu_token_seconds):
@@ -175,7 +175,7 @@ def test_tampered_rates_are_measured_again_end_to_end(tiny_path, tmp_path, monke
         try:
             cpu, calibration = cal.choose_split()
         finally:
-            m.streamer.context_opened()
+            m.streamer.context_opened(m.ctx)
     r = calibration.rates
     assert r.pcie_bytes_per_s > 0 and r.cpu_bytes_per_s > 0 and math.isfinite(r.gpu_token_seconds)
     assert all(isinstance(t, float) and t > 0 for t in calibration.split_trials.values())
@@ -213,7 +213,7 @@ def test_first_calibration_counts_its_decodes_in_one_context_and_the_next_load_i
             try:
                 cpu, calibration = cal.choose_split()
             finally:
-                m.streamer.context_opened()
+                m.streamer.context_opened(m.ctx)
             repacked = m.stats.counters.repacked_bytes
             results.append((cpu, calibration, len(contexts), repacked))
         err = capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_one_calibration_context_outlasts_its_kv_cache(tiny_path, tmp_path, monk
                 for _ in range(SMALL_CONTEXT_CELLS + 10):
                     cal.decode_token(ctx, m.streamer.bos(m.model))
         finally:
-            m.streamer.context_opened()
+            m.streamer.context_opened(m.ctx)
     assert cal.decodes == SMALL_CONTEXT_CELLS + 10
 
 
@@ -267,7 +267,7 @@ def test_split_for_rows_times_decodes_of_that_many_rows(tiny_path, tmp_path, mon
                 for _ in range(SMALL_CONTEXT_CELLS // 5 + 3):  # past a full cache
                     assert cal.decode_token(ctx, m.streamer.bos(m.model)) > 0
         finally:
-            m.streamer.context_opened()
+            m.streamer.context_opened(m.ctx)
         assert set(rows) == {5}
     one = EngineConfig(**CPU, n_streamed=4, n_slots=2)
     assert cache_key(tiny_path, one, None) != cache_key(tiny_path, EngineConfig(**CPU, n_seq_max=5), None)
@@ -314,7 +314,7 @@ def test_a_neighbour_stops_once_its_median_is_sure_to_be_slower(tiny_path, tmp_p
         try:
             trials = cal.time_splits(splits, 2)
         finally:
-            m.streamer.context_opened()
+            m.streamer.context_opened(m.ctx)
     assert ran == [2] * 4 + [3] * 3 + [1] * 4
     assert trials == {2: 1.0, 3: 1.2, 1: 1.1}  # 3: the least of its two slower samples, a bound under 1.3
 
@@ -392,7 +392,7 @@ def test_the_calibrated_split_computes_as_a_load_given_that_split(tiny_path, tmp
             cpu, c = cal.choose_split()
             s.plan = with_generate_placement(s.plan, cpu, s.plan.generate_resident)
         finally:
-            s.context_opened()
+            s.context_opened(m.ctx)
         assert cpu == target and sorted(c.split_trials) == [1, 2, 3]
         # sample, then 2, 3, 1, back to 2 (the chosen): only what no earlier set had is repacked
         sets = [calibrate.rates_sample(overflow, CALIBRATION_CPU_LAYERS)] + \

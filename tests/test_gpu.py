@@ -80,11 +80,10 @@ def test_cuda_swapped_layers_change_output(tiny_path):
 @pytest.mark.parametrize("piece_bytes", [None, "4096"], ids=["default-pieces", "64-row-pieces"])
 def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path, piece_bytes, monkeypatch):
     """Generate phase with CPU layers on CUDA: they compute from a repacked
-    copy (stock's CPU path), with their KV cache moved to host memory after
-    the first decode (which records it). Layers 0-3 on the CPU, 4-7 on the
-    GPU is stock -ngl 4's placement for single tokens, so a short prompt
-    (generate phase throughout) must give stock -ngl 4's logits, up to
-    rounding: the first decode ran our CPU layers' attention on the GPU.
+    copy (stock's CPU path), with their KV cache in host memory (recorded
+    when the context opened). Layers 0-3 on the CPU, 4-7 on the GPU is stock
+    -ngl 4's placement for single tokens, so a short prompt (generate phase
+    throughout) must give stock -ngl 4's logits, up to rounding.
     Also with the weights repacked in 64-row pieces (gs_repack.c)."""
     if piece_bytes:
         monkeypatch.setenv("GGUF_STREAM_REPACK_PIECE_BYTES", piece_bytes)
@@ -99,7 +98,8 @@ def test_cuda_repacked_cpu_layers_match_stock_cpu_layers(tiny_path, piece_bytes,
             _, logits = m.generate(prompt, 8, with_logits=True)
             c = m.stats.counters
         assert c.adoptions == 0  # every streamed layer ran on the CPU
-        assert (c.host_kv_bytes > 0) == host_kv and (c.kv_moved_bytes > 0) == host_kv
+        # recorded when the context opened, moved to host memory while empty (nothing copied)
+        assert (c.host_kv_bytes > 0) == host_kv and c.kv_moved_bytes == 0
         assert np.abs(logits - ref_logits).max() < 1e-2 * np.abs(ref_logits).max()
 
 
@@ -115,6 +115,32 @@ def teacher_forced_chat(m):
 
 
 HYBRID = dict(streamed_layers=(1, 3, 5, 7), n_slots=2, generate_cpu_layers=(3, 7))
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-at-open", "negative-control"])
+def test_cuda_same_prompt_gives_the_same_logits_every_time_in_one_context(tiny_path, monkeypatch, recorded):
+    """CPU layers with their KV caches in host memory while generating: the
+    same short prompt (generate phase) greedy-decoded three times in one
+    context, reset between, gives bit-identical logits each time. The context
+    records its caches when it opens; negative control: without that, the
+    first time computes the CPU layers' attention on the GPU (the caches
+    still where llama.cpp put them) and the later ones on the CPU, so the
+    first differs from the second while the second equals the third."""
+    from gguf_stream.streamer import Streamer
+
+    if not recorded:
+        monkeypatch.setattr(Streamer, "_record_kv", lambda self, ctx: None)
+    with StreamedModel(tiny_path, streamed_layers=(0, 1, 2, 3), n_slots=2, generate_cpu_layers=(0, 1, 2, 3),
+                       **OPTS) as m:
+        prompt = m.tokenize("Once upon a time")
+        assert len(prompt) < m.streamer.prompt_min_ubatch
+        runs = []
+        for _ in range(3):
+            m.reset()
+            runs.append(m.generate(prompt, 8, with_logits=True)[1])
+        assert m.stats.counters.host_kv_bytes > 0
+    assert np.array_equal(runs[1], runs[2])
+    assert np.array_equal(runs[0], runs[1]) == recorded
 
 
 def test_cuda_hybrid_chat_keeps_kv_across_phase_switches(tiny_path):
@@ -146,10 +172,10 @@ def test_cuda_cpu_layers_are_cpu_layers_while_generating(tiny_path):
         with StreamedModel(tiny_path, cpu_layer_device=own, **HYBRID, **OPTS) as m:
             assert m.streamer.layer_devices_bound == own
             n = m.plan.n_layer
-            loaded = [fn(m.model, i) for i in range(n)]
-            assert len(set(loaded)) == 1  # every layer loads as a CUDA layer
+            # (the context's opening decode, which records its KV caches, left the generate phase)
             m.eval(m.tokenize("Once upon a time " * 12)[:OPTS["n_batch"]])  # one prompt-sized ubatch
-            assert [fn(m.model, i) for i in range(n)] == loaded
+            loaded = [fn(m.model, i) for i in range(n)]
+            assert len(set(loaded)) == 1  # every layer a CUDA layer, as loaded
             m.eval([5])
             generating = [fn(m.model, i) for i in range(n)]
             m.reset()

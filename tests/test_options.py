@@ -7,6 +7,7 @@ ignored llama.cpp options warning, --mlock, --mmap, -fa auto."""
 import gguf_stream  # noqa: F401  (llama.cpp before numpy)
 
 import dataclasses
+from dataclasses import replace
 import os
 import warnings
 
@@ -257,7 +258,13 @@ def test_mmap_is_refused_and_no_mmap_accepted(capsys, tiny_path):
     assert cli.main(["plan", str(tiny_path), "--n-streamed", "2", "--no-mmap", "-c", "256"]) == cli.EXIT_OK
 
 
-def test_flash_attention_auto_is_planned_as_off(capsys, tiny_path):
+def test_flash_attention_auto_is_planned_as_the_device_answers(capsys, tiny_path):
+    """-fa auto is planned as what llama.cpp will choose: the device is asked
+    about the model's attention shape and KV types before planning (the CPU
+    computes this one; a head size no kernel has is refused, the negative
+    control). With no device to ask (a CUDA plan on a machine without CUDA)
+    it is planned as off, the larger compute buffer."""
+    from gguf_stream.config import cuda_available, resolve_flash_attn
     from gguf_stream.gguf_file import read_model
     from gguf_stream.memory import format_size
     from gguf_stream.planner import make_plan
@@ -265,10 +272,20 @@ def test_flash_attention_auto_is_planned_as_off(capsys, tiny_path):
     mf = read_model(tiny_path)
     off, on = (make_plan(mf, n_streamed=2, n_ctx=256, n_ubatch=256, flash_attn=fa).device_bytes for fa in (False, True))
     assert off > on
-    assert cli.main(["plan", str(tiny_path), "--n-streamed", "2", "-c", "256", "-fa", "auto"]) == cli.EXIT_OK
+    assert cli.main(["plan", str(tiny_path), "--n-streamed", "2", "-c", "256", "-fa", "auto", "--device", "host"]) \
+        == cli.EXIT_OK
     out = capsys.readouterr().out
-    assert f"= {format_size(off)}" in out and "-fa auto (planned as off" in out
-    assert EngineConfig(flash_attn="auto").planned_flash_attn is False
+    assert f"= {format_size(on)}" in out and "-fa auto (planned as on: the device's answer" in out
+    if not cuda_available():
+        assert cli.main(["plan", str(tiny_path), "--n-streamed", "2", "-c", "256", "-fa", "auto"]) == cli.EXIT_OK
+        out = capsys.readouterr().out
+        assert f"= {format_size(off)}" in out and "-fa auto (planned as off: no CUDA device here to ask" in out
+    auto = EngineConfig(flash_attn="auto")
+    assert auto.planned_flash_attn is False  # not asked yet
+    assert resolve_flash_attn(auto, mf.hparams, cuda=False).planned_flash_attn is True
+    odd = {**mf.hparams, "key_length": 40, "value_length": 40}  # q8_0 rows of 40: not whole blocks
+    assert resolve_flash_attn(replace(auto, type_k="q8_0"), odd, cuda=False).flash_attn_auto is False
+    assert resolve_flash_attn(EngineConfig(flash_attn=False), mf.hparams, cuda=False).planned_flash_attn is False
     assert EngineConfig(flash_attn="auto", type_v="q8_0").planned_flash_attn is True  # llama.cpp turns it on
     with pytest.raises(ValueError, match="flash_attn must be True, False or 'auto'"):
         EngineConfig(flash_attn="yes")
@@ -291,6 +308,7 @@ def test_flash_attention_auto_runs_like_stock_auto(tiny_path):
         llm.close()
     with load(tiny_path, n_streamed=4, **opts) as m:
         got = m.generate(m.tokenize("The capital of France is"), 6, with_logits=True)
+        assert m.config.planned_flash_attn is True and m.streamer.flash_attn is True  # planned as it ended
     assert got[0] == want[0] and np.array_equal(got[1], want[1])
 
 

@@ -42,8 +42,9 @@ def test_reused_graph_across_a_kv_move_is_an_error(tiny_path):
     from gguf_stream import NativeError, native
 
     with StreamedModel(tiny_path, **CPU, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path)) as m:
-        m.eval([max(m.token_bos(), 0)])  # generate phase; the engine sees the KV caches
-        m.engine.set_phase(native.PHASE_GENERATE)  # no hold: the CPU layers' caches move now
+        m.eval([max(m.token_bos(), 0)])  # generate phase: the CPU layers' caches in host memory
+        assert m.stats.counters.host_kv_bytes > 0
+        m.engine.set_phase(native.PHASE_PROMPT)  # they go home now
         with pytest.raises(NativeError, match="reused a graph"):
             m.eval([5])  # same shape: llama.cpp reuses the graph, built before the move
 
@@ -100,6 +101,32 @@ def test_graph_reuse_with_cpu_layers_matches_stock(case, monkeypatch):
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-at-open", "negative-control"])
+def test_a_first_short_prompt_finds_cpu_layers_caches_in_host_memory(tiny_path, monkeypatch, recorded):
+    """The context's caches are recorded when it opens (one token decoded and
+    forgotten), so a first short prompt (generate phase) already computes the
+    CPU layers' attention from host memory, as every later one does: moved
+    while empty, nothing copied. On CUDA the other order computed that first
+    prompt's CPU-layer attention on the GPU, and the same prompt gave other
+    tokens the second time. Negative control: without the recording decode the
+    first prompt finds no cache in host memory. The recording leaves the
+    context empty: the tokens equal a fresh stock run's."""
+    cpu = hybrid_cpu_layers(tiny_path)
+    with StockModel(tiny_path, **CPU) as s:
+        prompt = s.tokenize("Once upon a time")
+        ref = s.generate(prompt, 4)
+    if not recorded:
+        monkeypatch.setattr(Streamer, "_record_kv", lambda self, ctx: None)
+    with StreamedModel(tiny_path, **CPU, **HYBRID, generate_cpu_layers=cpu) as m:
+        assert len(prompt) < m.streamer.prompt_min_ubatch  # generate phase
+        m.eval(prompt)
+        c = m.stats.counters
+        assert c.host_kv_bytes == (len(cpu) * m.plan.kv_layer_bytes if recorded else 0)
+        assert c.kv_moved_bytes == 0
+        m.reset()
+        assert m.generate(prompt, 4) == ref
+
+
 def test_cleared_cache_moves_without_copying(case):
     """After reset() (llama_memory_clear) no cell is in use: the next phase
     switches re-point the CPU layers' caches without copying bytes, and the
@@ -142,12 +169,13 @@ def test_cpu_layers_count_as_cpu_layers_while_generating(case):
         assert streamer.layer_devices_bound
         n = m.plan.n_layer
         cpu_dev = dev_layer(m.model, 0)
-        from gguf_stream import llama_abi
+        from gguf_stream import llama_abi, native
 
         cells = llama_abi.layer_device_cells(m.model, n)
         markers = (ctypes.c_char * n)()
         marker = [ctypes.addressof(markers) + i for i in range(n)]
-        streamer.engine.bind_layer_devices(None)
+        streamer.engine.set_phase(native.PHASE_PROMPT)  # binding is for the prompt phase (the context's opening
+        streamer.engine.bind_layer_devices(None)        # decode, which records its KV caches, left it generating)
         for c, v in zip(cells, marker):
             ctypes.c_void_p.from_address(c).value = v
         streamer.engine.bind_layer_devices(cells)

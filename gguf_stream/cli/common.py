@@ -330,9 +330,6 @@ def prepare_load(args) -> tuple[str, os.PathLike, dict]:
     device = pick_device(args.device or "auto")
     path = resolve_model(model_arg(args))
     options = {**engine_options(args), **placement(args, path, device), "device": device}
-    if options.get("flash_attn") == "auto":
-        say("-fa auto: llama.cpp decides flash attention when it creates the context; the plan assumes it off "
-            "(the larger compute buffer)")
     say(f"loading {path} ({device} mode)")
     return device, path, options
 
@@ -353,6 +350,16 @@ def describe_plan(plan, device: str) -> str:
     return (f"plan: {len(plan.streamed)} of {plan.n_layer} {what} streamed ({layers}) through "
             f"{plan.n_slots} slot(s) of {format_size(plan.slot_bytes)} in {where}; estimated device memory "
             f"{format_size(plan.device_bytes)}{generate}")
+
+
+def describe_auto_flash_attn(config) -> str:
+    """How a plan sizes -fa auto's compute buffer (config.resolve_flash_attn)."""
+    on = "on" if config.planned_flash_attn else "off"
+    if config.flash_attn_auto is None:
+        why = "a quantized V cache turns it on" if config.planned_flash_attn else \
+            "no CUDA device here to ask; the larger compute buffer"
+        return f"planned as {on}: {why}"
+    return f"planned as {on}: the device's answer to the question llama.cpp asks when it creates the context"
 
 
 def describe_flash_attn(on: bool | None, setting) -> str:

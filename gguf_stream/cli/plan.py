@@ -1,8 +1,8 @@
 """gguf-stream plan: the plan for a budget, from the GGUF header alone."""
 from __future__ import annotations
 
-from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, engine_config_of, explicit_placement, \
-    model_arg, resolve_model
+from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_auto_flash_attn, \
+    engine_config_of, explicit_placement, model_arg, resolve_model
 
 
 def add_parser(sub, parents) -> None:
@@ -22,6 +22,7 @@ def add_parser(sub, parents) -> None:
 def cmd_plan(args) -> int:
     from dataclasses import replace
 
+    from ..config import cuda_available, resolve_flash_attn
     from ..disk import tier_bounds
     from ..gguf_file import read_model
     from ..placement import initial_plan, run_tiers
@@ -35,6 +36,8 @@ def cmd_plan(args) -> int:
     cuda = args.device != "host"
     config = engine_config_of(args, **_context(args, mf), **explicit_placement(args, mf))
     config = replace(config, device="cuda" if cuda else "host")
+    if not cuda or cuda_available():  # -fa auto asked of the device a load would ask (none here: planned off)
+        config = resolve_flash_attn(config, mf.hparams, cuda)
     lookup, rates = cached_calibration(str(path), config) if cuda else (None, None)
     # the load's own decision (placement.run_tiers); initial_plan without the device's size: plan needs no GPU
     tiers = run_tiers(mf, initial_plan(mf, config, cuda=False), config, cuda, lookup)
@@ -47,8 +50,7 @@ def cmd_plan(args) -> int:
         print(tier_bounds(plan, config.n_ubatch, rates))
     if tiers.notice():
         print(tiers.notice())
-    fa = " -fa auto (planned as off: the larger compute buffer; llama.cpp decides when it creates the " \
-         "context)" if config.flash_attn == "auto" else ""
+    fa = f" -fa auto ({describe_auto_flash_attn(config)})" if config.flash_attn == "auto" else ""
     print(f"(estimates from the GGUF header at -c {config.n_ctx} -ub {config.n_ubatch}{fa}, as a "
           f"{'CUDA' if cuda else 'host-mode'} run places it; `run` measures the real figures)")
     return EXIT_OK
