@@ -153,7 +153,9 @@ class BatchDecoder:
         self._mem = self._lc.llama_get_memory(model._live_ctx())
 
     def prefill(self, prompts) -> list[np.ndarray]:
-        """prompts: (sequence id, tokens) pairs, each tokens at positions 0..;
+        """prompts: (sequence id, tokens) pairs, each tokens at positions 0..,
+        or (sequence id, tokens, start): tokens[start:] at positions start..
+        (the sequence's cells hold the first start already, keep_prefix);
         returns the logits after each prompt's last token, in their order.
         With one KV cache for all sequences (kv_unified) several prompts
         share a decode where they fit in n_batch (a long one spans decodes):
@@ -166,8 +168,8 @@ class BatchDecoder:
         there each prompt has its own decodes. A decode the streamer would
         split in two (a short tail, Streamer.decode_sizes) ends where the
         split would fall, since the split keeps only the tail's outputs."""
-        entries = [(t, pos, seq, (n, pos == len(p) - 1)) for n, (seq, p) in enumerate(prompts)
-                   for pos, t in enumerate(p)]
+        entries = [(p[pos], pos, seq, (n, pos == len(p) - 1)) for n, (seq, p, *start) in enumerate(prompts)
+                   for pos in range(start[0] if start else 0, len(p))]
         logits: list[np.ndarray | None] = [None] * len(prompts)
         shared = self.model.config.kv_unified
         start = 0
@@ -194,6 +196,17 @@ class BatchDecoder:
     def clear(self, seq: int) -> None:
         """Free a sequence's KV cells (its seat can take another prompt)."""
         self._lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def keep_prefix(self, seq: int, n: int) -> int:
+        """Keep a sequence's cells of positions 0..n-1 and free the rest; how
+        many were kept: n, or 0 where the cache cannot keep that prefix (a
+        sliding-window cache that has dropped its start, or llama.cpp
+        refusing a partial removal), which then holds nothing of the sequence."""
+        lc, mem = self._lc, self._mem
+        if n > 0 and lc.llama_memory_seq_pos_min(mem, seq) == 0 and lc.llama_memory_seq_rm(mem, seq, n, -1):
+            return n
+        self.clear(seq)
+        return 0
 
 
 def _unsplit(model, n: int) -> int:

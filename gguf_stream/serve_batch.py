@@ -7,7 +7,11 @@ seated together share decodes), then each step decodes the next token of
 every seated job in one llama_decode (one pass over the streamed weights).
 A job leaves its seat at its token limit, at an end-of-generation token,
 or when its request is done with it (a stop string, a client that went
-away): the seat takes the next waiting job at the following step.
+away): the seat takes the next waiting job at the following step. A seat
+keeps the KV cells of its last job's tokens until then, and a waiting job
+takes the free seat whose cells hold the longest start of its prompt, which
+is not decoded again (llama-server's prompt cache: a chat client resends the
+whole conversation each turn).
 
 The HTTP side reuses llama-cpp-python: a request's completion runs
 ``llama_cpp.Llama``'s own create_completion / create_chat_completion (chat
@@ -46,6 +50,9 @@ _END = object()  # a job's last queue item
 WATCH_SECONDS = 0.1  # how often a waiting request checks that its client is still there
 # Llama.generate's options the loop's sampler chain does not have
 UNSUPPORTED = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0}
+# A free seat's cells serve a new prompt when they hold at least this
+# share of its start (llama-server's --slot-prompt-similarity default)
+PROMPT_SIMILARITY = 0.5
 COMPLETION_PATHS = ("/v1/completions", "/v1/engines/copilot-codex/completions")
 CHAT_PATH = "/v1/chat/completions"
 
@@ -92,6 +99,8 @@ class Job:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
     seq: int = -1  # its seat, once seated
+    cached: int = 0  # tokens at the start of its prompt its seat's cells already hold
+    prefilled: bool = False  # its prompt is in its seat's cells
     tokens: list[int] = field(default_factory=list)
     pick: object = None
     closer: object = None
@@ -126,6 +135,8 @@ class BatchLoop:
         self._cond = threading.Condition()
         self._waiting: deque = deque()
         self._seated: dict[int, Job] = {}
+        self._kept: dict[int, tuple[list[int], int]] = {}  # a free seat: the tokens its KV cells hold, when left
+        self.prompt_tokens = self.cached_tokens = 0  # prompts' tokens, of which found in their seat's cells
         self._closing = False
         self.steps = self.generated = self.max_parallel = 0  # decodes of steps, tokens, most rows in one
         self._thread = threading.Thread(target=self._run, name="gguf-stream-batch", daemon=True)
@@ -166,9 +177,11 @@ class BatchLoop:
         """llama-server's /slots, in short: each seat, busy or free."""
         with self._cond:
             seated = dict(self._seated)
+            kept = {i: len(t) for i, (t, _) in self._kept.items()}
         return [{"id": i, "is_processing": i in seated,
-                 **({"n_prompt_tokens": len(seated[i].prompt), "n_decoded": len(seated[i].tokens)}
-                    if i in seated else {})} for i in range(self.n_seats)]
+                 **({"n_prompt_tokens": len(seated[i].prompt), "n_cached_tokens": seated[i].cached,
+                     "n_decoded": len(seated[i].tokens)} if i in seated else {"n_kept_tokens": kept.get(i, 0)})}
+                for i in range(self.n_seats)]
 
     def health(self) -> dict:
         """/health's slot counts, as llama-server's."""
@@ -227,10 +240,34 @@ class BatchLoop:
         new = []
         while self._waiting and free and isinstance(self._waiting[0], Job):
             job = self._waiting.popleft()
-            job.seq = free.pop(0)
+            job.seq, job.cached = self._best_seat(job.prompt, free)
+            free.remove(job.seq)
             self._seated[job.seq] = job
             new.append(job)
         return None, new
+
+    def _best_seat(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
+        """(seat, tokens of the prompt its cells hold) among the free seats:
+        the one holding the longest start of the prompt where that is at
+        least PROMPT_SIMILARITY of it (llama-server's slot choice; a shared
+        BOS alone would only make the prompt's decodes differ from a fresh
+        run's); else an empty seat, else the one left longest ago, keeping
+        the other seats' cells for the prompts that may continue them. At
+        least the prompt's last token is decoded again (its logits start
+        the reply)."""
+        def held(seat):
+            n = 0
+            for a, b in zip(self._kept[seat][0], prompt[:-1]):
+                if a != b:
+                    break
+                n += 1
+            return n if n >= PROMPT_SIMILARITY * len(prompt) else 0
+
+        best = max((s for s in free if s in self._kept), key=lambda s: (held(s), -s), default=None)
+        if best is not None and held(best):
+            return best, held(best)
+        empty = [s for s in free if s not in self._kept]
+        return (empty[0] if empty else min(free, key=lambda s: self._kept[s][1])), 0
 
     def _run_exclusive(self, call: _Exclusive) -> None:
         try:
@@ -239,6 +276,8 @@ class BatchLoop:
             call.error = exc
         finally:
             self.session.reset()  # nothing of it stays for the jobs' sequences
+            with self._cond:
+                self._kept.clear()
             call.done.set()
 
     def _prefill(self, decoder: BatchDecoder, new: list[Job]) -> None:
@@ -257,9 +296,15 @@ class BatchLoop:
                 ready.append(job)
             except Exception as exc:  # noqa: BLE001 - this request's error
                 self._leave(decoder, job, exc)
-        first = decoder.prefill([(job.seq, job.prompt) for job in ready]) if ready else []
-        new = ready
-        for job, logits in zip(new, first):
+        for job in ready:  # the seat's cells: the start of this prompt they hold, nothing else
+            job.cached = decoder.keep_prefix(job.seq, job.cached)
+            with self._cond:
+                self._kept.pop(job.seq, None)
+            self.prompt_tokens += len(job.prompt)
+            self.cached_tokens += job.cached
+        first = decoder.prefill([(job.seq, job.prompt, job.cached) for job in ready]) if ready else []
+        for job, logits in zip(ready, first):
+            job.prefilled = True
             self._take(decoder, job, logits)
 
     def _step(self, decoder: BatchDecoder) -> None:
@@ -286,18 +331,33 @@ class BatchLoop:
         for job in [j for j in self._seated.values() if j.cancelled]:
             self._leave(decoder, job, _END)
 
-    def _leave(self, decoder: BatchDecoder, job: Job, last) -> None:
-        decoder.clear(job.seq)
+    def _leave(self, decoder: BatchDecoder, job: Job, last, keep: bool = True) -> None:
+        """The job out of its seat; the seat keeps the cells of the tokens
+        decoded (its prompt and all but the last token picked) for a later
+        prompt that starts with them. keep=False (a failed decode: the cells
+        may hold anything) and a job never prefilled (the cells are not its)
+        free them."""
+        kept = keep and job.prefilled
+        if not kept:
+            decoder.clear(job.seq)
         if job.closer is not None:
             job.closer()
             job.closer = None
-        with self._cond:
+        with self._cond:  # (slots() reads both)
             self._seated.pop(job.seq, None)
+            if kept:
+                self._kept[job.seq] = job.prompt + job.tokens[:-1], self.generated
+            else:
+                self._kept.pop(job.seq, None)
         job.out.put(last)
 
     def _fail_all(self, decoder: BatchDecoder, exc: BaseException) -> None:
         for job in list(self._seated.values()):
-            self._leave(decoder, job, exc)
+            self._leave(decoder, job, exc, keep=False)
+        with self._cond:
+            seats, self._kept = list(self._kept), {}
+        for seat in seats:  # the failed decode may have written any sequence's cells
+            decoder.clear(seat)
 
 
 def _argmax(logits: np.ndarray) -> int:

@@ -64,8 +64,29 @@ def reference(gemma_path):
     return [(c["text"], c["finish_reason"]) for c in texts], (chat["message"]["content"], chat["finish_reason"])
 
 
+FIRST = "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun while the fox runs."
+FOLLOW = " What did the fox do next?"
+
+
 @pytest.fixture(scope="module")
-def batch_app(gemma_path, reference):
+def continued(gemma_path):
+    """The -np 1 server's texts for a prompt, then for that prompt, its reply
+    and more (a chat client's next turn): llama_cpp.Llama decodes only what
+    follows the tokens it holds."""
+    app = alone_app(gemma_path)
+    llm = server.app_model(app)
+    try:
+        llm.reset()
+        first = call(app, "POST", "/v1/completions", json=completion(FIRST, 8)).json()["choices"][0]["text"]
+        second = call(app, "POST", "/v1/completions",
+                      json=completion(FIRST + first + FOLLOW, 6)).json()["choices"][0]["text"]
+    finally:
+        server.close_app(app)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def batch_app(gemma_path, reference, continued):
     app = server.create_app(gemma_path, n_ctx=256 * SEATS, n_seq_max=SEATS, **SETTINGS)
     yield app
     server.close_app(app)
@@ -241,6 +262,33 @@ def test_client_gone_mid_stream_frees_its_seat(batch_app, reference):
             (*texts[0], True)
         slots = httpx.get(f"{running.url}/slots", timeout=TIMEOUT).json()
         assert [s["is_processing"] for s in slots] == [False] * SEATS
+
+
+def test_a_prompt_that_continues_a_seat_is_not_decoded_again(batch_app, continued):
+    """A request whose prompt continues an earlier one's prompt and reply (a
+    chat client resending its conversation) takes the free seat whose cells
+    hold them and decodes only the rest: its text equals the -np 1 server's,
+    which reuses its cache the same way, and the loop counts the tokens it
+    found. Negative controls: a prompt sharing only BOS with a seat finds
+    nothing (its decodes stay those of a fresh run), nor does the
+    continuation once the seats' cells are cleared (an exclusive call)."""
+    loop = batch_app.state.gguf_stream_proxy.batch_loop
+    llm = server.app_model(batch_app)
+
+    def ask(prompt, n):
+        before = loop.cached_tokens
+        text = call(batch_app, "POST", "/v1/completions", json=completion(prompt, n)).json()["choices"][0]["text"]
+        return text, loop.cached_tokens - before
+
+    first, found = ask(FIRST, 8)
+    assert (first, found) == (continued[0], 0)
+    second, found = ask(FIRST + first + FOLLOW, 6)
+    assert second == continued[1]
+    assert len(llm.tokenize(FIRST.encode())) - 1 <= found < len(llm.tokenize((FIRST + first + FOLLOW).encode()))
+    assert ask("Water boils at", 2)[1] == 0  # BOS alone is not a reason to reuse
+    loop.run_exclusive(lambda: None)  # clears the cache, and with it what the seats held
+    assert ask(FIRST + first + FOLLOW, 6)[1] == 0
+    assert [s.get("n_kept_tokens", 0) > 0 for s in loop.slots()].count(True) >= 1
 
 
 def test_sampling_options_and_refusals(batch_app):
