@@ -13,6 +13,11 @@ takes the free seat whose cells hold the longest start of its prompt, which
 is not decoded again (llama-server's prompt cache: a chat client resends the
 whole conversation each turn).
 
+With prompt lookup (--lookup N), a greedy job's step carries its last token
+and up to N tokens drafted from its own text (speculative.PromptLookup); the
+rows whose drafts match the model's picks are kept, the rest of the seat's
+cells freed: several tokens per pass, the same tokens as without drafts.
+
 The HTTP side reuses llama-cpp-python: a request's completion runs
 ``llama_cpp.Llama``'s own create_completion / create_chat_completion (chat
 templates, stop strings, response and stream-chunk shapes) on a SeatedLlama,
@@ -25,6 +30,7 @@ and run in the loop between jobs (run_exclusive), since they clear the cache.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 from collections import deque
@@ -33,8 +39,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from . import llama_abi
-from .batch import BatchDecoder, cells_per_sequence
+from .batch import BatchDecoder, _unsplit, cells_per_sequence
 from .sampling import Sampler, SamplingParams
+from .speculative import PromptLookup, SpeculativeResult
 
 import anyio  # noqa: E402  (after llama.cpp: gguf_stream first)
 import llama_cpp
@@ -46,6 +53,7 @@ from llama_cpp.server import types as server_types
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+log = logging.getLogger("gguf_stream.server")
 _END = object()  # a job's last queue item
 WATCH_SECONDS = 0.1  # how often a waiting request checks that its client is still there
 # Llama.generate's options the loop's sampler chain does not have
@@ -105,6 +113,7 @@ class Job:
     pick: object = None
     closer: object = None
     logits: np.ndarray | None = None  # of the latest token
+    drafts: SpeculativeResult | None = None  # prompt lookup's counts (greedy jobs, --lookup)
 
     def choose(self, logits: np.ndarray) -> int:
         if self.processors is not None:
@@ -124,8 +133,10 @@ class _Exclusive:
 class BatchLoop:
     """The thread that owns the context; jobs in, tokens out."""
 
-    def __init__(self, llm):
+    def __init__(self, llm, lookup: int | None = None):
         self.session = LlamaSession(llm)
+        self.drafter = PromptLookup(lookup) if lookup else None
+        self.drafted = self.accepted = 0  # prompt lookup's tokens, over all jobs
         c = self.session.config
         self.n_seats = c.n_seq_max
         cells = cells_per_sequence(self.session)
@@ -288,6 +299,8 @@ class BatchLoop:
             try:
                 if job.sampling.greedy:
                     job.pick = _argmax
+                    if self.drafter is not None and job.processors is None:
+                        job.drafts = SpeculativeResult()
                 else:
                     # the prompt is not fed to the repeat penalty: llama_cpp.Llama's chain sees
                     # only the tokens it samples, and a request gets what -np 1 gives it
@@ -310,22 +323,69 @@ class BatchLoop:
     def _step(self, decoder: BatchDecoder) -> None:
         jobs = list(self._seated.values())
         self.steps, self.max_parallel = self.steps + 1, max(self.max_parallel, len(jobs))
-        out = decoder.step([(j.tokens[-1], len(j.prompt) + len(j.tokens) - 1, j.seq) for j in jobs])
-        for job, logits in zip(jobs, out):
-            self._take(decoder, job, logits)
+        drafts = self._drafts(jobs)
+        entries = []
+        for j, d in zip(jobs, drafts):
+            pos = len(j.prompt) + len(j.tokens) - 1
+            entries += [(t, pos + i, j.seq) for i, t in enumerate([j.tokens[-1]] + d)]
+        out = iter(decoder.step(entries))
+        for job, draft in zip(jobs, drafts):
+            rows = [next(out) for _ in range(1 + len(draft))]
+            if job.drafts is None:
+                self._take(decoder, job, rows[0])
+                continue
+            # greedy: the model's picks while they match the drafts, then its own
+            picks = []
+            for row, d in zip(rows, draft + [None]):
+                picks.append(_argmax(row))
+                if picks[-1] != d:
+                    break
+            n_past = len(job.prompt) + len(job.tokens) + len(picks) - 1
+            if not decoder.keep_prefix(job.seq, n_past):  # the cells of the rejected drafts go
+                self._leave(decoder, job, RuntimeError(
+                    "llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
+                    "cache): serve this model without --lookup"), keep=False)
+                continue
+            job.drafts.passes += 1
+            job.drafts.drafted += len(draft)
+            job.drafts.accepted += len(picks) - 1
+            self.drafted, self.accepted = self.drafted + len(draft), self.accepted + len(picks) - 1
+            for token, row in zip(picks, rows):
+                if not self._take(decoder, job, row, token):
+                    break
 
-    def _take(self, decoder: BatchDecoder, job: Job, logits: np.ndarray) -> None:
+    def _drafts(self, jobs: list[Job]) -> list[list[int]]:
+        """Prompt lookup's drafts of each drafting job (none for the others),
+        within its token limit, its seat's cells and one decode the streamer
+        does not split (a split would lose the first part's outputs)."""
+        if self.drafter is None:
+            return [[] for _ in jobs]
+        rows = min(self.session.config.n_ubatch, len(jobs) * (1 + self.drafter.n_draft))
+        rows = _unsplit(self.session, max(rows, len(jobs)))
+        share = (rows - len(jobs)) // max(1, sum(j.drafts is not None for j in jobs))
+        out = []
+        for j in jobs:
+            n = len(j.prompt) + len(j.tokens)
+            room = min(share, j.limit - len(j.tokens) - 1, self.cells - n - 1)
+            out.append(self.drafter.draft(j.prompt + j.tokens, room) if j.drafts is not None and room > 0 else [])
+        return out
+
+    def _take(self, decoder: BatchDecoder, job: Job, logits: np.ndarray, token: int | None = None) -> bool:
+        """The job's next token (`token`, or its pick from `logits`); False
+        when the job has left its seat."""
         try:
-            token = job.choose(logits)
+            token = job.choose(logits) if token is None else token
         except Exception as exc:  # noqa: BLE001 - its grammar or logits processor: this request's error
             self._leave(decoder, job, exc)
-            return
+            return False
         job.tokens.append(token)
         self.generated += 1
         job.logits = logits
         job.out.put(token)
         if self.session.is_eog(token) or len(job.tokens) >= job.limit:
             self._leave(decoder, job, _END)
+            return False
+        return True
 
     def _drop_cancelled(self, decoder: BatchDecoder) -> None:
         for job in [j for j in self._seated.values() if j.cancelled]:
@@ -338,15 +398,21 @@ class BatchLoop:
         may hold anything) and a job never prefilled (the cells are not its)
         free them."""
         kept = keep and job.prefilled
+        held = job.prompt + job.tokens[:-1]  # the tokens decoded into its cells
+        if kept:  # (a drafted step may have left cells past them)
+            kept = decoder.keep_prefix(job.seq, len(held)) > 0
         if not kept:
             decoder.clear(job.seq)
+        if job.drafts is not None:
+            job.drafts.tokens = job.tokens
+            log.info(job.drafts.summary())
         if job.closer is not None:
             job.closer()
             job.closer = None
         with self._cond:  # (slots() reads both)
             self._seated.pop(job.seq, None)
             if kept:
-                self._kept[job.seq] = job.prompt + job.tokens[:-1], self.generated
+                self._kept[job.seq] = held, self.generated
             else:
                 self._kept.pop(job.seq, None)
         job.out.put(last)

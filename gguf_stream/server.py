@@ -121,9 +121,11 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         self._closed = False
         self.batch_loop = None  # serve_batch.BatchLoop with -np > 1 (start_batching)
         # lookup / draft_model / draft_max: Llama's draft_model, its drafter set once the model is loaded
-        self._speculative = speculative
+        # (-np N: the batch loop drafts, prompt lookup only)
+        self.speculative = speculative
         self.drafter = None
-        if speculative is not None:
+        n_seq_max = self._engine_options.get("n_seq_max", 1)
+        if speculative is not None and not (isinstance(n_seq_max, int) and n_seq_max > 1):
             self.drafter = self._llama_options["draft_model"] = LlamaDrafter()
         super().__init__(models)
 
@@ -144,7 +146,7 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
 
     def _set_drafter(self, llm: StreamedLlama) -> None:
         """The drafter asked for, sized for llm's context; its counts logged per request."""
-        s = self._speculative
+        s = self.speculative
         self.drafter.close()  # a draft model of a model loaded before
         self.drafter.drafter = make_drafter(s["lookup"], s["draft_model"], s["draft_max"], llama_vocabulary(llm),
                                             cuda=llm._streamer.cuda, config=llm._streamer.config,
@@ -419,11 +421,12 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     speculative = speculative_options(lookup, draft_model, draft_max, model_settings)
     if speculative is not None:
         n_seq_max = engine.get("n_seq_max", 1)
-        if isinstance(n_seq_max, int) and n_seq_max > 1:
-            raise ValueError("speculative decoding (--lookup / -md) serves one sequence at a time: use -np 1, or "
-                             "drop --lookup / -md to batch requests")
-        if engine.get("generate_rows") is None:  # the split measured for verify decodes, as run and chat
-            engine["generate_rows"] = verify_rows(speculative["lookup"], draft_max)
+        batched = isinstance(n_seq_max, int) and n_seq_max > 1
+        if batched and speculative["draft_model"] is not None:
+            raise ValueError("a draft model (-md) drafts for one sequence at a time: use -np 1, or --lookup N "
+                             "to draft for -np N requests")
+        if engine.get("generate_rows") is None and not batched:  # the split measured for verify decodes,
+            engine["generate_rows"] = verify_rows(speculative["lookup"], draft_max)  # as run and chat
     unknown = sorted(set(model_settings) - set(ModelSettings.model_fields))
     if unknown:
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: create_app takes "
@@ -496,7 +499,7 @@ def _start_batching(app: FastAPI, proxy) -> None:
     """-np N > 1: continuous batching of the completion endpoints (serve_batch)."""
     from .serve_batch import BatchLoop, install_routes
 
-    proxy.batch_loop = BatchLoop(proxy.model)
+    proxy.batch_loop = BatchLoop(proxy.model, lookup=(proxy.speculative or {}).get("lookup"))
     try:
         install_routes(app, proxy, proxy.batch_loop)
     except BaseException:

@@ -2,9 +2,11 @@
 greedy completions through HTTP equal the server's without drafts, stream
 and not, completion and chat; each request's acceptance logged; a negative
 control (drafts taken unchecked) shows the comparison can fail; bad values
-and -np N refused before loading (host mode, Gemma)."""
+and a draft model with -np N refused before loading; prompt lookup with -np
+N drafts in the batch loop (host mode, Gemma)."""
 import gguf_stream  # noqa: F401  (llama.cpp before numpy)
 
+import asyncio
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ except ImportError:
         raise
     pytest.skip("needs the server extra: pip install -e '.[dev]'", allow_module_level=True)
 
-from test_server_batch import call
+from test_server_batch import _requests, call
 
 # llama.cpp's CPU kernels are chosen by a decode's rows (llamafile's sgemm,
 # the repacked weights' gemm from 4 rows: up to 0.6 apart in Gemma's
@@ -109,6 +111,46 @@ def test_drafted_answers_equal_the_plain_server(gemma_path, reference, drafting,
         assert drafter.drafter.model.ctx is None  # the draft model closed with the app
 
 
+def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference, caplog):
+    """-np 2 with --lookup: the batch loop drafts for greedy requests from
+    their own text and checks a seat's drafts in its rows of the step
+    decode. Each request alone (the seats' cells cleared between, as the
+    reference's context was) gets the server's text without drafts, the
+    repeating prompt in fewer steps than tokens, one log line each; the
+    three at once get the same texts."""
+    app = server.create_app(gemma_path, **{**SETTINGS, "n_ctx": 2 * SETTINGS["n_ctx"]}, n_seq_max=2, lookup=DRAFTS)
+    try:
+        proxy = app.state.gguf_stream_proxy
+        loop = proxy.batch_loop
+        assert loop.drafter is not None and proxy.drafter is None  # the loop drafts, not Llama
+
+        def alone(path, body, stream):
+            loop.run_exclusive(lambda: None)  # a fresh cache, as the reference's
+            steps, generated = loop.steps, loop.generated
+            if stream:
+                r = call(app, "POST", path, json=dict(body, stream=True))
+                chunks = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+                text = "".join(c["text"] if "text" in c else c["delta"].get("content") or "" for c in chunks)
+            else:
+                choice = call(app, "POST", path, json=body).json()["choices"][0]
+                text = choice["text"] if "text" in choice else choice["message"]["content"]
+            return text, loop.steps - steps, loop.generated - generated
+
+        with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
+            got = [alone(path, body, stream) for path, body in REQUESTS for stream in (False, True)]
+        assert [text for text, _, _ in got] == reference
+        _, steps, generated = got[0]  # the repeating prompt: most drafts right
+        assert loop.accepted > 0 and steps + 1 < generated
+        lines = [r.getMessage() for r in caplog.records if " drafted tokens accepted " in r.getMessage()]
+        assert len(lines) == len(got)
+        at_once = asyncio.run(_requests(app, [("POST", path, {"json": body}) for path, body in REQUESTS]))
+        texts = [r.json()["choices"][0] for r in at_once]
+        assert [c["text"] if "text" in c else c["message"]["content"] for c in texts] == reference[::2]
+    finally:
+        server.close_app(app)
+
+
 def test_unchecked_drafts_change_the_answers(gemma_path, reference, monkeypatch):
     """Negative control: a sampler that takes every drafted token as the
     model's (no verification) gives other text, so the equality above is
@@ -155,7 +197,7 @@ def test_sampled_requests_get_no_drafts(gemma_path, caplog):
     (dict(lookup=4, draft_model="{gemma}"), "give one"),
     (dict(draft_model="{gemma}", draft_max=0), "--draft-max must be in 1..256"),
     (dict(draft_model="/nonexistent/draft.gguf"), "is not a file"),
-    (dict(lookup=4, n_seq_max=2), "use -np 1"),
+    (dict(draft_model="{gemma}", n_seq_max=2), "use -np 1, or --lookup N"),
     (dict(draft_model_num_pred_tokens=5), "goes with draft_model='prompt-lookup-decoding'"),
     (dict(lookup=4, draft_model="prompt-lookup-decoding"), "give one"),
 ])
@@ -195,7 +237,7 @@ def test_serve_cli_refuses_bad_speculative_flags(gemma_path, capsys):
     from test_cli import assert_user_error, run_main
 
     for extra, needle in ((["--lookup", "0"], "--lookup must be in 1..256"),
-                          (["--lookup", "4", "-np", "2"], "use -np 1"),
+                          (["-md", str(gemma_path), "-np", "2"], "use -np 1, or --lookup N"),
                           (["--lookup", "4", "-md", str(gemma_path)], "give one")):
         rc, _, err = run_main(capsys, "serve", str(gemma_path), "--device", "host", "--port", "0", *extra)
         assert_user_error(rc, err, needle)

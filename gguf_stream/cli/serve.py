@@ -31,8 +31,8 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="how --embedding pools a text's token vectors into one (default: the model's own where its "
                    "GGUF names one other than none, else mean; none: a vector per token, not OpenAI's shape)")
-    speculative.add_speculative(p, "requests with temperature 0; one sequence, -np 1; each request's acceptance "
-                                "on stderr")
+    speculative.add_speculative(p, "requests with temperature 0 (-md: one sequence, -np 1; --lookup: -np N too); "
+                                "each request's acceptance on stderr")
     add_engine(p)
     p.set_defaults(func=cmd_serve)
 
@@ -68,6 +68,9 @@ def cmd_serve(args) -> int:
         if loop is not None:
             say(f"-np {loop.n_seats}: {loop.n_seats} sequences (llama-server's slots, GET /slots) of {loop.cells} "
                 "KV cells each; concurrent completions are decoded together")
+        if loop is not None and loop.drafter is not None:
+            say(f"speculative decoding: up to {args.lookup} tokens per pass from prompt lookup for greedy requests "
+                "(temperature 0), in each slot")
         if app.state.gguf_stream_proxy.drafter is not None:
             say("speculative decoding: " + (f"up to {args.lookup} tokens per pass from prompt lookup" if args.lookup
                                             else f"draft model {draft}, up to {args.draft_max} tokens per pass")
