@@ -4,12 +4,13 @@ computes while generating (the generate split), and the rates behind it.
 The performance model (perfmodel.py) predicts a token's time for every split
 from three rates: p from timed uploads of a streamed layer, c and G from one
 short generation with a sample of the overflow layers on the CPU, timed
-layer by layer. Splits near its best are then timed, from one more CPU
-layer up (FIRST_TRIAL_MORE_CPU_LAYERS), against their neighbours: the rates
-come from separate measurements, and the two paths slow each other down in
-ways they do not capture (shared host memory).
-Measured: the fastest split had 1-3 more CPU layers than the model's pick,
-3-15% faster. Both results are cached per machine, model and overflow.
+layer by layer. Splits near its best are then timed, from three CPU layers
+up (FIRST_TRIAL_MORE_CPU_LAYERS), against their neighbours: the rates come
+from separate measurements (the GPU part timed with a sync per layer), and
+the two paths slow each other down in ways they do not capture (shared host
+memory). Measured: the fastest split had 3-5 more CPU layers than the
+model's pick, 3-15% faster. Both results are cached per machine, model and
+overflow.
 
 Calibration runs in one short-lived context of its own, before the real
 context exists (its memory is free then), on the first load of a model on a
@@ -61,10 +62,14 @@ CALIBRATION_PARTS = ("context", "rates", "split set-up", "split decodes", "closi
 # time by 3-7%, so 3 tell them apart (8 cost the first load 0.6 s on the 8B).
 SPLIT_TRIAL_TOKENS = 3
 SPLIT_TRIAL_WARMUP = 1
-# The search starts this many CPU layers above the model's pick: the fastest
-# split measured on the GPU box had 1-3 more (8B shape: pick 8, fastest 10),
-# so starting there saves the first load a split's trial.
-FIRST_TRIAL_MORE_CPU_LAYERS = 1
+# The search starts this many CPU layers above the model's pick: the rates'
+# GPU part of a token is timed layer by layer, a sync each, and runs several
+# times the real one, so the pick is low. The fastest split measured on the
+# GPU box had 3-5 more (8B at 0.5x: picks 6, 7, 7 -> fastest 9, 10, 12; the
+# 32B-class at 8 GiB: 15 -> 20). Replayed on those four searches' recorded
+# trials, starting 3 above times 3-4 splits where 1 above timed 4-6, with
+# the same choice (the 32B's first load: 6 splits, 5.8 s of calibration).
+FIRST_TRIAL_MORE_CPU_LAYERS = 3
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,44 @@ def test_split_search_moves_while_faster(tiny_path, tmp_path, monkeypatch, faste
     assert sorted(trials) == expected and min(trials, key=trials.get) == fastest
 
 
+# Searches recorded on the GPU box (ms per token by CPU layers, the model's
+# pick): the 8B shape at 0.5x (first load -c 4096 -ub 512; bench -c 640 -ub
+# 2048, t/s there; the previous session's first load) and the 32B-class at
+# 8 GiB. Only splits a search from three above the pick reaches are listed.
+RECORDED_SEARCHES = {
+    "8B first load": (7, {8: 36.0, 9: 33.8, 10: 32.8, 11: 32.1, 12: 31.4, 13: 34.4}, 12),
+    "8B bench": (6, {7: 1 / 31.6, 8: 1 / 33.5, 9: 1 / 37.0, 10: 1 / 35.6}, 9),
+    "8B earlier": (7, {8: 36.4, 9: 34.0, 10: 31.4, 11: 32.8}, 10),
+    "32B first load": (15, {16: 132.8, 17: 130.1, 18: 126.0, 19: 122.0, 20: 120.4, 21: 121.9}, 20),
+}
+
+
+@pytest.mark.parametrize("name", RECORDED_SEARCHES)
+def test_the_search_start_on_recorded_searches(tiny_path, tmp_path, monkeypatch, name):
+    """Replayed on the recorded token times, a search from
+    FIRST_TRIAL_MORE_CPU_LAYERS above the model's pick finds the fastest
+    split those searches found, timing at most 4 splits (they timed 4-6
+    from one above)."""
+    from gguf_stream import calibrate
+
+    pick, times, fastest = RECORDED_SEARCHES[name]
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StreamedModel(tiny_path, **CPU, n_streamed=6, n_slots=2) as m:
+        cal = Calibrator(m.streamer, m.model)
+        n_max = max(times) + 1
+        current = [0]
+        monkeypatch.setattr(m.streamer.engine, "set_cpu_layers", lambda cpu: current.__setitem__(0, len(cpu)))
+        splits = [(tuple(range(n)), 0.0) for n in range(n_max + 1)]
+        monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: times[current[0]] / 1e3)
+        m.streamer.context_closing()
+        try:
+            with cal.context() as ctx:
+                trials = cal.time_splits(splits, pick + calibrate.FIRST_TRIAL_MORE_CPU_LAYERS, ctx)
+        finally:
+            m.streamer.context_opened(m.ctx)
+    assert min(trials, key=trials.get) == fastest and len(trials) <= 4
+
+
 def test_split_keeps_to_its_choices_and_their_most_and_the_plan_finds_it_cached(tiny_path, tmp_path, monkeypatch):
     """With a disk tier or a host budget's room, the split chooses only among
     the layers host_tiers leaves it (pinned ones), at most `most` of them, even
@@ -386,7 +424,8 @@ def test_the_calibrated_split_computes_as_a_load_given_that_split(tiny_path, tmp
         target = calibrate.split_cpu_layers(overflow, 2)
         decode = cal.decode_token  # real decodes; the times favour the 2-layer split
         monkeypatch.setattr(cal, "decode_token", lambda ctx, tok: decode(ctx, tok) * 0 + 1.0 + abs(len(current[0]) - 2))
-        monkeypatch.setattr(calibrate, "best_split", lambda splits: 1)  # the search starts at 2
+        start = 2 - calibrate.FIRST_TRIAL_MORE_CPU_LAYERS
+        monkeypatch.setattr(calibrate, "best_split", lambda splits: start)  # the search starts at 2
         s.context_closing()
         try:
             cpu, c = cal.choose_split()
