@@ -145,7 +145,9 @@ def test_timeline_accounts_for_each_decode(case):
     assert t.cpu_segments == boundaries + 4
     parts = t.pre_s + t.cpu_s + t.between_s
     assert min(t.pre_s, t.cpu_s, t.between_s) > 0 and parts <= t.wall_s
-    assert t.cpu_s > 0.5 * t.wall_s
+    # the compute is a real share of it (not a bound on speed: a tiny model's token
+    # is a few ms, of which graph building and the hook's work take up to half)
+    assert t.cpu_s > 0.25 * t.wall_s
 
 
 def state_bytes(m) -> bytes:
