@@ -31,6 +31,29 @@ def test_cpu_device(native):
     assert 0 < free <= total
 
 
+def test_flash_attention_question_answers_any_shape_without_aborting(native):
+    """-fa auto's question (gs_device_supports_flash_attn) over head sizes,
+    head counts and every KV cache type, the shapes ggml's op would abort on
+    included (they are answered "no" first): an answer each, and "yes" for
+    the common shapes on the CPU, which computes any it can build; on CUDA
+    also CUDA0's answer (one per shape)."""
+    from gguf_stream.memory import KV_CACHE_TYPES
+
+    types = sorted({t for t, _, _ in KV_CACHE_TYPES.values()})
+    devices = ["CPU"] + (["CUDA0"] if native.has_device("CUDA0") else [])
+    shapes = [(128, 128, 32, 8), (64, 64, 4, 2), (256, 256, 8, 4), (576, 512, 16, 1), (192, 128, 16, 2),
+              (40, 40, 4, 4), (100, 100, 4, 2), (128, 128, 32, 7), (0, 128, 4, 2), (128, 128, 0, 0), (7, 7, 1, 1)]
+    answers = {(dev, shape, tk, tv): native.supports_flash_attn(dev, *shape, tk, tv)
+               for dev in devices for shape in shapes for tk in types for tv in types}
+    assert all(isinstance(a, bool) for a in answers.values())
+    f16 = KV_CACHE_TYPES["f16"][0]
+    assert answers[("CPU", (128, 128, 32, 8), f16, f16)] and answers[("CPU", (64, 64, 4, 2), f16, f16)]
+    for bad in ((128, 128, 32, 7), (0, 128, 4, 2), (128, 128, 0, 0)):  # heads not grouped, no head size, no heads
+        assert not any(answers[("CPU", bad, tk, tv)] for tk in types for tv in types)
+    with pytest.raises(NativeError, match="no device named NOPE0"):
+        native.supports_flash_attn("NOPE0", 128, 128, 32, 8, f16, f16)
+
+
 def test_errors_name_the_call(native):
     with pytest.raises(NativeError, match="gs_device_get_bufts.*no device named NOPE0"):
         native.device_bufts("NOPE0")
