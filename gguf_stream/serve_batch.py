@@ -133,8 +133,9 @@ class _Exclusive:
 class BatchLoop:
     """The thread that owns the context; jobs in, tokens out."""
 
-    def __init__(self, llm, lookup: int | None = None):
+    def __init__(self, llm, lookup: int | None = None, prompt_cache: bool = True):
         self.session = LlamaSession(llm)
+        self.prompt_cache = prompt_cache  # free seats keep their cells for prompts that continue them
         self.drafter = PromptLookup(lookup) if lookup else None
         self.drafted = self.accepted = 0  # prompt lookup's tokens, over all jobs
         c = self.session.config
@@ -397,7 +398,7 @@ class BatchLoop:
         prompt that starts with them. keep=False (a failed decode: the cells
         may hold anything) and a job never prefilled (the cells are not its)
         free them."""
-        kept = keep and job.prefilled
+        kept = keep and job.prefilled and self.prompt_cache
         held = job.prompt + job.tokens[:-1]  # the tokens decoded into its cells
         if kept:  # (a drafted step may have left cells past them)
             kept = decoder.keep_prefix(job.seq, len(held)) > 0

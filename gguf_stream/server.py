@@ -395,7 +395,7 @@ def speculative_options(lookup: int | None, draft_model, draft_max: int, model_s
 
 def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                cors_origins=(), pooling: str | None = None, lookup: int | None = None, draft_model=None,
-               draft_max: int = DEFAULT_DRAFT_MAX, **options) -> FastAPI:
+               draft_max: int = DEFAULT_DRAFT_MAX, prompt_cache: bool = True, **options) -> FastAPI:
     """llama_cpp.server's FastAPI app, serving ``model_path`` as a StreamedLlama.
 
     ``options``: the engine's (every EngineConfig field, as StreamedLlama
@@ -413,10 +413,15 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     ``draft_model=PATH`` (a GGUF of the same vocabulary, all on the GPU;
     ``draft_max`` tokens per pass): greedy requests (temperature 0) are
     checked in one decode per pass, the generate split measured for those
-    rows (generate_rows); one sequence only (n_seq_max 1). The model is loaded
+    rows (generate_rows); with n_seq_max > 1 prompt lookup only, in the batch
+    loop. ``prompt_cache=False`` (n_seq_max > 1): a request never starts from
+    the cells its slot kept of an earlier one (every prompt decoded whole, as
+    a fresh run decodes it). The model is loaded
     here (errors raise here); it is closed by close_app(app) or when the
     server shuts down.
     """
+    if not isinstance(prompt_cache, bool):
+        raise ValueError(f"prompt_cache must be True or False, not {prompt_cache!r:.40}")
     engine, model_settings = split_options(options)  # the engine's reach StreamedLlama as given
     speculative = speculative_options(lookup, draft_model, draft_max, model_settings)
     if speculative is not None:
@@ -453,7 +458,7 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     _set_middleware(app, proxy, api_key, tuple(cors_origins))
     app.add_api_route("/health", lambda: _health(proxy), methods=["GET"], include_in_schema=False)
     if proxy.model._streamer.config.n_seq_max > 1:
-        _start_batching(app, proxy)
+        _start_batching(app, proxy, prompt_cache)
 
     async def close_on_shutdown():
         # after uvicorn drained the connections; the locks wait for a request still generating
@@ -495,11 +500,12 @@ def _set_middleware(app: FastAPI, proxy, api_key: str | None, cors_origins: tupl
     app.user_middleware[:] = ours + kept
 
 
-def _start_batching(app: FastAPI, proxy) -> None:
+def _start_batching(app: FastAPI, proxy, prompt_cache: bool) -> None:
     """-np N > 1: continuous batching of the completion endpoints (serve_batch)."""
     from .serve_batch import BatchLoop, install_routes
 
-    proxy.batch_loop = BatchLoop(proxy.model, lookup=(proxy.speculative or {}).get("lookup"))
+    proxy.batch_loop = BatchLoop(proxy.model, lookup=(proxy.speculative or {}).get("lookup"),
+                                 prompt_cache=prompt_cache)
     try:
         install_routes(app, proxy, proxy.batch_loop)
     except BaseException:

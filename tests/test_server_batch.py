@@ -289,6 +289,11 @@ def test_a_prompt_that_continues_a_seat_is_not_decoded_again(batch_app, continue
     loop.run_exclusive(lambda: None)  # clears the cache, and with it what the seats held
     assert ask(FIRST + first + FOLLOW, 6)[1] == 0
     assert [s.get("n_kept_tokens", 0) > 0 for s in loop.slots()].count(True) >= 1
+    loop.prompt_cache = False  # (--no-prompt-cache): nothing kept, nothing found
+    loop.run_exclusive(lambda: None)
+    assert ask(FIRST, 8) == (continued[0], 0) and ask(FIRST + first + FOLLOW, 6)[1] == 0
+    assert all(s.get("n_kept_tokens", 0) == 0 for s in loop.slots())
+    loop.prompt_cache = True
 
 
 def test_sampling_options_and_refusals(batch_app):

@@ -206,5 +206,9 @@ def test_serve_flags_reach_the_app(capsys, monkeypatch, tiny_path):
                    "--cors", GOOD_ORIGIN, "--cors", "http://other.example"])
     assert rc == cli.EXIT_ERROR and "stopped before loading" in capsys.readouterr().err
     assert seen["api_key"] == KEY and seen["cors_origins"] == [GOOD_ORIGIN, "http://other.example"]
+    assert seen["prompt_cache"] is True
+    rc = cli.main(["serve", str(tiny_path), "--device", "host", "--port", str(free_port()), "--no-prompt-cache"])
+    assert rc == cli.EXIT_ERROR and seen["prompt_cache"] is False
+    capsys.readouterr()
     rc = cli.main(["serve", str(tiny_path), "--device", "host", "--api-key", " "])
     assert rc == cli.EXIT_ERROR and "--api-key is empty" in capsys.readouterr().err

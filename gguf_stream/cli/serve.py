@@ -26,6 +26,9 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--cors", metavar="ORIGIN", action="append", default=[],
                    help="let browser pages from ORIGIN (e.g. http://localhost:3000) call the server; repeatable "
                    "(default: no cross-origin requests)")
+    p.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                   help="-np N: decode every prompt whole (default: a request whose prompt continues what a free "
+                   "slot holds takes that slot and decodes only the rest, as llama-server's prompt cache)")
     p.add_argument("--embedding", "--embeddings", action="store_true",
                    help="serve /v1/embeddings too (default: it answers 400)")
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
@@ -59,7 +62,8 @@ def cmd_serve(args) -> int:
     app = server.create_app(path, host=args.host, port=args.port, **{**options, **threads(args)},
                             chat_format=args.chat_format, model_alias=args.alias, api_key=args.api_key,
                             cors_origins=args.cors, embedding=args.embedding, pooling=args.pooling,
-                            lookup=args.lookup, draft_model=draft, draft_max=args.draft_max)
+                            lookup=args.lookup, draft_model=draft, draft_max=args.draft_max,
+                            prompt_cache=args.prompt_cache)
     _say_server_log(server.log)
     try:
         llm = server.app_model(app)
