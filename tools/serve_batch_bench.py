@@ -17,6 +17,13 @@ server. Decides: aggregate t/s with K clients vs 1 (issue #18's target for
 the engine: >= 8x at 16 sequences on the 8B shape at 0.25x / 0.5x budgets;
 the server adds HTTP and Python per token, so expect somewhat less), and
 -np K vs --queued (1x: requests served one after another).
+
+With --turns T each of the K clients holds a conversation instead: T
+requests, each prompt the previous one, its reply and a short follow-up (a
+chat client resending its history), its first prompt --history words long;
+run once with the prompt cache (the default) and once with
+--no-prompt-cache, each a fresh server: wall seconds of each turn (all K
+clients' requests of that turn), and the cache's speed-up per turn.
 """
 from __future__ import annotations
 
@@ -72,10 +79,36 @@ def clients(url: str, k: int, n: int) -> tuple[int, float]:
     return sum(out), time.perf_counter() - t0
 
 
-def serve(model: str, np_: int, args) -> tuple[subprocess.Popen, str]:
+def conversations(url: str, k: int, turns: int, n: int, history: int) -> list[float]:
+    """k clients, each `turns` requests whose prompt grows by the last reply
+    and a follow-up; wall seconds of each turn (all k clients at once)."""
+    base = " ".join(["The report covers the harvest, the weather and the markets of the year."] * (history // 13 + 1))
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i}). {base}" for i in range(k)]
+    walls = []
+    for _ in range(turns):
+        replies, start = [""] * k, threading.Barrier(k + 1)
+
+        def one(i):
+            start.wait()
+            body = {"prompt": prompts[i], "max_tokens": n, "temperature": 0}
+            replies[i] = post(f"{url}/v1/completions", body)["choices"][0]["text"]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        walls.append(time.perf_counter() - t0)
+        prompts = [p + r + " Go on." for p, r in zip(prompts, replies)]
+    return walls
+
+
+def serve(model: str, np_: int, args, *more: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "gguf_stream", "serve", model, "--port", str(port), "-np", str(np_),
-           "-c", str(args.c * np_), "--vram-budget", vram_budget(args.budget, args.model), *args.extra]
+           "-c", str(args.c * np_), "--vram-budget", vram_budget(args.budget, args.model), *args.extra, *more]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800
@@ -110,6 +143,20 @@ def run(model: str, np_: int, ks: list[int], args) -> None:
         proc.wait(timeout=120)
 
 
+def run_turns(model: str, k: int, args) -> None:
+    walls = {}
+    for label, more in (("cache", ()), ("no cache", ("--no-prompt-cache",))):
+        proc, url = serve(model, k, args, *more)
+        try:
+            clients(url, 1, 4)  # warm-up (graphs, pools)
+            walls[label] = conversations(url, k, args.turns, args.n, args.history)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+    for t, (a, b) in enumerate(zip(walls["cache"], walls["no cache"]), 1):
+        print(f"np {k:3d}  turn {t:2d}  cache {a:7.2f} s  no cache {b:7.2f} s  {b / a:.2f}x", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default="/tmp/m/llama3-8b.gguf")
@@ -118,12 +165,19 @@ def main() -> int:
     p.add_argument("-n", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("-c", type=int, default=512, help="KV cells per slot (default 512)")
     p.add_argument("--queued", action="store_true", help="also the largest K against -np 1")
+    p.add_argument("--turns", type=int, default=0, help="conversations of this many requests per client, with "
+                   "and without the prompt cache (default 0: single requests)")
+    p.add_argument("--history", type=int, default=300, help="--turns: words of each first prompt (default 300)")
     args, extra = p.parse_known_args()  # the rest: serve flags, after --
     args.extra = [a for a in extra if a != "--"]
     if not os.path.exists(args.model):
         subprocess.run([sys.executable, "-m", "gguf_stream.synth", args.model, "--shape", "llama3-8b", "--type",
                         "Q4_K", "--seed", "0", "-q"], check=True)
     ks = [int(k) for k in args.k.split(",")]
+    if args.turns:
+        for k in ks:
+            run_turns(args.model, max(k, 2), args)  # the batch loop (and its cache) is -np 2 and up
+        return 0
     for k in ks:
         if k > 1:
             run(args.model, k, [k], args)
