@@ -80,6 +80,21 @@ def reference(gemma_path):
     return texts
 
 
+@pytest.fixture(scope="module")
+def continued(gemma_path):
+    """The server's texts without drafts for the repeating prompt, then for
+    that prompt, its reply and more (Llama decodes only what follows what
+    it holds)."""
+    app = server.create_app(gemma_path, **SETTINGS)
+    try:
+        first = answer(app, *REQUESTS[0], stream=False)
+        body = dict(REQUESTS[0][1], prompt=PROMPT + first + " one two", max_tokens=12)
+        second = call(app, "POST", "/v1/completions", json=body).json()["choices"][0]["text"]
+    finally:
+        server.close_app(app)
+    return first, second
+
+
 @pytest.mark.parametrize("drafting", ["lookup", "draft model"])
 def test_drafted_answers_equal_the_plain_server(gemma_path, reference, drafting, caplog):
     """With prompt lookup, and with the model itself as its draft model
@@ -111,13 +126,15 @@ def test_drafted_answers_equal_the_plain_server(gemma_path, reference, drafting,
         assert drafter.drafter.model.ctx is None  # the draft model closed with the app
 
 
-def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference, caplog):
+def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference, continued, caplog):
     """-np 2 with --lookup: the batch loop drafts for greedy requests from
     their own text and checks a seat's drafts in its rows of the step
     decode. Each request alone (the seats' cells cleared between, as the
     reference's context was) gets the server's text without drafts, the
     repeating prompt in fewer steps than tokens, one log line each; the
-    three at once get the same texts."""
+    three at once get the same texts. A drafted reply's slot keeps exactly
+    its tokens' cells: the conversation's next turn, which starts from
+    them, gets the -np 1 server's text."""
     app = server.create_app(gemma_path, **{**SETTINGS, "n_ctx": 2 * SETTINGS["n_ctx"]}, n_seq_max=2, lookup=DRAFTS)
     try:
         proxy = app.state.gguf_stream_proxy
@@ -147,6 +164,12 @@ def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference,
         at_once = asyncio.run(_requests(app, [("POST", path, {"json": body}) for path, body in REQUESTS]))
         texts = [r.json()["choices"][0] for r in at_once]
         assert [c["text"] if "text" in c else c["message"]["content"] for c in texts] == reference[::2]
+        loop.run_exclusive(lambda: None)
+        first, _, _ = alone(*REQUESTS[0], stream=False)
+        cached = loop.cached_tokens
+        body = dict(REQUESTS[0][1], prompt=PROMPT + first + " one two", max_tokens=12)
+        second = call(app, "POST", "/v1/completions", json=body).json()["choices"][0]["text"]
+        assert loop.cached_tokens > cached and (first, second) == continued
     finally:
         server.close_app(app)
 
