@@ -60,23 +60,30 @@ def post(url: str, body: dict) -> dict:
         return json.load(r)
 
 
-def clients(url: str, k: int, n: int) -> tuple[int, float]:
-    """k requests at once; (generated tokens, wall seconds)."""
-    out, start = [0] * k, threading.Barrier(k + 1)
+def at_once(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
+    """One /v1/completions per body, all sent at the same moment, each from
+    its own thread; (the responses, wall seconds from the send to the last)."""
+    out, start = [None] * len(bodies), threading.Barrier(len(bodies) + 1)
 
     def one(i):
         start.wait()
-        body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": n, "temperature": 0}
-        out[i] = post(f"{url}/v1/completions", body)["usage"]["completion_tokens"]
+        out[i] = post(f"{url}/v1/completions", bodies[i])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return sum(out), time.perf_counter() - t0
+    return out, time.perf_counter() - t0
+
+
+def clients(url: str, k: int, n: int) -> tuple[int, float]:
+    """k requests at once; (generated tokens, wall seconds)."""
+    bodies = [{"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})", "max_tokens": n, "temperature": 0} for i in range(k)]
+    out, wall = at_once(url, bodies)
+    return sum(r["usage"]["completion_tokens"] for r in out), wall
 
 
 def conversations(url: str, k: int, turns: int, n: int, history: int) -> list[float]:
@@ -86,22 +93,9 @@ def conversations(url: str, k: int, turns: int, n: int, history: int) -> list[fl
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} ({i}). {base}" for i in range(k)]
     walls = []
     for _ in range(turns):
-        replies, start = [""] * k, threading.Barrier(k + 1)
-
-        def one(i):
-            start.wait()
-            body = {"prompt": prompts[i], "max_tokens": n, "temperature": 0}
-            replies[i] = post(f"{url}/v1/completions", body)["choices"][0]["text"]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
-        for t in threads:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        walls.append(time.perf_counter() - t0)
-        prompts = [p + r + " Go on." for p, r in zip(prompts, replies)]
+        out, wall = at_once(url, [{"prompt": p, "max_tokens": n, "temperature": 0} for p in prompts])
+        walls.append(wall)
+        prompts = [p + r["choices"][0]["text"] + " Go on." for p, r in zip(prompts, out)]
     return walls
 
 
