@@ -210,14 +210,15 @@ def test_budget_search_starts_at_a_true_lower_bound():
                                        dict(vram_budget=4_000 * MiB), dict(vram_budget=300 * MiB)])
 def test_planning_is_not_quadratic_in_the_layer_count(placement):
     """20,000 layers (what a hostile header may claim; read_model stops at 512)
-    plan in well under a second in every mode (it took 13 s)."""
+    plan in a few seconds at most in every mode (quadratic, it took 13 s;
+    0.1-0.5 s here, over 1 s on a loaded 2-core machine)."""
     import time
 
     mf = _many_layers([MiB + (i % 7) * 4096 for i in range(20_000)])
     t0 = time.perf_counter()
     plan = make_plan(mf, n_ctx=256, n_ubatch=64, **placement)
     plan.table(), plan.generate_overflow_bytes, plan.device_bytes
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 3.0
 
 
 # ------------------------------------------------------------------ KV cache types, host memory
