@@ -5,7 +5,7 @@ template, streaming, tokenization, reset, save_state/load_state, embeddings,
 close) works unchanged, because only two objects differ: the model (loaded
 with streamed layers in pinned host memory, then re-homed into the slot ring)
 and the context (created with the streaming hook, decoding through the
-Streamer): streamer.StreamedLlamaModel and StreamedLlamaContext, the same
+Streamer): llama_wrappers.StreamedLlamaModel and StreamedLlamaContext, the same
 objects StreamedModel holds.
 
 Llama.__init__ builds those two objects through the module-level name
@@ -26,7 +26,8 @@ from .errors import DecodeError
 from .gguf_file import read_model
 from .grammar import grammar_error
 from .memory import kv_ggml_type, kv_type_name
-from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
+from .llama_wrappers import StreamedLlamaContext, StreamedLlamaModel
+from .streamer import Streamer
 
 llama_abi.llama()  # version check before touching Llama's internals
 import llama_cpp  # noqa: E402

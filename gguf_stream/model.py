@@ -24,7 +24,8 @@ from .gguf_file import ModelFile, read_model
 from .memory import format_size, kv_ggml_type, parse_size
 from .planner import Plan, make_plan, stock_split_plan
 from .placement import initial_plan
-from .streamer import StreamedLlamaContext, StreamedLlamaModel, Streamer
+from .llama_wrappers import StreamedLlamaContext, StreamedLlamaModel
+from .streamer import Streamer
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp._internals as internals  # noqa: E402

@@ -158,7 +158,7 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
             raise HTTPException(status_code=503, detail=CLOSED_MESSAGE)
         llm = super().__call__(model)
         if self.batch_loop is not None:  # a request's view: its generation takes a seat of the loop
-            from .serve_batch import SeatedLlama
+            from .serve_routes import SeatedLlama
 
             return SeatedLlama(llm, self.batch_loop)
         return llm
@@ -502,7 +502,8 @@ def _set_middleware(app: FastAPI, proxy, api_key: str | None, cors_origins: tupl
 
 def _start_batching(app: FastAPI, proxy, prompt_cache: bool) -> None:
     """-np N > 1: continuous batching of the completion endpoints (serve_batch)."""
-    from .serve_batch import BatchLoop, install_routes
+    from .serve_batch import BatchLoop
+    from .serve_routes import install_routes
 
     proxy.batch_loop = BatchLoop(proxy.model, lookup=(proxy.speculative or {}).get("lookup"),
                                  prompt_cache=prompt_cache)

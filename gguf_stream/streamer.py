@@ -1,6 +1,7 @@
 """What streaming adds around one llama.cpp model: the load protocol and the
 decode loop, written once for StreamedModel (model.py) and StreamedLlama
-(llama_compat.py), through llama-cpp-python's own wrappers:
+(llama_compat.py), through llama-cpp-python's own wrappers (ours of them in
+llama_wrappers.py):
 
     with Streamer(path, config) as s:       # read the GGUF, pick the device, plan, create the slot ring
         model = StreamedLlamaModel(s, path_model=path, params=...)
@@ -36,7 +37,6 @@ from .progress import Progress, note
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 import llama_cpp  # noqa: E402
-import llama_cpp._internals as internals  # noqa: E402
 
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 DISCOVERY_BATCH = 16
@@ -554,51 +554,3 @@ def _batch_view(b, start: int, n: int):
 
     return llama_cpp.llama_batch(n_tokens=n, token=at(b.token), embd=b.embd, pos=at(b.pos),
                                  n_seq_id=at(b.n_seq_id), seq_id=at(b.seq_id), logits=at(b.logits))
-
-
-class StreamedLlamaModel(internals.LlamaModel):
-    """llama-cpp-python's model wrapper, loaded for the Streamer and attached
-    to it; closing it frees the context, the model, then the slot ring."""
-
-    def __init__(self, streamer: Streamer, *, path_model, params, verbose=True):
-        self._streamer = streamer
-        streamer.patch_model_params(params)
-        try:
-            super().__init__(path_model=path_model, params=params, verbose=verbose)
-        finally:
-            streamer.model_loaded(getattr(self, "model", None) is not None)
-        try:
-            streamer.attach(self.model)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        streamer = getattr(self, "_streamer", None)
-        if streamer is not None:
-            streamer.model_closing()
-        super().close()  # the context (registered on our stack) and the model first,
-        if streamer is not None:  # then the slots they pointed into
-            streamer.close()
-
-
-class StreamedLlamaContext(internals.LlamaContext):
-    """llama-cpp-python's context wrapper, with the scheduler hook; its
-    decode goes through Streamer.decode."""
-
-    def __init__(self, streamer: Streamer, *, model, params, verbose=True):
-        self._streamer = streamer
-        streamer.patch_context_params(params)
-        with streamer.creating_context():
-            super().__init__(model=model, params=params, verbose=verbose)
-        streamer.context_opened(self.ctx)
-        self._exit_stack.callback(streamer.context_closing)  # runs before llama_free (LIFO)
-
-    def kv_cache_clear(self):
-        super().kv_cache_clear()
-        self._streamer.kv_cleared()
-
-    def decode(self, batch):
-        rc = self._streamer.decode(self.ctx, batch.batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
