@@ -12,9 +12,14 @@ memory). Measured: the fastest split had 3-5 more CPU layers than the
 model's pick, 3-15% faster. Both results are cached per machine, model and
 overflow.
 
-Calibration runs in one short-lived context of its own, before the real
-context exists (its memory is free then), on the first load of a model on a
-machine only. What it costs is counted (Calibration.decodes, .seconds,
+The rates are measured in one short-lived context of its own, before the
+real context exists (its memory is free then), on the first load of a model
+on a machine only. The splits are timed by default on the first generated
+tokens (LiveSplit: the run starts at the search's first split and the
+Streamer changes CPU layers between decodes, so the load waits for the
+rates only and no token is decoded for timing alone); with
+calibrate_on_tokens=False (the bench) in that context too, before the load
+returns (Calibrator.time_splits). One search (SplitSearch) serves both. What it costs is counted (Calibration.decodes, .seconds,
 .parts) and said on stderr with progress on: the rates' tokens, then each
 timed split's. Its largest costs on a big model are the timed tokens and
 repacking CPU layers, so nothing is done twice: a layer repacked once keeps
@@ -62,6 +67,13 @@ CALIBRATION_PARTS = ("context", "rates", "split set-up", "split decodes", "closi
 # time by 3-7%, so 3 tell them apart (8 cost the first load 0.6 s on the 8B).
 SPLIT_TRIAL_TOKENS = 3
 SPLIT_TRIAL_WARMUP = 1
+# A split whose measured token is within this of its streamed bytes' time
+# over PCIe (p x) is stream-bound: one more CPU layer takes a layer off the
+# link, so the search keeps climbing through it even where noise made it no
+# faster than the fastest so far. On the GPU box stream-bound splits of the
+# 32B-class measured -2% to +3% of p x, while one CPU layer is 3% of a token
+# (a first load's search stopped at 6 CPU layers where 19 were 1.5x faster).
+STREAM_BOUND_TOLERANCE = 0.04
 # The search starts this many CPU layers above the model's pick: the rates'
 # GPU part of a token is timed layer by layer, a sync each, and runs several
 # times the real one, so the pick is low. The fastest split measured on the
@@ -200,6 +212,88 @@ def split_lookup(path: str, config, device_total: int | None):
     return lambda choices, most: cached_split(cache, tuple(choices), most)
 
 
+class SplitSearch:
+    """Which split is fastest, one timed decode at a time: split `start`
+    first (where the search starts), then its neighbours one CPU layer at a
+    time (more first), for as long as they are faster (up: or stream-bound,
+STREAM_BOUND_TOLERANCE). Each split gets
+    SPLIT_TRIAL_WARMUP decodes, then SPLIT_TRIAL_TOKENS timed ones, median
+    taken; a neighbour's decodes stop once its median is sure to be slower
+    than the fastest so far (it then holds a lower bound of its median,
+    which is still slower). `current` is the split (CPU-layer count) the
+    next decode must run with, None once done; feed() takes that decode's
+    seconds. The same search serves a first load's own timed decodes
+    (Calibrator.time_splits) and the first generated tokens (LiveSplit)."""
+
+    def __init__(self, n_splits: int, start: int, stream_seconds=None):
+        self.n_splits = n_splits
+        # per split, its streamed bytes' time over PCIe (None: not known)
+        self.stream_seconds = stream_seconds
+        self.trials: dict[int, float] = {}   # as Calibration.split_trials
+        self.bounds: set[int] = set()        # trials that are lower bounds
+        self.decodes: dict[int, int] = {}    # decodes run per split, warm-ups included
+        self._walk = self._search(min(max(start, 0), n_splits - 1))
+        self.current: int | None = next(self._walk)
+
+    def feed(self, seconds: float) -> None:
+        """The seconds of one decode run with split `current`."""
+        if self.current is None:
+            raise RuntimeError("the split search is over")
+        self.decodes[self.current] = self.decodes.get(self.current, 0) + 1
+        try:
+            self.current = self._walk.send(seconds)
+        except StopIteration:
+            self.current = None
+
+    @property
+    def best(self) -> int:
+        """The fastest split timed (on a tie the one with more CPU layers)."""
+        return min(self.trials, key=lambda n: (self.trials[n], -n))
+
+    def said(self, n_cpu: int, decode: str, how: str) -> str:
+        """One line on split n_cpu's result; `how`: what it cost."""
+        bound, why = (">= ", "slower either way; ") if n_cpu in self.bounds else ("", "")
+        return (f"split with {n_cpu} CPU layers: {bound}{self.trials[n_cpu] * 1e3:.1f} ms per {decode} "
+                f"({why}{how})")
+
+    def stream_bound(self, n_cpu: int) -> bool:
+        """Whether split n_cpu measured what its streamed bytes take over
+        PCIe (STREAM_BOUND_TOLERANCE): then more CPU layers can be faster."""
+        return (self.stream_seconds is not None
+                and self.trials[n_cpu] <= (1 + STREAM_BOUND_TOLERANCE) * self.stream_seconds[n_cpu])
+
+    def _search(self, start: int):
+        fastest = yield from self._time(start, None)
+        for step in (1, -1):
+            n, moved = start + step, False
+            while 0 <= n < self.n_splits:
+                t = yield from self._time(n, fastest)
+                if t < fastest:
+                    fastest, moved = t, True
+                elif step < 0 or not self.stream_bound(n):  # up: on through stream-bound splits
+                    break
+                n += step
+            if moved:
+                break
+
+    def _time(self, n_cpu: int, fastest: float | None):
+        for _ in range(SPLIT_TRIAL_WARMUP):
+            yield n_cpu
+        # this many samples above `fastest` put the median (index T // 2) above it
+        enough = SPLIT_TRIAL_TOKENS - SPLIT_TRIAL_TOKENS // 2
+        times, slower = [], []
+        while len(times) < SPLIT_TRIAL_TOKENS and len(slower) < enough:
+            times.append((yield n_cpu))
+            slower = sorted(t for t in times if fastest is not None and t > fastest)
+        if len(times) < SPLIT_TRIAL_TOKENS:
+            # a lower bound of the median: at most T // 2 samples could have come in below the least of these
+            self.trials[n_cpu] = slower[0]
+            self.bounds.add(n_cpu)
+        else:
+            self.trials[n_cpu] = sorted(times)[len(times) // 2]
+        return self.trials[n_cpu]
+
+
 class Calibrator:
     """Measures one loaded model through its Streamer (between loading the
     model and creating the context that will decode). The CPU layers are
@@ -217,17 +311,28 @@ class Calibrator:
         self.decodes = 0  # decodes run so far (decode_token)
         self.parts = dict.fromkeys(CALIBRATION_PARTS, 0.0)  # seconds, as Calibration.parts
         self.keep_cpu_layers: tuple[int, ...] = ()  # left set when the calibration context closes without error
+        self.rates: Rates | None = None  # once measured or read from the cache
 
     def choose_split(self) -> tuple[tuple[int, ...], Calibration]:
         """The CPU layers of the fastest split that was timed. What the
         cache lacks is measured in one context, whose CPU layers are left
         at the chosen split (their repacked copies serve the run)."""
+        cpu, calibration, _ = self.start_split(live=False)
+        return cpu, calibration
+
+    def start_split(self, live: bool) -> tuple[tuple[int, ...], Calibration | None, LiveSplit | None]:
+        """(CPU layers, calibration, None) as choose_split; with live=True,
+        where the cache lacks the splits' timings, the search is left to the
+        first generated tokens: (the CPU layers it starts from, None, the
+        LiveSplit the Streamer feeds). The rates are measured here either way."""
         t0 = time.perf_counter()
         overflow = self.choices
         rates, trials = self.cache.rates(), self.cache.split_trials(overflow, self.most)
-        if rates is None or trials is None:
+        start = None
+        if rates is None or (trials is None and not live):
             self._say("calibrating the generate split (first load of this model on this machine; cached in "
-                      f"{self.cache.path} for the next ones)")
+                      f"{self.cache.path} for the next ones" + ("; its splits are timed on the first generated "
+                                                                "tokens)" if live and trials is None else ")"))
             t = time.perf_counter()
             with self.context() as ctx:
                 t = self._spent("context", t)
@@ -235,18 +340,30 @@ class Calibrator:
                 if rates is None:
                     rates = self.measure_rates(ctx)
                     t = self._spent("rates", t)
+                self.rates = rates
                 splits = self._splits(rates)
                 if trials is None:
                     bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0  # measured for one row
                     start = min(best_split(splits) + bias, len(splits) - 1)
-                    trials = self.time_splits(splits, start, ctx)
+                    if not live:
+                        trials = self.time_splits(splits, start, ctx)
                 t = time.perf_counter()
-                n_cpu = min(trials, key=lambda n: (trials[n], -n))
+                n_cpu = start if trials is None else min(trials, key=lambda n: (trials[n], -n))
                 self.s.engine.set_cpu_layers(splits[n_cpu][0])
                 self.keep_cpu_layers = splits[n_cpu][0]
             self._spent("closing", t)
         else:
+            self.rates = rates
             splits = self._splits(rates)
+            if trials is None:  # live, the rates cached: the search starts without a context of its own
+                bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0
+                start = min(best_split(splits) + bias, len(splits) - 1)
+        if trials is None:
+            search = LiveSplit(self, splits, start, rates, time.perf_counter() - t0)
+            self._say(f"generate split: the CPU computes {start} of {len(overflow)} overflow layers while generating "
+                      f"to start with; the fastest split is timed on the first generated tokens "
+                      f"(rates {'measured in ' + format(time.perf_counter() - t0, '.1f') + ' s' if self.decodes else 'from the cache'})")
+            return splits[start][0], None, search
         n_cpu = min(trials, key=lambda n: (trials[n], -n))
         cpu, predicted = splits[n_cpu]
         parts = {k: v for k, v in self.parts.items() if v} if self.decodes else {}
@@ -256,13 +373,23 @@ class Calibrator:
                   + (f"from {self.cache.path})" if calibration.cached else
                      f"calibrated in {calibration.seconds:.1f} s: {self.decodes} timed decodes, "
                      f"{len(trials)} splits; " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " s)"))
-        return cpu, calibration
+        return cpu, calibration, None
 
     def _spent(self, part: str, since: float) -> float:
         """Count the time since `since` to `part`; returns now."""
         now = time.perf_counter()
         self.parts[part] += now - since
         return now
+
+    def stream_seconds(self, splits) -> list[float] | None:
+        """Per split, its streamed bytes over PCIe at the rates' p (None
+        before the rates are known)."""
+        rates = self.rates or self.cache.rates()
+        if rates is None:
+            return None
+        lb = self.s.model_file.layer_bytes
+        total = sum(lb[i] for i in self.choices)
+        return [(total - sum(lb[i] for i in cpu)) / rates.pcie_bytes_per_s for cpu, _ in splits]
 
     def _splits(self, rates: Rates):
         """generate_splits of the choices, up to `most` CPU layers."""
@@ -344,48 +471,24 @@ class Calibrator:
         return seconds
 
     def time_splits(self, splits, best: int, ctx=None) -> dict[int, float]:
-        """Median seconds per token of split `best` (where the search starts), then of
-        neighbours one CPU layer at a time (more first), for as long as they
-        are faster; timed in one context, so load-to-load variation of the
-        CPU path does not enter the comparison. A neighbour's decodes stop
-        once its median is sure to be slower than the fastest so far (then
-        it holds a lower bound of its median, which is still slower)."""
+        """SplitSearch from split `best`, timed in one context with decodes
+        of its own (the bench's way: nothing of it in the timed runs), so
+        load-to-load variation of the CPU path does not enter the comparison."""
         e, bos = self.s.engine, self.s.bos(self.model)
-        trials = {}
+        search = SplitSearch(len(splits), best, self.stream_seconds(splits))
         with self.context(ctx) as ctx:
-            def timed(n_cpu, fastest=None):
+            while search.current is not None:
                 t0 = time.perf_counter()
-                e.set_cpu_layers(splits[n_cpu][0])  # repacks the layers it adds (kept ones serve again)
+                e.set_cpu_layers(splits[search.current][0])  # repacks the layers it adds (kept ones serve again)
                 t1 = self._spent("split set-up", t0)
-                for _ in range(SPLIT_TRIAL_WARMUP):
-                    self.decode_token(ctx, bos)
-                # this many samples above `fastest` put the median (index T // 2) above it
-                enough = SPLIT_TRIAL_TOKENS - SPLIT_TRIAL_TOKENS // 2
-                times, slower = [], []
-                while len(times) < SPLIT_TRIAL_TOKENS and len(slower) < enough:
-                    times.append(self.decode_token(ctx, bos))
-                    slower = sorted(t for t in times if fastest is not None and t > fastest)
-                if len(times) < SPLIT_TRIAL_TOKENS:
-                    # a lower bound of the median: at most T // 2 samples could
-                    # have come in below the least of these
-                    trials[n_cpu], bound, why = slower[0], ">= ", "slower either way; "
-                else:
-                    trials[n_cpu], bound, why = sorted(times)[len(times) // 2], "", ""
-                self._say(f"  split with {n_cpu} CPU layers: {bound}{trials[n_cpu] * 1e3:.1f} ms per {self._decode} "
-                          f"({why}set up {t1 - t0:.2f} s, {SPLIT_TRIAL_WARMUP + len(times)} decodes "
-                          f"{time.perf_counter() - t1:.2f} s)")
+                n_cpu = search.current
+                while search.current == n_cpu:
+                    search.feed(self.decode_token(ctx, bos))
+                self._say("  " + search.said(n_cpu, self._decode, f"set up {t1 - t0:.2f} s, {search.decodes[n_cpu]} "
+                                                                  f"decodes {time.perf_counter() - t1:.2f} s"))
                 self._spent("split decodes", t1)
-                return trials[n_cpu]
-
-            fastest = timed(best)
-            for step in (1, -1):
-                n, moved = best + step, False
-                while 0 <= n < len(splits) and timed(n, fastest) < fastest:
-                    fastest, n, moved = trials[n], n + step, True
-                if moved:
-                    break
-        self.cache.put_split_trials(self.choices, trials, self.most)
-        return trials
+        self.cache.put_split_trials(self.choices, search.trials, self.most)
+        return search.trials
 
     def measure_rates(self, ctx=None) -> Rates:
         """p from timed uploads of a streamed layer; c and G from one short
@@ -429,3 +532,67 @@ class Calibrator:
                   f"{len(sample)} CPU layers, {time.perf_counter() - t0:.2f} s)")
         self.cache.put_rates(rates)
         return rates
+
+
+class LiveSplit:
+    """A first load's split search on its first generated tokens
+    (Calibrator.start_split(live=True)): the load measures the rates only
+    and the run starts at the search's first split; the Streamer times its
+    one-row generate decodes (sync included, as the caller reads the logits
+    next) and feeds them here, changes CPU layers between decodes where the
+    search says, and once it is over the fastest split stays and goes to the
+    cache, as a search before the load would have left it. No token is spent
+    on timing alone: the search costs the load the rates, and the first
+    tokens the time of its slower splits and of changing CPU layers (the
+    layers' repacked copies are kept meanwhile, so a split coming back costs
+    the KV moves only)."""
+
+    def __init__(self, calibrator: Calibrator, splits, start: int, rates: Rates, load_seconds: float):
+        self.cal, self.splits, self.rates = calibrator, splits, rates
+        self.search = SplitSearch(len(splits), start, calibrator.stream_seconds(splits))
+        self.decodes = 0
+        self.parts = {k: v for k, v in calibrator.parts.items() if v}
+        self.parts["split set-up"] = self.parts.get("split set-up", 0.0)
+        self.parts["split decodes"] = 0.0
+        self.seconds = load_seconds      # the load's part, then each change of CPU layers and timed decode
+        self.calibration: Calibration | None = None   # set when the search is over
+        calibrator.s.engine.keep_repacks(calibrator.most == len(calibrator.choices))
+
+    @property
+    def cpu_layers(self) -> tuple[int, ...]:
+        """The CPU layers the next timed decode runs with."""
+        return self.splits[self.search.best if self.search.current is None else self.search.current][0]
+
+    @property
+    def done(self) -> bool:
+        return self.calibration is not None
+
+    def timed(self, seconds: float) -> tuple[int, ...] | None:
+        """One timed decode's seconds; the CPU layers to change to before
+        the next decode, or None to keep them."""
+        before = self.cpu_layers
+        self.decodes += 1
+        self.seconds += seconds
+        self.parts["split decodes"] += seconds
+        self.search.feed(seconds)
+        if self.search.current is None:
+            self._finish()
+        return self.cpu_layers if self.cpu_layers != before else None
+
+    def set_up(self, seconds: float) -> None:
+        """Time the Streamer spent changing CPU layers for the search."""
+        self.seconds += seconds
+        self.parts["split set-up"] += seconds
+
+    def _finish(self) -> None:
+        cal, trials = self.cal, self.search.trials
+        cal.cache.put_split_trials(cal.choices, trials, cal.most)
+        n_cpu = self.search.best
+        self.calibration = Calibration(self.rates, dict(trials), self.splits[n_cpu][1], cal.decodes + self.decodes,
+                                       self.seconds, cal.rows, dict(self.parts))
+        timed = ", ".join(f"{n}: {'>=' if n in self.search.bounds else ''}{trials[n] * 1e3:.1f}"
+                          for n in sorted(trials))
+        cal._say(f"generate split: the CPU computes {n_cpu} of {len(cal.choices)} overflow layers while generating "
+                 f"({trials[n_cpu] * 1e3:.1f} ms per {cal._decode} measured; calibrated on the first "
+                 f"{self.decodes} generated tokens, {len(trials)} splits timed (CPU layers: ms) {timed}; "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in self.parts.items()) + f" s; cached in {cal.cache.path})")

@@ -83,6 +83,12 @@ class EngineConfig:
     # not, so k parallel sequences or a speculative verify of k-1 drafts want
     # fewer CPU layers than one token. None: n_seq_max (1 for one sequence).
     generate_rows: int | None = None
+    # Where a first load times the candidate splits of 'auto' (the rates
+    # are measured at load either way): True, on the first generated tokens
+    # (one-row decodes: the load waits for the rates only, and no token is
+    # spent on timing alone); False, before the load returns, with decodes of
+    # its own (the bench: its timed runs must not contain the search).
+    calibrate_on_tokens: bool = True
     # Streamed layers that stay resident while generating, in the part of
     # llama.cpp's compute buffer that a prompt-sized ubatch needs and a
     # generated token leaves idle (no extra VRAM; they are copied in at each
@@ -175,7 +181,7 @@ class EngineConfig:
         if self.generate_rows is not None:
             check_int("generate_rows", self.generate_rows, 1, MAX_SEQUENCES)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse",
+        for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "calibrate_on_tokens",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")

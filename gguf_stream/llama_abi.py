@@ -265,3 +265,30 @@ def context_scheduler(ctx: int) -> int | None:
     each graph), or None where this build does not export the accessor."""
     fn = _get_sched()
     return fn(ctx) if fn is not None and ctx else None
+
+
+_GRAPH_RESERVE_SYMBOL = "_Z19llama_graph_reserveP13llama_contextjjj"  # llama_graph_reserve (llama-ext.h)
+
+
+@lru_cache(maxsize=None)
+def _graph_reserve():
+    fn = getattr(llama()._lib, _GRAPH_RESERVE_SYMBOL, None)
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32], ctypes.c_void_p
+    return fn
+
+
+def can_drop_graphs() -> bool:
+    """Whether this build exports what drop_graphs needs."""
+    return _graph_reserve() is not None
+
+
+def drop_graphs(ctx: int) -> bool:
+    """Make a llama_context forget the graphs it would reuse, so that its
+    next decode builds one with the placement in force then (CPU layers
+    changed between decodes). llama_graph_reserve resets them first, then
+    reserves a one-token graph: compute buffers only grow there, and a
+    generated token's graph fits the buffers the context was created with.
+    False where this build lacks it or the reserve failed."""
+    fn = _graph_reserve()
+    return fn is not None and bool(ctx) and fn(ctx, 1, 1, 1) is not None

@@ -273,6 +273,11 @@ class Engine:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
 
+    def graphs_dropped(self) -> None:
+        """The attached context dropped its graphs (llama_abi.drop_graphs):
+        set_cpu_layers may change CPU layers under it until its next decode."""
+        _check("gs_engine_graphs_dropped", lib.gs_engine_graphs_dropped(self._h))
+
     def keep_repacks(self, keep: bool) -> None:
         """keep: layers leaving the CPU keep their repacked copies (reused if
         they return: the split search); False frees those of non-CPU layers."""

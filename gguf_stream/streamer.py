@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 
 from . import llama_abi, native
-from .calibrate import Calibration, Calibrator, split_lookup
+from .calibrate import Calibration, Calibrator, LiveSplit, split_lookup
 from .config import EngineConfig, resolve_context, resolve_flash_attn, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, file_identity, reader_options, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
@@ -90,6 +91,7 @@ class Streamer:
         # uploads' source in host memory: pinned on CUDA), "disk" (read from the file)
         self.tier_bytes = {"resident": 0, "host": 0, "disk": 0}
         self.calibration: Calibration | None = None
+        self.live_split: LiveSplit | None = None  # a first load's split search on its first generated tokens
         self.generate_reserve = 0  # compute buffer bytes left to generate-phase graphs
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
@@ -299,7 +301,9 @@ class Streamer:
             note(f"generate split: {self.tiers.split}", self.config.progress)
         elif choice == "auto" and self.cuda and self.plan.generate_overflow:
             # among the layers host_tiers left it (not the disk tier's, copies within the host budget)
-            cpu, self.calibration = Calibrator(self, model, self.tiers.choices, self.tiers.most).choose_split()
+            live = self.config.calibrate_on_tokens and rows == 1 and llama_abi.can_drop_graphs()
+            cpu, self.calibration, self.live_split = Calibrator(self, model, self.tiers.choices,
+                                                                self.tiers.most).start_split(live)
         elif not isinstance(choice, str):
             cpu = tuple(choice)
         if cpu:
@@ -403,6 +407,7 @@ class Streamer:
         the same prompt, other rounding, other tokens the second time."""
         lc = self.lc
         batch = lc.llama_batch_init(1, 0, 1)
+        live, self.live_split = self.live_split, None  # not a token the split search times
         try:
             batch.n_tokens, batch.token[0], batch.pos[0] = 1, self.bos(lc.llama_get_model(ctx)), 0
             batch.n_seq_id[0], batch.seq_id[0][0] = 1, 0
@@ -411,6 +416,7 @@ class Streamer:
             batch.logits[0] = 0
             rc = self.decode(ctx, batch)
         finally:
+            self.live_split = live
             lc.llama_batch_free(batch)
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         self.kv_cleared()
@@ -481,17 +487,46 @@ class Streamer:
                               "graph_reuse=False to keep them")
         start = 0
         sched = self._scheduler(ctx)
+        # a first load's split search times this decode: one ubatch of one row, generating
+        timed = (self.live_split is not None and n_all == self.config.split_rows and len(sizes) == 1
+                 and is_generate_phase(n_all, self.prompt_min_ubatch))
         for n in sizes:
             with disk_errors():
                 self.before_decode(n)
             if sched:
                 self.engine.route_hook(sched)
+            t0 = time.perf_counter()
             rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
             self.check("llama_decode")
             if rc != 0:
                 return rc
+            if timed:
+                self.lc.llama_synchronize(ctx)  # the caller reads the logits next: no time lost
+                self._split_timed(ctx, time.perf_counter() - t0)
             start += n
         return 0
+
+    def _split_timed(self, ctx, seconds: float) -> None:
+        """Feed the live split search one timed decode; between decodes,
+        change CPU layers where it says (the context first drops the graphs
+        it would reuse: they keep the placement they were built with)."""
+        live = self.live_split
+        cpu = live.timed(seconds)
+        if cpu is not None:
+            t0 = time.perf_counter()
+            if self.reuses_graphs:
+                if not llama_abi.drop_graphs(ctypes.cast(ctx, ctypes.c_void_p).value):
+                    raise DecodeError("llama.cpp could not drop the context's graphs to change the generate split "
+                                      "(out of memory?); give generate_cpu_layers (--generate-cpu-layers) to skip "
+                                      "the search")
+                self.engine.graphs_dropped()
+            self.engine.set_cpu_layers(cpu)
+            self._last_ubatch = 0  # no graph to reuse: the next decode builds one with these CPU layers
+            live.set_up(time.perf_counter() - t0)
+        if live.done:
+            self.live_split, self.calibration = None, live.calibration
+            self.engine.keep_repacks(False)  # the other splits' repacked copies go
+            self.plan = with_generate_placement(self.plan, live.cpu_layers, self.plan.generate_resident)
 
     def _scheduler(self, ctx) -> int | None:
         """The context's scheduler, where the engine may leave its hook out of

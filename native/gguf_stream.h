@@ -394,8 +394,14 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user);
 /* Layers the CPU computes in the generate phase (added like streamed ones:
  * they stream in the prompt phase). Before start, or between decodes: the
  * engine then returns to the prompt phase. Refused while a context that
- * reuses graphs is attached (see gs_engine_attach_kv). */
+ * reuses graphs is attached (see gs_engine_attach_kv), unless its graphs
+ * were dropped since its last decode (gs_engine_graphs_dropped). */
 int  gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n);
+/* The caller has made the attached context drop every graph it could reuse
+ * (llama_graph_reserve resets them), so the coming decode builds its graph
+ * anew: set_cpu_layers may change CPU layers under a context that reuses
+ * graphs until that decode (the next set_phase). */
+int  gs_engine_graphs_dropped(gs_engine *e);
 /* keep = 1: a layer that stops being a CPU layer keeps its repacked copy,
  * which serves again (not repacked anew) if it becomes one again: the split
  * search tries several sets of CPU layers. keep = 0 frees the copies of

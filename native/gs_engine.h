@@ -91,6 +91,7 @@ struct gs_engine {
         int cleared;                  /* no cell in use since llama_memory_clear: moves copy nothing */
         int reuse_min_batch;          /* >0: the attached context reuses graphs (see gs_engine_attach_kv) */
         int check_shape;              /* ...and CPU layers exist: check each ubatch's phase (fixed while attached) */
+        int graphs_dropped;           /* the attached context holds no graph until its next decode (gs_engine_graphs_dropped) */
         int hold;                     /* generate phase: leave the CPU layers' caches where they are */
     } kv;
 

@@ -200,6 +200,7 @@ int gs_engine_attach_kv(gs_engine *e, int reuse_min_batch) {
     kv_forget(e);
     gr_forget_context(e);
     e->kv.attached = e->kv.scan = 1;
+    e->kv.graphs_dropped = 0;
     e->kv.reuse_min_batch = reuse_min_batch;
     e->kv.check_shape = 0;
     for (int i = 0; reuse_min_batch && i < e->cfg.n_layer; i++)
@@ -216,7 +217,7 @@ int gs_engine_detach_kv(gs_engine *e) {
     if (!e->gr.own_mode) gr_leave(e);   /* the region goes with the context */
     gr_forget_context(e);
     if (!e->kv.attached) return rc;
-    e->kv.attached = e->kv.scan = e->kv.reuse_min_batch = e->kv.check_shape = e->kv.hold = 0;
+    e->kv.attached = e->kv.scan = e->kv.reuse_min_batch = e->kv.check_shape = e->kv.hold = e->kv.graphs_dropped = 0;
     int rc_kv = sync_kv(e);   /* every cache home, host buffers freed */
     kv_forget(e);
     return rc ? rc : rc_kv;

@@ -73,6 +73,7 @@ int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
     e->kv.hold = hold_kv != 0;
+    e->kv.graphs_dropped = 0;   /* a decode follows: it may leave a graph to reuse */
     e->gr.walk = 1;   /* a decode follows */
     if (!e->started) return GS_OK;
     kv_scan_done(e);
@@ -113,12 +114,17 @@ int gs_engine_route_hook(gs_engine *e, void *sched, int *hooked) {
     return GS_OK;
 }
 
+int gs_engine_graphs_dropped(gs_engine *e) {
+    e->kv.graphs_dropped = 1;
+    return GS_OK;
+}
+
 /* Which overflow layers the CPU computes while generating. Before start, or
  * between decodes (the engine then returns to the prompt phase); refused
  * while a context that reuses graphs is attached (its graphs keep the old
- * choice's placement). */
+ * choice's placement), unless it has dropped them since its last decode. */
 int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
-    if (e->kv.attached && e->kv.reuse_min_batch)
+    if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
         return fail(GS_E_INVALID, "set_cpu_layers: the attached context reuses graphs, which keep the placement "
                     "they were built with; choose CPU layers before creating it, or create it without graph "
                     "reuse (graph_reuse=False, or LLAMA_GRAPH_REUSE_DISABLE=1)");

@@ -450,3 +450,117 @@ def test_the_calibrated_split_computes_as_a_load_given_that_split(tiny_path, tmp
             results[n] = f.generate(prompt, N_GEN, with_logits=True)
     assert tokens == results[2][0] and np.array_equal(logits, results[2][1])
     assert not np.array_equal(logits, results[3][1])
+
+
+@pytest.mark.parametrize("start,fastest,expected", [
+    (1, 3, {1: 4, 2: 4, 3: 4, 4: 3}),   # up while faster; the first slower one stops early
+    (2, 0, {2: 4, 3: 3, 1: 4, 0: 4}),   # up is slower: down while faster
+    (4, 4, {4: 4, 3: 3}),               # the top: nothing further up
+])
+def test_split_search_one_decode_at_a_time(start, fastest, expected):
+    """SplitSearch (the search of both a first load's own decodes and the
+    live one) on token times that depend only on the split: each split a
+    warm-up and SPLIT_TRIAL_TOKENS timed decodes, a slower neighbour's
+    stopping once its median is sure to be slower (a lower bound)."""
+    from gguf_stream.calibrate import SplitSearch
+
+    search, order = SplitSearch(5, start), []
+    while search.current is not None:
+        order.append(search.current)
+        search.feed(1.0 + abs(search.current - fastest))
+    assert search.best == fastest and search.decodes == expected
+    assert list(dict.fromkeys(order)) == list(expected)
+    assert search.bounds == {n for n, d in expected.items() if d < SPLIT_TRIAL_WARMUP + SPLIT_TRIAL_TOKENS}
+    with pytest.raises(RuntimeError):
+        search.feed(1.0)
+
+
+def _live_split(m, start, fastest, tmp_path):
+    """A first load's live search on m, as Streamer._choose_generate_split
+    starts it (here on a context that already exists: it is re-attached
+    around the start split's CPU layers), with token times that depend only
+    on the split's CPU-layer count."""
+    from gguf_stream.calibrate import LiveSplit
+
+    streamer, engine = m.streamer, m.streamer.engine
+    cal = Calibrator(streamer, m.model)
+    splits = generate_splits(m.plan.streamed, read_model(streamer.path).layer_bytes, Rates(1e9, 1e9, 1e-3))
+    live = LiveSplit(cal, splits, start, Rates(1e9, 1e9, 1e-3), 0.0)
+    streamer.context_closing()
+    engine.set_cpu_layers(splits[start][0])
+    streamer.context_opened(m.ctx)
+    timed = live.timed
+    live.timed = lambda seconds: timed(1.0 + abs(len(live.cpu_layers) - fastest))
+    streamer.live_split = live
+    return live, splits
+
+
+def test_live_split_search_on_generated_tokens(path, tmp_path, monkeypatch):
+    """The first load's split search on its first generated tokens: CPU
+    layers change between decodes of the real context (which reuses graphs:
+    it drops them at each change), the tokens and logits stay stock's (host
+    mode: CPU layers and streamed ones use the same kernels), and once the
+    search is over the fastest split stays and is cached."""
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StockModel(path, **CPU) as s:
+        prompt = s.tokenize(PROMPT)
+        ref_tokens, ref_logits = s.generate(prompt, 24, with_logits=True)
+    with StreamedModel(path, **CPU, **HYBRID) as m:
+        assert m.streamer.reuses_graphs
+        live, splits = _live_split(m, 1, 3, tmp_path)
+        tokens, logits = m.generate(prompt, 24, with_logits=True)
+        assert live.done and m.streamer.live_split is None and m.streamer.calibration is live.calibration
+        cal = live.calibration
+        assert sorted(cal.split_trials) == [1, 2, 3, 4] and cal.decodes == 15 and not cal.cached
+        assert set(cal.parts) >= {"split set-up", "split decodes"}
+        assert live.cpu_layers == splits[3][0] == m.plan.cpu_layers
+        assert RatesCache(live.cal.cache.key).split_trials(m.plan.generate_overflow) == cal.split_trials
+        c = m.stats.counters
+    assert c.host_kv_bytes > 0  # CPU layers did compute, their KV in host memory
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+def test_live_split_changes_need_the_graphs_dropped(tiny_path, tmp_path, monkeypatch):
+    """Negative control: with llama.cpp's graphs not dropped at a change of
+    CPU layers (the engine told they were), the next decode reuses a graph
+    built for the old split, which the engine catches; and told nothing, it
+    refuses the change itself."""
+    from gguf_stream import llama_abi
+    from gguf_stream.errors import NativeError
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(llama_abi, "drop_graphs", lambda ctx: True)  # says so, drops nothing
+    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:
+        _live_split(m, 1, 3, tmp_path)
+        with pytest.raises(NativeError, match="reused a graph across a move"):
+            m.generate(m.tokenize(PROMPT), 24)
+    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:
+        monkeypatch.setattr(m.streamer.engine, "graphs_dropped", lambda: None)
+        _live_split(m, 1, 3, tmp_path)
+        with pytest.raises(NativeError, match="reuses graphs"):
+            m.generate(m.tokenize(PROMPT), 24)
+
+
+def test_split_search_climbs_through_stream_bound_noise():
+    """Where the measured tokens sit on their streamed bytes' time over
+    PCIe (stream-bound), one CPU layer more takes a layer off the link: the
+    search climbs through a split that noise made no faster (the 32B-class
+    first load that stopped at 6 CPU layers of a fastest 19), and stops once
+    a split is CPU-bound and slower. Without the streamed times it stops at
+    the first split no faster (negative control)."""
+    from gguf_stream.calibrate import SplitSearch
+
+    stream = [0.200 - 0.005 * n for n in range(25)]         # p x: a layer off the link per CPU layer
+    cpu_side = [0.030 + 0.0045 * n for n in range(25)]      # G + c x_cpu
+    noise = {7: 0.0035}                                     # split 7 measured no faster than 6 (+3% of p x)
+
+    def token(n):
+        return max(stream[n], cpu_side[n]) * (1.0 + (0.01 if n % 2 else -0.01)) + noise.get(n, 0.0)
+
+    fastest = min(range(25), key=token)
+    for floors, expected in ((stream, fastest), (None, 6)):
+        search = SplitSearch(25, 6, floors)
+        while search.current is not None:
+            search.feed(token(search.current))
+        assert search.best == expected
+    assert fastest >= 17

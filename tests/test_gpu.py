@@ -27,14 +27,19 @@ def test_cuda_streamed_matches_all_in_vram(tiny_path, n_streamed, n_slots):
 
 
 def test_cuda_default_is_the_measured_split_and_exact_is_one_flag_away(tiny_path, tmp_path, monkeypatch):
-    """On CUDA the default generate split is measured (first load: decodes
-    counted; second: from the cache) and CPU layers compute while
-    generating; exact=True has none and no calibration."""
+    """On CUDA the default generate split is measured (first load: the
+    rates at load, the splits timed on the first generated tokens; second:
+    from the cache) and CPU layers compute while generating; exact=True has
+    none and no calibration."""
     monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
     seen = []
-    for _ in range(2):  # (no generate-resident layers: tiny layers would all fit the idle compute buffer)
+    for load in range(2):  # (no generate-resident layers: tiny layers would all fit the idle compute buffer)
         with StreamedModel(tiny_path, n_streamed=6, n_slots=2, generate_resident="none", **OPTS) as m:
-            assert m.config.generate_cpu_layers == "auto" and m.calibration is not None
+            assert m.config.generate_cpu_layers == "auto"
+            assert (m.calibration is None and m.streamer.live_split is not None) if load == 0 else \
+                (m.calibration is not None and m.streamer.live_split is None)
+            m.generate(m.tokenize("Once upon a time"), 40)
+            assert m.calibration is not None and m.streamer.live_split is None
             seen.append((m.calibration.decodes, m.plan.cpu_layers))
     (first, cpu), (second, cpu2) = seen
     assert first > 0 and second == 0 and cpu == cpu2
@@ -51,7 +56,7 @@ def test_cuda_calibrated_split_computes_as_that_split_given(tiny_path, tmp_path,
 
     monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
     opts = dict(n_streamed=6, n_slots=2, generate_resident="none", cpu_repack=True, **OPTS)
-    with StreamedModel(tiny_path, **opts) as m:
+    with StreamedModel(tiny_path, **opts, calibrate_on_tokens=False) as m:
         assert m.calibration is not None and m.calibration.decodes > 0
         cpu, overflow = m.plan.cpu_layers, m.plan.generate_overflow
         prompt = m.tokenize("Once upon a time")
@@ -61,6 +66,34 @@ def test_cuda_calibrated_split_computes_as_that_split_given(tiny_path, tmp_path,
     for split in (cpu, other):
         with StreamedModel(tiny_path, **opts, generate_cpu_layers=split) as f:
             assert f.calibration is None and f.plan.cpu_layers == split
+            results[split] = f.generate(prompt, 8, with_logits=True)
+    assert tokens == results[cpu][0] and np.array_equal(logits, results[cpu][1])
+    assert not np.array_equal(logits, results[other][1])
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["graph-reuse", "no-graph-reuse"])
+def test_cuda_split_searched_on_tokens_leaves_that_split(tiny_path, tmp_path, monkeypatch, reuse):
+    """The default first load times its splits on the first generated
+    tokens, changing CPU layers between decodes of the real context (which
+    drops its graphs at each change when it reuses them). Once the search
+    is over, the context computes bit-identically to a load given the chosen
+    split; a split one CPU layer off does not (negative control)."""
+    from gguf_stream.perfmodel import split_cpu_layers
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    opts = dict(n_streamed=6, n_slots=2, generate_resident="none", cpu_repack=True, graph_reuse=reuse, **OPTS)
+    with StreamedModel(tiny_path, **opts) as m:
+        assert m.streamer.reuses_graphs == reuse and m.streamer.live_split is not None
+        prompt = m.tokenize("Once upon a time")
+        m.generate(prompt, 40)
+        assert m.calibration is not None and len(m.calibration.split_trials) >= 2
+        cpu, overflow = m.plan.cpu_layers, m.plan.generate_overflow
+        m.reset()
+        tokens, logits = m.generate(prompt, 8, with_logits=True)
+    other = split_cpu_layers(overflow, len(cpu) + 1 if len(cpu) < len(overflow) else len(cpu) - 1)
+    results = {}
+    for split in (cpu, other):
+        with StreamedModel(tiny_path, **opts, generate_cpu_layers=split) as f:
             results[split] = f.generate(prompt, 8, with_logits=True)
     assert tokens == results[cpu][0] and np.array_equal(logits, results[cpu][1])
     assert not np.array_equal(logits, results[other][1])

@@ -287,7 +287,7 @@ def timeline(a) -> None:
     (pre), CPU and GPU segments, the hook's work between segments and what
     is left, segments per token, copy waits, the CPU layers' GB/s. With
     --pp every overflow layer streams and each decode is a whole prompt."""
-    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", graph_reuse=False,
+    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", calibrate_on_tokens=False, graph_reuse=False,
                                    n_ctx=max(2176, (a.pp or 0) + 128), n_batch=a.pp or a.ubatch) as m:
         e, splits, layer_bytes = m.engine, candidate_splits(m), read_model(a.model).layer_bytes
         bos = max(m.token_bos(), 0)
@@ -330,7 +330,7 @@ def tg_paths(a) -> None:
     timeline and llama.cpp's count of reused graphs."""
     if not a.budget and a.streamed is None:
         raise ValueError("give --budget B or --streamed L ...")
-    size = (dict(vram_budget=a.budget, generate_cpu_layers="auto") if a.budget else
+    size = (dict(vram_budget=a.budget, generate_cpu_layers="auto", calibrate_on_tokens=False) if a.budget else
             dict(streamed_layers=tuple(a.streamed), n_slots=2, generate_cpu_layers=tuple(a.cpu)))
     with load(a, **size, n_ctx=a.ctx, n_batch=a.ubatch, graph_reuse=not a.no_reuse) as m:
         e, bos = m.engine, max(m.token_bos(), 0)
@@ -369,7 +369,7 @@ def split_sweep(a) -> None:
     option cost, on one loaded model (load-to-load variation of a VM's CPU
     path, +-15%, is larger than the effects): fresh rates, then per round
     and own=1/0, tg for each count; one JSON line per measurement."""
-    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", graph_reuse=False) as m:
+    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", calibrate_on_tokens=False, graph_reuse=False) as m:
         cal = calibration(m)
         emit(**cal)
         chosen, splits, n_overflow = cal["n_cpu"], candidate_splits(m), cal["n_overflow"]
@@ -439,7 +439,7 @@ def cpu_layers(a) -> None:
     rates, then tg of the hybrid, of stock -ngl N and of stock -ngl 0 (one
     JSON line). Run once per environment variant (-t, OMP_WAIT_POLICY)."""
     out = {"label": a.label, "threads": a.threads, "host_kv": a.host_kv, "own_device": a.own_device}
-    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", cpu_layer_host_kv=bool(a.host_kv),
+    with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", calibrate_on_tokens=False, cpu_layer_host_kv=bool(a.host_kv),
                                    cpu_layer_device=bool(a.own_device)) as m:
         out.update(calibration(m))
         timed(m, "tg", 8)

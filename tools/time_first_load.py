@@ -9,9 +9,13 @@ process, at B = the fraction of the file's size:
   0. warm-up   --exact, its output discarded (the file into the page cache)
   1. plain     --exact: every layer on the GPU while generating, no calibration
   2. first     the default, with XDG_CACHE_HOME a fresh empty directory
-               (GGUF_STREAM_CACHE unset): the generate split is calibrated
+               (GGUF_STREAM_CACHE unset): the load measures the rates, the
+               splits are timed on the first generated tokens (its tg
+               includes that search)
   3. second    the default again, same cache: the split comes from rates.json
   4. plain     --exact again (brackets the load-to-load variation)
+  5. (--also-at-load) first again in another fresh cache with
+     --calibrate-at-load: the whole search before the load returns
 
 It prints each run's load time ("loaded in X s", the engine's own figure),
 the process's wall time, the generation t/s, the calibration's counted cost
@@ -50,14 +54,30 @@ def run(model: str, budget: str, n: int, *extra: str, env: dict) -> dict:
     tg = re.search(r"generated: \d+ tokens in [\d.]+ s \(([\d.]+) t/s\)", err)
     cal = re.search(r"calibrated in ([\d.]+) s: (\d+) timed decodes, (\d+) splits(?:; ([^)]*))?\)", err)
     trials = re.findall(r"split with (\d+) CPU layers: (>= )?([\d.]+) ms per .*?set up ([\d.]+) s, (\d+) decodes", err)
-    split = re.search(r"the CPU computes (\d+) of (\d+) overflow layers", err)
+    # the search on the first generated tokens (the default): one line at its end
+    live = re.search(r"calibrated on the first (\d+) generated tokens, (\d+) splits timed \(CPU layers: ms\) "
+                     r"([^;]*); ([^;]*) s; cached", err)
+    rates = re.search(r"rates measured in ([\d.]+) s", err)
+    split = re.findall(r"the CPU computes (\d+) of (\d+) overflow layers", err)
+    if live:
+        calibration = (f"rates at load {rates.group(1) if rates else '?'} s; {live.group(2)} splits on the first "
+                       f"{live.group(1)} generated tokens")
+    elif cal:
+        calibration = f"{cal.group(1)} s, {cal.group(2)} decodes, {cal.group(3)} splits"
+    else:
+        calibration = "from cache" if split else "-"
     return {"load": float(load.group(1)) if load else float("nan"), "wall": wall,
-            "tg": float(tg.group(1)) if tg else float("nan"),
-            "calibration": f"{cal.group(1)} s, {cal.group(2)} decodes, {cal.group(3)} splits" if cal else
-            ("from cache" if split else "-"),
-            "parts": cal.group(4) if cal and cal.group(4) else "",
-            "trials": "; ".join(f"{n}: {ge or ''}{ms} ms/token, set up {su} s, {d} decodes" for n, ge, ms, su, d in trials),
-            "cpu_layers": f"{split.group(1)}/{split.group(2)}" if split else "0", "stderr": err}
+            "tg": float(tg.group(1)) if tg else float("nan"), "calibration": calibration,
+            "parts": live.group(4) if live else cal.group(4) if cal and cal.group(4) else "",
+            "trials": live.group(3) + " ms/token" if live else
+            "; ".join(f"{n}: {ge or ''}{ms} ms/token, set up {su} s, {d} decodes" for n, ge, ms, su, d in trials),
+            "cpu_layers": "/".join(split[-1]) if split else "0", "stderr": err}
+
+
+def say_parts(r: dict) -> None:
+    if r["parts"]:
+        print(f"{'':18s} calibration's parts (engine's own clock): {r['parts']}")
+        print(f"{'':18s} splits timed (CPU layers): {r['trials']}", flush=True)
 
 
 def main() -> int:
@@ -67,6 +87,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--log", help="write every run's stderr here")
     ap.add_argument("--args", default="", help="more flags for every `gguf-stream run`, e.g. '-c 4096 -ub 512'")
+    ap.add_argument("--also-at-load", action="store_true",
+                    help="one more first load, with --calibrate-at-load (the search before the load returns), "
+                         "in another fresh cache")
     a = ap.parse_args()
     if not os.path.exists(a.model):
         os.makedirs(os.path.dirname(a.model) or ".", exist_ok=True)
@@ -85,9 +108,14 @@ def main() -> int:
         runs.append((name, r))
         print(f"{name:18s} load {r['load']:6.1f} s  wall {r['wall']:6.1f} s  tg {r['tg']:6.1f} t/s  "
               f"CPU layers {r['cpu_layers']:>6s}  calibration: {r['calibration']}", flush=True)
-        if r["parts"]:
-            print(f"{'':18s} calibration's parts (engine's own clock): {r['parts']}")
-            print(f"{'':18s} splits timed (CPU layers): {r['trials']}", flush=True)
+        say_parts(r)
+    if a.also_at_load:
+        env_at_load = dict(env, XDG_CACHE_HOME=tempfile.mkdtemp(prefix="gguf-stream-xdg-"))
+        r = run(a.model, budget, a.n, "--calibrate-at-load", *shlex.split(a.args), env=env_at_load)
+        runs.append(("first, at load", r))
+        print(f"{'first, at load':18s} load {r['load']:6.1f} s  wall {r['wall']:6.1f} s  tg {r['tg']:6.1f} t/s  "
+              f"CPU layers {r['cpu_layers']:>6s}  calibration: {r['calibration']}", flush=True)
+        say_parts(r)
     if a.log:
         with open(a.log, "w") as f:
             for name, r in runs:

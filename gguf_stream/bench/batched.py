@@ -160,7 +160,7 @@ class BatchedBench:
 
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
                             n_seq_max=self.w.n_seq_max, kv_unified=self.w.kv_unified, flash_attn=True, device=self.device,
-                            n_threads=self.w.n_threads, **kw)
+                            n_threads=self.w.n_threads, **{"calibrate_on_tokens": False, **kw})
 
     def stock(self, b: Budget, ngl: int) -> Run:
         from ..model import StockModel

@@ -99,8 +99,10 @@ class Ctx:
     def config(self, **kw):
         from ..config import EngineConfig
 
-        # streamed runs use the measured CPU+PCIe split while generating
+        # streamed runs use the measured CPU+PCIe split while generating, timed
+        # before the load returns (the timed runs must not contain the search)
         kw.setdefault("generate_cpu_layers", "auto")
+        kw.setdefault("calibrate_on_tokens", False)
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
                             flash_attn=self.w.flash_attn, type_k=self.w.type_k, type_v=self.w.type_v,
                             device=self.device, n_threads=self.w.n_threads, **kw)

@@ -149,6 +149,9 @@ ENGINE_FLAGS = (
          "chosen for (parallel sequences, or a speculative verify: drafts + 1): the CPU layers' work grows with the "
          "rows, a streamed layer's upload does not (default: -np; run --lookup N / --draft-max N: N + 1)",
          dict(type=int, metavar="K")),
+    Flag("calibrate_on_tokens", ("--calibrate-at-load",), GENERATE, "a first load times the candidate splits "
+         "of --generate-cpu-layers auto before it returns (default: on the first generated tokens)",
+         dict(action="store_const", const=False)),
     Flag("generate_resident", ("--generate-resident",), GENERATE, "streamed layers kept resident while generating, "
          "in the compute buffer a prompt needs and a token leaves idle: auto (as many as fit), none, or layer numbers "
          f"(default {_shown('generate_resident')})", dict(metavar="auto|none|L,L"), _layers("--generate-resident")),
