@@ -17,6 +17,14 @@ GiB = 1 << 30
 # Headroom for what the estimates below do not model: cuBLAS workspace,
 # alignment (the CUDA pool for cuBLAS is in compute_bytes' estimate).
 COMPUTE_HEADROOM = 16 * MiB
+# CUDA loads kernels on first use (lazy module loading, its default since
+# CUDA 12), so device memory grows after the load, at the first decodes of
+# each kind; stock's measured peak holds them, a plan must leave room. On the
+# GPU box about 70 MiB for the 8B shape: a run at -c 4096 -ub 512 peaked at
+# 2.14 GiB over its 2.11 GiB budget (2.07 with CUDA_MODULE_LOADING=EAGER,
+# which loads them before the load's baseline is read). Counted with the
+# compute buffer (planner: make_plan, stock_device_bytes).
+LAZY_KERNEL_BYTES = 64 * MiB
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 MAX_SIZE = 1 << 60  # 1 EiB: past any device; a larger size is a typo
@@ -154,7 +162,7 @@ def stock_device_bytes(model: ModelFile, n_gpu_layers: int, n_ctx: int, n_ubatch
     output = model.tensor("output.weight") or model.tensor("token_embd.weight")  # tied embeddings
     staging = output.nbytes if output is not None else 0
     return (sum(resident) + n_gpu_layers * per_layer_kv + compute_bytes(model, n_ctx, n_ubatch, flash_attn)
-            + staging)
+            + LAZY_KERNEL_BYTES + staging)
 
 
 def generate_graph_bytes(model: ModelFile, n_ctx: int, n_tokens: int, flash_attn: bool = True) -> int:

@@ -15,7 +15,7 @@ from .errors import BudgetError
 from .gguf_file import ModelFile
 from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
                      kv_cells,
-                     parse_size, shared_device_bytes, stock_device_bytes)
+                     LAZY_KERNEL_BYTES, parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
 # llama.cpp's scheduler runs host-resident weights on the CPU for batches
@@ -402,7 +402,7 @@ def make_plan(
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
     kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v)
-    comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn)
+    comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn) + LAZY_KERNEL_BYTES
     fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
 
