@@ -23,7 +23,8 @@ COMPUTE_HEADROOM = 16 * MiB
 # GPU box about 70 MiB for the 8B shape: a run at -c 4096 -ub 512 peaked at
 # 2.14 GiB over its 2.11 GiB budget (2.07 with CUDA_MODULE_LOADING=EAGER,
 # which loads them before the load's baseline is read). Counted with the
-# compute buffer (planner: make_plan, stock_device_bytes).
+# compute buffer of a CUDA plan (make_plan's and stock_device_bytes'
+# runtime_bytes; host mode has no kernels to load).
 LAZY_KERNEL_BYTES = 64 * MiB
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -151,18 +152,20 @@ def input_embedding_bytes(model: ModelFile) -> int:
 
 
 def stock_device_bytes(model: ModelFile, n_gpu_layers: int, n_ctx: int, n_ubatch: int,
-                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> int:
+                       flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1,
+                       runtime_bytes: int = 0) -> int:
     """Estimated GPU memory of llama.cpp's own `-ngl n` split (n <= n_layer):
     the last n layers with their KV cache, the compute buffer, and room for
     the host weights the scheduler copies in for large batches (measured on
     the H100 box as about the output matrix: 0.27 GiB for the 8B shape at
-    n_ubatch 2048 and 512, against 0.28 GiB of output matrix)."""
+    n_ubatch 2048 and 512, against 0.28 GiB of output matrix), and
+    runtime_bytes the GPU runtime takes after the load (LAZY_KERNEL_BYTES on CUDA)."""
     per_layer_kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v) // model.n_layer
     resident = model.layer_bytes[model.n_layer - n_gpu_layers:] if n_gpu_layers else ()
     output = model.tensor("output.weight") or model.tensor("token_embd.weight")  # tied embeddings
     staging = output.nbytes if output is not None else 0
     return (sum(resident) + n_gpu_layers * per_layer_kv + compute_bytes(model, n_ctx, n_ubatch, flash_attn)
-            + LAZY_KERNEL_BYTES + staging)
+            + runtime_bytes + staging)
 
 
 def generate_graph_bytes(model: ModelFile, n_ctx: int, n_tokens: int, flash_attn: bool = True) -> int:

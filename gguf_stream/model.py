@@ -21,7 +21,7 @@ from .config import (EngineConfig, engine_config, kv_streams, resolve_context, r
                      with_default_budget)
 from .errors import BudgetError, DecodeError, GGUFStreamError, ModelFileError
 from .gguf_file import ModelFile, read_model
-from .memory import format_size, kv_ggml_type, parse_size
+from .memory import LAZY_KERNEL_BYTES, format_size, kv_ggml_type, parse_size
 from .planner import Plan, make_plan, stock_split_plan
 from .placement import initial_plan
 from .llama_wrappers import StreamedLlamaContext, StreamedLlamaModel
@@ -436,7 +436,7 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
         return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.planned_flash_attn, c.type_k,
-                                c.type_v, kv_streams(c))
+                                c.type_v, kv_streams(c), LAZY_KERNEL_BYTES)
     return plan
 
 

@@ -12,17 +12,18 @@ from .config import EngineConfig, available_host_memory, kv_streams, resolve_con
 from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
 from .errors import BudgetError, HostMemoryError
 from .gguf_file import ModelFile
-from .memory import format_size, generate_graph_bytes, parse_size
+from .memory import LAZY_KERNEL_BYTES, format_size, generate_graph_bytes, parse_size
 from .perfmodel import split_cpu_layers
 from .planner import (OFFLOAD_MIN_BATCH, Plan, generate_resident_layers, interleaved_layers, make_plan,
                       with_generate_placement)
 
 
-def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Plan:
+def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool, check_device: bool = True) -> Plan:
     """The planner's estimate for the config (everything resident without a
-    budget or streamed layers); a budget beyond the device is an error."""
+    budget or streamed layers); on CUDA a budget beyond the device is an
+    error (unless check_device is off: `plan` where no GPU is present)."""
     c = resolve_context(config, model_file.hparams["n_ctx_train"])
-    if c.vram_budget is not None and cuda:
+    if c.vram_budget is not None and cuda and check_device:
         from . import native
 
         total = native.device_memory("CUDA0")[1]
@@ -35,7 +36,8 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool) -> Pla
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.planned_flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
-                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c), **what)
+                     type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c),
+                     runtime_bytes=LAZY_KERNEL_BYTES if cuda else 0, **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,

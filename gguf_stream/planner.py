@@ -15,7 +15,7 @@ from .errors import BudgetError
 from .gguf_file import ModelFile
 from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
                      kv_cells,
-                     LAZY_KERNEL_BYTES, parse_size, shared_device_bytes, stock_device_bytes)
+                     parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
 # llama.cpp's scheduler runs host-resident weights on the CPU for batches
@@ -363,6 +363,7 @@ def make_plan(
     type_v: str = "f16",
     repack_cpu_layers: bool = True,
     n_seq: int = 1,
+    runtime_bytes: int = 0,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -379,7 +380,9 @@ def make_plan(
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
     ``repack_cpu_layers`` says whether CPU layers get a repacked copy
     (host memory figures only). ``n_seq`` sequences share the n_ctx KV
-    cells (the estimate is the same; the plan says it).
+    cells (the estimate is the same; the plan says it). ``runtime_bytes``:
+    device memory the GPU runtime takes after the load (memory.LAZY_KERNEL_BYTES
+    on CUDA), counted with the compute buffer.
     """
     budget = None if vram_budget is None else parse_size(vram_budget)
     if n_ctx <= 0 or n_ubatch <= 0:
@@ -389,7 +392,8 @@ def make_plan(
             plan = make_plan(model, vram_budget=vram_budget, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn,
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
                              max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
-                             type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq)
+                             type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq,
+                             runtime_bytes=runtime_bytes)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -402,7 +406,7 @@ def make_plan(
     candidates = tuple(i for i in range(N) if unit[i])  # MoE layers without experts (dense ones) cannot stream
     shared = shared_device_bytes(model)
     kv = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v)
-    comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn) + LAZY_KERNEL_BYTES
+    comp = compute_bytes(model, n_ctx, n_ubatch, flash_attn) + runtime_bytes
     fixed = shared + kv + comp + sum(fixed_layer)
     total = sum(unit)
 
@@ -443,7 +447,8 @@ def make_plan(
             raise ValueError("give a vram_budget, or the layers to stream (n_streamed / streamed_layers)")
         minimum = fixed + _slot_bytes(unit, candidates, slot_pad)
         if budget < minimum:
-            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
+            return _stock_plan(model, budget, minimum, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq,
+                               runtime_bytes)
         need = fixed + total - budget  # bytes streaming must take off the GPU, slots aside
         streamed, k = _fewest_streamed([unit[i] for i in candidates], spread, fits, n_slots, max_slots, need,
                                        slot_pad)
@@ -477,7 +482,8 @@ def make_plan(
 
 
 def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, n_ubatch: int,
-                flash_attn: bool, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
+                flash_attn: bool, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1,
+                runtime_bytes: int = 0) -> Plan:
     """Below streaming's minimum (every KV cache, the shared tensors and a
     slot on the GPU) llama.cpp's own split may still fit: keep its KV cache
     and output matrix on the host. Nothing can beat it there, so use it."""
@@ -485,22 +491,23 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
     # the estimate grows with the GPU layers: the most that fit, by bisection
     n_fit = bisect.bisect_right(range(N + 1), budget,
                                 key=lambda n: stock_device_bytes(model, n, n_ctx, n_ubatch, flash_attn, type_k,
-                                                                 type_v, n_seq)) - 1
+                                                                 type_v, n_seq, runtime_bytes)) - 1
     if n_fit < 0:
-        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
+        need = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq, runtime_bytes)
         raise BudgetError(
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq)
+    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq, runtime_bytes)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,
-                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1) -> Plan:
+                     flash_attn: bool = True, type_k: str = "f16", type_v: str = "f16", n_seq: int = 1,
+                     runtime_bytes: int = 0) -> Plan:
     """llama.cpp's `-ngl ngl` split as a Plan (nothing streams)."""
     N = model.n_layer
     spans = tuple(LayerSpan(i, model.layer_bytes[i], "resident" if i >= N - ngl else "host") for i in range(N))
-    comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v)
+    comp = stock_device_bytes(model, 0, n_ctx, n_ubatch, flash_attn, type_k, type_v, runtime_bytes=runtime_bytes)
     kv_layer = kv_cache_bytes(model, kv_cells(n_ctx, n_seq), type_k, type_v) // N
     return Plan(
         model_name=str(model.hparams.get("name") or model.path.name),

@@ -71,7 +71,10 @@ def test_help_lists_every_command(capsys):
 
 def test_plan_prints_the_table(capsys, gemma_path):
     mf = read_model(gemma_path)
-    everything = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64).device_bytes
+    from gguf_stream.memory import LAZY_KERNEL_BYTES
+
+    # `plan` plans a CUDA run: room for the kernels CUDA loads at first use
+    everything = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64, runtime_bytes=LAZY_KERNEL_BYTES).device_bytes
     budget = everything - 10 * 2**20  # 10 MiB short of all-resident: a few layers must stream
     rc, out, err = run_main(capsys, "plan", str(gemma_path), "--vram-budget", str(budget), "-c", "256", "-ub", "64")
     assert rc == 0, err

@@ -292,3 +292,19 @@ def test_host_memory_of_a_moe_plan(tiny_moe_path):
     cpu = with_generate_placement(plan, plan.streamed[:1])
     # the CPU computes experts only: their repacked copy, no KV moves
     assert cpu.pageable_bytes == plan.pageable_bytes + m.stream_bytes[plan.streamed[0]]
+
+
+def test_a_cuda_plan_leaves_room_for_kernels_loaded_at_first_use(gemma_path):
+    """CUDA loads kernels after the load (lazy module loading): a CUDA plan
+    counts LAZY_KERNEL_BYTES with its compute buffer and still fits its
+    budget, streaming more where the room is needed; host mode has none."""
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.memory import LAZY_KERNEL_BYTES
+    from gguf_stream.placement import initial_plan
+
+    mf = read_model(gemma_path)
+    everything = make_plan(mf, n_streamed=0, n_ctx=256, n_ubatch=64).device_bytes
+    config = EngineConfig(vram_budget=everything + LAZY_KERNEL_BYTES // 2, n_ctx=256, n_ubatch=64)
+    host, cuda = initial_plan(mf, config, cuda=False), initial_plan(mf, config, cuda=True, check_device=False)
+    assert host.streamed == () and host.compute_bytes + LAZY_KERNEL_BYTES == cuda.compute_bytes
+    assert cuda.streamed and cuda.device_bytes <= config.vram_budget

@@ -40,7 +40,7 @@ def cmd_plan(args) -> int:
         config = resolve_flash_attn(config, mf.hparams, cuda)
     lookup, rates = cached_calibration(str(path), config) if cuda else (None, None)
     # the load's own decision (placement.run_tiers); initial_plan without the device's size: plan needs no GPU
-    tiers = run_tiers(mf, initial_plan(mf, config, cuda=False), config, cuda, lookup)
+    tiers = run_tiers(mf, initial_plan(mf, config, cuda, check_device=False), config, cuda, lookup)
     plan = tiers.plan
     print(plan.table())
     if plan.streamed:
