@@ -220,10 +220,11 @@ def test_cuda_cpu_layers_are_cpu_layers_while_generating(tiny_path):
 
 def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
     from gguf_stream import make_plan, read_model
+    from gguf_stream.memory import LAZY_KERNEL_BYTES
 
     mf = read_model(tiny_path)
-    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=OPTS["n_ctx"],
-                         n_ubatch=OPTS["n_ubatch"]).device_bytes
+    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=OPTS["n_ctx"], n_ubatch=OPTS["n_ubatch"],
+                         runtime_bytes=LAZY_KERNEL_BYTES).device_bytes  # as a CUDA load plans
     with StreamedModel(tiny_path, vram_budget=one_slot - 1, **OPTS) as m:
         ngl = m.plan.stock_gpu_layers
         assert ngl is not None and m.engine is None and m.stats.mode == f"stock split ngl={ngl}"
