@@ -23,7 +23,8 @@ requests, each prompt the previous one, its reply and a short follow-up (a
 chat client resending its history), its first prompt --history words long;
 run once with the prompt cache (the default) and once with
 --no-prompt-cache, each a fresh server: wall seconds of each turn (all K
-clients' requests of that turn), and the cache's speed-up per turn.
+clients' requests of that turn), and the cache's speed-up per turn
+(--no-cache-first: that server first, an order check).
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def run(model: str, np_: int, ks: list[int], args) -> None:
 
 def run_turns(model: str, k: int, args) -> None:
     walls = {}
-    for label, more in (("cache", ()), ("no cache", ("--no-prompt-cache",))):
+    order = (("cache", ()), ("no cache", ("--no-prompt-cache",)))
+    for label, more in order[::-1] if args.no_cache_first else order:
         proc, url = serve(model, k, args, *more)
         try:
             clients(url, 1, 4)  # warm-up (graphs, pools)
@@ -162,6 +164,8 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=0, help="conversations of this many requests per client, with "
                    "and without the prompt cache (default 0: single requests)")
     p.add_argument("--history", type=int, default=300, help="--turns: words of each first prompt (default 300)")
+    p.add_argument("--no-cache-first", action="store_true",
+                   help="--turns: start the server without the cache first (an order check)")
     args, extra = p.parse_known_args()  # the rest: serve flags, after --
     args.extra = [a for a in extra if a != "--"]
     if not os.path.exists(args.model):
