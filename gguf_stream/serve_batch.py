@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class Job:
     closer: object = None
     logits: np.ndarray | None = None  # of the latest token
     drafts: SpeculativeResult | None = None  # prompt lookup's counts (greedy jobs, --lookup)
+    prefill_seconds: float = 0.0  # wall time of the prefill decodes it took part in
+    prefilled_at: float = 0.0  # perf_counter when its first token's logits came
 
     def choose(self, logits: np.ndarray) -> int:
         if self.processors is not None:
@@ -297,9 +300,11 @@ class BatchLoop:
                 self._kept.pop(job.seq, None)
             self.prompt_tokens += len(job.prompt)
             self.cached_tokens += job.cached
+        t0 = time.perf_counter()
         first = decoder.prefill([(job.seq, job.prompt, job.cached) for job in ready]) if ready else []
+        now = time.perf_counter()
         for job, logits in zip(ready, first):
-            job.prefilled = True
+            job.prefilled, job.prefill_seconds, job.prefilled_at = True, now - t0, now
             self._take(decoder, job, logits)
 
     def _step(self, decoder: BatchDecoder) -> None:
@@ -388,6 +393,11 @@ class BatchLoop:
         if job.drafts is not None:
             job.drafts.tokens = job.tokens
             log.info(job.drafts.summary())
+        if job.prefilled:  # as llama-server's timings per slot
+            seconds = time.perf_counter() - job.prefilled_at
+            log.info(f"slot {job.seq}: prompt {len(job.prompt)} tokens, {job.cached} from the cache, "
+                     f"{len(job.prompt) - job.cached} decoded in {job.prefill_seconds:.3f} s; generated "
+                     f"{len(job.tokens)} tokens in {seconds:.3f} s ({len(job.tokens) / max(seconds, 1e-9):.1f} t/s)")
         if job.closer is not None:
             job.closer()
             job.closer = None

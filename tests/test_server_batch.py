@@ -264,14 +264,19 @@ def test_client_gone_mid_stream_frees_its_seat(batch_app, reference):
         assert [s["is_processing"] for s in slots] == [False] * SEATS
 
 
-def test_a_prompt_that_continues_a_seat_is_not_decoded_again(batch_app, continued):
+def test_a_prompt_that_continues_a_seat_is_not_decoded_again(batch_app, continued, caplog):
     """A request whose prompt continues an earlier one's prompt and reply (a
     chat client resending its conversation) takes the free seat whose cells
     hold them and decodes only the rest: its text equals the -np 1 server's,
     which reuses its cache the same way, and the loop counts the tokens it
     found. Negative controls: a prompt sharing only BOS with a seat finds
     nothing (its decodes stay those of a fresh run), nor does the
-    continuation once the seats' cells are cleared (an exclusive call)."""
+    continuation once the seats' cells are cleared (an exclusive call).
+    Each request's line on the server log says what it found and decoded."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="gguf_stream.server")
     loop = batch_app.state.gguf_stream_proxy.batch_loop
     llm = server.app_model(batch_app)
 
@@ -284,7 +289,12 @@ def test_a_prompt_that_continues_a_seat_is_not_decoded_again(batch_app, continue
     assert (first, found) == (continued[0], 0)
     second, found = ask(FIRST + first + FOLLOW, 6)
     assert second == continued[1]
-    assert len(llm.tokenize(FIRST.encode())) - 1 <= found < len(llm.tokenize((FIRST + first + FOLLOW).encode()))
+    n_prompt = len(llm.tokenize((FIRST + first + FOLLOW).encode()))
+    assert len(llm.tokenize(FIRST.encode())) - 1 <= found < n_prompt
+    said = re.compile(rf"slot \d+: prompt {n_prompt} tokens, {found} from the cache, {n_prompt - found} decoded in "
+                      r"[\d.]+ s; generated 6 tokens in [\d.]+ s")
+    # (the line comes as the request leaves its seat, which may be just after its reply)
+    wait_for(lambda: any(said.match(r.getMessage()) for r in caplog.records), TIMEOUT, "the request's log line")
     assert ask("Water boils at", 2)[1] == 0  # BOS alone is not a reason to reuse
     loop.run_exclusive(lambda: None)  # clears the cache, and with it what the seats held
     assert ask(FIRST + first + FOLLOW, 6)[1] == 0
