@@ -187,11 +187,21 @@ class BatchDecoder:
         return logits
 
     def step(self, entries) -> list[np.ndarray]:
-        """entries: (token, position, sequence id) of each live sequence; the
-        logits after each, in their order. One decode: one pass over the weights."""
-        self.batch.fill([(t, pos, seq, True) for t, pos, seq in entries])
+        """entries: (token, position, sequence id) of each live sequence (or
+        a sequence's drafts, in position order); the logits after each, in
+        their order. One decode: one pass over the weights. The rows go to
+        llama.cpp by sequence id: with a cache per sequence it puts only
+        consecutive increasing sequence ids in one ubatch
+        (llama_batch_allocr::split_equal), and each more ubatch is one more
+        pass over the streamed weights (seats taken out of order, e.g. a
+        prompt-cache hit on seat 1 before seat 0, doubled a step's time)."""
+        order = sorted(range(len(entries)), key=lambda i: (entries[i][2], entries[i][1]))
+        self.batch.fill([(entries[i][0], entries[i][1], entries[i][2], True) for i in order])
         _decode(self.model, self.batch)
-        return [_logits(self.model, i) for i in range(len(entries))]
+        rows: list[np.ndarray | None] = [None] * len(entries)
+        for row, i in enumerate(order):
+            rows[i] = _logits(self.model, row)
+        return rows
 
     def clear(self, seq: int) -> None:
         """Free a sequence's KV cells (its seat can take another prompt)."""

@@ -3,6 +3,7 @@ sequence the tokens it gets alone, on stock llama.cpp and streamed (host
 mode, exact), with more prompts than seats; the KV cache is sized for the
 sequences as llama.cpp sizes it."""
 import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+import numpy as np
 import pytest
 from conftest import CPU, HYBRID, hybrid_cpu_layers
 
@@ -220,3 +221,35 @@ def test_plan_sizes_kv_for_the_sequences(tiny_path):
     many = make_plan(mf, vram_budget=budget, n_ctx=256 * 8, n_seq=8)
     alone = make_plan(mf, streamed_layers=many.streamed, n_slots=many.n_slots, n_ctx=256)
     assert many.device_bytes <= budget and many.device_bytes - alone.device_bytes == kv_cache_bytes(mf, 7 * 256)
+
+
+def test_a_step_is_one_pass_whatever_the_seats_order(tiny_path):
+    """With a KV cache per sequence llama.cpp puts only consecutive
+    increasing sequence ids in one ubatch, and each ubatch is a pass over the
+    streamed weights: a step whose rows come in another order (seats taken
+    out of order: a server's prompt-cache hit on seat 1 before seat 0) is
+    still one pass (each streamed layer adopted once), and each row's logits
+    are its own. Negative control: the same rows decoded in their given
+    order take two passes."""
+    from contextlib import ExitStack
+
+    from gguf_stream import batch
+
+    with StreamedModel(tiny_path, **SEATS, **HYBRID) as m, ExitStack() as stack:
+        assert not m.config.kv_unified and SEATS["n_seq_max"] >= 2
+        d = batch.BatchDecoder(m, stack)
+        a, b = d.prefill([(0, [1, 2, 3]), (1, [1, 4, 5, 6])])
+        ta, tb = int(np.argmax(a)), int(np.argmax(b))
+        m.reset_counters()
+        forward = d.step([(ta, 3, 0), (tb, 4, 1)])
+        one_pass = m.stats.counters.adoptions
+        d.keep_prefix(0, 3), d.keep_prefix(1, 4)  # the same step again, its rows the other way round
+        m.reset_counters()
+        backward = d.step([(tb, 4, 1), (ta, 3, 0)])
+        assert m.stats.counters.adoptions == one_pass == len(m.plan.streamed)
+        assert np.array_equal(backward[0], forward[1]) and np.array_equal(backward[1], forward[0])
+        d.keep_prefix(0, 3), d.keep_prefix(1, 4)
+        m.reset_counters()
+        d.batch.fill([(tb, 4, 1, True), (ta, 3, 0, True)])  # unsorted, as before the fix
+        batch._decode(m, d.batch)
+        assert m.stats.counters.adoptions == 2 * one_pass
