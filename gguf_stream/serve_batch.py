@@ -126,7 +126,7 @@ class BatchLoop:
         self.n_seats = c.n_seq_max
         cells = cells_per_sequence(self.session)
         # a unified cache (-kvu; --embedding makes one too) is shared: each seat is promised its share
-        unified = cells == self.session._lc.llama_n_ctx(self.session.ctx)
+        self.unified = unified = cells == self.session._lc.llama_n_ctx(self.session.ctx)
         self.cells = cells // self.n_seats if unified else cells
         self._cond = threading.Condition()
         self._waiting: deque = deque()

@@ -71,7 +71,9 @@ def cmd_serve(args) -> int:
         loop = app.state.gguf_stream_proxy.batch_loop
         if loop is not None:
             say(f"-np {loop.n_seats}: {loop.n_seats} sequences (llama-server's slots, GET /slots) of {loop.cells} "
-                "KV cells each; concurrent completions are decoded together")
+                "KV cells each; concurrent completions are decoded together"
+                + ("" if loop.unified else ", one pass over the streamed weights per run of consecutive busy slots "
+                   "(llama.cpp's cache per slot; -kvu shares one cache: one pass whatever the slots)"))
         if loop is not None and loop.drafter is not None:
             say(f"speculative decoding: up to {args.lookup} tokens per pass from prompt lookup for greedy requests "
                 "(temperature 0), in each slot")
