@@ -511,14 +511,18 @@ class Streamer:
         change CPU layers where it says (the context first drops the graphs
         it would reuse: they keep the placement they were built with)."""
         live = self.live_split
+        before = live.cpu_layers
         cpu = live.timed(seconds)
         if cpu is not None:
             t0 = time.perf_counter()
             if self.reuses_graphs:
                 if not llama_abi.drop_graphs(ctypes.cast(ctx, ctypes.c_void_p).value):
-                    raise DecodeError("llama.cpp could not drop the context's graphs to change the generate split "
-                                      "(out of memory?); give generate_cpu_layers (--generate-cpu-layers) to skip "
-                                      "the search")
+                    # the run goes on at the split it has (nothing cached: the next load searches again)
+                    self.live_split = None
+                    self.engine.keep_repacks(False)
+                    warnings.warn(f"the generate split's search stopped at {len(before)} CPU layers: llama.cpp could "
+                                  "not drop the context's graphs (out of memory?)", RuntimeWarning, stacklevel=2)
+                    return
                 self.engine.graphs_dropped()
             self.engine.set_cpu_layers(cpu)
             self._last_ubatch = 0  # no graph to reuse: the next decode builds one with these CPU layers

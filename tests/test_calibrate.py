@@ -564,3 +564,23 @@ def test_split_search_climbs_through_stream_bound_noise():
             search.feed(token(search.current))
         assert search.best == expected
     assert fastest >= 17
+
+
+def test_live_split_search_stops_at_its_split_when_the_graphs_cannot_drop(tiny_path, tmp_path, monkeypatch):
+    """Where llama.cpp cannot drop the context's graphs (its reserve
+    failing), the search stops with a warning and the run goes on at the
+    split it has: the tokens stay stock's, nothing is cached."""
+    from gguf_stream import llama_abi
+
+    monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
+    with StockModel(tiny_path, **CPU) as s:
+        prompt = s.tokenize(PROMPT)
+        ref_tokens = s.generate(prompt, 24)
+    monkeypatch.setattr(llama_abi, "drop_graphs", lambda ctx: False)
+    with StreamedModel(tiny_path, **CPU, **HYBRID) as m:
+        live, splits = _live_split(m, 1, 3, tmp_path)
+        with pytest.warns(RuntimeWarning, match="search stopped at 1 CPU layers"):
+            tokens = m.generate(prompt, 24)
+        assert m.streamer.live_split is None and m.calibration is None
+        assert live.cal.cache.split_trials(m.plan.generate_overflow) is None
+    assert tokens == ref_tokens
