@@ -171,6 +171,12 @@ class RatesCache:
         return key + (f"|most={most}" if most is not None and most < len(overflow) else "")
 
 
+def fastest_split(trials: dict[int, float]) -> int:
+    """The CPU-layer count of the fastest timed split (on a tie the one with
+    more CPU layers: fewer bytes over PCIe)."""
+    return min(trials, key=lambda n: (trials[n], -n))
+
+
 def cached_split(cache: RatesCache, choices: tuple[int, ...], most: int) -> tuple[int, ...] | None:
     """The CPU layers of the split calibrated before for these candidates
     (at most `most` of them), as a load would take it from the cache; None
@@ -178,7 +184,7 @@ def cached_split(cache: RatesCache, choices: tuple[int, ...], most: int) -> tupl
     trials = cache.split_trials(choices, most)
     if cache.rates() is None or trials is None:
         return None
-    return split_cpu_layers(choices, min(trials, key=lambda n: (trials[n], -n)))
+    return split_cpu_layers(choices, fastest_split(trials))
 
 
 def cache_key(path: str, config, device_total: int | None) -> str:
@@ -216,7 +222,7 @@ class SplitSearch:
     """Which split is fastest, one timed decode at a time: split `start`
     first (where the search starts), then its neighbours one CPU layer at a
     time (more first), for as long as they are faster (up: or stream-bound,
-STREAM_BOUND_TOLERANCE). Each split gets
+    STREAM_BOUND_TOLERANCE). Each split gets
     SPLIT_TRIAL_WARMUP decodes, then SPLIT_TRIAL_TOKENS timed ones, median
     taken; a neighbour's decodes stop once its median is sure to be slower
     than the fastest so far (it then holds a lower bound of its median,
@@ -247,8 +253,8 @@ STREAM_BOUND_TOLERANCE). Each split gets
 
     @property
     def best(self) -> int:
-        """The fastest split timed (on a tie the one with more CPU layers)."""
-        return min(self.trials, key=lambda n: (self.trials[n], -n))
+        """The fastest split timed (fastest_split)."""
+        return fastest_split(self.trials)
 
     def said(self, n_cpu: int, decode: str, how: str) -> str:
         """One line on split n_cpu's result; `how`: what it cost."""
@@ -343,12 +349,11 @@ class Calibrator:
                 self.rates = rates
                 splits = self._splits(rates)
                 if trials is None:
-                    bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0  # measured for one row
-                    start = min(best_split(splits) + bias, len(splits) - 1)
+                    start = self._search_start(splits)
                     if not live:
                         trials = self.time_splits(splits, start, ctx)
                 t = time.perf_counter()
-                n_cpu = start if trials is None else min(trials, key=lambda n: (trials[n], -n))
+                n_cpu = start if trials is None else fastest_split(trials)
                 self.s.engine.set_cpu_layers(splits[n_cpu][0])
                 self.keep_cpu_layers = splits[n_cpu][0]
             self._spent("closing", t)
@@ -356,15 +361,14 @@ class Calibrator:
             self.rates = rates
             splits = self._splits(rates)
             if trials is None:  # live, the rates cached: the search starts without a context of its own
-                bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0
-                start = min(best_split(splits) + bias, len(splits) - 1)
+                start = self._search_start(splits)
         if trials is None:
             search = LiveSplit(self, splits, start, rates, time.perf_counter() - t0)
+            rates_from = f"measured in {time.perf_counter() - t0:.1f} s" if self.decodes else "from the cache"
             self._say(f"generate split: the CPU computes {start} of {len(overflow)} overflow layers while generating "
-                      f"to start with; the fastest split is timed on the first generated tokens "
-                      f"(rates {'measured in ' + format(time.perf_counter() - t0, '.1f') + ' s' if self.decodes else 'from the cache'})")
+                      f"to start with; the fastest split is timed on the first generated tokens (rates {rates_from})")
             return splits[start][0], None, search
-        n_cpu = min(trials, key=lambda n: (trials[n], -n))
+        n_cpu = fastest_split(trials)
         cpu, predicted = splits[n_cpu]
         parts = {k: v for k, v in self.parts.items() if v} if self.decodes else {}
         calibration = Calibration(rates, trials, predicted, self.decodes, time.perf_counter() - t0, self.rows, parts)
@@ -374,6 +378,12 @@ class Calibrator:
                      f"calibrated in {calibration.seconds:.1f} s: {self.decodes} timed decodes, "
                      f"{len(trials)} splits; " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " s)"))
         return cpu, calibration, None
+
+    def _search_start(self, splits) -> int:
+        """Where the split search starts: FIRST_TRIAL_MORE_CPU_LAYERS above
+        the model's pick (measured for one-row decodes)."""
+        bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0
+        return min(best_split(splits) + bias, len(splits) - 1)
 
     def _spent(self, part: str, since: float) -> float:
         """Count the time since `since` to `part`; returns now."""

@@ -259,9 +259,10 @@ class BatchLoop:
                 n += 1
             return n if n >= PROMPT_SIMILARITY * len(prompt) else 0
 
-        best = max((s for s in free if s in self._kept), key=lambda s: (held(s), -s), default=None)
-        if best is not None and held(best):
-            return best, held(best)
+        found = {s: held(s) for s in free if s in self._kept}
+        best = max(found, key=lambda s: (found[s], -s), default=None)
+        if best is not None and found[best]:
+            return best, found[best]
         empty = [s for s in free if s not in self._kept]
         return (empty[0] if empty else min(free, key=lambda s: self._kept[s][1])), 0
 
