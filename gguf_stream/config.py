@@ -72,6 +72,12 @@ class EngineConfig:
     # (every layer computed on the GPU: results bit-identical to all-in-VRAM),
     # or layer numbers. exact=True is "none".
     generate_cpu_layers: str | tuple[int, ...] | None = None
+    # Mixture-of-experts plans, with CPU expert layers ('auto'): while
+    # generating, those layers upload this many of each token's routed experts
+    # and the CPU computes the others at the same time (the link and the CPU's
+    # memory bus on one layer at once), instead of the CPU computing them all.
+    # None: off. Sums the experts in another order than stock: not bit-identical.
+    moe_split: int | None = None
     exact: bool = False
     # The most rows (tokens of one ubatch: parallel sequences, a speculative
     # verify) the CPU layers compute on the CPU; larger ubatches take the
@@ -180,6 +186,8 @@ class EngineConfig:
             check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         if self.generate_rows is not None:
             check_int("generate_rows", self.generate_rows, 1, MAX_SEQUENCES)
+        if self.moe_split is not None:
+            check_int("moe_split", self.moe_split, 0, MAX_MOE_SPLIT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "calibrate_on_tokens",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
@@ -323,6 +331,9 @@ def layer_numbers(name: str, value) -> tuple[int, ...]:
     for v in value:
         check_int(f"each of {name}", v, 0, MAX_SLOTS - 1)
     return tuple(value)
+
+
+MAX_MOE_SPLIT = 64  # the engine's GS_SPLIT_MAX_UPLOAD
 
 
 def max_threads() -> int:

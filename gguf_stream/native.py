@@ -146,6 +146,12 @@ class Counters:
     disk_wait_seconds: float = 0.0
     disk_readaheads: int = 0
     layers_repacked: int = 0
+    split_layers: int = 0  # split-expert layers run (per ubatch), their uploaded experts and CPU (row, expert) pairs
+    split_uploaded: int = 0
+    split_cpu: int = 0
+    split_upload_seconds: float = 0.0
+    split_cpu_wait_seconds: float = 0.0
+    split_region_bytes: int = 0
     disk_tier_bytes: int = 0
     released_host_bytes: int = 0
     staging_bytes: int = 0  # the disk tier's staging buffers (pinned on CUDA)
@@ -272,6 +278,14 @@ class Engine:
     def set_cpu_layers(self, layers) -> None:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
+
+    def set_split_experts(self, layers, n_upload: int, n_used: int, n_threads: int) -> None:
+        """Mixture-of-experts layers split while generating: n_upload of a
+        ubatch's routed experts per layer uploaded, the rest computed by
+        n_threads CPU threads at the same time (gs_engine_set_split_experts)."""
+        arr = ffi.new("int[]", list(layers) or [0])
+        _check("gs_engine_set_split_experts",
+               lib.gs_engine_set_split_experts(self._h, arr, len(layers), n_upload, n_used, n_threads))
 
     def graphs_dropped(self) -> None:
         """The attached context dropped its graphs (llama_abi.drop_graphs):

@@ -93,6 +93,7 @@ class Streamer:
         self.calibration: Calibration | None = None
         self.live_split: LiveSplit | None = None  # a first load's split search on its first generated tokens
         self.generate_reserve = 0  # compute buffer bytes left to generate-phase graphs
+        self.split_experts: tuple[int, ...] = ()  # layers whose experts are split while generating (moe_split)
         self.layer_devices_bound = False
         self.reuses_graphs = False  # the attached context may reuse graphs (see creating_context)
         self._last_ubatch = 0  # tokens in the attached context's last graph (0: none yet)
@@ -294,6 +295,13 @@ class Streamer:
         rows, most = self.config.split_rows, self.config.cpu_layers_max_batch
         if choice == "auto" and self.experts_only:
             cpu = moe_cpu_parts(self.plan)
+            if cpu and self.config.moe_split is not None:
+                # their experts split between an upload and the CPU (gs_split.c); the generate-resident
+                # layers too, for whenever they are not in their region
+                split = tuple(sorted(cpu + tuple(self.plan.generate_resident)))
+                self.engine.set_split_experts(split, self.config.moe_split, self.model_file.hparams["n_expert_used"],
+                                              self.config.threads)
+                self.split_experts, cpu = split, ()
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose
             note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)

@@ -97,6 +97,11 @@ typedef struct {
     double   disk_wait_seconds; /* adoptions' waits for copies that read the file (the part not overlapped) */
     uint64_t disk_readaheads;  /* disk-tier layers the kernel was asked to read ahead (early trigger) */
     uint64_t layers_repacked;  /* CPU layers whose weights were repacked (a kept copy serving again: not) */
+    uint64_t split_layers;     /* split-expert layers run (gs_engine_set_split_experts), per ubatch */
+    uint64_t split_uploaded;   /* ... their experts uploaded to the device region */
+    uint64_t split_cpu;        /* ... their (row, expert) pairs computed by the CPU */
+    double   split_upload_seconds;   /* the hook's time in those uploads (the CPU works meanwhile) */
+    double   split_cpu_wait_seconds; /* its time finishing / waiting for the CPU's part */
 } gs_counters;
 
 /* What the engine holds now (a reset keeps it). */
@@ -115,6 +120,7 @@ typedef struct {
     uint64_t staging_bytes;    /* the disk tier's staging buffers (pinned on CUDA), 0 without them */
     int      disk_direct;      /* 1: the disk tier reads with O_DIRECT (asked for and allowed) */
     int      disk_readers;     /* the staged engine's reader threads, 0 without it */
+    uint64_t split_region_bytes; /* the split-expert layers' device region (gs_engine_set_split_experts) */
 } gs_sizes;
 
 /* ---- the model file (disk tier) ---------------------------------------------- */
@@ -419,6 +425,18 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
  * over them makes them stream again (seen at its first node); a scheduler
  * copy there fails the decode (never a wrong result). Between decodes; layers
  * must be streamed and not CPU layers; n = 0 clears. */
+/* Mixture-of-experts layers split while generating: of each token's routed
+ * experts in those layers (n_used per token), the first n_upload of a ubatch
+ * are uploaded into a small device region (n_upload + n_used experts of each
+ * expert tensor: the others read zero ones there) and computed by
+ * llama.cpp's kernels there, while n_threads CPU threads (the hook's own
+ * included) compute the others from the host copy; the hook adds the CPU's
+ * part to the layer's expert sum. The layers must be streamed (they still
+ * stream for prompts), with separate gate/up/down expert tensors, and be
+ * neither CPU, generate-resident nor disk-tier layers. n = 0 turns it off.
+ * Between decodes, as set_cpu_layers. */
+#define GS_SPLIT_MAX_UPLOAD 64
+int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are

@@ -95,6 +95,7 @@ extern struct gs_ggml_syms G;
 #define CUDA_SUCCESS 0
 #define CUDA_NOT_READY 600
 #define CUDA_H2D 1
+#define CUDA_D2H 2
 #define CUDA_STREAM_NON_BLOCKING 1
 #define CUDA_EVENT_DISABLE_TIMING 2
 #define CUDA_HOST_ALLOC_PORTABLE 1

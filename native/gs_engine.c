@@ -45,6 +45,7 @@ void gs_engine_destroy(gs_engine *e) {
     gs_ring_destroy(e->ring);
     if (e->ring_buf) G.buffer_free(e->ring_buf);
     gr_free(e);
+    split_free(e);
     /* The context is gone by contract: free host KV copies without touching its tensors. */
     for (int i = 0; e->layers && i < e->cfg.n_layer; i++) { drop_repack(e, i); kv_free_host(e, i); }
     discovery_free(e);

@@ -108,6 +108,28 @@ struct gs_engine {
         size_t  extent;               /* how much of it generate graphs used */
     } gr;
 
+    struct {                          /* experts split while generating (gs_split.c) */
+        int     n, n_upload, n_used;  /* layers split; experts of a ubatch uploaded per layer; routed per token */
+        unsigned char *on;            /* per layer */
+        int   (*rec)[3];              /* per layer: records of its gate, up, down expert tensors */
+        size_t (*off)[3];             /* ... and their place in the region */
+        void   *buf;                  /* the device region */
+        char   *base;
+        size_t  bytes;
+        int     up_ids[GS_SPLIT_MAX_UPLOAD];   /* the experts in the region now */
+        void   *stream;               /* CUDA: its own copy stream (never behind the ring's uploads) */
+        char   *stage;                /* host memory for the small reads and writes (pinned on CUDA) */
+        size_t  cap_stage;
+        char    weights_node[64];     /* the final routing weights' node name less its layer, once seen */
+        /* per layer, from the graph being run: the experts' input, the routed ids,
+         * the final routing weights, the residual; its boundaries this decode
+         * (MODE_*), routing rewritten, the ubatch's rows */
+        struct gs_tensor **x, **ids, **w, **inp;
+        unsigned char *mode, *routed;
+        int    *rows;
+        struct split_pool *pool;      /* the CPU's threads */
+    } split;
+
     struct {                          /* per-layer timing, for calibration (gs_probe.c) */
         int       on;
         double    t_last;
@@ -150,6 +172,13 @@ void gr_leave(gs_engine *e);
 int  resident_node(gs_engine *e, const struct gs_tensor *t, int layer);
 void gr_forget_context(gs_engine *e);
 void gr_free(gs_engine *e);
+
+/* gs_split.c */
+int  split_ask(gs_engine *e, const struct gs_tensor *t);
+void split_synced(gs_engine *e, struct gs_tensor *t);
+void split_point(gs_engine *e, int layer);
+void split_settle(gs_engine *e);
+void split_free(gs_engine *e);
 
 /* gs_repack.c */
 void point_home(gs_engine *e, int layer);

@@ -20,8 +20,10 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
         /* The backend is synchronised: every node up to t has finished. Always
          * true: false would silently drop the rest of the split. */
         stream_synced(e, layer);
+        split_synced(e, (struct gs_tensor *)t);
         return true;
     }
+    int split = split_ask(e, t);
     if (!rc) rc = resident_node(e, t, layer);
     if (!rc) rc = phase_node(e, t, layer);
     if (rc) {
@@ -30,7 +32,7 @@ bool gs_engine_eval_cb(void *tensor, bool ask, void *user) {
     }
     switch (stream_ask(e, t, layer)) {
     case STREAM_SYNC:    return true;
-    case STREAM_ADOPTED: return false;
-    default:             return tl_end;
+    case STREAM_ADOPTED: return split;
+    default:             return tl_end || split;
     }
 }

@@ -212,6 +212,7 @@ int gs_engine_attach_kv(gs_engine *e, int reuse_min_batch) {
 int gs_engine_detach_kv(gs_engine *e) {
     /* The context goes: no upload will be issued until the next one, and the
      * model (whose host memory the uploads read) may be freed next. */
+    split_settle(e);
     int rc = gs_copy_drain(e->copy);
     if (rc == GS_E_IO) rc = GS_OK;      /* a failed disk read: nothing is in flight, and decodes report it */
     if (!e->gr.own_mode) gr_leave(e);   /* the region goes with the context */

@@ -8,7 +8,7 @@ void generate_order(gs_engine *e) {
     int order[e->cfg.n_layer], n = 0;
     for (int i = 0; i < e->cfg.n_layer; i++) {
         const layer_info *ly = &e->layers[i];
-        if (ly->count > 0 && !ly->cpu_generate && !ly->gr_live) order[n++] = i;
+        if (ly->count > 0 && !ly->cpu_generate && !ly->gr_live && !(e->split.on && e->split.on[i])) order[n++] = i;
     }
     (void)gs_ring_set_order(e->ring, GS_PHASE_GENERATE, order, n);   /* valid by construction */
 }
@@ -55,7 +55,9 @@ int switch_phase(gs_engine *e, int phase) {
     for (int i = 0; i < e->cfg.n_layer; i++) {
         const layer_info *ly = &e->layers[i];
         if (ly->count == 0 || ly->gr_live) continue;
-        if (!layer_streams(e, phase, i)) point_home(e, i);
+        if (!layer_streams(e, phase, i) && phase == GS_PHASE_GENERATE && e->split.on && e->split.on[i])
+            split_point(e, i);
+        else if (!layer_streams(e, phase, i)) point_home(e, i);
         else if (!layer_streams(e, e->phase, i)) rehome_layer(e, i, slot_base(e, 0));
     }
     e->phase = phase;
@@ -72,6 +74,7 @@ int switch_phase(gs_engine *e, int phase) {
 int gs_engine_set_phase(gs_engine *e, int phase, int hold_kv) {
     if (phase != GS_PHASE_PROMPT && phase != GS_PHASE_GENERATE)
         return fail(GS_E_INVALID, "unknown phase %d", phase);
+    split_settle(e);
     e->kv.hold = hold_kv != 0;
     e->kv.graphs_dropped = 0;   /* a decode follows: it may leave a graph to reuse */
     e->gr.walk = 1;   /* a decode follows */
@@ -97,6 +100,7 @@ static int hook_idle(const gs_engine *e) {
     if (e->phase != GS_PHASE_GENERATE || !e->kv.hold || !e->hook_ran || e->kv.scan || e->timing.on || e->tl.on)
         return 0;
     if (e->gr.n && !e->gr.base) return 0;   /* generate-resident layers wait to move in */
+    if (e->split.n) return 0;               /* split layers work at their boundaries */
     int streamed = 0;
     for (int i = 0; i < e->cfg.n_layer; i++)
         streamed += e->layers[i].count > 0 && layer_streams(e, GS_PHASE_GENERATE, i);
@@ -133,6 +137,8 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
             return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
         if (e->layers[layers[k]].gen_resident)
             return fail(GS_E_INVALID, "layer %d is generate-resident; it cannot also be a CPU layer", layers[k]);
+        if (e->split.on && e->split.on[layers[k]])
+            return fail(GS_E_INVALID, "layer %d has its experts split; it cannot also be a CPU layer", layers[k]);
         if (e->layers[layers[k]].disk_bytes)
             return fail(GS_E_INVALID, "layer %d is on the disk tier (read from the model file); the CPU cannot "
                         "compute it from host memory", layers[k]);

@@ -7,8 +7,13 @@
  * layers stream again, pointed at slot 0 until adopted. */
 void gr_leave(gs_engine *e) {
     if (!e->gr.base) return;
-    for (int i = 0; i < e->cfg.n_layer; i++)
-        if (e->layers[i].gr_live) { e->layers[i].gr_live = 0; point_layer(e, i, slot_base(e, 0)); }
+    for (int i = 0; i < e->cfg.n_layer; i++) {
+        if (!e->layers[i].gr_live) continue;
+        e->layers[i].gr_live = 0;
+        /* a split layer while generating; else streamed (switch_phase re-homes it for prompts) */
+        if (e->split.on && e->split.on[i] && e->phase == GS_PHASE_GENERATE) split_point(e, i);
+        else point_layer(e, i, slot_base(e, 0));
+    }
     e->gr.base = NULL;
     e->gr.bytes = 0;
     e->size.gen_resident = 0;

@@ -144,3 +144,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# mixture-of-experts cases (test_moe.py, test_moe_split.py)
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
+def moe_path(request):
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+def expert_layers(path) -> list[int]:
+    """The layers with routed experts (glm4moe's leading dense layer has none)."""
+    from gguf_stream import read_model
+
+    return [i for i, b in enumerate(read_model(path).stream_bytes) if b]
+
+
+@pytest.fixture(scope="module")
+def moe_case(moe_path):
+    """(path, a prompt of several ubatches, stock's greedy tokens and logits)."""
+    import numpy as np
+
+    from gguf_stream.model import StockModel
+
+    with StockModel(moe_path, n_gpu_layers=0, **CPU) as stock:
+        prompt = stock.tokenize(PROMPT * 3)
+        tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
+    assert len(prompt) > 2 * CPU["n_ubatch"] and np.isfinite(logits).all()
+    return moe_path, prompt, tokens, logits

@@ -11,31 +11,11 @@ import re
 import numpy as np
 import pytest
 
-from conftest import CPU, N_GEN, PROMPT
+from conftest import CPU, N_GEN, expert_layers
 from gguf_stream import read_model
 from gguf_stream.gguf_file import is_expert_tensor
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.planner import make_plan
-
-
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
-def moe_path(request):
-    return request.getfixturevalue(f"{request.param}_path")
-
-
-def expert_layers(path) -> list[int]:
-    """The layers with routed experts (glm4moe's leading dense layer has none)."""
-    return [i for i, b in enumerate(read_model(path).stream_bytes) if b]
-
-
-@pytest.fixture(scope="module")
-def moe_case(moe_path):
-    """(path, a prompt of several ubatches, stock's greedy tokens and logits)."""
-    with StockModel(moe_path, n_gpu_layers=0, **CPU) as stock:
-        prompt = stock.tokenize(PROMPT * 3)
-        tokens, logits = stock.generate(prompt, N_GEN, with_logits=True)
-    assert len(prompt) > 2 * CPU["n_ubatch"] and np.isfinite(logits).all()
-    return moe_path, prompt, tokens, logits
 
 
 # options for a model whose layers with experts are E

@@ -102,6 +102,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
     g.add_argument("--no-ceiling", action="store_true",
                    help="skip the all-in-VRAM row (default: run it); the gate then compares with each budget's "
                    "stock run, calibrated by that run's mirror (see above and --allow-near-ties)")
+    g.add_argument("--moe-split", default=None, metavar="LIST",
+                   help="mixture-of-experts models: per budget, one more streamed run per N in LIST (e.g. 4,5) whose "
+                        "CPU expert layers upload N of each token's routed experts while the CPU computes the others "
+                        "(--moe-split of run/serve; default: none)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
     g.add_argument("--host-budget", default=None, metavar="LIST",
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     # a registry name as given; a file by its stem; the default by its registry name
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
     ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
-               args.allow_near_ties, host_budgets=_host_budgets(args.host_budget))
+               args.allow_near_ties, host_budgets=_host_budgets(args.host_budget),
+               moe_splits=_int_list(args.moe_split, "--moe-split"))
     meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
             "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
             "workload": asdict(w), "command": " ".join(sys.argv)}
@@ -171,6 +176,15 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
                  f"{w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def _int_list(spec: str | None, flag: str) -> tuple[int, ...]:
+    if not spec:
+        return ()
+    try:
+        return tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"gguf-stream bench: {flag} takes integers separated by commas, not {spec!r}") from None
 
 
 def _host_budgets(text: str | None) -> tuple[str, ...]:

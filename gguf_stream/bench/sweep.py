@@ -95,6 +95,7 @@ class Ctx:
     stock_times: dict = field(default_factory=dict)  # (ngl, n_cpu_moe) -> Timing (reused across budgets)
     mirror_tokens: dict = field(default_factory=dict)  # Mirror -> its gate tokens or None (reused across budgets)
     host_budgets: tuple = ()  # --host-budget: each adds a streamed run with a disk tier per budget
+    moe_splits: tuple = ()  # --moe-split: each adds a streamed run with that many experts uploaded per CPU expert layer
 
     def config(self, **kw):
         from ..config import EngineConfig
@@ -178,6 +179,13 @@ class Ctx:
             if m.plan.cpu_layers:
                 notes.append(f"CPU layers' repacked copy {format_size(c.repacked_bytes)} (pageable host memory); "
                              f"their KV caches in host memory while generating {format_size(c.host_kv_bytes)}")
+            if c.split_layers:
+                notes.append(f"split experts ({len(m.streamer.split_experts)} layers, {m.config.moe_split} uploaded): "
+                             f"per layer run {c.split_uploaded / c.split_layers:.2f} experts uploaded, "
+                             f"{c.split_cpu / c.split_layers:.2f} on the CPU; the hook's time per layer run: uploads "
+                             f"{c.split_upload_seconds / c.split_layers * 1e3:.3f} ms, then the CPU's rest "
+                             f"{c.split_cpu_wait_seconds / c.split_layers * 1e3:.3f} ms; region "
+                             f"{format_size(c.split_region_bytes)}")
             if m.plan.generate_resident:
                 notes.append(f"{c.gen_resident} of {len(m.plan.generate_resident)} generate-resident layers in the "
                              f"compute buffer's tail at the end ({format_size(c.compute_buffer_bytes)} buffer, of which "
@@ -550,11 +558,36 @@ def _budget_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | N
         return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}"), None
     rows += ctx.rows(streamed, budget=b, mode="streamed", refs=refs)
     rows += host_budget_rows(ctx, b, streamed, refs, notes, vram_budget=b.nbytes)
+    rows += moe_split_rows(ctx, b, refs, notes, stock)
     if streamed.engine_note:
         notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
         notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
     return rows, GateRun(better.ngl, _greedy(stock), _greedy(streamed), better.n_cpu_moe)
+
+
+def moe_split_rows(ctx: Ctx, b: Budget, refs: dict, notes: list[str], stock: Timing | None) -> list[Row]:
+    """A streamed run per --moe-split N at budget b (mode 'split N'); its
+    greedy tokens compared with the faster stock recipe's in a note."""
+    rows = []
+    for n in ctx.moe_splits:
+        try:
+            t = ctx.run_streamed(vram_budget=b.nbytes, moe_split=n)
+        except GGUFStreamError as exc:
+            notes.append(f"budget {b.label}: moe-split {n} run failed: {exc}")
+            continue
+        rows += ctx.rows(t, budget=b, mode=f"split {n}", refs=refs)
+        if t.engine_note:
+            notes.append(f"budget {b.label}: moe-split {n}: {t.engine_note}")
+        mine, theirs = _greedy(t), _greedy(stock)
+        if mine is not None and theirs is not None:
+            same = next((i for i, (x, y) in enumerate(zip(mine.tokens, theirs.tokens)) if x != y), None)
+            notes.append(f"budget {b.label}: moe-split {n}: greedy tokens " + (
+                f"equal the faster stock recipe's ({len(mine.tokens)})" if same is None
+                else f"first differ from the faster stock recipe's at {same}"))
+        if t.vram_peak is not None and t.vram_peak > b.nbytes:
+            notes.append(f"budget {b.label}: moe-split {n} peak {format_size(t.vram_peak)} exceeds the budget")
+    return rows
 
 
 def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str],

@@ -137,6 +137,10 @@ ENGINE_FLAGS = (
          "or layer numbers (default: auto on CUDA, cached after the first load; none in host mode)",
          dict(metavar="auto|none|L,L"),
          _layers("--generate-cpu-layers")),
+    Flag("moe_split", ("--moe-split",), GENERATE, "mixture-of-experts models: the CPU expert layers upload N of "
+         "each token's routed experts while generating and the CPU computes the others at the same time (PCIe and "
+         "the CPU's memory on one layer at once; sums in another order than stock). Default: off, the CPU computes "
+         "them all", dict(type=int, metavar="N")),
     Flag("exact", ("--exact",), GENERATE, "while generating, compute every layer on the GPU (streamed ones "
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
          "some streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, which are "
