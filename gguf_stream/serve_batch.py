@@ -248,7 +248,8 @@ class BatchLoop:
         least PROMPT_SIMILARITY of it (llama-server's slot choice; a shared
         BOS alone would only make the prompt's decodes differ from a fresh
         run's); else an empty seat, else the one left longest ago, keeping
-        the other seats' cells for the prompts that may continue them. At
+        the other seats' cells for the prompts that may continue them; either
+        way, without -kvu, one next to the busy seats first (_runs_with). At
         least the prompt's last token is decoded again (its logits start
         the reply)."""
         def held(seat):
@@ -264,7 +265,19 @@ class BatchLoop:
         if best is not None and found[best]:
             return best, found[best]
         empty = [s for s in free if s not in self._kept]
-        return (empty[0] if empty else min(free, key=lambda s: self._kept[s][1])), 0
+        if empty:
+            return min(empty, key=lambda s: (self._runs_with(s, free), s)), 0
+        return min(free, key=lambda s: (self._runs_with(s, free), self._kept[s][1])), 0
+
+    def _runs_with(self, seat: int, free: list[int]) -> int:
+        """Runs of consecutive busy seats once `seat` is taken: without a
+        unified cache llama.cpp puts only consecutive sequence ids in one
+        ubatch, so each run is a pass over the streamed weights per step
+        (0 with -kvu, where one pass serves them all)."""
+        if self.unified:
+            return 0
+        busy = sorted(set(range(self.n_seats)).difference(free) | {seat})
+        return 1 + sum(b != a + 1 for a, b in zip(busy, busy[1:]))
 
     def _run_exclusive(self, call: _Exclusive) -> None:
         try:
