@@ -44,6 +44,11 @@ DISCOVERY_BATCH = 16
 SMALL_CONTEXT_CELLS = 256
 
 
+# where the split's CPU part (SwiGLU experts without biases, their sum added
+# to the residual) computes what llama.cpp's graph does; tested in host mode
+MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
+
+
 def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
     """Streaming needs every layer between its l_out boundaries, in order."""
     if check.n_lout == 0:
@@ -295,6 +300,10 @@ class Streamer:
         rows, most = self.config.split_rows, self.config.cpu_layers_max_batch
         if choice == "auto" and self.experts_only:
             cpu = moe_cpu_parts(self.plan)
+            if cpu and self.config.moe_split is not None and self.model_file.arch not in MOE_SPLIT_ARCHS:
+                raise UnsupportedModelError(
+                    f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (their experts: SwiGLU, no biases), not "
+                    f"{self.model_file.arch}; run without it")
             if cpu and self.config.moe_split is not None:
                 # their experts split between an upload and the CPU (gs_split.c); the generate-resident
                 # layers too, for whenever they are not in their region

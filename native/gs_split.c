@@ -529,12 +529,18 @@ void split_free(gs_engine *e) {
 
 /* The layer's gate, up and down expert tensors among its records. */
 static int find_experts(gs_engine *e, int layer, int rec[3]) {
-    static const char *names[3] = { ".ffn_gate_exps.", ".ffn_up_exps.", ".ffn_down_exps." };
+    static const char *names[3] = { ".ffn_gate_exps.weight", ".ffn_up_exps.weight", ".ffn_down_exps.weight" };
     const layer_info *ly = &e->layers[layer];
     rec[0] = rec[1] = rec[2] = -1;
-    for (int k = ly->first; k < ly->first + ly->count; k++)
-        for (int m = 0; m < 3; m++)
-            if (strstr(e->recs[k].t->name, names[m])) rec[m] = k;
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        const char *name = e->recs[k].t->name;
+        int m = 0;
+        while (m < 3 && !(strstr(name, names[m]) && !strcmp(strstr(name, names[m]), names[m]))) m++;
+        if (m < 3) rec[m] = k;
+        else if (strstr(name, "_exps"))   /* biases or scales indexed by the routed ids would read rewritten ones */
+            return fail(GS_E_INVALID, "split experts: layer %d has %s; only plain gate/up/down expert weights can "
+                        "be split", layer, name);
+    }
     for (int m = 0; m < 3; m++) {
         if (rec[m] < 0)
             return fail(GS_E_INVALID, "split experts: layer %d has no streamed %s tensor (separate gate, up and down "
