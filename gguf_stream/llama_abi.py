@@ -292,3 +292,14 @@ def drop_graphs(ctx: int) -> bool:
     False where this build lacks it or the reserve failed."""
     fn = _graph_reserve()
     return fn is not None and bool(ctx) and fn(ctx, 1, 1, 1) is not None
+
+
+def batch_view(b, start: int, n: int):
+    """Tokens start..start+n of a token llama_batch, sharing its arrays."""
+    def at(ptr):
+        if not ptr:
+            return ptr
+        return ctypes.cast(ctypes.addressof(ptr.contents) + start * ctypes.sizeof(ptr._type_), type(ptr))
+
+    return llama().llama_batch(n_tokens=n, token=at(b.token), embd=b.embd, pos=at(b.pos),
+                               n_seq_id=at(b.n_seq_id), seq_id=at(b.seq_id), logits=at(b.logits))

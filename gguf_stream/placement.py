@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .config import EngineConfig, available_host_memory, kv_streams, resolve_context
 from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
-from .errors import BudgetError, HostMemoryError
+from .errors import BudgetError, HostMemoryError, UnsupportedModelError
 from .gguf_file import ModelFile
 from .memory import LAZY_KERNEL_BYTES, format_size, generate_graph_bytes, parse_size
 from .perfmodel import split_cpu_layers
@@ -66,6 +66,25 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
     overflow = plan.generate_overflow
     held = set(overflow[j] for j in interleaved_layers(len(overflow), min(plan.n_slots, len(overflow))))
     return tuple(i for i in overflow if i not in held)
+
+
+# where --moe-split's CPU part (SwiGLU experts without biases, their sum added
+# to the residual) computes what llama.cpp's graph does; tested in host mode
+MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
+
+
+def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(CPU expert layers, split expert layers) of an experts plan while
+    generating ('auto'): moe_cpu_parts, or with config.moe_split those
+    layers split (gs_split.c), the generate-resident ones too, for whenever
+    they are not in their region."""
+    cpu = moe_cpu_parts(plan)
+    if not cpu or config.moe_split is None:
+        return cpu, ()
+    if mf.arch not in MOE_SPLIT_ARCHS:
+        raise UnsupportedModelError(f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (their experts: SwiGLU, no "
+                                    f"biases), not {mf.arch}; run without it")
+    return (), tuple(sorted(cpu + tuple(plan.generate_resident)))
 
 
 def _check_named_layers(plan: Plan, config: EngineConfig, cuda: bool) -> None:
@@ -174,7 +193,7 @@ def host_tiers(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bo
     tiers are chosen without CPU layers, and the split then chooses among
     the pinned overflow layers, as many as the budget's room left holds
     copies of. `lookup(choices, most)` gives the split an earlier load
-    cached (calibrate.split_lookup): then the plan has those CPU layers,
+    cached (split_cache.split_lookup): then the plan has those CPU layers,
     exactly what the load will take from the cache."""
     if not plan.streamed:
         return HostTiers(plan, budget, "")

@@ -25,28 +25,24 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 from . import llama_abi, native
-from .calibrate import Calibration, Calibrator, LiveSplit, split_lookup
+from .calibrate import Calibration, Calibrator, LiveSplit
+from .split_cache import split_lookup
 from .config import EngineConfig, resolve_context, resolve_flash_attn, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, file_identity, reader_options, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import kv_ggml_type
-from .placement import HostTiers, check_host_memory, chosen_generate_resident, initial_plan, moe_cpu_parts, run_tiers
+from .placement import (HostTiers, check_host_memory, chosen_generate_resident, initial_plan, moe_generate_parts,
+                        run_tiers)
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
 from .progress import Progress, note
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
-import llama_cpp  # noqa: E402
 
 DISCOVERY_TOKENS = 2  # < 32, so no op-offload copy stands in for a weight
 DISCOVERY_BATCH = 16
 SMALL_CONTEXT_CELLS = 256
-
-
-# where the split's CPU part (SwiGLU experts without biases, their sum added
-# to the residual) computes what llama.cpp's graph does; tested in host mode
-MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
 
 
 def validate_graph(check: native.GraphCheck, mf: ModelFile) -> None:
@@ -299,18 +295,11 @@ class Streamer:
         choice, cpu = self.config.generate_cpu_layers, ()
         rows, most = self.config.split_rows, self.config.cpu_layers_max_batch
         if choice == "auto" and self.experts_only:
-            cpu = moe_cpu_parts(self.plan)
-            if cpu and self.config.moe_split is not None and self.model_file.arch not in MOE_SPLIT_ARCHS:
-                raise UnsupportedModelError(
-                    f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (their experts: SwiGLU, no biases), not "
-                    f"{self.model_file.arch}; run without it")
-            if cpu and self.config.moe_split is not None:
-                # their experts split between an upload and the CPU (gs_split.c); the generate-resident
-                # layers too, for whenever they are not in their region
-                split = tuple(sorted(cpu + tuple(self.plan.generate_resident)))
+            cpu, split = moe_generate_parts(self.plan, self.config, self.model_file)
+            if split:  # their experts split between an upload and the CPU (gs_split.c)
                 self.engine.set_split_experts(split, self.config.moe_split, self.model_file.hparams["n_expert_used"],
                                               self.config.threads)
-                self.split_experts, cpu = split, ()
+                self.split_experts = split
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose
             note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)
@@ -513,7 +502,7 @@ class Streamer:
             if sched:
                 self.engine.route_hook(sched)
             t0 = time.perf_counter()
-            rc = self.lc.llama_decode(ctx, batch if n == n_all else _batch_view(batch, start, n))
+            rc = self.lc.llama_decode(ctx, batch if n == n_all else llama_abi.batch_view(batch, start, n))
             self.check("llama_decode")
             if rc != 0:
                 return rc
@@ -600,13 +589,3 @@ def disk_errors():
             raise
         raise DecodeError(exc.detail) from None
 
-
-def _batch_view(b, start: int, n: int):
-    """Tokens start..start+n of a token llama_batch, sharing its arrays."""
-    def at(ptr):
-        if not ptr:
-            return ptr
-        return ctypes.cast(ctypes.addressof(ptr.contents) + start * ctypes.sizeof(ptr._type_), type(ptr))
-
-    return llama_cpp.llama_batch(n_tokens=n, token=at(b.token), embd=b.embd, pos=at(b.pos),
-                                 n_seq_id=at(b.n_seq_id), seq_id=at(b.seq_id), logits=at(b.logits))

@@ -127,7 +127,9 @@ struct gs_engine {
         struct gs_tensor **x, **ids, **w, **inp;
         unsigned char *mode, *routed;
         int    *rows;
-        struct split_pool *pool;      /* the CPU's threads */
+        struct split_pool *pool;      /* the CPU's threads (gs_split_cpu.c) */
+        const struct cpu_job *jobs;   /* the layer's (row, expert) pairs they compute */
+        int     n_jobs;
     } split;
 
     struct {                          /* per-layer timing, for calibration (gs_probe.c) */

@@ -1,262 +1,29 @@
 /* Mixture-of-experts layers split while generating (gs_engine_set_split_experts).
  *
  * A token reads only its routed experts: of a split layer's routed experts,
- * the first n_upload (per decode, over its rows) are copied from host memory
+ * the first n_upload (per ubatch, over its rows) are copied from host memory
  * into a small device region and computed there by llama.cpp's own kernels,
- * while the CPU computes the others from the same host copy. The PCIe link
- * and the CPU's memory bus then work on one layer at the same time, where
- * stock's --n-cpu-moe uses one of them per layer.
+ * while the CPU computes the others from the same host copy
+ * (gs_split_cpu.c). The PCIe link and the CPU's memory bus then work on one
+ * layer at the same time, where stock's --n-cpu-moe uses one of them per layer.
  *
- * The hook makes two boundaries per split layer:
- *   A, after ffn_moe_weights-L (the get_rows that read the routed ids): the
- *      ids are read and rewritten in place (uploaded experts -> their index in
- *      the region, the others -> a zero expert there, which adds nothing),
- *      the CPU's workers start on the others, the uploads land;
- *   B, after ffn_moe_out-L (the sum of the weighted experts): the CPU's part,
- *      weighted by the final routing weights (src[1] of ffn_moe_weighted-L),
- *      is added to it.
- * The region's tensors keep the expert count in their shape; every id the
- * kernels see is below n_upload + n_used (a zero expert per routing position
- * after the uploaded ones), so they read only the region. */
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <link.h>
-#include <math.h>
-#include <pthread.h>
-#include <stdatomic.h>
+ * The hook makes one boundary per split layer, after the node computing the
+ * final routing weights (its name learned on the first decode): the ids are
+ * read and rewritten in place (uploaded experts -> their index in the
+ * region, the others -> a zero expert of their routing position, which adds
+ * nothing), the CPU's threads compute the others while the uploads land,
+ * and their weighted sum is added to the layer's residual (ffn_inp), whose
+ * only consumer left is the add after the experts. Until that name is
+ * known (the first decode), two: the ids after ffn_moe_weights-L, the CPU's
+ * part into the expert sum after ffn_moe_out-L. The region's tensors keep
+ * the expert count in their shape; every id the kernels see is below
+ * n_upload + n_used, so they read only the region. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "gs_engine.h"
-
-/* ---- the CPU kernels: llama.cpp's own, from its CPU backend ------------------ */
-
-typedef void (*vec_dot_fn)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
-typedef void (*from_float_fn)(const float *x, void *y, int64_t k);
-struct type_traits_cpu {          /* struct ggml_type_traits_cpu (ggml-cpu.h) */
-    from_float_fn from_float;
-    vec_dot_fn    vec_dot;
-    int32_t       vec_dot_type;
-    int64_t       nrows;
-};
-static const struct type_traits_cpu *(*traits_cpu)(int type);
-static size_t (*row_size)(int type, int64_t n);
-static void (*swiglu)(int n, float *y, const float *x, const float *g);   /* y = silu(x) * g, as the CPU op */
-
-/* The CPU backend's library as the process loaded it (libggml-cpu.so.0 on
- * llama-cpp-python's wheels): another copy would have uninitialised tables. */
-static int find_cpu_lib(struct dl_phdr_info *info, size_t size, void *out) {
-    (void)size;
-    const char *slash = info->dlpi_name ? strrchr(info->dlpi_name, '/') : NULL;
-    if (!slash || strncmp(slash + 1, "libggml-cpu", 11) != 0) return 0;
-    snprintf(out, 4096, "%s", info->dlpi_name);
-    return 1;
-}
-
-static int load_cpu_kernels(void) {
-    if (traits_cpu && row_size && swiglu) return GS_OK;
-    char path[4096] = "";
-    Dl_info info;
-    if (!dl_iterate_phdr(find_cpu_lib, path) || !dladdr((void *)G.nbytes, &info) || !info.dli_fname)
-        return fail(GS_E_DLOPEN, "split experts: llama.cpp's CPU backend (libggml-cpu) is not loaded");
-    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD), *base = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-    traits_cpu = h ? (const struct type_traits_cpu *(*)(int))dlsym(h, "ggml_get_type_traits_cpu") : NULL;
-    swiglu = h ? (void (*)(int, float *, const float *, const float *))dlsym(h, "ggml_vec_swiglu_f32") : NULL;
-    row_size = base ? (size_t (*)(int, int64_t))dlsym(base, "ggml_row_size") : NULL;
-    if (!traits_cpu || !row_size || !swiglu)
-        return fail(GS_E_DLOPEN, "split experts: ggml_get_type_traits_cpu / ggml_vec_swiglu_f32 (%s) or ggml_row_size "
-                    "not found", path);
-    return GS_OK;
-}
-
-/* ---- one layer's CPU work: experts of some rows, in three phases ------------- */
-
-enum { W_GATE, W_UP, W_DOWN };
-#define CHUNK_ROWS 32
-#define PHASE_DONE 4
-
-typedef struct {                  /* one expert of one row the CPU computes */
-    int row, pos, expert;
-} cpu_job;
-
-struct split_pool {
-    pthread_t *th;
-    int n_th;
-    atomic_int gen, phase, active, sleeping, stop;
-    atomic_int next[PHASE_DONE], done[PHASE_DONE];
-    int n_tasks[PHASE_DONE];
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    /* the current layer */
-    const char *src[3];           /* expert 0 of each tensor in host memory */
-    size_t nb1[3], nb2[3];
-    int type[3], n_ff, n_embd, chunks_ff, chunks_embd;
-    const struct type_traits_cpu *tr[3];
-    size_t xq_row, hq_row;        /* bytes of a quantized x row (gate/up) and h (down) */
-    int n_jobs;
-    cpu_job *jobs;
-    char *xq;                     /* per row of the ubatch: x quantized for gate, then for up */
-    float *g, *u;                 /* per job: n_ff */
-    char *hq;                     /* per job: silu(g)*u quantized for down */
-    float *y;                     /* per job: n_embd */
-    size_t cap_jobs, cap_xq, cap_g, cap_u, cap_hq, cap_y;
-};
-
-static void cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
-
-static void do_task(struct split_pool *p, int ph, int i) {
-    if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
-        int per_job = 2 * p->chunks_ff, j = i / per_job, m = (i % per_job) / p->chunks_ff;
-        int r0 = (i % p->chunks_ff) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
-        const cpu_job *jb = &p->jobs[j];
-        const char *w = p->src[m] + (size_t)jb->expert * p->nb2[m];
-        const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
-        float *out = (m == W_GATE ? p->g : p->u) + (size_t)j * p->n_ff;
-        for (int r = r0; r < r1; r++) p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
-    } else if (ph == 2) {         /* the activation, quantized for down */
-        float *g = p->g + (size_t)i * p->n_ff, *u = p->u + (size_t)i * p->n_ff;
-        swiglu(p->n_ff, g, g, u);
-        traits_cpu(p->tr[W_DOWN]->vec_dot_type)->from_float(g, p->hq + (size_t)i * p->hq_row, p->n_ff);
-    } else {                      /* down rows: job, chunk */
-        int j = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
-        int r1 = r0 + CHUNK_ROWS < p->n_embd ? r0 + CHUNK_ROWS : p->n_embd;
-        const char *w = p->src[W_DOWN] + (size_t)p->jobs[j].expert * p->nb2[W_DOWN];
-        float *y = p->y + (size_t)j * p->n_embd;
-        for (int r = r0; r < r1; r++)
-            p->tr[W_DOWN]->vec_dot(p->n_ff, &y[r], 0, w + r * p->nb1[W_DOWN], 0, p->hq + (size_t)j * p->hq_row, 0, 1);
-    }
-}
-
-static void advance(struct split_pool *p, int ph) {
-    int nx = ph + 1;
-    while (nx < PHASE_DONE && p->n_tasks[nx] == 0) nx++;
-    atomic_store(&p->phase, nx);
-}
-
-/* Take tasks until the layer's work is done (workers and the hook's thread alike). */
-static void run_phases(struct split_pool *p) {
-    for (;;) {
-        int ph = atomic_load(&p->phase);
-        if (ph >= PHASE_DONE) return;
-        int i = atomic_fetch_add(&p->next[ph], 1);
-        if (i >= p->n_tasks[ph]) {
-            while (atomic_load(&p->phase) == ph) cpu_relax();
-            continue;
-        }
-        do_task(p, ph, i);
-        if (atomic_fetch_add(&p->done[ph], 1) + 1 == p->n_tasks[ph]) advance(p, ph);
-    }
-}
-
-#define SPIN_ROUNDS 2000000       /* ~ms: the next layer's work comes sooner while generating */
-
-static void *worker(void *arg) {
-    struct split_pool *p = arg;
-    int seen = 0;
-    while (!atomic_load(&p->stop)) {
-        for (long spins = 0; atomic_load(&p->gen) == seen && !atomic_load(&p->stop); spins++) {
-            if (spins < SPIN_ROUNDS) { cpu_relax(); continue; }
-            pthread_mutex_lock(&p->mu);
-            atomic_fetch_add(&p->sleeping, 1);
-            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
-            atomic_fetch_sub(&p->sleeping, 1);
-            pthread_mutex_unlock(&p->mu);
-        }
-        atomic_fetch_add(&p->active, 1);
-        int g = atomic_load(&p->gen);
-        if (g != seen) { seen = g; run_phases(p); }
-        atomic_fetch_sub(&p->active, 1);
-    }
-    return NULL;
-}
-
-static void pool_free(struct split_pool *p) {
-    if (!p) return;
-    atomic_store(&p->stop, 1);
-    pthread_mutex_lock(&p->mu);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    for (int k = 0; k < p->n_th; k++) pthread_join(p->th[k], NULL);
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->cv);
-    free(p->th); free(p->jobs); free(p->xq); free(p->g); free(p->u); free(p->hq); free(p->y);
-    free(p);
-}
-
-static int pool_create(int n_workers, struct split_pool **out) {
-    struct split_pool *p = calloc(1, sizeof *p);
-    if (!p) return fail(GS_E_NOMEM, "split experts: calloc");
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
-    atomic_store(&p->phase, PHASE_DONE);
-    p->th = calloc(n_workers > 0 ? n_workers : 1, sizeof *p->th);
-    if (!p->th) { free(p); return fail(GS_E_NOMEM, "split experts: calloc"); }
-    for (; p->n_th < n_workers; p->n_th++)
-        if (pthread_create(&p->th[p->n_th], NULL, worker, p)) {
-            pool_free(p);
-            return fail(GS_E_NOMEM, "split experts: pthread_create failed");
-        }
-    *out = p;
-    return GS_OK;
-}
-
-static int grow(void **buf, size_t *cap, size_t want) {
-    if (want <= *cap) return GS_OK;
-    void *n = realloc(*buf, want);
-    if (!n) return fail(GS_E_NOMEM, "split experts: realloc(%zu)", want);
-    *buf = n;
-    *cap = want;
-    return GS_OK;
-}
-
-/* Post the jobs (p->jobs[0..n_jobs)) of `layer` on x (rows of n_embd floats). */
-static int pool_post(gs_engine *e, int layer, const float *x, int n_rows) {
-    struct split_pool *p = e->split.pool;
-    while (atomic_load(&p->active)) cpu_relax();     /* stragglers of the last layer leave first */
-    const int *rec = e->split.rec[layer];
-    for (int m = 0; m < 3; m++) {
-        const struct gs_tensor *t = e->recs[rec[m]].t;
-        p->src[m] = e->up[rec[m]].src;
-        p->nb1[m] = t->nb[1];
-        p->nb2[m] = t->nb[2];
-        p->type[m] = t->type;
-        p->tr[m] = traits_cpu(t->type);
-    }
-    const struct gs_tensor *gate = e->recs[rec[W_GATE]].t;
-    p->n_embd = (int)gate->ne[0];
-    p->n_ff = (int)gate->ne[1];
-    p->chunks_ff = (p->n_ff + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    p->chunks_embd = (p->n_embd + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    p->xq_row = row_size(p->tr[W_GATE]->vec_dot_type, p->n_embd);
-    size_t up_row = row_size(p->tr[W_UP]->vec_dot_type, p->n_embd);
-    if (up_row > p->xq_row) p->xq_row = up_row;
-    p->hq_row = row_size(p->tr[W_DOWN]->vec_dot_type, p->n_ff);
-    size_t nj = p->n_jobs;
-    if (grow((void **)&p->xq, &p->cap_xq, (size_t)n_rows * 2 * p->xq_row)
-        || grow((void **)&p->g, &p->cap_g, nj * p->n_ff * sizeof(float))
-        || grow((void **)&p->u, &p->cap_u, nj * p->n_ff * sizeof(float))
-        || grow((void **)&p->hq, &p->cap_hq, nj * p->hq_row)
-        || grow((void **)&p->y, &p->cap_y, nj * p->n_embd * sizeof(float)))
-        return GS_E_NOMEM;
-    for (int r = 0; r < n_rows; r++)
-        for (int m = W_GATE; m <= W_UP; m++)
-            traits_cpu(p->tr[m]->vec_dot_type)->from_float(x + (size_t)r * p->n_embd,
-                                                           p->xq + (size_t)r * 2 * p->xq_row + m * p->xq_row, p->n_embd);
-    p->n_tasks[0] = 0;
-    p->n_tasks[1] = p->n_jobs * 2 * p->chunks_ff;
-    p->n_tasks[2] = p->n_jobs;
-    p->n_tasks[3] = p->n_jobs * p->chunks_embd;
-    for (int ph = 0; ph < PHASE_DONE; ph++) { atomic_store(&p->next[ph], 0); atomic_store(&p->done[ph], 0); }
-    atomic_store(&p->phase, p->n_jobs ? 1 : PHASE_DONE);
-    atomic_fetch_add(&p->gen, 1);
-    if (atomic_load(&p->sleeping)) {
-        pthread_mutex_lock(&p->mu);
-        pthread_cond_broadcast(&p->cv);
-        pthread_mutex_unlock(&p->mu);
-    }
-    return GS_OK;
-}
+#include "gs_split.h"
 
 /* ---- device reads and writes: the split's own stream (CUDA), memcpy (host) ---- */
 
@@ -366,21 +133,37 @@ static stage_at stage_layout(size_t n_ids, size_t n_rows, size_t n_embd) {
     return a;
 }
 
+static int layer_n_embd(const gs_engine *e, int layer) { return (int)e->recs[e->split.rec[layer][W_GATE]].t->ne[0]; }
+
 /* The CPU's experts, weighted, onto y (rows of n_embd); then y goes back to `to`. */
 static int add_cpu_part(gs_engine *e, int layer, const float *w, float *y, struct gs_tensor *to, int n_used) {
-    struct split_pool *p = e->split.pool;
+    int n_embd = layer_n_embd(e, layer);
     double t0 = now_s();
-    run_phases(p);                                   /* help, then wait for the last task */
-    while (atomic_load(&p->phase) < PHASE_DONE) cpu_relax();
+    split_pool_finish(e->split.pool);
     e->ctr.split_cpu_wait_seconds += now_s() - t0;
-    for (int j = 0; j < p->n_jobs; j++) {
-        const cpu_job *jb = &p->jobs[j];
-        float wk = w[(size_t)jb->row * n_used + jb->pos], *o = y + (size_t)jb->row * p->n_embd;
-        const float *yj = p->y + (size_t)j * p->n_embd;
-        for (int c = 0; c < p->n_embd; c++) o[c] += wk * yj[c];
+    for (int j = 0; j < e->split.n_jobs; j++) {
+        const cpu_job *jb = &e->split.jobs[j];
+        float wk = w[(size_t)jb->row * n_used + jb->pos], *o = y + (size_t)jb->row * n_embd;
+        const float *yj = split_pool_out(e->split.pool, j);
+        for (int c = 0; c < n_embd; c++) o[c] += wk * yj[c];
     }
-    (void)layer;
-    return dio(e, to->data, y, (size_t)e->split.rows[layer] * p->n_embd * sizeof(float), CUDA_H2D);
+    return dio(e, to->data, y, (size_t)e->split.rows[layer] * n_embd * sizeof(float), CUDA_H2D);
+}
+
+/* The layer's expert matrices where the CPU reads them: the uploads' source. */
+static expert_mats layer_mats(const gs_engine *e, int layer) {
+    expert_mats m;
+    for (int k = 0; k < 3; k++) {
+        int r = e->split.rec[layer][k];
+        const struct gs_tensor *t = e->recs[r].t;
+        m.src[k] = e->up[r].src;
+        m.nb1[k] = t->nb[1];
+        m.nb2[k] = t->nb[2];
+        m.type[k] = t->type;
+    }
+    m.n_embd = layer_n_embd(e, layer);
+    m.n_ff = (int)e->recs[e->split.rec[layer][W_GATE]].t->ne[1];
+    return m;
 }
 
 /* The boundary where a layer's routing is known: read it, choose, rewrite
@@ -393,7 +176,6 @@ static int route(gs_engine *e, int layer) {
         || (one && (!w || !inp || w->type != 0 || inp->type != 0)))
         return fail(GS_E_GRAPH, "split experts: layer %d's routing tensors were not seen (or not I32 ids / F32 input)",
                     layer);
-    struct split_pool *p = e->split.pool;
     int n_used = (int)ids->ne[0], n_rows = (int)ids->ne[1], n_expert = (int)e->recs[e->split.rec[layer][0]].t->ne[2];
     int n_embd = (int)x->ne[0];
     if (n_used > e->split.n_used)
@@ -406,8 +188,8 @@ static int route(gs_engine *e, int layer) {
     size_t n_ids = (size_t)n_used * n_rows;
     stage_at at = stage_layout(n_ids, n_rows, n_embd);
     int rc = stage_grow(e, at.end);
-    if (!rc) rc = grow((void **)&p->jobs, &p->cap_jobs, n_ids * sizeof(cpu_job));
-    if (rc) return rc;
+    cpu_job *jobs = rc ? NULL : split_pool_jobs(e->split.pool, n_ids);
+    if (!jobs) return rc ? rc : GS_E_NOMEM;
     char *st = e->split.stage;
     int32_t *id = (int32_t *)(st + at.ids);
     for (int r = 0; r < n_rows && !rc; r++)
@@ -421,18 +203,21 @@ static int route(gs_engine *e, int layer) {
      * best first); the rest of each row's go to the CPU */
     int slot_of[n_expert], n_up = 0;
     for (int k = 0; k < n_expert; k++) slot_of[k] = -1;
-    p->n_jobs = 0;
+    int n_jobs = 0;
     for (size_t k = 0; k < n_ids; k++) {
         int ex = id[k];
         if (ex < 0 || ex >= n_expert) return fail(GS_E_GRAPH, "split experts: layer %d routed to expert %d of %d", layer, ex, n_expert);
         if (slot_of[ex] < 0 && n_up < e->split.n_upload) { slot_of[ex] = n_up; e->split.up_ids[n_up++] = ex; }
-        if (slot_of[ex] < 0) p->jobs[p->n_jobs++] = (cpu_job){ (int)(k / n_used), (int)(k % n_used), ex };
+        if (slot_of[ex] < 0) jobs[n_jobs++] = (cpu_job){ (int)(k / n_used), (int)(k % n_used), ex };
         /* a left-out expert reads a zero expert of its own position: llama.cpp's
          * batched kernels group a ubatch's rows by expert, at most one per row */
         id[k] = slot_of[ex] >= 0 ? slot_of[ex] : e->split.n_upload + (int)(k % n_used);
     }
     e->split.rows[layer] = n_rows;
-    rc = pool_post(e, layer, (const float *)(st + at.x), n_rows);   /* the CPU starts first */
+    e->split.jobs = jobs;
+    e->split.n_jobs = n_jobs;
+    expert_mats mats = layer_mats(e, layer);
+    rc = split_pool_post(e->split.pool, &mats, (const float *)(st + at.x), n_rows, n_jobs);   /* the CPU first */
     for (int m = 0; m < 3 && !rc; m++) {
         int k = e->split.rec[layer][m];
         size_t nb2 = e->recs[k].t->nb[2];
@@ -447,7 +232,7 @@ static int route(gs_engine *e, int layer) {
     if (!rc) rc = dio_sync(e);
     e->ctr.split_upload_seconds += now_s() - t0;
     e->ctr.split_uploaded += n_up;
-    e->ctr.split_cpu += p->n_jobs;
+    e->ctr.split_cpu += n_jobs;
     e->ctr.split_layers++;
     e->split.routed[layer] = 1;
     return rc;
@@ -455,9 +240,8 @@ static int route(gs_engine *e, int layer) {
 
 /* MODE_TWO's second boundary, after ffn_moe_out-L: the CPU's part into the expert sum. */
 static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
-    struct split_pool *p = e->split.pool;
     struct gs_tensor *w = e->split.w[layer];
-    int n_rows = e->split.rows[layer], n_embd = p->n_embd, n_used = (int)e->split.ids[layer]->ne[0];
+    int n_rows = e->split.rows[layer], n_embd = layer_n_embd(e, layer), n_used = (int)e->split.ids[layer]->ne[0];
     if (!w || w->type != 0 || out->type != 0 || out->ne[0] != n_embd)
         return fail(GS_E_GRAPH, "split experts: layer %d's routing weights or expert sum were not as expected", layer);
     size_t n_ids = (size_t)n_used * n_rows;
@@ -477,9 +261,7 @@ static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
  * gone). */
 void split_settle(gs_engine *e) {
     if (!e->split.n) return;
-    struct split_pool *p = e->split.pool;
-    run_phases(p);
-    while (atomic_load(&p->phase) < PHASE_DONE || atomic_load(&p->active)) cpu_relax();
+    split_pool_finish(e->split.pool);
     size_t n = e->cfg.n_layer;
     memset(e->split.x, 0, n * sizeof *e->split.x);
     memset(e->split.ids, 0, n * sizeof *e->split.ids);
@@ -515,7 +297,7 @@ void split_point(gs_engine *e, int layer) {
 }
 
 void split_free(gs_engine *e) {
-    pool_free(e->split.pool);
+    split_pool_free(e->split.pool);
     e->split.pool = NULL;
     if (e->split.buf) G.buffer_free(e->split.buf);
     e->split.buf = NULL;
@@ -546,8 +328,7 @@ static int find_experts(gs_engine *e, int layer, int rec[3]) {
             return fail(GS_E_INVALID, "split experts: layer %d has no streamed %s tensor (separate gate, up and down "
                         "expert tensors are needed)", layer, names[m] + 1);
         const struct gs_tensor *t = e->recs[rec[m]].t;
-        const struct type_traits_cpu *tr = traits_cpu(t->type);
-        if (!tr || !tr->vec_dot || !traits_cpu(tr->vec_dot_type)->from_float || t->ne[3] != 1)
+        if (!cpu_kernels_have(t->type) || t->ne[3] != 1)
             return fail(GS_E_INVALID, "split experts: the CPU has no dot product for %s's type %d", t->name, t->type);
     }
     const struct gs_tensor *g = e->recs[rec[0]].t, *u = e->recs[rec[1]].t, *d = e->recs[rec[2]].t;
@@ -592,7 +373,7 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     split_free(e);
     generate_order(e);
     if (n == 0) return GS_OK;
-    if ((rc = load_cpu_kernels()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
+    if ((rc = cpu_kernels_load()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
     e->split.n_upload = n_upload;
     e->split.n_used = n_used;
     size_t align = G.buft_get_alignment(e->cfg.ring_buft), region = 0;
@@ -622,7 +403,7 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
         G.buffer_clear(e->split.buf, 0);      /* the zero experts (and the padding after them) stay zero */
         e->split.base = G.buffer_get_base(e->split.buf);
         e->split.bytes = region;
-        rc = pool_create(n_threads - 1, &e->split.pool);
+        rc = split_pool_create(n_threads - 1, &e->split.pool);
     }
     if (!rc && e->cfg.use_cuda) {
         int err = C.StreamCreateWithFlags(&e->split.stream, CUDA_STREAM_NON_BLOCKING);

@@ -9,8 +9,9 @@ import pytest
 from conftest import CPU, N_GEN, needs_no_amx
 from gguf_stream import read_model
 from gguf_stream.calibrate import (CALIBRATION_CPU_LAYERS, CALIBRATION_PARTS, CALIBRATION_TOKENS, SPLIT_TRIAL_TOKENS,
-                                   SPLIT_TRIAL_WARMUP, Calibrator, RatesCache, cache_key)
+                                   SPLIT_TRIAL_WARMUP, Calibrator)
 from gguf_stream.config import EngineConfig
+from gguf_stream.split_cache import RatesCache, cache_key
 from gguf_stream.model import StockModel, StreamedModel
 from gguf_stream.perfmodel import Rates, generate_splits
 
@@ -120,7 +121,7 @@ def test_split_keeps_to_its_choices_and_their_most_and_the_plan_finds_it_cached(
     the layers host_tiers leaves it (pinned ones), at most `most` of them, even
     where more would be faster; the cache keys that, and split_lookup (what
     `plan` and the next load ask before loading) gives the same layers."""
-    from gguf_stream.calibrate import cached_split, split_lookup
+    from gguf_stream.split_cache import cached_split, split_lookup
 
     monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
     with StreamedModel(tiny_path, **CPU, n_streamed=6, n_slots=2) as m:

@@ -84,9 +84,9 @@ def test_split_experts_second_generation_same_tokens(tiny_moe_path):
 def test_split_experts_refuses_an_architecture_it_does_not_know(tiny_moe_path, monkeypatch):
     """Another activation or expert biases would make the CPU's part wrong:
     an architecture outside the list is a one-line error, not a guess."""
-    import gguf_stream.streamer as streamer
+    import gguf_stream.placement as placement
 
-    monkeypatch.setattr(streamer, "MOE_SPLIT_ARCHS", ("qwen2moe",))
+    monkeypatch.setattr(placement, "MOE_SPLIT_ARCHS", ("qwen2moe",))
     with pytest.raises(GGUFStreamError, match="--moe-split supports qwen2moe .* not qwen3moe"):
         with split_model(tiny_moe_path, 1):
             pass

@@ -14,6 +14,7 @@ from ..memory import format_size
 from .bounds import bound_notes, weights_per_token
 from .budgets import Budget, search_stock_n_cpu_moe, search_stock_ngl
 from .disk_tier import disk_fields, host_budget_rows
+from .moe_split import moe_split_rows
 from .gate import PEER_MARGIN, Greedy, gate
 from .mirror import Mirror, mirror_of
 from .rows import Row, count_params, mean_sd
@@ -564,30 +565,6 @@ def _budget_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | N
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
         notes.append(f"budget {b.label}: streamed peak {format_size(streamed.vram_peak)} exceeds the budget")
     return rows, GateRun(better.ngl, _greedy(stock), _greedy(streamed), better.n_cpu_moe)
-
-
-def moe_split_rows(ctx: Ctx, b: Budget, refs: dict, notes: list[str], stock: Timing | None) -> list[Row]:
-    """A streamed run per --moe-split N at budget b (mode 'split N'); its
-    greedy tokens compared with the faster stock recipe's in a note."""
-    rows = []
-    for n in ctx.moe_splits:
-        try:
-            t = ctx.run_streamed(vram_budget=b.nbytes, moe_split=n)
-        except GGUFStreamError as exc:
-            notes.append(f"budget {b.label}: moe-split {n} run failed: {exc}")
-            continue
-        rows += ctx.rows(t, budget=b, mode=f"split {n}", refs=refs)
-        if t.engine_note:
-            notes.append(f"budget {b.label}: moe-split {n}: {t.engine_note}")
-        mine, theirs = _greedy(t), _greedy(stock)
-        if mine is not None and theirs is not None:
-            same = next((i for i, (x, y) in enumerate(zip(mine.tokens, theirs.tokens)) if x != y), None)
-            notes.append(f"budget {b.label}: moe-split {n}: greedy tokens " + (
-                f"equal the faster stock recipe's ({len(mine.tokens)})" if same is None
-                else f"first differ from the faster stock recipe's at {same}"))
-        if t.vram_peak is not None and t.vram_peak > b.nbytes:
-            notes.append(f"budget {b.label}: moe-split {n} peak {format_size(t.vram_peak)} exceeds the budget")
-    return rows
 
 
 def _cpu_rate(ctx: Ctx, n_tokens: int, notes: list[str],

@@ -73,7 +73,7 @@ def cached_calibration(path: str, config):
         if not cuda_available():
             return None, None
         from .. import native
-        from ..calibrate import RatesCache, cache_key, split_lookup
+        from ..split_cache import RatesCache, cache_key, split_lookup
 
         total = native.device_memory("CUDA0")[1]
     except (GGUFStreamError, OSError):  # no native helper or llama.cpp libraries here: nothing cached to read

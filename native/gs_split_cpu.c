@@ -1,0 +1,254 @@
+/* The CPU's part of split expert layers (gs_split.c): llama.cpp's own CPU
+ * kernels, resolved from the CPU backend the process loaded, and a pool of
+ * threads computing a layer's left-out experts with them in three phases
+ * (gate and up rows; the activation, quantized; down rows), the hook's
+ * thread helping. Workers spin between layers (the next one comes within a
+ * fraction of a millisecond while generating), then sleep. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gs_abi.h"
+#include "gs_split.h"
+#include "gs_util.h"
+#include "gguf_stream.h"
+
+/* ---- the CPU kernels: llama.cpp's own, from its CPU backend ------------------ */
+
+typedef void (*vec_dot_fn)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
+typedef void (*from_float_fn)(const float *x, void *y, int64_t k);
+struct type_traits_cpu {          /* struct ggml_type_traits_cpu (ggml-cpu.h) */
+    from_float_fn from_float;
+    vec_dot_fn    vec_dot;
+    int32_t       vec_dot_type;
+    int64_t       nrows;
+};
+static const struct type_traits_cpu *(*traits_cpu)(int type);
+static size_t (*row_size)(int type, int64_t n);
+static void (*swiglu)(int n, float *y, const float *x, const float *g);   /* y = silu(x) * g, as the CPU op */
+
+/* The CPU backend's library as the process loaded it (libggml-cpu.so.0 on
+ * llama-cpp-python's wheels): another copy would have uninitialised tables. */
+static int find_cpu_lib(struct dl_phdr_info *info, size_t size, void *out) {
+    (void)size;
+    const char *slash = info->dlpi_name ? strrchr(info->dlpi_name, '/') : NULL;
+    if (!slash || strncmp(slash + 1, "libggml-cpu", 11) != 0) return 0;
+    snprintf(out, 4096, "%s", info->dlpi_name);
+    return 1;
+}
+
+int cpu_kernels_load(void) {
+    if (traits_cpu && row_size && swiglu) return GS_OK;
+    char path[4096] = "";
+    Dl_info info;
+    if (!dl_iterate_phdr(find_cpu_lib, path) || !dladdr((void *)G.nbytes, &info) || !info.dli_fname)
+        return fail(GS_E_DLOPEN, "split experts: llama.cpp's CPU backend (libggml-cpu) is not loaded");
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD), *base = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    traits_cpu = h ? (const struct type_traits_cpu *(*)(int))dlsym(h, "ggml_get_type_traits_cpu") : NULL;
+    swiglu = h ? (void (*)(int, float *, const float *, const float *))dlsym(h, "ggml_vec_swiglu_f32") : NULL;
+    row_size = base ? (size_t (*)(int, int64_t))dlsym(base, "ggml_row_size") : NULL;
+    if (!traits_cpu || !row_size || !swiglu)
+        return fail(GS_E_DLOPEN, "split experts: ggml_get_type_traits_cpu / ggml_vec_swiglu_f32 (%s) or ggml_row_size "
+                    "not found", path);
+    return GS_OK;
+}
+
+int cpu_kernels_have(int type) {
+    const struct type_traits_cpu *tr = traits_cpu(type);
+    return tr && tr->vec_dot && traits_cpu(tr->vec_dot_type)->from_float;
+}
+
+/* ---- one layer's CPU work: experts of some rows, in three phases ------------- */
+
+#define CHUNK_ROWS 32
+#define PHASE_DONE 4
+
+struct split_pool {
+    pthread_t *th;
+    int n_th;
+    atomic_int gen, phase, active, sleeping, stop;
+    atomic_int next[PHASE_DONE], done[PHASE_DONE];
+    int n_tasks[PHASE_DONE];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* the current layer */
+    const char *src[3];           /* expert 0 of each tensor in host memory */
+    size_t nb1[3], nb2[3];
+    int n_ff, n_embd, chunks_ff, chunks_embd;
+    const struct type_traits_cpu *tr[3];
+    size_t xq_row, hq_row;        /* bytes of a quantized x row (gate/up) and h (down) */
+    int n_jobs;
+    cpu_job *jobs;
+    char *xq;                     /* per row of the ubatch: x quantized for gate, then for up */
+    float *g, *u;                 /* per job: n_ff */
+    char *hq;                     /* per job: silu(g)*u quantized for down */
+    float *y;                     /* per job: n_embd */
+    size_t cap_jobs, cap_xq, cap_g, cap_u, cap_hq, cap_y;
+};
+
+static void cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
+
+static void do_task(struct split_pool *p, int ph, int i) {
+    if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
+        int per_job = 2 * p->chunks_ff, j = i / per_job, m = (i % per_job) / p->chunks_ff;
+        int r0 = (i % p->chunks_ff) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
+        const cpu_job *jb = &p->jobs[j];
+        const char *w = p->src[m] + (size_t)jb->expert * p->nb2[m];
+        const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
+        float *out = (m == W_GATE ? p->g : p->u) + (size_t)j * p->n_ff;
+        for (int r = r0; r < r1; r++) p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
+    } else if (ph == 2) {         /* the activation, quantized for down */
+        float *g = p->g + (size_t)i * p->n_ff, *u = p->u + (size_t)i * p->n_ff;
+        swiglu(p->n_ff, g, g, u);
+        traits_cpu(p->tr[W_DOWN]->vec_dot_type)->from_float(g, p->hq + (size_t)i * p->hq_row, p->n_ff);
+    } else {                      /* down rows: job, chunk */
+        int j = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
+        int r1 = r0 + CHUNK_ROWS < p->n_embd ? r0 + CHUNK_ROWS : p->n_embd;
+        const char *w = p->src[W_DOWN] + (size_t)p->jobs[j].expert * p->nb2[W_DOWN];
+        float *y = p->y + (size_t)j * p->n_embd;
+        for (int r = r0; r < r1; r++)
+            p->tr[W_DOWN]->vec_dot(p->n_ff, &y[r], 0, w + r * p->nb1[W_DOWN], 0, p->hq + (size_t)j * p->hq_row, 0, 1);
+    }
+}
+
+static void advance(struct split_pool *p, int ph) {
+    int nx = ph + 1;
+    while (nx < PHASE_DONE && p->n_tasks[nx] == 0) nx++;
+    atomic_store(&p->phase, nx);
+}
+
+/* Take tasks until the layer's work is done (workers and the hook's thread alike). */
+static void run_phases(struct split_pool *p) {
+    for (;;) {
+        int ph = atomic_load(&p->phase);
+        if (ph >= PHASE_DONE) return;
+        int i = atomic_fetch_add(&p->next[ph], 1);
+        if (i >= p->n_tasks[ph]) {
+            while (atomic_load(&p->phase) == ph) cpu_relax();
+            continue;
+        }
+        do_task(p, ph, i);
+        if (atomic_fetch_add(&p->done[ph], 1) + 1 == p->n_tasks[ph]) advance(p, ph);
+    }
+}
+
+#define SPIN_ROUNDS 2000000       /* ~ms: the next layer's work comes sooner while generating */
+
+static void *worker(void *arg) {
+    struct split_pool *p = arg;
+    int seen = 0;
+    while (!atomic_load(&p->stop)) {
+        for (long spins = 0; atomic_load(&p->gen) == seen && !atomic_load(&p->stop); spins++) {
+            if (spins < SPIN_ROUNDS) { cpu_relax(); continue; }
+            pthread_mutex_lock(&p->mu);
+            atomic_fetch_add(&p->sleeping, 1);
+            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+            atomic_fetch_sub(&p->sleeping, 1);
+            pthread_mutex_unlock(&p->mu);
+        }
+        atomic_fetch_add(&p->active, 1);
+        int g = atomic_load(&p->gen);
+        if (g != seen) { seen = g; run_phases(p); }
+        atomic_fetch_sub(&p->active, 1);
+    }
+    return NULL;
+}
+
+void split_pool_free(split_pool *p) {
+    if (!p) return;
+    atomic_store(&p->stop, 1);
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int k = 0; k < p->n_th; k++) pthread_join(p->th[k], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p->th); free(p->jobs); free(p->xq); free(p->g); free(p->u); free(p->hq); free(p->y);
+    free(p);
+}
+
+int split_pool_create(int n_workers, split_pool **out) {
+    struct split_pool *p = calloc(1, sizeof *p);
+    if (!p) return fail(GS_E_NOMEM, "split experts: calloc");
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    atomic_store(&p->phase, PHASE_DONE);
+    p->th = calloc(n_workers > 0 ? n_workers : 1, sizeof *p->th);
+    if (!p->th) { free(p); return fail(GS_E_NOMEM, "split experts: calloc"); }
+    for (; p->n_th < n_workers; p->n_th++)
+        if (pthread_create(&p->th[p->n_th], NULL, worker, p)) {
+            split_pool_free(p);
+            return fail(GS_E_NOMEM, "split experts: pthread_create failed");
+        }
+    *out = p;
+    return GS_OK;
+}
+
+static int grow(void **buf, size_t *cap, size_t want) {
+    if (want <= *cap) return GS_OK;
+    void *n = realloc(*buf, want);
+    if (!n) return fail(GS_E_NOMEM, "split experts: realloc(%zu)", want);
+    *buf = n;
+    *cap = want;
+    return GS_OK;
+}
+
+cpu_job *split_pool_jobs(split_pool *p, size_t n) {
+    while (atomic_load(&p->active) || atomic_load(&p->phase) < PHASE_DONE) cpu_relax();   /* the last layer's: done */
+    return grow((void **)&p->jobs, &p->cap_jobs, n * sizeof(cpu_job)) ? NULL : p->jobs;
+}
+
+int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int n_rows, int n_jobs) {
+    while (atomic_load(&p->active)) cpu_relax();     /* stragglers of the last layer leave first */
+    for (int m = 0; m < 3; m++) {
+        p->src[m] = mats->src[m];
+        p->nb1[m] = mats->nb1[m];
+        p->nb2[m] = mats->nb2[m];
+        p->tr[m] = traits_cpu(mats->type[m]);
+    }
+    p->n_jobs = n_jobs;
+    p->n_embd = mats->n_embd;
+    p->n_ff = mats->n_ff;
+    p->chunks_ff = (p->n_ff + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    p->chunks_embd = (p->n_embd + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    p->xq_row = row_size(p->tr[W_GATE]->vec_dot_type, p->n_embd);
+    size_t up_row = row_size(p->tr[W_UP]->vec_dot_type, p->n_embd);
+    if (up_row > p->xq_row) p->xq_row = up_row;
+    p->hq_row = row_size(p->tr[W_DOWN]->vec_dot_type, p->n_ff);
+    size_t nj = p->n_jobs;
+    if (grow((void **)&p->xq, &p->cap_xq, (size_t)n_rows * 2 * p->xq_row)
+        || grow((void **)&p->g, &p->cap_g, nj * p->n_ff * sizeof(float))
+        || grow((void **)&p->u, &p->cap_u, nj * p->n_ff * sizeof(float))
+        || grow((void **)&p->hq, &p->cap_hq, nj * p->hq_row)
+        || grow((void **)&p->y, &p->cap_y, nj * p->n_embd * sizeof(float)))
+        return GS_E_NOMEM;
+    for (int r = 0; r < n_rows; r++)
+        for (int m = W_GATE; m <= W_UP; m++)
+            traits_cpu(p->tr[m]->vec_dot_type)->from_float(x + (size_t)r * p->n_embd,
+                                                           p->xq + (size_t)r * 2 * p->xq_row + m * p->xq_row, p->n_embd);
+    p->n_tasks[0] = 0;
+    p->n_tasks[1] = p->n_jobs * 2 * p->chunks_ff;
+    p->n_tasks[2] = p->n_jobs;
+    p->n_tasks[3] = p->n_jobs * p->chunks_embd;
+    for (int ph = 0; ph < PHASE_DONE; ph++) { atomic_store(&p->next[ph], 0); atomic_store(&p->done[ph], 0); }
+    atomic_store(&p->phase, p->n_jobs ? 1 : PHASE_DONE);
+    atomic_fetch_add(&p->gen, 1);
+    if (atomic_load(&p->sleeping)) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+    return GS_OK;
+}
+
+void split_pool_finish(split_pool *p) {
+    run_phases(p);                                   /* help, then wait for the last task and the workers */
+    while (atomic_load(&p->phase) < PHASE_DONE || atomic_load(&p->active)) cpu_relax();
+}
+
+const float *split_pool_out(const split_pool *p, int job) { return p->y + (size_t)job * p->n_embd; }
