@@ -26,7 +26,6 @@ from dataclasses import replace
 
 from . import llama_abi, native
 from .calibrate import Calibration, Calibrator, LiveSplit
-from .split_cache import split_lookup
 from .config import EngineConfig, resolve_context, resolve_flash_attn, select_device, with_default_budget
 from .disk import DISK_LOOKAHEAD, arm_disk_load, file_identity, reader_options, with_disk_layers
 from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeError,
@@ -37,6 +36,7 @@ from .placement import (HostTiers, check_host_memory, chosen_generate_resident, 
                         run_tiers)
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
 from .progress import Progress, note
+from .split_cache import split_lookup
 
 llama_abi.llama()  # version check before touching llama-cpp-python's internals
 

@@ -175,7 +175,8 @@ int  resident_node(gs_engine *e, const struct gs_tensor *t, int layer);
 void gr_forget_context(gs_engine *e);
 void gr_free(gs_engine *e);
 
-/* gs_split.c */
+/* gs_split.c; a layer whose experts are split while generating */
+static inline int is_split(const gs_engine *e, int layer) { return e->split.on && e->split.on[layer]; }
 int  split_ask(gs_engine *e, const struct gs_tensor *t);
 void split_synced(gs_engine *e, struct gs_tensor *t);
 void split_point(gs_engine *e, int layer);

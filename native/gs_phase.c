@@ -8,7 +8,7 @@ void generate_order(gs_engine *e) {
     int order[e->cfg.n_layer], n = 0;
     for (int i = 0; i < e->cfg.n_layer; i++) {
         const layer_info *ly = &e->layers[i];
-        if (ly->count > 0 && !ly->cpu_generate && !ly->gr_live && !(e->split.on && e->split.on[i])) order[n++] = i;
+        if (ly->count > 0 && !ly->cpu_generate && !ly->gr_live && !is_split(e, i)) order[n++] = i;
     }
     (void)gs_ring_set_order(e->ring, GS_PHASE_GENERATE, order, n);   /* valid by construction */
 }
@@ -55,10 +55,13 @@ int switch_phase(gs_engine *e, int phase) {
     for (int i = 0; i < e->cfg.n_layer; i++) {
         const layer_info *ly = &e->layers[i];
         if (ly->count == 0 || ly->gr_live) continue;
-        if (!layer_streams(e, phase, i) && phase == GS_PHASE_GENERATE && e->split.on && e->split.on[i])
+        if (layer_streams(e, phase, i)) {
+            if (!layer_streams(e, e->phase, i)) rehome_layer(e, i, slot_base(e, 0));
+        } else if (phase == GS_PHASE_GENERATE && is_split(e, i)) {
             split_point(e, i);
-        else if (!layer_streams(e, phase, i)) point_home(e, i);
-        else if (!layer_streams(e, e->phase, i)) rehome_layer(e, i, slot_base(e, 0));
+        } else {
+            point_home(e, i);
+        }
     }
     e->phase = phase;
     e->hook_ran = 0;
@@ -137,7 +140,7 @@ int gs_engine_set_cpu_layers(gs_engine *e, const int *layers, int n) {
             return fail(GS_E_INVALID, "cpu layer %d out of range", layers[k]);
         if (e->layers[layers[k]].gen_resident)
             return fail(GS_E_INVALID, "layer %d is generate-resident; it cannot also be a CPU layer", layers[k]);
-        if (e->split.on && e->split.on[layers[k]])
+        if (is_split(e, layers[k]))
             return fail(GS_E_INVALID, "layer %d has its experts split; it cannot also be a CPU layer", layers[k]);
         if (e->layers[layers[k]].disk_bytes)
             return fail(GS_E_INVALID, "layer %d is on the disk tier (read from the model file); the CPU cannot "

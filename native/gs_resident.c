@@ -11,7 +11,7 @@ void gr_leave(gs_engine *e) {
         if (!e->layers[i].gr_live) continue;
         e->layers[i].gr_live = 0;
         /* a split layer while generating; else streamed (switch_phase re-homes it for prompts) */
-        if (e->split.on && e->split.on[i] && e->phase == GS_PHASE_GENERATE) split_point(e, i);
+        if (is_split(e, i) && e->phase == GS_PHASE_GENERATE) split_point(e, i);
         else point_layer(e, i, slot_base(e, 0));
     }
     e->gr.base = NULL;

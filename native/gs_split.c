@@ -65,7 +65,7 @@ enum { MODE_TWO = 1, MODE_ONE = 2 };   /* per layer and decode: which boundaries
 
 static int split_layer_of(const gs_engine *e, const struct gs_tensor *t, const char *prefix) {
     int i = parse_index(t->name, prefix, '\0');
-    return i >= 0 && i < e->cfg.n_layer && e->split.on[i] && !e->layers[i].gr_live ? i : -1;
+    return i >= 0 && i < e->cfg.n_layer && is_split(e, i) && !e->layers[i].gr_live ? i : -1;
 }
 
 static int rec_layer(const gs_engine *e, const struct gs_tensor *w) {
@@ -84,8 +84,8 @@ static void learn_weights_node(gs_engine *e, const struct gs_tensor *w) {
     snprintf(e->split.weights_node, sizeof e->split.weights_node, "%.*s", (int)(dash - w->name + 1), w->name);
 }
 
-int split_ask(gs_engine *e, const struct gs_tensor *t) {
-    if (!e->split.n || e->phase != GS_PHASE_GENERATE) return 0;
+/* The names the split looks for ("ffn_..." of a split layer). */
+static int split_name(gs_engine *e, const struct gs_tensor *t) {
     int i;
     if ((i = split_layer_of(e, t, "ffn_inp-")) >= 0) { e->split.inp[i] = (struct gs_tensor *)t; return 0; }
     if ((i = split_layer_of(e, t, "ffn_moe_logits-")) >= 0) { e->split.x[i] = t->src[1]; return 0; }
@@ -106,11 +106,19 @@ int split_ask(gs_engine *e, const struct gs_tensor *t) {
         learn_weights_node(e, t->src[1]);
         return 0;
     }
-    if ((i = split_layer_of(e, t, "ffn_moe_out-")) >= 0 && e->split.mode[i] == MODE_TWO) return 1;
-    /* a node reading a split layer's experts runs only after its routing was rewritten */
+    return (i = split_layer_of(e, t, "ffn_moe_out-")) >= 0 && e->split.mode[i] == MODE_TWO;
+}
+
+/* Every node of a generate decode is asked: the names first (all "ffn_"),
+ * then whether it reads a split layer's experts (they live in the region's
+ * buffer while generating), which must come after the layer's routing. */
+int split_ask(gs_engine *e, const struct gs_tensor *t) {
+    if (!e->split.n || e->phase != GS_PHASE_GENERATE) return 0;
+    if (!strncmp(t->name, "ffn_", 4) && split_name(e, t)) return 1;
     for (int k = 0; k < 3; k++) {
-        int l = rec_layer(e, t->src[k]);
-        if (l >= 0 && e->split.on[l] && !e->layers[l].gr_live && !e->split.routed[l]) {
+        const struct gs_tensor *s = t->src[k];
+        int l = s && s->buffer == e->split.buf ? rec_layer(e, s) : -1;
+        if (l >= 0 && !e->split.routed[l]) {
             engine_fail(e, fail(GS_E_GRAPH, "split experts: %s reads layer %d's experts before its routing was seen "
                                 "(ffn_moe_topk/ffn_moe_weights-%d): this graph's expert block is not the one the "
                                 "split knows", t->name, l, l));
