@@ -73,11 +73,14 @@ class EngineConfig:
     # or layer numbers. exact=True is "none".
     generate_cpu_layers: str | tuple[int, ...] | None = None
     # Mixture-of-experts plans, with CPU expert layers ('auto'): while
-    # generating, those layers upload this many of each token's routed experts
-    # and the CPU computes the others at the same time (the link and the CPU's
-    # memory bus on one layer at once), instead of the CPU computing them all.
-    # None: off. Sums the experts in another order than stock: not bit-identical.
-    moe_split: int | None = None
+    # generating, those layers upload N of each token's routed experts and the
+    # CPU computes the others at the same time (the link and the CPU's memory
+    # bus on one layer at once), instead of the CPU computing them all. "auto":
+    # N timed by the engine on the first generated tokens; "off"; or N. None
+    # (the default): "auto" on CUDA for the architectures it supports
+    # (placement.MOE_SPLIT_ARCHS), "off" elsewhere and in host mode. Sums the
+    # experts in another order than stock: not bit-identical.
+    moe_split: int | str | None = None
     exact: bool = False
     # The most rows (tokens of one ubatch: parallel sequences, a speculative
     # verify) the CPU layers compute on the CPU; larger ubatches take the
@@ -186,7 +189,9 @@ class EngineConfig:
             check_int("cpu_layers_max_batch", self.cpu_layers_max_batch, 1, MAX_CONTEXT)
         if self.generate_rows is not None:
             check_int("generate_rows", self.generate_rows, 1, MAX_SEQUENCES)
-        if self.moe_split is not None:
+        if self.moe_split not in (None, "auto", "off"):
+            if isinstance(self.moe_split, str):
+                raise ValueError(f"moe_split must be 'auto', 'off' or a number of experts, not {self.moe_split!r:.40}")
             check_int("moe_split", self.moe_split, 0, MAX_MOE_SPLIT)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "calibrate_on_tokens",

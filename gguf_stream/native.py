@@ -152,6 +152,7 @@ class Counters:
     split_upload_seconds: float = 0.0
     split_cpu_wait_seconds: float = 0.0
     split_region_bytes: int = 0
+    split_n_upload: int = 0  # experts uploaded per split layer now; -1 while the engine times them (GS_SPLIT_AUTO)
     disk_tier_bytes: int = 0
     released_host_bytes: int = 0
     staging_bytes: int = 0  # the disk tier's staging buffers (pinned on CUDA)
@@ -198,6 +199,7 @@ class Timeline:
 
 E_IO = lib.GS_E_IO  # a disk-tier read failed or the model file changed
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
+SPLIT_AUTO = lib.GS_SPLIT_AUTO  # set_split_experts: the engine times how many experts to upload
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
 
 # Addresses of the two hooks, for llama_context_params.cb_eval.

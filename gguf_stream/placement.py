@@ -73,18 +73,23 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
 MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
 
 
-def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(CPU expert layers, split expert layers) of an experts plan while
-    generating ('auto'): moe_cpu_parts, or with config.moe_split those
-    layers split (gs_split.c), the generate-resident ones too, for whenever
-    they are not in their region."""
-    cpu = moe_cpu_parts(plan)
-    if not cpu or config.moe_split is None:
-        return cpu, ()
+def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile, cuda: bool) -> tuple[tuple[int, ...], tuple[int, ...], int | str]:
+    """(CPU expert layers, split expert layers, experts uploaded per split
+    layer or "auto": timed by the engine) of an experts plan while generating
+    ('auto'): moe_cpu_parts, or with config.moe_split those layers split
+    (gs_split.c), the generate-resident ones too, for whenever they are not
+    in their region. The default splits on CUDA where the architecture
+    allows; asked for elsewhere, an architecture outside MOE_SPLIT_ARCHS is
+    refused."""
+    cpu, choice = moe_cpu_parts(plan), config.moe_split
+    if choice is None:
+        choice = "auto" if cuda and mf.arch in MOE_SPLIT_ARCHS else "off"
+    if not cpu or choice == "off":
+        return cpu, (), 0
     if mf.arch not in MOE_SPLIT_ARCHS:
         raise UnsupportedModelError(f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (their experts: SwiGLU, no "
                                     f"biases), not {mf.arch}; run without it")
-    return (), tuple(sorted(cpu + tuple(plan.generate_resident)))
+    return (), tuple(sorted(cpu + tuple(plan.generate_resident))), choice
 
 
 def _check_named_layers(plan: Plan, config: EngineConfig, cuda: bool) -> None:

@@ -295,9 +295,10 @@ class Streamer:
         choice, cpu = self.config.generate_cpu_layers, ()
         rows, most = self.config.split_rows, self.config.cpu_layers_max_batch
         if choice == "auto" and self.experts_only:
-            cpu, split = moe_generate_parts(self.plan, self.config, self.model_file)
+            cpu, split, n_upload = moe_generate_parts(self.plan, self.config, self.model_file, self.cuda)
             if split:  # their experts split between an upload and the CPU (gs_split.c)
-                self.engine.set_split_experts(split, self.config.moe_split, self.model_file.hparams["n_expert_used"],
+                self.engine.set_split_experts(split, native.SPLIT_AUTO if n_upload == "auto" else n_upload,
+                                              self.model_file.hparams["n_expert_used"],
                                               self.config.threads)
                 self.split_experts = split
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):

@@ -121,6 +121,7 @@ typedef struct {
     int      disk_direct;      /* 1: the disk tier reads with O_DIRECT (asked for and allowed) */
     int      disk_readers;     /* the staged engine's reader threads, 0 without it */
     uint64_t split_region_bytes; /* the split-expert layers' device region (gs_engine_set_split_experts) */
+    int      split_n_upload;     /* experts uploaded per split layer and ubatch now; -1 while GS_SPLIT_AUTO times */
 } gs_sizes;
 
 /* ---- the model file (disk tier) ---------------------------------------------- */
@@ -436,6 +437,13 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
  * neither CPU, generate-resident nor disk-tier layers. n = 0 turns it off.
  * Between decodes, as set_cpu_layers. */
 #define GS_SPLIT_MAX_UPLOAD 64
+/* n_upload GS_SPLIT_AUTO: the hook times its split layers' work on the first
+ * one-row decodes with each n_upload from about a quarter to three quarters
+ * of n_used in turn, GS_SPLIT_TUNE_RUNS layer runs each, and keeps the
+ * fastest (median): PCIe and the CPU's memory rates differ by machine. */
+#define GS_SPLIT_AUTO -1
+#define GS_SPLIT_TUNE_CANDIDATES 8
+#define GS_SPLIT_TUNE_RUNS 24
 int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.

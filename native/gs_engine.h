@@ -109,7 +109,12 @@ struct gs_engine {
     } gr;
 
     struct {                          /* experts split while generating (gs_split.c) */
-        int     n, n_upload, n_used;  /* layers split; experts of a ubatch uploaded per layer; routed per token */
+        int     n, n_upload, n_used;  /* layers split; experts of a ubatch uploaded per layer now; routed per token */
+        int     n_max;                /* room in the region for uploaded experts (the zero ones follow) */
+        struct {                      /* GS_SPLIT_AUTO: n_upload timed over one-row decodes, lo..hi in turn */
+            int    lo, hi, runs;      /* candidates; runs timed so far (hi < lo: chosen) */
+            float  sec[GS_SPLIT_TUNE_CANDIDATES][GS_SPLIT_TUNE_RUNS];
+        } tune;
         unsigned char *on;            /* per layer */
         int   (*rec)[3];              /* per layer: records of its gate, up, down expert tensors */
         size_t (*off)[3];             /* ... and their place in the region */

@@ -177,6 +177,36 @@ static expert_mats layer_mats(const gs_engine *e, int layer) {
 /* The boundary where a layer's routing is known: read it, choose, rewrite
  * the ids, start the CPU, upload. MODE_ONE (the final weights and the
  * residual at hand): finish the CPU's part into the residual here too. */
+/* GS_SPLIT_AUTO: this one-row layer run's n_upload, the candidates in turn. */
+static int tuning(const gs_engine *e) { return e->split.tune.hi >= e->split.tune.lo; }
+
+static void tune_pick(gs_engine *e) {
+    int n_cand = e->split.tune.hi - e->split.tune.lo + 1;
+    e->split.n_upload = e->split.tune.lo + e->split.tune.runs % n_cand;
+}
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* One timed layer run of the candidate tune_pick chose; once each has its
+ * runs, the one with the least median keeps (a preempted run is an outlier). */
+static void tune_record(gs_engine *e, double seconds) {
+    int lo = e->split.tune.lo, n_cand = e->split.tune.hi - lo + 1, k = e->split.tune.runs % n_cand;
+    e->split.tune.sec[k][e->split.tune.runs / n_cand] = (float)seconds;
+    if (++e->split.tune.runs < n_cand * GS_SPLIT_TUNE_RUNS) return;
+    int best = 0;
+    float best_s = 0;
+    for (k = 0; k < n_cand; k++) {
+        qsort(e->split.tune.sec[k], GS_SPLIT_TUNE_RUNS, sizeof(float), cmp_float);
+        float med = e->split.tune.sec[k][GS_SPLIT_TUNE_RUNS / 2];
+        if (k == 0 || med < best_s) { best = k; best_s = med; }
+    }
+    e->split.n_upload = e->size.split_n_upload = lo + best;
+    e->split.tune.hi = lo - 1;
+}
+
 static int route(gs_engine *e, int layer) {
     struct gs_tensor *ids = e->split.ids[layer], *x = e->split.x[layer], *w = e->split.w[layer], *inp = e->split.inp[layer];
     int one = e->split.mode[layer] == MODE_ONE;
@@ -194,6 +224,9 @@ static int route(gs_engine *e, int layer) {
                     != (size_t)n_used * n_rows)))
         return fail(GS_E_GRAPH, "split experts: layer %d's expert input, weights or residual have unexpected shapes", layer);
     size_t n_ids = (size_t)n_used * n_rows;
+    double t_start = now_s();
+    int timed = one && n_rows == 1 && tuning(e);
+    if (timed) tune_pick(e);
     stage_at at = stage_layout(n_ids, n_rows, n_embd);
     int rc = stage_grow(e, at.end);
     cpu_job *jobs = rc ? NULL : split_pool_jobs(e->split.pool, n_ids);
@@ -219,7 +252,7 @@ static int route(gs_engine *e, int layer) {
         if (slot_of[ex] < 0) jobs[n_jobs++] = (cpu_job){ (int)(k / n_used), (int)(k % n_used), ex };
         /* a left-out expert reads a zero expert of its own position: llama.cpp's
          * batched kernels group a ubatch's rows by expert, at most one per row */
-        id[k] = slot_of[ex] >= 0 ? slot_of[ex] : e->split.n_upload + (int)(k % n_used);
+        id[k] = slot_of[ex] >= 0 ? slot_of[ex] : e->split.n_max + (int)(k % n_used);
     }
     e->split.rows[layer] = n_rows;
     e->split.jobs = jobs;
@@ -243,6 +276,7 @@ static int route(gs_engine *e, int layer) {
     e->ctr.split_cpu += n_jobs;
     e->ctr.split_layers++;
     e->split.routed[layer] = 1;
+    if (timed && !rc) tune_record(e, now_s() - t_start);
     return rc;
 }
 
@@ -315,6 +349,8 @@ void split_free(gs_engine *e) {
     free(e->split.on); free(e->split.rec); free(e->split.off); free(e->split.x); free(e->split.ids);
     free(e->split.w); free(e->split.inp); free(e->split.mode); free(e->split.routed); free(e->split.rows);
     memset(&e->split, 0, sizeof e->split);
+    e->size.split_region_bytes = 0;
+    e->size.split_n_upload = 0;
 }
 
 /* The layer's gate, up and down expert tensors among its records. */
@@ -344,11 +380,31 @@ static int find_experts(gs_engine *e, int layer, int rec[3]) {
         || g->ne[2] != u->ne[2] || g->ne[2] != d->ne[2])
         return fail(GS_E_INVALID, "split experts: layer %d's expert tensors do not have gate/up [n_embd, n_ff, n] and "
                     "down [n_ff, n_embd, n] shapes", layer);
-    if (e->split.n_upload + e->split.n_used > g->ne[2])
+    if (e->split.n_max + e->split.n_used > g->ne[2])
         return fail(GS_E_INVALID, "split experts: %d uploaded experts and %d zero ones (one per expert used) need %d "
-                    "experts per layer (it has %lld)", e->split.n_upload, e->split.n_used,
-                    e->split.n_upload + e->split.n_used, (long long)g->ne[2]);
+                    "experts per layer (it has %lld)", e->split.n_max, e->split.n_used,
+                    e->split.n_max + e->split.n_used, (long long)g->ne[2]);
     return GS_OK;
+}
+
+/* GS_SPLIT_AUTO's candidates: a quarter to three quarters of the experts
+ * used (PCIe and the CPU's memory at comparable rates share them about
+ * evenly), as the region and the expert count allow. */
+static void tune_range(gs_engine *e, int layer) {
+    int n_expert = 0, u = e->split.n_used;
+    const layer_info *ly = layer >= 0 && layer < e->cfg.n_layer ? &e->layers[layer] : NULL;
+    for (int k = ly ? ly->first : 0; ly && k < ly->first + ly->count; k++)
+        if (strstr(e->recs[k].t->name, "_exps.weight")) n_expert = (int)e->recs[k].t->ne[2];
+    int lo = u / 4 > 1 ? u / 4 : 1, hi = (3 * u + 3) / 4;
+    if (hi > n_expert - u) hi = n_expert - u;
+    if (hi > GS_SPLIT_MAX_UPLOAD) hi = GS_SPLIT_MAX_UPLOAD;
+    if (hi - lo + 1 > GS_SPLIT_TUNE_CANDIDATES) hi = lo + GS_SPLIT_TUNE_CANDIDATES - 1;
+    if (hi < lo) hi = lo;                 /* find_experts refuses what does not fit */
+    e->split.tune.lo = lo;
+    e->split.tune.hi = hi > lo ? hi : lo - 1;
+    e->split.tune.runs = 0;
+    e->split.n_max = hi > lo ? hi : lo;
+    e->split.n_upload = lo;
 }
 
 static int alloc_arrays(gs_engine *e) {
@@ -373,17 +429,20 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if (!e->started) return fail(GS_E_INVALID, "set_split_experts: the engine has not started");
     if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
         return fail(GS_E_INVALID, "set_split_experts: the attached context reuses graphs built with the old placement");
-    if (n < 0 || (n > 0 && (n_upload < 0 || n_upload > GS_SPLIT_MAX_UPLOAD || n_used < 1 || n_threads < 1)))
-        return fail(GS_E_INVALID, "set_split_experts: %d layers, %d uploaded experts (0 .. %d), %d used, %d threads", n,
-                    n_upload, GS_SPLIT_MAX_UPLOAD, n_used, n_threads);
+    if (n < 0 || (n > 0 && (n_upload < GS_SPLIT_AUTO || n_upload > GS_SPLIT_MAX_UPLOAD || n_used < 1
+                            || n_threads < 1)))
+        return fail(GS_E_INVALID, "set_split_experts: %d layers, %d uploaded experts (0 .. %d, or %d: timed), %d used, "
+                    "%d threads", n, n_upload, GS_SPLIT_MAX_UPLOAD, GS_SPLIT_AUTO, n_used, n_threads);
     int rc = switch_phase(e, GS_PHASE_PROMPT);
     if (rc) return rc;
     split_free(e);
     generate_order(e);
     if (n == 0) return GS_OK;
     if ((rc = cpu_kernels_load()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
-    e->split.n_upload = n_upload;
     e->split.n_used = n_used;
+    e->split.n_upload = e->split.n_max = n_upload;
+    e->split.tune.lo = 1;                 /* tune.hi < lo: nothing to time */
+    if (n_upload == GS_SPLIT_AUTO) tune_range(e, layers[0]);
     size_t align = G.buft_get_alignment(e->cfg.ring_buft), region = 0;
     if (!align) align = 1;
     for (int k = 0; k < n && !rc; k++) {
@@ -396,7 +455,8 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
             size_t at = 0;
             for (int m = 0; m < 3; m++) {
                 e->split.off[i][m] = at;
-                at = align_up(at + (size_t)(n_upload + n_used) * e->recs[e->split.rec[i][m]].t->nb[2] + 512, align);
+                at = align_up(at + (size_t)(e->split.n_max + n_used) * e->recs[e->split.rec[i][m]].t->nb[2] + 512,
+                              align);
             }
             if (at > region) region = at;
             e->split.on[i] = 1;
@@ -420,6 +480,7 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if (rc) { split_free(e); return rc; }
     e->split.n = n;
     e->size.split_region_bytes = region;
+    e->size.split_n_upload = tuning(e) ? -1 : e->split.n_upload;
     generate_order(e);
     return GS_OK;
 }

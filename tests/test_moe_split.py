@@ -90,3 +90,36 @@ def test_split_experts_refuses_an_architecture_it_does_not_know(tiny_moe_path, m
     with pytest.raises(GGUFStreamError, match="--moe-split supports qwen2moe .* not qwen3moe"):
         with split_model(tiny_moe_path, 1):
             pass
+
+
+def test_split_experts_auto_times_then_keeps_the_fastest(moe_case):
+    """moe_split='auto': the engine times each candidate count on the first
+    one-row decodes (-1 until then), then keeps one of them; the tokens and
+    logits stay stock's throughout."""
+    path, prompt, ref_tokens, ref_logits = moe_case
+    with split_model(path, "auto") as m:
+        assert m.stats.counters.split_n_upload == -1
+        for _ in range(4):  # tiny models: 2 candidates x 24 timed runs, 2-4 split layers per one-row decode
+            tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+            assert tokens == ref_tokens
+            assert rel_diff(logits, ref_logits) <= TOL
+            m.reset()
+        assert m.stats.counters.split_n_upload in (1, 2)
+
+
+def test_split_default_on_cuda_only_for_known_architectures(tiny_moe_path, monkeypatch):
+    """The default (None): off in host mode; on CUDA 'auto' for an
+    architecture of MOE_SPLIT_ARCHS, off (no error) for another."""
+    from dataclasses import replace
+
+    import gguf_stream.placement as placement
+
+    with split_model(tiny_moe_path, None) as m:
+        assert m.streamer.split_experts == () and m.stats.counters.split_layers == 0
+        plan, config, mf = m.streamer.plan, replace(m.config, moe_split=None), m.streamer.model_file
+    cpu, split, n = placement.moe_generate_parts(plan, config, mf, cuda=True)
+    assert cpu == () and split and n == "auto"
+    assert placement.moe_generate_parts(plan, replace(config, moe_split="off"), mf, cuda=True)[1] == ()
+    monkeypatch.setattr(placement, "MOE_SPLIT_ARCHS", ("qwen2moe",))
+    cpu, split, _ = placement.moe_generate_parts(plan, config, mf, cuda=True)
+    assert cpu and split == ()

@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..cli.options import parse_moe_split
 from ..errors import GGUFStreamError
 from ..memory import KV_CACHE_TYPES, format_size, is_quantized_kv, parse_size
 from . import plot
@@ -103,9 +104,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                    help="skip the all-in-VRAM row (default: run it); the gate then compares with each budget's "
                    "stock run, calibrated by that run's mirror (see above and --allow-near-ties)")
     g.add_argument("--moe-split", default=None, metavar="LIST",
-                   help="mixture-of-experts models: per budget, one more streamed run per N in LIST (e.g. 4,5) whose "
-                        "CPU expert layers upload N of each token's routed experts while the CPU computes the others "
-                        "(--moe-split of run/serve; default: none)")
+                   help="mixture-of-experts models: per budget, one more streamed run per entry of LIST (e.g. "
+                        "off,3,4): off, the CPU computes the CPU expert layers' routed experts, as --n-cpu-moe; N, "
+                        "they upload N of each token's experts while the CPU computes the others; auto, N timed "
+                        "(--moe-split of run/serve, whose default the streamed rows use; default: none)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
     g.add_argument("--host-budget", default=None, metavar="LIST",
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
     ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
                args.allow_near_ties, host_budgets=_host_budgets(args.host_budget),
-               moe_splits=_int_list(args.moe_split, "--moe-split"))
+               moe_splits=_moe_splits(args.moe_split))
     meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
             "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
             "workload": asdict(w), "command": " ".join(sys.argv)}
@@ -178,13 +180,12 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     return BenchResult(tuple(rows), meta, tuple(notes))
 
 
-def _int_list(spec: str | None, flag: str) -> tuple[int, ...]:
-    if not spec:
-        return ()
+def _moe_splits(spec: str | None) -> tuple:
+    """--moe-split's list: auto, off or numbers of experts."""
     try:
-        return tuple(int(v) for v in spec.split(","))
-    except ValueError:
-        raise SystemExit(f"gguf-stream bench: {flag} takes integers separated by commas, not {spec!r}") from None
+        return tuple(parse_moe_split(v) for v in spec.split(",")) if spec else ()
+    except ValueError as exc:
+        raise SystemExit(f"gguf-stream bench: {exc}") from None
 
 
 def _host_budgets(text: str | None) -> tuple[str, ...]:

@@ -57,6 +57,20 @@ def _layers(flag: str, words=("auto", "none")):
     return lambda spec: parse_layers(spec, flag, words)
 
 
+def parse_moe_split(spec: str, flag: str = "--moe-split") -> int | str:
+    """'auto' | 'off' | N for --moe-split."""
+    spec = spec.strip().lower()
+    if spec in ("auto", "off"):
+        return spec
+    try:
+        n = int(spec)
+    except ValueError:
+        raise ValueError(f"{flag} takes auto, off or a number of experts like 3; got {spec!r}") from None
+    if n < 0:
+        raise ValueError(f"{flag}: give a non-negative number of experts; got {spec!r}")
+    return n
+
+
 @dataclass(frozen=True)
 class Flag:
     """One command-line flag: the EngineConfig field it sets (None: a flag of
@@ -139,8 +153,10 @@ ENGINE_FLAGS = (
          _layers("--generate-cpu-layers")),
     Flag("moe_split", ("--moe-split",), GENERATE, "mixture-of-experts models: the CPU expert layers upload N of "
          "each token's routed experts while generating and the CPU computes the others at the same time (PCIe and "
-         "the CPU's memory on one layer at once; sums in another order than stock). Default: off, the CPU computes "
-         "them all", dict(type=int, metavar="N")),
+         "the CPU's memory on one layer at once; sums in another order than stock); auto: N timed on the first "
+         "generated tokens; off: the CPU computes them all, as --n-cpu-moe. Default: auto on CUDA for qwen3moe, "
+         "qwen2moe and glm4moe, off in host mode and for other architectures", dict(metavar="auto|off|N"),
+         lambda spec: parse_moe_split(spec)),
     Flag("exact", ("--exact",), GENERATE, "while generating, compute every layer on the GPU (streamed ones "
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
          "some streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, which are "
