@@ -37,7 +37,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool, check_
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.planned_flash_attn,
                      n_slots=c.n_slots, max_slots=c.max_slots, whole_layers=c.whole_layers, type_k=c.type_k,
                      type_v=c.type_v, repack_cpu_layers=c.repack, n_seq=kv_streams(c),
-                     runtime_bytes=LAZY_KERNEL_BYTES if cuda else 0, **what)
+                     runtime_bytes=(LAZY_KERNEL_BYTES if cuda else 0) + split_region_bytes(model_file, c, cuda), **what)
 
 
 def chosen_generate_resident(model_file: ModelFile, plan: Plan, config: EngineConfig,
@@ -73,6 +73,37 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
 MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
 
 
+def moe_split_choice(config: EngineConfig, mf: ModelFile, cuda: bool) -> int | str:
+    """config.moe_split as a run on this device uses it: the default (None)
+    is "auto" on CUDA for MOE_SPLIT_ARCHS, else "off"."""
+    if config.moe_split is not None:
+        return config.moe_split
+    return "auto" if cuda and mf.is_moe and mf.arch in MOE_SPLIT_ARCHS else "off"
+
+
+def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:
+    """Device bytes the split's region takes (gs_split.c): per expert tensor
+    of the largest layer, room for the most experts uploaded (with "auto",
+    its largest candidate: about three quarters of those used, as
+    tune_range) and a zero expert per expert used; 0 when no split runs."""
+    choice = moe_split_choice(config, mf, cuda)
+    if choice == "off" or not mf.is_moe:
+        return 0
+    used = mf.hparams.get("n_expert_used", 0)
+    most = 0
+    for layer in range(mf.n_layer):
+        exps = [t for t in mf.layer_tensors(layer) if t.name.endswith(("_exps.weight",)) and len(t.shape) == 3]
+        if not exps:
+            continue
+        n_expert = exps[0].shape[2]
+        room = choice if isinstance(choice, int) else max(max(1, used // 4), min((3 * used + 3) // 4, n_expert - used))
+        most = max(most, sum((room + used) * (t.nbytes // n_expert) + SPLIT_PAD for t in exps))
+    return most
+
+
+SPLIT_PAD = 512 + 256  # gs_split.c's padding after each tensor's experts and the buffer alignment
+
+
 def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile, cuda: bool) -> tuple[tuple[int, ...], tuple[int, ...], int | str]:
     """(CPU expert layers, split expert layers, experts uploaded per split
     layer or "auto": timed by the engine) of an experts plan while generating
@@ -81,9 +112,7 @@ def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile, cuda: bo
     in their region. The default splits on CUDA where the architecture
     allows; asked for elsewhere, an architecture outside MOE_SPLIT_ARCHS is
     refused."""
-    cpu, choice = moe_cpu_parts(plan), config.moe_split
-    if choice is None:
-        choice = "auto" if cuda and mf.arch in MOE_SPLIT_ARCHS else "off"
+    cpu, choice = moe_cpu_parts(plan), moe_split_choice(config, mf, cuda)
     if not cpu or choice == "off":
         return cpu, (), 0
     if mf.arch not in MOE_SPLIT_ARCHS:

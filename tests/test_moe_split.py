@@ -123,3 +123,25 @@ def test_split_default_on_cuda_only_for_known_architectures(tiny_moe_path, monke
     monkeypatch.setattr(placement, "MOE_SPLIT_ARCHS", ("qwen2moe",))
     cpu, split, _ = placement.moe_generate_parts(plan, config, mf, cuda=True)
     assert cpu and split == ()
+
+
+def test_split_region_counted_in_the_plan(tiny_moe_path):
+    """The region the split allocates is in the plan's device estimate (with
+    the runtime, in compute_bytes) where the split will run: the default on
+    CUDA, an explicit N anywhere; and it covers what the engine allocated."""
+    from gguf_stream import read_model
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.placement import initial_plan, split_region_bytes
+
+    mf = read_model(tiny_moe_path)
+    est = split_region_bytes(mf, EngineConfig(), cuda=True)
+    assert est > 0 and split_region_bytes(mf, EngineConfig(), cuda=False) == 0
+    assert split_region_bytes(mf, EngineConfig(moe_split="off"), cuda=True) == 0
+
+    def compute(**kw):
+        return initial_plan(mf, EngineConfig(vram_budget="1GiB", n_ctx=256, **kw), cuda=True, check_device=False).compute_bytes
+
+    assert compute() - compute(moe_split="off") == est
+    with split_model(tiny_moe_path, "auto") as m:
+        allocated = m.stats.counters.split_region_bytes
+    assert 0 < allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
