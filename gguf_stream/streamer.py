@@ -301,6 +301,9 @@ class Streamer:
                                               self.model_file.hparams["n_expert_used"],
                                               self.config.threads)
                 self.split_experts = split
+                note(f"generate split: the routed experts of {len(split)} layers split between uploads and the CPU "
+                     f"({'N timed on the first generated tokens' if n_upload == 'auto' else f'{n_upload} uploaded'}"
+                     f"; --moe-split off: the CPU computes them all)", self.config.progress)
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose
             note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)
