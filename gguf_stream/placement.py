@@ -6,7 +6,7 @@ host-memory check on it. Pure but for the device's size (native), so
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import EngineConfig, available_host_memory, kv_streams, resolve_context
 from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
@@ -240,8 +240,13 @@ def host_tiers(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bo
     measured = (choice == "auto" and cuda and plan.part != "experts" and bool(base.generate_overflow)
                 and rows < OFFLOAD_MIN_BATCH and (most_rows is None or rows <= most_rows))
     if not measured:
+        split = ()
         if choice == "auto" and plan.part == "experts":
-            cpu, why = moe_cpu_parts(base), "the overflow layers' experts beyond the slots (a token reads few of them)"
+            cpu, split, n = moe_generate_parts(base, config, model_file, cuda)
+            why = "the overflow layers' experts beyond the slots (a token reads few of them)" + (
+                f", each token's routed experts split between uploads and the CPU ("
+                f"{'N timed on the first generated tokens' if n == 'auto' else f'{n} uploaded'}; --moe-split off: "
+                "the CPU computes them all)" if split else "")
         elif choice == "auto" and cuda and not base.generate_overflow:
             cpu, why = (), "none (every streamed layer stays resident while generating)"
         elif choice == "auto" and cuda:
@@ -253,7 +258,7 @@ def host_tiers(model_file: ModelFile, plan: Plan, config: EngineConfig, cuda: bo
         else:
             cpu, why = tuple(choice), "as given"
         fixed = with_generate_placement(base, [i for i in cpu if i in streamed and i not in resident], resident)
-        return HostTiers(_with_budget(fixed, budget, staging), budget, why)
+        return HostTiers(_with_budget(replace(fixed, split_layers=tuple(split)), budget, staging), budget, why)
     tiered = _with_budget(base, budget, staging)
     disk = set(tiered.disk_layers)
     choices = tuple(i for i in tiered.generate_overflow if i not in disk)

@@ -102,6 +102,9 @@ class Plan:
     # n_seq cells, padded (memory.kv_cells); 1 also when they share one
     # (kv_unified). kv_bytes covers them all.
     n_seq: int = 1
+    # streamed layers whose routed experts are split between uploads and the
+    # CPU while generating (--moe-split, gs_split.c); shown as "split"
+    split_layers: tuple[int, ...] = ()
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -226,7 +229,8 @@ class Plan:
             size = (f"{format_size(s.fixed_bytes)} resident | " if experts else "") + (
                 format_size(s.bytes) if s.bytes or not experts else "none (a dense layer)")
             disk = " (disk)" if s.disk and s.placement == "streamed" else ""
-            lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {s.generate}{disk} | "
+            generate = "split" if s.layer in self.split_layers and s.generate == "streamed" else s.generate
+            lines.append(f"| {s.layer} | {size} | {s.placement}{disk} | {generate}{disk} | "
                          f"{'' if s.slot is None else s.slot} |")
         if experts:
             lines += ["", "(a mixture-of-experts model: every layer's dense part (attention, norms, router, "
@@ -248,6 +252,8 @@ class Plan:
             f"streamed {len(self.streamed)} ({format_size(self.streamed_bytes)}) through "
             f"{self.n_slots} slot(s) of {format_size(self.slot_bytes)}"
             + (f"; while generating, {len(self.cpu_layers)} of them are computed by the CPU" if self.cpu_layers else "")
+            + (f"; while generating, the routed experts of {len(self.split_layers)} of them split between uploads and "
+               "the CPU" if self.split_layers else "")
             + (f"; {len(self.generate_resident)} stay resident while generating, in the compute buffer's part "
                "that only prompts use" if self.generate_resident else ""),
             f"device estimate: resident {format_size(self.resident_bytes)} + shared {format_size(self.shared_bytes)}"

@@ -145,3 +145,31 @@ def test_split_region_counted_in_the_plan(tiny_moe_path):
     with split_model(tiny_moe_path, "auto") as m:
         allocated = m.stats.counters.split_region_bytes
     assert 0 < allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
+
+
+def test_plan_shows_the_split_and_no_repacked_copies(tiny_moe_path):
+    """A CUDA plan of a split-capable MoE (the default: --moe-split auto)
+    shows its CPU expert layers as 'split' and counts no repacked copy for
+    them (the split reads the pinned copy); with --moe-split off they are
+    CPU layers with their repacked copies, as before."""
+    import re
+
+    from gguf_stream import read_model
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.placement import initial_plan, run_tiers
+
+    mf = read_model(tiny_moe_path)
+
+    def planned(**kw):
+        config = EngineConfig(n_ctx=256, n_ubatch=64, n_streamed=4, n_slots=2, device="cuda", **kw)
+        return run_tiers(mf, initial_plan(mf, config, True, check_device=False), config, True)
+
+    split, off = planned(), planned(moe_split="off")
+    assert off.plan.cpu_layers and not off.plan.split_layers
+    assert split.plan.split_layers == off.plan.cpu_layers and not split.plan.cpu_layers
+    assert split.plan.pageable_bytes < off.plan.pageable_bytes == off.plan.input_bytes + sum(
+        mf.stream_bytes[i] for i in off.plan.cpu_layers)
+    table = split.plan.table()
+    for i in split.plan.split_layers:
+        assert re.search(rf"^\| {i} \| .* \| streamed \| split \| \d \|$", table, re.M), table
+    assert "split between uploads and the CPU" in split.split and "split" not in off.split
