@@ -149,11 +149,20 @@ static int add_cpu_part(gs_engine *e, int layer, const float *w, float *y, struc
     double t0 = now_s();
     split_pool_finish(e->split.pool);
     e->ctr.split_cpu_wait_seconds += now_s() - t0;
-    for (int j = 0; j < e->split.n_jobs; j++) {
-        const cpu_job *jb = &e->split.jobs[j];
-        float wk = w[(size_t)jb->row * n_used + jb->pos], *o = y + (size_t)jb->row * n_embd;
-        const float *yj = split_pool_out(e->split.pool, j);
-        for (int c = 0; c < n_embd; c++) o[c] += wk * yj[c];
+    /* a row's jobs (contiguous, in routing order) summed first, as llama.cpp
+     * sums a row's weighted experts, then onto the residual: with every
+     * routed expert on the CPU the layer's output is then stock's bit for bit */
+    float acc[n_embd];
+    for (int j = 0; j < e->split.n_jobs;) {
+        int row = e->split.jobs[j].row;
+        memset(acc, 0, sizeof acc);
+        for (; j < e->split.n_jobs && e->split.jobs[j].row == row; j++) {
+            float wk = w[(size_t)row * n_used + e->split.jobs[j].pos];
+            const float *yj = split_pool_out(e->split.pool, j);
+            for (int c = 0; c < n_embd; c++) acc[c] += wk * yj[c];
+        }
+        float *o = y + (size_t)row * n_embd;
+        for (int c = 0; c < n_embd; c++) o[c] += acc[c];
     }
     return dio(e, to->data, y, (size_t)e->split.rows[layer] * n_embd * sizeof(float), CUDA_H2D);
 }
