@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from .config import EngineConfig, available_host_memory, kv_streams, resolve_context
+from .config import MAX_MOE_SPLIT, EngineConfig, available_host_memory, kv_streams, resolve_context
 from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
 from .errors import BudgetError, HostMemoryError, UnsupportedModelError
 from .gguf_file import ModelFile
@@ -75,10 +75,12 @@ MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
 
 def moe_split_choice(config: EngineConfig, mf: ModelFile, cuda: bool) -> int | str:
     """config.moe_split as a run on this device uses it: the default (None)
-    is "auto" on CUDA for MOE_SPLIT_ARCHS, else "off"."""
+    is "auto" on CUDA for MOE_SPLIT_ARCHS, else "off" (also where the layers
+    have no room for an uploaded expert beside a zero one per expert used)."""
     if config.moe_split is not None:
         return config.moe_split
-    return "auto" if cuda and mf.is_moe and mf.arch in MOE_SPLIT_ARCHS else "off"
+    room = mf.hparams.get("n_expert", 0) - mf.hparams.get("n_expert_used", 0)
+    return "auto" if cuda and mf.is_moe and mf.arch in MOE_SPLIT_ARCHS and room >= 1 else "off"
 
 
 def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:
@@ -96,11 +98,18 @@ def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:
         if not exps:
             continue
         n_expert = exps[0].shape[2]
-        room = choice if isinstance(choice, int) else max(max(1, used // 4), min((3 * used + 3) // 4, n_expert - used))
+        room = choice if isinstance(choice, int) else _auto_room(used, n_expert)
         most = max(most, sum((room + used) * (t.nbytes // n_expert) + SPLIT_PAD for t in exps))
     return most
 
 
+def _auto_room(used: int, n_expert: int) -> int:
+    """The most experts "auto" uploads per layer: gs_split.c's tune_range."""
+    lo = max(1, used // 4)
+    return max(1, min((3 * used + 3) // 4, n_expert - used, MAX_MOE_SPLIT, lo + SPLIT_TUNE_CANDIDATES - 1))
+
+
+SPLIT_TUNE_CANDIDATES = 8  # gguf_stream.h GS_SPLIT_TUNE_CANDIDATES
 SPLIT_PAD = 512 + 256  # gs_split.c's padding after each tensor's experts and the buffer alignment
 
 

@@ -408,7 +408,8 @@ static void tune_range(gs_engine *e, int layer) {
     if (hi > n_expert - u) hi = n_expert - u;
     if (hi > GS_SPLIT_MAX_UPLOAD) hi = GS_SPLIT_MAX_UPLOAD;
     if (hi - lo + 1 > GS_SPLIT_TUNE_CANDIDATES) hi = lo + GS_SPLIT_TUNE_CANDIDATES - 1;
-    if (hi < lo) hi = lo;                 /* find_experts refuses what does not fit */
+    if (lo > hi) lo = hi;                 /* few experts beyond those used: fewer candidates */
+    if (lo < 1) lo = hi = 1;              /* none: find_experts refuses the layer */
     e->split.tune.lo = lo;
     e->split.tune.hi = hi > lo ? hi : lo - 1;
     e->split.tune.runs = 0;

@@ -151,7 +151,15 @@ def test_split_region_counted_in_the_plan(tiny_moe_path):
     assert compute() - compute(moe_split="off") == est
     with split_model(tiny_moe_path, "auto") as m:
         allocated = m.stats.counters.split_region_bytes
-    assert 0 < allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
+    assert 0 < est - 3 * 768 <= allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
+
+
+def test_split_constants_match_the_engine():
+    from gguf_stream import native, placement
+    from gguf_stream.config import MAX_MOE_SPLIT
+
+    assert placement.SPLIT_TUNE_CANDIDATES == native.lib.GS_SPLIT_TUNE_CANDIDATES
+    assert MAX_MOE_SPLIT == native.lib.GS_SPLIT_MAX_UPLOAD and native.SPLIT_AUTO == -1
 
 
 def test_plan_shows_the_split_and_no_repacked_copies(tiny_moe_path):
