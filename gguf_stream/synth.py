@@ -3,7 +3,7 @@
 The files are complete GGUF models that llama.cpp can load and run: real
 hyper-parameter metadata, a small SentencePiece-style ("llama") tokenizer, and
 quantized weight tensors whose blocks are generated *directly as raw bytes*
-(quantizing floats would take minutes for an 8B model).  Four architectures:
+(quantizing floats would take minutes for an 8B model).  Five architectures:
 
 * dense "llama" (Llama 3 shapes);
 * mixture-of-experts "qwen3moe" (Qwen3-30B-A3B shapes): per layer a float32 router
@@ -14,6 +14,9 @@ quantized weight tensors whose blocks are generated *directly as raw bytes*
   same routed experts, plus a shared expert every token uses (`ffn_{gate,up,down}_shexp`,
   n_ff_shexp wide) scaled by a sigmoid gate (`ffn_gate_inp_shexp`, one F32 vector),
   and Qwen2's q/k/v biases;
+* "gpt-oss" (gpt-oss-20b/120b shapes): biases on q/k/v, the attention output, the
+  router and every expert matrix, attention sinks (`attn_sinks`, a logit per head),
+  every other layer a sliding window, and MXFP4 expert weights as the released files;
 * "glm4moe" (GLM-4.5-Air shapes): the first n_dense_lead layers dense (no experts at
   all), the others routed experts with sigmoid gating and a selection bias
   (`exp_probs_b`) plus shared experts without a gate; q/k/v biases, rotary embedding
@@ -98,6 +101,7 @@ class Shape:
     n_ff_shexp: int = 0  # the shared experts' hidden size (qwen2moe; glm4moe: n_ff_exp x their count)
     n_dense_lead: int = 0  # leading layers without experts (glm4moe)
     n_rot: int = 0       # rotated dimensions of a head; 0: head_dim
+    n_swa: int = 0       # sliding window of every other layer (gpt-oss); 0: none
 
     def __post_init__(self):
         if not self.head_dim:
@@ -147,6 +151,20 @@ SHAPES: dict[str, Shape] = {
                          n_vocab=151552, ctx_len=131072, rope_theta=1000000.0, head_dim=128,
                          n_expert=128, n_expert_used=8, n_ff_exp=1408, n_ff_shexp=1408, n_dense_lead=1,
                          n_rot=64),
+    # gpt-oss-20b: 32 MXFP4 experts of n_ff 2880, 4 used; 64 heads of 64 (4096 > n_embd), every
+    # other layer a 128-token sliding window; biases on attention, router and experts; the other
+    # matrices Q5_0 under Q4_K (rows of 2880)
+    "gpt-oss-20b": Shape("gpt-oss", n_layer=24, n_embd=2880, n_ff=2880, n_head=64, n_head_kv=8,
+                         n_vocab=201088, ctx_len=131072, rope_theta=150000.0, head_dim=64, n_expert=32,
+                         n_expert_used=4, n_ff_exp=2880, n_swa=128),
+    # gpt-oss-120b: 36 layers, 128 experts
+    "gpt-oss-120b": Shape("gpt-oss", n_layer=36, n_embd=2880, n_ff=2880, n_head=64, n_head_kv=8,
+                          n_vocab=201088, ctx_len=131072, rope_theta=150000.0, head_dim=64, n_expert=128,
+                          n_expert_used=4, n_ff_exp=2880, n_swa=128),
+    # for tests: gpt-oss in miniature; an 8-token window, so tests' prompts cross it
+    "tiny-gpt-oss": Shape("gpt-oss", n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_vocab=512,
+                          ctx_len=512, rope_theta=150000.0, head_dim=64, n_expert=8, n_expert_used=2,
+                          n_ff_exp=256, n_swa=8),
     # for tests: glm4moe in miniature, layer 0 dense
     "tiny-glm4moe": Shape("glm4moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                           n_vocab=512, ctx_len=512, rope_theta=1000000.0, head_dim=64, n_expert=8,
@@ -189,9 +207,16 @@ _GLM_ATTENTION = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias",
 GLM4MOE_DENSE_TENSORS = _GLM_ATTENTION + ("ffn_gate", "ffn_up", "ffn_down")
 GLM4MOE_LAYER_TENSORS = _GLM_ATTENTION + ("ffn_gate_inp", "exp_probs_b.bias", "ffn_gate_exps", "ffn_up_exps",
                                           "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
-_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS)}
+# then gpt-oss's: biases on the attention output, the router and every expert matrix; attention sinks
+GPT_OSS_KINDS = ("attn_output.bias", "attn_sinks", "ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias",
+                 "ffn_down_exps.bias")
+GPT_OSS_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k.bias", "attn_v", "attn_v.bias",
+                         "attn_output", "attn_output.bias", "attn_sinks", "post_attention_norm", "ffn_gate_inp",
+                         "ffn_gate_inp.bias", "ffn_gate_exps", "ffn_gate_exps.bias", "ffn_up_exps", "ffn_up_exps.bias",
+                         "ffn_down_exps", "ffn_down_exps.bias")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS + GPT_OSS_KINDS)}
 _LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS,
-                  "glm4moe": GLM4MOE_LAYER_TENSORS}
+                  "glm4moe": GLM4MOE_LAYER_TENSORS, "gpt-oss": GPT_OSS_LAYER_TENSORS}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
 ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
 SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe")
@@ -272,7 +297,21 @@ def q4_k_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarr
     return blocks
 
 
-_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32), "Q5_0": (q5_0_blocks, 32)}
+def mxfp4_blocks(rng: np.random.Generator, n_blocks: int, std: float) -> np.ndarray:
+    """Random MXFP4 blocks: (n_blocks, 17) uint8 (gpt-oss's expert weights).
+
+    Layout (ggml block_mxfp4, 32 values): E8M0 exponent e | 16 bytes qs: 4-bit codes
+    (value j in byte j's low half, j + 16 in its high half); value = k[code] * 2^(e-127) / 2
+    with k = 0, 1, 2, 3, 4, 6, 8, 12 and their negatives (twice FP4 E2M1). Uniform codes
+    are symmetric (mean exactly 0, rms of k sqrt(34.25)); e is one per tensor.
+    """
+    blocks = _raw_bytes(rng, n_blocks, 17)
+    blocks[:, 0] = 127 + round(math.log2(2 * std / math.sqrt(34.25)))
+    return blocks
+
+
+_BLOCKS = {"Q4_K": (q4_k_blocks, 256), "Q8_0": (q8_0_blocks, 32), "Q5_0": (q5_0_blocks, 32),
+           "MXFP4": (mxfp4_blocks, 32)}
 # What a tensor whose rows do not split into the type's blocks is written as
 # (llama-quantize's convert_incompatible_tensor: Q4_K -> Q5_0)
 _FALLBACK = {"Q4_K": "Q5_0"}
@@ -294,6 +333,7 @@ class TensorSpec:
     is_router: bool = False   # F32 random (not 1 + noise), not quantized
     std: float | None = None  # of the dequantized values; None: EMBD_STD / MATRIX_STD
     is_bias: bool = False     # F32, BIAS_STD * N(0, 1)
+    qtype: str | None = None  # written as this type whatever the file's (gpt-oss's experts: MXFP4)
 
 
 def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
@@ -308,6 +348,11 @@ def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         shapes.update({"attn_q_norm": (hd,), "attn_k_norm": (hd,), "ffn_gate_inp": (n_exp, e),
                        "ffn_gate_exps": (n_exp, ff_exp, e), "ffn_up_exps": (n_exp, ff_exp, e),
                        "ffn_down_exps": (n_exp, e, ff_exp)})
+    if shape.arch == "gpt-oss":
+        shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,), "attn_output.bias": (e,),
+                       "attn_sinks": (shape.n_head,), "post_attention_norm": (e,), "ffn_gate_inp.bias": (n_exp,),
+                       "ffn_gate_exps.bias": (n_exp, ff_exp), "ffn_up_exps.bias": (n_exp, ff_exp),
+                       "ffn_down_exps.bias": (n_exp, e)})
     if shape.n_ff_shexp:
         sh = shape.n_ff_shexp
         shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
@@ -325,11 +370,14 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
         dense_lead = il < shape.n_dense_lead
         for name in GLM4MOE_DENSE_TENSORS if dense_lead else _LAYER_TENSORS[shape.arch]:
             std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
-            # the shared expert's gate is a vector of one logit's weights, random like a router's
-            router = name in ("ffn_gate_inp", "ffn_gate_inp_shexp")
+            # the shared expert's gate is a vector of one logit's weights, random like a router's;
+            # gpt-oss's attention sinks are logits too (one per head)
+            router = name in ("ffn_gate_inp", "ffn_gate_inp_shexp", "attn_sinks")
             full = f"blk.{il}.{name}" + ("" if "." in name else ".weight")
+            mxfp4 = shape.arch == "gpt-oss" and name.endswith("_exps") and layer_shapes[name][-1] % 32 == 0
             specs.append(TensorSpec(full, layer_shapes[name], (il + 1, _KIND_INDEX[name]),
-                                    name.endswith("_norm"), router, std, name.endswith(".bias")))
+                                    name.endswith("_norm"), router, std, name.endswith(".bias"),
+                                    "MXFP4" if mxfp4 else None))
     specs.append(TensorSpec("output_norm.weight", (e,), (0, 1), True))
     specs.append(TensorSpec("output.weight", (shape.n_vocab, e), (0, 2), False))
     return specs
@@ -345,6 +393,8 @@ def tensor_type(spec: TensorSpec, qtype: str) -> str:
     do not split into qtype's blocks (raises where neither fits)."""
     if _is_float(spec):
         return "F32"
+    if spec.qtype:
+        return spec.qtype
     cols = spec.shape[-1]
     for t in (qtype, _FALLBACK.get(qtype)):
         if t and cols % _BLOCKS[t][1] == 0:
@@ -409,6 +459,8 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
         w.add_expert_feed_forward_length(shape.n_ff_exp)
     if shape.arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
+    if shape.arch == "gpt-oss":  # every other layer attends to the last n_swa tokens only
+        w.add_sliding_window(shape.n_swa)
     if shape.arch == "glm4moe":  # GLM-4.5's: sigmoid scores, top-k weights normalised, scale 1
         w.add_expert_shared_count(shape.n_ff_shexp // shape.n_ff_exp)
         w.add_leading_dense_block_count(shape.n_dense_lead)
@@ -462,6 +514,8 @@ def _check_arch(shape: Shape) -> None:
     if not 0 <= shape.n_dense_lead < shape.n_layer or (shape.n_dense_lead and shape.arch != "glm4moe"):
         raise ValueError(f"n_dense_lead must be in 0..n_layer-1, and only glm4moe has dense leading layers; "
                          f"got {shape.n_dense_lead} for {shape.arch}")
+    if (shape.n_swa > 0) != (shape.arch == "gpt-oss"):
+        raise ValueError(f"gpt-oss alone has (and needs) a sliding window; got n_swa={shape.n_swa} for {shape.arch}")
     if shape.arch != "glm4moe" and shape.n_rot != shape.head_dim:
         raise ValueError(f"{shape.arch} rotates whole heads: n_rot must be head_dim ({shape.head_dim})")
 

@@ -147,7 +147,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 # mixture-of-experts cases (test_moe.py, test_moe_split.py)
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_path(tmp_path_factory) -> Path:
+    """Synthetic 4-layer gpt-oss: MXFP4 experts with biases, a biased router, attention
+    sinks, every other layer an 8-token sliding window (the tests' prompts cross it)."""
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-gpt-oss.gguf", "tiny-gpt-oss", "Q4_K", seed=6)
+
+
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss"])
 def moe_path(request):
     return request.getfixturevalue(f"{request.param}_path")
 

@@ -20,6 +20,12 @@ from gguf_stream.model import StreamedModel
 TOL = 2e-3
 
 
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
+def moe_path(request):
+    """The split's architectures (placement.MOE_SPLIT_ARCHS) among conftest's tiny MoE models."""
+    return request.getfixturevalue(f"{request.param}_path")
+
+
 def rel_diff(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 

@@ -112,7 +112,8 @@ def test_8b_shape_sizes():
     s = SHAPES["llama3-8b"]
     assert (s.n_layer, s.n_embd, s.n_ff, s.n_head, s.n_head_kv, s.n_vocab) == (32, 4096, 14336, 32, 8, 128256)
     for s in SHAPES.values():  # Q4_K throughout (MoE shapes: Q5_0 where rows of n_ff* do not fit, see below)
-        assert s.n_embd % 256 == 0 and (s.is_moe or s.n_ff % 256 == 0)
+        # (gpt-oss's 2880 fits neither: Q5_0 throughout, MXFP4 experts, test_gpt_oss_shapes)
+        assert (s.n_embd % 256 == 0 or s.arch == "gpt-oss") and (s.is_moe or s.n_ff % 256 == 0)
 
 
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
@@ -441,3 +442,32 @@ def test_glm_4_5_air_shape():
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_dense_lead=1))
     with pytest.raises(ValueError, match="must be a multiple of n_ff_exp"):
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(GLM, n_ff_shexp=200))
+
+
+# ------------------------------------------------------------------ gpt-oss: MXFP4 experts with biases
+
+
+def test_gpt_oss_shapes():
+    """gpt-oss-20b/120b's sizes (their released files are 12-13 / 60-65 GB with
+    some matrices at higher precision); MXFP4 experts, F32 biases and sinks."""
+    from gguf_stream.synth import _nbytes, tensor_specs, tensor_type
+
+    for name, n_layer, n_expert, lo, hi in (("gpt-oss-20b", 24, 32, 10.4, 10.8), ("gpt-oss-120b", 36, 128, 58, 58.5)):
+        s = SHAPES[name]
+        assert (s.arch, s.n_layer, s.n_embd, s.n_expert, s.n_expert_used, s.n_swa) == ("gpt-oss", n_layer, 2880,
+                                                                                        n_expert, 4, 128)
+        specs = tensor_specs(s)
+        assert lo < sum(_nbytes(spec, "Q4_K") for spec in specs) / 2**30 < hi
+        types = {spec.name.split(".", 2)[2]: tensor_type(spec, "Q4_K") for spec in specs if spec.name.startswith("blk.0.")}
+        assert {k: v for k, v in types.items() if "_exps" in k} == {
+            "ffn_gate_exps.weight": "MXFP4", "ffn_up_exps.weight": "MXFP4", "ffn_down_exps.weight": "MXFP4",
+            "ffn_gate_exps.bias": "F32", "ffn_up_exps.bias": "F32", "ffn_down_exps.bias": "F32"}
+        assert types["attn_sinks.weight"] == types["ffn_gate_inp.bias"] == "F32" and types["attn_q.weight"] == "Q5_0"
+
+
+def test_mxfp4_blocks_are_zero_mean_with_the_chosen_spread():
+    from gguf_stream.synth import mxfp4_blocks
+
+    x = gguf.quants.dequantize(mxfp4_blocks(np.random.default_rng(0), 1 << 14, 0.02), gguf.GGMLQuantizationType.MXFP4)
+    assert abs(float(x.mean())) < 1e-4 and 0.015 < float(x.std()) < 0.03
+    assert set(np.unique(np.abs(x) / (2.0 ** -7 / 2))) == {0, 1, 2, 3, 4, 6, 8, 12}
