@@ -49,7 +49,7 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
         sources=[str(base / p.name) for p in sorted(NATIVE.glob("*.c"))],
         depends=[str(base / p.name) for p in sorted(NATIVE.glob("*.h"))],
         include_dirs=[str(base)],
-        libraries=["dl", "pthread"],
+        libraries=["dl", "pthread", "m"],
         # Only the module's init function leaves the library: the units'
         # shared internals (G, C, fail, ...) stay private to it.
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-fvisibility=hidden"],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from .config import MAX_MOE_SPLIT, EngineConfig, available_host_memory, kv_streams, resolve_context
 from .disk import assign_disk_tier, host_margin, reader_options, spare_host_memory, staging_bytes
 from .errors import BudgetError, HostMemoryError, UnsupportedModelError
-from .gguf_file import ModelFile
+from .gguf_file import ModelFile, is_expert_tensor
 from .memory import LAZY_KERNEL_BYTES, format_size, generate_graph_bytes, parse_size
 from .perfmodel import split_cpu_layers
 from .planner import (OFFLOAD_MIN_BATCH, Plan, generate_resident_layers, interleaved_layers, make_plan,
@@ -68,9 +68,11 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
     return tuple(i for i in overflow if i not in held)
 
 
-# where --moe-split's CPU part (SwiGLU experts without biases, their sum added
-# to the residual) computes what llama.cpp's graph does; tested in host mode
-MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
+# where --moe-split's CPU part (SwiGLU experts, gpt-oss's clamped one with
+# biases; their sum added to the residual) computes what llama.cpp's graph
+# does; tested in host mode
+MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe", "gpt-oss")
+OAI_ACTIVATION_ARCHS = ("gpt-oss",)  # their experts' GLU is swiglu_oai (with expert biases)
 
 
 def moe_split_choice(config: EngineConfig, mf: ModelFile, cuda: bool) -> int | str:
@@ -94,10 +96,11 @@ def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:
     used = mf.hparams.get("n_expert_used", 0)
     most = 0
     for layer in range(mf.n_layer):
-        exps = [t for t in mf.layer_tensors(layer) if t.name.endswith(("_exps.weight",)) and len(t.shape) == 3]
-        if not exps:
+        exps = [t for t in mf.layer_tensors(layer) if is_expert_tensor(t.name)]  # gpt-oss: their biases too
+        weights = [t for t in exps if len(t.shape) == 3]
+        if not weights:
             continue
-        n_expert = exps[0].shape[2]
+        n_expert = weights[0].shape[2]
         room = choice if isinstance(choice, int) else _auto_room(used, n_expert)
         most = max(most, sum((room + used) * (t.nbytes // n_expert) + SPLIT_PAD for t in exps))
     return most
@@ -125,8 +128,8 @@ def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile, cuda: bo
     if not cpu or choice == "off":
         return cpu, (), 0
     if mf.arch not in MOE_SPLIT_ARCHS:
-        raise UnsupportedModelError(f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (their experts: SwiGLU, no "
-                                    f"biases), not {mf.arch}; run without it")
+        raise UnsupportedModelError(f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (experts whose activation "
+                                    f"the CPU part computes as llama.cpp does), not {mf.arch}; run without it")
     return (), tuple(sorted(cpu + tuple(plan.generate_resident))), choice
 
 

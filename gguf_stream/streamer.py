@@ -32,8 +32,8 @@ from .errors import (BudgetError, DecodeError, EnvironmentMismatchError, NativeE
                      UnsupportedModelError)
 from .gguf_file import ModelFile, is_expert_tensor, read_model
 from .memory import kv_ggml_type
-from .placement import (HostTiers, check_host_memory, chosen_generate_resident, initial_plan, moe_generate_parts,
-                        run_tiers)
+from .placement import (OAI_ACTIVATION_ARCHS, HostTiers, check_host_memory, chosen_generate_resident, initial_plan,
+                        moe_generate_parts, run_tiers)
 from .planner import OFFLOAD_MIN_BATCH, Plan, decode_sizes, decode_ubatches, is_generate_phase, with_generate_placement
 from .progress import Progress, note
 from .split_cache import split_lookup
@@ -298,8 +298,8 @@ class Streamer:
             cpu, split, n_upload = moe_generate_parts(self.plan, self.config, self.model_file, self.cuda)
             if split:  # their experts split between an upload and the CPU (gs_split.c)
                 self.engine.set_split_experts(split, native.SPLIT_AUTO if n_upload == "auto" else n_upload,
-                                              self.model_file.hparams["n_expert_used"],
-                                              self.config.threads)
+                                              self.model_file.hparams["n_expert_used"], self.config.threads,
+                                              oai=self.model_file.arch in OAI_ACTIVATION_ARCHS)
                 self.split_experts = split
                 note(f"generate split: the routed experts of {len(split)} layers split between uploads and the CPU "
                      f"({'N timed on the first generated tokens' if n_upload == 'auto' else f'{n_upload} uploaded'}"

@@ -442,9 +442,17 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
  * of n_used in turn, GS_SPLIT_TUNE_RUNS layer runs each, and keeps the
  * fastest (median): PCIe and the CPU's memory rates differ by machine. */
 #define GS_SPLIT_AUTO -1
+/* activation: the experts' GLU as llama.cpp's graph computes it: SwiGLU
+ * (qwen3moe, qwen2moe, glm4moe) or gpt-oss's clamped one (swiglu_oai, alpha
+ * 1.702, limit 7); a split layer whose graph shows another fails the decode.
+ * Expert biases (ffn_*_exps.bias) are uploaded and added as llama.cpp's
+ * ggml_add_id does. */
+#define GS_SPLIT_ACT_SWIGLU 0
+#define GS_SPLIT_ACT_OAI 1
 #define GS_SPLIT_TUNE_CANDIDATES 8
 #define GS_SPLIT_TUNE_RUNS 24
-int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads);
+int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
+                                 int activation);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are

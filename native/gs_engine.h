@@ -116,8 +116,10 @@ struct gs_engine {
             float  sec[GS_SPLIT_TUNE_CANDIDATES][GS_SPLIT_TUNE_RUNS];
         } tune;
         unsigned char *on;            /* per layer */
-        int   (*rec)[3];              /* per layer: records of its gate, up, down expert tensors */
-        size_t (*off)[3];             /* ... and their place in the region */
+        int     oai;                  /* the experts' activation: GS_SPLIT_ACT_* */
+        int   (*rec)[6];              /* per layer: records of its gate, up, down expert tensors and their
+                                       * biases (-1: none), gs_split.h's order */
+        size_t (*off)[6];             /* ... and their place in the region */
         void   *buf;                  /* the device region */
         char   *base;
         size_t  bytes;

@@ -73,20 +73,43 @@ static int rec_layer(const gs_engine *e, const struct gs_tensor *w) {
     return idx < 0 ? -1 : e->recs[idx].layer;
 }
 
-/* The node that computes the final routing weights (behind reshapes and
- * views), by name less its layer: "ffn_moe_weights_norm-" for qwen3moe. Once
- * known, a layer takes one boundary there instead of two. */
+/* The node that computes the final routing weights, by name less its
+ * layer: "ffn_moe_weights_norm-" for qwen3moe, the softmax's reshape
+ * "ffn_moe_weights_softmax-" for gpt-oss (the first so named behind reshapes
+ * and views). Once known, a layer takes one boundary there instead of two. */
 static void learn_weights_node(gs_engine *e, const struct gs_tensor *w) {
-    while (w && (!strcmp(G.op_name(w->op), "RESHAPE") || !strcmp(G.op_name(w->op), "VIEW"))) w = w->src[0];
-    const char *dash = w ? strrchr(w->name, '-') : NULL;
-    if (!dash || strncmp(w->name, "ffn_moe_weights", 15) || dash - w->name >= (long)sizeof e->split.weights_node - 1)
-        return;
-    snprintf(e->split.weights_node, sizeof e->split.weights_node, "%.*s", (int)(dash - w->name + 1), w->name);
+    for (; w; w = w->src[0]) {
+        const char *dash = strrchr(w->name, '-');
+        if (dash && dash[1] && strspn(dash + 1, "0123456789") == strlen(dash + 1)
+            && !strncmp(w->name, "ffn_moe_weights", 15) && dash - w->name < (long)sizeof e->split.weights_node - 1) {
+            snprintf(e->split.weights_node, sizeof e->split.weights_node, "%.*s", (int)(dash - w->name + 1), w->name);
+            return;
+        }
+        if (strcmp(G.op_name(w->op), "RESHAPE") && strcmp(G.op_name(w->op), "VIEW")) return;
+    }
+}
+
+/* A split layer's experts' activation node must be the one the CPU
+ * computes (GS_SPLIT_ACT_*): another fails the decode, never a wrong sum. */
+static int activation_ok(gs_engine *e, const struct gs_tensor *t) {
+    static const char *names[] = { "ffn_moe_swiglu-", "ffn_moe_swiglu_oai-", "ffn_moe_swiglu_limited-",
+                                   "ffn_moe_silu-", "ffn_moe_gelu-", "ffn_moe_geglu-", "ffn_moe_situ-",
+                                   "ffn_moe_relu-", "ffn_moe_reglu-" };
+    for (int k = 0; k < (int)(sizeof names / sizeof *names); k++) {
+        int i = split_layer_of(e, t, names[k]);
+        if (i < 0) continue;
+        if (k == (e->split.oai ? 1 : 0)) return 1;
+        engine_fail(e, fail(GS_E_GRAPH, "split experts: layer %d's experts use %.*s, not the %s the CPU computes",
+                            i, (int)strlen(names[k]) - 1, names[k], e->split.oai ? "swiglu_oai" : "swiglu"));
+        return 0;
+    }
+    return 1;
 }
 
 /* The names the split looks for ("ffn_..." of a split layer). */
 static int split_name(gs_engine *e, const struct gs_tensor *t) {
     int i;
+    if (!activation_ok(e, t)) return 1;
     if ((i = split_layer_of(e, t, "ffn_inp-")) >= 0) { e->split.inp[i] = (struct gs_tensor *)t; return 0; }
     if ((i = split_layer_of(e, t, "ffn_moe_logits-")) >= 0) { e->split.x[i] = t->src[1]; return 0; }
     if ((i = split_layer_of(e, t, "ffn_moe_topk-")) >= 0) {     /* a new decode's routing for layer i */
@@ -167,17 +190,26 @@ static int add_cpu_part(gs_engine *e, int layer, const float *w, float *y, struc
     return dio(e, to->data, y, (size_t)e->split.rows[layer] * n_embd * sizeof(float), CUDA_H2D);
 }
 
+/* Bytes of one expert in a layer's split tensor m: a matrix's nb[2], a bias's nb[1]. */
+static size_t expert_stride(const gs_engine *e, int layer, int m) {
+    const struct gs_tensor *t = e->recs[e->split.rec[layer][m]].t;
+    return m < B_GATE ? t->nb[2] : t->nb[1];
+}
+
 /* The layer's expert matrices where the CPU reads them: the uploads' source. */
 static expert_mats layer_mats(const gs_engine *e, int layer) {
     expert_mats m;
     for (int k = 0; k < 3; k++) {
-        int r = e->split.rec[layer][k];
+        int r = e->split.rec[layer][k], rb = e->split.rec[layer][B_GATE + k];
         const struct gs_tensor *t = e->recs[r].t;
         m.src[k] = e->up[r].src;
         m.nb1[k] = t->nb[1];
         m.nb2[k] = t->nb[2];
         m.type[k] = t->type;
+        m.bias[k] = rb < 0 ? NULL : (const float *)e->up[rb].src;
+        m.bias_nb1[k] = rb < 0 ? 0 : e->recs[rb].t->nb[1];
     }
+    m.oai = e->split.oai;
     m.n_embd = layer_n_embd(e, layer);
     m.n_ff = (int)e->recs[e->split.rec[layer][W_GATE]].t->ne[1];
     return m;
@@ -268,12 +300,13 @@ static int route(gs_engine *e, int layer) {
     e->split.n_jobs = n_jobs;
     expert_mats mats = layer_mats(e, layer);
     rc = split_pool_post(e->split.pool, &mats, (const float *)(st + at.x), n_rows, n_jobs);   /* the CPU first */
-    for (int m = 0; m < 3 && !rc; m++) {
+    for (int m = 0; m < SPLIT_TENSORS && !rc; m++) {
         int k = e->split.rec[layer][m];
-        size_t nb2 = e->recs[k].t->nb[2];
+        if (k < 0) continue;
+        size_t nb = expert_stride(e, layer, m);
         for (int j = 0; j < n_up && !rc; j++)
-            rc = dio(e, e->split.base + e->split.off[layer][m] + j * nb2,
-                     (const char *)e->up[k].src + (size_t)e->split.up_ids[j] * nb2, nb2, CUDA_H2D);
+            rc = dio(e, e->split.base + e->split.off[layer][m] + j * nb,
+                     (const char *)e->up[k].src + (size_t)e->split.up_ids[j] * nb, nb, CUDA_H2D);
     }
     for (int r = 0; r < n_rows && !rc; r++)
         rc = dio(e, (char *)ids->data + (size_t)r * ids->nb[1], id + (size_t)r * n_used, n_used * sizeof(int32_t), CUDA_H2D);
@@ -339,7 +372,8 @@ void split_synced(gs_engine *e, struct gs_tensor *t) {
 
 /* Split layers' expert tensors read from the region while generating. */
 void split_point(gs_engine *e, int layer) {
-    for (int m = 0; m < 3; m++) {
+    for (int m = 0; m < SPLIT_TENSORS; m++) {
+        if (e->split.rec[layer][m] < 0) continue;
         const srec *r = &e->recs[e->split.rec[layer][m]];
         r->t->buffer = e->split.buf;
         r->t->extra = r->src_extra;
@@ -362,19 +396,21 @@ void split_free(gs_engine *e) {
     e->size.split_n_upload = 0;
 }
 
-/* The layer's gate, up and down expert tensors among its records. */
-static int find_experts(gs_engine *e, int layer, int rec[3]) {
-    static const char *names[3] = { ".ffn_gate_exps.weight", ".ffn_up_exps.weight", ".ffn_down_exps.weight" };
+/* The layer's gate, up and down expert tensors among its records, and their
+ * biases where it has them (gpt-oss). */
+static int find_experts(gs_engine *e, int layer, int rec[SPLIT_TENSORS]) {
+    static const char *names[SPLIT_TENSORS] = { ".ffn_gate_exps.weight", ".ffn_up_exps.weight", ".ffn_down_exps.weight",
+                                                ".ffn_gate_exps.bias", ".ffn_up_exps.bias", ".ffn_down_exps.bias" };
     const layer_info *ly = &e->layers[layer];
-    rec[0] = rec[1] = rec[2] = -1;
+    for (int m = 0; m < SPLIT_TENSORS; m++) rec[m] = -1;
     for (int k = ly->first; k < ly->first + ly->count; k++) {
         const char *name = e->recs[k].t->name;
         int m = 0;
-        while (m < 3 && !(strstr(name, names[m]) && !strcmp(strstr(name, names[m]), names[m]))) m++;
-        if (m < 3) rec[m] = k;
-        else if (strstr(name, "_exps"))   /* biases or scales indexed by the routed ids would read rewritten ones */
-            return fail(GS_E_INVALID, "split experts: layer %d has %s; only plain gate/up/down expert weights can "
-                        "be split", layer, name);
+        while (m < SPLIT_TENSORS && !(strstr(name, names[m]) && !strcmp(strstr(name, names[m]), names[m]))) m++;
+        if (m < SPLIT_TENSORS) rec[m] = k;
+        else if (strstr(name, "_exps"))   /* scales indexed by the routed ids would read rewritten ones */
+            return fail(GS_E_INVALID, "split experts: layer %d has %s; only gate/up/down expert weights and biases "
+                        "can be split", layer, name);
     }
     for (int m = 0; m < 3; m++) {
         if (rec[m] < 0)
@@ -389,6 +425,12 @@ static int find_experts(gs_engine *e, int layer, int rec[3]) {
         || g->ne[2] != u->ne[2] || g->ne[2] != d->ne[2])
         return fail(GS_E_INVALID, "split experts: layer %d's expert tensors do not have gate/up [n_embd, n_ff, n] and "
                     "down [n_ff, n_embd, n] shapes", layer);
+    for (int m = B_GATE; m < SPLIT_TENSORS; m++) {   /* a bias: F32 [rows of its matrix, n] */
+        const struct gs_tensor *b = rec[m] < 0 ? NULL : e->recs[rec[m]].t, *w = e->recs[rec[m - B_GATE]].t;
+        if (b && (b->type != 0 || b->ne[0] != w->ne[1] || b->ne[1] != w->ne[2] || b->ne[2] != 1))
+            return fail(GS_E_INVALID, "split experts: %s is not an F32 bias per expert [%lld, %lld]", b->name,
+                        (long long)w->ne[1], (long long)w->ne[2]);
+    }
     if (e->split.n_max + e->split.n_used > g->ne[2])
         return fail(GS_E_INVALID, "split experts: %d uploaded experts and %d zero ones (one per expert used) need %d "
                     "experts per layer (it has %lld)", e->split.n_max, e->split.n_used,
@@ -435,14 +477,16 @@ static int alloc_arrays(gs_engine *e) {
     return GS_OK;
 }
 
-int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads) {
+int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
+                                int activation) {
     if (!e->started) return fail(GS_E_INVALID, "set_split_experts: the engine has not started");
     if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
         return fail(GS_E_INVALID, "set_split_experts: the attached context reuses graphs built with the old placement");
     if (n < 0 || (n > 0 && (n_upload < GS_SPLIT_AUTO || n_upload > GS_SPLIT_MAX_UPLOAD || n_used < 1
-                            || n_threads < 1)))
+                            || n_threads < 1 || (activation != GS_SPLIT_ACT_SWIGLU && activation != GS_SPLIT_ACT_OAI))))
         return fail(GS_E_INVALID, "set_split_experts: %d layers, %d uploaded experts (0 .. %d, or %d: timed), %d used, "
-                    "%d threads", n, n_upload, GS_SPLIT_MAX_UPLOAD, GS_SPLIT_AUTO, n_used, n_threads);
+                    "%d threads, activation %d", n, n_upload, GS_SPLIT_MAX_UPLOAD, GS_SPLIT_AUTO, n_used, n_threads,
+                    activation);
     int rc = switch_phase(e, GS_PHASE_PROMPT);
     if (rc) return rc;
     split_free(e);
@@ -450,6 +494,7 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if (n == 0) return GS_OK;
     if ((rc = cpu_kernels_load()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
     e->split.n_used = n_used;
+    e->split.oai = activation == GS_SPLIT_ACT_OAI;
     e->split.n_upload = e->split.n_max = n_upload;
     e->split.tune.lo = 1;                 /* tune.hi < lo: nothing to time */
     if (n_upload == GS_SPLIT_AUTO) tune_range(e, layers[0]);
@@ -463,10 +508,10 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
             rc = fail(GS_E_INVALID, "split experts: layer %d is a CPU or disk-tier layer", i);
         else if (!(rc = find_experts(e, i, e->split.rec[i]))) {
             size_t at = 0;
-            for (int m = 0; m < 3; m++) {
+            for (int m = 0; m < SPLIT_TENSORS; m++) {
+                if (e->split.rec[i][m] < 0) continue;
                 e->split.off[i][m] = at;
-                at = align_up(at + (size_t)(e->split.n_max + n_used) * e->recs[e->split.rec[i][m]].t->nb[2] + 512,
-                              align);
+                at = align_up(at + (size_t)(e->split.n_max + n_used) * expert_stride(e, i, m) + 512, align);
             }
             if (at > region) region = at;
             e->split.on[i] = 1;

@@ -5,7 +5,7 @@
 
 #include <stddef.h>
 
-enum { W_GATE, W_UP, W_DOWN };
+enum { W_GATE, W_UP, W_DOWN, B_GATE, B_UP, B_DOWN, SPLIT_TENSORS };   /* B_*: expert biases (gpt-oss) */
 
 typedef struct cpu_job { int row, pos, expert; } cpu_job;   /* one expert of one ubatch row, at routing position pos */
 
@@ -13,7 +13,10 @@ typedef struct {              /* a layer's expert matrices in host memory */
     const char *src[3];       /* expert 0 of gate, up, down */
     size_t nb1[3], nb2[3];    /* row and expert strides */
     int type[3];
+    const float *bias[3];     /* expert 0's bias of gate, up, down (F32), or NULL */
+    size_t bias_nb1[3];       /* ... the expert stride */
     int n_embd, n_ff;
+    int oai;                  /* the activation: 0 SwiGLU, 1 gpt-oss's clamped SwiGLU (GS_SPLIT_ACT_OAI) */
 } expert_mats;
 
 typedef struct split_pool split_pool;

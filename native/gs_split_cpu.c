@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <link.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -79,6 +80,9 @@ struct split_pool {
     /* the current layer */
     const char *src[3];           /* expert 0 of each tensor in host memory */
     size_t nb1[3], nb2[3];
+    const float *bias[3];         /* expert 0's biases, or NULL */
+    size_t bias_nb1[3];
+    int oai;
     int n_ff, n_embd, chunks_ff, chunks_embd;
     const struct type_traits_cpu *tr[3];
     size_t xq_row, hq_row;        /* bytes of a quantized x row (gate/up) and h (down) */
@@ -93,6 +97,24 @@ struct split_pool {
 
 static void cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
 
+/* An expert's bias onto its rows r0..r1 (llama.cpp's ggml_add_id after the matrix). */
+static void add_bias(float *out, const float *bias, size_t nb1, int expert, int r0, int r1) {
+    if (!bias) return;
+    const float *b = (const float *)((const char *)bias + (size_t)expert * nb1);
+    for (int r = r0; r < r1; r++) out[r] += b[r];
+}
+
+/* gpt-oss's activation, as llama.cpp's CPU op swiglu_oai with the alpha and
+ * limit its graph builds (build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE). */
+static void swiglu_oai(int n, float *y, const float *g, const float *u) {
+    const float alpha = 1.702f, limit = 7.0f;
+    for (int k = 0; k < n; k++) {
+        const float x = g[k] < limit ? g[k] : limit;
+        const float v = u[k] < -limit ? -limit : u[k] > limit ? limit : u[k];
+        y[k] = x / (1.f + expf(alpha * (-x))) * (v + 1.f);
+    }
+}
+
 static void do_task(struct split_pool *p, int ph, int i) {
     if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
         int per_job = 2 * p->chunks_ff, j = i / per_job, m = (i % per_job) / p->chunks_ff;
@@ -102,9 +124,11 @@ static void do_task(struct split_pool *p, int ph, int i) {
         const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
         float *out = (m == W_GATE ? p->g : p->u) + (size_t)j * p->n_ff;
         for (int r = r0; r < r1; r++) p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
+        add_bias(out, p->bias[m], p->bias_nb1[m], jb->expert, r0, r1);
     } else if (ph == 2) {         /* the activation, quantized for down */
         float *g = p->g + (size_t)i * p->n_ff, *u = p->u + (size_t)i * p->n_ff;
-        swiglu(p->n_ff, g, g, u);
+        if (p->oai) swiglu_oai(p->n_ff, g, g, u);
+        else swiglu(p->n_ff, g, g, u);
         traits_cpu(p->tr[W_DOWN]->vec_dot_type)->from_float(g, p->hq + (size_t)i * p->hq_row, p->n_ff);
     } else {                      /* down rows: job, chunk */
         int j = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
@@ -113,6 +137,7 @@ static void do_task(struct split_pool *p, int ph, int i) {
         float *y = p->y + (size_t)j * p->n_embd;
         for (int r = r0; r < r1; r++)
             p->tr[W_DOWN]->vec_dot(p->n_ff, &y[r], 0, w + r * p->nb1[W_DOWN], 0, p->hq + (size_t)j * p->hq_row, 0, 1);
+        add_bias(y, p->bias[W_DOWN], p->bias_nb1[W_DOWN], p->jobs[j].expert, r0, r1);
     }
 }
 
@@ -210,7 +235,10 @@ int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int 
         p->nb1[m] = mats->nb1[m];
         p->nb2[m] = mats->nb2[m];
         p->tr[m] = traits_cpu(mats->type[m]);
+        p->bias[m] = mats->bias[m];
+        p->bias_nb1[m] = mats->bias_nb1[m];
     }
+    p->oai = mats->oai;
     p->n_jobs = n_jobs;
     p->n_embd = mats->n_embd;
     p->n_ff = mats->n_ff;

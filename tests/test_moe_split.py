@@ -7,8 +7,8 @@ TOL of them (relative to the largest |logit|): where uploaded and CPU
 experts mix, or a shared expert comes between, the CPU's part joins the sum
 in another order than stock's (measured here: 6e-4 on tiny-moe at N = 1,
 2e-7 on the others; a flipped routing choice downstream amplifies an ulp);
-with every expert on the CPU, qwen3moe's output is stock's bit for bit. Two
-layers' expert sources swapped give 1e-2 to 2e-2."""
+with every expert on the CPU, qwen3moe's and gpt-oss's outputs are stock's
+bit for bit. Two layers' expert sources swapped give 1e-2 to 2e-2."""
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from gguf_stream.model import StreamedModel
 TOL = 2e-3
 
 
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe"])
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss"])
 def moe_path(request):
     """The split's architectures (placement.MOE_SPLIT_ARCHS) among conftest's tiny MoE models."""
     return request.getfixturevalue(f"{request.param}_path")
@@ -48,9 +48,10 @@ def test_split_experts_equal_stock(moe_case, n_upload):
         assert m.plan.cpu_layers == ()
     assert tokens == ref_tokens
     assert rel_diff(logits, ref_logits) <= TOL
-    if n_upload == 0 and path.name.startswith("tiny-moe"):
+    if n_upload == 0 and path.name.startswith(("tiny-moe", "tiny-gpt-oss")):
         # every routed expert on the CPU, summed in llama.cpp's order before the
-        # residual (qwen3moe: no shared expert in between): stock's bits
+        # residual (no shared expert in between): stock's bits, gpt-oss's biases,
+        # MXFP4 and clamped SwiGLU included
         assert np.array_equal(logits, ref_logits)
     assert split and c.split_layers >= len(split) * N_GEN
     used = c.split_uploaded + c.split_cpu
@@ -100,7 +101,7 @@ def test_split_experts_refuses_an_architecture_it_does_not_know(tiny_moe_path, m
     import gguf_stream.placement as placement
 
     monkeypatch.setattr(placement, "MOE_SPLIT_ARCHS", ("qwen2moe",))
-    with pytest.raises(GGUFStreamError, match="--moe-split supports qwen2moe .* not qwen3moe"):
+    with pytest.raises(GGUFStreamError, match="--moe-split supports qwen2moe .experts whose .* not qwen3moe"):
         with split_model(tiny_moe_path, 1):
             pass
 
@@ -138,7 +139,8 @@ def test_split_default_on_cuda_only_for_known_architectures(tiny_moe_path, monke
     assert cpu and split == ()
 
 
-def test_split_region_counted_in_the_plan(tiny_moe_path):
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_gpt_oss"])  # gpt-oss: the experts' biases in the region too
+def test_split_region_counted_in_the_plan(name, request):
     """The region the split allocates is in the plan's device estimate (with
     the runtime, in compute_bytes) where the split will run: the default on
     CUDA, an explicit N anywhere; and it covers what the engine allocated."""
@@ -146,6 +148,7 @@ def test_split_region_counted_in_the_plan(tiny_moe_path):
     from gguf_stream.config import EngineConfig
     from gguf_stream.placement import initial_plan, split_region_bytes
 
+    tiny_moe_path = request.getfixturevalue(f"{name}_path")
     mf = read_model(tiny_moe_path)
     est = split_region_bytes(mf, EngineConfig(), cuda=True)
     assert est > 0 and split_region_bytes(mf, EngineConfig(), cuda=False) == 0
@@ -157,7 +160,8 @@ def test_split_region_counted_in_the_plan(tiny_moe_path):
     assert compute() - compute(moe_split="off") == est
     with split_model(tiny_moe_path, "auto") as m:
         allocated = m.stats.counters.split_region_bytes
-    assert 0 < est - 3 * 768 <= allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
+    n_tensors = sum(1 for t in mf.layer_tensors(1) if "_exps." in t.name)
+    assert 0 < est - n_tensors * 768 <= allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
 
 
 def test_split_constants_match_the_engine():
