@@ -73,16 +73,18 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
 # does; tested in host mode
 MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe", "gpt-oss")
 OAI_ACTIVATION_ARCHS = ("gpt-oss",)  # their experts' GLU is swiglu_oai (with expert biases)
+# the default's: gpt-oss's split (biases through the region, MXFP4) has not run on a GPU yet
+MOE_SPLIT_DEFAULT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")
 
 
 def moe_split_choice(config: EngineConfig, mf: ModelFile, cuda: bool) -> int | str:
     """config.moe_split as a run on this device uses it: the default (None)
-    is "auto" on CUDA for MOE_SPLIT_ARCHS, else "off" (also where the layers
+    is "auto" on CUDA for MOE_SPLIT_DEFAULT_ARCHS, else "off" (also where the layers
     have no room for an uploaded expert beside a zero one per expert used)."""
     if config.moe_split is not None:
         return config.moe_split
     room = mf.hparams.get("n_expert", 0) - mf.hparams.get("n_expert_used", 0)
-    return "auto" if cuda and mf.is_moe and mf.arch in MOE_SPLIT_ARCHS and room >= 1 else "off"
+    return "auto" if cuda and mf.is_moe and mf.arch in MOE_SPLIT_DEFAULT_ARCHS and room >= 1 else "off"
 
 
 def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:

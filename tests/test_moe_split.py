@@ -123,7 +123,8 @@ def test_split_experts_auto_times_then_keeps_the_fastest(moe_case):
 
 def test_split_default_on_cuda_only_for_known_architectures(tiny_moe_path, monkeypatch):
     """The default (None): off in host mode; on CUDA 'auto' for an
-    architecture of MOE_SPLIT_ARCHS, off (no error) for another."""
+    architecture of MOE_SPLIT_DEFAULT_ARCHS, off (no error) for another,
+    which still splits when asked (gpt-oss until a GPU run)."""
     from dataclasses import replace
 
     import gguf_stream.placement as placement
@@ -131,12 +132,13 @@ def test_split_default_on_cuda_only_for_known_architectures(tiny_moe_path, monke
     with split_model(tiny_moe_path, None) as m:
         assert m.streamer.split_experts == () and m.stats.counters.split_layers == 0
         plan, config, mf = m.streamer.plan, replace(m.config, moe_split=None), m.streamer.model_file
-    cpu, split, n = placement.moe_generate_parts(plan, config, mf, cuda=True)
-    assert cpu == () and split and n == "auto"
+    cpu, split_on, n = placement.moe_generate_parts(plan, config, mf, cuda=True)
+    assert cpu == () and split_on and n == "auto"
     assert placement.moe_generate_parts(plan, replace(config, moe_split="off"), mf, cuda=True)[1] == ()
-    monkeypatch.setattr(placement, "MOE_SPLIT_ARCHS", ("qwen2moe",))
+    monkeypatch.setattr(placement, "MOE_SPLIT_DEFAULT_ARCHS", ("qwen2moe",))
     cpu, split, _ = placement.moe_generate_parts(plan, config, mf, cuda=True)
     assert cpu and split == ()
+    assert placement.moe_generate_parts(plan, replace(config, moe_split="auto"), mf, cuda=True)[1] == split_on
 
 
 @pytest.mark.parametrize("name", ["tiny_moe", "tiny_gpt_oss"])  # gpt-oss: the experts' biases in the region too
@@ -150,14 +152,16 @@ def test_split_region_counted_in_the_plan(name, request):
 
     tiny_moe_path = request.getfixturevalue(f"{name}_path")
     mf = read_model(tiny_moe_path)
-    est = split_region_bytes(mf, EngineConfig(), cuda=True)
+    on = {"moe_split": "auto"} if name == "tiny_gpt_oss" else {}  # gpt-oss: not the default yet
+    est = split_region_bytes(mf, EngineConfig(**on), cuda=True)
     assert est > 0 and split_region_bytes(mf, EngineConfig(), cuda=False) == 0
     assert split_region_bytes(mf, EngineConfig(moe_split="off"), cuda=True) == 0
+    assert (split_region_bytes(mf, EngineConfig(), cuda=True) == 0) == (name == "tiny_gpt_oss")
 
     def compute(**kw):
         return initial_plan(mf, EngineConfig(vram_budget="1GiB", n_ctx=256, **kw), cuda=True, check_device=False).compute_bytes
 
-    assert compute() - compute(moe_split="off") == est
+    assert compute(**on) - compute(moe_split="off") == est
     with split_model(tiny_moe_path, "auto") as m:
         allocated = m.stats.counters.split_region_bytes
     n_tensors = sum(1 for t in mf.layer_tensors(1) if "_exps." in t.name)
