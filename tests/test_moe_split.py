@@ -202,3 +202,18 @@ def test_plan_shows_the_split_and_no_repacked_copies(tiny_moe_path):
     for i in split.plan.split_layers:
         assert re.search(rf"^\| {i} \| .* \| streamed \| split \| \d \|$", table, re.M), table
     assert "split between uploads and the CPU" in split.split and "split" not in off.split
+
+
+@pytest.mark.parametrize("name, told, seen, expected", [("tiny_moe", ("qwen3moe",), "ffn_moe_swiglu", "swiglu_oai"),
+                                                         ("tiny_gpt_oss", (), "ffn_moe_swiglu_oai", "swiglu")])
+def test_split_refuses_an_activation_it_does_not_compute(name, told, seen, expected, request, monkeypatch):
+    """Negative control of the activation check: told the wrong activation
+    (qwen3moe's experts gpt-oss's clamped SwiGLU, or the other way round),
+    the split fails the first split decode in one line naming both, instead
+    of summing a wrong activation."""
+    import gguf_stream.streamer as streamer
+
+    monkeypatch.setattr(streamer, "OAI_ACTIVATION_ARCHS", told)
+    with split_model(request.getfixturevalue(f"{name}_path"), 1) as m:
+        with pytest.raises(GGUFStreamError, match=f"experts use {seen}, not the {expected} the CPU computes"):
+            m.generate(m.tokenize(PROMPT), N_GEN)
