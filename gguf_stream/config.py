@@ -77,8 +77,8 @@ class EngineConfig:
     # CPU computes the others at the same time (the link and the CPU's memory
     # bus on one layer at once), instead of the CPU computing them all. "auto":
     # N timed by the engine on the first generated tokens; "off"; or N. None
-    # (the default): "auto" on CUDA for the architectures it supports
-    # (placement.MOE_SPLIT_ARCHS), "off" elsewhere and in host mode. Sums the
+    # (the default): "auto" on CUDA for the architectures measured on a GPU
+    # (placement.MOE_SPLIT_DEFAULT_ARCHS), "off" elsewhere and in host mode. Sums the
     # experts in another order than stock: not bit-identical.
     moe_split: int | str | None = None
     exact: bool = False

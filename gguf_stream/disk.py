@@ -112,8 +112,11 @@ def staging_bytes(model_file, options: dict, cuda: bool) -> int:
 
 def disk_candidates(plan: Plan) -> tuple[int, ...]:
     """Streamed parts that may live on disk: not the CPU layers, which the CPU
-    computes from host memory while generating."""
-    return tuple(s.layer for s in plan.layers if s.placement == "streamed" and s.generate != "cpu")
+    computes from host memory while generating, nor the layers whose experts
+    the split computes partly there (--moe-split)."""
+    split = set(plan.split_layers)
+    return tuple(s.layer for s in plan.layers
+                 if s.placement == "streamed" and s.generate != "cpu" and s.layer not in split)
 
 
 def with_disk_layers(plan: Plan, layers, host_budget: int | None = None) -> Plan:
@@ -121,7 +124,7 @@ def with_disk_layers(plan: Plan, layers, host_budget: int | None = None) -> Plan
     disk = set(layers)
     if not disk <= set(disk_candidates(plan)):
         raise ValueError(f"layers {sorted(disk - set(disk_candidates(plan)))} cannot be on the disk tier "
-                         "(only streamed parts that are not CPU layers)")
+                         "(only streamed parts that are not CPU or split layers)")
     spans = tuple(replace(s, disk=s.layer in disk) for s in plan.layers)
     return replace(plan, layers=spans, host_budget=host_budget)
 

@@ -89,23 +89,24 @@ def moe_split_choice(config: EngineConfig, mf: ModelFile, cuda: bool) -> int | s
 
 def split_region_bytes(mf: ModelFile, config: EngineConfig, cuda: bool) -> int:
     """Device bytes the split's region takes (gs_split.c): per expert tensor
-    of the largest layer, room for the most experts uploaded (with "auto",
-    its largest candidate: about three quarters of those used, as
-    tune_range) and a zero expert per expert used; 0 when no split runs."""
+    kind and layout (bytes per expert: Q4_K_M files mix types across layers),
+    room for the most experts uploaded (with "auto", its largest candidate:
+    about three quarters of those used, as tune_range) and a zero expert per
+    expert used; 0 when no split runs. Every layer with experts counts (the
+    load splits some of them)."""
     choice = moe_split_choice(config, mf, cuda)
-    if choice == "off" or not mf.is_moe:
+    if choice == "off" or not mf.is_moe or config.generate_split(cuda) != "auto":  # the split replaces auto's CPU layers
         return 0
     used = mf.hparams.get("n_expert_used", 0)
-    most = 0
+    layouts = set()
     for layer in range(mf.n_layer):
         exps = [t for t in mf.layer_tensors(layer) if is_expert_tensor(t.name)]  # gpt-oss: their biases too
         weights = [t for t in exps if len(t.shape) == 3]
-        if not weights:
-            continue
-        n_expert = weights[0].shape[2]
-        room = choice if isinstance(choice, int) else _auto_room(used, n_expert)
-        most = max(most, sum((room + used) * (t.nbytes // n_expert) + SPLIT_PAD for t in exps))
-    return most
+        if weights:
+            n_expert = weights[0].shape[2]
+            layouts |= {(t.name.split(".", 2)[2], t.nbytes // n_expert, n_expert) for t in exps}
+    return sum(((choice if isinstance(choice, int) else _auto_room(used, n_expert)) + used) * per_expert + SPLIT_PAD
+               for _, per_expert, n_expert in layouts)
 
 
 def _auto_room(used: int, n_expert: int) -> int:
@@ -132,7 +133,8 @@ def moe_generate_parts(plan: Plan, config: EngineConfig, mf: ModelFile, cuda: bo
     if mf.arch not in MOE_SPLIT_ARCHS:
         raise UnsupportedModelError(f"--moe-split supports {', '.join(MOE_SPLIT_ARCHS)} (experts whose activation "
                                     f"the CPU part computes as llama.cpp does), not {mf.arch}; run without it")
-    return (), tuple(sorted(cpu + tuple(plan.generate_resident))), choice
+    disk = set(plan.disk_layers)  # none where the plan came from run_tiers (disk.disk_candidates)
+    return (), tuple(sorted(i for i in cpu + tuple(plan.generate_resident) if i not in disk)), choice
 
 
 def _check_named_layers(plan: Plan, config: EngineConfig, cuda: bool) -> None:

@@ -113,12 +113,14 @@ struct gs_engine {
         int     n_max;                /* room in the region for uploaded experts (the zero ones follow) */
         struct {                      /* GS_SPLIT_AUTO: n_upload timed over one-row decodes, lo..hi in turn */
             int    lo, hi, runs;      /* candidates; runs timed so far (hi < lo: chosen) */
+            int    decodes, cur;      /* decodes seen (shifts the turn); the candidate of the run being timed */
+            int    cnt[GS_SPLIT_TUNE_CANDIDATES];
             float  sec[GS_SPLIT_TUNE_CANDIDATES][GS_SPLIT_TUNE_RUNS];
         } tune;
         unsigned char *on;            /* per layer */
         int     oai;                  /* the experts' activation: GS_SPLIT_ACT_* */
         int   (*rec)[6];              /* per layer: records of its gate, up, down expert tensors and their
-                                       * biases (-1: none), gs_split.h's order */
+                                       * biases (-1: none), gs_split.h's order (SPLIT_TENSORS) */
         size_t (*off)[6];             /* ... and their place in the region */
         void   *buf;                  /* the device region */
         char   *base;

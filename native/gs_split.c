@@ -17,7 +17,7 @@
  * known (the first decode), two: the ids after ffn_moe_weights-L, the CPU's
  * part into the expert sum after ffn_moe_out-L. The region's tensors keep
  * the expert count in their shape; every id the kernels see is below
- * n_upload + n_used, so they read only the region. */
+ * n_max + n_used, so they read only the region. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -215,15 +215,16 @@ static expert_mats layer_mats(const gs_engine *e, int layer) {
     return m;
 }
 
-/* The boundary where a layer's routing is known: read it, choose, rewrite
- * the ids, start the CPU, upload. MODE_ONE (the final weights and the
- * residual at hand): finish the CPU's part into the residual here too. */
-/* GS_SPLIT_AUTO: this one-row layer run's n_upload, the candidates in turn. */
+/* GS_SPLIT_AUTO: this one-row layer run's n_upload, the candidates in turn,
+ * the turn shifted at each decode (with as many split layers as candidates,
+ * or a multiple, a layer would otherwise always time the same one). */
 static int tuning(const gs_engine *e) { return e->split.tune.hi >= e->split.tune.lo; }
 
 static void tune_pick(gs_engine *e) {
-    int n_cand = e->split.tune.hi - e->split.tune.lo + 1;
-    e->split.n_upload = e->split.tune.lo + e->split.tune.runs % n_cand;
+    int n_cand = e->split.tune.hi - e->split.tune.lo + 1, k = (e->split.tune.runs + e->split.tune.decodes) % n_cand;
+    while (e->split.tune.cnt[k] >= GS_SPLIT_TUNE_RUNS) k = (k + 1) % n_cand;   /* one not yet full: runs < total */
+    e->split.tune.cur = k;
+    e->split.n_upload = e->split.tune.lo + k;
 }
 
 static int cmp_float(const void *a, const void *b) {
@@ -234,8 +235,8 @@ static int cmp_float(const void *a, const void *b) {
 /* One timed layer run of the candidate tune_pick chose; once each has its
  * runs, the one with the least median keeps (a preempted run is an outlier). */
 static void tune_record(gs_engine *e, double seconds) {
-    int lo = e->split.tune.lo, n_cand = e->split.tune.hi - lo + 1, k = e->split.tune.runs % n_cand;
-    e->split.tune.sec[k][e->split.tune.runs / n_cand] = (float)seconds;
+    int lo = e->split.tune.lo, n_cand = e->split.tune.hi - lo + 1, k = e->split.tune.cur;
+    e->split.tune.sec[k][e->split.tune.cnt[k]++] = (float)seconds;
     if (++e->split.tune.runs < n_cand * GS_SPLIT_TUNE_RUNS) return;
     int best = 0;
     float best_s = 0;
@@ -248,13 +249,22 @@ static void tune_record(gs_engine *e, double seconds) {
     e->split.tune.hi = lo - 1;
 }
 
+/* F32 rows laid end to end: what the staging copies assume. */
+static int dense(const struct gs_tensor *t) {
+    return t->nb[0] == 4 && t->nb[1] == (size_t)t->ne[0] * 4 && t->nb[2] == t->nb[1] * t->ne[1]
+           && t->nb[3] == t->nb[2] * t->ne[2];
+}
+
+/* The boundary where a layer's routing is known: read it, choose, rewrite
+ * the ids, start the CPU, upload. MODE_ONE (the final weights and the
+ * residual at hand): finish the CPU's part into the residual here too. */
 static int route(gs_engine *e, int layer) {
     struct gs_tensor *ids = e->split.ids[layer], *x = e->split.x[layer], *w = e->split.w[layer], *inp = e->split.inp[layer];
     int one = e->split.mode[layer] == MODE_ONE;
     if (!ids || !x || ids->type != 26 /* GGML_TYPE_I32 */ || x->type != 0 /* F32 */
-        || (one && (!w || !inp || w->type != 0 || inp->type != 0)))
-        return fail(GS_E_GRAPH, "split experts: layer %d's routing tensors were not seen (or not I32 ids / F32 input)",
-                    layer);
+        || (one && (!w || !inp || w->type != 0 || inp->type != 0 || !dense(w) || !dense(inp))) || !dense(x))
+        return fail(GS_E_GRAPH, "split experts: layer %d's routing tensors were not seen (or not I32 ids / contiguous F32 "
+                    "input, weights and residual)", layer);
     int n_used = (int)ids->ne[0], n_rows = (int)ids->ne[1], n_expert = (int)e->recs[e->split.rec[layer][0]].t->ne[2];
     int n_embd = (int)x->ne[0];
     if (n_used > e->split.n_used)
@@ -345,6 +355,7 @@ static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
  * gone). */
 void split_settle(gs_engine *e) {
     if (!e->split.n) return;
+    e->split.tune.decodes++;
     split_pool_finish(e->split.pool);
     size_t n = e->cfg.n_layer;
     memset(e->split.x, 0, n * sizeof *e->split.x);
@@ -427,7 +438,7 @@ static int find_experts(gs_engine *e, int layer, int rec[SPLIT_TENSORS]) {
                     "down [n_ff, n_embd, n] shapes", layer);
     for (int m = B_GATE; m < SPLIT_TENSORS; m++) {   /* a bias: F32 [rows of its matrix, n] */
         const struct gs_tensor *b = rec[m] < 0 ? NULL : e->recs[rec[m]].t, *w = e->recs[rec[m - B_GATE]].t;
-        if (b && (b->type != 0 || b->ne[0] != w->ne[1] || b->ne[1] != w->ne[2] || b->ne[2] != 1))
+        if (b && (b->type != 0 || b->ne[0] != w->ne[1] || b->ne[1] != w->ne[2] || b->ne[2] != 1 || b->ne[3] != 1))
             return fail(GS_E_INVALID, "split experts: %s is not an F32 bias per expert [%lld, %lld]", b->name,
                         (long long)w->ne[1], (long long)w->ne[2]);
     }
@@ -500,6 +511,13 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if (n_upload == GS_SPLIT_AUTO) tune_range(e, layers[0]);
     size_t align = G.buft_get_alignment(e->cfg.ring_buft), region = 0;
     if (!align) align = 1;
+    /* Layers share the region, one at a time, but a tensor of one kind (gate,
+     * ..., down bias) lies at one offset per expert stride: a layer whose down
+     * experts are larger (Q6_K beside Q4_K, as Q4_K_M files mix) would
+     * otherwise upload over another layer's zero experts, which are never
+     * cleared again. */
+    struct { int m; size_t stride, off; } seg[64];
+    int n_seg = 0;
     for (int k = 0; k < n && !rc; k++) {
         int i = layers[k];
         if (i < 0 || i >= e->cfg.n_layer || e->layers[i].count == 0)
@@ -507,13 +525,19 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
         else if (e->layers[i].cpu_generate || e->layers[i].disk_bytes)
             rc = fail(GS_E_INVALID, "split experts: layer %d is a CPU or disk-tier layer", i);
         else if (!(rc = find_experts(e, i, e->split.rec[i]))) {
-            size_t at = 0;
-            for (int m = 0; m < SPLIT_TENSORS; m++) {
+            for (int m = 0; m < SPLIT_TENSORS && !rc; m++) {
                 if (e->split.rec[i][m] < 0) continue;
-                e->split.off[i][m] = at;
-                at = align_up(at + (size_t)(e->split.n_max + n_used) * expert_stride(e, i, m) + 512, align);
+                size_t stride = expert_stride(e, i, m);
+                int g = 0;
+                while (g < n_seg && !(seg[g].m == m && seg[g].stride == stride)) g++;
+                if (g == n_seg && n_seg == (int)(sizeof seg / sizeof *seg))
+                    rc = fail(GS_E_INVALID, "split experts: more than %d expert tensor layouts", n_seg);
+                else if (g == n_seg) {
+                    seg[n_seg++] = (typeof(*seg)){ m, stride, region };
+                    region = align_up(region + (size_t)(e->split.n_max + n_used) * stride + 512, align);
+                }
+                if (!rc) e->split.off[i][m] = seg[g].off;
             }
-            if (at > region) region = at;
             e->split.on[i] = 1;
         }
     }

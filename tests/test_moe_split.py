@@ -165,7 +165,9 @@ def test_split_region_counted_in_the_plan(name, request):
     with split_model(tiny_moe_path, "auto") as m:
         allocated = m.stats.counters.split_region_bytes
     n_tensors = sum(1 for t in mf.layer_tensors(1) if "_exps." in t.name)
-    assert 0 < est - n_tensors * 768 <= allocated <= est == split_region_bytes(mf, EngineConfig(moe_split="auto"), cuda=False)
+    host = EngineConfig(moe_split="auto", generate_cpu_layers="auto")  # as split_model runs it
+    assert 0 < est - n_tensors * 768 <= allocated <= est == split_region_bytes(mf, host, cuda=False)
+    assert split_region_bytes(mf, EngineConfig(exact=True, **on), cuda=True) == 0  # --exact: no split
 
 
 def test_split_constants_match_the_engine():
@@ -217,3 +219,56 @@ def test_split_refuses_an_activation_it_does_not_compute(name, told, seen, expec
     with split_model(request.getfixturevalue(f"{name}_path"), 1) as m:
         with pytest.raises(GGUFStreamError, match=f"experts use {seen}, not the {expected} the CPU computes"):
             m.generate(m.tokenize(PROMPT), N_GEN)
+
+
+def test_split_layers_with_other_expert_layouts_keep_their_zero_experts(tmp_path, monkeypatch):
+    """A layer whose experts are larger (Q8_0 among Q4_K, as Q4_K_M files mix
+    Q6_K and Q4_K) gets its own part of the region: its uploads never land on
+    another layer's zero experts (they did: GS_OLD_LAYOUT-style per-layer
+    offsets fail this test)."""
+    import dataclasses
+
+    from gguf_stream import read_model, synth
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.model import StockModel
+    from gguf_stream.placement import split_region_bytes
+
+    specs = synth.tensor_specs
+    monkeypatch.setattr(synth, "tensor_specs", lambda shape: [
+        dataclasses.replace(s, qtype="Q8_0") if s.name.startswith("blk.1.ffn_") and "_exps" in s.name else s
+        for s in specs(shape)])
+    path = synth.write_synthetic(tmp_path / "mixed.gguf", "tiny-moe", "Q4_K", seed=3)
+    mf = read_model(path)
+    assert {t.qtype for t in mf.tensors if t.name.endswith("_exps.weight")} == {"Q4_K", "Q8_0"}
+    with StockModel(path, n_gpu_layers=0, **CPU) as stock:
+        # a 10-row tail after two ubatches: a decode of several rows in the generate
+        # placement, whose left-out experts read zero experts at every position
+        prompt = stock.tokenize(PROMPT * 3)[:2 * CPU["n_ubatch"] + 10]
+        ref_tokens, ref_logits = stock.generate(prompt, N_GEN, with_logits=True)
+    with split_model(path, 1) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        allocated = m.stats.counters.split_region_bytes
+    assert tokens == ref_tokens and rel_diff(logits, ref_logits) <= TOL
+    assert 0 < allocated <= split_region_bytes(mf, EngineConfig(moe_split=1, generate_cpu_layers="auto"), cuda=False)
+
+
+def test_split_layers_stay_off_the_disk_tier(tiny_moe_path):
+    """The disk tier takes none of the split layers (the split reads their
+    host copy every token; the default on CUDA used CPU layers before, which
+    the disk tier never takes), and a plan's disk layers are not split."""
+    from dataclasses import replace
+
+    from gguf_stream import read_model
+    from gguf_stream.config import EngineConfig
+    from gguf_stream.disk import disk_candidates, with_disk_layers
+    from gguf_stream.placement import initial_plan, moe_generate_parts, run_tiers
+
+    mf = read_model(tiny_moe_path)
+    config = EngineConfig(n_ctx=256, n_ubatch=64, n_streamed=4, n_slots=2, device="cuda")
+    plan = run_tiers(mf, initial_plan(mf, config, True, check_device=False), config, True).plan
+    split = plan.split_layers
+    assert split and set(disk_candidates(plan)) == set(plan.streamed) - set(split)
+    with pytest.raises(ValueError, match="not CPU or split layers"):
+        with_disk_layers(plan, split[:1])
+    on_disk = with_disk_layers(replace(plan, split_layers=()), split[:1])  # a plan whose disk tier took one
+    assert moe_generate_parts(on_disk, config, mf, cuda=True)[1] == split[1:]

@@ -181,8 +181,9 @@ class Ctx:
                 notes.append(f"CPU layers' repacked copy {format_size(c.repacked_bytes)} (pageable host memory); "
                              f"their KV caches in host memory while generating {format_size(c.host_kv_bytes)}")
             if c.split_layers:
-                notes.append(f"split experts ({len(m.streamer.split_experts)} layers, {c.split_n_upload} uploaded"
-                             f"{' (timed)' if m.config.moe_split in (None, 'auto') else ''}): "
+                chosen = "still timing" if c.split_n_upload < 0 else f"{c.split_n_upload} uploaded"
+                notes.append(f"split experts ({len(m.streamer.split_experts)} layers, {chosen}"
+                             f"{' (timed)' if m.config.moe_split in (None, 'auto') and c.split_n_upload >= 0 else ''}): "
                              f"per layer run {c.split_uploaded / c.split_layers:.2f} experts uploaded, "
                              f"{c.split_cpu / c.split_layers:.2f} on the CPU; the hook's time per layer run: uploads "
                              f"{c.split_upload_seconds / c.split_layers * 1e3:.3f} ms, then the CPU's rest "
