@@ -301,9 +301,7 @@ class Streamer:
                                               self.model_file.hparams["n_expert_used"], self.config.threads,
                                               oai=self.model_file.arch in OAI_ACTIVATION_ARCHS)
                 self.split_experts = split
-                note(f"generate split: the routed experts of {len(split)} layers split between uploads and the CPU "
-                     f"({'N timed on the first generated tokens' if n_upload == 'auto' else f'{n_upload} uploaded'}"
-                     f"; --moe-split off: the CPU computes them all)", self.config.progress)
+                note(f"generate split: {self.tiers.split}", self.config.progress)  # host_tiers said which
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose
             note(f"generate split: none (decodes of {rows} rows compute every row on the GPU)", self.config.progress)
@@ -318,7 +316,8 @@ class Streamer:
             cpu = tuple(choice)
         if cpu:
             self.engine.set_cpu_layers(cpu)
-        self.plan = with_generate_placement(self.plan, cpu, self.plan.generate_resident)
+        self.plan = replace(with_generate_placement(self.plan, cpu, self.plan.generate_resident),
+                            split_layers=self.split_experts)
 
     def small_context_params(self, n_batch: int):
         """Params of the engine's own short-lived contexts."""

@@ -119,6 +119,7 @@ struct gs_engine {
         } tune;
         unsigned char *on;            /* per layer */
         int     oai;                  /* the experts' activation: GS_SPLIT_ACT_* */
+        int     act_seen;             /* ... and a split layer's graph showed it */
         int   (*rec)[6];              /* per layer: records of its gate, up, down expert tensors and their
                                        * biases (-1: none), gs_split.h's order (SPLIT_TENSORS) */
         size_t (*off)[6];             /* ... and their place in the region */

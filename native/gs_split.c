@@ -90,15 +90,18 @@ static void learn_weights_node(gs_engine *e, const struct gs_tensor *w) {
 }
 
 /* A split layer's experts' activation node must be the one the CPU
- * computes (GS_SPLIT_ACT_*): another fails the decode, never a wrong sum. */
+ * computes (GS_SPLIT_ACT_*): another fails the decode, never a wrong sum.
+ * A model's graphs all build the same activation: once seen, no more asking
+ * (every "ffn_" node of every generate decode comes here). */
 static int activation_ok(gs_engine *e, const struct gs_tensor *t) {
+    if (e->split.act_seen || strncmp(t->name, "ffn_moe_", 8)) return 1;
     static const char *names[] = { "ffn_moe_swiglu-", "ffn_moe_swiglu_oai-", "ffn_moe_swiglu_limited-",
                                    "ffn_moe_silu-", "ffn_moe_gelu-", "ffn_moe_geglu-", "ffn_moe_situ-",
                                    "ffn_moe_relu-", "ffn_moe_reglu-" };
     for (int k = 0; k < (int)(sizeof names / sizeof *names); k++) {
         int i = split_layer_of(e, t, names[k]);
         if (i < 0) continue;
-        if (k == (e->split.oai ? 1 : 0)) return 1;
+        if (k == (e->split.oai ? 1 : 0)) return e->split.act_seen = 1;
         engine_fail(e, fail(GS_E_GRAPH, "split experts: layer %d's experts use %.*s, not the %s the CPU computes",
                             i, (int)strlen(names[k]) - 1, names[k], e->split.oai ? "swiglu_oai" : "swiglu"));
         return 0;

@@ -340,7 +340,7 @@ def test_plan_line_reads_in_every_case(cpu, resident, want):
     nothing = Plan("m", "llama", 8, tuple(LayerSpan(i, 1, "resident") for i in range(8)), 0, 0, 0, 0, 0, None, 256, 64)
     assert sweep.plan_line(nothing) == "plan: all 8 layers resident, nothing streams"
     if not cpu:  # the experts split (moe_split): a generate-resident layer is split only when out of its region
-        assert sweep.plan_line(plan, (1, 3, 7)).endswith(
+        assert sweep.plan_line(replace(plan, split_layers=(1, 3, 7))).endswith(
             "layers 1, 3 and 7 split their routed experts between uploads and the CPU and the other one is uploaded "
             "for each token" if not resident else "layers 1 and 3 split their routed experts between uploads and the "
             "CPU, layers 5 and 7 stay resident and nothing is uploaded")

@@ -162,7 +162,7 @@ class Ctx:
         with StreamedModel(self.path, config=self.config(**kw)) as m:
             if m.plan is None:
                 return time_model(m, self.w, self.progress, "streamed")
-            self.progress(plan_line(m.plan, m.streamer.split_experts))
+            self.progress(plan_line(m.plan))
             notes, cpu_rate, calibration = [], None, engine_calibration(m)
             if calibration is not None:
                 r, split_trials, predicted = calibration
@@ -236,7 +236,7 @@ def _and(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
-def plan_line(plan, split: tuple[int, ...] = ()) -> str:
+def plan_line(plan) -> str:
     """The progress line of a streamed load: what streams, and what happens
     to the streamed layers while generating (some the CPU computes, some stay
     resident in the compute buffer's idle tail, the rest are uploaded for
@@ -249,7 +249,8 @@ def plan_line(plan, split: tuple[int, ...] = ()) -> str:
     if not streamed:
         return f"plan: all {plan.n_layer} layers resident, nothing streams"
     head = f"plan: {len(streamed)}/{plan.n_layer} layers streamed through {plan.n_slots} slot(s)"
-    cpu, resident, split = set(plan.cpu_layers), set(plan.generate_resident), set(split) - set(plan.generate_resident)
+    cpu, resident = set(plan.cpu_layers), set(plan.generate_resident)
+    split = set(plan.split_layers) - resident  # a generate-resident layer splits only when out of its region
     uploaded = [x for x in streamed if x not in cpu and x not in resident and x not in split]
     if not cpu and not resident and not split:
         return f"{head}; while generating every streamed layer is uploaded for each token"
