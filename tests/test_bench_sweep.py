@@ -350,6 +350,21 @@ def test_plan_line_reads_in_every_case(cpu, resident, want):
                                              "split -ngl 3 (5 of 8 layers on the CPU)")
 
 
+def test_streamed_run_below_streaming_minimum_has_no_engine_notes(bench_tiny):
+    """A budget below streaming's minimum loads llama.cpp's own split, with
+    no engine and so no counters: the streamed run is timed, not a crash
+    (gpt-oss-20b at 0.25x on the GPU box)."""
+    from gguf_stream import make_plan, read_model
+    from gguf_stream.bench.timing import Workload
+
+    mf = read_model(bench_tiny)
+    w = Workload(32, 4, 32, 32, 1, 8, 42, 1)
+    ctx = sweep.Ctx(str(bench_tiny), mf, w, "CPU", "host", Progress(True), "tiny")
+    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=w.n_ctx, n_ubatch=w.n_ubatch).device_bytes
+    t = ctx.run_streamed(vram_budget=one_slot - 1)
+    assert t.plan.stock_gpu_layers is not None and t.pp and t.tg and t.engine_note == ""
+
+
 def test_host_budget_axis_reads_the_disk_tier_and_gates_it(bench_tiny, capsys):
     """--host-budget: one more streamed run per host budget, part of it on
     the disk tier, gated against the streamed run without one; its rows

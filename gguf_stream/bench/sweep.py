@@ -177,6 +177,8 @@ class Ctx:
                 self.progress(notes[-1])
             timing = time_model(m, self.w, self.progress, "streamed")
             c = m.stats.counters
+            if c is None:  # below streaming's minimum: llama.cpp's own split, no engine
+                return replace(timing, engine_note="; ".join(notes), cpu_rate_streaming=cpu_rate)
             if m.plan.cpu_layers:
                 notes.append(f"CPU layers' repacked copy {format_size(c.repacked_bytes)} (pageable host memory); "
                              f"their KV caches in host memory while generating {format_size(c.host_kv_bytes)}")
