@@ -110,6 +110,11 @@ class ModelFile:
         return tuple(out)
 
     @cached_property
+    def has_shared_experts(self) -> bool:
+        """Whether layers have a shared expert (ffn_*_shexp, qwen2moe's and glm4moe's), added to the routed ones' sum."""
+        return any(t.layer is not None and "_shexp." in t.name for t in self.tensors)
+
+    @cached_property
     def fixed_layer_bytes(self) -> tuple[int, ...]:
         """Per layer, the bytes that stay resident whatever the plan."""
         return tuple(a - b for a, b in zip(self.layer_bytes, self.stream_bytes))

@@ -281,15 +281,18 @@ class Engine:
         arr = ffi.new("int[]", list(layers) or [0])
         _check("gs_engine_set_cpu_layers", lib.gs_engine_set_cpu_layers(self._h, arr, len(layers)))
 
-    def set_split_experts(self, layers, n_upload: int, n_used: int, n_threads: int, oai: bool = False) -> None:
+    def set_split_experts(self, layers, n_upload: int, n_used: int, n_threads: int, oai: bool = False,
+                          into_sum: bool = False) -> None:
         """Mixture-of-experts layers split while generating: n_upload of a
         ubatch's routed experts per layer uploaded, the rest computed by
         n_threads CPU threads at the same time (gs_engine_set_split_experts);
-        oai: the experts' activation is gpt-oss's clamped SwiGLU."""
+        oai: the experts' activation is gpt-oss's clamped SwiGLU; into_sum:
+        the CPU's part joins the experts' sum (one more boundary per layer)."""
         arr = ffi.new("int[]", list(layers) or [0])
         act = lib.GS_SPLIT_ACT_OAI if oai else lib.GS_SPLIT_ACT_SWIGLU
         _check("gs_engine_set_split_experts",
-               lib.gs_engine_set_split_experts(self._h, arr, len(layers), n_upload, n_used, n_threads, act))
+               lib.gs_engine_set_split_experts(self._h, arr, len(layers), n_upload, n_used, n_threads, act,
+                                               int(into_sum)))
 
     def graphs_dropped(self) -> None:
         """The attached context dropped its graphs (llama_abi.drop_graphs):

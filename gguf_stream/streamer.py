@@ -297,9 +297,12 @@ class Streamer:
         if choice == "auto" and self.experts_only:
             cpu, split, n_upload = moe_generate_parts(self.plan, self.config, self.model_file, self.cuda)
             if split:  # their experts split between an upload and the CPU (gs_split.c)
+                # without a GPU a boundary costs nothing: the CPU's part joins the experts' sum before a
+                # shared expert's, in llama.cpp's order (on CUDA one boundary, an ulp's association apart)
                 self.engine.set_split_experts(split, native.SPLIT_AUTO if n_upload == "auto" else n_upload,
                                               self.model_file.hparams["n_expert_used"], self.config.threads,
-                                              oai=self.model_file.arch in OAI_ACTIVATION_ARCHS)
+                                              oai=self.model_file.arch in OAI_ACTIVATION_ARCHS,
+                                              into_sum=not self.cuda and self.model_file.has_shared_experts)
                 self.split_experts = split
                 note(f"generate split: {self.tiers.split}", self.config.progress)  # host_tiers said which
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):

@@ -451,8 +451,12 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
 #define GS_SPLIT_ACT_OAI 1
 #define GS_SPLIT_TUNE_CANDIDATES 8
 #define GS_SPLIT_TUNE_RUNS 24
+/* into_sum: the CPU's part joins the routed experts' sum (a second boundary
+ * per split layer, after ffn_moe_out) instead of the residual: llama.cpp's
+ * order where a shared expert is added between the two; one more sync per
+ * layer, which costs nothing without a GPU. */
 int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
-                                 int activation);
+                                 int activation, int into_sum);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are

@@ -114,11 +114,14 @@ struct gs_engine {
         struct {                      /* GS_SPLIT_AUTO: n_upload timed over one-row decodes, lo..hi in turn */
             int    lo, hi, runs;      /* candidates; runs timed so far (hi < lo: chosen) */
             int    decodes, cur;      /* decodes seen (shifts the turn); the candidate of the run being timed */
+            int    layer;             /* the layer being timed until its second boundary (two-boundary mode), or -1 */
+            double t0;                /* ... and when its run started */
             int    cnt[GS_SPLIT_TUNE_CANDIDATES];
             float  sec[GS_SPLIT_TUNE_CANDIDATES][GS_SPLIT_TUNE_RUNS];
         } tune;
         unsigned char *on;            /* per layer */
         int     oai;                  /* the experts' activation: GS_SPLIT_ACT_* */
+        int     into_sum;             /* the CPU's part into the experts' sum: two boundaries (gs_engine_set_split_experts) */
         int     act_seen;             /* ... and a split layer's graph showed it */
         int   (*rec)[6];              /* per layer: records of its gate, up, down expert tensors and their
                                        * biases (-1: none), gs_split.h's order (SPLIT_TENSORS) */

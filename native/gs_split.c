@@ -14,8 +14,9 @@
  * nothing), the CPU's threads compute the others while the uploads land,
  * and their weighted sum is added to the layer's residual (ffn_inp), whose
  * only consumer left is the add after the experts. Until that name is
- * known (the first decode), two: the ids after ffn_moe_weights-L, the CPU's
- * part into the expert sum after ffn_moe_out-L. The region's tensors keep
+ * known (the first decode), and always with into_sum, two: the ids after
+ * ffn_moe_weights-L, the CPU's part into the expert sum after ffn_moe_out-L
+ * (before a shared expert's add: llama.cpp's order). The region's tensors keep
  * the expert count in their shape; every id the kernels see is below
  * n_max + n_used, so they read only the region. */
 #include <stdio.h>
@@ -118,7 +119,7 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
     if ((i = split_layer_of(e, t, "ffn_moe_topk-")) >= 0) {     /* a new decode's routing for layer i */
         e->split.ids[i] = (struct gs_tensor *)t;
         e->split.routed[i] = 0;
-        e->split.mode[i] = e->split.weights_node[0] && e->split.inp[i] ? MODE_ONE : MODE_TWO;
+        e->split.mode[i] = e->split.weights_node[0] && e->split.inp[i] && !e->split.into_sum ? MODE_ONE : MODE_TWO;
         return 0;
     }
     if ((i = split_layer_of(e, t, e->split.weights_node[0] ? e->split.weights_node : "ffn_moe_weights-")) >= 0
@@ -279,8 +280,10 @@ static int route(gs_engine *e, int layer) {
         return fail(GS_E_GRAPH, "split experts: layer %d's expert input, weights or residual have unexpected shapes", layer);
     size_t n_ids = (size_t)n_used * n_rows;
     double t_start = now_s();
-    int timed = one && n_rows == 1 && tuning(e);
+    int timed = n_rows == 1 && tuning(e);
     if (timed) tune_pick(e);
+    e->split.tune.layer = timed && !one ? layer : -1;   /* a two-boundary run ends at its second */
+    e->split.tune.t0 = t_start;
     stage_at at = stage_layout(n_ids, n_rows, n_embd);
     int rc = stage_grow(e, at.end);
     cpu_job *jobs = rc ? NULL : split_pool_jobs(e->split.pool, n_ids);
@@ -331,7 +334,7 @@ static int route(gs_engine *e, int layer) {
     e->ctr.split_cpu += n_jobs;
     e->ctr.split_layers++;
     e->split.routed[layer] = 1;
-    if (timed && !rc) tune_record(e, now_s() - t_start);
+    if (timed && one && !rc) tune_record(e, now_s() - t_start);
     return rc;
 }
 
@@ -349,6 +352,8 @@ static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
     if (!rc) rc = dio_sync(e);
     if (!rc) rc = add_cpu_part(e, layer, (const float *)(st + at.w), (float *)(st + at.y), out, n_used);
     if (!rc) rc = dio_sync(e);
+    if (!rc && e->split.tune.layer == layer) tune_record(e, now_s() - e->split.tune.t0);
+    e->split.tune.layer = -1;
     e->split.mode[layer] = 0;
     return rc;
 }
@@ -492,7 +497,7 @@ static int alloc_arrays(gs_engine *e) {
 }
 
 int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
-                                int activation) {
+                                int activation, int into_sum) {
     if (!e->started) return fail(GS_E_INVALID, "set_split_experts: the engine has not started");
     if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
         return fail(GS_E_INVALID, "set_split_experts: the attached context reuses graphs built with the old placement");
@@ -509,8 +514,10 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if ((rc = cpu_kernels_load()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
     e->split.n_used = n_used;
     e->split.oai = activation == GS_SPLIT_ACT_OAI;
+    e->split.into_sum = into_sum != 0;
     e->split.n_upload = e->split.n_max = n_upload;
     e->split.tune.lo = 1;                 /* tune.hi < lo: nothing to time */
+    e->split.tune.layer = -1;
     if (n_upload == GS_SPLIT_AUTO) tune_range(e, layers[0]);
     size_t align = G.buft_get_alignment(e->cfg.ring_buft), region = 0;
     if (!align) align = 1;
