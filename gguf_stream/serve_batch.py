@@ -13,8 +13,10 @@ takes the free seat whose cells hold the longest start of its prompt, which
 is not decoded again (llama-server's prompt cache: a chat client resends the
 whole conversation each turn).
 
-With prompt lookup (--lookup N), a greedy job's step carries its last token
-and up to N tokens drafted from its own text (speculative.PromptLookup); the
+With prompt lookup (--lookup N) or a draft model (-md, --draft-max N), a
+greedy job's step carries its last token and up to N tokens drafted from its
+own text (speculative.PromptLookup, SeatDraftModel: the draft model's
+context has a sequence per seat, every seat's drafts from N decodes); the
 rows whose drafts match the model's picks are kept, the rest of the seat's
 cells freed: several tokens per pass, the same tokens as without drafts.
 
@@ -95,7 +97,7 @@ class Job:
     pick: object = None
     closer: object = None
     logits: np.ndarray | None = None  # of the latest token
-    drafts: SpeculativeResult | None = None  # prompt lookup's counts (greedy jobs, --lookup)
+    drafts: SpeculativeResult | None = None  # the drafts' counts (greedy jobs, with a drafter)
     prefill_seconds: float = 0.0  # wall time of the prefill decodes it took part in
     prefilled_at: float = 0.0  # perf_counter when its first token's logits came
 
@@ -117,11 +119,12 @@ class _Exclusive:
 class BatchLoop:
     """The thread that owns the context; jobs in, tokens out."""
 
-    def __init__(self, llm, lookup: int | None = None, prompt_cache: bool = True):
+    def __init__(self, llm, lookup: int | None = None, prompt_cache: bool = True, drafter=None):
+        """drafter: a SeatDraftModel (the loop closes it), else lookup=N: prompt lookup."""
         self.session = LlamaSession(llm)
         self.prompt_cache = prompt_cache  # free seats keep their cells for prompts that continue them
-        self.drafter = PromptLookup(lookup) if lookup else None
-        self.drafted = self.accepted = 0  # prompt lookup's tokens, over all jobs
+        self.drafter = drafter if drafter is not None else PromptLookup(lookup) if lookup else None
+        self.drafted = self.accepted = 0  # drafted tokens, over all jobs
         c = self.session.config
         self.n_seats = c.n_seq_max
         cells = cells_per_sequence(self.session)
@@ -187,11 +190,14 @@ class BatchLoop:
         return {"slots_idle": self.n_seats - busy, "slots_processing": busy, "requests_waiting": waiting}
 
     def close(self) -> None:
-        """End every job (their requests get an error), then the thread. Idempotent."""
+        """End every job (their requests get an error), then the thread, then
+        the drafter (a draft model). Idempotent."""
         with self._cond:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        if self.drafter is not None:
+            self.drafter.close()
 
     # -- the loop --
     def _run(self) -> None:
@@ -356,20 +362,20 @@ class BatchLoop:
                     break
 
     def _drafts(self, jobs: list[Job]) -> list[list[int]]:
-        """Prompt lookup's drafts of each drafting job (none for the others),
-        within its token limit, its seat's cells and one decode the streamer
-        does not split (a split would lose the first part's outputs)."""
+        """The drafts of each drafting job (none for the others), within its
+        token limit, its seat's cells and one decode the streamer does not
+        split (a split would lose the first part's outputs)."""
         if self.drafter is None:
             return [[] for _ in jobs]
         rows = min(self.session.config.n_ubatch, len(jobs) * (1 + self.drafter.n_draft))
         rows = _unsplit(self.session, max(rows, len(jobs)))
         share = (rows - len(jobs)) // max(1, sum(j.drafts is not None for j in jobs))
-        out = []
+        asks = []
         for j in jobs:
             n = len(j.prompt) + len(j.tokens)
             room = min(share, j.limit - len(j.tokens) - 1, self.cells - n - 1)
-            out.append(self.drafter.draft(j.prompt + j.tokens, room) if j.drafts is not None and room > 0 else [])
-        return out
+            asks.append((j.seq, j.prompt + j.tokens, room if j.drafts is not None else 0))
+        return self.drafter.draft_seats(asks)
 
     def _take(self, decoder: BatchDecoder, job: Job, logits: np.ndarray, token: int | None = None) -> bool:
         """The job's next token (`token`, or its pick from `logits`); False

@@ -20,7 +20,7 @@ named; concurrent requests queue instead of cutting a running stream off
 (interrupt_requests), or with ``n_seq_max`` > 1 (-np) share one batch loop
 (serve_batch: continuous batching, ``/slots``); ``/health`` answers;
 ``lookup=N`` or ``draft_model=PATH`` (``draft_max``) draft greedy requests
-(speculative.py's drafters through Llama's draft_model, -np 1 only), each
+(speculative.py's drafters through Llama's draft_model; -np N: in the batch loop), each
 request's acceptance logged on the ``gguf_stream.server`` logger.
 
 llama_cpp.server.app.create_app builds its model through
@@ -121,7 +121,7 @@ class StreamedLlamaProxy(server_model.LlamaProxy):
         self._closed = False
         self.batch_loop = None  # serve_batch.BatchLoop with -np > 1 (start_batching)
         # lookup / draft_model / draft_max: Llama's draft_model, its drafter set once the model is loaded
-        # (-np N: the batch loop drafts, prompt lookup only)
+        # (-np N: the batch loop drafts)
         self.speculative = speculative
         self.drafter = None
         n_seq_max = self._engine_options.get("n_seq_max", 1)
@@ -413,8 +413,8 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     ``draft_model=PATH`` (a GGUF of the same vocabulary, all on the GPU;
     ``draft_max`` tokens per pass): greedy requests (temperature 0) are
     checked in one decode per pass, the generate split measured for those
-    rows (generate_rows); with n_seq_max > 1 prompt lookup only, in the batch
-    loop. ``prompt_cache=False`` (n_seq_max > 1): a request never starts from
+    rows (generate_rows); with n_seq_max > 1 in the batch loop (a draft
+    model's context then has a sequence per slot). ``prompt_cache=False`` (n_seq_max > 1): a request never starts from
     the cells its slot kept of an earlier one (every prompt decoded whole, as
     a fresh run decodes it). The model is loaded
     here (errors raise here); it is closed by close_app(app) or when the
@@ -427,9 +427,6 @@ def create_app(model_path, *, host: str = "127.0.0.1", port: int = 8000, api_key
     if speculative is not None:
         n_seq_max = engine.get("n_seq_max", 1)
         batched = isinstance(n_seq_max, int) and n_seq_max > 1
-        if batched and speculative["draft_model"] is not None:
-            raise ValueError("a draft model (-md) drafts for one sequence at a time: use -np 1, or --lookup N "
-                             "to draft for -np N requests")
         if engine.get("generate_rows") is None and not batched:  # the split measured for verify decodes,
             engine["generate_rows"] = verify_rows(speculative["lookup"], draft_max)  # as run and chat
     unknown = sorted(set(model_settings) - set(ModelSettings.model_fields))
@@ -505,11 +502,17 @@ def _start_batching(app: FastAPI, proxy, prompt_cache: bool) -> None:
     from .serve_batch import BatchLoop
     from .serve_routes import install_routes
 
-    proxy.batch_loop = BatchLoop(proxy.model, lookup=(proxy.speculative or {}).get("lookup"),
-                                 prompt_cache=prompt_cache)
+    s, llm, drafter = proxy.speculative or {}, proxy.model, None
     try:
+        if s.get("draft_model") is not None:  # a sequence per slot in the draft model's context too
+            drafter = make_drafter(None, s["draft_model"], s["draft_max"], llama_vocabulary(llm),
+                                   cuda=llm._streamer.cuda, config=llm._streamer.config, verbose=llm.verbose,
+                                   seats=True)
+        proxy.batch_loop = BatchLoop(llm, lookup=s.get("lookup"), prompt_cache=prompt_cache, drafter=drafter)
         install_routes(app, proxy, proxy.batch_loop)
     except BaseException:
+        if drafter is not None and proxy.batch_loop is None:
+            drafter.close()  # else the loop closes it
         proxy.close()
         raise
 

@@ -11,7 +11,9 @@ only decide how many positions one pass computes.
 
 Drafters: PromptLookup (n-grams of the text so far, llama.cpp's
 llama-lookup / prompt lookup decoding) and DraftModel (a small model with
-the same vocabulary, e.g. a StockModel fully on the GPU).
+the same vocabulary, e.g. a StockModel fully on the GPU); for the batched
+server's seats (-np N) SeatDraftModel, one draft context with a sequence
+per seat, and PromptLookup per seat (draft_seats).
 
 The verify decode is a ubatch of 1 + k rows, placed like any decode of that
 size (Streamer.before_decode): the generate placement below
@@ -21,12 +23,13 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 
-from .batch import TokenBatch, _decode, _logits
+from .batch import BatchDecoder, TokenBatch, _decode, _logits
 
 DEFAULT_NGRAM_MAX = 3
 DEFAULT_DRAFT_MAX = 16  # llama.cpp's --draft-max
@@ -52,24 +55,28 @@ def verify_rows(lookup: int | None, draft_max: int) -> int:
 
 
 def make_drafter(lookup: int | None, draft_path, draft_max: int, target, *, cuda: bool, config,
-                 verbose: bool = False):
+                 verbose: bool = False, seats: bool = False):
     """PromptLookup(lookup), or a DraftModel of the GGUF at draft_path (all
     its layers on the GPU with cuda, else in host memory) with the context
     shape of `config` (the target's EngineConfig); it must share `target`'s
-    vocabulary (n_vocab, token_bytes)."""
+    vocabulary (n_vocab, token_bytes). seats: a SeatDraftModel, whose
+    context has the target's sequences (n_seq_max, kv_unified) too, so a
+    seat's cells hold what the target's may."""
     from .model import StockModel
 
     if lookup is not None:
         return PromptLookup(lookup)
     c = config
+    shape = dict(n_seq_max=c.n_seq_max, kv_unified=c.kv_unified) if seats else {}
     draft = StockModel(draft_path, -1 if cuda else 0, device="cuda" if cuda else "host", n_ctx=c.n_ctx,
                        n_batch=c.n_batch, n_ubatch=c.n_ubatch, n_threads=c.n_threads, flash_attn=c.flash_attn,
-                       verbose=verbose)
-    drafter = DraftModel(draft, draft_max)
+                       verbose=verbose, **shape)
+    drafter = None
     try:
+        drafter = SeatDraftModel(draft, draft_max) if seats else DraftModel(draft, draft_max)
         drafter.check_vocabulary(target)
     except BaseException:
-        draft.close()
+        (draft if drafter is None else drafter).close()
         raise
     return drafter
 
@@ -119,6 +126,10 @@ class PromptLookup:
                 if context[start:start + size] == tail:
                     return context[start + size:start + size + n]
         return []
+
+    def draft_seats(self, requests) -> list[list[int]]:
+        """requests: (seat, context, n) each; the drafts of each context."""
+        return [self.draft(context, n) if n > 0 else [] for _, context, n in requests]
 
     def close(self) -> None:
         pass
@@ -170,6 +181,63 @@ class DraftModel:
         return out
 
     def close(self) -> None:
+        self.model.close()
+
+
+class SeatDraftModel:
+    """A draft model drafting for the batch loop's seats (-np N) at once: its
+    context has a sequence per seat, whose cells follow the text last drafted
+    for there (only what changed is decoded again: a seat's next step brings
+    the tokens the target kept), and the k drafts of every seat come from k
+    decodes of one row per seat (BatchDecoder). Greedy."""
+
+    check_vocabulary = DraftModel.check_vocabulary
+
+    def __init__(self, model, n_draft: int):
+        if not 1 <= n_draft <= MAX_DRAFT:
+            raise ValueError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
+        self.model, self.n_draft = model, n_draft
+        self._stack = ExitStack()
+        self.decoder = BatchDecoder(model, self._stack)
+        self._seen: dict[int, list[int]] = {}  # per seat, the tokens in its cells
+
+    def draft_seats(self, requests) -> list[list[int]]:
+        """requests: (seat, context, n) each; up to n drafted tokens after each
+        context (the caller keeps context + n within a seat's cells)."""
+        out: list[list[int]] = [[] for _ in requests]
+        live = [(i, seat, list(context), min(n, self.n_draft)) for i, (seat, context, n) in enumerate(requests)
+                if n > 0]
+        if not live:
+            return out
+        try:
+            starts = []
+            for _, seat, context, _ in live:
+                seen, common = self._seen.get(seat, []), 0
+                while common < min(len(seen), len(context) - 1) and seen[common] == context[common]:
+                    common += 1  # at least the last token decoded again: its logits draft the first
+                common = self.decoder.keep_prefix(seat, common)
+                starts.append((seat, context, common))
+                self._seen[seat] = list(context)  # (grows with the drafts decoded; context must not)
+            logits = self.decoder.prefill(starts)
+            while live:
+                entries, going = [], []
+                for (i, seat, context, n), row in zip(live, logits):
+                    out[i].append(int(np.argmax(row)))
+                    if len(out[i]) < n:  # the last draft needs no decode
+                        entries.append((out[i][-1], len(context) + len(out[i]) - 1, seat))
+                        self._seen[seat].append(out[i][-1])
+                        going.append((i, seat, context, n))
+                live = going
+                if live:
+                    logits = self.decoder.step(entries)
+        except BaseException:
+            self._seen.clear()  # a failed decode may have left any seat's cells half written
+            self.model.reset()
+            raise
+        return out
+
+    def close(self) -> None:
+        self._stack.close()
         self.model.close()
 
 

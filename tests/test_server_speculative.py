@@ -2,8 +2,8 @@
 greedy completions through HTTP equal the server's without drafts, stream
 and not, completion and chat; each request's acceptance logged; a negative
 control (drafts taken unchecked) shows the comparison can fail; bad values
-and a draft model with -np N refused before loading; prompt lookup with -np
-N drafts in the batch loop (host mode, Gemma)."""
+refused before loading; prompt lookup and a draft model with -np N draft
+in the batch loop (host mode, Gemma)."""
 import gguf_stream  # noqa: F401  (llama.cpp before numpy)
 
 import asyncio
@@ -126,6 +126,29 @@ def test_drafted_answers_equal_the_plain_server(gemma_path, reference, drafting,
         assert drafter.drafter.model.ctx is None  # the draft model closed with the app
 
 
+def alone(app, loop, path, body, stream):
+    """(text, steps, tokens) of one request with the loop to itself, from a
+    fresh cache (as the reference's context was)."""
+    loop.run_exclusive(lambda: None)
+    steps, generated = loop.steps, loop.generated
+    if stream:
+        r = call(app, "POST", path, json=dict(body, stream=True))
+        chunks = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        text = "".join(c["text"] if "text" in c else c["delta"].get("content") or "" for c in chunks)
+    else:
+        choice = call(app, "POST", path, json=body).json()["choices"][0]
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+    return text, loop.steps - steps, loop.generated - generated
+
+
+def at_once(app) -> list[str]:
+    """The texts of REQUESTS sent together (not streamed)."""
+    got = asyncio.run(_requests(app, [("POST", path, {"json": body}) for path, body in REQUESTS]))
+    choices = [r.json()["choices"][0] for r in got]
+    return [c["text"] if "text" in c else c["message"]["content"] for c in choices]
+
+
 def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference, continued, caplog):
     """-np 2 with --lookup: the batch loop drafts for greedy requests from
     their own text and checks a seat's drafts in its rows of the step
@@ -140,38 +163,50 @@ def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference,
         proxy = app.state.gguf_stream_proxy
         loop = proxy.batch_loop
         assert loop.drafter is not None and proxy.drafter is None  # the loop drafts, not Llama
-
-        def alone(path, body, stream):
-            loop.run_exclusive(lambda: None)  # a fresh cache, as the reference's
-            steps, generated = loop.steps, loop.generated
-            if stream:
-                r = call(app, "POST", path, json=dict(body, stream=True))
-                chunks = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines()
-                          if line.startswith("data: ") and line != "data: [DONE]"]
-                text = "".join(c["text"] if "text" in c else c["delta"].get("content") or "" for c in chunks)
-            else:
-                choice = call(app, "POST", path, json=body).json()["choices"][0]
-                text = choice["text"] if "text" in choice else choice["message"]["content"]
-            return text, loop.steps - steps, loop.generated - generated
-
         with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
-            got = [alone(path, body, stream) for path, body in REQUESTS for stream in (False, True)]
+            got = [alone(app, loop, path, body, stream) for path, body in REQUESTS for stream in (False, True)]
         assert [text for text, _, _ in got] == reference
         _, steps, generated = got[0]  # the repeating prompt: most drafts right
         assert loop.accepted > 0 and steps + 1 < generated
         lines = [r.getMessage() for r in caplog.records if " drafted tokens accepted " in r.getMessage()]
         assert len(lines) == len(got)
-        at_once = asyncio.run(_requests(app, [("POST", path, {"json": body}) for path, body in REQUESTS]))
-        texts = [r.json()["choices"][0] for r in at_once]
-        assert [c["text"] if "text" in c else c["message"]["content"] for c in texts] == reference[::2]
-        loop.run_exclusive(lambda: None)
-        first, _, _ = alone(*REQUESTS[0], stream=False)
+        assert at_once(app) == reference[::2]
+        first, _, _ = alone(app, loop, *REQUESTS[0], stream=False)
         cached = loop.cached_tokens
         body = dict(REQUESTS[0][1], prompt=PROMPT + first + " one two", max_tokens=12)
         second = call(app, "POST", "/v1/completions", json=body).json()["choices"][0]["text"]
         assert loop.cached_tokens > cached and (first, second) == continued
     finally:
         server.close_app(app)
+
+
+def test_np_n_drafts_with_a_draft_model_in_the_batch_loop(gemma_path, reference, caplog):
+    """-np 2 with -md (the model itself as its draft model: its drafts are
+    right but where a decode's row count tips a near tie): the batch loop
+    drafts for every greedy slot from one draft context with a sequence per
+    slot (both slots' drafts from --draft-max decodes). Each request alone
+    gets the server's text without drafts, most in fewer steps than tokens;
+    the three at once get the same texts; the draft model closes with the app."""
+    from gguf_stream.speculative import SeatDraftModel
+
+    app = server.create_app(gemma_path, **{**SETTINGS, "n_ctx": 2 * SETTINGS["n_ctx"]}, n_seq_max=2,
+                            draft_model=gemma_path, draft_max=DRAFTS)
+    try:
+        proxy = app.state.gguf_stream_proxy
+        loop, drafter = proxy.batch_loop, proxy.batch_loop.drafter
+        assert isinstance(drafter, SeatDraftModel) and proxy.drafter is None
+        assert drafter.model.config.n_seq_max == 2 and drafter.n_draft == DRAFTS
+        with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
+            got = [alone(app, loop, path, body, stream) for path, body in REQUESTS for stream in (False, True)]
+        assert [text for text, _, _ in got] == reference
+        assert loop.accepted > 0.8 * loop.drafted
+        assert sum(steps + 1 < generated for _, steps, generated in got) >= len(got) - 1
+        lines = [r.getMessage() for r in caplog.records if " drafted tokens accepted " in r.getMessage()]
+        assert len(lines) == len(got)
+        assert at_once(app) == reference[::2]
+    finally:
+        server.close_app(app)
+    assert drafter.model.ctx is None
 
 
 def test_unchecked_drafts_change_the_answers(gemma_path, reference, monkeypatch):
@@ -220,7 +255,6 @@ def test_sampled_requests_get_no_drafts(gemma_path, caplog):
     (dict(lookup=4, draft_model="{gemma}"), "give one"),
     (dict(draft_model="{gemma}", draft_max=0), "--draft-max must be in 1..256"),
     (dict(draft_model="/nonexistent/draft.gguf"), "is not a file"),
-    (dict(draft_model="{gemma}", n_seq_max=2), "use -np 1, or --lookup N"),
     (dict(draft_model_num_pred_tokens=5), "goes with draft_model='prompt-lookup-decoding'"),
     (dict(lookup=4, draft_model="prompt-lookup-decoding"), "give one"),
 ])
@@ -260,7 +294,6 @@ def test_serve_cli_refuses_bad_speculative_flags(gemma_path, capsys):
     from test_cli import assert_user_error, run_main
 
     for extra, needle in ((["--lookup", "0"], "--lookup must be in 1..256"),
-                          (["-md", str(gemma_path), "-np", "2"], "use -np 1, or --lookup N"),
                           (["--lookup", "4", "-md", str(gemma_path)], "give one")):
         rc, _, err = run_main(capsys, "serve", str(gemma_path), "--device", "host", "--port", "0", *extra)
         assert_user_error(rc, err, needle)

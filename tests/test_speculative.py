@@ -50,6 +50,29 @@ def test_draft_model_equals_greedy(tiny_path):
         assert again.tokens == ref
 
 
+def test_seat_drafts_equal_a_draft_model_per_seat(tiny_path):
+    """SeatDraftModel (the batch loop's draft model): a seat's drafts are a
+    DraftModel's for its text, as the text grows (only the new tokens
+    decoded), changes (its cells cut back to the common start) and another
+    seat drafts beside it; a seat asked for none gets none. One seat per
+    call: llama.cpp's CPU kernels round by a decode's rows, so two seats'
+    decodes may tip a near tie (the target checks every draft anyway)."""
+    from gguf_stream.speculative import SeatDraftModel
+
+    with StockModel(tiny_path, 0, **CPU) as one, StockModel(tiny_path, 0, **{**CPU, "n_seq_max": 2}) as two:
+        plain, seats = DraftModel(one, 5), SeatDraftModel(two, 5)
+        a = one.tokenize(TEXT, add_bos=True, special=True)
+        b = one.tokenize("The capital of France is", add_bos=True, special=True)
+        for seat, text in ((0, a), (1, b), (0, a + [7, 8]), (0, a[:5] + [9]), (1, b + a[:3]), (1, b)):
+            got = seats.draft_seats([(seat, text, 4), (1 - seat, a, 0)])
+            assert got == [plain.draft(text, 4), []]
+        assert seats._seen[1][:len(b)] == b and len(seats._seen[1]) == len(b) + 3  # the last draft not decoded
+        both = seats.draft_seats([(0, a, 3), (1, b, 2)])
+        assert [len(d) for d in both] == [3, 2]
+        seats.close()
+    assert two.ctx is None
+
+
 def test_lookup_finds_repeats():
     lookup = PromptLookup(3)
     assert lookup.draft([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]

@@ -34,7 +34,7 @@ def add_parser(sub, parents) -> None:
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="how --embedding pools a text's token vectors into one (default: the model's own where its "
                    "GGUF names one other than none, else mean; none: a vector per token, not OpenAI's shape)")
-    speculative.add_speculative(p, "requests with temperature 0 (-md: one sequence, -np 1; --lookup: -np N too); "
+    speculative.add_speculative(p, "requests with temperature 0 (with -np N, in each slot); "
                                 "each request's acceptance on stderr")
     add_engine(p)
     p.set_defaults(func=cmd_serve)
@@ -74,13 +74,10 @@ def cmd_serve(args) -> int:
                 "KV cells each; concurrent completions are decoded together"
                 + ("" if loop.unified else ", one pass over the streamed weights per run of consecutive busy slots "
                    "(llama.cpp's cache per slot; -kvu shares one cache: one pass whatever the slots)"))
-        if loop is not None and loop.drafter is not None:
-            say(f"speculative decoding: up to {args.lookup} tokens per pass from prompt lookup for greedy requests "
-                "(temperature 0), in each slot")
-        if app.state.gguf_stream_proxy.drafter is not None:
+        if (loop is not None and loop.drafter is not None) or app.state.gguf_stream_proxy.drafter is not None:
             say("speculative decoding: " + (f"up to {args.lookup} tokens per pass from prompt lookup" if args.lookup
                                             else f"draft model {draft}, up to {args.draft_max} tokens per pass")
-                + " for greedy requests (temperature 0)")
+                + " for greedy requests (temperature 0)" + (", in each slot" if loop is not None else ""))
         say(f"serving on http://{args.host}:{args.port}/v1 (OpenAI-compatible; API docs at /docs); Ctrl-C stops")
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             say(f"anyone who can reach {args.host}:{args.port} can use it: give --api-key KEY to require a key")
