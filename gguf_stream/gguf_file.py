@@ -111,7 +111,7 @@ class ModelFile:
 
     @cached_property
     def has_shared_experts(self) -> bool:
-        """Whether layers have a shared expert (ffn_*_shexp, qwen2moe's and glm4moe's), added to the routed ones' sum."""
+        """Whether layers have a shared expert (ffn_*_shexp: qwen2moe's, glm4moe's, deepseek2's), added to the routed ones' sum."""
         return any(t.layer is not None and "_shexp." in t.name for t in self.tensors)
 
     @cached_property

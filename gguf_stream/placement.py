@@ -70,8 +70,9 @@ def moe_cpu_parts(plan: Plan) -> tuple[int, ...]:
 
 # where --moe-split's CPU part (SwiGLU experts, gpt-oss's clamped one with
 # biases; their sum added to the residual) computes what llama.cpp's graph
-# does; tested in host mode
-MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe", "gpt-oss")
+# does; tested in host mode (deepseek2's weights come scaled from the node the
+# split reads them at, as every architecture's final routing weights do)
+MOE_SPLIT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe", "gpt-oss", "deepseek2")
 OAI_ACTIVATION_ARCHS = ("gpt-oss",)  # their experts' GLU is swiglu_oai (with expert biases)
 # the default's: gpt-oss's split (biases through the region, MXFP4) has not run on a GPU yet
 MOE_SPLIT_DEFAULT_ARCHS = ("qwen3moe", "qwen2moe", "glm4moe")

@@ -79,7 +79,7 @@ __all__ = ["Shape", "SHAPES", "QTYPES", "tensor_specs", "tensor_type", "q4_k_blo
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """Hyper-parameters of a dense llama or a mixture-of-experts model (qwen3moe,
-    qwen2moe, glm4moe).
+    qwen2moe, glm4moe, gpt-oss, deepseek2).
 
     head_dim 0 means n_embd // n_head (llama); n_expert 0 means a dense model.
     For MoE, n_ff is the `feed_forward_length` metadata, which only glm4moe's
@@ -101,9 +101,16 @@ class Shape:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     n_ff_shexp: int = 0  # the shared experts' hidden size (qwen2moe; glm4moe: n_ff_exp x their count)
-    n_dense_lead: int = 0  # leading layers without experts (glm4moe)
+    n_dense_lead: int = 0  # leading layers without experts (glm4moe, deepseek2)
     n_rot: int = 0       # rotated dimensions of a head; 0: head_dim
     n_swa: int = 0       # sliding window of every other layer (gpt-oss); 0: none
+    # deepseek2's multi-head latent attention: head_dim is a query/key head's (nope + n_rot), the
+    # cache holds kv_lora_rank + n_rot per token; q_lora_rank 0: one query matrix (V2-Lite, whose
+    # experts route by softmax), else a low-rank one (V3, routing by sigmoid + a selection bias,
+    # the top-k weights normalised and scaled 2.5)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         if not self.head_dim:
@@ -167,6 +174,17 @@ SHAPES: dict[str, Shape] = {
     "tiny-gpt-oss": Shape("gpt-oss", n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_vocab=512,
                           ctx_len=512, rope_theta=150000.0, head_dim=64, n_expert=8, n_expert_used=2,
                           n_ff_exp=256, n_swa=8),
+    # DeepSeek-V2-Lite: layer 0 dense (n_ff 10944), 64 experts of n_ff 1408 (Q5_0 under Q4_K), 6 used,
+    # 2 shared; 16 heads, latent attention (kv rank 512, heads of 128 + 64 rotated, values 128)
+    "deepseek-v2-lite": Shape("deepseek2", n_layer=27, n_embd=2048, n_ff=10944, n_head=16, n_head_kv=1,
+                              n_vocab=102400, ctx_len=163840, rope_theta=10000.0, rms_eps=1e-6, head_dim=192,
+                              n_rot=64, kv_lora_rank=512, v_head_dim=128, n_expert=64, n_expert_used=6,
+                              n_ff_exp=1408, n_ff_shexp=2816, n_dense_lead=1),
+    # for tests: deepseek2 in miniature, layer 0 dense, V3's low-rank queries and sigmoid routing
+    "tiny-deepseek2": Shape("deepseek2", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=1, n_vocab=512,
+                            ctx_len=512, rope_theta=10000.0, head_dim=64, n_rot=32, q_lora_rank=128,
+                            kv_lora_rank=64, v_head_dim=32, n_expert=8, n_expert_used=2, n_ff_exp=160,
+                            n_ff_shexp=160, n_dense_lead=1),
     # for tests: glm4moe in miniature, layer 0 dense
     "tiny-glm4moe": Shape("glm4moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,
                           n_vocab=512, ctx_len=512, rope_theta=1000000.0, head_dim=64, n_expert=8,
@@ -216,12 +234,29 @@ GPT_OSS_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_q.bias", "attn_k", "attn_k
                          "attn_output", "attn_output.bias", "attn_sinks", "post_attention_norm", "ffn_gate_inp",
                          "ffn_gate_inp.bias", "ffn_gate_exps", "ffn_gate_exps.bias", "ffn_up_exps", "ffn_up_exps.bias",
                          "ffn_down_exps", "ffn_down_exps.bias")
-_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS + GPT_OSS_KINDS)}
+# then deepseek2's latent attention
+DEEPSEEK2_KINDS = ("attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b")
+_KIND_INDEX = {name: i for i, name in enumerate(LAYER_TENSORS + MOE_KINDS + SHARED_KINDS + GLM_KINDS + GPT_OSS_KINDS
+                                                + DEEPSEEK2_KINDS)}
 _LAYER_TENSORS = {"llama": LAYER_TENSORS, "qwen3moe": MOE_LAYER_TENSORS, "qwen2moe": QWEN2MOE_LAYER_TENSORS,
                   "glm4moe": GLM4MOE_LAYER_TENSORS, "gpt-oss": GPT_OSS_LAYER_TENSORS}
 _GLOBAL_TENSORS = ("token_embd", "output_norm", "output")
-ARCHS = tuple(_LAYER_TENSORS)   # llama is dense, the others MoE
-SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe")
+ARCHS = (*_LAYER_TENSORS, "deepseek2")   # llama is dense, the others MoE
+SHARED_EXPERT_ARCHS = ("qwen2moe", "glm4moe", "deepseek2")
+DENSE_LEAD_ARCHS = ("glm4moe", "deepseek2")  # MoE architectures whose first layers may be dense
+
+
+def _layer_names(shape: Shape, il: int) -> tuple[str, ...]:
+    """The tensor kinds of layer il, in file order."""
+    dense = il < shape.n_dense_lead
+    if shape.arch != "deepseek2":
+        return GLM4MOE_DENSE_TENSORS if dense else _LAYER_TENSORS[shape.arch]
+    q = ("attn_q_a", "attn_q_a_norm", "attn_q_b") if shape.q_lora_rank else ("attn_q",)
+    attention = ("attn_norm", *q, "attn_kv_a_mqa", "attn_kv_a_norm", "attn_k_b", "attn_v_b", "attn_output", "ffn_norm")
+    if dense:
+        return attention + ("ffn_gate", "ffn_up", "ffn_down")
+    return attention + ("ffn_gate_inp", *(("exp_probs_b.bias",) if shape.q_lora_rank else ()), "ffn_gate_exps",
+                        "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
 BIAS_STD = 0.02     # q/k/v biases and glm4moe's expert selection bias: F32, small (routing stays the router's)
 
 
@@ -266,6 +301,11 @@ def _layer_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
         shapes.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
                        "ffn_gate_inp_shexp": (e,), "ffn_gate_shexp": (sh, e), "ffn_up_shexp": (sh, e),
                        "ffn_down_shexp": (e, sh), "post_attention_norm": (e,), "exp_probs_b.bias": (shape.n_expert,)})
+    if shape.arch == "deepseek2":  # ggml's ne reversed, as everywhere here
+        h, ql, kl, rot, v = shape.n_head, shape.q_lora_rank, shape.kv_lora_rank, shape.n_rot, shape.v_head_dim
+        shapes.update({"attn_q_a": (ql, e), "attn_q_a_norm": (ql,), "attn_q_b": (q, ql),
+                       "attn_kv_a_mqa": (kl + rot, e), "attn_kv_a_norm": (kl,), "attn_k_b": (h, kl, hd - rot),
+                       "attn_v_b": (h, v, kl), "attn_output": (e, h * v)})
     return shapes
 
 
@@ -275,8 +315,7 @@ def tensor_specs(shape: Shape) -> list[TensorSpec]:
     layer_shapes = _layer_shapes(shape)
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), (0, 0), False)]
     for il in range(shape.n_layer):
-        dense_lead = il < shape.n_dense_lead
-        for name in GLM4MOE_DENSE_TENSORS if dense_lead else _LAYER_TENSORS[shape.arch]:
+        for name in _layer_names(shape, il):
             std = MOE_ATTN_OUTPUT_STD if shape.is_moe and name == "attn_output" else None
             # the shared expert's gate is a vector of one logit's weights, random like a router's;
             # gpt-oss's attention sinks are logits too (one per head)
@@ -360,8 +399,9 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
     w.add_layer_norm_rms_eps(shape.rms_eps)
     w.add_rope_dimension_count(shape.n_rot)
     if shape.is_moe:
-        w.add_key_length(shape.head_dim)
-        w.add_value_length(shape.head_dim)
+        if shape.arch != "deepseek2":
+            w.add_key_length(shape.head_dim)
+            w.add_value_length(shape.head_dim)
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         w.add_expert_feed_forward_length(shape.n_ff_exp)
@@ -369,12 +409,21 @@ def _add_metadata(w: gguf.GGUFWriter, shape: Shape, qtype: str, name: str) -> No
         w.add_expert_shared_feed_forward_length(shape.n_ff_shexp)
     if shape.arch == "gpt-oss":  # every other layer attends to the last n_swa tokens only
         w.add_sliding_window(shape.n_swa)
-    if shape.arch == "glm4moe":  # GLM-4.5's: sigmoid scores, top-k weights normalised, scale 1
+    if shape.arch in DENSE_LEAD_ARCHS:  # GLM-4.5's: sigmoid scores, top-k weights normalised, scale 1
+        v3 = shape.arch == "glm4moe" or shape.q_lora_rank > 0  # DeepSeek-V3's too, scale 2.5; V2's softmax
         w.add_expert_shared_count(shape.n_ff_shexp // shape.n_ff_exp)
         w.add_leading_dense_block_count(shape.n_dense_lead)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_weights_norm(True)
-        w.add_expert_weights_scale(1.0)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_expert_weights_norm(v3)
+        w.add_expert_weights_scale(1.0 if shape.arch == "glm4moe" or not v3 else 2.5)
+    if shape.arch == "deepseek2":  # the cache holds the latent (MQA of one head): as convert_hf_to_gguf writes it
+        if shape.q_lora_rank:
+            w.add_q_lora_rank(shape.q_lora_rank)
+        w.add_kv_lora_rank(shape.kv_lora_rank)
+        w.add_key_length(shape.kv_lora_rank + shape.n_rot)
+        w.add_value_length(shape.kv_lora_rank)
+        w.add_key_length_mla(shape.head_dim)
+        w.add_value_length_mla(shape.v_head_dim)
     w.add_vocab_size(shape.n_vocab)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -416,15 +465,21 @@ def _check_arch(shape: Shape) -> None:
                          f"got n_ff_shexp={shape.n_ff_shexp}")
     if shape.arch == "qwen2moe" and shape.head_dim * shape.n_head != shape.n_embd:
         raise ValueError(f"{shape.arch} needs head_dim * n_head == n_embd; got {shape.head_dim} * {shape.n_head}")
-    if shape.arch == "glm4moe" and shape.n_ff_shexp % shape.n_ff_exp:
-        raise ValueError(f"glm4moe's shared experts are n_ff_exp wide: n_ff_shexp ({shape.n_ff_shexp}) must be a "
-                         f"multiple of n_ff_exp ({shape.n_ff_exp})")
-    if not 0 <= shape.n_dense_lead < shape.n_layer or (shape.n_dense_lead and shape.arch != "glm4moe"):
-        raise ValueError(f"n_dense_lead must be in 0..n_layer-1, and only glm4moe has dense leading layers; "
-                         f"got {shape.n_dense_lead} for {shape.arch}")
+    if shape.arch in DENSE_LEAD_ARCHS and shape.n_ff_shexp % shape.n_ff_exp:
+        raise ValueError(f"{shape.arch}'s shared experts are n_ff_exp wide: n_ff_shexp ({shape.n_ff_shexp}) must be "
+                         f"a multiple of n_ff_exp ({shape.n_ff_exp})")
+    if not 0 <= shape.n_dense_lead < shape.n_layer or (shape.n_dense_lead and shape.arch not in DENSE_LEAD_ARCHS):
+        raise ValueError(f"n_dense_lead must be in 0..n_layer-1, and only {' and '.join(DENSE_LEAD_ARCHS)} have dense "
+                         f"leading layers; got {shape.n_dense_lead} for {shape.arch}")
+    mla = shape.arch == "deepseek2"
+    if mla != (shape.kv_lora_rank > 0 and shape.v_head_dim > 0 and shape.n_head_kv == 1 and shape.n_rot < shape.head_dim):
+        raise ValueError(f"deepseek2 alone has (and needs) latent attention: kv_lora_rank > 0, v_head_dim > 0, "
+                         f"n_head_kv 1, n_rot < head_dim; got {shape}")
+    if shape.arch == "deepseek2" and shape.n_layer in (26, 27) and shape.q_lora_rank:
+        raise ValueError("llama.cpp reads a 26- or 27-layer deepseek2 as V2-Lite, without q_lora_rank: give 0")
     if (shape.n_swa > 0) != (shape.arch == "gpt-oss"):
         raise ValueError(f"gpt-oss alone has (and needs) a sliding window; got n_swa={shape.n_swa} for {shape.arch}")
-    if shape.arch != "glm4moe" and shape.n_rot != shape.head_dim:
+    if shape.arch not in DENSE_LEAD_ARCHS and shape.n_rot != shape.head_dim:
         raise ValueError(f"{shape.arch} rotates whole heads: n_rot must be head_dim ({shape.head_dim})")
 
 

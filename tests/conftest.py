@@ -156,7 +156,18 @@ def tiny_gpt_oss_path(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-gpt-oss.gguf", "tiny-gpt-oss", "Q4_K", seed=6)
 
 
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss"])
+@pytest.fixture(scope="session")
+def tiny_deepseek2_path(tmp_path_factory) -> Path:
+    """Synthetic 4-layer deepseek2: layer 0 dense, latent attention (low-rank queries,
+    a one-head latent KV cache), 8 routed experts (2 used, sigmoid routing with a
+    selection bias, weights normalised and scaled) and a shared expert."""
+    from gguf_stream.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("models") / "tiny-deepseek2.gguf", "tiny-deepseek2", "Q4_K",
+                           seed=7)
+
+
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss", "tiny_deepseek2"])
 def moe_path(request):
     return request.getfixturevalue(f"{request.param}_path")
 

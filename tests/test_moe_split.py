@@ -25,7 +25,7 @@ from gguf_stream.model import StreamedModel
 TOL = 2e-3
 
 
-@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss"])
+@pytest.fixture(scope="module", params=["tiny_moe", "tiny_qwen2moe", "tiny_glm4moe", "tiny_gpt_oss", "tiny_deepseek2"])
 def moe_path(request):
     """The split's architectures (placement.MOE_SPLIT_ARCHS) among conftest's tiny MoE models."""
     return request.getfixturevalue(f"{request.param}_path")
@@ -284,7 +284,8 @@ def test_split_layers_stay_off_the_disk_tier(tiny_moe_path):
     assert moe_generate_parts(on_disk, config, mf, cuda=True)[1] == split[1:]
 
 
-@pytest.mark.parametrize("name, into_sum", [("tiny_moe", False), ("tiny_qwen2moe", True), ("tiny_glm4moe", True)])
+@pytest.mark.parametrize("name, into_sum", [("tiny_moe", False), ("tiny_qwen2moe", True), ("tiny_glm4moe", True),
+                                            ("tiny_gpt_oss", False), ("tiny_deepseek2", True)])
 def test_split_into_sum_in_host_mode_where_a_shared_expert_follows(request, monkeypatch, name, into_sum):
     """The two-boundary order (into_sum) only where a shared expert is added
     after the routed experts: elsewhere one boundary per layer is stock's order."""

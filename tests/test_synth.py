@@ -438,7 +438,7 @@ def test_glm_4_5_air_shape():
     assert 59 < sum(_nbytes(spec, "Q4_K") for spec in specs) / 2**30 < 61
     import dataclasses
 
-    with pytest.raises(ValueError, match="only glm4moe has dense leading layers"):
+    with pytest.raises(ValueError, match="only glm4moe and deepseek2 have dense leading layers"):
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(MOE, n_dense_lead=1))
     with pytest.raises(ValueError, match="must be a multiple of n_ff_exp"):
         write_synthetic("/nonexistent/x.gguf", dataclasses.replace(GLM, n_ff_shexp=200))

@@ -155,7 +155,7 @@ ENGINE_FLAGS = (
          "each token's routed experts while generating and the CPU computes the others at the same time (PCIe and "
          "the CPU's memory on one layer at once; sums in another order than stock); auto: N timed on the first "
          "generated tokens; off: the CPU computes them all, as --n-cpu-moe. Default: auto on CUDA for qwen3moe, "
-         "qwen2moe and glm4moe, off in host mode and for other architectures (gpt-oss splits when asked)", dict(metavar="auto|off|N"),
+         "qwen2moe and glm4moe, off in host mode and for other architectures (gpt-oss and deepseek2 split when asked)", dict(metavar="auto|off|N"),
          lambda spec: parse_moe_split(spec)),
     Flag("exact", ("--exact",), GENERATE, "while generating, compute every layer on the GPU (streamed ones "
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
