@@ -17,6 +17,12 @@ computes all rows on the GPU (never llama.cpp's op-by-op copies of host
 weights). A prompt is prefilled before its sequence joins the steps; with
 a unified KV cache (kv_unified) the prompts seated at one time share
 decodes, as many tokens per decode as n_batch holds (BatchDecoder.prefill).
+
+Greedy generation may carry drafts (speculative.PromptLookup or
+SeatDraftModel): a sequence's rows of a step are its last token and the
+drafts, its tokens the model's picks while they match the drafts (the
+rejected drafts' cells freed): several tokens per sequence per pass, the
+tokens it gets without drafts.
 """
 from __future__ import annotations
 
@@ -53,6 +59,8 @@ class BatchResult:
     generate_seconds: float  # wall time of the generation steps
     steps: int  # llama_decode calls of generated tokens (each one pass over the weights)
     max_parallel: int  # the most sequences decoded in one step
+    drafted: int = 0  # drafted tokens decoded in steps, of which the model's picks accepted
+    accepted: int = 0
 
     @property
     def n_generated(self) -> int:
@@ -225,8 +233,32 @@ def _unsplit(model, n: int) -> int:
     return n if streamer is None else streamer.decode_sizes(n)[0]
 
 
+def draft_share(model, n_live: int, n_drafting: int, n_draft: int) -> int:
+    """Drafts each of n_drafting sequences may add to a step of n_live:
+    within n_ubatch rows and one decode the streamer does not split (a
+    split would lose the first part's outputs)."""
+    rows = _unsplit(model, max(min(model.config.n_ubatch, n_live * (1 + n_draft)), n_live))
+    return (rows - n_live) // max(1, n_drafting)
+
+
+def _keep_verified(decoder, seat: _Seat, rows, draft: list[int], take) -> tuple[bool, int]:
+    """A seat's step rows: its picks (take) while they match its drafts; the
+    rejected drafts' cells freed. (whether it goes on, drafts accepted)"""
+    used, alive = 0, True
+    for j, row in enumerate(rows):
+        used += 1
+        alive = take(seat, row)
+        if not alive or j == len(draft) or seat.last != draft[j]:
+            break
+    seat.pos += used
+    if alive and draft and not decoder.keep_prefix(seat.seq, seat.pos):
+        raise DecodeError("llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
+                          "cache): generate without drafts")
+    return alive, used - 1
+
+
 def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True,
-                   on_done=None) -> BatchResult:
+                   on_done=None, drafter=None) -> BatchResult:
     """Generate up to n_tokens after each prompt (token lists), up to
     model.config.n_seq_max of them at a time in one context. sampling: a
     sampling.SamplingParams (None: greedy), one sampler chain per sequence,
@@ -234,15 +266,18 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
     on_done(SequenceResult) is called as each finishes. The KV cache is
     cleared first and left holding nothing of these sequences. Prompts seated
     at once are prefilled together (BatchDecoder.prefill; sharing decodes
-    with kv_unified); a prompt's prompt_seconds is the wall time of that prefill."""
+    with kv_unified); a prompt's prompt_seconds is the wall time of that prefill.
+    drafter (greedy only): its draft_seats drafts each step's rows."""
     prompts = check_prompts(model, prompts, n_tokens)
+    if drafter is not None and sampling is not None and not sampling.greedy:
+        raise ValueError("drafts are checked against greedy picks: give greedy sampling, or no drafter")
     k = model.config.n_seq_max
     model.reset()
     queue = deque(enumerate(prompts))
     free = list(range(k - 1, -1, -1))  # sequence ids, popped from the end: 0 first
     seats: list[_Seat] = []
     results: list[SequenceResult | None] = [None] * len(prompts)
-    steps = max_parallel = 0
+    steps = max_parallel = drafted = accepted = 0
     t_start = time.perf_counter()
     t_gen = 0.0
     with ExitStack() as stack:
@@ -288,18 +323,26 @@ def generate_batch(model, prompts, n_tokens: int, *, sampling=None, stop_at_eog:
             if not seats:
                 continue
             t0 = time.perf_counter()
-            out = decoder.step([(s.last, s.pos, s.seq) for s in seats])
+            drafts = [[] for _ in seats]
+            if drafter is not None:
+                share = draft_share(model, len(seats), len(seats), drafter.n_draft)
+                drafts = drafter.draft_seats([(s.seq, s.result.prompt_tokens + s.result.tokens,
+                                               min(share, n_tokens - len(s.result.tokens) - 1)) for s in seats])
+            out = iter(decoder.step([(t, s.pos + i, s.seq) for s, d in zip(seats, drafts)
+                                     for i, t in enumerate([s.last] + d)]))
             steps += 1
             max_parallel = max(max_parallel, len(seats))
             live = []
-            for s, logits in zip(seats, out):
-                s.pos += 1
-                if take(s, logits):
+            for s, d in zip(seats, drafts):
+                alive, n = _keep_verified(decoder, s, [next(out) for _ in range(1 + len(d))], d, take)
+                drafted, accepted = drafted + len(d), accepted + n
+                if alive:
                     live.append(s)
             seats = live
             t_gen += time.perf_counter() - t0
     model._vram_sample()
-    return BatchResult([r for r in results], time.perf_counter() - t_start, t_gen, steps, max_parallel)
+    return BatchResult([r for r in results], time.perf_counter() - t_start, t_gen, steps, max_parallel, drafted,
+                       accepted)
 
 
 def _picker(model, sampling, prompt: list[int], stack: ExitStack):

@@ -264,15 +264,17 @@ class _Session:
             self.eval([tok])
         return (tokens, np.stack(all_logits)) if with_logits else tokens
 
-    def generate_batch(self, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True, on_done=None):
+    def generate_batch(self, prompts, n_tokens: int, *, sampling=None, stop_at_eog: bool = True, on_done=None,
+                       drafter=None):
         """Generate after several prompts (texts or token lists) at once, up
-        to config.n_seq_max sequences per decode (batch.generate_batch);
-        returns a batch.BatchResult."""
+        to config.n_seq_max sequences per decode (batch.generate_batch; a
+        drafter's drafts checked in each step, greedy); returns a batch.BatchResult."""
         from .batch import generate_batch
 
         if isinstance(prompts, (list, tuple)):
             prompts = [self.tokenize(p, add_bos=True, special=True) if isinstance(p, str) else p for p in prompts]
-        return generate_batch(self, prompts, n_tokens, sampling=sampling, stop_at_eog=stop_at_eog, on_done=on_done)
+        return generate_batch(self, prompts, n_tokens, sampling=sampling, stop_at_eog=stop_at_eog, on_done=on_done,
+                              drafter=drafter)
 
     # -- lifetime --
     def close(self) -> None:

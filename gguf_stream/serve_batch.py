@@ -35,7 +35,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from . import llama_abi
-from .batch import BatchDecoder, _unsplit, cells_per_sequence
+from .batch import BatchDecoder, cells_per_sequence, draft_share
 from .sampling import Sampler, SamplingParams
 from .speculative import PromptLookup, SpeculativeResult
 
@@ -367,9 +367,7 @@ class BatchLoop:
         split (a split would lose the first part's outputs)."""
         if self.drafter is None:
             return [[] for _ in jobs]
-        rows = min(self.session.config.n_ubatch, len(jobs) * (1 + self.drafter.n_draft))
-        rows = _unsplit(self.session, max(rows, len(jobs)))
-        share = (rows - len(jobs)) // max(1, sum(j.drafts is not None for j in jobs))
+        share = draft_share(self.session, len(jobs), sum(j.drafts is not None for j in jobs), self.drafter.n_draft)
         asks = []
         for j in jobs:
             n = len(j.prompt) + len(j.tokens)

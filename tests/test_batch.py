@@ -253,3 +253,69 @@ def test_a_step_is_one_pass_whatever_the_seats_order(tiny_path):
         d.batch.fill([(tb, 4, 1, True), (ta, 3, 0, True)])  # unsorted, as before the fix
         batch._decode(m, d.batch)
         assert m.stats.counters.adoptions == 2 * one_pass
+
+
+# repeats, so that prompt lookup finds drafts in each sequence's text
+REPEATING = ["one two three four, one two three four, one two three four, one two",
+             "red green blue red green blue red green blue red", "The capital of France is"]
+
+
+@pytest.mark.parametrize("drafting", ["lookup", "draft model"])
+def test_batched_drafts_give_the_tokens_without_drafts(tiny_path, drafting):
+    """Greedy batched generation with drafts (prompt lookup; the model itself
+    as its draft model, one sequence per seat) gives every sequence the
+    tokens it gets without drafts, in fewer steps; drafts with sampling are
+    refused. (Tiny, streamed with CPU layers: host mode.)"""
+    from gguf_stream.speculative import PromptLookup, SeatDraftModel
+
+    kw = dict(SEATS, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path))
+    with StreamedModel(tiny_path, **kw) as m:
+        plain = m.generate_batch(REPEATING, 3 * N)
+        if drafting == "lookup":
+            drafter = PromptLookup(3)
+        else:
+            drafter = SeatDraftModel(StockModel(tiny_path, 0, **dict(CPU, n_seq_max=4, n_ctx=1024)), 3)
+        try:
+            r = m.generate_batch(REPEATING, 3 * N, drafter=drafter)
+            assert [s.tokens for s in r.sequences] == [s.tokens for s in plain.sequences]
+            assert r.drafted >= r.accepted > 0 and r.steps < plain.steps
+            if drafting == "draft model":  # its drafts are the model's picks
+                assert r.accepted > 0.9 * r.drafted
+            with pytest.raises(ValueError, match="greedy"):
+                m.generate_batch(REPEATING, N, drafter=drafter, sampling=SamplingParams(temp=0.8, seed=1))
+        finally:
+            drafter.close()
+
+
+class WrongDrafts:
+    """Drafts token 7 three times, whatever the text."""
+
+    n_draft = 3
+
+    def draft_seats(self, requests):
+        return [[7] * min(n, 3) for _, _, n in requests]
+
+
+def test_batched_drafts_taken_unchecked_change_the_tokens(tiny_path, monkeypatch):
+    """Wrong drafts are rejected: the tokens stay those without drafts.
+    Negative control: a step that keeps every draft as the model's pick
+    gives other tokens, so the equality above checks the verification."""
+    import gguf_stream.batch as batch
+
+    def trusting(decoder, seat, rows, draft, take):
+        for j, row in enumerate(rows):
+            if not take(seat, row):
+                return False, j
+            if j < len(draft):
+                seat.result.tokens[-1] = seat.last = draft[j]  # the draft, whatever the model picked
+        seat.pos += len(rows)
+        return True, len(draft)
+
+    with StreamedModel(tiny_path, **SEATS, **HYBRID) as m:
+        plain = m.generate_batch(REPEATING, 3 * N)
+        checked = m.generate_batch(REPEATING, 3 * N, drafter=WrongDrafts())
+        monkeypatch.setattr(batch, "_keep_verified", trusting)
+        r = m.generate_batch(REPEATING, 3 * N, drafter=WrongDrafts())
+    assert [s.tokens for s in checked.sequences] == [s.tokens for s in plain.sequences]
+    assert checked.drafted > 0 and checked.accepted < checked.drafted / 4 and checked.steps >= plain.steps - 1
+    assert r.drafted > 0 and [s.tokens for s in r.sequences] != [s.tokens for s in plain.sequences]

@@ -66,3 +66,21 @@ def test_batch_bad_input(gemma_path, tmp_path, capsys, content, argv, needles):
     rc, _, err = run_main(capsys, "batch", str(gemma_path), "-f", str(f), "-t", T, "--n-streamed", "2", *SMALL[2:],
                           *argv)
     assert_user_error(rc, err, *needles)
+
+
+def test_batch_with_prompt_lookup(gemma_path, tmp_path, capsys):
+    """--lookup N: each sequence's drafts ride in its rows of the step
+    decode; every text is still what it gets alone, and the aggregate line
+    counts the drafts. Drafts with sampling are refused before loading."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    rc, stdout, err = run_main(capsys, "batch", str(gemma_path), "-np", "2", "-f", str(prompts), "-n", str(N),
+                               "--lookup", "2", "--n-streamed", "6", "-t", T, *["-c", "512", "-b", "64", "-ub", "64"])
+    assert rc == 0, err
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    records, summary = sorted(lines[:-1], key=lambda r: r["index"]), lines[-1]["aggregate"]
+    assert [r["text"] for r in records] == alone_texts(gemma_path)
+    assert summary["drafted"] >= summary["accepted"] >= 0 and "drafted tokens accepted" in err
+    rc, _, err = run_main(capsys, "batch", str(gemma_path), "-f", str(prompts), "--lookup", "2", "--temp", "0.8",
+                          "-t", T, *SMALL[2:])
+    assert_user_error(rc, err, "greedy only")

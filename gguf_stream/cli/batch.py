@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from . import speculative
 from .common import EXIT_OK, Formatter, add_engine, add_model, add_sampling, check_flags, describe_plan, \
     prepare_load, sampling_params, say
 
@@ -30,6 +31,7 @@ def add_parser(sub, parents) -> None:
                    help=f"tokens to generate per prompt at most (default {DEFAULT_N_PREDICT})")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after an end-of-text token")
     add_sampling(p)
+    speculative.add_speculative(p, "greedy only: each sequence's drafts ride in its rows of the step decode")
     add_engine(p)  # -np / --parallel: the sequences decoded together (here 4 by default)
     p.set_defaults(func=cmd_batch, n_seq_max=DEFAULT_PARALLEL)
 
@@ -79,11 +81,16 @@ def cmd_batch(args) -> int:
     items = read_prompts(_read_input(args.file))
     device, path, options = prepare_load(args)
     sampling = sampling_params(args, path)
+    if speculative.wanted(args):
+        speculative.check(args, sampling)
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:
         t0 = time.perf_counter()
         model = load(path, **options)
+        drafter = None
         try:
+            if speculative.wanted(args):  # a draft model: a sequence per seat, as the model's context
+                drafter = speculative.make_drafter(args, model, device, seats=True)
             say(f"loaded in {time.perf_counter() - t0:.1f} s; {describe_plan(model.plan, device)}; "
                 f"{model.config.n_seq_max} sequences of {cells_per_sequence(model)} KV cells")
             prompts = [model.tokenize(it["prompt"], add_bos=True, special=True) for it in items]
@@ -99,17 +106,21 @@ def cmd_batch(args) -> int:
                 out.flush()
 
             r = model.generate_batch(prompts, args.n_predict, sampling=None if sampling.greedy else sampling,
-                                     stop_at_eog=not args.ignore_eos, on_done=done)
+                                     stop_at_eog=not args.ignore_eos, on_done=done, drafter=drafter)
             summary = {"sequences": len(r.sequences), "parallel": model.config.n_seq_max, "generated": r.n_generated,
                        "steps": r.steps, "tokens_per_step": round(r.tokens_per_step, 3),
                        "generate_seconds": round(r.generate_seconds, 4), "seconds": round(r.seconds, 4),
-                       "aggregate_tokens_per_second": round(r.aggregate_tps, 2)}
+                       "aggregate_tokens_per_second": round(r.aggregate_tps, 2),
+                       **({"drafted": r.drafted, "accepted": r.accepted} if drafter is not None else {})}
             out.write(json.dumps({"aggregate": summary}) + "\n")
             out.flush()
             say(f"{len(r.sequences)} prompts, {r.n_generated} tokens in {r.steps} decodes "
-                f"({r.tokens_per_step:.2f} tokens per pass); aggregate {r.aggregate_tps:.1f} t/s")
+                f"({r.tokens_per_step:.2f} tokens per pass); aggregate {r.aggregate_tps:.1f} t/s"
+                + (f"; {r.accepted} of {r.drafted} drafted tokens accepted" if drafter is not None else ""))
             say(model.stats.summary())
         finally:
+            if drafter is not None:
+                drafter.close()
             model.close()
     finally:
         if out is not sys.stdout:

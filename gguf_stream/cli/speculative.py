@@ -43,14 +43,15 @@ def check(args, sampling=None) -> None:
                          "or drop --lookup / --model-draft")
 
 
-def make_drafter(args, model, device: str, config=None):
+def make_drafter(args, model, device: str, config=None, seats: bool = False):
     """The drafter the flags ask for; a draft model gets the context shape of
-    `config` (default model.config) and must share `model`'s vocabulary
-    (n_vocab, token_bytes)."""
+    `config` (default model.config; seats: its sequences too, for batch) and
+    must share `model`'s vocabulary (n_vocab, token_bytes)."""
     t0 = time.perf_counter()
     path = None if args.lookup is not None else resolve_model(args.model_draft)
     drafter = speculative.make_drafter(args.lookup, path, args.draft_max, model, cuda=device == "cuda",
-                                       config=config if config is not None else model.config, verbose=args.verbose)
+                                       config=config if config is not None else model.config, verbose=args.verbose,
+                                       seats=seats)
     if path is not None:
         say(f"draft model {path} loaded in {time.perf_counter() - t0:.1f} s (all layers "
             f"{'on the GPU' if device == 'cuda' else 'in host memory'})")
