@@ -154,8 +154,12 @@ class BatchDecoder:
     live sequence. Used by generate_batch and by the server's batch
     loop (serve_batch); the caller owns the seats (sequence ids)."""
 
-    def __init__(self, model, stack: ExitStack):
+    def __init__(self, model, stack: ExitStack, shared_prefill: bool = False):
+        """shared_prefill: prompts share prefill decodes with a cache per
+        sequence too (a model without a streamer, whose outputs need not be
+        each prompt's alone bit for bit: a draft model's)."""
         self.model, self._lc = model, model._lc
+        self._shared = shared_prefill
         self.batch = TokenBatch(self._lc, max(model.config.n_seq_max, model.config.n_batch))
         stack.callback(self.batch.close)
         self._mem = self._lc.llama_get_memory(model._live_ctx())
@@ -179,7 +183,7 @@ class BatchDecoder:
         entries = [(p[pos], pos, seq, (n, pos == len(p) - 1)) for n, (seq, p, *start) in enumerate(prompts)
                    for pos in range(start[0] if start else 0, len(p))]
         logits: list[np.ndarray | None] = [None] * len(prompts)
-        shared = self.model.config.kv_unified
+        shared = self.model.config.kv_unified or self._shared
         start = 0
         while start < len(entries):
             part = entries[start:start + self.batch.capacity]

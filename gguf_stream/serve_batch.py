@@ -351,7 +351,7 @@ class BatchLoop:
             if not decoder.keep_prefix(job.seq, n_past):  # the cells of the rejected drafts go
                 self._leave(decoder, job, RuntimeError(
                     "llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
-                    "cache): serve this model without --lookup"), keep=False)
+                    "cache): serve this model without --lookup / -md"), keep=False)
                 continue
             job.drafts.passes += 1
             job.drafts.drafted += len(draft)
@@ -373,7 +373,13 @@ class BatchLoop:
             n = len(j.prompt) + len(j.tokens)
             room = min(share, j.limit - len(j.tokens) - 1, self.cells - n - 1)
             asks.append((j.seq, j.prompt + j.tokens, room if j.drafts is not None else 0))
-        return self.drafter.draft_seats(asks)
+        try:
+            return self.drafter.draft_seats(asks)
+        except Exception as exc:  # noqa: BLE001 - drafts are optional: the requests go on without them
+            log.warning(f"drafting failed ({type(exc).__name__}: {exc}); the requests go on without drafts")
+            self.drafter.close()
+            self.drafter = None
+            return [[] for _ in jobs]
 
     def _take(self, decoder: BatchDecoder, job: Job, logits: np.ndarray, token: int | None = None) -> bool:
         """The job's next token (`token`, or its pick from `logits`); False

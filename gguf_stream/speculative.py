@@ -188,8 +188,8 @@ class SeatDraftModel:
     """A draft model drafting for the batch loop's seats (-np N) at once: its
     context has a sequence per seat, whose cells follow the text last drafted
     for there (only what changed is decoded again: a seat's next step brings
-    the tokens the target kept), and the k drafts of every seat come from k
-    decodes of one row per seat (BatchDecoder). Greedy."""
+    the tokens the target kept, all seats' in one decode), and the k drafts of
+    every seat come from k decodes of one row per seat (BatchDecoder). Greedy."""
 
     check_vocabulary = DraftModel.check_vocabulary
 
@@ -198,7 +198,11 @@ class SeatDraftModel:
             raise ValueError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
         self.model, self.n_draft = model, n_draft
         self._stack = ExitStack()
-        self.decoder = BatchDecoder(model, self._stack)
+        try:  # the seats' new tokens in shared decodes (no streamer to place them)
+            self.decoder = BatchDecoder(model, self._stack, shared_prefill=getattr(model, "streamer", None) is None)
+        except BaseException:
+            self._stack.close()
+            raise
         self._seen: dict[int, list[int]] = {}  # per seat, the tokens in its cells
 
     def draft_seats(self, requests) -> list[list[int]]:

@@ -297,8 +297,8 @@ class Streamer:
         if choice == "auto" and self.experts_only:
             cpu, split, n_upload = moe_generate_parts(self.plan, self.config, self.model_file, self.cuda)
             if split:  # their experts split between an upload and the CPU (gs_split.c)
-                # without a GPU a boundary costs nothing: the CPU's part joins the experts' sum before a
-                # shared expert's, in llama.cpp's order (on CUDA one boundary, an ulp's association apart)
+                # host mode (tests): the CPU's part joins the experts' sum before a shared expert's, in
+                # llama.cpp's order, at one more boundary per layer (on CUDA one, an ulp's association apart)
                 self.engine.set_split_experts(split, native.SPLIT_AUTO if n_upload == "auto" else n_upload,
                                               self.model_file.hparams["n_expert_used"], self.config.threads,
                                               oai=self.model_file.arch in OAI_ACTIVATION_ARCHS,

@@ -454,7 +454,7 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
 /* into_sum: the CPU's part joins the routed experts' sum (a second boundary
  * per split layer, after ffn_moe_out) instead of the residual: llama.cpp's
  * order where a shared expert is added between the two; one more sync per
- * layer, which costs nothing without a GPU. */
+ * layer (for host mode, whose runs are tests: on a GPU it would cost time). */
 int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
                                  int activation, int into_sum);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);

@@ -280,7 +280,9 @@ static int route(gs_engine *e, int layer) {
         return fail(GS_E_GRAPH, "split experts: layer %d's expert input, weights or residual have unexpected shapes", layer);
     size_t n_ids = (size_t)n_used * n_rows;
     double t_start = now_s();
-    int timed = n_rows == 1 && tuning(e);
+    /* a two-boundary run is timed only where every run takes two (into_sum): the
+     * first decode's, before the weights node is learned, would be the odd one */
+    int timed = n_rows == 1 && tuning(e) && (one || e->split.into_sum);
     if (timed) tune_pick(e);
     e->split.tune.layer = timed && !one ? layer : -1;   /* a two-boundary run ends at its second */
     e->split.tune.t0 = t_start;
@@ -372,6 +374,7 @@ void split_settle(gs_engine *e) {
     memset(e->split.inp, 0, n * sizeof *e->split.inp);
     memset(e->split.mode, 0, n);
     memset(e->split.routed, 0, n);
+    e->split.tune.layer = -1;
 }
 
 void split_synced(gs_engine *e, struct gs_tensor *t) {

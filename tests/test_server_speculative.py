@@ -165,6 +165,7 @@ def test_np_n_drafts_with_prompt_lookup_in_the_batch_loop(gemma_path, reference,
         assert loop.drafter is not None and proxy.drafter is None  # the loop drafts, not Llama
         with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
             got = [alone(app, loop, path, body, stream) for path, body in REQUESTS for stream in (False, True)]
+            loop.run_exclusive(lambda: None)  # the last request out of its seat (and logged)
         assert [text for text, _, _ in got] == reference
         _, steps, generated = got[0]  # the repeating prompt: most drafts right
         assert loop.accepted > 0 and steps + 1 < generated
@@ -198,12 +199,22 @@ def test_np_n_drafts_with_a_draft_model_in_the_batch_loop(gemma_path, reference,
         assert drafter.model.config.n_seq_max == 2 and drafter.n_draft == DRAFTS
         with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
             got = [alone(app, loop, path, body, stream) for path, body in REQUESTS for stream in (False, True)]
+            loop.run_exclusive(lambda: None)  # the last request out of its seat (and logged)
         assert [text for text, _, _ in got] == reference
         assert loop.accepted > 0.8 * loop.drafted
         assert sum(steps + 1 < generated for _, steps, generated in got) >= len(got) - 1
         lines = [r.getMessage() for r in caplog.records if " drafted tokens accepted " in r.getMessage()]
         assert len(lines) == len(got)
+        drafted, accepted = loop.drafted, loop.accepted
         assert at_once(app) == reference[::2]
+        # seats drafting together get their own drafts (drafts crossed between seats would be rejected)
+        assert loop.accepted - accepted > 0.8 * (loop.drafted - drafted) > 0
+        # a failing draft model: the requests go on without drafts, with a warning
+        drafter.draft_seats = lambda asks: 1 / 0
+        with caplog.at_level(logging.WARNING, logger="gguf_stream.server"):
+            text, _, _ = alone(app, loop, *REQUESTS[0], stream=False)
+        assert text == reference[0] and loop.drafter is None
+        assert any("drafting failed (ZeroDivisionError" in r.getMessage() for r in caplog.records)
     finally:
         server.close_app(app)
     assert drafter.model.ctx is None

@@ -67,8 +67,8 @@ def test_seat_drafts_equal_a_draft_model_per_seat(tiny_path):
             got = seats.draft_seats([(seat, text, 4), (1 - seat, a, 0)])
             assert got == [plain.draft(text, 4), []]
         assert seats._seen[1][:len(b)] == b and len(seats._seen[1]) == len(b) + 3  # the last draft not decoded
-        both = seats.draft_seats([(0, a, 3), (1, b, 2)])
-        assert [len(d) for d in both] == [3, 2]
+        both = seats.draft_seats([(0, a + [5], 3), (1, b + [6], 2)])  # each seat's text grown: one shared decode
+        assert both == [plain.draft(a + [5], 3), plain.draft(b + [6], 2)]  # each its own seat's drafts
         seats.close()
     assert two.ctx is None
 
