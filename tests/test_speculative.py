@@ -50,16 +50,19 @@ def test_draft_model_equals_greedy(tiny_path):
         assert again.tokens == ref
 
 
-def test_seat_drafts_equal_a_draft_model_per_seat(tiny_path):
+@pytest.mark.parametrize("unified", [False, True])
+def test_seat_drafts_equal_a_draft_model_per_seat(tiny_path, unified):
     """SeatDraftModel (the batch loop's draft model): a seat's drafts are a
     DraftModel's for its text, as the text grows (only the new tokens
     decoded), changes (its cells cut back to the common start) and another
-    seat drafts beside it; a seat asked for none gets none. One seat per
-    call: llama.cpp's CPU kernels round by a decode's rows, so two seats'
-    decodes may tip a near tie (the target checks every draft anyway)."""
+    seat drafts beside it, with a cache per seat or one shared (-kvu); a
+    seat asked for none gets none. (llama.cpp's CPU kernels round by a
+    decode's rows, so two seats' decodes might tip a near tie; the target
+    checks every draft anyway.)"""
     from gguf_stream.speculative import SeatDraftModel
 
-    with StockModel(tiny_path, 0, **CPU) as one, StockModel(tiny_path, 0, **{**CPU, "n_seq_max": 2}) as two:
+    shape = {**CPU, "n_seq_max": 2, "kv_unified": unified, "n_ctx": 2 * CPU["n_ctx"] if unified else CPU["n_ctx"]}
+    with StockModel(tiny_path, 0, **CPU) as one, StockModel(tiny_path, 0, **shape) as two:
         plain, seats = DraftModel(one, 5), SeatDraftModel(two, 5)
         a = one.tokenize(TEXT, add_bos=True, special=True)
         b = one.tokenize("The capital of France is", add_bos=True, special=True)
