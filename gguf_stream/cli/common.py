@@ -113,11 +113,16 @@ def check_flags(args) -> None:
     loads (argparse only checks it is an int), named by its flag."""
     from ..config import MAX_CONTEXT, MAX_SLOTS, max_threads
 
+    moe = moe_placement_flags(args)
+    ngl_all = args.n_gpu_layers is not None and (args.n_gpu_layers < 0 or args.n_gpu_layers >= 99)
     chosen = [f for f, v in (("--vram-budget", args.vram_budget), ("--n-streamed", args.n_streamed),
-                             ("--streamed-layers", args.streamed_layers), ("-ngl", args.n_gpu_layers))
-              if v is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"{' and '.join(chosen)} both choose the placement; give only one")
+                             ("--streamed-layers", args.streamed_layers),
+                             ("-ngl", None if moe and ngl_all else args.n_gpu_layers)) if v is not None]
+    if len(chosen + moe) > 1:
+        raise ValueError(f"{' and '.join(chosen + moe)} both choose the placement; give only one"
+                         + (" (-ngl 99 goes with them: every layer's other tensors on the GPU)" if moe else ""))
+    if getattr(args, "n_cpu_moe", None) is not None and args.n_cpu_moe < 0:
+        raise ValueError(f"--n-cpu-moe must be at least 0, got {args.n_cpu_moe}")
     if args.mmap:
         raise ValueError("--mmap: gguf-stream loads models without mmap (streamed layers must sit in pinned host "
                          "memory, which llama.cpp does not give a memory-mapped file); leave it out (--no-mmap is "
@@ -276,8 +281,58 @@ def engine_config_of(args, **more):
         raise ValueError(in_flag_terms(str(exc))) from None
 
 
+def moe_placement_flags(args) -> list[str]:
+    """llama.cpp's mixture-of-experts placement flags given (--n-cpu-moe, --cpu-moe, -ot)."""
+    return [f for f, v in (("--n-cpu-moe", getattr(args, "n_cpu_moe", None)),
+                           ("--cpu-moe", getattr(args, "cpu_moe", None) or None),
+                           ("-ot", getattr(args, "override_tensor", None))) if v is not None]
+
+
+def moe_host_layers(args, mf) -> tuple[int, ...]:
+    """The layers whose experts llama.cpp's --n-cpu-moe N / --cpu-moe / -ot
+    PATTERN=CPU put in host memory: here their expert parts stream (the
+    dense parts stay on the GPU, as they do there with -ngl 99)."""
+    import re
+
+    from ..gguf_file import is_expert_tensor
+
+    flag = moe_placement_flags(args)[0]
+    experts = [t for t in mf.tensors if t.layer is not None and is_expert_tensor(t.name)]
+    if not experts:
+        raise ValueError(f"{flag}: {mf.arch} has no experts (a dense model); give -ngl N or --vram-budget B")
+    if flag == "--n-cpu-moe":
+        return tuple(sorted({t.layer for t in experts if t.layer < args.n_cpu_moe}))
+    if flag == "--cpu-moe":
+        return tuple(sorted({t.layer for t in experts}))
+    layers = set()
+    for spec in (s for given in args.override_tensor for s in given.split(",") if s.strip()):
+        pattern, _, buft = spec.rpartition("=")
+        if not pattern or buft.strip().upper() != "CPU":
+            raise ValueError(f"-ot {spec}: gguf-stream takes PATTERN=CPU for expert tensors (their layers' experts "
+                             "out of VRAM); other buffer types are the planner's to choose")
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"-ot {spec}: not a regular expression ({exc})") from None
+        matched = [t for t in mf.tensors if regex.search(t.name)]
+        dense = next((t.name for t in matched if not is_expert_tensor(t.name)), None)
+        if dense is not None:
+            raise ValueError(f"-ot {spec} matches {dense}: only expert tensors (ffn_*_exps) leave VRAM here, the "
+                             "rest stays on the GPU; narrow the pattern (e.g. exps=CPU)")
+        if not matched:
+            raise ValueError(f"-ot {spec} matches no tensor of the model")
+        layers |= {t.layer for t in matched}
+    return tuple(sorted(layers))
+
+
 def explicit_placement(args, mf) -> dict | None:
-    """The placement options from --vram-budget / --n-streamed / --streamed-layers / -ngl, or None."""
+    """The placement options from --vram-budget / --n-streamed / --streamed-layers / -ngl
+    (or llama.cpp's --n-cpu-moe / --cpu-moe / -ot), or None."""
+    if moe_placement_flags(args):
+        if getattr(args, "whole_layers", None):
+            raise ValueError(f"{moe_placement_flags(args)[0]} places experts: leave out --whole-layers")
+        layers = moe_host_layers(args, mf)
+        return {"streamed_layers": layers} if layers else {"n_streamed": 0}
     if args.n_gpu_layers is not None:
         ngl = args.n_gpu_layers
         return {"n_streamed": 0 if ngl < 0 or ngl >= mf.n_layer else mf.n_layer - ngl}

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from ..config import EngineConfig
 from ..memory import KV_CACHE_TYPES
 
-PLACEMENT = "placement (give at most one of --vram-budget, --n-streamed, --streamed-layers, -ngl)"
+PLACEMENT = ("placement (give at most one of --vram-budget, --n-streamed, --streamed-layers, -ngl, and for a "
+             "mixture of experts --n-cpu-moe / --cpu-moe / -ot, which go with -ngl 99)")
 CONTEXT = "context and memory (as in llama.cpp)"
 GENERATE = "what streamed layers do while generating"
 TUNING = "engine internals (A/B aids and tests; the defaults are what you want)"
@@ -99,6 +100,13 @@ ENGINE_FLAGS = (
          _layers("--streamed-layers", ())),
     Flag(None, ("-ngl", "--n-gpu-layers"), PLACEMENT, "keep N layers resident, stream the others (llama.cpp "
          "would compute them on the CPU)", dict(type=int, metavar="N")),
+    Flag(None, ("--n-cpu-moe",), PLACEMENT, "mixture-of-experts models, as llama.cpp's: the experts of layers "
+         "0..N-1 out of VRAM (streamed for prompts; while generating on the CPU, split with uploads, or held in "
+         "the slots); every other tensor resident", dict(type=int, metavar="N")),
+    Flag(None, ("--cpu-moe",), PLACEMENT, "the same for every layer's experts", dict(action="store_true")),
+    Flag(None, ("-ot", "--override-tensor"), PLACEMENT, "llama.cpp's PATTERN=CPU[,...] for expert tensors: the "
+         "experts of the layers whose expert tensors match (regular expressions, e.g. exps=CPU or "
+         "\\.(1[0-9])\\.ffn_.*_exps=CPU) out of VRAM, as --n-cpu-moe", dict(metavar="PATTERN=CPU", action="append")),
     Flag("n_slots", ("--n-slots",), PLACEMENT, "slots streamed layers rotate through (default: the planner's "
          "choice, at most --max-slots)", dict(type=int, metavar="S")),
     Flag("max_slots", ("--max-slots",), PLACEMENT, f"most slots the planner may choose (default {_shown('max_slots')})",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import EXIT_OK, Formatter, add_engine, add_model, check_flags, describe_auto_flash_attn, \
-    engine_config_of, explicit_placement, model_arg, resolve_model
+    engine_config_of, explicit_placement, model_arg, moe_placement_flags, resolve_model
 
 
 def add_parser(sub, parents) -> None:
@@ -29,8 +29,9 @@ def cmd_plan(args) -> int:
 
     check_flags(args)
     if args.vram_budget is None and args.n_streamed is None and args.streamed_layers is None \
-            and args.n_gpu_layers is None:
-        raise ValueError("plan needs --vram-budget B (or --n-streamed K, --streamed-layers L,L, -ngl N)")
+            and args.n_gpu_layers is None and not moe_placement_flags(args):
+        raise ValueError("plan needs --vram-budget B (or --n-streamed K, --streamed-layers L,L, -ngl N, and for a "
+                         "mixture of experts --n-cpu-moe N)")
     path = resolve_model(model_arg(args))
     mf = read_model(path)
     cuda = args.device != "host"
