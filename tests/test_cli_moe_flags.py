@@ -66,3 +66,4 @@ def test_run_with_n_cpu_moe_prints_stocks_greedy_text(tiny_moe_path, capsys):
     assert rc == 0, err
     assert out.startswith(PROMPT) and out[len(PROMPT):].rstrip("\n") == want
     assert "3 of 4 layers' experts streamed (0, 1, 2)" in err
+    assert "--n-cpu-moe: the experts of layers 0, 1, 2 leave VRAM as with llama.cpp" in err and "--vram-budget B" in err

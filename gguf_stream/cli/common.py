@@ -363,6 +363,10 @@ def placement(args, path, device: str) -> dict:
     context_options(args, train)  # a context far past it is an error before anything loads
     chosen = explicit_placement(args, mf)
     if chosen is not None:
+        if moe_placement_flags(args) and chosen.get("streamed_layers"):
+            say(f"{moe_placement_flags(args)[0]}: the experts of layers {', '.join(map(str, chosen['streamed_layers']))} "
+                "leave VRAM as with llama.cpp, and stream through slots that take VRAM llama.cpp's placement does not "
+                "(one layer's experts each, held while generating); --vram-budget B plans within B instead")
         if args.vram_budget is not None and device == "host":
             say(f"no CUDA device: simulating the plan for a {args.vram_budget} VRAM budget with slots in host "
                 "memory (exact, for testing, not fast)")
