@@ -237,6 +237,27 @@ def _unsplit(model, n: int) -> int:
     return n if streamer is None else streamer.decode_sizes(n)[0]
 
 
+def common_start(a, b) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def verified_picks(rows, draft: list[int]) -> list[int]:
+    """Greedy picks of a sequence's step rows (its last token, then its
+    drafts): the model's while they match the drafts, then its own."""
+    picks = []
+    for row, d in zip(rows, draft + [None]):
+        picks.append(int(np.argmax(row)))
+        if picks[-1] != d:
+            break
+    return picks
+
+
 def draft_share(model, n_live: int, n_drafting: int, n_draft: int) -> int:
     """Drafts each of n_drafting sequences may add to a step of n_live:
     within n_ubatch rows and one decode the streamer does not split (a
@@ -249,10 +270,10 @@ def _keep_verified(decoder, seat: _Seat, rows, draft: list[int], take) -> tuple[
     """A seat's step rows: its picks (take) while they match its drafts; the
     rejected drafts' cells freed. (whether it goes on, drafts accepted)"""
     used, alive = 0, True
-    for j, row in enumerate(rows):
+    for row in rows[:len(verified_picks(rows, draft))]:
         used += 1
         alive = take(seat, row)
-        if not alive or j == len(draft) or seat.last != draft[j]:
+        if not alive:
             break
     seat.pos += used
     if alive and draft and not decoder.keep_prefix(seat.seq, seat.pos):

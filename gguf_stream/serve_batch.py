@@ -35,7 +35,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from . import llama_abi
-from .batch import BatchDecoder, cells_per_sequence, draft_share
+from .batch import BatchDecoder, cells_per_sequence, common_start, draft_share, verified_picks
 from .sampling import Sampler, SamplingParams
 from .speculative import PromptLookup, SpeculativeResult
 
@@ -259,11 +259,7 @@ class BatchLoop:
         least the prompt's last token is decoded again (its logits start
         the reply)."""
         def held(seat):
-            n = 0
-            for a, b in zip(self._kept[seat][0], prompt[:-1]):
-                if a != b:
-                    break
-                n += 1
+            n = common_start(self._kept[seat][0], prompt[:-1])
             return n if n >= PROMPT_SIMILARITY * len(prompt) else 0
 
         found = {s: held(s) for s in free if s in self._kept}
@@ -341,12 +337,7 @@ class BatchLoop:
             if job.drafts is None:
                 self._take(decoder, job, rows[0])
                 continue
-            # greedy: the model's picks while they match the drafts, then its own
-            picks = []
-            for row, d in zip(rows, draft + [None]):
-                picks.append(_argmax(row))
-                if picks[-1] != d:
-                    break
+            picks = verified_picks(rows, draft)
             n_past = len(job.prompt) + len(job.tokens) + len(picks) - 1
             if not decoder.keep_prefix(job.seq, n_past):  # the cells of the rejected drafts go
                 self._leave(decoder, job, RuntimeError(

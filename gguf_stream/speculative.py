@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .batch import BatchDecoder, TokenBatch, _decode, _logits
+from .batch import BatchDecoder, TokenBatch, _decode, _logits, common_start
 
 DEFAULT_NGRAM_MAX = 3
 DEFAULT_DRAFT_MAX = 16  # llama.cpp's --draft-max
@@ -158,9 +158,7 @@ class DraftModel:
     def draft(self, context: list[int], n: int) -> list[int]:
         n = min(n, self.n_draft)
         m, lc = self.model, self.model._lc
-        common = 0
-        while common < min(len(self._seen), len(context) - 1) and self._seen[common] == context[common]:
-            common += 1
+        common = common_start(self._seen, context[:-1])
         lc.llama_memory_seq_rm(lc.llama_get_memory(m._live_ctx()), 0, common, -1)
         if common >= len(context) - 1 and common:
             common = len(context) - 1  # the last token is decoded again for its logits
@@ -216,10 +214,8 @@ class SeatDraftModel:
         try:
             starts = []
             for _, seat, context, _ in live:
-                seen, common = self._seen.get(seat, []), 0
-                while common < min(len(seen), len(context) - 1) and seen[common] == context[common]:
-                    common += 1  # at least the last token decoded again: its logits draft the first
-                common = self.decoder.keep_prefix(seat, common)
+                # at least the last token decoded again: its logits draft the first
+                common = self.decoder.keep_prefix(seat, common_start(self._seen.get(seat, []), context[:-1]))
                 starts.append((seat, context, common))
                 self._seen[seat] = list(context)  # (grows with the drafts decoded; context must not)
             logits = self.decoder.prefill(starts)

@@ -395,28 +395,37 @@ def test_qwen2moe_shared_expert_and_routed_experts_reach_the_output(shared_files
 GLM = SHAPES["tiny-glm4moe"]
 
 
+def assert_dense_lead_layers(m, s, attention: dict) -> None:
+    """Every layer's tensors (ggml shapes) of a model with leading dense layers
+    and shared experts (glm4moe, deepseek2): `attention` (with the ffn norm
+    its architecture has), then a dense FFN in the leading layers, routed
+    experts with a selection bias and a shared expert in the others."""
+    from gguf_stream.gguf_file import is_expert_tensor
+
+    e, ff, sh, n = s.n_embd, s.n_ff_exp, s.n_ff_shexp, s.n_expert
+    dense = {**attention, "ffn_gate.weight": (e, s.n_ff), "ffn_up.weight": (e, s.n_ff), "ffn_down.weight": (s.n_ff, e)}
+    moe = {**attention, "ffn_gate_inp.weight": (e, n), "exp_probs_b.bias": (n,),
+           "ffn_gate_exps.weight": (e, ff, n), "ffn_up_exps.weight": (e, ff, n), "ffn_down_exps.weight": (ff, e, n),
+           "ffn_gate_shexp.weight": (e, sh), "ffn_up_shexp.weight": (e, sh), "ffn_down_shexp.weight": (sh, e)}
+    for il in range(s.n_layer):
+        names = {t.name.split(".", 2)[2]: t.shape for t in m.layer_tensors(il)}
+        assert names == (dense if il < s.n_dense_lead else moe), il
+        assert any(is_expert_tensor(t.name) for t in m.layer_tensors(il)) == (il >= s.n_dense_lead)
+
+
 def test_glm4moe_structure_and_llama_cpp_decodes(tmp_path):
-    from gguf_stream.gguf_file import is_expert_tensor, read_model
+    from gguf_stream.gguf_file import read_model
 
     path = write_synthetic(tmp_path / "tiny-glm4moe.gguf", GLM, "Q4_K", seed=0)
     m = read_model(path)
     assert (m.arch, m.n_layer, m.is_moe) == ("glm4moe", GLM.n_layer, True)
-    names = {il: {t.name.split(".", 2)[2]: t for t in m.layer_tensors(il)} for il in range(GLM.n_layer)}
     e, kv, q = GLM.n_embd, GLM.n_head_kv * GLM.head_dim, GLM.n_head * GLM.head_dim
-    attention = {"attn_norm.weight": (e,), "attn_q.weight": (e, q), "attn_q.bias": (q,), "attn_k.weight": (e, kv),
-                 "attn_k.bias": (kv,), "attn_v.weight": (e, kv), "attn_v.bias": (kv,),
-                 "attn_output.weight": (q, e), "post_attention_norm.weight": (e,)}
-    dense = {**attention, "ffn_gate.weight": (e, GLM.n_ff), "ffn_up.weight": (e, GLM.n_ff),
-             "ffn_down.weight": (GLM.n_ff, e)}
-    ff, sh, n = GLM.n_ff_exp, GLM.n_ff_shexp, GLM.n_expert
-    moe = {**attention, "ffn_gate_inp.weight": (e, n), "exp_probs_b.bias": (n,),
-           "ffn_gate_exps.weight": (e, ff, n), "ffn_up_exps.weight": (e, ff, n), "ffn_down_exps.weight": (ff, e, n),
-           "ffn_gate_shexp.weight": (e, sh), "ffn_up_shexp.weight": (e, sh), "ffn_down_shexp.weight": (sh, e)}
-    for il in range(GLM.n_layer):
-        want = dense if il < GLM.n_dense_lead else moe
-        assert {k: t.shape for k, t in names[il].items()} == want, il
-        assert any(is_expert_tensor(t.name) for t in names[il].values()) == (il >= GLM.n_dense_lead)
-    assert names[1]["ffn_down_exps.weight"].qtype == "Q5_0"  # rows of 160
+    assert_dense_lead_layers(m, GLM, {
+        "attn_norm.weight": (e,), "attn_q.weight": (e, q), "attn_q.bias": (q,), "attn_k.weight": (e, kv),
+        "attn_k.bias": (kv,), "attn_v.weight": (e, kv), "attn_v.bias": (kv,), "attn_output.weight": (q, e),
+        "post_attention_norm.weight": (e,)})
+    down = next(t for t in m.layer_tensors(1) if t.name == "blk.1.ffn_down_exps.weight")
+    assert down.qtype == "Q5_0"  # rows of 160
     r = gguf.GGUFReader(path)
     assert _field(r, "glm4moe.leading_dense_block_count") == GLM.n_dense_lead
     assert _field(r, "glm4moe.expert_shared_count") == 1

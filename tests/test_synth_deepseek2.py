@@ -11,32 +11,23 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from gguf_stream.synth import SHAPES, write_synthetic  # noqa: E402
-from test_synth import N_MOE_TOKENS, _field, _moe_generate, _swap_tensors  # noqa: E402
+from test_synth import N_MOE_TOKENS, _field, _moe_generate, _swap_tensors, assert_dense_lead_layers  # noqa: E402
 
 DS = SHAPES["tiny-deepseek2"]
 
 
 def test_deepseek2_structure_metadata_and_llama_cpp_decodes(tmp_path):
-    from gguf_stream.gguf_file import is_expert_tensor, read_model
+    from gguf_stream.gguf_file import read_model
 
     path = write_synthetic(tmp_path / "tiny-deepseek2.gguf", DS, "Q4_K", seed=0)
     m = read_model(path)
     assert (m.arch, m.n_layer, m.is_moe, m.has_shared_experts) == ("deepseek2", DS.n_layer, True, True)
     e, h, ql, kl, rot, v = DS.n_embd, DS.n_head, DS.q_lora_rank, DS.kv_lora_rank, DS.n_rot, DS.v_head_dim
-    attention = {"attn_norm.weight": (e,), "attn_q_a.weight": (e, ql), "attn_q_a_norm.weight": (ql,),
-                 "attn_q_b.weight": (ql, h * DS.head_dim), "attn_kv_a_mqa.weight": (e, kl + rot),
-                 "attn_kv_a_norm.weight": (kl,), "attn_k_b.weight": (DS.head_dim - rot, kl, h),
-                 "attn_v_b.weight": (kl, v, h), "attn_output.weight": (h * v, e), "ffn_norm.weight": (e,)}
-    dense = {**attention, "ffn_gate.weight": (e, DS.n_ff), "ffn_up.weight": (e, DS.n_ff),
-             "ffn_down.weight": (DS.n_ff, e)}
-    ff, sh, n = DS.n_ff_exp, DS.n_ff_shexp, DS.n_expert
-    moe = {**attention, "ffn_gate_inp.weight": (e, n), "exp_probs_b.bias": (n,),
-           "ffn_gate_exps.weight": (e, ff, n), "ffn_up_exps.weight": (e, ff, n), "ffn_down_exps.weight": (ff, e, n),
-           "ffn_gate_shexp.weight": (e, sh), "ffn_up_shexp.weight": (e, sh), "ffn_down_shexp.weight": (sh, e)}
-    for il in range(DS.n_layer):
-        names = {t.name.split(".", 2)[2]: t.shape for t in m.layer_tensors(il)}
-        assert names == (dense if il < DS.n_dense_lead else moe), il
-        assert any(is_expert_tensor(t.name) for t in m.layer_tensors(il)) == (il >= DS.n_dense_lead)
+    assert_dense_lead_layers(m, DS, {
+        "attn_norm.weight": (e,), "attn_q_a.weight": (e, ql), "attn_q_a_norm.weight": (ql,),
+        "attn_q_b.weight": (ql, h * DS.head_dim), "attn_kv_a_mqa.weight": (e, kl + rot), "attn_kv_a_norm.weight": (kl,),
+        "attn_k_b.weight": (DS.head_dim - rot, kl, h), "attn_v_b.weight": (kl, v, h), "attn_output.weight": (h * v, e),
+        "ffn_norm.weight": (e,)})
     r = gguf.GGUFReader(path)
     assert _field(r, "deepseek2.attention.head_count_kv") == 1  # the latent, one "head" in the cache
     assert _field(r, "deepseek2.attention.key_length") == kl + rot
