@@ -180,10 +180,11 @@ SHAPES: dict[str, Shape] = {
                               n_vocab=102400, ctx_len=163840, rope_theta=10000.0, rms_eps=1e-6, head_dim=192,
                               n_rot=64, kv_lora_rank=512, v_head_dim=128, n_expert=64, n_expert_used=6,
                               n_ff_exp=1408, n_ff_shexp=2816, n_dense_lead=1),
-    # for tests: deepseek2 in miniature, layer 0 dense, V3's low-rank queries and sigmoid routing
+    # for tests: deepseek2 in miniature, layer 0 dense, V3's low-rank queries and sigmoid routing;
+    # a latent 256 wide, so attn_v_b is Q4_K as in the real sizes (a 3-D matrix CPU_REPACK could take)
     "tiny-deepseek2": Shape("deepseek2", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=1, n_vocab=512,
                             ctx_len=512, rope_theta=10000.0, head_dim=64, n_rot=32, q_lora_rank=128,
-                            kv_lora_rank=64, v_head_dim=32, n_expert=8, n_expert_used=2, n_ff_exp=160,
+                            kv_lora_rank=256, v_head_dim=32, n_expert=8, n_expert_used=2, n_ff_exp=160,
                             n_ff_shexp=160, n_dense_lead=1),
     # for tests: glm4moe in miniature, layer 0 dense
     "tiny-glm4moe": Shape("glm4moe", n_layer=4, n_embd=256, n_ff=768, n_head=4, n_head_kv=2,

@@ -29,11 +29,16 @@ static void violation(gs_engine *e, const char *fmt, ...) {
 }
 
 /* A weight that only ever feeds matrix products as their src[0] may be
- * repacked for the CPU kernels (which then read it in that layout only). */
+ * repacked for the CPU kernels (which then read it in that layout only):
+ * the products CPU_REPACK computes (its supports_op in ggml-cpu/repack.cpp),
+ * a 2-D matrix's MUL_MAT or a 3-D stack's MUL_MAT_ID of F32 rows. Another
+ * (deepseek2's per-head attn_k_b / attn_v_b: 3-D in a MUL_MAT) would leave
+ * the scheduler no backend for its node (an abort). */
 static int is_matmul_src0(const struct gs_tensor *node, int k, const struct gs_tensor *src) {
-    if (k != 0 || src->view_src) return 0;
+    if (k != 0 || src->view_src || !node->src[1] || node->src[1]->type != 0 /* GGML_TYPE_F32 */) return 0;
     const char *op = G.op_name(node->op);
-    return op && (strcmp(op, "MUL_MAT") == 0 || strcmp(op, "MUL_MAT_ID") == 0);
+    int stacked = src->ne[2] > 1, flat = src->ne[3] == 1;
+    return op && flat && ((strcmp(op, "MUL_MAT") == 0 && !stacked) || (strcmp(op, "MUL_MAT_ID") == 0 && stacked));
 }
 
 static int grow(gs_engine *e) {

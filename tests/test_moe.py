@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import CPU, N_GEN, expert_layers
+from conftest import CPU, N_GEN, expert_layers, needs_no_amx
 from gguf_stream import read_model
 from gguf_stream.gguf_file import is_expert_tensor
 from gguf_stream.model import StockModel, StreamedModel
@@ -138,7 +138,8 @@ def test_stock_n_cpu_moe_overrides_the_first_layers_experts(moe_case, capsys):
     experts = {t.name for t in mf.tensors if is_expert_tensor(t.name) and t.layer < 2}
     weights = [name for name in experts if name.endswith(".weight")]  # gpt-oss: their biases go too
     assert set(overridden) == experts and len(weights) == 3 * len([i for i in expert_layers(path) if i < 2]) > 0
-    assert set(overridden.values()) <= {"CPU", "CPU_REPACK"}
+    # a GPU build of llama.cpp keeps them in its pinned host buffer (CUDA_Host), a CPU build in CPU(_REPACK)
+    assert set(overridden.values()) <= {"CPU", "CPU_REPACK", "CUDA_Host"}
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
 
 
@@ -243,3 +244,24 @@ def test_naming_a_layer_that_does_not_stream_is_refused_before_loading(tiny_glm4
                 StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, **option)
     with StreamedModel(tiny_glm4moe_path, **CPU, n_streamed=3, generate_cpu_layers=(2,)) as m:
         assert m.plan.cpu_layers == (2,)
+
+
+@needs_no_amx
+def test_cpu_layers_repack_only_what_llama_cpp_computes_repacked(tiny_deepseek2_path):
+    """deepseek2's attn_v_b is a 3-D stack of per-head matrices (Q4_K here) in a
+    plain MUL_MAT, which CPU_REPACK has no kernel for: llama.cpp keeps it plain,
+    and so must CPU layers' repacked copies (repacked, the scheduler found no
+    backend for its node and aborted the process). With repacking on, whole
+    CPU layers equal stock with repacking, bit for bit."""
+    path = tiny_deepseek2_path
+    mf = read_model(path)
+    prompt = list(range(1, 24))  # under 32 tokens: the generate phase throughout
+    assert any(t.name.endswith("attn_v_b.weight") and t.qtype == "Q4_K" for t in mf.tensors)
+    with StockModel(path, **CPU, cpu_repack=True) as s:
+        ref_tokens, ref_logits = s.generate(prompt, N_GEN, with_logits=True)
+    n = mf.n_layer
+    with StreamedModel(path, **CPU, cpu_repack=True, n_streamed=n, n_slots=2, whole_layers=True,
+                       generate_cpu_layers=list(range(n))) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        assert m.stats.counters.repacked_bytes > 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
