@@ -164,6 +164,16 @@ def buft_overrides(rules: list[tuple[str, int]]):
     return arr
 
 
+def no_gpu_devices(params):
+    """An empty device list in llama_model_params: llama.cpp then uses no GPU
+    for the model (host mode on a GPU build, where its scheduler would
+    otherwise run prompts' matrix products of host weights on the GPU: op
+    offload). Returns the list, which must outlive the load."""
+    empty = (ctypes.c_void_p * 1)()
+    params.devices = ctypes.cast(empty, ctypes.c_void_p)
+    return empty
+
+
 def layer_pattern(layers) -> str:
     """Regex matching the tensors of the given layers: ^blk\\.(3|7|11)\\."""
     return r"^blk\.(" + "|".join(str(i) for i in sorted(layers)) + r")\."

@@ -86,10 +86,7 @@ class _Session:
         p.load_mode = llama_abi.load_mode(self.config.use_mlock)
         p.use_extra_bufts = self.config.repack
         if not self._cuda:
-            # host mode on a GPU build of llama.cpp: no GPU in the model's devices, or its
-            # scheduler would run prompts' matrix products of host weights there (op offload)
-            self._no_devices = (ctypes.c_void_p * 1)()
-            p.devices = ctypes.cast(self._no_devices, ctypes.c_void_p)
+            self._no_devices = llama_abi.no_gpu_devices(p)  # host mode: CPU only, on a GPU build too
         return p
 
     def _context_params(self):

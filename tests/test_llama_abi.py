@@ -64,3 +64,30 @@ def test_n_cpu_moe_pattern_is_llama_cpps_rules_combined():
         want = [any(re.search(r, name) for r in rules) for name in names]
         assert [bool(re.search(n_cpu_moe_pattern(n), name)) for name in names] == want
         assert sum(want) == 5 * sum(i < n for i in (0, 1, 2, 9, 10, 11, 12, 21))
+
+
+def test_host_mode_gives_llama_cpp_no_gpu_device(tiny_path, monkeypatch):
+    """Host mode loads every model with an empty device list (a GPU build's
+    scheduler would otherwise run prompts' matrix products on the GPU):
+    StockModel, StreamedModel and StreamedLlama (chat, serve) alike. A load
+    given no list (NULL: every device) fails this."""
+    import llama_cpp.llama_cpp as low
+
+    from gguf_stream.llama_compat import StreamedLlama
+    from gguf_stream.model import StockModel
+
+    seen, load = [], low.llama_model_load_from_file
+
+    def spy(path, params):
+        first = ctypes.cast(params.devices, ctypes.POINTER(ctypes.c_void_p))[0] if params.devices else "all"
+        seen.append(first)
+        return load(path, params)
+
+    monkeypatch.setattr(low, "llama_model_load_from_file", spy)
+    with StockModel(tiny_path, 0, **CPU):
+        pass
+    with StreamedModel(tiny_path, **CPU, n_streamed=2):
+        pass
+    llm = StreamedLlama(str(tiny_path), device="host", n_streamed=2, n_ctx=CPU["n_ctx"], verbose=False)
+    llm.close()
+    assert seen == [None, None, None]  # each list empty: its first entry is the terminating NULL
