@@ -31,3 +31,29 @@ def test_one_run_per_n_with_its_rows_and_notes():
     assert "moe-split 3: greedy tokens first differ from the faster stock recipe's at 1" in text
     assert "moe-split 3 peak 2.00 GiB exceeds the budget" in text
     assert "moe-split 9 run failed: no room" in text
+
+
+def test_no_split_runs_where_the_budget_places_no_expert_layers():
+    """A whole-layers plan (deepseek-v2-lite at 0.25x) or one below
+    streaming's minimum has no expert layers to split: each N would load
+    the same model again (minutes on the GPU box). A note says so; an
+    experts plan, or no default run to look at, still runs them."""
+    runs = []
+
+    def run_streamed(**kw):
+        runs.append(kw["moe_split"])
+        return SimpleNamespace(greedy=None, engine_note="", vram_peak=None)
+
+    ctx = SimpleNamespace(moe_splits=("off", 3), run_streamed=run_streamed, rows=lambda t, budget, mode, refs: [mode])
+    b = SimpleNamespace(nbytes=1 << 30, label="0.25x")
+
+    def default(part, stock_gpu_layers=None):
+        return SimpleNamespace(plan=SimpleNamespace(part=part, stock_gpu_layers=stock_gpu_layers))
+
+    for plan, why in ((default("layer"), "places whole layers"), (default("layer", 2), "below streaming's minimum")):
+        notes = []
+        assert moe_split_rows(ctx, b, {}, notes, None, default=plan) == [] and runs == []
+        assert notes == [notes[0]] and "--moe-split not run" in notes[0] and why in notes[0]
+    assert moe_split_rows(ctx, b, {}, [], None, default=default("experts")) == ["split off", "split 3"]
+    assert moe_split_rows(ctx, b, {}, [], None) == ["split off", "split 3"]
+    assert runs == ["off", 3, "off", 3]

@@ -9,10 +9,28 @@ from ..memory import format_size
 from .gate import check_tokens
 
 
-def moe_split_rows(ctx, b, refs: dict, notes: list[str], stock) -> list:
+def _splits_nothing(plan) -> str:
+    """Why no --moe-split N can change the default run's placement (its
+    plan: None when unknown), or ''."""
+    if plan is None:
+        return ""
+    if plan.stock_gpu_layers is not None:
+        return "the budget is below streaming's minimum (llama.cpp's own split runs)"
+    if plan.part != "experts":
+        return "its plan places whole layers (the split applies to layers whose experts stream)"
+    return ""
+
+
+def moe_split_rows(ctx, b, refs: dict, notes: list[str], stock, default=None) -> list:
     """A streamed run per ctx.moe_splits N at budget b (mode 'split N'); its
     greedy tokens compared with those of `stock` (the faster stock recipe's
-    Timing, or None) in a note."""
+    Timing, or None) in a note. None where the budget's default run
+    (`default`, its Timing) shows that no N could place anything
+    differently: each would load the same model again."""
+    why = _splits_nothing(getattr(default, "plan", None))
+    if why and ctx.moe_splits:
+        notes.append(f"budget {b.label}: --moe-split not run: {why}")
+        return []
     rows = []
     for n in ctx.moe_splits:
         try:

@@ -566,7 +566,7 @@ def _budget_rows(ctx: Ctx, b: Budget, recipes: list[Recipe], ceiling: Timing | N
         return rows + ctx.rows(None, budget=b, mode="streamed", note=f"error: {type(exc).__name__}"), None
     rows += ctx.rows(streamed, budget=b, mode="streamed", refs=refs)
     rows += host_budget_rows(ctx, b, streamed, refs, notes, vram_budget=b.nbytes)
-    rows += moe_split_rows(ctx, b, refs, notes, stock)
+    rows += moe_split_rows(ctx, b, refs, notes, stock, default=streamed)
     if streamed.engine_note:
         notes.append(f"budget {b.label}: {streamed.engine_note}")
     if streamed.vram_peak is not None and streamed.vram_peak > b.nbytes:
