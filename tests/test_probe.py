@@ -138,3 +138,22 @@ def test_runs_as_a_script_from_anywhere(tmp_path):
                           text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python tools/probe.py timeline ") and "--n-cpu" in proc.stdout
+
+
+def test_split_time_and_routing_ahead_run(tiny_moe_path):
+    """tools/split_time.py (a split placement and stock's --n-cpu-moe) and
+    tools/routing_ahead.py end to end on tiny-moe in host mode: smoke runs.
+    routing_ahead's hit rate at distance 0 (a layer's router on its own
+    input) must be 1.0."""
+    def tool(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    for variant, extra in (("split:1", ["--streamed", "4"]), ("stock:2", [])):
+        r = tool("tools/split_time.py", str(tiny_moe_path), variant, "--device", "host", "--tokens", "4", "--reps",
+                 "1", "--ubatch", "64", *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert f"RESULT {variant}: tg" in r.stdout
+        assert ("split layer runs per token" in r.stdout) == (variant == "split:1")
+    r = tool("tools/routing_ahead.py", str(tiny_moe_path), "--tokens", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "hit rate by distance" in r.stdout and "0: 1.0," in r.stdout
