@@ -239,6 +239,9 @@ def _unsplit(model, n: int) -> int:
 
 def common_start(a, b) -> int:
     """How many leading tokens a and b share."""
+    m = min(len(a), len(b))
+    if a[:m] == b[:m]:  # the usual case (one continues the other): one comparison in C
+        return m
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -270,7 +273,7 @@ def _keep_verified(decoder, seat: _Seat, rows, draft: list[int], take) -> tuple[
     """A seat's step rows: its picks (take) while they match its drafts; the
     rejected drafts' cells freed. (whether it goes on, drafts accepted)"""
     used, alive = 0, True
-    for row in rows[:len(verified_picks(rows, draft))]:
+    for row in rows[:len(verified_picks(rows, draft)) if draft else 1]:  # no drafts: one row, take picks it
         used += 1
         alive = take(seat, row)
         if not alive:

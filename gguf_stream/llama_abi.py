@@ -174,6 +174,15 @@ def no_gpu_devices(params):
     return empty
 
 
+def our_model_params(params, config, cuda: bool):
+    """What every load of ours sets in llama_model_params: the load mode,
+    repacking, and in host mode no GPU device. Returns what must outlive
+    the load (None on CUDA)."""
+    params.load_mode = load_mode(config.use_mlock)
+    params.use_extra_bufts = config.repack
+    return None if cuda else no_gpu_devices(params)
+
+
 def layer_pattern(layers) -> str:
     """Regex matching the tensors of the given layers: ^blk\\.(3|7|11)\\."""
     return r"^blk\.(" + "|".join(str(i) for i in sorted(layers)) + r")\."

@@ -83,10 +83,7 @@ class _Session:
     def _model_params(self, n_gpu_layers: int = 0):
         p = self._lc.llama_model_default_params()
         p.n_gpu_layers = n_gpu_layers
-        p.load_mode = llama_abi.load_mode(self.config.use_mlock)
-        p.use_extra_bufts = self.config.repack
-        if not self._cuda:
-            self._no_devices = llama_abi.no_gpu_devices(p)  # host mode: CPU only, on a GPU build too
+        self._keep_params = llama_abi.our_model_params(p, self.config, self._cuda)
         return p
 
     def _context_params(self):

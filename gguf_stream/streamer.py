@@ -159,10 +159,7 @@ class Streamer:
         GPU); streamed layers are overridden into host memory."""
         stock = self.plan.stock_gpu_layers
         params.n_gpu_layers = (-1 if stock is None else stock) if self.cuda else 0
-        params.load_mode = llama_abi.load_mode(self.config.use_mlock)
-        params.use_extra_bufts = self.config.repack
-        if not self.cuda:
-            self._keep.append(llama_abi.no_gpu_devices(params))  # host mode: CPU only, on a GPU build too
+        self._keep.append(llama_abi.our_model_params(params, self.config, self.cuda))
         self._report_load(params)
         if self.engine is not None:
             pattern = llama_abi.expert_pattern if self.experts_only else llama_abi.layer_pattern

@@ -42,8 +42,8 @@ ONE_LAYER = dict(n_streamed=1, n_slots=2)
 
 # ------------------------------------------------------------ shared helpers
 
-def load(a, stock_ngl: int | None = None, *, n_ctx: int = 2176, n_batch: int = 2048, **options):
-    """The one loader: StockModel at -ngl stock_ngl, else StreamedModel,
+def load(a, stock_ngl: int | None = None, *, n_ctx: int = 2176, n_batch: int = 2048, n_cpu_moe: int = 0, **options):
+    """The one loader: StockModel at -ngl stock_ngl (--n-cpu-moe n_cpu_moe), else StreamedModel,
     with the shared options (--device, -t, -ub) and EngineConfig's options.
     Streamed runs keep the exact placement unless a probe asks for CPU layers
     (the probes measure streaming; the library's default on CUDA is the split)."""
@@ -51,7 +51,9 @@ def load(a, stock_ngl: int | None = None, *, n_ctx: int = 2176, n_batch: int = 2
         options.setdefault("generate_cpu_layers", "none")
     config = EngineConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(a.ubatch, n_batch), device=a.device,
                           n_threads=a.threads, **options)
-    return StreamedModel(a.model, config=config) if stock_ngl is None else StockModel(a.model, stock_ngl, config=config)
+    if stock_ngl is None:
+        return StreamedModel(a.model, config=config)
+    return StockModel(a.model, stock_ngl, config=config, n_cpu_moe=n_cpu_moe)
 
 
 def placement(a, default: dict | None = None) -> dict:

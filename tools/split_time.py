@@ -23,24 +23,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy)
 from gguf_stream.bench.timing import workload_tokens  # noqa: E402
-from gguf_stream.config import EngineConfig  # noqa: E402
-from gguf_stream.model import StockModel, StreamedModel  # noqa: E402
+from tools.probe import bracketed, load as probe_load  # noqa: E402  (the probes' loader: n_ctx 2176, n_batch 2048)
 
 
 def load(a):
-    cfg = dict(n_ctx=2176, n_batch=2048, n_ubatch=a.ubatch, flash_attn=True, n_threads=a.threads, device=a.device,
-               generate_cpu_layers="auto", calibrate_on_tokens=False)
+    """stock:N (-ngl all --n-cpu-moe N) or split:auto|off|N at --budget / --streamed."""
     kind, _, value = a.variant.partition(":")
     if kind == "stock":
-        return StockModel(a.model, 99, config=EngineConfig(**cfg), n_cpu_moe=int(value))
+        return probe_load(a, 99, n_cpu_moe=int(value), flash_attn=True)
     if kind != "split":
         raise SystemExit(f"variant {a.variant!r}: use stock:N or split:auto|off|N")
-    split = value if value in ("auto", "off") else int(value)
     place = dict(n_streamed=a.streamed, n_slots=1) if a.streamed else dict(
         vram_budget=int(a.budget * os.path.getsize(a.model)))
-    return StreamedModel(a.model, config=EngineConfig(moe_split=split, **place, **cfg))
+    return probe_load(a, moe_split=value if value in ("auto", "off") else int(value), generate_cpu_layers="auto",
+                      calibrate_on_tokens=False, flash_attn=True, **place)
 
 
 def per_token(eng, c0, c1, n: int) -> str:
@@ -69,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     with load(a) as m:
         _, tg = workload_tokens(m, 0, a.tokens, 42)
-        eng = getattr(getattr(m, "streamer", None), "engine", None)
+        eng = getattr(m, "engine", None)
         best = 0.0
         for rep in range(a.reps):
             m.reset()
@@ -80,12 +77,8 @@ def main() -> None:
                 eng.timeline(True)
             t0 = time.perf_counter()
             for t in tg[1:]:
-                if eng is not None:
-                    eng.timeline_mark(True)
-                m.eval([t])
+                bracketed(m, [t]) if eng is not None else m.eval([t])
                 m.synchronize()
-                if eng is not None:
-                    eng.timeline_mark(False)
             n = len(tg) - 1
             tps = n / (time.perf_counter() - t0)
             best = max(best, tps)
