@@ -43,10 +43,11 @@ def plain_cpu_buft() -> int:
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
-def cpu_repack_buft() -> int:
-    """Address of the CPU backend's CPU_REPACK buffer type, 0 if this build has none."""
+def cpu_extra_buft(name: str) -> int:
+    """Address of the CPU backend's extra buffer type `name` ("AMX", "CPU_REPACK"),
+    0 where this build or this CPU has none."""
     buft = ffi.new("void **")
-    _check("gs_cpu_get_repack_buft", lib.gs_cpu_get_repack_buft(buft))
+    _check("gs_cpu_get_extra_buft", lib.gs_cpu_get_extra_buft(name.encode(), buft))
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
@@ -105,6 +106,7 @@ class Weight:
     layer: int | None
     nbytes: int
     viewed: bool
+    cpu_layouts: int = 0  # CPU_AMX | CPU_REPACK: the CPU's repacked layouts every use of it allows
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,7 @@ E_IO = lib.GS_E_IO  # a disk-tier read failed or the model file changed
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
 SPLIT_AUTO = lib.GS_SPLIT_AUTO  # set_split_experts: the engine times how many experts to upload
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
+CPU_AMX, CPU_REPACK = lib.GS_CPU_AMX, lib.GS_CPU_REPACK  # Weight.cpu_layouts bits
 
 # Addresses of the two hooks, for llama_context_params.cb_eval.
 DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_discover_cb")))
@@ -215,13 +218,14 @@ class Engine:
 
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
                  cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
-                 repack_buft: int = 0, host_kv_buft: int = 0, disk_lookahead: int = 0,
+                 amx_buft: int = 0, repack_buft: int = 0, host_kv_buft: int = 0, disk_lookahead: int = 0,
                  staging_bytes: int = 0, host_staging: bool = False, disk_direct: bool = False,
                  disk_readers: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
-            "host_copy_delay_us": host_copy_delay_us, "repack_buft": ffi.cast("void *", repack_buft),
+            "host_copy_delay_us": host_copy_delay_us, "amx_buft": ffi.cast("void *", amx_buft),
+            "repack_buft": ffi.cast("void *", repack_buft),
             "host_kv_buft": ffi.cast("void *", host_kv_buft), "disk_lookahead": disk_lookahead,
             "staging_bytes": staging_bytes, "host_staging": int(host_staging), "disk_direct": int(disk_direct),
             "disk_readers": disk_readers,
@@ -254,7 +258,8 @@ class Engine:
         for i in range(n[0]):
             _check("gs_engine_get_weight", lib.gs_engine_get_weight(self._h, i, w))
             out.append(Weight(int(ffi.cast("uintptr_t", w.tensor)), ffi.string(w.name).decode(),
-                              None if w.layer < 0 else w.layer, int(w.nbytes), bool(w.viewed)))
+                              None if w.layer < 0 else w.layer, int(w.nbytes), bool(w.viewed),
+                              int(w.cpu_layouts)))
         return out
 
     def graph_check(self) -> GraphCheck:

@@ -132,8 +132,9 @@ class Streamer:
         self.engine = native.Engine(n_layer=self.model_file.n_layer, n_slots=self.plan.n_slots,
                                     ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
                                     host_copy_delay_us=config.host_copy_delay_us,
-                                    # CPU layers get llama.cpp's repacked layout, as stock's do
-                                    repack_buft=native.cpu_repack_buft() if config.repack else 0,
+                                    # CPU layers get llama.cpp's repacked layouts, as stock's do
+                                    amx_buft=native.cpu_extra_buft("AMX") if config.repack else 0,
+                                    repack_buft=native.cpu_extra_buft("CPU_REPACK") if config.repack else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
                                     and config.cpu_layer_host_kv else 0,
                                     disk_lookahead=DISK_LOOKAHEAD, **self._staging)

@@ -64,8 +64,9 @@ int gs_device_supports_flash_attn(const char *name, int64_t head_dim_k, int64_t 
  * CPU_REPACK variant when repacking is on; host-mode upload sources must
  * stay in the plain layout the slots hold. */
 int gs_cpu_get_plain_buft(void **buft);
-/* The CPU backend's "CPU_REPACK" buffer type, NULL if this build has none. */
-int gs_cpu_get_repack_buft(void **buft);
+/* One of the CPU backend's extra buffer types by name ("AMX", "CPU_REPACK"),
+ * NULL where this build or this CPU has none. */
+int gs_cpu_get_extra_buft(const char *name, void **buft);
 
 /* Pinned host memory in ggml "CUDA_Host" buffers is allocated by llama.cpp;
  * this reports the name and size of the buffer a tensor lives in. */
@@ -304,8 +305,11 @@ typedef struct {
     int    cuda_device;        /* CUDA device of the ring (use_cuda only) */
     int    prefetch;           /* 0: never prefetch (every adoption uploads synchronously) */
     int    host_copy_delay_us; /* host mode only: sleep per layer copy (simulates a slow link) */
-    void  *repack_buft;        /* CPU layers get a copy repacked in this buffer type
-                                  (gs_cpu_get_repack_buft); NULL: they read the plain host copy */
+    void  *amx_buft;           /* CPU layers' weights that llama.cpp's AMX kernels compute (2-D products
+                                  of the types they take) are repacked in this buffer type, as stock's
+                                  are: llama.cpp tries it before CPU_REPACK; NULL: none */
+    void  *repack_buft;        /* the rest of their matrix weights that CPU_REPACK takes go in this one
+                                  (gs_cpu_get_extra_buft); NULL: they read the plain host copy */
     void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
                                   generating (see gs_engine_attach_kv); NULL: they stay put */
     int    disk_lookahead;     /* disk tier's early trigger: with each upload issued, the disk-tier
@@ -346,7 +350,13 @@ typedef struct {
     int         layer;         /* -1 for shared tensors */
     size_t      nbytes;
     int         viewed;        /* 1 if some graph node is a view of it */
+    unsigned    cpu_layouts;   /* the CPU's repacked layouts every use of it allows: GS_CPU_AMX,
+                                  GS_CPU_REPACK bits (a CPU layer's copy takes the first this
+                                  build has, as llama.cpp's loader does) */
 } gs_weight;
+
+#define GS_CPU_AMX    1
+#define GS_CPU_REPACK 2
 
 typedef struct {
     int  n_lout;               /* distinct l_out-<i> nodes seen */

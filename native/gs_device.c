@@ -77,15 +77,15 @@ int gs_cpu_get_plain_buft(void **buft) {
     return GS_OK;
 }
 
-int gs_cpu_get_repack_buft(void **buft) {
+int gs_cpu_get_extra_buft(const char *name, void **buft) {
     void *dev;
     *buft = NULL;
-    int rc = device("gs_cpu_get_repack_buft", "CPU", &dev);
+    int rc = device("gs_cpu_get_extra_buft", "CPU", &dev);
     if (rc) return rc;
     void *reg = G.dev_backend_reg(dev);
     void **(*extra_bufts)(void *) = reg ? G.reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts") : NULL;
     for (void **b = extra_bufts ? extra_bufts(dev) : NULL; b && *b; b++)
-        if (strcmp(G.buft_name(*b), "CPU_REPACK") == 0) { *buft = *b; break; }
+        if (strcmp(G.buft_name(*b), name) == 0) { *buft = *b; break; }
     return GS_OK;
 }
 

@@ -28,17 +28,40 @@ static void violation(gs_engine *e, const char *fmt, ...) {
     }
 }
 
-/* A weight that only ever feeds matrix products as their src[0] may be
- * repacked for the CPU kernels (which then read it in that layout only):
- * the products CPU_REPACK computes (its supports_op in ggml-cpu/repack.cpp),
- * a 2-D matrix's MUL_MAT or a 3-D stack's MUL_MAT_ID of F32 rows. Another
- * (deepseek2's per-head attn_k_b / attn_v_b: 3-D in a MUL_MAT) would leave
- * the scheduler no backend for its node (an abort). */
-static int is_matmul_src0(const struct gs_tensor *node, int k, const struct gs_tensor *src) {
-    if (k != 0 || src->view_src || !node->src[1] || node->src[1]->type != 0 /* GGML_TYPE_F32 */) return 0;
+static int f32_contiguous(const struct gs_tensor *t) {
+    return t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
+        && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
+}
+
+/* The row multiple AMX's kernels need in a weight of this ggml type (0: they
+ * do not take it): ggml-cpu/amx/amx.cpp's supports_op. */
+static int amx_alignment(int type) {
+    switch (type) {
+    case 2: case 3: case 8: return 32;                 /* Q4_0, Q4_1, Q8_0: TILE_K */
+    case 12: case 13: case 14: case 23: return 256;    /* Q4_K, Q5_K, Q6_K, IQ4_XS: QK_K */
+    case 1: return 16;                                 /* F16 */
+    default: return 0;
+    }
+}
+
+/* The repacked layouts (CPU_FORM_* bits) this use of weight src, as node's
+ * src[k], allows. A weight repacked for the CPU is read in that layout only,
+ * so only matrix products of F32 rows that the layout's kernels compute may
+ * read it: CPU_REPACK's a 2-D matrix's MUL_MAT or a 3-D stack's MUL_MAT_ID
+ * (its supports_op in ggml-cpu/repack.cpp); AMX's a 2-D matrix's MUL_MAT of
+ * contiguous rows with 32-multiple outputs. Any other (deepseek2's per-head
+ * attn_k_b / attn_v_b: 3-D in a MUL_MAT) would leave the scheduler no backend
+ * for its node (an abort). */
+static unsigned cpu_forms_of_use(const struct gs_tensor *node, int k, const struct gs_tensor *src) {
+    const struct gs_tensor *rows = node->src[1];
+    if (k != 0 || src->view_src || !rows || rows->type != 0 /* GGML_TYPE_F32 */ || src->ne[3] != 1) return 0;
     const char *op = G.op_name(node->op);
-    int stacked = src->ne[2] > 1, flat = src->ne[3] == 1;
-    return op && flat && ((strcmp(op, "MUL_MAT") == 0 && !stacked) || (strcmp(op, "MUL_MAT_ID") == 0 && stacked));
+    int stacked = src->ne[2] > 1;
+    if (op && strcmp(op, "MUL_MAT_ID") == 0) return stacked ? 1u << CPU_FORM_REPACK : 0;
+    if (!op || strcmp(op, "MUL_MAT") != 0 || stacked) return 0;
+    int align = amx_alignment(src->type);
+    int amx = align && src->ne[0] % align == 0 && node->ne[0] % 32 == 0 && f32_contiguous(rows);
+    return 1u << CPU_FORM_REPACK | (amx ? 1u << CPU_FORM_AMX : 0);
 }
 
 static int grow(gs_engine *e) {
@@ -47,8 +70,8 @@ static int grow(gs_engine *e) {
     if (nw) e->disc.w = nw;
     char (*nn)[64] = realloc(e->disc.names, ncap * sizeof *nn);
     if (nn) e->disc.names = nn;
-    unsigned char *nm = realloc(e->disc.matmul_only, ncap);
-    if (nm) e->disc.matmul_only = nm;
+    unsigned char *nm = realloc(e->disc.cpu_forms, ncap);
+    if (nm) e->disc.cpu_forms = nm;
     if (!nw || !nn || !nm) return fail(GS_E_NOMEM, "discovery: realloc");
     e->disc.cap = ncap;
     return GS_OK;
@@ -71,16 +94,16 @@ static int weight_index(gs_engine *e, struct gs_tensor *w) {
     r->layer = parse_index(w->name, "blk.", '.');
     r->nbytes = G.nbytes(w);
     r->viewed = 0;
-    e->disc.matmul_only[idx] = 1;
+    e->disc.cpu_forms[idx] = CPU_FORMS_ALL;
     return idx;
 }
 
-static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, int matmul_src0, const char *user_name) {
+static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, unsigned forms, const char *user_name) {
     int idx = weight_index(e, w);
     if (idx < 0) return;
     gs_weight *r = &e->disc.w[idx];
     r->viewed |= viewed;
-    e->disc.matmul_only[idx] &= matmul_src0 && !viewed;
+    e->disc.cpu_forms[idx] &= viewed ? 0 : forms;
     if (r->layer >= 0 && r->layer != e->disc.last_lout + 1)
         violation(e, "weight %s is used by node %s after l_out-%d", e->disc.names[idx], user_name, e->disc.last_lout);
 }
@@ -102,7 +125,7 @@ bool gs_engine_discover_cb(void *tensor, bool ask, void *user) {
         struct gs_tensor *s = t->src[k];
         if (!s) continue;
         struct gs_tensor *base = s->view_src ? s->view_src : s;
-        if (is_weight(base)) record_weight(e, base, base != s, is_matmul_src0(t, k, s), t->name);
+        if (is_weight(base)) record_weight(e, base, base != s, cpu_forms_of_use(t, k, s), t->name);
     }
     int i = parse_index(t->name, "l_out-", '\0');
     if (i >= 0) record_lout(e, i);
@@ -118,6 +141,7 @@ int gs_engine_get_weight(gs_engine *e, int i, gs_weight *out) {
     if (i < 0 || i >= e->disc.n) return fail(GS_E_INVALID, "weight index %d out of range", i);
     *out = e->disc.w[i];
     out->name = e->disc.names[i];
+    out->cpu_layouts = e->disc.cpu_forms[i];
     return GS_OK;
 }
 
@@ -126,15 +150,15 @@ int gs_engine_get_graph_check(gs_engine *e, gs_graph_check *out) {
     return GS_OK;
 }
 
-int weight_matmul_only(const gs_engine *e, const struct gs_tensor *t) {
+unsigned weight_cpu_forms(const gs_engine *e, const struct gs_tensor *t) {
     int w = ptrmap_get(&e->disc.map, t);
-    return w >= 0 && e->disc.matmul_only[w];
+    return w >= 0 ? e->disc.cpu_forms[w] : 0;
 }
 
 void discovery_free(gs_engine *e) {
     ptrmap_free(&e->disc.map);
     free(e->disc.w);
     free(e->disc.names);
-    free(e->disc.matmul_only);
+    free(e->disc.cpu_forms);
     free(e->disc.lout_seen);
 }

@@ -8,6 +8,11 @@
 #include "gs_abi.h"
 #include "gs_util.h"
 
+/* The layouts a CPU layer's matrix weight may be repacked in, in the order
+ * llama.cpp tries their buffer types (ggml-cpu's extra buffer types). */
+enum { CPU_FORM_AMX, CPU_FORM_REPACK, N_CPU_FORMS };  /* bit f of a mask: GS_CPU_AMX, GS_CPU_REPACK */
+#define CPU_FORMS_ALL ((1u << N_CPU_FORMS) - 1)
+
 /* A streamed tensor: where llama.cpp put it, and its CPU-layer home. Its
  * upload (source, size, place in a slot) is e->up[k], same index. */
 typedef struct {
@@ -18,7 +23,7 @@ typedef struct {
      * kernels (NULL: the CPU reads the plain host copy at up[k].src). */
     void   *cpu_buffer, *cpu_data, *cpu_extra;
     int     layer;
-    int     matmul_only;  /* discovery saw it only as src[0] of a matrix product */
+    unsigned cpu_forms;   /* CPU_FORM_* bits: the repacked layouts every use discovery saw allows */
     int     from_file;    /* disk tier: uploads read the model file at file_offset */
     uint64_t file_offset;
 } srec;
@@ -41,7 +46,7 @@ typedef struct {
     int    cpu_generate;  /* computed by the CPU from host memory in the generate phase */
     int    gen_resident;  /* resident while generating, in the generate-resident region */
     int    gr_live;       /* ...and there now: its tensors point into the region */
-    void  *repack_buf;    /* CPU layers: their repacked weights (pageable host) */
+    void  *repack_bufs[N_CPU_FORMS];  /* CPU layers: their repacked weights by layout (pageable host) */
     size_t repacked_bytes;
     kv_rec kv[2];         /* K, V of the attached context */
     void  *kv_host_buf;   /* CPU layers: their KV cache while generating */
@@ -62,7 +67,7 @@ struct gs_engine {
     struct {                          /* gs_discovery.c */
         gs_weight *w;
         char     (*names)[64];
-        unsigned char *matmul_only;
+        unsigned char *cpu_forms;
         int        n, cap;
         ptrmap     map;
         int        last_lout;
@@ -212,7 +217,7 @@ int  timeline_node(gs_engine *e, const struct gs_tensor *t, bool ask);
 void timing_boundary(gs_engine *e, int layer);
 
 /* gs_discovery.c */
-int  weight_matmul_only(const gs_engine *e, const struct gs_tensor *t);
+unsigned weight_cpu_forms(const gs_engine *e, const struct gs_tensor *t);
 void discovery_free(gs_engine *e);
 
 #endif

@@ -1,5 +1,6 @@
-/* CPU layers' weights in the layout llama.cpp's CPU kernels run fastest on
- * (CPU_REPACK), and a CPU layer's generate-phase home. */
+/* CPU layers' weights in the layouts llama.cpp's CPU kernels run fastest on
+ * (AMX, CPU_REPACK: what stock's CPU layers get), and a CPU layer's
+ * generate-phase home. */
 #include "gs_engine.h"
 
 #include <pthread.h>
@@ -24,12 +25,20 @@ static void forget_homes(gs_engine *e, const layer_info *ly) {
         e->recs[k].cpu_buffer = e->recs[k].cpu_data = e->recs[k].cpu_extra = NULL;
 }
 
+static int has_repack(const layer_info *ly) {
+    for (int f = 0; f < N_CPU_FORMS; f++)
+        if (ly->repack_bufs[f]) return 1;
+    return 0;
+}
+
 void drop_repack(gs_engine *e, int layer) {
     layer_info *ly = &e->layers[layer];
-    if (!ly->repack_buf) return;
+    if (!has_repack(ly)) return;
     forget_homes(e, ly);
-    G.buffer_free(ly->repack_buf);
-    ly->repack_buf = NULL;
+    for (int f = 0; f < N_CPU_FORMS; f++) {
+        if (ly->repack_bufs[f]) G.buffer_free(ly->repack_bufs[f]);
+        ly->repack_bufs[f] = NULL;
+    }
     e->size.repacked_bytes -= ly->repacked_bytes;
     ly->repacked_bytes = 0;
 }
@@ -82,7 +91,8 @@ static int64_t piece_rows(gs_engine *e, int k, void *buf, char *at, const void *
 }
 
 /* Repack rows [row0, row0 + rows) of k (rows 0: all of it) into its place at
- * `at` (the tensor's start) in buf. */
+ * `at` (the tensor's start) in buf. Pieces are CPU_REPACK's only, whose
+ * rows keep their plain size. */
 static int repack_piece(gs_engine *e, int k, void *buf, char *at, int64_t row0, int64_t rows) {
     struct gs_tensor scratch;
     size_t off = e->recs[k].t->nb[1] * (size_t)row0;
@@ -93,16 +103,19 @@ static int repack_piece(gs_engine *e, int k, void *buf, char *at, int64_t row0, 
     return GS_OK;
 }
 
-/* Copy CPU layers' matrix weights into CPU_REPACK buffers, the layout
- * llama.cpp's CPU kernels run fastest on (what stock does with CPU layers).
- * The plain host copy stays: the prompt phase still uploads it. A weight the
- * repack buffer does not take keeps reading the host copy.
+/* Copy CPU layers' matrix weights into the CPU backend's extra buffer types,
+ * the layouts llama.cpp's CPU kernels run fastest on, each weight in the
+ * first (llama.cpp's order: AMX, then CPU_REPACK) whose kernels compute
+ * every use of it: what stock does with its CPU layers. The plain host copy
+ * stays: the prompt phase still uploads it. A weight neither takes keeps
+ * reading the host copy.
  *
  * Repacking is a CPU-bound shuffle of every byte (one thread managed well
- * under 1 GB/s): gigabytes of CPU layers took seconds of every load, so the
- * tensors are repacked by up to REPACK_MAX_THREADS threads. Each writes its
- * own tensor's bytes and its own srec; ggml's repack (init_tensor, then
- * set_tensor) keeps no shared state. */
+ * under 1 GB/s): gigabytes of CPU layers took seconds of every load, so
+ * CPU_REPACK's tensors are repacked by up to REPACK_MAX_THREADS threads. Each
+ * writes its own tensor's bytes and its own srec; ggml's repack (init_tensor,
+ * then set_tensor) keeps no shared state. AMX's conversion runs on
+ * llama.cpp's own threads (OpenMP) already: its tensors go one at a time. */
 #define REPACK_MAX_THREADS 32
 
 typedef struct {
@@ -149,13 +162,13 @@ static int repack_threads(int n_jobs) {
     return (int)(n < n_jobs ? n : n_jobs);
 }
 
-/* Run every job, on this thread and up to repack_threads() - 1 others. */
-static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n) {
+/* Run every job, on this thread and up to threads - 1 others. */
+static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n, int threads) {
     repack_work w = {.e = e, .jobs = jobs, .n = n};
     pthread_mutex_init(&w.mu, NULL);
     pthread_t th[REPACK_MAX_THREADS];
-    int started = 0, want = repack_threads(n) - 1;
-    for (int i = 0; i < want; i++) {
+    int started = 0;
+    for (int i = 0; i < threads - 1 && i < REPACK_MAX_THREADS; i++) {
         if (pthread_create(&th[started], NULL, repack_worker, &w) != 0) break;  /* fewer threads: still done */
         started++;
     }
@@ -165,81 +178,131 @@ static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n) {
     return w.failed ? fail(w.failed, "%s", w.err) : GS_OK;
 }
 
+static void *form_buft(const gs_engine *e, int form) {
+    return form == CPU_FORM_AMX ? e->cfg.amx_buft : e->cfg.repack_buft;
+}
+
+/* The layout a CPU layer's weight is repacked in: the first this build has
+ * whose kernels compute every use of it; -1: none (it reads the host copy). */
+static int form_of(const gs_engine *e, const srec *r) {
+    for (int f = 0; f < N_CPU_FORMS; f++)
+        if (form_buft(e, f) && (r->cpu_forms >> f & 1)) return f;
+    return -1;
+}
+
+static size_t form_alignment(const gs_engine *e, int form) {
+    size_t align = G.buft_get_alignment(form_buft(e, form));
+    return align ? align : 1;
+}
+
+typedef struct {
+    repack_job *jobs;
+    int n, cap;
+} job_list;
+
+static int push_job(job_list *l, repack_job jb) {
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 64;
+        repack_job *more = realloc(l->jobs, (size_t)cap * sizeof *more);
+        if (!more) return fail(GS_E_NOMEM, "repack: out of host memory");
+        l->jobs = more;
+        l->cap = cap;
+    }
+    l->jobs[l->n++] = jb;
+    return GS_OK;
+}
+
+/* Layer i's buffer of layout f, sized for the tensors it takes (NULL in
+ * *buf: none). */
+static int alloc_form_buffer(gs_engine *e, int i, int f, void **buf) {
+    const layer_info *ly = &e->layers[i];
+    void *buft = form_buft(e, f);
+    size_t total = 0, align = form_alignment(e, f);
+    *buf = NULL;
+    for (int k = ly->first; k < ly->first + ly->count; k++)
+        if (form_of(e, &e->recs[k]) == f) total = align_up(total, align) + G.buft_get_alloc_size(buft, e->recs[k].t);
+    if (total == 0) return GS_OK;
+    *buf = G.buft_alloc_buffer(buft, total);
+    if (!*buf) return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, i);
+    G.buffer_set_usage(*buf, GGML_USAGE_WEIGHTS);
+    return GS_OK;
+}
+
+/* The jobs repacking layer i's tensors of layout f into buf: each tensor the
+ * buffer repacks, CPU_REPACK's in pieces where that gives the same bytes
+ * (piece_rows); its generate-phase home is recorded here. */
+static int plan_form_jobs(gs_engine *e, int i, int f, void *buf, job_list *jobs) {
+    const layer_info *ly = &e->layers[i];
+    char *base = G.buffer_get_base(buf);
+    size_t off = 0, align = form_alignment(e, f);
+    int rc = GS_OK;
+    for (int k = ly->first; k < ly->first + ly->count && rc == GS_OK; k++) {
+        if (form_of(e, &e->recs[k]) != f) continue;
+        off = align_up(off, align);
+        char *at = base + off;
+        off += G.buft_get_alloc_size(form_buft(e, f), e->recs[k].t);
+        struct gs_tensor whole;
+        if ((rc = scratch_at(e, k, buf, at, 0, &whole)) != GS_OK || !whole.extra) continue;
+        int64_t rows = f == CPU_FORM_REPACK ? piece_rows(e, k, buf, at, whole.extra) : 0, n_rows = e->recs[k].t->ne[1];
+        for (int64_t r0 = 0; rc == GS_OK; r0 += rows) {
+            int64_t n = rows && n_rows - r0 < rows ? n_rows - r0 : rows;
+            rc = push_job(jobs, (repack_job){.k = k, .buf = buf, .at = at, .row0 = r0, .rows = n});
+            if (!rows || r0 + rows >= n_rows) break;
+        }
+        e->recs[k].cpu_buffer = buf;
+        e->recs[k].cpu_data = at;
+        e->recs[k].cpu_extra = whole.extra;
+    }
+    return rc;
+}
+
 /* Repacked copies for the current CPU layers (and, with keep_repacks, the
  * ones already made for former CPU layers). Tensors must not point at a copy
  * being dropped (only a CPU layer in the generate phase points at its copy:
  * point_home). On an error no layer of this call keeps a repacked copy (or a
  * pointer into one). */
 int sync_repacks(gs_engine *e) {
-    int n_layer = e->cfg.n_layer, n_jobs, rc = GS_OK;
-    void **bufs = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers, by layer */
+    int n_layer = e->cfg.n_layer, rc = GS_OK;
+    void *(*bufs)[N_CPU_FORMS] = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers */
     if (!bufs) return fail(GS_E_NOMEM, "repack: out of host memory");
-    size_t align = e->cfg.repack_buft ? G.buft_get_alignment(e->cfg.repack_buft) : 1;
-    if (align == 0) align = 1;
+    int repacking = form_buft(e, CPU_FORM_AMX) || form_buft(e, CPU_FORM_REPACK);
     for (int i = 0; i < n_layer && rc == GS_OK; i++) {
         layer_info *ly = &e->layers[i];
-        int want = e->cfg.repack_buft && ly->cpu_generate && ly->count > 0;
-        if (!want && ly->repack_buf && !e->keep_repacks) drop_repack(e, i);
-        if (!want || ly->repack_buf) continue;
-        size_t total = 0;
-        for (int k = ly->first; k < ly->first + ly->count; k++)
-            if (e->recs[k].matmul_only) total = align_up(total, align) + e->up[k].nbytes;
-        if (total == 0) continue;
-        bufs[i] = G.buft_alloc_buffer(e->cfg.repack_buft, total);
-        if (!bufs[i]) { rc = fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, i); break; }
-        G.buffer_set_usage(bufs[i], GGML_USAGE_WEIGHTS);
+        int want = repacking && ly->cpu_generate && ly->count > 0;
+        if (!want && has_repack(ly) && !e->keep_repacks) drop_repack(e, i);
+        if (!want || has_repack(ly)) continue;
+        for (int f = 0; f < N_CPU_FORMS && rc == GS_OK; f++)
+            if (form_buft(e, f)) rc = alloc_form_buffer(e, i, f, &bufs[i][f]);
     }
-    /* The jobs: each tensor the buffer repacks, in pieces where that gives
-     * the same bytes (piece_rows); its generate-phase home is recorded here. */
-    repack_job *jobs = NULL;
-    int cap = 0;
-    n_jobs = 0;
-    for (int i = 0; i < n_layer && rc == GS_OK; i++) {
-        if (!bufs[i]) continue;
-        const layer_info *ly = &e->layers[i];
-        char *base = G.buffer_get_base(bufs[i]);
-        size_t off = 0;
-        for (int k = ly->first; k < ly->first + ly->count && rc == GS_OK; k++) {
-            if (!e->recs[k].matmul_only) continue;
-            off = align_up(off, align);
-            char *at = base + off;
-            off += e->up[k].nbytes;
-            struct gs_tensor whole;
-            if ((rc = scratch_at(e, k, bufs[i], at, 0, &whole)) != GS_OK || !whole.extra) continue;
-            int64_t rows = piece_rows(e, k, bufs[i], at, whole.extra), n_rows = e->recs[k].t->ne[1];
-            for (int64_t r0 = 0; rc == GS_OK; r0 += rows) {
-                if (n_jobs == cap) {
-                    repack_job *more = realloc(jobs, (size_t)(cap = cap ? 2 * cap : 64) * sizeof *jobs);
-                    if (!more) { rc = fail(GS_E_NOMEM, "repack: out of host memory"); break; }
-                    jobs = more;
-                }
-                int64_t n = rows && n_rows - r0 < rows ? n_rows - r0 : rows;
-                jobs[n_jobs++] = (repack_job){.k = k, .buf = bufs[i], .at = at, .row0 = r0, .rows = n};
-                if (!rows || r0 + rows >= n_rows) break;
-            }
-            e->recs[k].cpu_buffer = bufs[i];
-            e->recs[k].cpu_data = at;
-            e->recs[k].cpu_extra = whole.extra;
-        }
-    }
-    if (rc == GS_OK && n_jobs) rc = run_repack_jobs(e, jobs, n_jobs);
+    job_list jobs[N_CPU_FORMS] = {{0}};
+    for (int i = 0; i < n_layer && rc == GS_OK; i++)
+        for (int f = 0; f < N_CPU_FORMS && rc == GS_OK; f++)
+            if (bufs[i][f]) rc = plan_form_jobs(e, i, f, bufs[i][f], &jobs[f]);
+    for (int f = 0; f < N_CPU_FORMS && rc == GS_OK; f++)
+        if (jobs[f].n)
+            rc = run_repack_jobs(e, jobs[f].jobs, jobs[f].n, f == CPU_FORM_AMX ? 1 : repack_threads(jobs[f].n));
     for (int i = 0; i < n_layer; i++) {
-        if (!bufs[i]) continue;
         layer_info *ly = &e->layers[i];
-        size_t repacked = 0;
-        for (int k = ly->first; k < ly->first + ly->count; k++)
-            if (e->recs[k].cpu_buffer == bufs[i]) repacked += e->up[k].nbytes;
-        if (rc != GS_OK || repacked == 0) {
-            forget_homes(e, ly);
-            G.buffer_free(bufs[i]);
-            continue;
+        int kept = 0, made = 0;
+        for (int f = 0; f < N_CPU_FORMS; f++) made |= bufs[i][f] != NULL;
+        if (!made) continue;
+        if (rc != GS_OK) forget_homes(e, ly);  /* a layer given buffers here had no copy before */
+        for (int f = 0; f < N_CPU_FORMS; f++) {
+            if (!bufs[i][f]) continue;
+            int used = 0;
+            for (int k = ly->first; k < ly->first + ly->count; k++) used |= e->recs[k].cpu_buffer == bufs[i][f];
+            if (rc != GS_OK || !used) {
+                G.buffer_free(bufs[i][f]);
+                continue;
+            }
+            ly->repack_bufs[f] = bufs[i][f];
+            ly->repacked_bytes += G.buffer_get_size(bufs[i][f]);
+            e->size.repacked_bytes += G.buffer_get_size(bufs[i][f]);
+            kept = 1;
         }
-        ly->repack_buf = bufs[i];
-        e->ctr.layers_repacked++;
-        ly->repacked_bytes = G.buffer_get_size(bufs[i]);
-        e->size.repacked_bytes += ly->repacked_bytes;
+        e->ctr.layers_repacked += kept;
     }
-    free(jobs);
+    for (int f = 0; f < N_CPU_FORMS; f++) free(jobs[f].jobs);
     free(bufs);
     return rc;
 }

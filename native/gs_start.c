@@ -26,7 +26,7 @@ int gs_engine_add_tensor(gs_engine *e, int layer, void *tensor) {
     r->t = t;
     r->src_buffer = t->buffer;
     r->src_extra = t->extra;
-    r->matmul_only = weight_matmul_only(e, t);
+    r->cpu_forms = weight_cpu_forms(e, t);
     r->layer = layer;
     if (ptrmap_put(&e->rec_map, t, e->n_recs, e->n_recs)) return fail(GS_E_NOMEM, "gs_engine_add_tensor: map");
     e->n_recs++;

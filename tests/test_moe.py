@@ -264,3 +264,35 @@ def test_cpu_layers_repack_only_what_llama_cpp_computes_repacked(tiny_deepseek2_
         tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
         assert m.stats.counters.repacked_bytes > 0
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+def test_discovery_names_the_cpu_layouts_llama_cpp_computes_each_weight_in(tiny_deepseek2_path, monkeypatch):
+    """A CPU layer's weight is repacked in the first of llama.cpp's layouts
+    (AMX, then CPU_REPACK) whose kernels compute every use of it, as
+    llama.cpp's loader places stock's CPU layers: AMX takes 2-D products of
+    its types (Q4_K here, not Q5_0 or F32) with outputs in multiples of 32,
+    CPU_REPACK 2-D products and 3-D expert stacks, neither deepseek2's
+    per-head 3-D stacks in a plain product nor norms. (This machine need not
+    have AMX: what discovery allows is what this checks.)"""
+    from gguf_stream import native
+    from gguf_stream.streamer import Streamer
+
+    seen, discover = [], Streamer._discover
+
+    def spy(self, model):
+        seen[:] = discover(self, model)
+        return seen
+
+    monkeypatch.setattr(Streamer, "_discover", spy)
+    with StreamedModel(tiny_deepseek2_path, **CPU, n_streamed=4, n_slots=2, whole_layers=True):
+        pass
+    mf = read_model(tiny_deepseek2_path)
+    both, repack = native.CPU_AMX | native.CPU_REPACK, native.CPU_REPACK
+    want = {"attn_q_a": both, "attn_kv_a_mqa": both, "ffn_gate": both, "ffn_down": both, "ffn_up_shexp": both,
+            "attn_q_b": repack, "attn_output": repack, "ffn_down_shexp": repack,  # Q5_0: no AMX kernel
+            "ffn_gate_inp": repack,  # F32, 8 outputs
+            "ffn_gate_exps": repack, "ffn_down_exps": repack,  # MUL_MAT_ID
+            "attn_k_b": 0, "attn_v_b": 0, "attn_norm": 0, "exp_probs_b": 0}
+    got = {w.name.split(".")[2]: w.cpu_layouts for w in seen if w.layer in (0, 1)}
+    assert {name: got[name] for name in want} == want
+    assert mf.tensor("blk.0.ffn_gate.weight").qtype == "Q4_K" and mf.tensor("blk.0.attn_q_b.weight").qtype == "Q5_0"
