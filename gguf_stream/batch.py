@@ -19,7 +19,7 @@ a unified KV cache (kv_unified) the prompts seated at one time share
 decodes, as many tokens per decode as n_batch holds (BatchDecoder.prefill).
 
 Greedy generation may carry drafts (speculative.PromptLookup or
-SeatDraftModel): a sequence's rows of a step are its last token and the
+DraftModel.draft_seats): a sequence's rows of a step are its last token and the
 drafts, its tokens the model's picks while they match the drafts (the
 rejected drafts' cells freed): several tokens per sequence per pass, the
 tokens it gets without drafts.
@@ -230,6 +230,13 @@ class BatchDecoder:
         self.clear(seq)
         return 0
 
+    def drop_rejected(self, seq: int, n: int) -> None:
+        """After a verify: keep a sequence's cells of positions 0..n-1 (its
+        accepted tokens), free those of its rejected drafts."""
+        if not self.keep_prefix(seq, n):
+            raise DecodeError("llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
+                              "cache): generate without drafts (no --lookup / -md)")
+
 
 def _unsplit(model, n: int) -> int:
     """The most of n tokens one llama_decode takes without the streamer splitting it."""
@@ -279,9 +286,8 @@ def _keep_verified(decoder, seat: _Seat, rows, draft: list[int], take) -> tuple[
         if not alive:
             break
     seat.pos += used
-    if alive and draft and not decoder.keep_prefix(seat.seq, seat.pos):
-        raise DecodeError("llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
-                          "cache): generate without drafts")
+    if alive and draft:
+        decoder.drop_rejected(seat.seq, seat.pos)
     return alive, used - 1
 
 

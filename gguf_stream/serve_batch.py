@@ -15,7 +15,7 @@ whole conversation each turn).
 
 With prompt lookup (--lookup N) or a draft model (-md, --draft-max N), a
 greedy job's step carries its last token and up to N tokens drafted from its
-own text (speculative.PromptLookup, SeatDraftModel: the draft model's
+own text (speculative.PromptLookup, DraftModel.draft_seats: the draft model's
 context has a sequence per seat, every seat's drafts from N decodes); the
 rows whose drafts match the model's picks are kept, the rest of the seat's
 cells freed: several tokens per pass, the same tokens as without drafts.
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 from . import llama_abi
 from .batch import BatchDecoder, cells_per_sequence, common_start, draft_share, verified_picks
+from .errors import DecodeError
 from .sampling import Sampler, SamplingParams
-from .speculative import PromptLookup, SpeculativeResult
+from .speculative import SpeculativeResult
 
 import numpy as np  # noqa: E402  (after llama.cpp: gguf_stream first)
 from fastapi import HTTPException
@@ -119,11 +120,11 @@ class _Exclusive:
 class BatchLoop:
     """The thread that owns the context; jobs in, tokens out."""
 
-    def __init__(self, llm, lookup: int | None = None, prompt_cache: bool = True, drafter=None):
-        """drafter: a SeatDraftModel (the loop closes it), else lookup=N: prompt lookup."""
+    def __init__(self, llm, prompt_cache: bool = True, drafter=None):
+        """drafter: speculative.make_drafter's (PromptLookup, DraftModel) for greedy jobs; the loop closes it."""
         self.session = LlamaSession(llm)
         self.prompt_cache = prompt_cache  # free seats keep their cells for prompts that continue them
-        self.drafter = drafter if drafter is not None else PromptLookup(lookup) if lookup else None
+        self.drafter = drafter
         self.drafted = self.accepted = 0  # drafted tokens, over all jobs
         c = self.session.config
         self.n_seats = c.n_seq_max
@@ -339,10 +340,10 @@ class BatchLoop:
                 continue
             picks = verified_picks(rows, draft)
             n_past = len(job.prompt) + len(job.tokens) + len(picks) - 1
-            if not decoder.keep_prefix(job.seq, n_past):  # the cells of the rejected drafts go
-                self._leave(decoder, job, RuntimeError(
-                    "llama.cpp could not free the rejected drafts' KV cells (a sliding-window or recurrent "
-                    "cache): serve this model without --lookup / -md"), keep=False)
+            try:
+                decoder.drop_rejected(job.seq, n_past)
+            except DecodeError as e:
+                self._leave(decoder, job, e, keep=False)
                 continue
             job.drafts.passes += 1
             job.drafts.drafted += len(draft)

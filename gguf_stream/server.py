@@ -502,13 +502,13 @@ def _start_batching(app: FastAPI, proxy, prompt_cache: bool) -> None:
     from .serve_batch import BatchLoop
     from .serve_routes import install_routes
 
-    s, llm, drafter = proxy.speculative or {}, proxy.model, None
+    s, llm, drafter = proxy.speculative, proxy.model, None
     try:
-        if s.get("draft_model") is not None:  # a sequence per slot in the draft model's context too
-            drafter = make_drafter(None, s["draft_model"], s["draft_max"], llama_vocabulary(llm),
+        if s is not None:  # a draft model's context gets a sequence per slot too
+            drafter = make_drafter(s["lookup"], s["draft_model"], s["draft_max"], llama_vocabulary(llm),
                                    cuda=llm._streamer.cuda, config=llm._streamer.config, verbose=llm.verbose,
                                    seats=True)
-        proxy.batch_loop = BatchLoop(llm, lookup=s.get("lookup"), prompt_cache=prompt_cache, drafter=drafter)
+        proxy.batch_loop = BatchLoop(llm, prompt_cache=prompt_cache, drafter=drafter)
         install_routes(app, proxy, proxy.batch_loop)
     except BaseException:
         if drafter is not None and proxy.batch_loop is None:

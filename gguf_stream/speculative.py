@@ -12,8 +12,8 @@ only decide how many positions one pass computes.
 Drafters: PromptLookup (n-grams of the text so far, llama.cpp's
 llama-lookup / prompt lookup decoding) and DraftModel (a small model with
 the same vocabulary, e.g. a StockModel fully on the GPU); for the batched
-server's seats (-np N) SeatDraftModel, one draft context with a sequence
-per seat, and PromptLookup per seat (draft_seats).
+server's seats (-np N) each drafts per seat too (draft_seats: DraftModel
+from one draft context with a sequence per seat).
 
 The verify decode is a ubatch of 1 + k rows, placed like any decode of that
 size (Streamer.before_decode): the generate placement below
@@ -59,9 +59,9 @@ def make_drafter(lookup: int | None, draft_path, draft_max: int, target, *, cuda
     """PromptLookup(lookup), or a DraftModel of the GGUF at draft_path (all
     its layers on the GPU with cuda, else in host memory) with the context
     shape of `config` (the target's EngineConfig); it must share `target`'s
-    vocabulary (n_vocab, token_bytes). seats: a SeatDraftModel, whose
-    context has the target's sequences (n_seq_max, kv_unified) too, so a
-    seat's cells hold what the target's may."""
+    vocabulary (n_vocab, token_bytes). seats: the draft model's context has
+    the target's sequences (n_seq_max, kv_unified) too, so a seat's cells
+    hold what the target's may (DraftModel.draft_seats)."""
     from .model import StockModel
 
     if lookup is not None:
@@ -73,7 +73,7 @@ def make_drafter(lookup: int | None, draft_path, draft_max: int, target, *, cuda
                        verbose=verbose, **shape)
     drafter = None
     try:
-        drafter = SeatDraftModel(draft, draft_max) if seats else DraftModel(draft, draft_max)
+        drafter = DraftModel(draft, draft_max)
         drafter.check_vocabulary(target)
     except BaseException:
         (draft if drafter is None else drafter).close()
@@ -137,59 +137,12 @@ class PromptLookup:
 
 class DraftModel:
     """Drafts greedily with a small model (a model.py session) of the same
-    vocabulary; its KV cache follows the context, only what changed is
-    decoded again."""
-
-    def __init__(self, model, n_draft: int):
-        if not 1 <= n_draft <= MAX_DRAFT:
-            raise ValueError(f"n_draft must be in 1..{MAX_DRAFT}, got {n_draft}")
-        self.model, self.n_draft = model, n_draft
-        self._seen: list[int] = []  # tokens in the draft model's KV cache
-
-    def check_vocabulary(self, target) -> None:
-        """The draft model must tokenize as the target does (llama.cpp checks the same)."""
-        d, t = self.model, target
-        same = d.n_vocab == t.n_vocab and all(d.token_bytes(i) == t.token_bytes(i)
-                                              for i in range(0, t.n_vocab, max(t.n_vocab // 64, 1)))
-        if not same:
-            raise ValueError(f"the draft model's vocabulary ({d.n_vocab} tokens) differs from the model's "
-                             f"({t.n_vocab}); give a draft model of the same family")
-
-    def draft(self, context: list[int], n: int) -> list[int]:
-        n = min(n, self.n_draft)
-        m, lc = self.model, self.model._lc
-        common = common_start(self._seen, context[:-1])
-        lc.llama_memory_seq_rm(lc.llama_get_memory(m._live_ctx()), 0, common, -1)
-        if common >= len(context) - 1 and common:
-            common = len(context) - 1  # the last token is decoded again for its logits
-            lc.llama_memory_seq_rm(lc.llama_get_memory(m.ctx), 0, common, -1)
-        self._seen = context[:common]
-        if len(context) + n > m.config.n_ctx:
-            n = max(m.config.n_ctx - len(context), 0)
-        out = []
-        m.eval(context[common:])
-        self._seen = list(context)
-        for _ in range(n):
-            tok = int(np.argmax(m.logits()))
-            out.append(tok)
-            if len(out) == n:
-                break
-            m.eval([tok])
-            self._seen.append(tok)
-        return out
-
-    def close(self) -> None:
-        self.model.close()
-
-
-class SeatDraftModel:
-    """A draft model drafting for the batch loop's seats (-np N) at once: its
-    context has a sequence per seat, whose cells follow the text last drafted
-    for there (only what changed is decoded again: a seat's next step brings
-    the tokens the target kept, all seats' in one decode), and the k drafts of
-    every seat come from k decodes of one row per seat (BatchDecoder). Greedy."""
-
-    check_vocabulary = DraftModel.check_vocabulary
+    vocabulary, for one sequence (draft) or for the batch loop's seats at
+    once (draft_seats: a context with a sequence per seat, -np N). A
+    sequence's cells follow the text last drafted for it: only what changed
+    is decoded again (a seat's next step brings the tokens the target kept,
+    all seats' in one decode), and the k drafts of every seat come from k
+    decodes of one row per seat (BatchDecoder)."""
 
     def __init__(self, model, n_draft: int):
         if not 1 <= n_draft <= MAX_DRAFT:
@@ -201,7 +154,20 @@ class SeatDraftModel:
         except BaseException:
             self._stack.close()
             raise
-        self._seen: dict[int, list[int]] = {}  # per seat, the tokens in its cells
+        self._seen: dict[int, list[int]] = {}  # per sequence, the tokens in its cells
+
+    def check_vocabulary(self, target) -> None:
+        """The draft model must tokenize as the target does (llama.cpp checks the same)."""
+        d, t = self.model, target
+        same = d.n_vocab == t.n_vocab and all(d.token_bytes(i) == t.token_bytes(i)
+                                              for i in range(0, t.n_vocab, max(t.n_vocab // 64, 1)))
+        if not same:
+            raise ValueError(f"the draft model's vocabulary ({d.n_vocab} tokens) differs from the model's "
+                             f"({t.n_vocab}); give a draft model of the same family")
+
+    def draft(self, context: list[int], n: int) -> list[int]:
+        """Up to n drafted tokens after context (sequence 0), within the context size."""
+        return self.draft_seats([(0, context, min(n, self.model.config.n_ctx - len(context)))])[0]
 
     def draft_seats(self, requests) -> list[list[int]]:
         """requests: (seat, context, n) each; up to n drafted tokens after each

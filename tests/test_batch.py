@@ -266,7 +266,7 @@ def test_batched_drafts_give_the_tokens_without_drafts(tiny_path, drafting):
     as its draft model, one sequence per seat) gives every sequence the
     tokens it gets without drafts, in fewer steps; drafts with sampling are
     refused. (Tiny, streamed with CPU layers: host mode.)"""
-    from gguf_stream.speculative import PromptLookup, SeatDraftModel
+    from gguf_stream.speculative import DraftModel, PromptLookup
 
     kw = dict(SEATS, **HYBRID, generate_cpu_layers=hybrid_cpu_layers(tiny_path))
     with StreamedModel(tiny_path, **kw) as m:
@@ -274,7 +274,7 @@ def test_batched_drafts_give_the_tokens_without_drafts(tiny_path, drafting):
         if drafting == "lookup":
             drafter = PromptLookup(3)
         else:
-            drafter = SeatDraftModel(StockModel(tiny_path, 0, **dict(CPU, n_seq_max=4, n_ctx=1024)), 3)
+            drafter = DraftModel(StockModel(tiny_path, 0, **dict(CPU, n_seq_max=4, n_ctx=1024)), 3)
         try:
             r = m.generate_batch(REPEATING, 3 * N, drafter=drafter)
             assert [s.tokens for s in r.sequences] == [s.tokens for s in plain.sequences]

@@ -188,14 +188,14 @@ def test_np_n_drafts_with_a_draft_model_in_the_batch_loop(gemma_path, reference,
     slot (both slots' drafts from --draft-max decodes). Each request alone
     gets the server's text without drafts, most in fewer steps than tokens;
     the three at once get the same texts; the draft model closes with the app."""
-    from gguf_stream.speculative import SeatDraftModel
+    from gguf_stream.speculative import DraftModel
 
     app = server.create_app(gemma_path, **{**SETTINGS, "n_ctx": 2 * SETTINGS["n_ctx"]}, n_seq_max=2,
                             draft_model=gemma_path, draft_max=DRAFTS)
     try:
         proxy = app.state.gguf_stream_proxy
         loop, drafter = proxy.batch_loop, proxy.batch_loop.drafter
-        assert isinstance(drafter, SeatDraftModel) and proxy.drafter is None
+        assert isinstance(drafter, DraftModel) and proxy.drafter is None
         assert drafter.model.config.n_seq_max == 2 and drafter.n_draft == DRAFTS
         with caplog.at_level(logging.INFO, logger="gguf_stream.server"):
             got = [alone(app, loop, path, body, stream) for path, body in REQUESTS for stream in (False, True)]

@@ -2,6 +2,7 @@
 in one decode equals plain greedy output, streamed or not, with prompt
 lookup and with a draft model; acceptance and tokens per pass counted."""
 import gguf_stream  # noqa: F401  (llama.cpp before numpy)
+import numpy as np
 import pytest
 from conftest import CPU, HYBRID, hybrid_cpu_layers
 
@@ -50,28 +51,52 @@ def test_draft_model_equals_greedy(tiny_path):
         assert again.tokens == ref
 
 
+def _follow_and_draft(m, seen: list[int], text: list[int], n: int) -> list[int]:
+    """The reference drafter: m's cache cut back to what it shares with text
+    (less the last token, whose logits draft the first), the rest of text
+    evaluated, then n greedy tokens one eval each; seen tracks the cache."""
+    from gguf_stream.batch import common_start
+
+    common = common_start(seen, text[:-1])
+    m._lc.llama_memory_seq_rm(m._lc.llama_get_memory(m._live_ctx()), 0, common, -1)
+    m.eval(text[common:])
+    seen[:] = list(text)
+    out = []
+    while True:
+        out.append(int(np.argmax(m.logits())))
+        if len(out) == n:
+            return out
+        m.eval(out[-1:])
+        seen.append(out[-1])
+
+
 @pytest.mark.parametrize("unified", [False, True])
-def test_seat_drafts_equal_a_draft_model_per_seat(tiny_path, unified):
-    """SeatDraftModel (the batch loop's draft model): a seat's drafts are a
-    DraftModel's for its text, as the text grows (only the new tokens
-    decoded), changes (its cells cut back to the common start) and another
-    seat drafts beside it, with a cache per seat or one shared (-kvu); a
-    seat asked for none gets none. (llama.cpp's CPU kernels round by a
+def test_seat_drafts_equal_the_draft_models_greedy_text(tiny_path, unified):
+    """DraftModel.draft_seats (the batch loop's draft model): a seat's drafts
+    are the draft model's greedy continuation of its text (one eval at a time
+    in a context of its own whose cache follows that text, as the seat's
+    cells do), as the text grows (only the new tokens decoded), changes (its
+    cells cut back to the common start) and another seat drafts beside it,
+    with a cache per seat or one shared (-kvu); a seat asked for none gets
+    none; draft() is sequence 0's. (llama.cpp's CPU kernels round by a
     decode's rows, so two seats' decodes might tip a near tie; the target
     checks every draft anyway.)"""
-    from gguf_stream.speculative import SeatDraftModel
-
     shape = {**CPU, "n_seq_max": 2, "kv_unified": unified, "n_ctx": 2 * CPU["n_ctx"] if unified else CPU["n_ctx"]}
     with StockModel(tiny_path, 0, **CPU) as one, StockModel(tiny_path, 0, **shape) as two:
-        plain, seats = DraftModel(one, 5), SeatDraftModel(two, 5)
+        seats, seen = DraftModel(two, 5), []
+
+        def greedy(text, n):
+            return _follow_and_draft(one, seen, text, n)
+
         a = one.tokenize(TEXT, add_bos=True, special=True)
         b = one.tokenize("The capital of France is", add_bos=True, special=True)
         for seat, text in ((0, a), (1, b), (0, a + [7, 8]), (0, a[:5] + [9]), (1, b + a[:3]), (1, b)):
             got = seats.draft_seats([(seat, text, 4), (1 - seat, a, 0)])
-            assert got == [plain.draft(text, 4), []]
+            assert got == [greedy(text, 4), []]
         assert seats._seen[1][:len(b)] == b and len(seats._seen[1]) == len(b) + 3  # the last draft not decoded
         both = seats.draft_seats([(0, a + [5], 3), (1, b + [6], 2)])  # each seat's text grown: one shared decode
-        assert both == [plain.draft(a + [5], 3), plain.draft(b + [6], 2)]  # each its own seat's drafts
+        assert both == [greedy(a + [5], 3), greedy(b + [6], 2)]  # each its own seat's drafts
+        assert seats.draft(a, 4) == greedy(a, 4)
         seats.close()
     assert two.ctx is None
 
