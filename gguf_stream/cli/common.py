@@ -291,19 +291,22 @@ def moe_placement_flags(args) -> list[str]:
 def moe_host_layers(args, mf) -> tuple[int, ...]:
     """The layers whose experts llama.cpp's --n-cpu-moe N / --cpu-moe / -ot
     PATTERN=CPU put in host memory: here their expert parts stream (the
-    dense parts stay on the GPU, as they do there with -ngl 99)."""
+    dense parts stay on the GPU, as they do there with -ngl 99). Each flag is
+    the tensor-name rules llama.cpp makes of it (common/arg.cpp), matched as
+    it matches them; a rule the user wrote (-ot) must match expert tensors only."""
     import re
 
     from ..gguf_file import is_expert_tensor
+    from ..llama_abi import LLM_FFN_EXPS_REGEX, n_cpu_moe_pattern
 
     flag = moe_placement_flags(args)[0]
-    experts = [t for t in mf.tensors if t.layer is not None and is_expert_tensor(t.name)]
-    if not experts:
+    if not any(t.layer is not None and is_expert_tensor(t.name) for t in mf.tensors):
         raise ValueError(f"{flag}: {mf.arch} has no experts (a dense model); give -ngl N or --vram-budget B")
-    if flag == "--n-cpu-moe":
-        return tuple(sorted({t.layer for t in experts if t.layer < args.n_cpu_moe}))
     if flag == "--cpu-moe":
-        return tuple(sorted({t.layer for t in experts}))
+        return tuple(sorted({t.layer for t in mf.tensors if re.search(LLM_FFN_EXPS_REGEX, t.name)}))
+    if flag == "--n-cpu-moe":
+        rule = n_cpu_moe_pattern(args.n_cpu_moe) if args.n_cpu_moe > 0 else None  # 0: no rule
+        return tuple(sorted({t.layer for t in mf.tensors if rule and re.search(rule, t.name)}))
     layers = set()
     for spec in (s for given in args.override_tensor for s in given.split(",") if s.strip()):
         pattern, _, buft = spec.rpartition("=")
