@@ -24,6 +24,11 @@ MAX_COPY_DELAY_US = 10_000_000
 # processes, CUDA context growth, fragmentation).
 GPU_HEADROOM = 1 << 30
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
+# CPU layers take AMX's layout from this many rows per generate decode: on the
+# GPU box's Xeon (AMX; 8B shape, 32 CPU layers, 16 threads, host mode) AMX's
+# kernels took 18% longer than CPU_REPACK's for one row and 6% for two, 12%
+# less for 8 rows and 23% less for 16 (BENCHMARKS.md, tenth session).
+AMX_MIN_ROWS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +239,13 @@ class EngineConfig:
     @property
     def repack(self) -> bool:
         return self.device != "host" if self.cpu_repack is None else self.cpu_repack
+
+    @property
+    def amx_layout(self) -> bool:
+        """Whether CPU layers' 2-D weights take llama.cpp's AMX layout (where
+        the CPU has AMX; CPU_REPACK's otherwise), as llama.cpp's loader gives
+        them first: only for generate decodes of AMX_MIN_ROWS rows or more."""
+        return self.repack and self.split_rows >= AMX_MIN_ROWS
 
     @property
     def threads(self) -> int:

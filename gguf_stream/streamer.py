@@ -133,7 +133,7 @@ class Streamer:
                                     ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
                                     host_copy_delay_us=config.host_copy_delay_us,
                                     # CPU layers get llama.cpp's repacked layouts, as stock's do
-                                    amx_buft=native.cpu_extra_buft("AMX") if config.repack else 0,
+                                    amx_buft=native.cpu_extra_buft("AMX") if config.amx_layout else 0,
                                     repack_buft=native.cpu_extra_buft("CPU_REPACK") if config.repack else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
                                     and config.cpu_layer_host_kv else 0,

@@ -145,3 +145,17 @@ def test_available_host_memory_reads_meminfo():
 
     value = available_host_memory()
     assert value is None or value > 0
+
+
+def test_amx_layout_only_for_generate_decodes_of_many_rows():
+    """CPU layers take AMX's layout (where the CPU has it) only when the split
+    is chosen for AMX_MIN_ROWS rows or more: one row computes faster from
+    CPU_REPACK's on the GPU box, 8 and 16 from AMX's."""
+    from gguf_stream.config import AMX_MIN_ROWS, EngineConfig
+
+    assert not EngineConfig(device="cuda").amx_layout  # one sequence: one-row decodes
+    assert not EngineConfig(device="cuda", n_seq_max=AMX_MIN_ROWS - 1).amx_layout
+    assert EngineConfig(device="cuda", n_seq_max=16).amx_layout
+    assert EngineConfig(device="cuda", generate_rows=AMX_MIN_ROWS).amx_layout  # a verify of 7 drafts
+    assert not EngineConfig(device="cuda", n_seq_max=16, cpu_repack=False).amx_layout
+    assert not EngineConfig(device="host", n_seq_max=16).amx_layout  # host mode: no repacking by default
