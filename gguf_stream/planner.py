@@ -179,7 +179,8 @@ class Plan:
         """Pageable host memory the CPU layers add while generating: their
         weights repacked for the CPU kernels (when repacking; at most the
         layer's bytes: what the repack buffer does not take stays in the
-        upload source), and for whole layers their KV caches, which move to
+        upload source; AMX's layout, config.amx_layout on a CPU with AMX, adds
+        4 bytes per Q4_K / Q5_K block, 2-3% more), and for whole layers their KV caches, which move to
         host memory then (mixture-of-experts CPU parts are experts only)."""
         n_cpu = len(self.cpu_layers)
         repacked = sum(s.bytes for s in self.layers if s.generate == "cpu") if self.repack_cpu_layers else 0

@@ -157,3 +157,17 @@ def test_split_time_and_routing_ahead_run(tiny_moe_path):
     r = tool("tools/routing_ahead.py", str(tiny_moe_path), "--tokens", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "hit rate by distance" in r.stdout and "0: 1.0," in r.stdout
+
+
+def test_cpu_layouts_runs_and_ours_equal_stocks_layout(gemma_path):
+    """tools/cpu_layouts.py end to end on Gemma (host mode): the engine's CPU
+    layers in the layouts llama.cpp's loader picks (AMX where the CPU has it)
+    give stock's logits bit for bit, and differ from stock's plain weights
+    (on Gemma the layouts round differently, so this can fail)."""
+    r = subprocess.run([sys.executable, "tools/cpu_layouts.py", str(gemma_path), "--reps", "1",
+                        "--variants", "stock-extra,ours-amx,stock-plain"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| 16 rows |" in r.stdout and "| tg (per token) |" in r.stdout
+    assert "logits max |stock-extra - ours-amx| = 0\n" in r.stdout
+    assert "logits max |stock-extra - stock-plain| = 0\n" not in r.stdout
