@@ -145,6 +145,19 @@ def shared_device_bytes(model: ModelFile) -> int:
     return total
 
 
+# Bytes llama.cpp's AMX layout adds per block of a weight's rows (ggml-cpu/amx/
+# mmq.cpp get_row_size): (elements per block, extra bytes).
+AMX_BLOCK_EXTRA = {"Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4), "IQ4_XS": (256, 2)}
+
+
+def amx_extra_bytes(model: ModelFile, layer: int) -> int:
+    """What a copy of the layer in AMX's layout takes beyond its bytes: every
+    2-D weight of those types counted (an upper bound: AMX takes only the
+    matrix products' weights, CPU_REPACK and the plain copy keep their size)."""
+    return sum(t.shape[0] // AMX_BLOCK_EXTRA[t.qtype][0] * t.shape[1] * AMX_BLOCK_EXTRA[t.qtype][1]
+               for t in model.tensors if t.layer == layer and len(t.shape) == 2 and t.qtype in AMX_BLOCK_EXTRA)
+
+
 def input_embedding_bytes(model: ModelFile) -> int:
     """llama.cpp keeps the input embedding (token_embd) in host memory."""
     t = model.tensor("token_embd.weight")

@@ -13,9 +13,8 @@ from dataclasses import dataclass, replace
 
 from .errors import BudgetError
 from .gguf_file import ModelFile
-from .memory import (GiB, MiB, compute_bytes, format_size, input_embedding_bytes, kv_cache_bytes,  # noqa: F401
-                     kv_cells,
-                     parse_size, shared_device_bytes, stock_device_bytes)
+from .memory import (GiB, MiB, amx_extra_bytes, compute_bytes, format_size, input_embedding_bytes,  # noqa: F401
+                     kv_cache_bytes, kv_cells, parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
 # llama.cpp's scheduler runs host-resident weights on the CPU for batches
@@ -97,6 +96,9 @@ class Plan:
     input_bytes: int = 0
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
+    # per layer, what its repacked copy takes beyond its bytes (AMX's wider
+    # rows, memory.amx_extra_bytes; () where the copy is CPU_REPACK's: the same size)
+    repack_extra: tuple[int, ...] = ()
     host_budget: int | None = None  # the host-memory budget the tiers were chosen for (disk.py)
     # KV streams: the sequences of a context (n_seq_max), each with n_ctx /
     # n_seq cells, padded (memory.kv_cells); 1 also when they share one
@@ -178,12 +180,13 @@ class Plan:
     def cpu_layer_host_bytes(self) -> int:
         """Pageable host memory the CPU layers add while generating: their
         weights repacked for the CPU kernels (when repacking; at most the
-        layer's bytes: what the repack buffer does not take stays in the
-        upload source; AMX's layout, config.amx_layout on a CPU with AMX, adds
-        4 bytes per Q4_K / Q5_K block, 2-3% more), and for whole layers their KV caches, which move to
+        layer's bytes, what the repack buffer does not take stays in the
+        upload source, plus repack_extra where AMX's layout widens rows), and
+        for whole layers their KV caches, which move to
         host memory then (mixture-of-experts CPU parts are experts only)."""
         n_cpu = len(self.cpu_layers)
-        repacked = sum(s.bytes for s in self.layers if s.generate == "cpu") if self.repack_cpu_layers else 0
+        extra = self.repack_extra or (0,) * self.n_layer
+        repacked = sum(s.bytes + extra[s.layer] for s in self.layers if s.generate == "cpu") if self.repack_cpu_layers else 0
         return repacked + (n_cpu * self.kv_layer_bytes if self.part == "layer" else 0)
 
     @property
@@ -371,6 +374,7 @@ def make_plan(
     repack_cpu_layers: bool = True,
     n_seq: int = 1,
     runtime_bytes: int = 0,
+    amx_layout: bool = False,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -385,8 +389,9 @@ def make_plan(
     streamed layer or when streamed layers would sit next to each other.
     ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
-    ``repack_cpu_layers`` says whether CPU layers get a repacked copy
-    (host memory figures only). ``n_seq`` sequences share the n_ctx KV
+    ``repack_cpu_layers`` says whether CPU layers get a repacked copy, and
+    ``amx_layout`` whether in AMX's layout where it takes them (wider rows;
+    host memory figures only). ``n_seq`` sequences share the n_ctx KV
     cells (the estimate is the same; the plan says it). ``runtime_bytes``:
     device memory the GPU runtime takes after the load (memory.LAZY_KERNEL_BYTES
     on CUDA), counted with the compute buffer.
@@ -400,7 +405,7 @@ def make_plan(
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
                              max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
                              type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq,
-                             runtime_bytes=runtime_bytes)
+                             runtime_bytes=runtime_bytes, amx_layout=amx_layout)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -484,6 +489,7 @@ def make_plan(
         input_bytes=input_embedding_bytes(model),
         kv_layer_bytes=kv // N,
         repack_cpu_layers=repack_cpu_layers,
+        repack_extra=tuple(amx_extra_bytes(model, i) for i in range(N)) if amx_layout and not by_experts else (),
         n_seq=n_seq,
     )
 

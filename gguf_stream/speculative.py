@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .batch import BatchDecoder, TokenBatch, _decode, _logits, common_start
+from .batch import BatchDecoder, TokenBatch, _decode, _logits, cells_per_sequence, common_start
 
 DEFAULT_NGRAM_MAX = 3
 DEFAULT_DRAFT_MAX = 16  # llama.cpp's --draft-max
@@ -142,7 +142,7 @@ class DraftModel:
     sequence's cells follow the text last drafted for it: only what changed
     is decoded again (a seat's next step brings the tokens the target kept,
     all seats' in one decode), and the k drafts of every seat come from k
-    decodes of one row per seat (BatchDecoder)."""
+    decodes of one row per seat (BatchDecoder). close() closes the model too."""
 
     def __init__(self, model, n_draft: int):
         if not 1 <= n_draft <= MAX_DRAFT:
@@ -166,8 +166,8 @@ class DraftModel:
                              f"({t.n_vocab}); give a draft model of the same family")
 
     def draft(self, context: list[int], n: int) -> list[int]:
-        """Up to n drafted tokens after context (sequence 0), within the context size."""
-        return self.draft_seats([(0, context, min(n, self.model.config.n_ctx - len(context)))])[0]
+        """Up to n drafted tokens after context (sequence 0), within its cells."""
+        return self.draft_seats([(0, context, min(n, cells_per_sequence(self.model) - len(context)))])[0]
 
     def draft_seats(self, requests) -> list[list[int]]:
         """requests: (seat, context, n) each; up to n drafted tokens after each

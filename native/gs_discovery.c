@@ -28,6 +28,8 @@ static void violation(gs_engine *e, const char *fmt, ...) {
     }
 }
 
+/* Stricter than ggml_is_contiguous (which skips the strides of dimensions of
+ * size 1): where they differ the weight keeps CPU_REPACK's layout, the safe side. */
 static int f32_contiguous(const struct gs_tensor *t) {
     return t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
         && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
@@ -70,9 +72,7 @@ static int grow(gs_engine *e) {
     if (nw) e->disc.w = nw;
     char (*nn)[64] = realloc(e->disc.names, ncap * sizeof *nn);
     if (nn) e->disc.names = nn;
-    unsigned char *nm = realloc(e->disc.cpu_forms, ncap);
-    if (nm) e->disc.cpu_forms = nm;
-    if (!nw || !nn || !nm) return fail(GS_E_NOMEM, "discovery: realloc");
+    if (!nw || !nn) return fail(GS_E_NOMEM, "discovery: realloc");
     e->disc.cap = ncap;
     return GS_OK;
 }
@@ -94,7 +94,7 @@ static int weight_index(gs_engine *e, struct gs_tensor *w) {
     r->layer = parse_index(w->name, "blk.", '.');
     r->nbytes = G.nbytes(w);
     r->viewed = 0;
-    e->disc.cpu_forms[idx] = CPU_FORMS_ALL;
+    r->cpu_layouts = CPU_FORMS_ALL;
     return idx;
 }
 
@@ -103,7 +103,7 @@ static void record_weight(gs_engine *e, struct gs_tensor *w, int viewed, unsigne
     if (idx < 0) return;
     gs_weight *r = &e->disc.w[idx];
     r->viewed |= viewed;
-    e->disc.cpu_forms[idx] &= viewed ? 0 : forms;
+    r->cpu_layouts &= viewed ? 0 : forms;
     if (r->layer >= 0 && r->layer != e->disc.last_lout + 1)
         violation(e, "weight %s is used by node %s after l_out-%d", e->disc.names[idx], user_name, e->disc.last_lout);
 }
@@ -141,7 +141,6 @@ int gs_engine_get_weight(gs_engine *e, int i, gs_weight *out) {
     if (i < 0 || i >= e->disc.n) return fail(GS_E_INVALID, "weight index %d out of range", i);
     *out = e->disc.w[i];
     out->name = e->disc.names[i];
-    out->cpu_layouts = e->disc.cpu_forms[i];
     return GS_OK;
 }
 
@@ -152,13 +151,12 @@ int gs_engine_get_graph_check(gs_engine *e, gs_graph_check *out) {
 
 unsigned weight_cpu_forms(const gs_engine *e, const struct gs_tensor *t) {
     int w = ptrmap_get(&e->disc.map, t);
-    return w >= 0 ? e->disc.cpu_forms[w] : 0;
+    return w >= 0 ? e->disc.w[w].cpu_layouts : 0;
 }
 
 void discovery_free(gs_engine *e) {
     ptrmap_free(&e->disc.map);
     free(e->disc.w);
     free(e->disc.names);
-    free(e->disc.cpu_forms);
     free(e->disc.lout_seen);
 }

@@ -12,6 +12,8 @@
  * llama.cpp tries their buffer types (ggml-cpu's extra buffer types). */
 enum { CPU_FORM_AMX, CPU_FORM_REPACK, N_CPU_FORMS };  /* bit f of a mask: GS_CPU_AMX, GS_CPU_REPACK */
 #define CPU_FORMS_ALL ((1u << N_CPU_FORMS) - 1)
+_Static_assert(GS_CPU_AMX == 1u << CPU_FORM_AMX && GS_CPU_REPACK == 1u << CPU_FORM_REPACK,
+               "gs_weight.cpu_layouts' public bits are the CPU_FORM_* bits");
 
 /* A streamed tensor: where llama.cpp put it, and its CPU-layer home. Its
  * upload (source, size, place in a slot) is e->up[k], same index. */
@@ -67,7 +69,6 @@ struct gs_engine {
     struct {                          /* gs_discovery.c */
         gs_weight *w;
         char     (*names)[64];
-        unsigned char *cpu_forms;
         int        n, cap;
         ptrmap     map;
         int        last_lout;

@@ -168,6 +168,6 @@ def test_cpu_layouts_runs_and_ours_equal_stocks_layout(gemma_path):
                         "--variants", "stock-extra,ours-amx,stock-plain"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "| 16 rows |" in r.stdout and "| tg (per token) |" in r.stdout
+    assert "| 16 rows |" in r.stdout and "| tg (per token) |" in r.stdout and "stock-plain: buffers" in r.stdout
     assert "logits max |stock-extra - ours-amx| = 0\n" in r.stdout
     assert "logits max |stock-extra - stock-plain| = 0\n" not in r.stdout

@@ -302,11 +302,13 @@ def moe_host_layers(args, mf) -> tuple[int, ...]:
     flag = moe_placement_flags(args)[0]
     if not any(t.layer is not None and is_expert_tensor(t.name) for t in mf.tensors):
         raise ValueError(f"{flag}: {mf.arch} has no experts (a dense model); give -ngl N or --vram-budget B")
-    if flag == "--cpu-moe":
-        return tuple(sorted({t.layer for t in mf.tensors if re.search(LLM_FFN_EXPS_REGEX, t.name)}))
-    if flag == "--n-cpu-moe":
-        rule = n_cpu_moe_pattern(args.n_cpu_moe) if args.n_cpu_moe > 0 else None  # 0: no rule
-        return tuple(sorted({t.layer for t in mf.tensors if rule and re.search(rule, t.name)}))
+    if flag != "-ot":  # (the rules match chunked experts, _chexps, too: not ones the planner places)
+        if flag == "--cpu-moe":
+            rule = LLM_FFN_EXPS_REGEX
+        else:
+            rule = n_cpu_moe_pattern(args.n_cpu_moe) if args.n_cpu_moe > 0 else None  # --n-cpu-moe 0: no rule
+        return tuple(sorted({t.layer for t in mf.tensors
+                             if rule and re.search(rule, t.name) and is_expert_tensor(t.name)}))
     layers = set()
     for spec in (s for given in args.override_tensor for s in given.split(",") if s.strip()):
         pattern, _, buft = spec.rpartition("=")
