@@ -17,9 +17,8 @@ rate is 1.0 at every distance (BENCHMARKS.md, ninth session).
 import argparse
 import ctypes
 
+import llama_cpp as lc  # before numpy: the other order crashed on the GPU box
 import numpy as np
-
-import llama_cpp as lc
 from gguf import GGUFReader
 
 
@@ -67,6 +66,8 @@ def main() -> None:
     lc.llama_backend_init()
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = 0
+    no_gpu = (ctypes.c_void_p * 1)()  # an empty device list: every node computed (and read back) in host memory
+    mp.devices = ctypes.cast(no_gpu, ctypes.c_void_p)
     model = lc.llama_model_load_from_file(args.model.encode(), mp)
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = 256, 64, 64
