@@ -26,8 +26,8 @@ GPU_HEADROOM = 1 << 30
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 # CPU layers take AMX's layout from this many rows per generate decode: on the
 # GPU box's Xeon (AMX; 8B shape, 32 CPU layers, 16 threads, host mode) AMX's
-# kernels took 18% longer than CPU_REPACK's for one row and 6% for two, 12%
-# less for 8 rows and 23% less for 16 (BENCHMARKS.md, tenth session).
+# kernels took 7-18% longer than CPU_REPACK's for one row, 12-23% less for 8
+# rows and 23-28% less for 16 (two boxes; BENCHMARKS.md, tenth session).
 AMX_MIN_ROWS = 8
 
 
