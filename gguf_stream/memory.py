@@ -150,12 +150,16 @@ def shared_device_bytes(model: ModelFile) -> int:
 AMX_BLOCK_EXTRA = {"Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4), "IQ4_XS": (256, 2)}
 
 
-def amx_extra_bytes(model: ModelFile, layer: int) -> int:
-    """What a copy of the layer in AMX's layout takes beyond its bytes: every
-    2-D weight of those types counted (an upper bound: AMX takes only the
-    matrix products' weights, CPU_REPACK and the plain copy keep their size)."""
-    return sum(t.shape[0] // AMX_BLOCK_EXTRA[t.qtype][0] * t.shape[1] * AMX_BLOCK_EXTRA[t.qtype][1]
-               for t in model.tensors if t.layer == layer and len(t.shape) == 2 and t.qtype in AMX_BLOCK_EXTRA)
+def amx_extra_bytes(model: ModelFile) -> tuple[int, ...]:
+    """Per layer, what a copy of it in AMX's layout takes beyond its bytes:
+    every 2-D weight of those types counted (an upper bound: AMX takes only
+    the matrix products' weights, CPU_REPACK and the plain copy keep their size)."""
+    extra = [0] * model.n_layer
+    for t in model.tensors:
+        if t.layer is not None and len(t.shape) == 2 and t.qtype in AMX_BLOCK_EXTRA:
+            per_block, nbytes = AMX_BLOCK_EXTRA[t.qtype]
+            extra[t.layer] += t.shape[0] // per_block * t.shape[1] * nbytes
+    return tuple(extra)
 
 
 def input_embedding_bytes(model: ModelFile) -> int:

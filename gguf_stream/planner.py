@@ -185,8 +185,9 @@ class Plan:
         for whole layers their KV caches, which move to
         host memory then (mixture-of-experts CPU parts are experts only)."""
         n_cpu = len(self.cpu_layers)
-        extra = self.repack_extra or (0,) * self.n_layer
-        repacked = sum(s.bytes + extra[s.layer] for s in self.layers if s.generate == "cpu") if self.repack_cpu_layers else 0
+        extra = self.repack_extra
+        repacked = sum(s.bytes + (extra[s.layer] if extra else 0) for s in self.layers
+                       if s.generate == "cpu") if self.repack_cpu_layers else 0
         return repacked + (n_cpu * self.kv_layer_bytes if self.part == "layer" else 0)
 
     @property
@@ -489,7 +490,7 @@ def make_plan(
         input_bytes=input_embedding_bytes(model),
         kv_layer_bytes=kv // N,
         repack_cpu_layers=repack_cpu_layers,
-        repack_extra=tuple(amx_extra_bytes(model, i) for i in range(N)) if amx_layout and not by_experts else (),
+        repack_extra=amx_extra_bytes(model) if amx_layout and not by_experts else (),
         n_seq=n_seq,
     )
 

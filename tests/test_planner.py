@@ -281,11 +281,11 @@ def test_host_memory_of_cpu_layers_in_amxs_layout(tiny_path, tiny_moe_path):
     gate = m.tensor("blk.0.ffn_gate.weight")
     assert gate.qtype == "Q4_K" and gate.shape == (256, 768)
     matrices = [t for t in m.tensors if t.layer == 0 and len(t.shape) == 2]
-    assert amx_extra_bytes(m, 0) == sum(t.shape[0] // 256 * t.shape[1] * 4 for t in matrices if t.qtype == "Q4_K") > 0
+    assert amx_extra_bytes(m)[0] == sum(t.shape[0] // 256 * t.shape[1] * 4 for t in matrices if t.qtype == "Q4_K") > 0
     plans = {amx: make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, amx_layout=amx) for amx in (False, True)}
     cpu = plans[False].streamed[:2]
     hybrid = {amx: with_generate_placement(p, cpu) for amx, p in plans.items()}
-    assert hybrid[True].cpu_layer_host_bytes - hybrid[False].cpu_layer_host_bytes == sum(amx_extra_bytes(m, i)
+    assert hybrid[True].cpu_layer_host_bytes - hybrid[False].cpu_layer_host_bytes == sum(amx_extra_bytes(m)[i]
                                                                                          for i in cpu)
     moe = read_model(tiny_moe_path)
     experts = {amx: make_plan(moe, n_streamed=3, n_ctx=256, n_ubatch=64, amx_layout=amx) for amx in (False, True)}

@@ -16,10 +16,18 @@ rate is 1.0 at every distance (BENCHMARKS.md, ninth session).
 """
 import argparse
 import ctypes
+import sys
+from pathlib import Path
 
-import llama_cpp as lc  # before numpy: the other order crashed on the GPU box
-import numpy as np
-from gguf import GGUFReader
+if not __package__:  # run as a script: the checkout's gguf_stream
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gguf_stream  # noqa: E402,F401  (llama.cpp before numpy: the other order crashed on the GPU box)
+import llama_cpp as lc  # noqa: E402
+import numpy as np  # noqa: E402
+from gguf import GGUFReader  # noqa: E402
+
+from gguf_stream import llama_abi  # noqa: E402
 
 
 class Tensor(ctypes.Structure):  # struct ggml_tensor (native/gs_abi.h)
@@ -66,9 +74,9 @@ def main() -> None:
     lc.llama_backend_init()
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers = 0
-    no_gpu = (ctypes.c_void_p * 1)()  # an empty device list: every node computed (and read back) in host memory
-    mp.devices = ctypes.cast(no_gpu, ctypes.c_void_p)
+    no_gpu = llama_abi.no_gpu_devices(mp)  # every node computed (and read back) in host memory
     model = lc.llama_model_load_from_file(args.model.encode(), mp)
+    del no_gpu  # (the list had to outlive the load)
     cp = lc.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = 256, 64, 64
     cp.n_threads = cp.n_threads_batch = args.threads
