@@ -422,8 +422,11 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     close, loads decide, measured the way the stock baseline is (the peak
     after one full ubatch, since compute pools grow at first use):
     * the whole model estimated within 5% of the budget: resident if it fits;
-    * below streaming's minimum: llama.cpp's split with one more GPU layer
-      at a time, the most whose peak fits."""
+    * below streaming's estimated minimum, within MEASURED_MINIMUM_MARGIN
+      (Plan.stream_minimum): that minimum (every layer streamed through one
+      slot) if its peak fits;
+    * otherwise llama.cpp's split with one more GPU layer at a time, the
+      most whose peak fits."""
     c = config
     if plan.streamed and c.vram_budget is not None and c.n_streamed is None and c.streamed_layers is None:
         budget = parse_size(c.vram_budget)
@@ -434,6 +437,9 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
             return initial_plan(model_file, replace(c, vram_budget=None), cuda=True)
     if plan.stock_gpu_layers is not None:
         budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
+        minimum = minimum_streaming_config(c, model_file.n_layer)
+        if plan.stream_minimum and _peak_fits(lambda: streamed_vram_peak(path, minimum), budget):
+            return replace(initial_plan(model_file, minimum, cuda=True), budget=budget)
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
         return stock_split_plan(model_file, ngl, budget, c.n_ctx, c.n_ubatch, c.planned_flash_attn, c.type_k,
@@ -442,11 +448,34 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
 
 
 def _stock_fits(path: str, n_gpu_layers: int, budget: int, config: EngineConfig) -> bool:
+    return _peak_fits(lambda: stock_vram_peak(path, n_gpu_layers, config), budget)
+
+
+def _peak_fits(measure, budget: int) -> bool:
     try:
-        peak = stock_vram_peak(path, n_gpu_layers, config)
+        peak = measure()
     except GGUFStreamError:
         return False
     return peak is not None and peak <= budget
+
+
+def minimum_streaming_config(config: EngineConfig, n_layer: int) -> EngineConfig:
+    """The placement with the least VRAM streaming has: every layer (whole,
+    for a mixture-of-experts model too) streamed through one slot."""
+    return replace(config, vram_budget=None, n_streamed=None, streamed_layers=tuple(range(n_layer)), n_slots=1,
+                   whole_layers=True)
+
+
+def streamed_vram_peak(path, config: EngineConfig) -> int | None:
+    """Measured GPU bytes of a streamed load of `config` (a placement) after
+    one full ubatch, as stock_vram_peak measures stock's. Nothing is
+    calibrated: the generate split adds host memory only, and the layers
+    kept resident while generating use the prompt's compute buffer."""
+    probe = replace(config, generate_cpu_layers="none", moe_split="off", generate_resident="none", progress=False)
+    with StreamedModel(path, probe) as m:
+        m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
+        m.synchronize()
+        return m.stats.vram_peak_bytes
 
 
 def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig, n_cpu_moe: int = 0) -> int | None:

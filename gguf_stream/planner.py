@@ -17,6 +17,11 @@ from .memory import (GiB, MiB, amx_extra_bytes, compute_bytes, format_size, inpu
                      kv_cache_bytes, kv_cells, parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
+# how far over the budget the estimate of streaming's minimum may be for a GPU
+# load to measure it: the estimate is conservative (CUDA's lazily loaded
+# kernels, compute buffers; 8B with 16 sequences' KV cache: 1.09 GiB estimated,
+# 1.01 GiB measured)
+MEASURED_MINIMUM_MARGIN = 0.10
 # llama.cpp's scheduler runs host-resident weights on the CPU for batches
 # under this many tokens and copies them to the GPU op by op above it.
 OFFLOAD_MIN_BATCH = int(os.environ.get("GGML_OP_OFFLOAD_MIN_BATCH", "32"))
@@ -107,6 +112,9 @@ class Plan:
     # streamed layers whose routed experts are split between uploads and the
     # CPU while generating (--moe-split, gs_split.c); shown as "split"
     split_layers: tuple[int, ...] = ()
+    # a stock plan whose budget is within MEASURED_MINIMUM_MARGIN of the
+    # estimate of streaming's minimum: that estimate (a GPU load measures it)
+    stream_minimum: int = 0
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -244,7 +252,9 @@ class Plan:
             return "\n".join(lines + [
                 "",
                 f"the budget is below streaming's minimum: llama.cpp's own split, -ngl {self.stock_gpu_layers} "
-                f"({len(self.host_layers)} layers in host memory)",
+                f"({len(self.host_layers)} layers in host memory)"
+                + (f"; a GPU load measures streaming's minimum first (estimated {format_size(self.stream_minimum)}"
+                   ", within 10% of the budget)" if self.stream_minimum else ""),
                 f"device estimate: resident {format_size(self.resident_bytes)} + KV {format_size(self.kv_bytes)}"
                 f"{self._kv_types()} + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
                 self.host_memory_line() + " (the host layers, their KV caches and the input embedding)",
@@ -512,7 +522,9 @@ def _stock_plan(model: ModelFile, budget: int, stream_minimum: int, n_ctx: int, 
             f"VRAM budget {format_size(budget)} is below the minimum of {format_size(need)} for "
             f"{model.path.name} (compute buffers at n_ubatch={n_ubatch}, even with every layer in host memory; "
             f"streaming needs {format_size(stream_minimum)}); raise the budget or lower n_ctx / n_ubatch")
-    return stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq, runtime_bytes)
+    plan = stock_split_plan(model, n_fit, budget, n_ctx, n_ubatch, flash_attn, type_k, type_v, n_seq, runtime_bytes)
+    return replace(plan, stream_minimum=stream_minimum if stream_minimum <= budget * (1 + MEASURED_MINIMUM_MARGIN)
+                   else 0)
 
 
 def stock_split_plan(model: ModelFile, ngl: int, budget: int | None, n_ctx: int, n_ubatch: int,

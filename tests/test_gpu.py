@@ -218,21 +218,50 @@ def test_cuda_cpu_layers_are_cpu_layers_while_generating(tiny_path):
     assert np.abs(runs[True] - runs[False]).max() < 1e-2 * np.abs(runs[False]).max()
 
 
-def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
+def _one_slot_bytes(path, opts) -> int:
+    """The planner's estimate of streaming's minimum, as a CUDA load plans it."""
     from gguf_stream import make_plan, read_model
     from gguf_stream.memory import LAZY_KERNEL_BYTES
 
-    mf = read_model(tiny_path)
-    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=OPTS["n_ctx"], n_ubatch=OPTS["n_ubatch"],
-                         runtime_bytes=LAZY_KERNEL_BYTES).device_bytes  # as a CUDA load plans
-    with StreamedModel(tiny_path, vram_budget=one_slot - 1, **OPTS) as m:
+    mf = read_model(path)
+    return make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=opts["n_ctx"], n_ubatch=opts["n_ubatch"],
+                     runtime_bytes=LAZY_KERNEL_BYTES).device_bytes
+
+
+def test_cuda_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
+    from gguf_stream.planner import MEASURED_MINIMUM_MARGIN
+
+    # a KV cache large enough that a budget beyond the measuring margin still holds stock's split
+    opts = {**OPTS, "n_ctx": 8192}
+    budget = int(_one_slot_bytes(tiny_path, opts) / (1 + MEASURED_MINIMUM_MARGIN)) - 1
+    with StreamedModel(tiny_path, vram_budget=budget, **opts) as m:
         ngl = m.plan.stock_gpu_layers
         assert ngl is not None and m.engine is None and m.stats.mode == f"stock split ngl={ngl}"
         prompt = m.tokenize("Once upon a time")
         tokens, logits = m.generate(prompt, 8, with_logits=True)
-    with StockModel(tiny_path, n_gpu_layers=ngl, **OPTS) as s:
+    with StockModel(tiny_path, n_gpu_layers=ngl, **opts) as s:
         ref_tokens, ref_logits = s.generate(prompt, 8, with_logits=True)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+
+
+def test_cuda_budget_just_below_the_estimated_minimum_streams_if_measured_to_fit(tiny_path):
+    """The estimate of streaming's minimum is conservative: a budget just
+    under it loads that minimum once to measure it, and streams when the
+    measured peak fits. Whatever was chosen, the run's peak (a full ubatch,
+    then generating) stays within the budget."""
+    budget = _one_slot_bytes(tiny_path, OPTS) - 1
+    with StreamedModel(tiny_path, vram_budget=budget, **OPTS) as m:
+        streamed = m.engine is not None
+        m.eval([max(m.token_bos(), 0)] + [1] * (OPTS["n_ubatch"] - 1))
+        m.reset()
+        prompt = m.tokenize("Once upon a time")
+        m.generate(prompt, 8)
+        m.synchronize()
+        peak = m.stats.vram_peak_bytes
+        print(f"budget {budget}, streamed {streamed} ({m.stats.mode}), peak {peak}")
+        assert peak <= budget
+        if streamed:
+            assert m.plan.streamed == tuple(range(m.plan.n_layer)) and m.plan.n_slots == 1
 
 
 def test_cuda_no_placement_plans_for_the_free_vram(tiny_path):

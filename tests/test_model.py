@@ -462,6 +462,47 @@ def test_budget_below_streaming_minimum_runs_the_stock_split(tiny_path):
     assert tokens == ref[0] and np.array_equal(logits, ref[1])
 
 
+def test_measured_streaming_minimum_decides_below_the_estimate(tiny_path, monkeypatch):
+    """A GPU load whose budget is just under the estimate of streaming's
+    minimum measures that minimum (every layer through one slot, one full
+    ubatch) and streams if its peak fits; else llama.cpp's split, measured
+    as before. The measurements are stubbed: the GPU test loads them."""
+    from gguf_stream import make_plan, model
+    from gguf_stream.config import engine_config
+    from gguf_stream.placement import initial_plan
+
+    mf = read_model(tiny_path)
+    one_slot = make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=CPU["n_ctx"],
+                         n_ubatch=CPU["n_ubatch"]).device_bytes
+    budget = one_slot - 1
+    config = engine_config(**{**CPU, "vram_budget": budget})
+    plan = initial_plan(mf, config, cuda=False)
+    probed = []
+
+    def streamed_peak(path, c):
+        probed.append(c)
+        return peak
+
+    monkeypatch.setattr(model, "streamed_vram_peak", streamed_peak)
+    monkeypatch.setattr(model, "stock_vram_peak", lambda *a, **k: budget + 1)  # no more stock GPU layers fit
+    peak = budget
+    measured = model.measured_plan(tiny_path, mf, config, plan)
+    assert probed[-1].streamed_layers == tuple(range(mf.n_layer)) and probed[-1].n_slots == 1
+    assert measured.streamed == tuple(range(mf.n_layer)) and measured.n_slots == 1
+    assert measured.stock_gpu_layers is None and measured.budget == budget
+    peak = budget + 1
+    measured = model.measured_plan(tiny_path, mf, config, plan)
+    assert measured.stock_gpu_layers == plan.stock_gpu_layers and not measured.streamed
+    probed.clear()
+    # beyond the margin (the KV cache of n_ctx 1024 widens the gap to stock's split): nothing probed
+    opts = {**CPU, "n_ctx": 1024}
+    far_budget = int(make_plan(mf, n_streamed=mf.n_layer, n_slots=1, n_ctx=1024, n_ubatch=CPU["n_ubatch"])
+                     .device_bytes / 1.2)
+    far = engine_config(**opts, vram_budget=far_budget)
+    model.measured_plan(tiny_path, mf, far, initial_plan(mf, far, cuda=False))
+    assert probed == []
+
+
 GEN_RES_OPTS = {**CPU, "n_ctx": 512, "n_batch": 256, "n_ubatch": 256}  # a compute buffer with room
 
 

@@ -102,6 +102,24 @@ def test_budget_below_streaming_minimum_takes_the_stock_split(tiny_path):
         make_plan(m, vram_budget=stock_device_bytes(m, 0, 256, 64) - 1, **opts)
 
 
+def test_stock_plan_near_streaming_minimum_marks_it_for_measuring(tiny_path):
+    """The estimate of streaming's minimum is conservative: within
+    MEASURED_MINIMUM_MARGIN of the budget the stock plan carries it, for a
+    GPU load to measure; further below, nothing is measured."""
+    from gguf_stream.planner import MEASURED_MINIMUM_MARGIN
+
+    m = read_model(tiny_path)
+    opts = dict(n_ctx=1024, n_ubatch=64)  # KV cache that streaming keeps on the GPU and stock's split does not
+    one_slot = make_plan(m, n_streamed=m.n_layer, n_slots=1, **opts).device_bytes
+    near = make_plan(m, vram_budget=one_slot - 1, **opts)
+    assert near.stock_gpu_layers is not None and near.stream_minimum == one_slot
+    assert "measures streaming's minimum first" in near.table()
+    far_budget = int(one_slot / (1 + MEASURED_MINIMUM_MARGIN)) - 1
+    far = make_plan(m, vram_budget=far_budget, **opts)
+    assert far.stock_gpu_layers is not None and far.stream_minimum == 0
+    assert "measures streaming's minimum" not in far.table()
+
+
 def test_generate_resident_count_and_placement(tiny_path):
     from gguf_stream.planner import generate_resident_count, with_generate_placement
     from gguf_stream.memory import generate_graph_bytes
