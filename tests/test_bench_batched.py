@@ -56,6 +56,27 @@ def test_checks_pass_and_fail():
     assert "| 16 | 10.00 | 24.00 | 2.40 | 5.00 | 12.00 |" in md
 
 
+def test_stock_takes_a_gpu_layer_fewer_while_its_run_peaks_over_the_budget():
+    """The stock probe measures one sequence's ubatch; where k sequences'
+    decodes then peak over the budget, stock runs again with one GPU layer
+    fewer until its measured run fits (or -ngl 0)."""
+    from gguf_stream.bench.batched import BatchedBench
+    from gguf_stream.bench.budgets import Budget
+
+    peaks = {5: 107, 4: 103, 3: 99}
+    loaded = []
+
+    class Fake(BatchedBench):
+        def stock(self, b, ngl):
+            loaded.append(ngl)
+            return Run(b.label, b.nbytes, f"stock ngl={ngl}", vram_peak=peaks[ngl])
+
+    bench = Fake("m.gguf", 8, BatchedWorkload(), "cuda", lambda *a: None)
+    assert bench.stock_within(Budget("0.25x", 100), 5).mode == "stock ngl=3" and loaded == [5, 4, 3]
+    loaded.clear()
+    assert bench.stock_within(Budget("0.25x", 110), 5).mode == "stock ngl=5" and loaded == [5]
+
+
 def test_bad_flags(tiny_path, capsys):
     for extra, words in ((["-npl", "1,x"], "-npl: give comma-separated numbers"),
                          (["-npl", "0"], "-npl needs numbers in 1..256"),

@@ -484,3 +484,23 @@ def test_plan_without_model_uses_the_default(capsys):
     assert rc == 0, err
     assert "embedded default model" in err and "gemma" in out.splitlines()[0].lower()
     assert len([line for line in out.splitlines() if "| streamed |" in line]) == 4
+
+
+def test_vram_budget_relative_to_the_model(capsys, tiny_path):
+    """--vram-budget 5.6x reads as the bench's budgets do: 5.6 times the
+    model file's bytes (the tiny model's compute buffers outweigh it), in
+    plan and run alike; a bad factor is a one-line error."""
+    mf = read_model(tiny_path)
+    host = [*SMALL, "--exact", "--device", "host"]
+    rc, relative, err = run_main(capsys, "plan", str(tiny_path), "--vram-budget", "5.6x", *host)
+    assert rc == 0, err
+    rc, absolute, err = run_main(capsys, "plan", str(tiny_path), "--vram-budget", str(int(5.6 * mf.total_bytes)),
+                                 *host)
+    assert rc == 0 and relative == absolute, err
+    assert "| streamed |" in relative
+    rc, _, err = run_main(capsys, "run", str(tiny_path), "-p", "hi", "-n", "2", "--vram-budget", "5.6x",
+                          "--device", "host", "-t", T, *SMALL)
+    assert rc == 0 and "simulating the plan for a 5.6x VRAM budget" in err, err
+    for bad, words in (("zx", "cannot read budget 'zx'"), ("-1x", "budget factor must be positive")):
+        rc, _, err = run_main(capsys, "plan", str(tiny_path), f"--vram-budget={bad}", *SMALL)
+        assert_user_error(rc, err, words)

@@ -17,6 +17,11 @@ class Budget:
     nbytes: int | None
 
 
+def is_relative(budget) -> bool:
+    """A budget written as 'Nx' (N times the model's bytes), not a size."""
+    return isinstance(budget, str) and budget.strip().lower().endswith("x")
+
+
 def parse_budgets(spec: str, model_bytes: int) -> list[Budget]:
     """'4GiB,0.5x,all' -> budgets; 'Nx' is N times the model's weight bytes."""
     out = []

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+from ..bench.budgets import is_relative, parse_budgets
 from ..memory import format_size
 
 PROG = "gguf-stream"
@@ -146,7 +147,10 @@ def check_flags(args) -> None:
     penalty = getattr(args, "repeat_penalty", None)
     if penalty is not None and not (math.isfinite(penalty) and 0 < penalty <= 100):
         raise ValueError(f"--repeat-penalty must be a number over 0, at most 100 (1: off), got {penalty}")
-    engine_config_of(args)  # the rest of the engine's checks (a quantized V cache without -fa, a budget, ...)
+    if is_relative(args.vram_budget):
+        parse_budgets(args.vram_budget, 1)  # 'Nx' is read against the model once it is known
+    # the rest of the engine's checks (a quantized V cache without -fa, a budget, ...)
+    engine_config_of(args, **({"vram_budget": None} if is_relative(args.vram_budget) else {}))
     for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
         check_utf8(flag, getattr(args, name, None))
 
@@ -349,6 +353,8 @@ def explicit_placement(args, mf) -> dict | None:
         layers = next(f for f in ENGINE_FLAGS if f.field == "streamed_layers").convert(args.streamed_layers)
         if max(layers) >= mf.n_layer:
             raise ValueError(f"--streamed-layers {args.streamed_layers}: the model has layers 0..{mf.n_layer - 1}")
+    if is_relative(args.vram_budget):  # the bench's 'Nx': N times the model file's bytes
+        return {"vram_budget": parse_budgets(args.vram_budget, mf.total_bytes)[0].nbytes}
     for name in ("n_streamed", "streamed_layers", "vram_budget"):
         if getattr(args, name) is not None:
             return {}  # the flag's own value, in engine_options

@@ -92,8 +92,9 @@ class Flag:
 
 ENGINE_FLAGS = (
     # placement
-    Flag("vram_budget", ("--vram-budget",), PLACEMENT, "GPU memory the run may use (e.g. 6GiB, 7.5GB); the planner "
-         "streams the layers that do not fit (default: the free VRAM less 1 GiB)", dict(metavar="B")),
+    Flag("vram_budget", ("--vram-budget",), PLACEMENT, "GPU memory the run may use (e.g. 6GiB, 7.5GB, or 0.5x: half "
+         "the model file, as the bench's budgets); the planner streams the layers that do not fit (default: the free "
+         "VRAM less 1 GiB)", dict(metavar="B")),
     Flag("n_streamed", ("--n-streamed",), PLACEMENT, "stream K layers (spread evenly); 0: every layer resident",
          dict(type=int, metavar="K")),
     Flag("streamed_layers", ("--streamed-layers",), PLACEMENT, "stream these layers", dict(metavar="L,L"),
