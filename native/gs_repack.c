@@ -212,16 +212,24 @@ static int push_job(job_list *l, repack_job jb) {
     return GS_OK;
 }
 
+/* Where record k goes in its layer's buffer of layout f, the records before
+ * it (of that layout) taking *end bytes; *end then covers k too. */
+static size_t place_in_form(const gs_engine *e, int f, int k, size_t *end) {
+    size_t at = align_up(*end, form_alignment(e, f));
+    *end = at + G.buft_get_alloc_size(form_buft(e, f), e->recs[k].t);
+    return at;
+}
+
 /* Layer i's buffer of layout f, sized for the tensors it takes (NULL in
  * *buf: none). */
 static int alloc_form_buffer(gs_engine *e, int i, int f, void **buf) {
     const layer_info *ly = &e->layers[i];
-    void *buft = form_buft(e, f);
-    size_t total = 0, align = form_alignment(e, f);
+    size_t total = 0;
     *buf = NULL;
     for (int k = ly->first; k < ly->first + ly->count; k++)
-        if (form_of(e, &e->recs[k]) == f) total = align_up(total, align) + G.buft_get_alloc_size(buft, e->recs[k].t);
+        if (form_of(e, &e->recs[k]) == f) place_in_form(e, f, k, &total);
     if (total == 0) return GS_OK;
+    void *buft = form_buft(e, f);
     *buf = G.buft_alloc_buffer(buft, total);
     if (!*buf) return fail(GS_E_NOMEM, "cannot allocate %zu bytes of host memory to repack layer %d for the CPU", total, i);
     G.buffer_set_usage(*buf, GGML_USAGE_WEIGHTS);
@@ -234,13 +242,11 @@ static int alloc_form_buffer(gs_engine *e, int i, int f, void **buf) {
 static int plan_form_jobs(gs_engine *e, int i, int f, void *buf, job_list *jobs) {
     const layer_info *ly = &e->layers[i];
     char *base = G.buffer_get_base(buf);
-    size_t off = 0, align = form_alignment(e, f);
+    size_t end = 0;
     int rc = GS_OK;
     for (int k = ly->first; k < ly->first + ly->count && rc == GS_OK; k++) {
         if (form_of(e, &e->recs[k]) != f) continue;
-        off = align_up(off, align);
-        char *at = base + off;
-        off += G.buft_get_alloc_size(form_buft(e, f), e->recs[k].t);
+        char *at = base + place_in_form(e, f, k, &end);
         struct gs_tensor whole;
         if ((rc = scratch_at(e, k, buf, at, 0, &whole)) != GS_OK || !whole.extra) continue;
         int64_t rows = f == CPU_FORM_REPACK ? piece_rows(e, k, buf, at, whole.extra) : 0, n_rows = e->recs[k].t->ne[1];
