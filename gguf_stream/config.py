@@ -24,6 +24,7 @@ MAX_COPY_DELAY_US = 10_000_000
 # processes, CUDA context growth, fragmentation).
 GPU_HEADROOM = 1 << 30
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
+MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS
 # CPU layers take AMX's layout from this many rows per generate decode: on the
 # GPU box's Xeon (AMX; 8B shape, 32 CPU layers, 16 threads, host mode) AMX's
 # kernels took 7-18% longer than CPU_REPACK's for one row, 12-23% less for 8
@@ -86,6 +87,12 @@ class EngineConfig:
     # (placement.MOE_SPLIT_DEFAULT_ARCHS), "off" elsewhere and in host mode. Sums the
     # experts in another order than stock: not bit-identical.
     moe_split: int | str | None = None
+    # Mixture-of-experts plans whose CPU expert layers split (moe_split):
+    # in prompts those layers' last N experts are computed by the CPU at the
+    # routing boundary instead of crossing PCIe (their part of each slot
+    # copy is zeros): PCIe moves (n_expert - N) / n_expert of their expert
+    # bytes. 0 (the default): every expert streams.
+    prompt_cpu_experts: int = 0
     exact: bool = False
     # The most rows (tokens of one ubatch: parallel sequences, a speculative
     # verify) the CPU layers compute on the CPU; larger ubatches take the
@@ -198,6 +205,7 @@ class EngineConfig:
             if isinstance(self.moe_split, str):
                 raise ValueError(f"moe_split must be 'auto', 'off' or a number of experts, not {self.moe_split!r:.40}")
             check_int("moe_split", self.moe_split, 0, MAX_MOE_SPLIT)
+        check_int("prompt_cpu_experts", self.prompt_cpu_experts, 0, MAX_EXPERTS)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "calibrate_on_tokens",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):

@@ -151,6 +151,7 @@ class Counters:
     split_layers: int = 0  # split-expert layers run (per ubatch), their uploaded experts and CPU (row, expert) pairs
     split_uploaded: int = 0
     split_cpu: int = 0
+    split_prompt_layers: int = 0  # ... of them in prompt ubatches (prompt_cpu_experts)
     split_upload_seconds: float = 0.0
     split_cpu_wait_seconds: float = 0.0
     split_region_bytes: int = 0
@@ -298,6 +299,11 @@ class Engine:
         _check("gs_engine_set_split_experts",
                lib.gs_engine_set_split_experts(self._h, arr, len(layers), n_upload, n_used, n_threads, act,
                                                int(into_sum)))
+
+    def set_prompt_cpu_experts(self, n_cpu: int) -> None:
+        """In prompt ubatches the split layers' last n_cpu experts are
+        computed by the CPU, not uploaded (gs_engine_set_prompt_cpu_experts)."""
+        _check("gs_engine_set_prompt_cpu_experts", lib.gs_engine_set_prompt_cpu_experts(self._h, n_cpu))
 
     def graphs_dropped(self) -> None:
         """The attached context dropped its graphs (llama_abi.drop_graphs):

@@ -304,6 +304,8 @@ class Streamer:
                                               oai=self.model_file.arch in OAI_ACTIVATION_ARCHS,
                                               into_sum=not self.cuda and self.model_file.has_shared_experts)
                 self.split_experts = split
+                if self.config.prompt_cpu_experts:
+                    self.engine.set_prompt_cpu_experts(self.config.prompt_cpu_experts)
                 note(f"generate split: {self.tiers.split}", self.config.progress)  # host_tiers said which
         elif choice == "auto" and (rows >= OFFLOAD_MIN_BATCH or (most is not None and rows > most)):
             # decodes of that many rows take the prompt placement: no CPU layers to choose

@@ -101,6 +101,7 @@ typedef struct {
     uint64_t split_layers;     /* split-expert layers run (gs_engine_set_split_experts), per ubatch */
     uint64_t split_uploaded;   /* ... their experts uploaded to the device region */
     uint64_t split_cpu;        /* ... their (row, expert) pairs computed by the CPU */
+    uint64_t split_prompt_layers; /* ... of them in prompt-phase ubatches (gs_engine_set_prompt_cpu_experts) */
     double   split_upload_seconds;   /* the hook's time in those uploads (the CPU works meanwhile) */
     double   split_cpu_wait_seconds; /* its time finishing / waiting for the CPU's part */
 } gs_counters;
@@ -467,6 +468,14 @@ int  gs_engine_keep_repacks(gs_engine *e, int keep);
  * layer (for host mode, whose runs are tests: on a GPU it would cost time). */
 int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
                                  int activation, int into_sum);
+/* In prompt-phase ubatches (they stream every layer through the slots), the
+ * split layers' last n_cpu experts are computed by the CPU (the split's
+ * threads, from the host copy) and not uploaded: their part of each slot
+ * copy is zeros, whose outputs add nothing, so PCIe moves (n_expert - n_cpu)
+ * / n_expert of those layers' expert bytes while the CPU computes the rest
+ * at the routing boundary; its part joins as in the generate phase. 0: off;
+ * set_split_experts turns it off. Between decodes. */
+int  gs_engine_set_prompt_cpu_experts(gs_engine *e, int n_cpu);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);
 /* Switch placement between decodes; the engine starts in the prompt phase.
  * hold_kv (generate phase): leave the CPU layers' KV caches where they are

@@ -1,4 +1,5 @@
-/* Mixture-of-experts layers split while generating (gs_engine_set_split_experts).
+/* Mixture-of-experts layers split while generating (gs_engine_set_split_experts),
+ * and in prompts (gs_engine_set_prompt_cpu_experts).
  *
  * A token reads only its routed experts: of a split layer's routed experts,
  * the first n_upload (per ubatch, over its rows) are copied from host memory
@@ -18,7 +19,13 @@
  * ffn_moe_weights-L, the CPU's part into the expert sum after ffn_moe_out-L
  * (before a shared expert's add: llama.cpp's order). The region's tensors keep
  * the expert count in their shape; every id the kernels see is below
- * n_max + n_used, so they read only the region. */
+ * n_max + n_used, so they read only the region.
+ *
+ * Prompts (gs_engine_set_prompt_cpu_experts): the split layers stream through
+ * the slots, less their last prompt_cpu experts, which read as zeros there
+ * (the copy engine zero-fills a piece past its bytes); at the same two
+ * boundaries the CPU computes the rows routed to those while the GPU computes
+ * the rest, and its part joins the experts' sum. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,7 +126,9 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
     if ((i = split_layer_of(e, t, "ffn_moe_topk-")) >= 0) {     /* a new decode's routing for layer i */
         e->split.ids[i] = (struct gs_tensor *)t;
         e->split.routed[i] = 0;
-        e->split.mode[i] = e->split.weights_node[0] && e->split.inp[i] && !e->split.into_sum ? MODE_ONE : MODE_TWO;
+        /* prompts take two: the GPU computes the other experts meanwhile */
+        e->split.mode[i] = e->split.weights_node[0] && e->split.inp[i] && !e->split.into_sum
+                           && e->phase == GS_PHASE_GENERATE ? MODE_ONE : MODE_TWO;
         return 0;
     }
     if ((i = split_layer_of(e, t, e->split.weights_node[0] ? e->split.weights_node : "ffn_moe_weights-")) >= 0
@@ -139,8 +148,12 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
 /* Every node of a generate decode is asked: the names first (all "ffn_"),
  * then whether it reads a split layer's experts (they live in the region's
  * buffer while generating), which must come after the layer's routing. */
+static int split_now(const gs_engine *e) {   /* generating, or prompts with CPU experts */
+    return e->split.n && (e->phase == GS_PHASE_GENERATE || e->split.prompt_cpu > 0);
+}
+
 int split_ask(gs_engine *e, const struct gs_tensor *t) {
-    if (!e->split.n || e->phase != GS_PHASE_GENERATE) return 0;
+    if (!split_now(e)) return 0;
     if (!strncmp(t->name, "ffn_", 4) && split_name(e, t)) return 1;
     for (int k = 0; k < 3; k++) {
         const struct gs_tensor *s = t->src[k];
@@ -195,7 +208,7 @@ static int add_cpu_part(gs_engine *e, int layer, const float *w, float *y, struc
 }
 
 /* Bytes of one expert in a layer's split tensor m: a matrix's nb[2], a bias's nb[1]. */
-static size_t expert_stride(const gs_engine *e, int layer, int m) {
+size_t expert_stride(const gs_engine *e, int layer, int m) {
     const struct gs_tensor *t = e->recs[e->split.rec[layer][m]].t;
     return m < B_GATE ? t->nb[2] : t->nb[1];
 }
@@ -280,9 +293,10 @@ static int route(gs_engine *e, int layer) {
         return fail(GS_E_GRAPH, "split experts: layer %d's expert input, weights or residual have unexpected shapes", layer);
     size_t n_ids = (size_t)n_used * n_rows;
     double t_start = now_s();
+    int prompt = e->phase == GS_PHASE_PROMPT;
     /* a two-boundary run is timed only where every run takes two (into_sum): the
      * first decode's, before the weights node is learned, would be the odd one */
-    int timed = n_rows == 1 && tuning(e) && (one || e->split.into_sum);
+    int timed = !prompt && n_rows == 1 && tuning(e) && (one || e->split.into_sum);
     if (timed) tune_pick(e);
     e->split.tune.layer = timed && !one ? layer : -1;   /* a two-boundary run ends at its second */
     e->split.tune.t0 = t_start;
@@ -299,14 +313,19 @@ static int route(gs_engine *e, int layer) {
     if (!rc && one) rc = dio(e, st + at.y, inp->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
     if (!rc) rc = dio_sync(e);
     if (rc) return rc;
-    /* uploaded: the first n_upload distinct experts in routing order (row 0's
-     * best first); the rest of each row's go to the CPU */
-    int slot_of[n_expert], n_up = 0;
+    /* generating: uploaded, the first n_upload distinct experts in routing order
+     * (row 0's best first), the rest to the CPU; prompts: the last prompt_cpu
+     * (zeros in the slot) to the CPU, the ids stay */
+    int slot_of[n_expert], n_up = 0, first_cpu = prompt ? n_expert - e->split.prompt_cpu : n_expert;
     for (int k = 0; k < n_expert; k++) slot_of[k] = -1;
     int n_jobs = 0;
     for (size_t k = 0; k < n_ids; k++) {
         int ex = id[k];
         if (ex < 0 || ex >= n_expert) return fail(GS_E_GRAPH, "split experts: layer %d routed to expert %d of %d", layer, ex, n_expert);
+        if (prompt) {
+            if (ex >= first_cpu) jobs[n_jobs++] = (cpu_job){ (int)(k / n_used), (int)(k % n_used), ex };
+            continue;
+        }
         if (slot_of[ex] < 0 && n_up < e->split.n_upload) { slot_of[ex] = n_up; e->split.up_ids[n_up++] = ex; }
         if (slot_of[ex] < 0) jobs[n_jobs++] = (cpu_job){ (int)(k / n_used), (int)(k % n_used), ex };
         /* a left-out expert reads a zero expert of its own position: llama.cpp's
@@ -326,7 +345,7 @@ static int route(gs_engine *e, int layer) {
             rc = dio(e, e->split.base + e->split.off[layer][m] + j * nb,
                      (const char *)e->up[k].src + (size_t)e->split.up_ids[j] * nb, nb, CUDA_H2D);
     }
-    for (int r = 0; r < n_rows && !rc; r++)
+    for (int r = 0; r < n_rows && !rc && !prompt; r++)
         rc = dio(e, (char *)ids->data + (size_t)r * ids->nb[1], id + (size_t)r * n_used, n_used * sizeof(int32_t), CUDA_H2D);
     if (!rc && one) rc = add_cpu_part(e, layer, (const float *)(st + at.w), (float *)(st + at.y), inp, n_used);
     double t0 = now_s();
@@ -335,6 +354,7 @@ static int route(gs_engine *e, int layer) {
     e->ctr.split_uploaded += n_up;
     e->ctr.split_cpu += n_jobs;
     e->ctr.split_layers++;
+    e->ctr.split_prompt_layers += prompt;
     e->split.routed[layer] = 1;
     if (timed && one && !rc) tune_record(e, now_s() - t_start);
     return rc;
@@ -378,7 +398,7 @@ void split_settle(gs_engine *e) {
 }
 
 void split_synced(gs_engine *e, struct gs_tensor *t) {
-    if (!e->split.n || e->phase != GS_PHASE_GENERATE || e->status) return;
+    if (!split_now(e) || e->status) return;
     int i, rc = GS_OK;
     const char *first = e->split.weights_node[0] ? e->split.weights_node : "ffn_moe_weights-";
     if ((i = split_layer_of(e, t, first)) >= 0 && e->split.mode[i] == MODE_ONE && !e->split.routed[i])
@@ -404,6 +424,7 @@ void split_point(gs_engine *e, int layer) {
 }
 
 void split_free(gs_engine *e) {
+    if (e->split.prompt_cpu) prompt_uploads(e, 0);
     split_pool_free(e->split.pool);
     e->split.pool = NULL;
     if (e->split.buf) G.buffer_free(e->split.buf);
@@ -576,3 +597,4 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     generate_order(e);
     return GS_OK;
 }
+

@@ -68,6 +68,7 @@ int cpu_kernels_have(int type) {
 
 #define CHUNK_ROWS 32
 #define PHASE_DONE 4
+#define PARALLEL_QUANTIZE_ROWS 16   /* from this many rows (prompts), phase 0 quantizes them on every thread */
 
 struct split_pool {
     pthread_t *th;
@@ -88,6 +89,7 @@ struct split_pool {
     size_t xq_row, hq_row;        /* bytes of a quantized x row (gate/up) and h (down) */
     int n_jobs;
     cpu_job *jobs;
+    const float *x;               /* the ubatch's rows (n_embd floats each) */
     char *xq;                     /* per row of the ubatch: x quantized for gate, then for up */
     float *g, *u;                 /* per job: n_ff */
     char *hq;                     /* per job: silu(g)*u quantized for down */
@@ -115,8 +117,17 @@ static void swiglu_oai(int n, float *y, const float *g, const float *u) {
     }
 }
 
+/* Row r of x quantized for gate and for up (vec_dot's input types). */
+static void quantize_row(struct split_pool *p, int r) {
+    for (int m = W_GATE; m <= W_UP; m++)
+        traits_cpu(p->tr[m]->vec_dot_type)->from_float(p->x + (size_t)r * p->n_embd,
+                                                       p->xq + (size_t)r * 2 * p->xq_row + m * p->xq_row, p->n_embd);
+}
+
 static void do_task(struct split_pool *p, int ph, int i) {
-    if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
+    if (ph == 0) {                /* a row quantized (a prompt's many rows: in parallel) */
+        quantize_row(p, i);
+    } else if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
         int per_job = 2 * p->chunks_ff, j = i / per_job, m = (i % per_job) / p->chunks_ff;
         int r0 = (i % p->chunks_ff) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
         const cpu_job *jb = &p->jobs[j];
@@ -255,16 +266,15 @@ int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int 
         || grow((void **)&p->hq, &p->cap_hq, nj * p->hq_row)
         || grow((void **)&p->y, &p->cap_y, nj * p->n_embd * sizeof(float)))
         return GS_E_NOMEM;
-    for (int r = 0; r < n_rows; r++)
-        for (int m = W_GATE; m <= W_UP; m++)
-            traits_cpu(p->tr[m]->vec_dot_type)->from_float(x + (size_t)r * p->n_embd,
-                                                           p->xq + (size_t)r * 2 * p->xq_row + m * p->xq_row, p->n_embd);
-    p->n_tasks[0] = 0;
+    p->x = x;
+    int parallel_rows = n_rows >= PARALLEL_QUANTIZE_ROWS;   /* a phase of its own costs a generated token time */
+    for (int r = 0; r < n_rows && !parallel_rows; r++) quantize_row(p, r);
+    p->n_tasks[0] = parallel_rows ? n_rows : 0;
     p->n_tasks[1] = p->n_jobs * 2 * p->chunks_ff;
     p->n_tasks[2] = p->n_jobs;
     p->n_tasks[3] = p->n_jobs * p->chunks_embd;
     for (int ph = 0; ph < PHASE_DONE; ph++) { atomic_store(&p->next[ph], 0); atomic_store(&p->done[ph], 0); }
-    atomic_store(&p->phase, p->n_jobs ? 1 : PHASE_DONE);
+    atomic_store(&p->phase, !p->n_jobs ? PHASE_DONE : parallel_rows ? 0 : 1);
     atomic_fetch_add(&p->gen, 1);
     if (atomic_load(&p->sleeping)) {
         pthread_mutex_lock(&p->mu);

@@ -53,7 +53,23 @@ def test_no_split_runs_where_the_budget_places_no_expert_layers():
     for plan, why in ((default("layer"), "places whole layers"), (default("layer", 2), "below streaming's minimum")):
         notes = []
         assert moe_split_rows(ctx, b, {}, notes, None, default=plan) == [] and runs == []
-        assert notes == [notes[0]] and "--moe-split not run" in notes[0] and why in notes[0]
+        assert notes == [notes[0]] and "--moe-split / --prompt-cpu-experts not run" in notes[0] and why in notes[0]
     assert moe_split_rows(ctx, b, {}, [], None, default=default("experts")) == ["split off", "split 3"]
     assert moe_split_rows(ctx, b, {}, [], None) == ["split off", "split 3"]
     assert runs == ["off", 3, "off", 3]
+
+
+def test_prompt_cpu_experts_runs_follow_the_split_runs():
+    """--prompt-cpu-experts N: one more streamed run per N (mode
+    'prompt-cpu N'), after --moe-split's, with that EngineConfig change."""
+    runs = []
+
+    def run_streamed(**kw):
+        runs.append(kw)
+        return SimpleNamespace(greedy=None, engine_note="", vram_peak=None)
+
+    ctx = SimpleNamespace(moe_splits=(3,), prompt_cpu_experts=(8, 12), run_streamed=run_streamed,
+                          rows=lambda t, budget, mode, refs: [mode])
+    b = SimpleNamespace(nbytes=1 << 30, label="0.25x")
+    assert moe_split_rows(ctx, b, {}, [], None) == ["split 3", "prompt-cpu 8", "prompt-cpu 12"]
+    assert runs[1] == {"vram_budget": 1 << 30, "prompt_cpu_experts": 8} and runs[0]["moe_split"] == 3

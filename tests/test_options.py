@@ -59,6 +59,7 @@ SAMPLES = {
     "cpu_layers_max_batch": [(4, ["--cpu-layers-max-batch", "4"], 4)],
     "generate_rows": [(8, ["--generate-rows", "8"], 8)],
     "moe_split": [(4, ["--moe-split", "4"], 4)],
+    "prompt_cpu_experts": [(8, ["--prompt-cpu-experts", "8"], 8)],
     "calibrate_on_tokens": [(False, ["--calibrate-at-load"], False)],
 }
 CASES = [(name, *sample) for name, samples in SAMPLES.items() for sample in samples]

@@ -108,6 +108,10 @@ def add_parser(subparsers, parents=()) -> argparse.ArgumentParser:
                         "off,3,4): off, the CPU computes the CPU expert layers' routed experts, as --n-cpu-moe; N, "
                         "they upload N of each token's experts while the CPU computes the others; auto, N timed "
                         "(--moe-split of run/serve, whose default the streamed rows use; default: none)")
+    g.add_argument("--prompt-cpu-experts", default=None, metavar="LIST",
+                   help="mixture-of-experts models: per budget, one more streamed run per number N in LIST (e.g. "
+                        "8,12): in prompts the split layers' last N experts are computed by the CPU instead of "
+                        "uploaded (--prompt-cpu-experts of run/serve; default: none)")
     g.add_argument("--n-streamed", type=int, default=None, metavar="K",
                    help="host mode: streamed layers (default: half of them)")
     g.add_argument("--host-budget", default=None, metavar="LIST",
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
     name = path.stem if args.model and Path(args.model).expanduser().exists() else args.model or load_registry().default
     ctx = Ctx(str(path), mf, w, "CUDA" if use_cuda else "CPU", "cuda" if use_cuda else "host", progress, name,
                args.allow_near_ties, host_budgets=_host_budgets(args.host_budget),
-               moe_splits=_moe_splits(args.moe_split))
+               moe_splits=_moe_splits(args.moe_split), prompt_cpu_experts=_numbers(args.prompt_cpu_experts))
     meta = {"model": ctx.model_name, "path": str(path), "arch": mf.arch, "n_layer": mf.n_layer,
             "size_bytes": mf.total_bytes, "backend": ctx.backend, "mode": "gpu" if use_cuda else "host",
             "workload": asdict(w), "command": " ".join(sys.argv)}
@@ -178,6 +182,14 @@ def run(args: argparse.Namespace, progress: Progress | None = None) -> BenchResu
                  f"{w.reps} repetition(s) after a warm-up; t/s mean ± sample sd; counters "
                  f"per repetition; gate: {w.check_tokens} greedy tokens after {GATE_PROMPT!r}")
     return BenchResult(tuple(rows), meta, tuple(notes))
+
+
+def _numbers(spec: str | None) -> tuple[int, ...]:
+    """--prompt-cpu-experts's list of counts."""
+    try:
+        return tuple(int(v) for v in spec.split(",")) if spec else ()
+    except ValueError:
+        raise SystemExit(f"gguf-stream bench: --prompt-cpu-experts {spec!r}: give comma-separated numbers") from None
 
 
 def _moe_splits(spec: str | None) -> tuple:

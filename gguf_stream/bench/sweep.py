@@ -97,6 +97,7 @@ class Ctx:
     mirror_tokens: dict = field(default_factory=dict)  # Mirror -> its gate tokens or None (reused across budgets)
     host_budgets: tuple = ()  # --host-budget: each adds a streamed run with a disk tier per budget
     moe_splits: tuple = ()  # --moe-split: each adds a streamed run with that many experts uploaded per CPU expert layer
+    prompt_cpu_experts: tuple = ()  # --prompt-cpu-experts: each adds a streamed run with that many on the CPU in prompts
 
     def config(self, **kw):
         from ..config import EngineConfig

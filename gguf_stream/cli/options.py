@@ -166,6 +166,10 @@ ENGINE_FLAGS = (
          "generated tokens; off: the CPU computes them all, as --n-cpu-moe. Default: auto on CUDA for qwen3moe, "
          "qwen2moe and glm4moe, off in host mode and for other architectures (gpt-oss and deepseek2 split when asked)", dict(metavar="auto|off|N"),
          lambda spec: parse_moe_split(spec)),
+    Flag("prompt_cpu_experts", ("--prompt-cpu-experts",), GENERATE, "mixture-of-experts models whose CPU expert "
+         "layers split (--moe-split): in prompts the CPU computes those layers' last N experts at the routing "
+         "boundary instead of uploading them (PCIe moves the rest; default 0: every expert streams)",
+         dict(type=int, metavar="N")),
     Flag("exact", ("--exact",), GENERATE, "while generating, compute every layer on the GPU (streamed ones "
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
          "some streamed layers (a split measured on this machine), rounding like stock -ngl's CPU layers, which are "
