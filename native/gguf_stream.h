@@ -293,6 +293,8 @@ int  gs_ring_discard(gs_ring *r);
 int  gs_ring_get_slot(const gs_ring *r, int slot, int *layer, int *state);
 /* The slot layer was adopted into for the current evaluation, -1 if none. */
 int  gs_ring_get_adopted(const gs_ring *r, int layer, int *slot);
+/* What one upload of layer moves from now on (the counters' bytes_uploaded). */
+int  gs_ring_set_layer_bytes(gs_ring *r, int layer, uint64_t bytes);
 
 /* ---- the engine ------------------------------------------------------------------ */
 

@@ -43,6 +43,7 @@ void gs_engine_destroy(gs_engine *e) {
     gs_copy_destroy(e->copy);         /* first: uploads in flight read the sources */
     gs_file_close(e->file);
     gs_ring_destroy(e->ring);
+    e->ring = NULL;                   /* split_free below must not count into it */
     if (e->ring_buf) G.buffer_free(e->ring_buf);
     gr_free(e);
     split_free(e);

@@ -228,6 +228,12 @@ int gs_ring_get_adopted(const gs_ring *r, int layer, int *slot) {
     return GS_OK;
 }
 
+int gs_ring_set_layer_bytes(gs_ring *r, int layer, uint64_t bytes) {
+    if (bad_layer(r, layer)) return fail(GS_E_INVALID, "gs_ring_set_layer_bytes: layer %d out of range", layer);
+    r->bytes[layer] = bytes;
+    return GS_OK;
+}
+
 void gs_ring_destroy(gs_ring *r) {
     if (!r) return;
     for (int ph = 0; ph < GS_N_PHASES; ph++) { free(r->order[ph]); free(r->pos[ph]); }

@@ -12,13 +12,16 @@
 void prompt_uploads(gs_engine *e, int n_cpu) {
     for (int i = 0; i < e->cfg.n_layer; i++) {
         if (!is_split(e, i)) continue;
+        uint64_t left_out = 0;
         for (int m = 0; m < SPLIT_TENSORS; m++) {
             int k = e->split.rec[i][m];
             if (k < 0) continue;
             const struct gs_tensor *t = e->recs[k].t;
-            size_t n_expert = (size_t)(m < B_GATE ? t->ne[2] : t->ne[1]);
-            e->up[k].nbytes = (n_expert - (size_t)n_cpu) * expert_stride(e, i, m);
+            size_t n_expert = (size_t)(m < B_GATE ? t->ne[2] : t->ne[1]), stride = expert_stride(e, i, m);
+            e->up[k].nbytes = (n_expert - (size_t)n_cpu) * stride;
+            left_out += (uint64_t)n_cpu * stride;
         }
+        if (e->ring) (void)gs_ring_set_layer_bytes(e->ring, i, e->layers[i].bytes - left_out);   /* in range */
     }
     e->split.prompt_cpu = n_cpu;
 }

@@ -122,6 +122,21 @@ def test_prompt_cpu_experts_swapped_sources_differ(moe_case):
     assert rel_diff(bad, ref_logits) > prompt_tol(path)
 
 
+def test_prompt_cpu_experts_upload_fewer_bytes(tiny_moe_path):
+    """The uploads leave the CPU's experts out, and the counters say so: a
+    prompt with 6 of tiny-moe's 8 experts on the CPU moves 2/8 of the bytes
+    per split layer's upload; the layer the slot holds while generating is
+    no split layer and uploads all of its experts."""
+    per_upload = {}
+    for n_cpu in (0, 6):
+        with split_model(tiny_moe_path, 1, prompt_cpu_experts=n_cpu) as m:
+            m.reset_counters()
+            m.eval(m.tokenize(PROMPT * 3))
+            c = m.stats.counters
+            per_upload[n_cpu] = c.bytes_uploaded / c.uploads
+    assert per_upload[0] * 2 / 8 < per_upload[6] < per_upload[0] / 2
+
+
 def test_prompt_cpu_experts_refuses_bad_counts(tiny_moe_path):
     with pytest.raises(ValueError, match="prompt_cpu_experts"):
         split_model(tiny_moe_path, 1, prompt_cpu_experts=-1)
