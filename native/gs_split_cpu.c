@@ -67,8 +67,9 @@ int cpu_kernels_have(int type) {
 /* ---- one layer's CPU work: experts of some rows, in three phases ------------- */
 
 #define CHUNK_ROWS 32
+#define TILE_ROWS 16                /* weight rows a unit's jobs pass over together */
 #define PHASE_DONE 4
-#define PARALLEL_QUANTIZE_ROWS 16   /* from this many rows (prompts), phase 0 quantizes them on every thread */
+#define MANY_ROWS 16              /* from this many rows (prompts): phase 0 quantizes them, units by expert */
 
 struct split_pool {
     pthread_t *th;
@@ -89,6 +90,10 @@ struct split_pool {
     size_t xq_row, hq_row;        /* bytes of a quantized x row (gate/up) and h (down) */
     int n_jobs;
     cpu_job *jobs;
+    /* the matrix phases' units: jobs perm[unit_at[u] .. unit_at[u + 1]) share an expert,
+     * whose weight rows a task reads once for all of them (one job per unit for few rows) */
+    int *perm, *unit_at, n_units;
+    size_t cap_perm, cap_unit;
     const float *x;               /* the ubatch's rows (n_embd floats each) */
     char *xq;                     /* per row of the ubatch: x quantized for gate, then for up */
     float *g, *u;                 /* per job: n_ff */
@@ -127,28 +132,41 @@ static void quantize_row(struct split_pool *p, int r) {
 static void do_task(struct split_pool *p, int ph, int i) {
     if (ph == 0) {                /* a row quantized (a prompt's many rows: in parallel) */
         quantize_row(p, i);
-    } else if (ph == 1) {                /* gate and up rows: job, matrix, chunk */
-        int per_job = 2 * p->chunks_ff, j = i / per_job, m = (i % per_job) / p->chunks_ff;
+    } else if (ph == 1) {         /* gate and up rows: unit, matrix, chunk */
+        int per_unit = 2 * p->chunks_ff, u = i / per_unit, m = (i % per_unit) / p->chunks_ff;
         int r0 = (i % p->chunks_ff) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
-        const cpu_job *jb = &p->jobs[j];
-        const char *w = p->src[m] + (size_t)jb->expert * p->nb2[m];
-        const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
-        float *out = (m == W_GATE ? p->g : p->u) + (size_t)j * p->n_ff;
-        for (int r = r0; r < r1; r++) p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
-        add_bias(out, p->bias[m], p->bias_nb1[m], jb->expert, r0, r1);
+        int a = p->unit_at[u], b = p->unit_at[u + 1], expert = p->jobs[p->perm[a]].expert;
+        const char *w = p->src[m] + (size_t)expert * p->nb2[m];
+        float *outs = m == W_GATE ? p->g : p->u;
+        for (int rb = r0; rb < r1; rb += TILE_ROWS)   /* weight rows in L1 while the unit's jobs pass (ggml's tiles) */
+            for (int k = a; k < b; k++) {
+                const cpu_job *jb = &p->jobs[p->perm[k]];
+                const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
+                float *out = &outs[(size_t)p->perm[k] * p->n_ff];
+                for (int r = rb; r < rb + TILE_ROWS && r < r1; r++)
+                    p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
+            }
+        for (int k = a; k < b; k++)
+            add_bias(outs + (size_t)p->perm[k] * p->n_ff, p->bias[m], p->bias_nb1[m], expert, r0, r1);
     } else if (ph == 2) {         /* the activation, quantized for down */
         float *g = p->g + (size_t)i * p->n_ff, *u = p->u + (size_t)i * p->n_ff;
         if (p->oai) swiglu_oai(p->n_ff, g, g, u);
         else swiglu(p->n_ff, g, g, u);
         traits_cpu(p->tr[W_DOWN]->vec_dot_type)->from_float(g, p->hq + (size_t)i * p->hq_row, p->n_ff);
-    } else {                      /* down rows: job, chunk */
-        int j = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
+    } else {                      /* down rows: unit, chunk */
+        int u = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
         int r1 = r0 + CHUNK_ROWS < p->n_embd ? r0 + CHUNK_ROWS : p->n_embd;
-        const char *w = p->src[W_DOWN] + (size_t)p->jobs[j].expert * p->nb2[W_DOWN];
-        float *y = p->y + (size_t)j * p->n_embd;
-        for (int r = r0; r < r1; r++)
-            p->tr[W_DOWN]->vec_dot(p->n_ff, &y[r], 0, w + r * p->nb1[W_DOWN], 0, p->hq + (size_t)j * p->hq_row, 0, 1);
-        add_bias(y, p->bias[W_DOWN], p->bias_nb1[W_DOWN], p->jobs[j].expert, r0, r1);
+        int a = p->unit_at[u], b = p->unit_at[u + 1], expert = p->jobs[p->perm[a]].expert;
+        const char *w = p->src[W_DOWN] + (size_t)expert * p->nb2[W_DOWN];
+        for (int rb = r0; rb < r1; rb += TILE_ROWS)
+            for (int k = a; k < b; k++) {
+                int j = p->perm[k];
+                for (int r = rb; r < rb + TILE_ROWS && r < r1; r++)
+                    p->tr[W_DOWN]->vec_dot(p->n_ff, &p->y[(size_t)j * p->n_embd + r], 0, w + r * p->nb1[W_DOWN], 0,
+                                           p->hq + (size_t)j * p->hq_row, 0, 1);
+            }
+        for (int k = a; k < b; k++)
+            add_bias(p->y + (size_t)p->perm[k] * p->n_embd, p->bias[W_DOWN], p->bias_nb1[W_DOWN], expert, r0, r1);
     }
 }
 
@@ -204,7 +222,8 @@ void split_pool_free(split_pool *p) {
     for (int k = 0; k < p->n_th; k++) pthread_join(p->th[k], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
-    free(p->th); free(p->jobs); free(p->xq); free(p->g); free(p->u); free(p->hq); free(p->y);
+    free(p->th); free(p->jobs); free(p->perm); free(p->unit_at); free(p->xq); free(p->g); free(p->u); free(p->hq);
+    free(p->y);
     free(p);
 }
 
@@ -239,6 +258,30 @@ cpu_job *split_pool_jobs(split_pool *p, size_t n) {
     return grow((void **)&p->jobs, &p->cap_jobs, n * sizeof(cpu_job)) ? NULL : p->jobs;
 }
 
+/* The matrix phases' units: one per job, or (by_expert) one per expert
+ * with its jobs in their order (a counting sort). */
+static int make_units(split_pool *p, int by_expert) {
+    int n = p->n_jobs, max = 0;
+    if (grow((void **)&p->perm, &p->cap_perm, (size_t)(n ? n : 1) * sizeof(int))
+        || grow((void **)&p->unit_at, &p->cap_unit, (size_t)(n + 1) * sizeof(int)))
+        return GS_E_NOMEM;
+    if (!by_expert) {
+        for (int j = 0; j <= n; j++) { if (j < n) p->perm[j] = j; p->unit_at[j] = j; }
+        p->n_units = n;
+        return GS_OK;
+    }
+    for (int j = 0; j < n; j++) if (p->jobs[j].expert > max) max = p->jobs[j].expert;
+    int at[max + 2];
+    memset(at, 0, sizeof at);
+    for (int j = 0; j < n; j++) at[p->jobs[j].expert + 1]++;
+    for (int e = 0; e <= max; e++) at[e + 1] += at[e];
+    p->n_units = 0;
+    for (int e = 0; e <= max; e++) if (at[e + 1] > at[e]) p->unit_at[p->n_units++] = at[e];
+    p->unit_at[p->n_units] = n;
+    for (int j = 0; j < n; j++) p->perm[at[p->jobs[j].expert]++] = j;
+    return GS_OK;
+}
+
 int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int n_rows, int n_jobs) {
     while (atomic_load(&p->active)) cpu_relax();     /* stragglers of the last layer leave first */
     for (int m = 0; m < 3; m++) {
@@ -267,14 +310,17 @@ int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int 
         || grow((void **)&p->y, &p->cap_y, nj * p->n_embd * sizeof(float)))
         return GS_E_NOMEM;
     p->x = x;
-    int parallel_rows = n_rows >= PARALLEL_QUANTIZE_ROWS;   /* a phase of its own costs a generated token time */
-    for (int r = 0; r < n_rows && !parallel_rows; r++) quantize_row(p, r);
-    p->n_tasks[0] = parallel_rows ? n_rows : 0;
-    p->n_tasks[1] = p->n_jobs * 2 * p->chunks_ff;
+    /* a prompt's many rows: quantized in a phase of their own (that costs a
+     * generated token time) and grouped by expert, its rows read once */
+    int many_rows = n_rows >= MANY_ROWS;
+    if (make_units(p, many_rows)) return GS_E_NOMEM;
+    for (int r = 0; r < n_rows && !many_rows; r++) quantize_row(p, r);
+    p->n_tasks[0] = many_rows ? n_rows : 0;
+    p->n_tasks[1] = p->n_units * 2 * p->chunks_ff;
     p->n_tasks[2] = p->n_jobs;
-    p->n_tasks[3] = p->n_jobs * p->chunks_embd;
+    p->n_tasks[3] = p->n_units * p->chunks_embd;
     for (int ph = 0; ph < PHASE_DONE; ph++) { atomic_store(&p->next[ph], 0); atomic_store(&p->done[ph], 0); }
-    atomic_store(&p->phase, !p->n_jobs ? PHASE_DONE : parallel_rows ? 0 : 1);
+    atomic_store(&p->phase, !p->n_jobs ? PHASE_DONE : many_rows ? 0 : 1);
     atomic_fetch_add(&p->gen, 1);
     if (atomic_load(&p->sleeping)) {
         pthread_mutex_lock(&p->mu);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU expert kernels side by side: the split pool against llama.cpp's MUL_MAT_ID (repacked and plain),
 # at several thread counts; with PROMPT_ROWS=512 also llama.cpp's MUL_MAT_ID for a prompt's ubatch of that many
-# rows (the CPU's prompt rate for experts, against PCIe's ~6 ms per Qwen3-30B-A3B layer).
+# rows (the CPU's prompt rate for experts, against PCIe's ~6 ms per Qwen3-30B-A3B layer) and the split pool on
+# the rows routed to the last PROMPT_CPU experts (default 8 16: --prompt-cpu-experts).
 # From the repository root: bash tools/cpu_experts/run.sh [GGML_INCLUDE_DIR]
 # (ggml's headers: pip puts them in site-packages/include; the GPU box's prebuilt copy has none, pass
 # vendor/llama.cpp/ggml/include of the matching source).
@@ -18,4 +19,7 @@ for t in ${THREADS:-1 2 4 8 12 15 16}; do
     $OUT/split_pool $t 8; $OUT/split_pool $t 5
     $OUT/llama_mul_mat_id $t 1 2>/dev/null; $OUT/llama_mul_mat_id $t 0 2>/dev/null
 done
-[ -z "$PROMPT_ROWS" ] || $OUT/llama_mul_mat_id "$(nproc)" 1 "$PROMPT_ROWS" 2>/dev/null
+if [ -n "$PROMPT_ROWS" ]; then   # a prompt's ubatch: llama.cpp on every expert, the pool on the last N (x N/128)
+    $OUT/llama_mul_mat_id "$(nproc)" 1 "$PROMPT_ROWS" 2>/dev/null; $OUT/llama_mul_mat_id "$(nproc)" 0 "$PROMPT_ROWS" 2>/dev/null
+    for n in ${PROMPT_CPU:-8 16}; do $OUT/split_pool "$(nproc)" 8 "$PROMPT_ROWS" "$n"; done
+fi
