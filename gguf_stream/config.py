@@ -91,7 +91,8 @@ class EngineConfig:
     # in prompts those layers' last N experts are computed by the CPU at the
     # routing boundary instead of crossing PCIe (their part of each slot
     # copy is zeros): PCIe moves (n_expert - N) / n_expert of their expert
-    # bytes. 0 (the default): every expert streams.
+    # bytes, plus the rows' activations to the host and their sum back (4 MiB
+    # each way for 512 rows of 2048). 0 (the default): every expert streams.
     prompt_cpu_experts: int = 0
     exact: bool = False
     # The most rows (tokens of one ubatch: parallel sequences, a speculative

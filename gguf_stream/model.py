@@ -438,7 +438,9 @@ def measured_plan(path: str, model_file: ModelFile, config: EngineConfig, plan: 
     if plan.stock_gpu_layers is not None:
         budget, ngl = parse_size(c.vram_budget), plan.stock_gpu_layers
         minimum = minimum_streaming_config(c, model_file.n_layer)
-        if plan.stream_minimum and _peak_fits(lambda: streamed_vram_peak(path, minimum), budget):
+        # whole layers: a user's whole_layers=False keeps the experts plan's stock fallback
+        if plan.stream_minimum and c.whole_layers is not False and \
+                _peak_fits(lambda: streamed_vram_peak(path, minimum), budget):
             return replace(initial_plan(model_file, minimum, cuda=True), budget=budget)
         while ngl < plan.n_layer and _stock_fits(path, ngl + 1, budget, c):
             ngl += 1
@@ -469,8 +471,9 @@ def minimum_streaming_config(config: EngineConfig, n_layer: int) -> EngineConfig
 def streamed_vram_peak(path, config: EngineConfig) -> int | None:
     """Measured GPU bytes of a streamed load of `config` (a placement) after
     one full ubatch, as stock_vram_peak measures stock's. Nothing is
-    calibrated: the generate split adds host memory only, and the layers
-    kept resident while generating use the prompt's compute buffer."""
+    calibrated: a whole-layer plan's generate split (CPU layers; no expert
+    split, no device region) adds host memory only, and the layers kept
+    resident while generating use the prompt's compute buffer."""
     probe = replace(config, generate_cpu_layers="none", moe_split="off", generate_resident="none", progress=False)
     with StreamedModel(path, probe) as m:
         m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))

@@ -254,7 +254,7 @@ class Plan:
                 f"the budget is below streaming's minimum: llama.cpp's own split, -ngl {self.stock_gpu_layers} "
                 f"({len(self.host_layers)} layers in host memory)"
                 + (f"; a GPU load measures streaming's minimum first (estimated {format_size(self.stream_minimum)}"
-                   ", within 10% of the budget)" if self.stream_minimum else ""),
+                   f", within {MEASURED_MINIMUM_MARGIN:.0%} of the budget)" if self.stream_minimum else ""),
                 f"device estimate: resident {format_size(self.resident_bytes)} + KV {format_size(self.kv_bytes)}"
                 f"{self._kv_types()} + compute {format_size(self.compute_bytes)} = {format_size(self.device_bytes)}",
                 self.host_memory_line() + " (the host layers, their KV caches and the input embedding)",

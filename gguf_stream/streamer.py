@@ -297,8 +297,7 @@ class Streamer:
         if choice == "auto" and self.experts_only:
             cpu, split, n_upload = moe_generate_parts(self.plan, self.config, self.model_file, self.cuda)
             if split:  # their experts split between an upload and the CPU (gs_split.c)
-                # host mode (tests): the CPU's part joins the experts' sum before a shared expert's, in
-                # llama.cpp's order, at one more boundary per layer (on CUDA one, an ulp's association apart)
+                # host mode (tests): the CPU's part joins the sum before a shared expert's (llama.cpp's order)
                 self.engine.set_split_experts(split, native.SPLIT_AUTO if n_upload == "auto" else n_upload,
                                               self.model_file.hparams["n_expert_used"], self.config.threads,
                                               oai=self.model_file.arch in OAI_ACTIVATION_ARCHS,
@@ -319,6 +318,8 @@ class Streamer:
                                                                 self.tiers.most).start_split(live)
         elif not isinstance(choice, str):
             cpu = tuple(choice)
+        if self.config.prompt_cpu_experts and not self.split_experts:
+            note("prompt_cpu_experts ignored: no expert layers split here (see --moe-split); every expert streams", True)
         if cpu:
             self.engine.set_cpu_layers(cpu)
         self.plan = replace(with_generate_placement(self.plan, cpu, self.plan.generate_resident),

@@ -474,8 +474,9 @@ int  gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_u
  * split layers' last n_cpu experts are computed by the CPU (the split's
  * threads, from the host copy) and not uploaded: their part of each slot
  * copy is zeros, whose outputs add nothing, so PCIe moves (n_expert - n_cpu)
- * / n_expert of those layers' expert bytes while the CPU computes the rest
- * at the routing boundary; its part joins as in the generate phase. 0: off;
+ * / n_expert of those layers' expert bytes (and the rows' activations to the
+ * host, the CPU's sum back) while the CPU computes the rest at the routing
+ * boundary; its part joins the experts' sum at a second one. 0: off;
  * set_split_experts turns it off. Between decodes. */
 int  gs_engine_set_prompt_cpu_experts(gs_engine *e, int n_cpu);
 int  gs_engine_set_generate_resident(gs_engine *e, const int *layers, int n, size_t reserve_bytes, int own);

@@ -117,6 +117,7 @@ struct gs_engine {
     struct {                          /* experts split while generating (gs_split.c) */
         int     n, n_upload, n_used;  /* layers split; experts of a ubatch uploaded per layer now; routed per token */
         int     prompt_cpu;           /* prompt phase: the last experts of each split layer the CPU computes */
+        gs_piece *prompt_up;          /* ... and the ring's uploads without them (NULL: e->up) */
         int     n_max;                /* room in the region for uploaded experts (the zero ones follow) */
         struct {                      /* GS_SPLIT_AUTO: n_upload timed over one-row decodes, lo..hi in turn */
             int    lo, hi, runs;      /* candidates; runs timed so far (hi < lo: chosen) */
@@ -204,7 +205,7 @@ void split_settle(gs_engine *e);
 void split_free(gs_engine *e);
 size_t expert_stride(const gs_engine *e, int layer, int m);   /* bytes of one expert of split tensor m */
 /* gs_split_prompt.c: the split layers' uploads leave out their last n_cpu experts (0: none) */
-void prompt_uploads(gs_engine *e, int n_cpu);
+int  prompt_uploads(gs_engine *e, int n_cpu);
 
 /* gs_repack.c */
 void point_home(gs_engine *e, int layer);

@@ -149,8 +149,7 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
  * then whether it reads a split layer's experts (they live in the region's
  * buffer while generating), which must come after the layer's routing. */
 static int split_now(const gs_engine *e) {   /* generating, or prompts with CPU experts */
-    return e->split.n && (e->phase == GS_PHASE_GENERATE || e->split.prompt_cpu > 0);
-}
+    return e->split.n && (e->phase == GS_PHASE_GENERATE || e->split.prompt_cpu); }
 
 int split_ask(gs_engine *e, const struct gs_tensor *t) {
     if (!split_now(e)) return 0;
@@ -356,6 +355,7 @@ static int route(gs_engine *e, int layer) {
     e->ctr.split_layers++;
     e->ctr.split_prompt_layers += prompt;
     e->split.routed[layer] = 1;
+    if (prompt && !n_jobs) e->split.mode[layer] = 0;   /* nothing routed to the CPU: no second boundary */
     if (timed && one && !rc) tune_record(e, now_s() - t_start);
     return rc;
 }
@@ -424,7 +424,7 @@ void split_point(gs_engine *e, int layer) {
 }
 
 void split_free(gs_engine *e) {
-    if (e->split.prompt_cpu) prompt_uploads(e, 0);
+    if (e->split.prompt_cpu) (void)prompt_uploads(e, 0);   /* its slot copies go (drained) */
     split_pool_free(e->split.pool);
     e->split.pool = NULL;
     if (e->split.buf) G.buffer_free(e->split.buf);

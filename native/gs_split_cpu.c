@@ -129,44 +129,42 @@ static void quantize_row(struct split_pool *p, int r) {
                                                        p->xq + (size_t)r * 2 * p->xq_row + m * p->xq_row, p->n_embd);
 }
 
+/* Matrix m's rows r0..r1 of unit u's expert against each of its jobs'
+ * inputs (x quantized for gate / up, the activation for down): a tile of
+ * TILE_ROWS weight rows stays in L1 while the jobs pass (ggml's tiles). */
+static void unit_rows(struct split_pool *p, int m, int u, int r0, int r1) {
+    int a = p->unit_at[u], b = p->unit_at[u + 1], expert = p->jobs[p->perm[a]].expert;
+    int down = m == W_DOWN, n = down ? p->n_ff : p->n_embd;
+    size_t out_n = down ? p->n_embd : p->n_ff;
+    const char *w = p->src[m] + (size_t)expert * p->nb2[m];
+    float *outs = m == W_GATE ? p->g : m == W_UP ? p->u : p->y;
+    for (int rb = r0; rb < r1; rb += TILE_ROWS)
+        for (int k = a; k < b; k++) {
+            int j = p->perm[k];
+            const char *in = down ? p->hq + (size_t)j * p->hq_row
+                                  : p->xq + (size_t)p->jobs[j].row * 2 * p->xq_row + (size_t)m * p->xq_row;
+            float *out = outs + (size_t)j * out_n;
+            for (int r = rb; r < rb + TILE_ROWS && r < r1; r++)
+                p->tr[m]->vec_dot(n, &out[r], 0, w + r * p->nb1[m], 0, in, 0, 1);
+        }
+    for (int k = a; k < b; k++) add_bias(outs + (size_t)p->perm[k] * out_n, p->bias[m], p->bias_nb1[m], expert, r0, r1);
+}
+
 static void do_task(struct split_pool *p, int ph, int i) {
     if (ph == 0) {                /* a row quantized (a prompt's many rows: in parallel) */
         quantize_row(p, i);
     } else if (ph == 1) {         /* gate and up rows: unit, matrix, chunk */
-        int per_unit = 2 * p->chunks_ff, u = i / per_unit, m = (i % per_unit) / p->chunks_ff;
-        int r0 = (i % p->chunks_ff) * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
-        int a = p->unit_at[u], b = p->unit_at[u + 1], expert = p->jobs[p->perm[a]].expert;
-        const char *w = p->src[m] + (size_t)expert * p->nb2[m];
-        float *outs = m == W_GATE ? p->g : p->u;
-        for (int rb = r0; rb < r1; rb += TILE_ROWS)   /* weight rows in L1 while the unit's jobs pass (ggml's tiles) */
-            for (int k = a; k < b; k++) {
-                const cpu_job *jb = &p->jobs[p->perm[k]];
-                const char *xq = p->xq + (size_t)jb->row * 2 * p->xq_row + (size_t)m * p->xq_row;
-                float *out = &outs[(size_t)p->perm[k] * p->n_ff];
-                for (int r = rb; r < rb + TILE_ROWS && r < r1; r++)
-                    p->tr[m]->vec_dot(p->n_embd, &out[r], 0, w + r * p->nb1[m], 0, xq, 0, 1);
-            }
-        for (int k = a; k < b; k++)
-            add_bias(outs + (size_t)p->perm[k] * p->n_ff, p->bias[m], p->bias_nb1[m], expert, r0, r1);
+        int per_unit = 2 * p->chunks_ff, r0 = (i % p->chunks_ff) * CHUNK_ROWS;
+        int r1 = r0 + CHUNK_ROWS < p->n_ff ? r0 + CHUNK_ROWS : p->n_ff;
+        unit_rows(p, (i % per_unit) / p->chunks_ff, i / per_unit, r0, r1);
     } else if (ph == 2) {         /* the activation, quantized for down */
         float *g = p->g + (size_t)i * p->n_ff, *u = p->u + (size_t)i * p->n_ff;
         if (p->oai) swiglu_oai(p->n_ff, g, g, u);
         else swiglu(p->n_ff, g, g, u);
         traits_cpu(p->tr[W_DOWN]->vec_dot_type)->from_float(g, p->hq + (size_t)i * p->hq_row, p->n_ff);
     } else {                      /* down rows: unit, chunk */
-        int u = i / p->chunks_embd, r0 = (i % p->chunks_embd) * CHUNK_ROWS;
-        int r1 = r0 + CHUNK_ROWS < p->n_embd ? r0 + CHUNK_ROWS : p->n_embd;
-        int a = p->unit_at[u], b = p->unit_at[u + 1], expert = p->jobs[p->perm[a]].expert;
-        const char *w = p->src[W_DOWN] + (size_t)expert * p->nb2[W_DOWN];
-        for (int rb = r0; rb < r1; rb += TILE_ROWS)
-            for (int k = a; k < b; k++) {
-                int j = p->perm[k];
-                for (int r = rb; r < rb + TILE_ROWS && r < r1; r++)
-                    p->tr[W_DOWN]->vec_dot(p->n_ff, &p->y[(size_t)j * p->n_embd + r], 0, w + r * p->nb1[W_DOWN], 0,
-                                           p->hq + (size_t)j * p->hq_row, 0, 1);
-            }
-        for (int k = a; k < b; k++)
-            add_bias(p->y + (size_t)p->perm[k] * p->n_embd, p->bias[W_DOWN], p->bias_nb1[W_DOWN], expert, r0, r1);
+        int r0 = (i % p->chunks_embd) * CHUNK_ROWS;
+        unit_rows(p, W_DOWN, i / p->chunks_embd, r0, r0 + CHUNK_ROWS < p->n_embd ? r0 + CHUNK_ROWS : p->n_embd);
     }
 }
 

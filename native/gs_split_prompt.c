@@ -1,29 +1,48 @@
 /* Prompts with part of the split layers' experts on the CPU
  * (gs_engine_set_prompt_cpu_experts): the uploads that leave them out. The
  * hook's side is gs_split.c's, at the boundaries the generate phase takes. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "gs_engine.h"
 #include "gs_split.h"
 
-/* ---- prompts: the last experts on the CPU -------------------------------------- */
+/* Slot copies of the old extent leave (copies in flight land first; a slot
+ * an aborted decode left in use too): none is adopted with the wrong one. */
+static int forget_slots(gs_engine *e) {
+    if (!e->ring) return GS_OK;
+    gs_ring_keep_first(e->ring, GS_PHASE_PROMPT);   /* in-use slots back to ready */
+    return gs_ring_discard(e->ring);
+}
 
-/* The split layers' expert tensors upload all but their last n_cpu experts
- * (the expert index is their outermost dimension); the copy engine zeroes a
- * piece's bytes beyond nbytes up to its slot size. */
-void prompt_uploads(gs_engine *e, int n_cpu) {
+/* The ring's uploads of the split layers (e->split.prompt_up, beside the full
+ * pieces that the generate-resident region's copies use) leave out their
+ * expert tensors' last n_cpu experts (the expert index is their outermost
+ * dimension); the copy engine zeroes a piece's bytes beyond nbytes up to its
+ * slot size. Split layers never stream through the slots while generating. */
+int prompt_uploads(gs_engine *e, int n_cpu) {
+    int rc = forget_slots(e);
+    free(e->split.prompt_up);
+    e->split.prompt_up = NULL;
+    e->split.prompt_cpu = 0;
+    gs_piece *up = n_cpu && !rc ? malloc((size_t)e->n_recs * sizeof *up) : NULL;
+    if (n_cpu && !rc && !up) rc = fail(GS_E_NOMEM, "set_prompt_cpu_experts: malloc");
+    if (up) memcpy(up, e->up, (size_t)e->n_recs * sizeof *up);
     for (int i = 0; i < e->cfg.n_layer; i++) {
         if (!is_split(e, i)) continue;
         uint64_t left_out = 0;
-        for (int m = 0; m < SPLIT_TENSORS; m++) {
+        for (int m = 0; m < SPLIT_TENSORS && up; m++) {
             int k = e->split.rec[i][m];
             if (k < 0) continue;
-            const struct gs_tensor *t = e->recs[k].t;
-            size_t n_expert = (size_t)(m < B_GATE ? t->ne[2] : t->ne[1]), stride = expert_stride(e, i, m);
-            e->up[k].nbytes = (n_expert - (size_t)n_cpu) * stride;
+            size_t stride = expert_stride(e, i, m);
+            up[k].nbytes -= (size_t)n_cpu * stride;
             left_out += (uint64_t)n_cpu * stride;
         }
         if (e->ring) (void)gs_ring_set_layer_bytes(e->ring, i, e->layers[i].bytes - left_out);   /* in range */
     }
-    e->split.prompt_cpu = n_cpu;
+    e->split.prompt_up = up;
+    e->split.prompt_cpu = up ? n_cpu : 0;
+    return rc;
 }
 
 int gs_engine_set_prompt_cpu_experts(gs_engine *e, int n_cpu) {
@@ -37,8 +56,5 @@ int gs_engine_set_prompt_cpu_experts(gs_engine *e, int n_cpu) {
                         n_expert, n_expert - 1);
     }
     int rc = switch_phase(e, GS_PHASE_PROMPT);
-    if (!rc) rc = gs_ring_discard(e->ring);   /* slot copies of the old extent */
-    if (rc) return rc;
-    prompt_uploads(e, n_cpu);
-    return GS_OK;
+    return rc ? rc : prompt_uploads(e, n_cpu);
 }

@@ -260,8 +260,8 @@ def test_cuda_budget_just_below_the_estimated_minimum_streams_if_measured_to_fit
         peak = m.stats.vram_peak_bytes
         print(f"budget {budget}, streamed {streamed} ({m.stats.mode}), peak {peak}")
         assert peak <= budget
-        if streamed:
-            assert m.plan.streamed == tuple(range(m.plan.n_layer)) and m.plan.n_slots == 1
+        # the tiny model's measured minimum is far under its estimate (64 MiB for lazily loaded kernels)
+        assert streamed and m.plan.streamed == tuple(range(m.plan.n_layer)) and m.plan.n_slots == 1
 
 
 def test_cuda_no_placement_plans_for_the_free_vram(tiny_path):

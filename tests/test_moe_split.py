@@ -108,6 +108,34 @@ def test_prompt_cpu_experts_equal_stock(moe_case, n_cpu):
     assert c.split_cpu > 0
     assert tokens == ref_tokens
     assert rel_diff(logits, ref_logits) <= prompt_tol(path)
+    if read_model(path).arch == "qwen3moe":  # the prompt's own logits: stock's bits (the rest: the generate split's)
+        assert np.array_equal(logits[0], ref_logits[0])
+
+
+def test_prompt_cpu_experts_with_generate_resident_layers(tiny_moe_path):
+    """A split layer kept resident while generating is copied whole into its
+    region (the slots' uploads leave its CPU experts out, the region's must
+    not: no CPU part is added there)."""
+    from gguf_stream.model import StockModel
+
+    E = expert_layers(tiny_moe_path)
+    with StockModel(tiny_moe_path, n_gpu_layers=0, **CPU) as stock:
+        prompt = stock.tokenize(PROMPT * 3)
+        ref_tokens, ref_logits = stock.generate(prompt, N_GEN, with_logits=True)
+    with split_model(tiny_moe_path, 1, prompt_cpu_experts=6, generate_resident=(E[0],)) as m:
+        assert E[0] in m.streamer.split_experts
+        m.engine.set_generate_resident((E[0],), own=True)  # host mode: a region of its own (no GPU compute buffer)
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        c = m.stats.counters
+        assert c.gen_resident_loads > 0 and c.split_prompt_layers > 0
+    assert tokens == ref_tokens and rel_diff(logits, ref_logits) <= TOL
+
+
+def test_prompt_cpu_experts_without_split_layers_says_so(tiny_moe_path, capsys):
+    with split_model(tiny_moe_path, "off", prompt_cpu_experts=3) as m:
+        m.generate(m.tokenize(PROMPT * 3), 2)
+        assert m.stats.counters.split_prompt_layers == 0
+    assert "prompt_cpu_experts ignored: no expert layers split here" in capsys.readouterr().err
 
 
 def test_prompt_cpu_experts_swapped_sources_differ(moe_case):

@@ -35,8 +35,8 @@ def parse_budgets(spec: str, model_bytes: int) -> list[Budget]:
                 factor = float(part[:-1])
             except ValueError:
                 raise ValueError(f"cannot read budget {part!r}: use e.g. 0.5x, 4GiB or all") from None
-            if factor <= 0:
-                raise ValueError(f"budget factor must be positive, got {part!r}")
+            if not 0 < factor < float("inf"):
+                raise ValueError(f"budget factor must be a positive number, got {part!r}")
             out.append(Budget(part, int(factor * model_bytes)))
         else:
             out.append(Budget(part, parse_size(part)))

@@ -354,7 +354,10 @@ def explicit_placement(args, mf) -> dict | None:
         if max(layers) >= mf.n_layer:
             raise ValueError(f"--streamed-layers {args.streamed_layers}: the model has layers 0..{mf.n_layer - 1}")
     if is_relative(args.vram_budget):  # the bench's 'Nx': N times the model file's bytes
-        return {"vram_budget": parse_budgets(args.vram_budget, mf.total_bytes)[0].nbytes}
+        budgets = parse_budgets(args.vram_budget, mf.total_bytes)
+        if len(budgets) > 1:
+            raise ValueError(f"--vram-budget {args.vram_budget}: give one budget (the bench takes a list)")
+        return {"vram_budget": budgets[0].nbytes}
     for name in ("n_streamed", "streamed_layers", "vram_budget"):
         if getattr(args, name) is not None:
             return {}  # the flag's own value, in engine_options
