@@ -138,9 +138,9 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
     }
     if ((i = split_layer_of(e, t, "ffn_moe_weights-")) >= 0 && e->split.mode[i] == MODE_TWO) return 1;
     if ((i = split_layer_of(e, t, "ffn_moe_weighted-")) >= 0 && e->split.mode[i] == MODE_TWO) {
-        e->split.w[i] = t->src[1];
+        e->split.w[i] = t->src[1];   /* read once this node is done: later nodes may reuse its memory */
         learn_weights_node(e, t->src[1]);
-        return 0;
+        return 1;
     }
     return (i = split_layer_of(e, t, "ffn_moe_out-")) >= 0 && e->split.mode[i] == MODE_TWO;
 }
@@ -360,17 +360,28 @@ static int route(gs_engine *e, int layer) {
     return rc;
 }
 
-/* MODE_TWO's second boundary, after ffn_moe_out-L: the CPU's part into the expert sum. */
+/* MODE_TWO, after ffn_moe_weighted-L: the final routing weights, while the
+ * nodes after it have not yet reused their memory (before, the read at
+ * ffn_moe_out-L found other data there in some graphs: qwen2moe's of 20 rows). */
+static int read_weights(gs_engine *e, int layer) {
+    struct gs_tensor *w = e->split.w[layer];
+    int n_rows = e->split.rows[layer], n_used = (int)e->split.ids[layer]->ne[0];
+    if (!w || w->type != 0 || !dense(w) || (size_t)w->ne[0] * w->ne[1] * w->ne[2] != (size_t)n_used * n_rows)
+        return fail(GS_E_GRAPH, "split experts: layer %d's routing weights were not as expected", layer);
+    stage_at at = stage_layout((size_t)n_used * n_rows, n_rows, layer_n_embd(e, layer));
+    int rc = dio(e, e->split.stage + at.w, w->data, (size_t)n_used * n_rows * sizeof(float), CUDA_D2H);
+    return rc ? rc : dio_sync(e);
+}
+
+/* MODE_TWO's last boundary, after ffn_moe_out-L: the CPU's part into the expert sum. */
 static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
     struct gs_tensor *w = e->split.w[layer];
     int n_rows = e->split.rows[layer], n_embd = layer_n_embd(e, layer), n_used = (int)e->split.ids[layer]->ne[0];
     if (!w || w->type != 0 || out->type != 0 || out->ne[0] != n_embd)
         return fail(GS_E_GRAPH, "split experts: layer %d's routing weights or expert sum were not as expected", layer);
-    size_t n_ids = (size_t)n_used * n_rows;
-    stage_at at = stage_layout(n_ids, n_rows, n_embd);
+    stage_at at = stage_layout((size_t)n_used * n_rows, n_rows, n_embd);   /* the weights: read at weighted */
     char *st = e->split.stage;
-    int rc = dio(e, st + at.w, w->data, n_ids * sizeof(float), CUDA_D2H);
-    if (!rc) rc = dio(e, st + at.y, out->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
+    int rc = dio(e, st + at.y, out->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
     if (!rc) rc = dio_sync(e);
     if (!rc) rc = add_cpu_part(e, layer, (const float *)(st + at.w), (float *)(st + at.y), out, n_used);
     if (!rc) rc = dio_sync(e);
@@ -405,6 +416,8 @@ void split_synced(gs_engine *e, struct gs_tensor *t) {
         rc = route(e, i);
     else if ((i = split_layer_of(e, t, "ffn_moe_weights-")) >= 0 && e->split.mode[i] == MODE_TWO && !e->split.routed[i])
         rc = route(e, i);
+    else if ((i = split_layer_of(e, t, "ffn_moe_weighted-")) >= 0 && e->split.mode[i] == MODE_TWO && e->split.routed[i])
+        rc = read_weights(e, i);
     else if ((i = split_layer_of(e, t, "ffn_moe_out-")) >= 0 && e->split.mode[i] == MODE_TWO && e->split.routed[i])
         rc = add_to_sum(e, i, t);
     if (rc) engine_fail(e, rc);
@@ -438,163 +451,3 @@ void split_free(gs_engine *e) {
     e->size.split_region_bytes = 0;
     e->size.split_n_upload = 0;
 }
-
-/* The layer's gate, up and down expert tensors among its records, and their
- * biases where it has them (gpt-oss). */
-static int find_experts(gs_engine *e, int layer, int rec[SPLIT_TENSORS]) {
-    static const char *names[SPLIT_TENSORS] = { ".ffn_gate_exps.weight", ".ffn_up_exps.weight", ".ffn_down_exps.weight",
-                                                ".ffn_gate_exps.bias", ".ffn_up_exps.bias", ".ffn_down_exps.bias" };
-    const layer_info *ly = &e->layers[layer];
-    for (int m = 0; m < SPLIT_TENSORS; m++) rec[m] = -1;
-    for (int k = ly->first; k < ly->first + ly->count; k++) {
-        const char *name = e->recs[k].t->name;
-        int m = 0;
-        while (m < SPLIT_TENSORS && !(strstr(name, names[m]) && !strcmp(strstr(name, names[m]), names[m]))) m++;
-        if (m < SPLIT_TENSORS) rec[m] = k;
-        else if (strstr(name, "_exps"))   /* scales indexed by the routed ids would read rewritten ones */
-            return fail(GS_E_INVALID, "split experts: layer %d has %s; only gate/up/down expert weights and biases "
-                        "can be split", layer, name);
-    }
-    for (int m = 0; m < 3; m++) {
-        if (rec[m] < 0)
-            return fail(GS_E_INVALID, "split experts: layer %d has no streamed %s tensor (separate gate, up and down "
-                        "expert tensors are needed)", layer, names[m] + 1);
-        const struct gs_tensor *t = e->recs[rec[m]].t;
-        if (!cpu_kernels_have(t->type) || t->ne[3] != 1)
-            return fail(GS_E_INVALID, "split experts: the CPU has no dot product for %s's type %d", t->name, t->type);
-    }
-    const struct gs_tensor *g = e->recs[rec[0]].t, *u = e->recs[rec[1]].t, *d = e->recs[rec[2]].t;
-    if (g->ne[0] != u->ne[0] || g->ne[1] != u->ne[1] || d->ne[0] != g->ne[1] || d->ne[1] != g->ne[0]
-        || g->ne[2] != u->ne[2] || g->ne[2] != d->ne[2])
-        return fail(GS_E_INVALID, "split experts: layer %d's expert tensors do not have gate/up [n_embd, n_ff, n] and "
-                    "down [n_ff, n_embd, n] shapes", layer);
-    for (int m = B_GATE; m < SPLIT_TENSORS; m++) {   /* a bias: F32 [rows of its matrix, n] */
-        const struct gs_tensor *b = rec[m] < 0 ? NULL : e->recs[rec[m]].t, *w = e->recs[rec[m - B_GATE]].t;
-        if (b && (b->type != 0 || b->ne[0] != w->ne[1] || b->ne[1] != w->ne[2] || b->ne[2] != 1 || b->ne[3] != 1))
-            return fail(GS_E_INVALID, "split experts: %s is not an F32 bias per expert [%lld, %lld]", b->name,
-                        (long long)w->ne[1], (long long)w->ne[2]);
-    }
-    if (e->split.n_max + e->split.n_used > g->ne[2])
-        return fail(GS_E_INVALID, "split experts: %d uploaded experts and %d zero ones (one per expert used) need %d "
-                    "experts per layer (it has %lld)", e->split.n_max, e->split.n_used,
-                    e->split.n_max + e->split.n_used, (long long)g->ne[2]);
-    return GS_OK;
-}
-
-/* GS_SPLIT_AUTO's candidates: a quarter to three quarters of the experts
- * used (PCIe and the CPU's memory at comparable rates share them about
- * evenly), as the region and the expert count allow. */
-static void tune_range(gs_engine *e, int layer) {
-    int n_expert = 0, u = e->split.n_used;
-    const layer_info *ly = layer >= 0 && layer < e->cfg.n_layer ? &e->layers[layer] : NULL;
-    for (int k = ly ? ly->first : 0; ly && k < ly->first + ly->count; k++)
-        if (strstr(e->recs[k].t->name, "_exps.weight")) n_expert = (int)e->recs[k].t->ne[2];
-    int lo = u / 4 > 1 ? u / 4 : 1, hi = (3 * u + 3) / 4;
-    if (hi > n_expert - u) hi = n_expert - u;
-    if (hi > GS_SPLIT_MAX_UPLOAD) hi = GS_SPLIT_MAX_UPLOAD;
-    if (hi - lo + 1 > GS_SPLIT_TUNE_CANDIDATES) hi = lo + GS_SPLIT_TUNE_CANDIDATES - 1;
-    if (lo > hi) lo = hi;                 /* few experts beyond those used: fewer candidates */
-    if (lo < 1) lo = hi = 1;              /* none: find_experts refuses the layer */
-    e->split.tune.lo = lo;
-    e->split.tune.hi = hi > lo ? hi : lo - 1;
-    e->split.tune.runs = 0;
-    e->split.n_max = hi > lo ? hi : lo;
-    e->split.n_upload = lo;
-}
-
-static int alloc_arrays(gs_engine *e) {
-    int n = e->cfg.n_layer;
-    e->split.on = calloc(n, 1);
-    e->split.rec = calloc(n, sizeof *e->split.rec);
-    e->split.off = calloc(n, sizeof *e->split.off);
-    e->split.x = calloc(n, sizeof *e->split.x);
-    e->split.ids = calloc(n, sizeof *e->split.ids);
-    e->split.w = calloc(n, sizeof *e->split.w);
-    e->split.inp = calloc(n, sizeof *e->split.inp);
-    e->split.mode = calloc(n, 1);
-    e->split.routed = calloc(n, 1);
-    e->split.rows = calloc(n, sizeof *e->split.rows);
-    if (!e->split.on || !e->split.rec || !e->split.off || !e->split.x || !e->split.ids || !e->split.w
-        || !e->split.inp || !e->split.mode || !e->split.routed || !e->split.rows)
-        return fail(GS_E_NOMEM, "split experts: calloc");
-    return GS_OK;
-}
-
-int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_upload, int n_used, int n_threads,
-                                int activation, int into_sum) {
-    if (!e->started) return fail(GS_E_INVALID, "set_split_experts: the engine has not started");
-    if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
-        return fail(GS_E_INVALID, "set_split_experts: the attached context reuses graphs built with the old placement");
-    if (n < 0 || (n > 0 && (n_upload < GS_SPLIT_AUTO || n_upload > GS_SPLIT_MAX_UPLOAD || n_used < 1
-                            || n_threads < 1 || (activation != GS_SPLIT_ACT_SWIGLU && activation != GS_SPLIT_ACT_OAI))))
-        return fail(GS_E_INVALID, "set_split_experts: %d layers, %d uploaded experts (0 .. %d, or %d: timed), %d used, "
-                    "%d threads, activation %d", n, n_upload, GS_SPLIT_MAX_UPLOAD, GS_SPLIT_AUTO, n_used, n_threads,
-                    activation);
-    int rc = switch_phase(e, GS_PHASE_PROMPT);
-    if (rc) return rc;
-    split_free(e);
-    generate_order(e);
-    if (n == 0) return GS_OK;
-    if ((rc = cpu_kernels_load()) || (rc = alloc_arrays(e))) { split_free(e); return rc; }
-    e->split.n_used = n_used;
-    e->split.oai = activation == GS_SPLIT_ACT_OAI;
-    e->split.into_sum = into_sum != 0;
-    e->split.n_upload = e->split.n_max = n_upload;
-    e->split.tune.lo = 1;                 /* tune.hi < lo: nothing to time */
-    e->split.tune.layer = -1;
-    if (n_upload == GS_SPLIT_AUTO) tune_range(e, layers[0]);
-    size_t align = G.buft_get_alignment(e->cfg.ring_buft), region = 0;
-    if (!align) align = 1;
-    /* Layers share the region, one at a time, but a tensor of one kind (gate,
-     * ..., down bias) lies at one offset per expert stride: a layer whose down
-     * experts are larger (Q6_K beside Q4_K, as Q4_K_M files mix) would
-     * otherwise upload over another layer's zero experts, which are never
-     * cleared again. */
-    struct { int m; size_t stride, off; } seg[64];
-    int n_seg = 0;
-    for (int k = 0; k < n && !rc; k++) {
-        int i = layers[k];
-        if (i < 0 || i >= e->cfg.n_layer || e->layers[i].count == 0)
-            rc = fail(GS_E_INVALID, "split experts: layer %d is not a streamed layer", i);
-        else if (e->layers[i].cpu_generate || e->layers[i].disk_bytes)
-            rc = fail(GS_E_INVALID, "split experts: layer %d is a CPU or disk-tier layer", i);
-        else if (!(rc = find_experts(e, i, e->split.rec[i]))) {
-            for (int m = 0; m < SPLIT_TENSORS && !rc; m++) {
-                if (e->split.rec[i][m] < 0) continue;
-                size_t stride = expert_stride(e, i, m);
-                int g = 0;
-                while (g < n_seg && !(seg[g].m == m && seg[g].stride == stride)) g++;
-                if (g == n_seg && n_seg == (int)(sizeof seg / sizeof *seg))
-                    rc = fail(GS_E_INVALID, "split experts: more than %d expert tensor layouts", n_seg);
-                else if (g == n_seg) {
-                    seg[n_seg++] = (typeof(*seg)){ m, stride, region };
-                    region = align_up(region + (size_t)(e->split.n_max + n_used) * stride + 512, align);
-                }
-                if (!rc) e->split.off[i][m] = seg[g].off;
-            }
-            e->split.on[i] = 1;
-        }
-    }
-    if (!rc) {
-        e->split.buf = G.buft_alloc_buffer(e->cfg.ring_buft, region);
-        if (!e->split.buf) rc = fail(GS_E_GGML, "split experts: no room for the %zu-byte device region", region);
-    }
-    if (!rc) {
-        G.buffer_set_usage(e->split.buf, GGML_USAGE_WEIGHTS);
-        G.buffer_clear(e->split.buf, 0);      /* the zero experts (and the padding after them) stay zero */
-        e->split.base = G.buffer_get_base(e->split.buf);
-        e->split.bytes = region;
-        rc = split_pool_create(n_threads - 1, &e->split.pool);
-    }
-    if (!rc && e->cfg.use_cuda) {
-        int err = C.StreamCreateWithFlags(&e->split.stream, CUDA_STREAM_NON_BLOCKING);
-        if (err) { e->split.stream = NULL; rc = cuda_fail("cudaStreamCreateWithFlags", err); }
-    }
-    if (rc) { split_free(e); return rc; }
-    e->split.n = n;
-    e->size.split_region_bytes = region;
-    e->size.split_n_upload = tuning(e) ? -1 : e->split.n_upload;
-    generate_order(e);
-    return GS_OK;
-}
-
