@@ -379,3 +379,23 @@ def test_split_into_sum_in_host_mode_where_a_shared_expert_follows(request, monk
     with split_model(request.getfixturevalue(f"{name}_path"), 1):
         pass
     assert seen == [into_sum]
+
+
+@pytest.mark.parametrize("n_upload", [0, 1])
+def test_split_decode_of_many_rows_equals_stock(tiny_qwen2moe_path, n_upload):
+    """A 20-row decode through the split (under the offload threshold: the
+    generate placement) in the two-boundary mode a shared expert takes: the
+    final routing weights are read right after their multiply (read at the
+    experts' sum, later nodes had reused their memory: 7.4e-3 off)."""
+    from gguf_stream.model import StockModel
+
+    with StockModel(tiny_qwen2moe_path, n_gpu_layers=0, **CPU) as stock:
+        tokens = stock.tokenize(PROMPT * 3)
+        stock.eval(tokens[:70])
+        stock.eval(tokens[70:90])
+        ref = stock.logits()
+    with split_model(tiny_qwen2moe_path, n_upload) as m:
+        m.eval(tokens[:70])
+        m.eval(tokens[70:90])
+        assert m.stats.counters.split_layers > 0
+        assert np.array_equal(m.logits(), ref)
