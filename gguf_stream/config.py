@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import EnvironmentMismatchError
+from .validate import LLAMA_MAX_EXPERTS
 
 ENV_CACHE = "GGUF_STREAM_CACHE"
 # llama.cpp's positions are int32 (llama_pos), its context sizes uint32: a
@@ -24,7 +25,6 @@ MAX_COPY_DELAY_US = 10_000_000
 # processes, CUDA context growth, fragmentation).
 GPU_HEADROOM = 1 << 30
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
-MAX_EXPERTS = 512  # LLAMA_MAX_EXPERTS
 # CPU layers take AMX's layout from this many rows per generate decode: on the
 # GPU box's Xeon (AMX; 8B shape, 32 CPU layers, 16 threads, host mode) AMX's
 # kernels took 7-18% longer than CPU_REPACK's for one row, 12-23% less for 8
@@ -206,7 +206,7 @@ class EngineConfig:
             if isinstance(self.moe_split, str):
                 raise ValueError(f"moe_split must be 'auto', 'off' or a number of experts, not {self.moe_split!r:.40}")
             check_int("moe_split", self.moe_split, 0, MAX_MOE_SPLIT)
-        check_int("prompt_cpu_experts", self.prompt_cpu_experts, 0, MAX_EXPERTS)
+        check_int("prompt_cpu_experts", self.prompt_cpu_experts, 0, LLAMA_MAX_EXPERTS)
         check_kv_types(self.type_k, self.type_v, self.flash_attn)
         for name in ("kv_unified", "prefetch", "cpu_layer_host_kv", "cpu_layer_device", "graph_reuse", "calibrate_on_tokens",
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):

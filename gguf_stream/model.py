@@ -476,9 +476,7 @@ def streamed_vram_peak(path, config: EngineConfig) -> int | None:
     resident while generating use the prompt's compute buffer."""
     probe = replace(config, generate_cpu_layers="none", moe_split="off", generate_resident="none", progress=False)
     with StreamedModel(path, probe) as m:
-        m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
-        m.synchronize()
-        return m.stats.vram_peak_bytes
+        return _first_ubatch_peak(m, config)
 
 
 def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig, n_cpu_moe: int = 0) -> int | None:
@@ -487,9 +485,14 @@ def stock_vram_peak(path, n_gpu_layers: int, config: EngineConfig, n_cpu_moe: in
     grow at first use); None when nothing was measured (no layer on the
     GPU). Raises GGUFStreamError where llama.cpp cannot load it."""
     with StockModel(path, n_gpu_layers, config=replace(config, vram_budget=None), n_cpu_moe=n_cpu_moe) as m:
-        m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
-        m.synchronize()
-        return m.stats.vram_peak_bytes
+        return _first_ubatch_peak(m, config)
+
+
+def _first_ubatch_peak(m, config: EngineConfig) -> int | None:
+    """The loaded model's VRAM peak after one full ubatch (compute pools grow at first use)."""
+    m.eval([max(m.token_bos(), 0)] + [1] * (min(config.n_ubatch, config.n_ctx) - 1))
+    m.synchronize()
+    return m.stats.vram_peak_bytes
 
 
 def load(path: str | os.PathLike, **options) -> StreamedModel:

@@ -28,13 +28,6 @@ static void violation(gs_engine *e, const char *fmt, ...) {
     }
 }
 
-/* Stricter than ggml_is_contiguous (which skips the strides of dimensions of
- * size 1): where they differ the weight keeps CPU_REPACK's layout, the safe side. */
-static int f32_contiguous(const struct gs_tensor *t) {
-    return t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
-        && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
-}
-
 /* The row multiple AMX's kernels need in a weight of this ggml type (0: they
  * do not take it): ggml-cpu/amx/amx.cpp's supports_op. */
 static int amx_alignment(int type) {
@@ -62,7 +55,7 @@ static unsigned cpu_forms_of_use(const struct gs_tensor *node, int k, const stru
     if (op && strcmp(op, "MUL_MAT_ID") == 0) return stacked ? 1u << CPU_FORM_REPACK : 0;
     if (!op || strcmp(op, "MUL_MAT") != 0 || stacked) return 0;
     int align = amx_alignment(src->type);
-    int amx = align && src->ne[0] % align == 0 && node->ne[0] % 32 == 0 && f32_contiguous(rows);
+    int amx = align && src->ne[0] % align == 0 && node->ne[0] % 32 == 0 && f32_dense(rows);
     return 1u << CPU_FORM_REPACK | (amx ? 1u << CPU_FORM_AMX : 0);
 }
 

@@ -169,6 +169,13 @@ struct gs_engine {
     } tl;
 };
 
+/* F32 rows laid end to end (every stride; stricter than ggml_is_contiguous,
+ * which skips those of dimensions of size 1). */
+static inline int f32_dense(const struct gs_tensor *t) {
+    return t->nb[0] == 4 && t->nb[1] == 4 * (size_t)t->ne[0] && t->nb[2] == t->nb[1] * (size_t)t->ne[1]
+           && t->nb[3] == t->nb[2] * (size_t)t->ne[2];
+}
+
 /* gs_engine.c: keep the first failure (and gs_last_error's message) for gs_engine_get_status. */
 void engine_fail(gs_engine *e, int code);
 
@@ -198,6 +205,12 @@ void gr_free(gs_engine *e);
 
 /* gs_split.c; a layer whose experts are split while generating */
 static inline int is_split(const gs_engine *e, int layer) { return e->split.on && e->split.on[layer]; }
+/* GS_SPLIT_AUTO still timing its candidates (tune.hi < lo: chosen, or nothing to time) */
+static inline int tuning(const gs_engine *e) { return e->split.tune.hi >= e->split.tune.lo; }
+/* a split layer's experts per expert tensor */
+static inline int layer_n_expert(const gs_engine *e, int layer) {
+    return (int)e->recs[e->split.rec[layer][0]].t->ne[2];
+}
 int  split_ask(gs_engine *e, const struct gs_tensor *t);
 void split_synced(gs_engine *e, struct gs_tensor *t);
 void split_point(gs_engine *e, int layer);

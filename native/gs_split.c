@@ -234,8 +234,6 @@ static expert_mats layer_mats(const gs_engine *e, int layer) {
 /* GS_SPLIT_AUTO: this one-row layer run's n_upload, the candidates in turn,
  * the turn shifted at each decode (with as many split layers as candidates,
  * or a multiple, a layer would otherwise always time the same one). */
-static int tuning(const gs_engine *e) { return e->split.tune.hi >= e->split.tune.lo; }
-
 static void tune_pick(gs_engine *e) {
     int n_cand = e->split.tune.hi - e->split.tune.lo + 1, k = (e->split.tune.runs + e->split.tune.decodes) % n_cand;
     while (e->split.tune.cnt[k] >= GS_SPLIT_TUNE_RUNS) k = (k + 1) % n_cand;   /* one not yet full: runs < total */
@@ -265,12 +263,6 @@ static void tune_record(gs_engine *e, double seconds) {
     e->split.tune.hi = lo - 1;
 }
 
-/* F32 rows laid end to end: what the staging copies assume. */
-static int dense(const struct gs_tensor *t) {
-    return t->nb[0] == 4 && t->nb[1] == (size_t)t->ne[0] * 4 && t->nb[2] == t->nb[1] * t->ne[1]
-           && t->nb[3] == t->nb[2] * t->ne[2];
-}
-
 /* The boundary where a layer's routing is known: read it, choose, rewrite
  * the ids, start the CPU, upload. MODE_ONE (the final weights and the
  * residual at hand): finish the CPU's part into the residual here too. */
@@ -278,10 +270,10 @@ static int route(gs_engine *e, int layer) {
     struct gs_tensor *ids = e->split.ids[layer], *x = e->split.x[layer], *w = e->split.w[layer], *inp = e->split.inp[layer];
     int one = e->split.mode[layer] == MODE_ONE;
     if (!ids || !x || ids->type != 26 /* GGML_TYPE_I32 */ || x->type != 0 /* F32 */
-        || (one && (!w || !inp || w->type != 0 || inp->type != 0 || !dense(w) || !dense(inp))) || !dense(x))
+        || (one && (!w || !inp || w->type != 0 || inp->type != 0 || !f32_dense(w) || !f32_dense(inp))) || !f32_dense(x))
         return fail(GS_E_GRAPH, "split experts: layer %d's routing tensors were not seen (or not I32 ids / contiguous F32 "
                     "input, weights and residual)", layer);
-    int n_used = (int)ids->ne[0], n_rows = (int)ids->ne[1], n_expert = (int)e->recs[e->split.rec[layer][0]].t->ne[2];
+    int n_used = (int)ids->ne[0], n_rows = (int)ids->ne[1], n_expert = layer_n_expert(e, layer);
     int n_embd = (int)x->ne[0];
     if (n_used > e->split.n_used)
         return fail(GS_E_GRAPH, "split experts: layer %d routes %d experts per token, the region has zero experts for %d",
@@ -366,7 +358,7 @@ static int route(gs_engine *e, int layer) {
 static int read_weights(gs_engine *e, int layer) {
     struct gs_tensor *w = e->split.w[layer];
     int n_rows = e->split.rows[layer], n_used = (int)e->split.ids[layer]->ne[0];
-    if (!w || w->type != 0 || !dense(w) || (size_t)w->ne[0] * w->ne[1] * w->ne[2] != (size_t)n_used * n_rows)
+    if (!w || w->type != 0 || !f32_dense(w) || (size_t)w->ne[0] * w->ne[1] * w->ne[2] != (size_t)n_used * n_rows)
         return fail(GS_E_GRAPH, "split experts: layer %d's routing weights were not as expected", layer);
     stage_at at = stage_layout((size_t)n_used * n_rows, n_rows, layer_n_embd(e, layer));
     int rc = dio(e, e->split.stage + at.w, w->data, (size_t)n_used * n_rows * sizeof(float), CUDA_D2H);

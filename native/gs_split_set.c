@@ -51,7 +51,7 @@ int gs_engine_set_prompt_cpu_experts(gs_engine *e, int n_cpu) {
     if (e->kv.attached && e->kv.reuse_min_batch && !e->kv.graphs_dropped)
         return fail(GS_E_INVALID, "set_prompt_cpu_experts: the attached context reuses graphs built with the old placement");
     for (int i = 0; i < e->cfg.n_layer; i++) {
-        int n_expert = is_split(e, i) ? (int)e->recs[e->split.rec[i][W_GATE]].t->ne[2] : 0;
+        int n_expert = is_split(e, i) ? layer_n_expert(e, i) : 0;
         if (is_split(e, i) && (n_cpu < 0 || n_cpu >= n_expert))
             return fail(GS_E_INVALID, "set_prompt_cpu_experts: %d of layer %d's %d experts (0 .. %d)", n_cpu, i,
                         n_expert, n_expert - 1);
@@ -214,7 +214,7 @@ int gs_engine_set_split_experts(gs_engine *e, const int *layers, int n, int n_up
     if (rc) { split_free(e); return rc; }
     e->split.n = n;
     e->size.split_region_bytes = region;
-    e->size.split_n_upload = e->split.tune.hi >= e->split.tune.lo ? -1 : e->split.n_upload;   /* timing: -1 */
+    e->size.split_n_upload = tuning(e) ? -1 : e->split.n_upload;
     generate_order(e);
     return GS_OK;
 }

@@ -30,7 +30,7 @@ def parse_budgets(spec: str, model_bytes: int) -> list[Budget]:
             continue
         if part.lower() == "all":
             out.append(Budget("all", None))
-        elif part.lower().endswith("x"):
+        elif is_relative(part):
             try:
                 factor = float(part[:-1])
             except ValueError:

@@ -147,10 +147,11 @@ def check_flags(args) -> None:
     penalty = getattr(args, "repeat_penalty", None)
     if penalty is not None and not (math.isfinite(penalty) and 0 < penalty <= 100):
         raise ValueError(f"--repeat-penalty must be a number over 0, at most 100 (1: off), got {penalty}")
-    if is_relative(args.vram_budget):
+    relative = is_relative(args.vram_budget)
+    if relative:
         parse_budgets(args.vram_budget, 1)  # 'Nx' is read against the model once it is known
     # the rest of the engine's checks (a quantized V cache without -fa, a budget, ...)
-    engine_config_of(args, **({"vram_budget": None} if is_relative(args.vram_budget) else {}))
+    engine_config_of(args, **({"vram_budget": None} if relative else {}))
     for flag, name in (("-p", "prompt"), ("-sys", "system_prompt")):
         check_utf8(flag, getattr(args, name, None))
 
