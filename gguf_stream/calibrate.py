@@ -274,9 +274,9 @@ class Calibrator:
 
     def _search_start(self, splits) -> int:
         """Where the split search starts: FIRST_TRIAL_MORE_CPU_LAYERS above
-        the model's pick (measured for one-row decodes)."""
-        bias = FIRST_TRIAL_MORE_CPU_LAYERS if self.rows == 1 else 0
-        return min(best_split(splits) + bias, len(splits) - 1)
+        the model's pick, for decodes of any row count (their rates' GPU
+        part is timed layer by layer too)."""
+        return min(best_split(splits) + FIRST_TRIAL_MORE_CPU_LAYERS, len(splits) - 1)
 
     def _spent(self, part: str, since: float) -> float:
         """Count the time since `since` to `part`; returns now."""

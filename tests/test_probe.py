@@ -71,6 +71,11 @@ def test_timeline_switches_cpu_layers_and_the_plan_says_so(tiny_path, capsys):
     out, _ = run(capsys, "timeline", tiny_path, *HOST, "--n-streamed", "4", "-n", "2", "--pp", "32", "-ub", "32")
     (pp,) = json_lines(out)
     assert pp["n_cpu"] == 0 and pp["uploads"] == 4.0
+    # a verify's decodes: 3 tokens each, one pass over the layers per decode, as a token's
+    out, _ = run(capsys, "timeline", tiny_path, *HOST, "--n-streamed", "4", "-n", "2", "--rows", "3", "--n-cpu", "0")
+    (verify,) = json_lines(out)
+    assert verify["rows"] == 3 and verify["uploads"] == 4.0
+    assert verify["tokens_per_s"] == pytest.approx(3e3 / verify["decode_ms"], rel=0.01)
 
 
 def test_sched_reports_the_cpu_layers_it_switched(tiny_path, capsys):

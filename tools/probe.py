@@ -281,16 +281,20 @@ def slots(a) -> None:
 @probe("timeline", "where a token's (--pp: a prompt's) time goes, per CPU-layer count", BUDGET, N_STREAMED,
        N_TOKENS, (("--n-cpu",), dict(type=int, nargs="*", metavar="N",
                                      help="CPU-layer counts (default: the engine's choice)")),
-       (("--pp",), dict(type=int, metavar="N", help="time prompts of N tokens (n_batch N) instead of tokens")))
+       (("--pp",), dict(type=int, metavar="N", help="time prompts of N tokens (n_batch N) instead of tokens")),
+       (("--rows",), dict(type=int, default=1, metavar="K", help="decodes of K tokens of one sequence (a "
+                          "speculative verify), the split and CPU layout chosen for K rows (default 1)")))
 def timeline(a) -> None:
     """Automatic generate split (fresh rates) unless --n-cpu; a few warm-up
     tokens, then each of -n decodes bracketed with the engine's timeline:
-    one JSON line per CPU-layer count with ms per token for graph building
+    one JSON line per CPU-layer count with ms per decode for graph building
     (pre), CPU and GPU segments, the hook's work between segments and what
-    is left, segments per token, copy waits, the CPU layers' GB/s. With
-    --pp every overflow layer streams and each decode is a whole prompt."""
+    is left, segments per decode, copy waits, the CPU layers' GB/s. With
+    --pp every overflow layer streams and each decode is a whole prompt;
+    with --rows K each decode is K tokens of one sequence."""
     with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", calibrate_on_tokens=False, graph_reuse=False,
-                                   n_ctx=max(2176, (a.pp or 0) + 128), n_batch=a.pp or a.ubatch) as m:
+                                   n_ctx=max(2176, (a.pp or 0) + 128), n_batch=a.pp or a.ubatch,
+                                   generate_rows=a.rows) as m:
         e, splits, layer_bytes = m.engine, candidate_splits(m), read_model(a.model).layer_bytes
         bos = max(m.token_bos(), 0)
         prompt = workload_tokens(m, a.pp or 1, 0, 0)[0]
@@ -304,12 +308,12 @@ def timeline(a) -> None:
             for _ in range(a.n):
                 if a.pp:
                     m.reset()
-                bracketed(m, prompt if a.pp else [1])
+                bracketed(m, prompt if a.pp else [1] * a.rows)
             t, c = e.timeline_get(), e.counters()
             e.timeline(False)
             n = max(t.decodes, 1)
-            emit(n_cpu=n_cpu, n_streamed=len(m.plan.generate_overflow) - n_cpu,
-                 tokens_per_s=round(t.decodes * (a.pp or 1) / t.wall_s, 2),
+            emit(n_cpu=n_cpu, n_streamed=len(m.plan.generate_overflow) - n_cpu, rows=a.pp or a.rows,
+                 tokens_per_s=round(t.decodes * (a.pp or a.rows) / t.wall_s, 2),
                  **{f"{k}_ms": v for k, v in timeline_ms(t).items()},
                  cpu_segments=round(t.cpu_segments / n, 1), gpu_segments=round(t.gpu_segments / n, 1),
                  uploads=round(c.uploads / n, 1), boundaries=round(c.boundaries / n, 1),

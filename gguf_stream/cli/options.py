@@ -168,7 +168,8 @@ ENGINE_FLAGS = (
          lambda spec: parse_moe_split(spec)),
     Flag("prompt_cpu_experts", ("--prompt-cpu-experts",), GENERATE, "mixture-of-experts models whose CPU expert "
          "layers split (--moe-split): in prompts the CPU computes those layers' last N experts at the routing "
-         "boundary instead of uploading them (PCIe moves the rest; default 0: every expert streams)",
+         "boundary instead of uploading them (PCIe moves the rest; default 0: every expert streams; measured slower "
+         "on a PCIe gen5 H200, where the CPU's part outlasts the upload it saves)",
          dict(type=int, metavar="N")),
     Flag("exact", ("--exact",), GENERATE, "while generating, compute every layer on the GPU (streamed ones "
          "uploaded each token): tokens bit-identical to an all-in-VRAM run, slower. Default on CUDA: the CPU computes "
