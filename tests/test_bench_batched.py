@@ -31,6 +31,7 @@ def test_batched_bench_host(tiny_path, capsys):
     assert rc == 0, err
     assert "| parallel sequences | stock ngl=0 tg t/s | streamed tg t/s |" in out
     assert "| verify decode of k tokens |" in out and "context 2 x 256 cells" in out
+    assert "the verify rows share the context of 2 sequences" in out  # -npl 1 is speculative decoding's context
 
 
 def _run(mode, tg, verify, peak=None, budget=None):

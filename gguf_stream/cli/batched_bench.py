@@ -110,6 +110,9 @@ def cmd_batched_bench(args) -> int:
     notes.append(f"workload: -npp {w.n_prompt} -ntg {w.n_gen} -npl {','.join(map(str, w.parallel))}, context "
                  f"{_context(w)} for every load, -b {w.n_batch} -ub {w.n_ubatch}, "
                  f"median of {w.reps} after a warm-up; aggregate tg = sequences x steps / the steps' time")
+    if w.n_seq_max > 1 and max(w.verify) > 1:
+        notes.append(f"the verify rows share the context of {w.n_seq_max} sequences (their KV cache counts in the "
+                     "budget); speculative decoding runs one sequence: -npl 1 --verify ... measures its context")
     notes += checks(runs)
     meta = {"model": path.name}
     sys.stdout.write(render_md(runs, w, notes) if args.output == "md" else render_json(runs, w, notes, meta))
