@@ -74,6 +74,10 @@ STREAM_BOUND_TOLERANCE = 0.04
 # 32B-class at 8 GiB: 15 -> 20). Replayed on those four searches' recorded
 # trials, starting 3 above times 3-4 splits where 1 above timed 4-6, with
 # the same choice (the 32B's first load: 6 splits, 5.8 s of calibration).
+# Decodes of k rows too: the 8B's 8-row searches started at the pick (0 and 1)
+# stopped there, one CPU layer no faster than none, where 7-8 were 1.3x faster
+# (8-row decodes at 0.5x per CPU-layer count: 52, 62, 49, 42, 41, 44 ms for
+# 0, 2, .., 10; BENCHMARKS.md, twelfth session).
 FIRST_TRIAL_MORE_CPU_LAYERS = 3
 
 
