@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue #18's verify decode on the GPU box, where its time goes: the 8B shape's 8-row decodes per CPU-layer
+# count at CPU thread counts THREADS (default "16 14 12": llama.cpp's CPU layers share the 16 vCPUs with the
+# engine's and CUDA's threads), then batched-bench's verify rows in one sequence's context (speculative
+# decoding's) at both budgets. From the repository root after `source .device/setup.sh`:
+#     bash tools/gpu_verify.sh            # BENCHMARKS.md, twelfth session, has the first run of both parts
+set -euo pipefail
+MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
+[ -f "$MODEL" ] || python3 -m gguf_stream.synth "$MODEL" --shape llama3-8b --type Q4_K --seed 0 -q
+SIZE=$(stat -c %s "$MODEL")
+for f in 0.5 0.25; do
+  budget=$(python3 -c "print(int($f * $SIZE))")
+  for t in ${THREADS:-16 14 12}; do
+    echo "== 8-row decodes, budget ${f}x, $t threads"
+    python3 tools/probe.py timeline "$MODEL" --budget "$budget" -ub 512 -t "$t" --rows 8 -n 12 \
+        --n-cpu ${N_CPU:-0 4 6 8 10 12} 2>&1 | grep '^{'
+  done
+done
+echo "== verify in one sequence's context"
+python3 -m gguf_stream batched-bench "$MODEL" --vram-budget 0.5x,0.25x -kvu -npp 128 -ntg 32 -npl 1 \
+    --verify 1,8 -r 3 2>&1 | grep -v '^\['
