@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #18's verify decode on the GPU box, where its time goes: the 8B shape's 8-row decodes per CPU-layer
-# count at CPU thread counts THREADS (default "16 14 12": llama.cpp's CPU layers share the 16 vCPUs with the
-# engine's and CUDA's threads), then batched-bench's verify rows in one sequence's context (speculative
+# count for each of RUNS (threads, or threads:OMP_WAIT_POLICY; default "16 14 12 16:active": llama.cpp's CPU
+# layers share the 16 vCPUs with the engine's and CUDA's threads, and OpenMP's may sleep through the GPU's
+# segments between them), then batched-bench's verify rows in one sequence's context (speculative
 # decoding's) at both budgets. From the repository root after `source .device/setup.sh`:
 #     bash tools/gpu_verify.sh            # BENCHMARKS.md, twelfth session, has the first run of both parts
 set -euo pipefail
@@ -10,10 +11,11 @@ MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 SIZE=$(stat -c %s "$MODEL")
 for f in 0.5 0.25; do
   budget=$(python3 -c "print(int($f * $SIZE))")
-  for t in ${THREADS:-16 14 12}; do
-    echo "== 8-row decodes, budget ${f}x, $t threads"
-    python3 tools/probe.py timeline "$MODEL" --budget "$budget" -ub 512 -t "$t" --rows 8 -n 12 \
-        --n-cpu ${N_CPU:-0 4 6 8 10 12} 2>&1 | grep '^{'
+  for run in ${RUNS:-16 14 12 16:active}; do   # threads[:OMP_WAIT_POLICY]: do OpenMP's threads sleeping
+    t=${run%%:*}; wait=${run#*:}; [ "$wait" = "$run" ] && wait=""   # through GPU segments cost the CPU layers?
+    echo "== 8-row decodes, budget ${f}x, $t threads${wait:+, OMP_WAIT_POLICY=$wait}"
+    env ${wait:+OMP_WAIT_POLICY=$wait} python3 tools/probe.py timeline "$MODEL" --budget "$budget" -ub 512 -t "$t" \
+        --rows 8 -n 12 --n-cpu ${N_CPU:-0 4 6 8 10 12} 2>&1 | grep -E '^\{|error' || true
   done
 done
 echo "== verify in one sequence's context"
