@@ -217,7 +217,8 @@ void split_point(gs_engine *e, int layer);
 void split_settle(gs_engine *e);
 void split_free(gs_engine *e);
 size_t expert_stride(const gs_engine *e, int layer, int m);   /* bytes of one expert of split tensor m */
-/* gs_split_prompt.c: the split layers' uploads leave out their last n_cpu experts (0: none) */
+/* gs_split_set.c: the ring's uploads of the split layers leave out their last n_cpu experts (0: none);
+ * drains the slots first */
 int  prompt_uploads(gs_engine *e, int n_cpu);
 
 /* gs_repack.c */

@@ -149,7 +149,8 @@ static int split_name(gs_engine *e, const struct gs_tensor *t) {
  * then whether it reads a split layer's experts (they live in the region's
  * buffer while generating), which must come after the layer's routing. */
 static int split_now(const gs_engine *e) {   /* generating, or prompts with CPU experts */
-    return e->split.n && (e->phase == GS_PHASE_GENERATE || e->split.prompt_cpu); }
+    return e->split.n && (e->phase == GS_PHASE_GENERATE || e->split.prompt_cpu);
+}
 
 int split_ask(gs_engine *e, const struct gs_tensor *t) {
     if (!split_now(e)) return 0;

@@ -106,7 +106,7 @@ static void read_ahead(gs_engine *e, int layer) {
 static int op_issue(void *ctx, int slot, int layer) {
     gs_engine *e = ctx;
     const layer_info *ly = &e->layers[layer];
-    const gs_piece *up = e->split.prompt_up ? e->split.prompt_up : e->up;   /* gs_split_prompt.c */
+    const gs_piece *up = e->split.prompt_up ? e->split.prompt_up : e->up;   /* gs_split_set.c */
     int rc = gs_copy_issue(e->copy, slot, slot_base(e, slot), &up[ly->first], ly->count);
     if (!rc) read_ahead(e, layer);
     return rc;

@@ -296,7 +296,7 @@ def timeline(a) -> None:
                                    n_ctx=max(2176, (a.pp or 0) + 128), n_batch=a.pp or a.ubatch,
                                    generate_rows=a.rows) as m:
         e, splits, layer_bytes = m.engine, candidate_splits(m), read_model(a.model).layer_bytes
-        bos = max(m.token_bos(), 0)
+        bos, rows = max(m.token_bos(), 0), a.pp or a.rows  # rows per timed decode
         prompt = workload_tokens(m, a.pp or 1, 0, 0)[0]
         for n_cpu in [0] if a.pp else a.n_cpu or [len(m.plan.cpu_layers)]:
             cpu = splits[n_cpu][0]
@@ -312,8 +312,8 @@ def timeline(a) -> None:
             t, c = e.timeline_get(), e.counters()
             e.timeline(False)
             n = max(t.decodes, 1)
-            emit(n_cpu=n_cpu, n_streamed=len(m.plan.generate_overflow) - n_cpu, rows=a.pp or a.rows,
-                 tokens_per_s=round(t.decodes * (a.pp or a.rows) / t.wall_s, 2),
+            emit(n_cpu=n_cpu, n_streamed=len(m.plan.generate_overflow) - n_cpu, rows=rows,
+                 tokens_per_s=round(t.decodes * rows / t.wall_s, 2),
                  **{f"{k}_ms": v for k, v in timeline_ms(t).items()},
                  cpu_segments=round(t.cpu_segments / n, 1), gpu_segments=round(t.gpu_segments / n, 1),
                  uploads=round(c.uploads / n, 1), boundaries=round(c.boundaries / n, 1),
