@@ -299,6 +299,9 @@ def timeline(a) -> None:
         bos, rows = max(m.token_bos(), 0), a.pp or a.rows  # rows per timed decode
         prompt = workload_tokens(m, a.pp or 1, 0, 0)[0]
         for n_cpu in [0] if a.pp else a.n_cpu or [len(m.plan.cpu_layers)]:
+            if n_cpu >= len(splits):
+                print(f"error: {n_cpu} CPU layers: only {len(splits) - 1} layers overflow", flush=True)
+                continue
             cpu = splits[n_cpu][0]
             switch_cpu_layers(m, cpu)
             m.reset()
