@@ -67,6 +67,9 @@ class EngineConfig:
     prefetch: bool = True
     host_copy_delay_us: int = 0  # host mode: simulate a slow link
     n_threads: int | None = None
+    # decodes of several tokens (prompts, batches, verifies): llama.cpp's
+    # n_threads_batch, -tb; None: n_threads
+    n_threads_batch: int | None = None
     # CPU weight repacking (llama.cpp's default): None = on, except in host
     # mode, where stock and streamed must use the same plain kernels.
     cpu_repack: bool | None = None
@@ -188,8 +191,9 @@ class EngineConfig:
         if 0 < self.n_ctx < self.n_seq_max:
             raise ValueError(f"n_ctx {self.n_ctx} is shared by n_seq_max {self.n_seq_max} sequences: give at least "
                              "one KV cell per sequence (n_ctx = sequences x cells per sequence)")
-        if self.n_threads is not None:
-            check_int("n_threads", self.n_threads, 1, max_threads())
+        for name in ("n_threads", "n_threads_batch"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, max_threads())
         if self.n_streamed is not None:
             check_int("n_streamed", self.n_streamed, 0, MAX_SLOTS)
         if self.n_slots is not None:
@@ -261,6 +265,11 @@ class EngineConfig:
         return self.n_threads or physical_cores()
 
     @property
+    def threads_batch(self) -> int:
+        """Threads of a decode of several tokens, as llama.cpp's -tb (default -t)."""
+        return self.n_threads_batch or self.threads
+
+    @property
     def planned_flash_attn(self) -> bool:
         """Whether the memory estimates assume flash attention: "auto" as
         resolve_flash_attn found it, else off (its compute buffer is the
@@ -281,8 +290,8 @@ class EngineConfig:
 ENGINE_OPTIONS = tuple(f.name for f in fields(EngineConfig) if not f.metadata.get("derived"))
 # EngineConfig fields llama_cpp.Llama takes too, under the same name: a front
 # end built on Llama (StreamedLlama, the server) passes them to both.
-SHARED_WITH_LLAMA = ("n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_threads", "type_k", "type_v", "use_mlock",
-                     "verbose")
+SHARED_WITH_LLAMA = ("n_ctx", "n_batch", "n_ubatch", "flash_attn", "n_threads", "n_threads_batch", "type_k",
+                     "type_v", "use_mlock", "verbose")
 
 
 def split_options(options: dict) -> tuple[dict, dict]:

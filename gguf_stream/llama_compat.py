@@ -96,8 +96,8 @@ IGNORED_LLAMA_OPTIONS = {
 }
 # Llama's defaults for the EngineConfig fields it takes too (SHARED_WITH_LLAMA):
 # StreamedLlama keeps them, being a Llama
-LLAMA_DEFAULTS = dict(n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=False, n_threads=None, type_k="f16",
-                      type_v="f16", use_mlock=False, verbose=True)
+LLAMA_DEFAULTS = dict(n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=False, n_threads=None, n_threads_batch=None,
+                      type_k="f16", type_v="f16", use_mlock=False, verbose=True)
 
 
 class IgnoredOptionWarning(UserWarning):
@@ -136,7 +136,8 @@ def engine_and_llama_options(options: dict) -> tuple[EngineConfig, dict]:
                              "flash_attn": shared["flash_attn"] if shared["flash_attn"] == "auto"
                              else bool(shared["flash_attn"]), "verbose": bool(shared["verbose"])})
     llama_kwargs.update(n_ctx=shared["n_ctx"], n_batch=shared["n_batch"], n_ubatch=shared["n_ubatch"],
-                        flash_attn=config.flash_attn is True, n_threads=shared["n_threads"],
+                        flash_attn=config.flash_attn is True, n_threads=config.threads,
+                        n_threads_batch=config.threads_batch,
                         type_k=kv_ggml_type(config.type_k), type_v=kv_ggml_type(config.type_v),
                         use_mlock=config.use_mlock, use_mmap=False, verbose=config.verbose)
     return config, llama_kwargs
@@ -164,9 +165,11 @@ class StreamedLlama(llama_cpp.Llama):
     default, whatever ``verbose`` says), ``whole_layers`` (see EngineConfig). Without a
     placement a GPU run plans for the free VRAM; host mode keeps every layer
     resident. The fields Llama has too (n_ctx, n_batch, n_ubatch, flash_attn
-    (also "auto", as llama.cpp's -fa), n_threads, type_k / type_v (ggml ids
-    or names such as "q8_0"), use_mlock, verbose) keep Llama's defaults and
-    reach both. ``graph_reuse`` is off by itself with ``logits_all``,
+    (also "auto", as llama.cpp's -fa), n_threads, n_threads_batch, type_k /
+    type_v (ggml ids or names such as "q8_0"), use_mlock, verbose) keep
+    Llama's defaults and reach both, but for the threads: the engine's (the
+    physical cores; n_threads_batch: n_threads), which its CPU layers are
+    measured with (Llama's: half the CPUs, all of them). ``graph_reuse`` is off by itself with ``logits_all``,
     ``embedding`` or a ``draft_model``. n_gpu_layers, split_mode, main_gpu,
     tensor_split and use_mmap are the engine's to decide: given, they warn
     (IgnoredOptionWarning) and are ignored.

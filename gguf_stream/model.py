@@ -91,7 +91,7 @@ class _Session:
         p = self._lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = c.n_ctx, c.n_batch, c.n_ubatch
         p.n_seq_max, p.kv_unified = c.n_seq_max, c.kv_unified
-        p.n_threads = p.n_threads_batch = c.threads
+        p.n_threads, p.n_threads_batch = c.threads, c.threads_batch
         p.flash_attn_type = llama_abi.flash_attn_type(c.flash_attn)
         p.type_k, p.type_v = kv_ggml_type(c.type_k), kv_ggml_type(c.type_v)
         p.no_perf = True

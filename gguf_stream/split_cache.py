@@ -108,7 +108,7 @@ def cache_key(path: str, config, device_total: int | None) -> str:
     key = [RATES_VERSION, platform.node(), str(device_total), os.path.abspath(path), str(st.st_size),
            str(int(st.st_mtime)), str(config.threads), str(config.repack),
            str(config.cpu_layer_host_kv), str(config.cpu_layer_device)]
-    return "|".join(key + ([f"rows={config.split_rows}"] if config.split_rows > 1 else []))
+    return "|".join(key + ([f"rows={config.split_rows}", f"tb={config.threads_batch}"] if config.split_rows > 1 else []))
 
 
 def split_lookup(path: str, config, device_total: int | None):

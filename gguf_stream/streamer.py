@@ -329,7 +329,7 @@ class Streamer:
         """Params of the engine's own short-lived contexts."""
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = SMALL_CONTEXT_CELLS, n_batch, n_batch
-        p.n_threads = p.n_threads_batch = self.config.threads
+        p.n_threads, p.n_threads_batch = self.config.threads, self.config.threads_batch
         # the run's KV types and attention (a quantized V cache needs flash
         # attention), so that calibration times what the run will do
         c = self.config

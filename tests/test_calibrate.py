@@ -191,6 +191,10 @@ def test_cache_key_names_what_the_rates_depend_on(tiny_path):
     assert a != cache_key(str(tiny_path), EngineConfig(n_threads=3), None)
     assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2, cpu_repack=False), None)
     assert a != cache_key(str(tiny_path), EngineConfig(n_threads=2), 80 << 30)
+    # -tb runs decodes of several rows: their splits only
+    assert a == cache_key(str(tiny_path), EngineConfig(n_threads=2, n_threads_batch=1), None)
+    rows = cache_key(str(tiny_path), EngineConfig(n_threads=2, generate_rows=8), None)
+    assert rows not in (a, cache_key(str(tiny_path), EngineConfig(n_threads=2, n_threads_batch=1, generate_rows=8), None))
 
 
 

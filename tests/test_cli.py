@@ -375,7 +375,7 @@ def test_ctrl_c_stops_cleanly_and_exits_130(gemma_path):
 
 def test_chat_threads_apply_to_batches_too(capsys, monkeypatch, gemma_path):
     """-t sets n_threads and n_threads_batch, as llama.cpp's -t does (llama_cpp.Llama
-    would otherwise run prompts on every core)."""
+    would otherwise run prompts on every core); -tb sets the second alone."""
     import gguf_stream.llama_compat as compat
 
     seen = {}
@@ -392,6 +392,9 @@ def test_chat_threads_apply_to_batches_too(capsys, monkeypatch, gemma_path):
     with pytest.raises(Refused):
         cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", *SMALL])
     assert seen["n_threads"] == seen["n_threads_batch"] == 3
+    with pytest.raises(Refused):
+        cli.main(["chat", str(gemma_path), "--device", "host", "-t", "3", "-tb", "2", *SMALL])
+    assert (seen["n_threads"], seen["n_threads_batch"]) == (3, 2)
 
 
 def test_plan_of_a_moe_model_places_experts_or_whole_layers(capsys, tiny_moe_path):

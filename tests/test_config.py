@@ -26,6 +26,7 @@ from gguf_stream.config import EngineConfig, cache_dir, cuda_available, physical
     (dict(n_ubatch=True), "n_ubatch must be .*got True"),
     (dict(n_threads=0), "n_threads must be at least 1"),
     (dict(n_threads=10**6), "n_threads must be at least 1 and at most"),
+    (dict(n_threads_batch=0), "n_threads_batch must be at least 1"),
     (dict(vram_budget=float("inf")), "size inf must be a finite number of bytes"),
     (dict(vram_budget=float("nan")), "size nan must be a finite number"),
     (dict(vram_budget=10**400), r"size 10{59} must be a finite number"),  # the value, cut short
@@ -57,7 +58,9 @@ def test_derived_options():
     assert EngineConfig(device="host").repack is False  # host mode: stock and streamed use plain kernels
     assert EngineConfig(device="cuda").repack is True
     assert EngineConfig(device="host", cpu_repack=True).repack is True
-    assert EngineConfig(n_threads=3).threads == 3
+    assert EngineConfig(n_threads=3).threads == 3 == EngineConfig(n_threads=3).threads_batch  # -tb: -t's
+    assert EngineConfig(n_threads=3, n_threads_batch=5).threads_batch == 5
+    assert EngineConfig().threads_batch == physical_cores()
     assert EngineConfig().threads == physical_cores() >= 1
     assert not EngineConfig().places_layers
     assert EngineConfig(vram_budget="1GiB").places_layers and EngineConfig(n_streamed=2).places_layers

@@ -198,6 +198,25 @@ def test_every_token_outputs_turn_graph_reuse_off(gemma_path):
         llm.close()
 
 
+def test_threads_of_the_context_are_the_engines(tiny_path):
+    """The context decodes on the threads the engine measures its CPU layers
+    with: n_threads_batch given (llama.cpp's -tb), else n_threads; not Llama's
+    defaults (half the CPUs, all of them). Checked on llama.cpp's context."""
+    from gguf_stream import llama_abi
+    from gguf_stream.config import physical_cores
+
+    lc = llama_abi.llama()
+    for given, want in ((dict(n_threads=2, n_threads_batch=1), (2, 1)), (dict(n_threads=1), (1, 1)),
+                        ({}, (physical_cores(), physical_cores()))):
+        llm = StreamedLlama(tiny_path, n_ctx=64, n_streamed=2, device="host", verbose=False, **given)
+        try:
+            c = llm._streamer.config
+            assert (c.threads, c.threads_batch) == want
+            assert (lc.llama_n_threads(llm.ctx), lc.llama_n_threads_batch(llm.ctx)) == want
+        finally:
+            llm.close()
+
+
 def test_context_0_plans_for_the_training_context(tiny_path):
     """n_ctx=0 is llama.cpp's "the training context": the plan (and its KV
     estimate) is for the context llama.cpp really allocates."""

@@ -36,6 +36,7 @@ SAMPLES = {
     "prefetch": [(False, ["--no-prefetch"], False)],
     "host_copy_delay_us": [(5, ["--host-copy-delay-us", "5"], 5)],
     "n_threads": [(3, ["-t", "3"], 3)],
+    "n_threads_batch": [(2, ["-tb", "2"], 2)],
     "cpu_repack": [(True, ["--repack"], True), (False, ["--no-repack"], False)],
     "generate_cpu_layers": [((3,), ["--generate-cpu-layers", "3"], (3,)),
                             ("auto", ["--generate-cpu-layers", "auto"], "auto")],

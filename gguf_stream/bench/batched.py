@@ -45,6 +45,7 @@ class BatchedWorkload:
     reps: int = 3
     seed: int = 42
     n_threads: int | None = None
+    n_threads_batch: int | None = None  # -tb: decodes of several rows (both sides)
     kv_unified: bool = False  # -kvu: one KV cache the sequences share
 
     def __post_init__(self):
@@ -160,7 +161,8 @@ class BatchedBench:
 
         return EngineConfig(n_ctx=self.w.n_ctx, n_batch=self.w.n_batch, n_ubatch=self.w.n_ubatch,
                             n_seq_max=self.w.n_seq_max, kv_unified=self.w.kv_unified, flash_attn=True, device=self.device,
-                            n_threads=self.w.n_threads, **{"calibrate_on_tokens": False, **kw})
+                            n_threads=self.w.n_threads, n_threads_batch=self.w.n_threads_batch,
+                            **{"calibrate_on_tokens": False, **kw})
 
     def stock(self, b: Budget, ngl: int) -> Run:
         from ..model import StockModel

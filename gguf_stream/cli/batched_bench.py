@@ -50,6 +50,8 @@ def add_parser(sub, parents) -> None:
     p.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N", help="physical batch (default 512)")
     p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N", help="timed repetitions (median)")
     p.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("-tb", "--threads-batch", type=int, metavar="N", help="CPU threads for decodes of several rows, "
+                   "stock's and ours, as llama-batched-bench's -tb (default: -t's)")
     p.add_argument("-ngl", "--n-gpu-layers", dest="ngl", type=int, metavar="N",
                    help="stock's -ngl for every budget (default: searched per budget)")
     p.add_argument("--n-streamed", type=int, metavar="K", help="host mode: streamed layers (default half)")
@@ -83,7 +85,7 @@ def cmd_batched_bench(args) -> int:
     parallel, verify = _numbers("-npl")(args.parallel), _numbers("--verify")(args.verify)
     w = BatchedWorkload(args.n_prompt, args.n_gen, parallel, verify, args.batch_size,
                         min(args.ubatch_size, args.batch_size), args.repetitions, n_threads=args.threads,
-                        kv_unified=args.kv_unified)
+                        n_threads_batch=args.threads_batch, kv_unified=args.kv_unified)
     progress = Progress(args.quiet)
     device = select_device(args.device)
     path = resolve(model_arg(args), progress=progress)

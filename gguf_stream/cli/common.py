@@ -132,6 +132,7 @@ def check_flags(args) -> None:
             ("-c", "n_ctx", 0, MAX_CONTEXT, "0: the model's training context"),
             ("-b", "n_batch", 1, MAX_CONTEXT, ""), ("-ub", "n_ubatch", 1, MAX_CONTEXT, ""),
             ("-t", "n_threads", 1, max_threads(), "8 per CPU at most"),
+            ("-tb", "n_threads_batch", 1, max_threads(), "8 per CPU at most"),
             ("--n-streamed", "n_streamed", 0, MAX_SLOTS, ""), ("--n-slots", "n_slots", 1, MAX_SLOTS, ""),
             ("-ngl", "n_gpu_layers", -1, MAX_CONTEXT, "-1: all"), ("--seed", "seed", -1, MAX_SEED, "-1: random"),
             ("--top-k", "top_k", 0, MAX_CONTEXT, "0: off"),
@@ -450,12 +451,12 @@ def streamed_llama(args, path, options: dict, **llama_kwargs):
 
 
 def threads(args) -> dict:
-    """-t as llama.cpp's tools take it: the prompt's threads too (no -tb here);
-    the physical cores by default (llama_cpp.Llama's is half the CPUs)."""
+    """-t and -tb as llama.cpp's tools take them: -tb is -t's unless given;
+    the physical cores by default (llama_cpp.Llama's are half the CPUs and all of them)."""
     from ..config import physical_cores
 
     n = args.n_threads or physical_cores()
-    return dict(n_threads=n, n_threads_batch=n)
+    return dict(n_threads=n, n_threads_batch=getattr(args, "n_threads_batch", None) or n)
 
 
 class CtrlC:

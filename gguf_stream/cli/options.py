@@ -148,6 +148,8 @@ ENGINE_FLAGS = (
          "llama.cpp's -kvu", dict(action="store_const", const=True)),
     Flag("n_threads", ("-t", "--threads"), CONTEXT, "CPU threads (default: the physical cores)",
          dict(type=int, metavar="N")),
+    Flag("n_threads_batch", ("-tb", "--threads-batch"), CONTEXT, "CPU threads for decodes of several tokens "
+         "(prompts, batches, speculative verifies), as llama.cpp's -tb (default: -t's)", dict(type=int, metavar="N")),
     Flag("use_mlock", ("--mlock",), CONTEXT, "lock the model's host memory in RAM, as llama.cpp's --mlock (streamed "
          "layers' pinned copies are locked anyway)", dict(action="store_const", const=True)),
     Flag(None, ("--no-mmap",), CONTEXT, "load without mmap: what gguf-stream always does (streamed layers live in "
