@@ -301,7 +301,7 @@ def test_split_for_rows_times_decodes_of_that_many_rows(tiny_path, tmp_path, mon
     monkeypatch.setenv("GGUF_STREAM_CACHE", str(tmp_path))
     with StreamedModel(tiny_path, **CPU, n_streamed=4, n_slots=2, generate_rows=5) as m:
         cal = Calibrator(m.streamer, m.model)
-        assert cal.rows == 5 and cache_key(tiny_path, m.config, None).endswith("|rows=5")
+        assert cal.rows == 5 and "|rows=5|" in cache_key(tiny_path, m.config, None)
         rows, decode = [], m.streamer.decode
         monkeypatch.setattr(m.streamer, "decode", lambda ctx, batch: rows.append(batch.n_tokens) or decode(ctx, batch))
         m.streamer.context_closing()
