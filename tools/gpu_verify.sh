@@ -4,7 +4,8 @@
 # layers share the 16 vCPUs with the engine's and CUDA's threads, and OpenMP's may sleep through the GPU's
 # segments between them), then batched-bench's verify rows in one sequence's context (speculative
 # decoding's) at both budgets. From the repository root after `source .device/setup.sh`:
-#     bash tools/gpu_verify.sh            # BENCHMARKS.md, twelfth session, has the first run of both parts
+#     bash tools/gpu_verify.sh            # BENCHMARKS.md, twelfth session, has the first run of both parts;
+# the thirteenth its thread runs (16 threads fastest for 8 rows too) and the verify with nothing streamed
 set -euo pipefail
 MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 [ -f "$MODEL" ] || python3 -m gguf_stream.synth "$MODEL" --shape llama3-8b --type Q4_K --seed 0 -q
