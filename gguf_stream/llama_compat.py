@@ -95,7 +95,8 @@ IGNORED_LLAMA_OPTIONS = {
                        "memory, which llama.cpp does not give a memory-mapped file"),
 }
 # Llama's defaults for the EngineConfig fields it takes too (SHARED_WITH_LLAMA):
-# StreamedLlama keeps them, being a Llama
+# StreamedLlama keeps them, being a Llama, but for the threads (None: the
+# engine's, which its CPU layers are measured with)
 LLAMA_DEFAULTS = dict(n_ctx=512, n_batch=512, n_ubatch=512, flash_attn=False, n_threads=None, n_threads_batch=None,
                       type_k="f16", type_v="f16", use_mlock=False, verbose=True)
 
@@ -169,8 +170,8 @@ class StreamedLlama(llama_cpp.Llama):
     type_v (ggml ids or names such as "q8_0"), use_mlock, verbose) keep
     Llama's defaults and reach both, but for the threads: the engine's (the
     physical cores; n_threads_batch: n_threads), which its CPU layers are
-    measured with (Llama's: half the CPUs, all of them). ``graph_reuse`` is off by itself with ``logits_all``,
-    ``embedding`` or a ``draft_model``. n_gpu_layers, split_mode, main_gpu,
+    measured with (Llama's: half the CPUs, all of them). ``graph_reuse`` is
+    off by itself with ``logits_all``, ``embedding`` or a ``draft_model``. n_gpu_layers, split_mode, main_gpu,
     tensor_split and use_mmap are the engine's to decide: given, they warn
     (IgnoredOptionWarning) and are ignored.
     """
