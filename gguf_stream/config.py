@@ -262,12 +262,12 @@ class EngineConfig:
 
     @property
     def threads(self) -> int:
-        return self.n_threads or physical_cores()
+        return thread_counts(self.n_threads, self.n_threads_batch)[0]
 
     @property
     def threads_batch(self) -> int:
-        """Threads of a decode of several tokens, as llama.cpp's -tb (default -t)."""
-        return self.n_threads_batch or self.threads
+        """Threads of a decode of several tokens, as llama.cpp's -tb."""
+        return thread_counts(self.n_threads, self.n_threads_batch)[1]
 
     @property
     def planned_flash_attn(self) -> bool:
@@ -460,6 +460,12 @@ def select_device(requested: str) -> str:
 
 
 # ------------------------------------------------------------------ machine
+
+def thread_counts(n_threads: int | None, n_threads_batch: int | None) -> tuple[int, int]:
+    """(-t, -tb) as llama.cpp's tools default them: the physical cores, and -tb -t's."""
+    n = n_threads or physical_cores()
+    return n, n_threads_batch or n
+
 
 @lru_cache(maxsize=None)
 def physical_cores() -> int:

@@ -451,12 +451,12 @@ def streamed_llama(args, path, options: dict, **llama_kwargs):
 
 
 def threads(args) -> dict:
-    """-t and -tb as llama.cpp's tools take them: -tb is -t's unless given;
-    the physical cores by default (llama_cpp.Llama's are half the CPUs and all of them)."""
-    from ..config import physical_cores
+    """-t and -tb as llama.cpp's tools take them (config.thread_counts), given
+    to front ends built on llama_cpp.Llama, whose defaults are half the CPUs and all of them."""
+    from ..config import thread_counts
 
-    n = args.n_threads or physical_cores()
-    return dict(n_threads=n, n_threads_batch=getattr(args, "n_threads_batch", None) or n)
+    n, n_batch = thread_counts(args.n_threads, getattr(args, "n_threads_batch", None))
+    return dict(n_threads=n, n_threads_batch=n_batch)
 
 
 class CtrlC:
