@@ -30,22 +30,6 @@ MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 # kernels took 7-18% longer than CPU_REPACK's for one row, 12-23% less for 8
 # rows and 23-28% less for 16 (two boxes; BENCHMARKS.md, tenth session).
 AMX_MIN_ROWS = 8
-# The fewest rows per generate decode (config.split_rows) for which cpu_gemm's
-# default turns our Q4_K kernel on.
-GEMM_MIN_ROWS = 2
-GEMM_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-
-
-@lru_cache(maxsize=None)
-def gemm_available() -> bool:
-    """Whether this CPU has what our Q4_K kernel needs (the native side checks
-    the same with cpuid: gs_gemm_available)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return all(flag in flags for flag in GEMM_CPU_FLAGS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,12 +73,6 @@ class EngineConfig:
     # CPU weight repacking (llama.cpp's default): None = on, except in host
     # mode, where stock and streamed must use the same plain kernels.
     cpu_repack: bool | None = None
-    # CPU layers' Q4_K matrices computed by our AVX-512 kernel (native/
-    # gs_gemm.c) for decodes of 1..GS_GEMM_MAX_ROWS tokens, from the host copy
-    # (no repacked copy of them): None = where the split is chosen for
-    # GEMM_MIN_ROWS rows or more and the CPU has AVX-512 VNNI, except in host
-    # mode (stock's kernels there); True / False.
-    cpu_gemm: bool | None = None
     # While generating, streamed layers the CPU computes from host memory
     # instead of uploading them: None (the default: "auto" on CUDA, "none" in
     # host mode, where there is no split to measure), "auto" (a split measured
@@ -238,7 +216,7 @@ class EngineConfig:
                      "host_memory_check", "use_mlock", "verbose", "exact", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        for name in ("cpu_repack", "cpu_gemm", "whole_layers"):
+        for name in ("cpu_repack", "whole_layers"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be None, True or False, not {getattr(self, name)!r}")
         if self.streamed_layers is not None:
@@ -281,13 +259,6 @@ class EngineConfig:
         the CPU has AMX; CPU_REPACK's otherwise), as llama.cpp's loader gives
         them first: only for generate decodes of AMX_MIN_ROWS rows or more."""
         return self.repack and self.split_rows >= AMX_MIN_ROWS
-
-    @property
-    def gemm(self) -> bool:
-        """Whether CPU layers' Q4_K matrices take our kernel (cpu_gemm)."""
-        if self.cpu_gemm is not None:
-            return self.cpu_gemm
-        return self.device != "host" and self.split_rows >= GEMM_MIN_ROWS and gemm_available()
 
     @property
     def threads(self) -> int:

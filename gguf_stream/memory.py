@@ -150,29 +150,16 @@ def shared_device_bytes(model: ModelFile) -> int:
 AMX_BLOCK_EXTRA = {"Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4), "IQ4_XS": (256, 2)}
 
 
-def amx_extra_bytes(model: ModelFile, gemm: bool = False) -> tuple[int, ...]:
+def amx_extra_bytes(model: ModelFile) -> tuple[int, ...]:
     """Per layer, what a copy of it in AMX's layout takes beyond its bytes:
     every 2-D weight of those types counted (an upper bound: AMX takes only
-    the matrix products' weights, CPU_REPACK and the plain copy keep their size).
-    With ``gemm`` our kernel takes the Q4_K ones (no copy, gemm_saved_bytes)."""
+    the matrix products' weights, CPU_REPACK and the plain copy keep their size)."""
     extra = [0] * model.n_layer
     for t in model.tensors:
-        if t.layer is not None and len(t.shape) == 2 and t.qtype in AMX_BLOCK_EXTRA and not (gemm and t.qtype == "Q4_K"):
+        if t.layer is not None and len(t.shape) == 2 and t.qtype in AMX_BLOCK_EXTRA:
             per_block, nbytes = AMX_BLOCK_EXTRA[t.qtype]
             extra[t.layer] += t.shape[0] // per_block * t.shape[1] * nbytes
     return tuple(extra)
-
-
-def gemm_saved_bytes(model: ModelFile) -> tuple[int, ...]:
-    """Per layer, the bytes of its 2-D Q4_K weights: a CPU layer's copy for
-    llama.cpp's kernels leaves them out where our kernel computes them
-    (EngineConfig.gemm; an upper bound: a matrix some other op reads gets
-    its copy)."""
-    saved = [0] * model.n_layer
-    for t in model.tensors:
-        if t.layer is not None and len(t.shape) == 2 and t.qtype == "Q4_K":
-            saved[t.layer] += t.nbytes
-    return tuple(saved)
 
 
 def input_embedding_bytes(model: ModelFile) -> int:

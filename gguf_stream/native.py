@@ -51,27 +51,6 @@ def cpu_extra_buft(name: str) -> int:
     return int(ffi.cast("uintptr_t", buft[0]))
 
 
-def gemm_available() -> bool:
-    """Whether this CPU runs our Q4_K kernel (native/gs_gemm.c)."""
-    return bool(lib.gs_gemm_available())
-
-
-def gemm_nodes() -> int:
-    """Graph nodes our Q4_K kernel has computed in this process."""
-    return int(lib.gs_gemm_nodes())
-
-
-def gemm_test(weights: bytes, n_rows: int, k: int, x) -> list[float]:
-    """Tests: our kernel's product of a Q4_K matrix (n_rows x k, GGUF bytes)
-    with rows of k floats, as out[c * n_rows + r]."""
-    rows = len(x) // k
-    xs = ffi.new("float[]", [float(v) for v in x])
-    out = ffi.new("float[]", rows * n_rows)
-    w = ffi.from_buffer(weights)
-    _check("gs_gemm_test", lib.gs_gemm_test(w, n_rows, k, xs, rows, out))
-    return list(out)
-
-
 def disk_buft() -> int:
     """The buffer type disk-tier tensors load into: plain CPU memory whose pages an armed load hands back."""
     buft = ffi.new("void **")
@@ -127,7 +106,7 @@ class Weight:
     layer: int | None
     nbytes: int
     viewed: bool
-    cpu_layouts: int = 0  # CPU_AMX | CPU_REPACK | CPU_GEMM: the CPU's layouts every use of it allows
+    cpu_layouts: int = 0  # CPU_AMX | CPU_REPACK: the CPU's repacked layouts every use of it allows
 
 
 @dataclass(frozen=True)
@@ -225,8 +204,7 @@ E_IO = lib.GS_E_IO  # a disk-tier read failed or the model file changed
 PHASE_PROMPT = lib.GS_PHASE_PROMPT
 SPLIT_AUTO = lib.GS_SPLIT_AUTO  # set_split_experts: the engine times how many experts to upload
 PHASE_GENERATE = lib.GS_PHASE_GENERATE
-CPU_AMX, CPU_REPACK, CPU_GEMM = lib.GS_CPU_AMX, lib.GS_CPU_REPACK, lib.GS_CPU_GEMM  # Weight.cpu_layouts bits
-GEMM_MAX_ROWS = lib.GS_GEMM_MAX_ROWS
+CPU_AMX, CPU_REPACK = lib.GS_CPU_AMX, lib.GS_CPU_REPACK  # Weight.cpu_layouts bits
 
 # Addresses of the two hooks, for llama_context_params.cb_eval.
 DISCOVER_CB = int(ffi.cast("uintptr_t", ffi.addressof(lib, "gs_engine_discover_cb")))
@@ -241,15 +219,14 @@ class Engine:
 
     def __init__(self, *, n_layer: int, n_slots: int, ring_buft: int, use_cuda: bool,
                  cuda_device: int = 0, prefetch: bool = True, host_copy_delay_us: int = 0,
-                 amx_buft: int = 0, repack_buft: int = 0, gemm_buft: int = 0, host_kv_buft: int = 0,
-                 disk_lookahead: int = 0,
+                 amx_buft: int = 0, repack_buft: int = 0, host_kv_buft: int = 0, disk_lookahead: int = 0,
                  staging_bytes: int = 0, host_staging: bool = False, disk_direct: bool = False,
                  disk_readers: int = 0):
         cfg = ffi.new("gs_engine_config *", {
             "n_layer": n_layer, "n_slots": n_slots, "ring_buft": ffi.cast("void *", ring_buft),
             "use_cuda": int(use_cuda), "cuda_device": cuda_device, "prefetch": int(prefetch),
             "host_copy_delay_us": host_copy_delay_us, "amx_buft": ffi.cast("void *", amx_buft),
-            "repack_buft": ffi.cast("void *", repack_buft), "gemm_buft": ffi.cast("void *", gemm_buft),
+            "repack_buft": ffi.cast("void *", repack_buft),
             "host_kv_buft": ffi.cast("void *", host_kv_buft), "disk_lookahead": disk_lookahead,
             "staging_bytes": staging_bytes, "host_staging": int(host_staging), "disk_direct": int(disk_direct),
             "disk_readers": disk_readers,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from .errors import BudgetError
 from .gguf_file import ModelFile
-from .memory import (GiB, MiB, amx_extra_bytes, gemm_saved_bytes, compute_bytes, format_size, input_embedding_bytes,  # noqa: F401
+from .memory import (GiB, MiB, amx_extra_bytes, compute_bytes, format_size, input_embedding_bytes,  # noqa: F401
                      kv_cache_bytes, kv_cells, parse_size, shared_device_bytes, stock_device_bytes)
 
 DEFAULT_MAX_SLOTS = 2
@@ -102,8 +102,7 @@ class Plan:
     kv_layer_bytes: int = 0
     repack_cpu_layers: bool = True
     # per layer, what its repacked copy takes beyond its bytes (AMX's wider
-    # rows, memory.amx_extra_bytes, less what our kernel computes without a
-    # copy, memory.gemm_saved_bytes; () where the copy is CPU_REPACK's: the same size)
+    # rows, memory.amx_extra_bytes; () where the copy is CPU_REPACK's: the same size)
     repack_extra: tuple[int, ...] = ()
     host_budget: int | None = None  # the host-memory budget the tiers were chosen for (disk.py)
     # KV streams: the sequences of a context (n_seq_max), each with n_ctx /
@@ -368,15 +367,6 @@ def _slot_bytes(unit: tuple[int, ...], streamed: tuple[int, ...], slot_pad: int)
     return max((unit[i] for i in streamed), default=0) + slot_pad
 
 
-def cpu_copy_extra(model: ModelFile, amx_layout: bool, gemm: bool) -> tuple[int, ...]:
-    """Plan.repack_extra: per layer, what its CPU copy takes beyond its bytes."""
-    if not amx_layout and not gemm:
-        return ()
-    amx = amx_extra_bytes(model, gemm) if amx_layout else (0,) * model.n_layer
-    saved = gemm_saved_bytes(model) if gemm else (0,) * model.n_layer
-    return tuple(a - s for a, s in zip(amx, saved))
-
-
 def make_plan(
     model: ModelFile,
     *,
@@ -396,7 +386,6 @@ def make_plan(
     n_seq: int = 1,
     runtime_bytes: int = 0,
     amx_layout: bool = False,
-    gemm: bool = False,
 ) -> Plan:
     """Choose resident/streamed layers and the slot count.
 
@@ -413,8 +402,7 @@ def make_plan(
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
     ``repack_cpu_layers`` says whether CPU layers get a repacked copy, and
     ``amx_layout`` whether in AMX's layout where it takes them (wider rows;
-    host memory figures only), ``gemm`` whether our kernel computes their
-    Q4_K matrices without a copy (EngineConfig.gemm). ``n_seq`` sequences share the n_ctx KV
+    host memory figures only). ``n_seq`` sequences share the n_ctx KV
     cells (the estimate is the same; the plan says it). ``runtime_bytes``:
     device memory the GPU runtime takes after the load (memory.LAZY_KERNEL_BYTES
     on CUDA), counted with the compute buffer.
@@ -428,7 +416,7 @@ def make_plan(
                              n_streamed=n_streamed, streamed_layers=streamed_layers, n_slots=n_slots,
                              max_slots=max_slots, slot_pad=slot_pad, whole_layers=False, type_k=type_k,
                              type_v=type_v, repack_cpu_layers=repack_cpu_layers, n_seq=n_seq,
-                             runtime_bytes=runtime_bytes, amx_layout=amx_layout, gemm=gemm)
+                             runtime_bytes=runtime_bytes, amx_layout=amx_layout)
             if plan.stock_gpu_layers is None:
                 return plan
         except BudgetError:
@@ -512,7 +500,7 @@ def make_plan(
         input_bytes=input_embedding_bytes(model),
         kv_layer_bytes=kv // N,
         repack_cpu_layers=repack_cpu_layers,
-        repack_extra=cpu_copy_extra(model, amx_layout, gemm) if not by_experts else (),
+        repack_extra=amx_extra_bytes(model) if amx_layout and not by_experts else (),
         n_seq=n_seq,
     )
 

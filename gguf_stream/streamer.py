@@ -129,17 +129,12 @@ class Streamer:
         self._source_buft = host_buft if self.cuda else native.plain_cpu_buft()
         if not self._source_buft:
             raise EnvironmentMismatchError(f"device {device} has no host buffer type for pinned memory")
-        if config.gemm and not native.gemm_available():
-            raise EnvironmentMismatchError("--cpu-gemm: this CPU has no AVX-512 VNNI for gguf-stream's Q4_K kernel; "
-                                           "leave the flag out (llama.cpp's kernels are the default here)")
         self.engine = native.Engine(n_layer=self.model_file.n_layer, n_slots=self.plan.n_slots,
                                     ring_buft=ring_buft, use_cuda=self.cuda, prefetch=config.prefetch,
                                     host_copy_delay_us=config.host_copy_delay_us,
                                     # CPU layers get llama.cpp's repacked layouts, as stock's do
                                     amx_buft=native.cpu_extra_buft("AMX") if config.amx_layout else 0,
                                     repack_buft=native.cpu_extra_buft("CPU_REPACK") if config.repack else 0,
-                                    # ...but their Q4_K matrices our kernel (its tag: CPU_REPACK's type)
-                                    gemm_buft=native.cpu_extra_buft("CPU_REPACK") if config.gemm else 0,
                                     host_kv_buft=native.device_bufts("CPU")[0] if self._cpu_computes_layers
                                     and config.cpu_layer_host_kv else 0,
                                     disk_lookahead=DISK_LOOKAHEAD, **self._staging)

@@ -313,11 +313,6 @@ typedef struct {
                                   are: llama.cpp tries it before CPU_REPACK; NULL: none */
     void  *repack_buft;        /* the rest of their matrix weights that CPU_REPACK takes go in this one
                                   (gs_cpu_get_extra_buft); NULL: they read the plain host copy */
-    void  *gemm_buft;          /* non-NULL (CPU_REPACK's buffer type): CPU layers' Q4_K weights that only
-                                  2-D MUL_MATs read are computed by our kernel for 1..GS_GEMM_MAX_ROWS
-                                  rows (gs_gemm.c) from the plain host copy, with a buffer of this type
-                                  as the tag that makes llama.cpp ask the weight's traits; it comes
-                                  before amx_buft and repack_buft */
     void  *host_kv_buft;       /* CPU layers' KV caches move into this (host) buffer type while
                                   generating (see gs_engine_attach_kv); NULL: they stay put */
     int    disk_lookahead;     /* disk tier's early trigger: with each upload issued, the disk-tier
@@ -358,23 +353,13 @@ typedef struct {
     int         layer;         /* -1 for shared tensors */
     size_t      nbytes;
     int         viewed;        /* 1 if some graph node is a view of it */
-    unsigned    cpu_layouts;   /* the CPU's layouts every use of it allows: GS_CPU_AMX, GS_CPU_REPACK,
-                                  GS_CPU_GEMM bits (a CPU layer's weight takes the first of GEMM, AMX,
-                                  REPACK the engine was given, as llama.cpp's loader does) */
+    unsigned    cpu_layouts;   /* the CPU's repacked layouts every use of it allows: GS_CPU_AMX,
+                                  GS_CPU_REPACK bits (a CPU layer's copy takes the first this
+                                  build has, as llama.cpp's loader does) */
 } gs_weight;
 
 #define GS_CPU_AMX    1
 #define GS_CPU_REPACK 2
-#define GS_CPU_GEMM   4
-#define GS_GEMM_MAX_ROWS 32   /* rows our Q4_K kernel computes (llama.cpp's GPU offload threshold - 1 and up) */
-
-/* Whether this CPU runs our Q4_K kernel (AVX-512 BW/VL/VNNI); the graph
- * nodes it has computed in this process. */
-int gs_gemm_available(void);
-int64_t gs_gemm_nodes(void);
-/* Tests: out[c * n_rows + r] = row r of the Q4_K matrix w (n_rows x k, GGUF
- * layout) . row c of x (rows x k F32), as a CPU layer's MUL_MAT computes it. */
-int gs_gemm_test(const void *w, int64_t n_rows, int64_t k, const float *x, int rows, float *out);
 
 typedef struct {
     int  n_lout;               /* distinct l_out-<i> nodes seen */

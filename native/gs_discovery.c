@@ -44,8 +44,7 @@ static int amx_alignment(int type) {
  * so only matrix products of F32 rows that the layout's kernels compute may
  * read it: CPU_REPACK's a 2-D matrix's MUL_MAT or a 3-D stack's MUL_MAT_ID
  * (its supports_op in ggml-cpu/repack.cpp); AMX's a 2-D matrix's MUL_MAT of
- * contiguous rows with 32-multiple outputs; our kernel (gs_gemm.c) a 2-D Q4_K
- * matrix's MUL_MAT of F32 rows. Any other (deepseek2's per-head
+ * contiguous rows with 32-multiple outputs. Any other (deepseek2's per-head
  * attn_k_b / attn_v_b: 3-D in a MUL_MAT) would leave the scheduler no backend
  * for its node (an abort). */
 static unsigned cpu_forms_of_use(const struct gs_tensor *node, int k, const struct gs_tensor *src) {
@@ -57,8 +56,7 @@ static unsigned cpu_forms_of_use(const struct gs_tensor *node, int k, const stru
     if (!op || strcmp(op, "MUL_MAT") != 0 || stacked) return 0;
     int align = amx_alignment(src->type);
     int amx = align && src->ne[0] % align == 0 && node->ne[0] % 32 == 0 && f32_dense(rows);
-    int gemm = src->type == 12 /* GGML_TYPE_Q4_K */ && rows->nb[0] == sizeof(float);   /* gs_gemm.c's handles() */
-    return 1u << CPU_FORM_REPACK | (amx ? 1u << CPU_FORM_AMX : 0) | (gemm ? 1u << CPU_FORM_GEMM : 0);
+    return 1u << CPU_FORM_REPACK | (amx ? 1u << CPU_FORM_AMX : 0);
 }
 
 static int grow(gs_engine *e) {

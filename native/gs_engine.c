@@ -33,16 +33,6 @@ int gs_engine_create(const gs_engine_config *cfg, gs_engine **out) {
         gs_engine_destroy(e);
         return fail(GS_E_NOMEM, "gs_engine_create: calloc");
     }
-    if (cfg->gemm_buft) {
-        e->gemm.traits = gemm_traits();
-        e->gemm.tag = e->gemm.traits ? G.buft_alloc_buffer(cfg->gemm_buft, 64) : NULL;
-        if (!e->gemm.tag) {
-            int rc = e->gemm.traits ? fail(GS_E_NOMEM, "gs_engine_create: a 64-byte CPU_REPACK buffer") : GS_E_INVALID;
-            gs_engine_destroy(e);
-            return rc;
-        }
-        G.buffer_set_usage(e->gemm.tag, GGML_USAGE_WEIGHTS);
-    }
     gs_engine_reset_discovery(e);
     *out = e;
     return GS_OK;
@@ -59,7 +49,6 @@ void gs_engine_destroy(gs_engine *e) {
     split_free(e);
     /* The context is gone by contract: free host KV copies without touching its tensors. */
     for (int i = 0; e->layers && i < e->cfg.n_layer; i++) { drop_repack(e, i); kv_free_host(e, i); }
-    if (e->gemm.tag) G.buffer_free(e->gemm.tag);   /* after the layers: no tensor points at it now */
     discovery_free(e);
     ptrmap_free(&e->rec_map);
     free(e->recs);

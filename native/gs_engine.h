@@ -10,10 +10,9 @@
 
 /* The layouts a CPU layer's matrix weight may be repacked in, in the order
  * llama.cpp tries their buffer types (ggml-cpu's extra buffer types). */
-enum { CPU_FORM_AMX, CPU_FORM_REPACK, CPU_FORM_GEMM, N_CPU_FORMS };  /* bit f: GS_CPU_AMX, _REPACK, _GEMM */
+enum { CPU_FORM_AMX, CPU_FORM_REPACK, N_CPU_FORMS };  /* bit f of a mask: GS_CPU_AMX, GS_CPU_REPACK */
 #define CPU_FORMS_ALL ((1u << N_CPU_FORMS) - 1)
-_Static_assert(GS_CPU_AMX == 1u << CPU_FORM_AMX && GS_CPU_REPACK == 1u << CPU_FORM_REPACK
-               && GS_CPU_GEMM == 1u << CPU_FORM_GEMM,
+_Static_assert(GS_CPU_AMX == 1u << CPU_FORM_AMX && GS_CPU_REPACK == 1u << CPU_FORM_REPACK,
                "gs_weight.cpu_layouts' public bits are the CPU_FORM_* bits");
 
 /* A streamed tensor: where llama.cpp put it, and its CPU-layer home. Its
@@ -92,10 +91,6 @@ struct gs_engine {
     void      *cpu_dev;               /* set while layer devices are bound (gs_phase.c) */
     int        hook_ran;              /* the hook ran in the generate phase since placement changed (gs_phase.c) */
     int        keep_repacks;          /* layers leaving the CPU keep their repacked copies (gs_repack.c) */
-    struct {                          /* cfg.gemm_buft: our Q4_K kernel for CPU layers (gs_gemm.c) */
-        void *tag;                    /* a small buffer of CPU_REPACK's type: the weights' buffer */
-        void *traits;                 /* their extra */
-    } gemm;
 
     struct {                          /* KV caches of the attached context (gs_kv.c) */
         int attached, scan;           /* a context's KV caches are (being) recorded */
@@ -221,9 +216,6 @@ void split_synced(gs_engine *e, struct gs_tensor *t);
 void split_point(gs_engine *e, int layer);
 void split_settle(gs_engine *e);
 void split_free(gs_engine *e);
-
-/* gs_gemm.c */
-void *gemm_traits(void);
 size_t expert_stride(const gs_engine *e, int layer, int m);   /* bytes of one expert of split tensor m */
 /* gs_split_set.c: the ring's uploads of the split layers leave out their last n_cpu experts (0: none);
  * drains the slots first */

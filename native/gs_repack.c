@@ -179,29 +179,15 @@ static int run_repack_jobs(gs_engine *e, repack_job *jobs, int n, int threads) {
 }
 
 static void *form_buft(const gs_engine *e, int form) {
-    return form == CPU_FORM_AMX ? e->cfg.amx_buft : form == CPU_FORM_REPACK ? e->cfg.repack_buft : e->cfg.gemm_buft;
+    return form == CPU_FORM_AMX ? e->cfg.amx_buft : e->cfg.repack_buft;
 }
 
-/* The layout a CPU layer's weight takes: the first the engine was given
- * whose kernels compute every use of it (our kernel, then llama.cpp's order:
- * AMX, CPU_REPACK); -1: none (it reads the host copy). */
+/* The layout a CPU layer's weight is repacked in: the first this build has
+ * whose kernels compute every use of it; -1: none (it reads the host copy). */
 static int form_of(const gs_engine *e, const srec *r) {
-    static const int order[N_CPU_FORMS] = {CPU_FORM_GEMM, CPU_FORM_AMX, CPU_FORM_REPACK};
-    for (int i = 0; i < N_CPU_FORMS; i++)
-        if (form_buft(e, order[i]) && (r->cpu_forms >> order[i] & 1)) return order[i];
+    for (int f = 0; f < N_CPU_FORMS; f++)
+        if (form_buft(e, f) && (r->cpu_forms >> f & 1)) return f;
     return -1;
-}
-
-/* Weights our kernel computes need no copy: their home is the host copy,
- * under the tag buffer, with the kernel's traits (gs_gemm.c). */
-static void gemm_homes(gs_engine *e, const layer_info *ly) {
-    for (int k = ly->first; k < ly->first + ly->count; k++) {
-        srec *r = &e->recs[k];
-        if (form_of(e, r) != CPU_FORM_GEMM) continue;
-        r->cpu_buffer = e->gemm.tag;
-        r->cpu_data = (void *)e->up[k].src;
-        r->cpu_extra = e->gemm.traits;
-    }
 }
 
 static size_t form_alignment(const gs_engine *e, int form) {
@@ -285,15 +271,14 @@ int sync_repacks(gs_engine *e) {
     int n_layer = e->cfg.n_layer, rc = GS_OK;
     void *(*bufs)[N_CPU_FORMS] = calloc((size_t)n_layer, sizeof *bufs);  /* this call's new buffers */
     if (!bufs) return fail(GS_E_NOMEM, "repack: out of host memory");
-    int repacking = form_buft(e, CPU_FORM_AMX) || form_buft(e, CPU_FORM_REPACK) || form_buft(e, CPU_FORM_GEMM);
+    int repacking = form_buft(e, CPU_FORM_AMX) || form_buft(e, CPU_FORM_REPACK);
     for (int i = 0; i < n_layer && rc == GS_OK; i++) {
         layer_info *ly = &e->layers[i];
         int want = repacking && ly->cpu_generate && ly->count > 0;
         if (!want && has_repack(ly) && !e->keep_repacks) drop_repack(e, i);
-        if (want) gemm_homes(e, ly);
         if (!want || has_repack(ly)) continue;
         for (int f = 0; f < N_CPU_FORMS && rc == GS_OK; f++)
-            if (f != CPU_FORM_GEMM && form_buft(e, f)) rc = alloc_form_buffer(e, i, f, &bufs[i][f]);
+            if (form_buft(e, f)) rc = alloc_form_buffer(e, i, f, &bufs[i][f]);
     }
     job_list jobs[N_CPU_FORMS] = {{0}};
     for (int i = 0; i < n_layer && rc == GS_OK; i++)

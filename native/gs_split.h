@@ -24,8 +24,6 @@ typedef struct split_pool split_pool;
 /* llama.cpp's CPU kernels (once per process); whether a weight type has them. */
 int  cpu_kernels_load(void);
 int  cpu_kernels_have(int type);
-typedef void (*cpu_barrier_t)(void *threadpool);
-cpu_barrier_t cpu_barrier(void);   /* ggml_barrier, once loaded */
 
 int  split_pool_create(int n_workers, split_pool **out);
 void split_pool_free(split_pool *p);

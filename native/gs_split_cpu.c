@@ -32,7 +32,6 @@ struct type_traits_cpu {          /* struct ggml_type_traits_cpu (ggml-cpu.h) */
 static const struct type_traits_cpu *(*traits_cpu)(int type);
 static size_t (*row_size)(int type, int64_t n);
 static void (*swiglu)(int n, float *y, const float *x, const float *g);   /* y = silu(x) * g, as the CPU op */
-static cpu_barrier_t barrier;     /* ggml_barrier: every thread of a CPU node's compute waits there (gs_gemm.c) */
 
 /* The CPU backend's library as the process loaded it (libggml-cpu.so.0 on
  * llama-cpp-python's wheels): another copy would have uninitialised tables. */
@@ -53,15 +52,12 @@ int cpu_kernels_load(void) {
     void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD), *base = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
     traits_cpu = h ? (const struct type_traits_cpu *(*)(int))dlsym(h, "ggml_get_type_traits_cpu") : NULL;
     swiglu = h ? (void (*)(int, float *, const float *, const float *))dlsym(h, "ggml_vec_swiglu_f32") : NULL;
-    barrier = h ? (cpu_barrier_t)dlsym(h, "ggml_barrier") : NULL;
     row_size = base ? (size_t (*)(int, int64_t))dlsym(base, "ggml_row_size") : NULL;
-    if (!traits_cpu || !row_size || !swiglu || !barrier)
-        return fail(GS_E_DLOPEN, "ggml_get_type_traits_cpu / ggml_vec_swiglu_f32 / ggml_barrier (%s) or ggml_row_size "
+    if (!traits_cpu || !row_size || !swiglu)
+        return fail(GS_E_DLOPEN, "split experts: ggml_get_type_traits_cpu / ggml_vec_swiglu_f32 (%s) or ggml_row_size "
                     "not found", path);
     return GS_OK;
 }
-
-cpu_barrier_t cpu_barrier(void) { return barrier; }
 
 int cpu_kernels_have(int type) {
     const struct type_traits_cpu *tr = traits_cpu(type);

@@ -272,9 +272,8 @@ def test_discovery_names_the_cpu_layouts_llama_cpp_computes_each_weight_in(tiny_
     llama.cpp's loader places stock's CPU layers: AMX takes 2-D products of
     its types (Q4_K here, not Q5_0 or F32) with outputs in multiples of 32,
     CPU_REPACK 2-D products and 3-D expert stacks, neither deepseek2's
-    per-head 3-D stacks in a plain product nor norms; our kernel (GEMM) the
-    2-D products of Q4_K. (This machine need not have AMX or AVX-512: what
-    discovery allows is what this checks.)"""
+    per-head 3-D stacks in a plain product nor norms. (This machine need not
+    have AMX: what discovery allows is what this checks.)"""
     from gguf_stream import native
     from gguf_stream.streamer import Streamer
 
@@ -288,7 +287,7 @@ def test_discovery_names_the_cpu_layouts_llama_cpp_computes_each_weight_in(tiny_
     with StreamedModel(tiny_deepseek2_path, **CPU, n_streamed=4, n_slots=2, whole_layers=True):
         pass
     mf = read_model(tiny_deepseek2_path)
-    both, repack = native.CPU_AMX | native.CPU_REPACK | native.CPU_GEMM, native.CPU_REPACK
+    both, repack = native.CPU_AMX | native.CPU_REPACK, native.CPU_REPACK
     want = {"attn_q_a": both, "attn_kv_a_mqa": both, "ffn_gate": both, "ffn_down": both, "ffn_up_shexp": both,
             "attn_q_b": repack, "attn_output": repack, "ffn_down_shexp": repack,  # Q5_0: no AMX kernel
             "ffn_gate_inp": repack,  # F32, 8 outputs

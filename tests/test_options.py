@@ -38,7 +38,6 @@ SAMPLES = {
     "n_threads": [(3, ["-t", "3"], 3)],
     "n_threads_batch": [(2, ["-tb", "2"], 2)],
     "cpu_repack": [(True, ["--repack"], True), (False, ["--no-repack"], False)],
-    "cpu_gemm": [(True, ["--cpu-gemm"], True), (False, ["--no-cpu-gemm"], False)],
     "generate_cpu_layers": [((3,), ["--generate-cpu-layers", "3"], (3,)),
                             ("auto", ["--generate-cpu-layers", "auto"], "auto")],
     "generate_resident": [("none", ["--generate-resident", "none"], "none"),

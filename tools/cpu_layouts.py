@@ -14,7 +14,6 @@ its own row down):
                 them, CPU_REPACK's elsewhere (config.amx_layout: loaded for
                 decodes of AMX_MIN_ROWS rows)
   ours-repack   the engine's CPU layers with CPU_REPACK's only (loaded as ours-amx)
-  ours-gemm     the engine's CPU layers with our Q4_K kernel (cpu_gemm), ours-amx's layouts for the rest
 Exit status 1 if a variant failed.
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 if not __package__:  # run as a script: the checkout's gguf_stream
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("stock-extra", "ours-amx", "ours-repack", "ours-gemm", "stock-plain")
+VARIANTS = ("stock-extra", "ours-amx", "ours-repack", "stock-plain")
 ROWS = (1, 2, 4, 8, 16)
 
 
@@ -47,7 +46,7 @@ def measure(model: str, variant: str, out: str, reps: int) -> None:
     n = read_model(model).n_layer
     opts = dict(device="host", n_ctx=512, n_batch=512, n_ubatch=512, cpu_repack=variant != "stock-plain")
     if variant.startswith("ours"):  # the engine asks for AMX's layout where the split is for that many rows
-        opts.update(generate_rows=AMX_MIN_ROWS, cpu_gemm=variant == "ours-gemm")
+        opts["generate_rows"] = AMX_MIN_ROWS
     if variant == "ours-repack":
         get = native.cpu_extra_buft
         native.cpu_extra_buft = lambda name: 0 if name == "AMX" else get(name)

@@ -197,11 +197,6 @@ ENGINE_FLAGS = (
          dict(action="store_const", const=True)),
     Flag("cpu_repack", ("-nr", "--no-repack"), TUNING, "do not repack (llama.cpp's --no-repack)",
          dict(action="store_const", const=False)),
-    Flag("cpu_gemm", ("--cpu-gemm",), TUNING, "CPU layers' Q4_K matrices computed by gguf-stream's own AVX-512 "
-         "kernel for decodes of 1-32 tokens, without a repacked copy (default: on where the CPU has AVX-512 VNNI and "
-         "the split is chosen for 2 rows or more: -np, a verify; off in host mode)", dict(action="store_const", const=True)),
-    Flag("cpu_gemm", ("--no-cpu-gemm",), TUNING, "llama.cpp's CPU kernels for every CPU-layer weight",
-         dict(action="store_const", const=False)),
     Flag("cpu_layer_host_kv", ("--no-cpu-layer-host-kv",), TUNING, "CPU layers keep their KV cache on the GPU",
          dict(action="store_const", const=False)),
     Flag("cpu_layer_device", ("--no-cpu-layer-device",), TUNING, "CPU layers stay GPU layers for llama.cpp's graph "
