@@ -30,6 +30,10 @@ MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ
 # kernels took 7-18% longer than CPU_REPACK's for one row, 12-23% less for 8
 # rows and 23-28% less for 16 (two boxes; BENCHMARKS.md, tenth session).
 AMX_MIN_ROWS = 8
+# Contexts whose generate split is chosen for this many rows or more may
+# stream through DEEP_RING_SLOTS slots (EngineConfig.slots_max).
+DEEP_RING_MIN_ROWS = 8
+DEEP_RING_SLOTS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +67,9 @@ class EngineConfig:
     n_streamed: int | None = None
     streamed_layers: tuple[int, ...] | None = None
     n_slots: int | None = None
-    max_slots: int = 2
+    # the most slots the planner may choose; None: DEEP_RING_SLOTS where the
+    # generate split is chosen for DEEP_RING_MIN_ROWS rows or more, else 2
+    max_slots: int | None = None
     prefetch: bool = True
     host_copy_delay_us: int = 0  # host mode: simulate a slow link
     n_threads: int | None = None
@@ -198,7 +204,8 @@ class EngineConfig:
             check_int("n_streamed", self.n_streamed, 0, MAX_SLOTS)
         if self.n_slots is not None:
             check_int("n_slots", self.n_slots, 1, MAX_SLOTS)
-        check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
+        if self.max_slots is not None:
+            check_int("max_slots", self.max_slots, 1, MAX_SLOTS)
         check_int("host_copy_delay_us", self.host_copy_delay_us, 0, MAX_COPY_DELAY_US)
         if not (isinstance(self.flash_attn, bool) or self.flash_attn == "auto"):
             raise ValueError(f"flash_attn must be True, False or 'auto', not {self.flash_attn!r:.40}")
@@ -259,6 +266,17 @@ class EngineConfig:
         the CPU has AMX; CPU_REPACK's otherwise), as llama.cpp's loader gives
         them first: only for generate decodes of AMX_MIN_ROWS rows or more."""
         return self.repack and self.split_rows >= AMX_MIN_ROWS
+
+    def slots_max(self, moe: bool = False) -> int:
+        """The most slots the planner may choose (max_slots). Decodes of many
+        rows make CPU layers slower than an upload: with two slots the link
+        then idles through each of them (8-row decodes of the 8B shape on
+        the H200 box: 49.8 ms with two slots, 40.4 with three, BENCHMARKS
+        fourteenth session). Measured for dense models only: a mixture of
+        experts keeps two by default."""
+        if self.max_slots is not None:
+            return self.max_slots
+        return DEEP_RING_SLOTS if self.split_rows >= DEEP_RING_MIN_ROWS and not moe else 2
 
     @property
     def threads(self) -> int:

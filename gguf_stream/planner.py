@@ -549,7 +549,11 @@ def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: i
     only the resident layers between them hide it: not at all when streamed
     layers sit next to each other (more than half streamed), barely with
     small ubatches. Two slots are taken when streamed layers are adjacent, or
-    when they cost at most one more streamed layer."""
+    when they cost at most one more streamed layer. Where max_slots allows
+    more, each further slot is taken if it costs at most one more streamed
+    layer than two slots do: uploads then run further ahead through CPU
+    layers that take longer than an upload (decodes of many rows:
+    EngineConfig.slots_max)."""
     N = len(sizes)  # the layers that can stream; spread(s) picks s of them
     if fits((), 0):
         return (), 0
@@ -569,6 +573,9 @@ def _fewest_streamed(sizes: list[int], spread, fits, n_slots, max_slots, need: i
         # streamed layer (small ubatches compute a layer faster than it crosses)
         if s1 > N // 2 or s2 <= s1 + 1:
             s1, k1 = s2, k2
+        deeper = [(k, s) for s, k in options if k > 2 and s <= s2 + 1]
+        if k1 == 2 and deeper:
+            k1, s1 = max(deeper)
     return spread(s1), k1
 
 

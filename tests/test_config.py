@@ -162,3 +162,15 @@ def test_amx_layout_only_for_generate_decodes_of_many_rows():
     assert EngineConfig(device="cuda", generate_rows=AMX_MIN_ROWS).amx_layout  # a verify of 7 drafts
     assert not EngineConfig(device="cuda", n_seq_max=16, cpu_repack=False).amx_layout
     assert not EngineConfig(device="host", n_seq_max=16).amx_layout  # host mode: no repacking by default
+
+
+def test_three_slots_at_most_for_dense_splits_of_many_rows():
+    from gguf_stream.config import DEEP_RING_MIN_ROWS, DEEP_RING_SLOTS
+
+    assert EngineConfig(device="cuda").slots_max() == 2  # one sequence: one-row decodes
+    assert EngineConfig(device="cuda", n_seq_max=DEEP_RING_MIN_ROWS - 1).slots_max() == 2
+    assert EngineConfig(device="cuda", n_seq_max=16).slots_max() == DEEP_RING_SLOTS
+    assert EngineConfig(device="cuda", generate_rows=DEEP_RING_MIN_ROWS).slots_max() == DEEP_RING_SLOTS  # 7 drafts
+    assert EngineConfig(device="cuda", n_seq_max=16).slots_max(moe=True) == 2  # measured on dense models only
+    assert EngineConfig(device="cuda", n_seq_max=16, max_slots=2).slots_max() == 2
+    assert EngineConfig(max_slots=4).slots_max(moe=True) == 4

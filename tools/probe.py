@@ -57,11 +57,11 @@ def load(a, stock_ngl: int | None = None, *, n_ctx: int = 2176, n_batch: int = 2
 
 
 def placement(a, default: dict | None = None) -> dict:
-    """--budget B or --n-streamed K (through 2 slots), else default."""
+    """--budget B or --n-streamed K (through --slots, default 2), else default."""
     if a.budget:
         return dict(vram_budget=a.budget)
     if getattr(a, "n_streamed", None) is not None:
-        return dict(n_streamed=a.n_streamed, n_slots=2)
+        return dict(n_streamed=a.n_streamed, n_slots=getattr(a, "slots", None) or 2)
     if default is None:
         raise ValueError("give --budget B or --n-streamed K")
     return default
@@ -200,6 +200,7 @@ def probe(name: str, summary: str, *options):
 
 BUDGET = (("--budget",), dict(metavar="B", help="stream the plan of this VRAM budget"))
 N_STREAMED = (("--n-streamed",), dict(type=int, metavar="K", help="stream K layers through 2 slots instead"))
+SLOTS = (("--slots",), dict(type=int, metavar="S", help="with --n-streamed: through S slots (default 2)"))
 PP = (("--pp",), dict(type=int, default=2048, metavar="N", help="prompt tokens (default 2048)"))
 REPS = (("-r", "--reps"), dict(type=int, default=3, metavar="N", help="repetitions (default 3)"))
 N_TOKENS = (("-n",), dict(type=int, default=32, metavar="N", help="tokens per measurement (default 32)"))
@@ -278,7 +279,7 @@ def slots(a) -> None:
                   flush=True)
 
 
-@probe("timeline", "where a token's (--pp: a prompt's) time goes, per CPU-layer count", BUDGET, N_STREAMED,
+@probe("timeline", "where a token's (--pp: a prompt's) time goes, per CPU-layer count", BUDGET, N_STREAMED, SLOTS,
        N_TOKENS, (("--n-cpu",), dict(type=int, nargs="*", metavar="N",
                                      help="CPU-layer counts (default: the engine's choice)")),
        (("--pp",), dict(type=int, metavar="N", help="time prompts of N tokens (n_batch N) instead of tokens")),

@@ -110,7 +110,9 @@ ENGINE_FLAGS = (
          "\\.(1[0-9])\\.ffn_.*_exps=CPU) out of VRAM, as --n-cpu-moe", dict(metavar="PATTERN=CPU", action="append")),
     Flag("n_slots", ("--n-slots",), PLACEMENT, "slots streamed layers rotate through (default: the planner's "
          "choice, at most --max-slots)", dict(type=int, metavar="S")),
-    Flag("max_slots", ("--max-slots",), PLACEMENT, f"most slots the planner may choose (default {_shown('max_slots')})",
+    Flag("max_slots", ("--max-slots",), PLACEMENT, "most slots the planner may choose; a slot beyond two is taken "
+         "where it costs at most one more streamed layer (default 3 where the split is chosen for 8 rows or more: "
+         "-np 8, a verify of 7 drafts; else 2)",
          dict(type=int, metavar="S")),
     Flag("whole_layers", ("--whole-layers",), PLACEMENT, "mixture-of-experts models: place whole layers, as for "
          "dense ones (default: place the experts; every layer's attention, norms and router stay on the GPU)",
