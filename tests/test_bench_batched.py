@@ -115,7 +115,7 @@ def test_split_per_rows_measures_each_row_count_with_its_own_split(monkeypatch):
     def streamed(b, placement, rows_on_gpu=False, rows=1, only_rows=False):
         loads.append((rows, only_rows))
         r = Run(b.label, b.nbytes, "streamed" if rows == 1 else "x", plan="p", cpu_layers=10 // rows,
-                vram_peak=100 + rows)
+                vram_peak=100 + rows, n_slots=3 if rows >= 8 else 2)
         r.tg = {n: float(n * 10 + rows) for n in w.parallel if not only_rows or n == rows}
         r.verify = {k: 0.01 * (k + rows) for k in w.verify if not only_rows or k == rows}
         return r
@@ -127,4 +127,32 @@ def test_split_per_rows_measures_each_row_count_with_its_own_split(monkeypatch):
     assert loads == [(1, False), (4, True), (8, True), (16, True)]
     per = runs[2]
     assert per.tg == {1: 11.0, 4: 44.0, 16: 176.0} and per.verify == {1: 0.02, 8: 0.16}
-    assert per.vram_peak == 116 and "16: 0" in per.plan and "1 row: 10" in per.plan
+    assert per.vram_peak == 116 and "1 row: 10" in per.plan
+    assert "4: 2," in per.plan and "16: 0 (3 slots)" in per.plan  # a load with another slot count says so
+
+
+def test_max_slots_reaches_every_streamed_load(monkeypatch):
+    """--max-slots (the A/B of the third slot) is in the config of every
+    streamed load, whatever its rows; None leaves the engine's choice."""
+    import gguf_stream.model as model
+    from gguf_stream.bench.batched import BatchedBench
+    from gguf_stream.bench.budgets import Budget
+    from gguf_stream.bench.timing import Progress
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(path, config):
+        seen.append((config.generate_rows, config.max_slots, config.slots_max()))
+        raise Stop
+
+    monkeypatch.setattr(model, "StreamedModel", fake)
+    w = BatchedWorkload(parallel=(1,), verify=(1, 8), reps=1)
+    for max_slots in (2, None):
+        bench = BatchedBench("m.gguf", 8, w, "cuda", Progress(quiet=True), max_slots=max_slots)
+        for rows in (1, 8):
+            with pytest.raises(Stop):
+                bench.streamed(Budget("0.5x", 1000), {"vram_budget": 1000}, rows=rows, only_rows=True)
+    assert seen == [(1, 2, 2), (8, 2, 2), (1, None, 2), (8, None, 3)]

@@ -5,7 +5,8 @@
 # segments between them), then batched-bench's verify rows in one sequence's context (speculative
 # decoding's) at both budgets. From the repository root after `source .device/setup.sh`:
 #     bash tools/gpu_verify.sh            # BENCHMARKS.md, twelfth session, has the first run of both parts;
-# the thirteenth its thread runs (16 threads fastest for 8 rows too) and the verify with nothing streamed
+# the thirteenth its thread runs (16 threads fastest for 8 rows too) and the verify with nothing streamed;
+# since the fourteenth the verify runs twice: with the third slot of splits of 8+ rows and without (--max-slots 2)
 set -euo pipefail
 MODEL=${MODEL:-/tmp/m/llama3-8b.gguf}
 [ -f "$MODEL" ] || python3 -m gguf_stream.synth "$MODEL" --shape llama3-8b --type Q4_K --seed 0 -q
@@ -19,6 +20,8 @@ for f in 0.5 0.25; do
         --rows 8 -n 12 --n-cpu ${N_CPU:-0 4 6 8 10 12} 2>&1 | grep -E '^\{|error' || true
   done
 done
-echo "== verify in one sequence's context"
-python3 -m gguf_stream batched-bench "$MODEL" --vram-budget 0.5x,0.25x -kvu -npp 128 -ntg 32 -npl 1 \
-    --verify 1,8 -r 3 2>&1 | grep -v '^\['
+for slots in "" 2; do   # the engine's slots (3 for the 8-row loads), then the same box without the third
+  echo "== verify in one sequence's context${slots:+, --max-slots $slots}"
+  python3 -m gguf_stream batched-bench "$MODEL" --vram-budget 0.5x,0.25x -kvu -npp 128 -ntg 32 -npl 1 \
+      --verify 1,8 -r 3 ${slots:+--max-slots $slots} 2>&1 | grep -v '^\['
+done

@@ -84,6 +84,7 @@ class Run:
     verify: dict[int, float] = field(default_factory=dict)  # k -> seconds per decode
     vram_peak: int | None = None
     cpu_layers: int = 0  # CPU layers of a streamed run's generate split
+    n_slots: int = 0  # a streamed run's slots
 
 
 def _prompts(model, w: BatchedWorkload, npl: int) -> list[list[int]]:
@@ -155,6 +156,7 @@ class BatchedBench:
     device: str  # "cuda" or "host"
     progress: Progress
     generate_cpu_layers: object = "auto"
+    max_slots: int | None = None  # streamed loads' --max-slots (None: the engine's, per row count)
 
     def config(self, **kw):
         from ..config import EngineConfig
@@ -198,10 +200,12 @@ class BatchedBench:
         run = Run(b.label, b.nbytes, mode)
         self.progress(f"loading {mode}")
         config = self.config(generate_cpu_layers=self.generate_cpu_layers, generate_rows=rows,
-                             cpu_layers_max_batch=1 if rows_on_gpu else None, **placement)
+                             cpu_layers_max_batch=1 if rows_on_gpu else None, max_slots=self.max_slots,
+                             **placement)
         with StreamedModel(self.path, config=config) as m:
             run.plan = plan_line(m.plan) if m.plan is not None else "all layers resident"
             run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
+            run.n_slots = m.plan.n_slots if m.plan is not None else 0
             return measure(m, run, self.w, self.progress, rows if only_rows else None)
 
     def split_per_rows(self, b: Budget, placement: dict, single: Run) -> Run:
@@ -224,7 +228,8 @@ class BatchedBench:
             run.verify.update(r.verify)
             peaks = [v for v in (run.vram_peak, r.vram_peak) if v is not None]
             run.vram_peak = max(peaks) if peaks else None
-            splits.append(f"{rows}: {r.cpu_layers}")
+            # a load whose split is for many rows may stream one layer more, through a third slot
+            splits.append(f"{rows}: {r.cpu_layers}" + (f" ({r.n_slots} slots)" if r.n_slots != single.n_slots else ""))
         run.plan = f"{single.plan}; CPU layers of the split for k rows: " + ", ".join(splits)
         return run
 

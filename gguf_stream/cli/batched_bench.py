@@ -60,6 +60,9 @@ def add_parser(sub, parents) -> None:
                    "it has CPU layers also for each row count of -npl / --verify, one load each, --generate-rows; "
                    "given layers: a second streamed run puts decodes of 2 or more rows on the GPU, "
                    "cpu_layers_max_batch=1)")
+    p.add_argument("--max-slots", type=int, metavar="S", help="streamed loads: the most slots (default: the "
+                   "engine's, 3 for a dense model's loads whose split is for 8 rows or more, else 2; 2: without the "
+                   "third slot)")
     p.add_argument("--device", choices=("auto", "cuda", "host"), default="auto")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md", help="table format (default md)")
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw aggregate tg t/s against parallel "
@@ -91,7 +94,7 @@ def cmd_batched_bench(args) -> int:
     path = resolve(model_arg(args), progress=progress)
     mf = read_model(path)
     split = parse_layers(args.generate_cpu_layers)
-    bench = BatchedBench(str(path), mf.n_layer, w, device, progress, split)
+    bench = BatchedBench(str(path), mf.n_layer, w, device, progress, split, args.max_slots)
     progress(f"model {path} ({mf.arch}, {mf.n_layer} layers, {format_size(mf.total_bytes)}); context "
              f"{_context(w)}")
     runs, notes = [], []
