@@ -267,16 +267,19 @@ class EngineConfig:
         them first: only for generate decodes of AMX_MIN_ROWS rows or more."""
         return self.repack and self.split_rows >= AMX_MIN_ROWS
 
-    def slots_max(self, moe: bool = False) -> int:
+    def slots_max(self, moe: bool = False, cuda: bool = True) -> int:
         """The most slots the planner may choose (max_slots). Decodes of many
         rows make CPU layers slower than an upload: with two slots the link
         then idles through each of them (8-row decodes of the 8B shape on
         the H200 box: 49.8 ms with two slots, 40.4 with three, BENCHMARKS
-        fourteenth session). Measured for dense models only: a mixture of
-        experts keeps two by default."""
+        fourteenth session). So the default is three where a generate split
+        may put layers on the CPU; measured for dense models only: a mixture
+        of experts keeps two, as does a run without CPU layers (host mode,
+        exact)."""
         if self.max_slots is not None:
             return self.max_slots
-        return DEEP_RING_SLOTS if self.split_rows >= DEEP_RING_MIN_ROWS and not moe else 2
+        deep = self.split_rows >= DEEP_RING_MIN_ROWS and not moe and self.generate_split(cuda) != "none"
+        return DEEP_RING_SLOTS if deep else 2
 
     @property
     def threads(self) -> int:

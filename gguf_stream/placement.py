@@ -35,7 +35,7 @@ def initial_plan(model_file: ModelFile, config: EngineConfig, cuda: bool, check_
     else:
         what = {"n_streamed": 0}
     return make_plan(model_file, n_ctx=c.n_ctx, n_ubatch=c.n_ubatch, flash_attn=c.planned_flash_attn,
-                     n_slots=c.n_slots, max_slots=c.slots_max(model_file.is_moe), whole_layers=c.whole_layers, type_k=c.type_k,
+                     n_slots=c.n_slots, max_slots=c.slots_max(model_file.is_moe, cuda), whole_layers=c.whole_layers, type_k=c.type_k,
                      type_v=c.type_v, repack_cpu_layers=c.repack, amx_layout=c.amx_layout, n_seq=kv_streams(c),
                      runtime_bytes=(LAZY_KERNEL_BYTES if cuda else 0) + split_region_bytes(model_file, c, cuda), **what)
 

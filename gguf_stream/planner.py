@@ -397,7 +397,9 @@ def make_plan(
     interleaved) or a ``vram_budget``: then the fewest layers are streamed
     whose estimated device memory fits, preferring 2 slots (an upload can land
     while the previous streamed layer computes) when that costs no extra
-    streamed layer or when streamed layers would sit next to each other.
+    streamed layer or when streamed layers would sit next to each other, and
+    each slot beyond two that ``max_slots`` allows where it costs at most one
+    more streamed layer (given layers: where the budget has room for it).
     ``slot_pad`` adds per-slot bytes the device buffer type needs (row padding).
     ``type_k`` / ``type_v`` are the KV cache types (KV_CACHE_TYPES);
     ``repack_cpu_layers`` says whether CPU layers get a repacked copy, and
@@ -459,6 +461,9 @@ def make_plan(
 
     if streamed is not None:
         k = min(n_slots or min(max_slots, len(streamed)), len(streamed)) if streamed else 0
+        # given layers take up to max_slots slots, a slot beyond two only where the budget has room for it
+        while budget is not None and not n_slots and k > min(DEFAULT_MAX_SLOTS, len(streamed)) and not fits(streamed, k):
+            k -= 1
         if budget is not None and not fits(streamed, k):
             raise BudgetError(
                 f"{len(streamed)} streamed layers with {k} slot(s) need about "

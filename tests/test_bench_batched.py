@@ -115,7 +115,7 @@ def test_split_per_rows_measures_each_row_count_with_its_own_split(monkeypatch):
     def streamed(b, placement, rows_on_gpu=False, rows=1, only_rows=False):
         loads.append((rows, only_rows))
         r = Run(b.label, b.nbytes, "streamed" if rows == 1 else "x", plan="p", cpu_layers=10 // rows,
-                vram_peak=100 + rows, n_slots=3 if rows >= 8 else 2)
+                vram_peak=100 + rows, n_slots=3 if rows >= 8 else 2, n_streamed=6 if rows >= 8 else 5)
         r.tg = {n: float(n * 10 + rows) for n in w.parallel if not only_rows or n == rows}
         r.verify = {k: 0.01 * (k + rows) for k in w.verify if not only_rows or k == rows}
         return r
@@ -128,7 +128,7 @@ def test_split_per_rows_measures_each_row_count_with_its_own_split(monkeypatch):
     per = runs[2]
     assert per.tg == {1: 11.0, 4: 44.0, 16: 176.0} and per.verify == {1: 0.02, 8: 0.16}
     assert per.vram_peak == 116 and "1 row: 10" in per.plan
-    assert "4: 2," in per.plan and "16: 0 (3 slots)" in per.plan  # a load with another slot count says so
+    assert "4: 2," in per.plan and "16: 0 (6 streamed through 3 slots)" in per.plan  # another placement says so
 
 
 def test_max_slots_reaches_every_streamed_load(monkeypatch):

@@ -174,3 +174,12 @@ def test_three_slots_at_most_for_dense_splits_of_many_rows():
     assert EngineConfig(device="cuda", n_seq_max=16).slots_max(moe=True) == 2  # measured on dense models only
     assert EngineConfig(device="cuda", n_seq_max=16, max_slots=2).slots_max() == 2
     assert EngineConfig(max_slots=4).slots_max(moe=True) == 4
+
+
+def test_no_third_slot_without_cpu_layers_to_hide_behind():
+    from gguf_stream.config import DEEP_RING_SLOTS
+
+    assert EngineConfig(device="host", n_seq_max=16).slots_max(cuda=False) == 2  # host mode: no split
+    assert EngineConfig(device="cuda", n_seq_max=16, exact=True).slots_max() == 2
+    assert EngineConfig(device="cuda", n_seq_max=16, generate_cpu_layers="none").slots_max() == 2
+    assert EngineConfig(device="host", n_seq_max=16, generate_cpu_layers="auto").slots_max(cuda=False) == DEEP_RING_SLOTS

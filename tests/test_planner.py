@@ -377,3 +377,16 @@ def test_a_third_slot_where_it_costs_at_most_one_more_streamed_layer(tiny_path):
         assert len(deep.streamed) == (forced if third else len(two.streamed))
         seen.add(third)
     assert True in seen  # the rule took a third slot somewhere (the tiny model's layers are all alike)
+
+
+def test_given_layers_take_a_third_slot_only_where_the_budget_has_room(tiny_path):
+    """n_streamed with max_slots 3: three slots without a budget or where it
+    fits, two where only two fit (not an error), the error where not even two do."""
+    m = read_model(tiny_path)
+    assert make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=3).n_slots == 3
+    two = make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=2)
+    three = make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=3)
+    assert make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=3, vram_budget=three.device_bytes).n_slots == 3
+    assert make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=3, vram_budget=two.device_bytes).n_slots == 2
+    with pytest.raises(BudgetError):
+        make_plan(m, n_streamed=4, n_ctx=256, n_ubatch=64, max_slots=3, vram_budget=two.device_bytes - 1)

@@ -199,7 +199,8 @@ def probe(name: str, summary: str, *options):
 
 
 BUDGET = (("--budget",), dict(metavar="B", help="stream the plan of this VRAM budget"))
-N_STREAMED = (("--n-streamed",), dict(type=int, metavar="K", help="stream K layers through 2 slots instead"))
+N_STREAMED = (("--n-streamed",), dict(type=int, metavar="K", help="stream K layers instead, through --slots "
+                                      "(default 2)"))
 SLOTS = (("--slots",), dict(type=int, metavar="S", help="with --n-streamed: through S slots (default 2)"))
 PP = (("--pp",), dict(type=int, default=2048, metavar="N", help="prompt tokens (default 2048)"))
 REPS = (("-r", "--reps"), dict(type=int, default=3, metavar="N", help="repetitions (default 3)"))

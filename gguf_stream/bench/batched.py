@@ -85,6 +85,7 @@ class Run:
     vram_peak: int | None = None
     cpu_layers: int = 0  # CPU layers of a streamed run's generate split
     n_slots: int = 0  # a streamed run's slots
+    n_streamed: int = 0  # ... and streamed layers
 
 
 def _prompts(model, w: BatchedWorkload, npl: int) -> list[list[int]]:
@@ -206,6 +207,7 @@ class BatchedBench:
             run.plan = plan_line(m.plan) if m.plan is not None else "all layers resident"
             run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
             run.n_slots = m.plan.n_slots if m.plan is not None else 0
+            run.n_streamed = len(m.plan.streamed) if m.plan is not None else 0
             return measure(m, run, self.w, self.progress, rows if only_rows else None)
 
     def split_per_rows(self, b: Budget, placement: dict, single: Run) -> Run:
@@ -229,7 +231,9 @@ class BatchedBench:
             peaks = [v for v in (run.vram_peak, r.vram_peak) if v is not None]
             run.vram_peak = max(peaks) if peaks else None
             # a load whose split is for many rows may stream one layer more, through a third slot
-            splits.append(f"{rows}: {r.cpu_layers}" + (f" ({r.n_slots} slots)" if r.n_slots != single.n_slots else ""))
+            other = (f" ({r.n_streamed} streamed through {r.n_slots} slots)"
+                     if (r.n_slots, r.n_streamed) != (single.n_slots, single.n_streamed) else "")
+            splits.append(f"{rows}: {r.cpu_layers}{other}")
         run.plan = f"{single.plan}; CPU layers of the split for k rows: " + ", ".join(splits)
         return run
 

@@ -111,7 +111,7 @@ ENGINE_FLAGS = (
     Flag("n_slots", ("--n-slots",), PLACEMENT, "slots streamed layers rotate through (default: the planner's "
          "choice, at most --max-slots)", dict(type=int, metavar="S")),
     Flag("max_slots", ("--max-slots",), PLACEMENT, "most slots the planner may choose; a slot beyond two is taken "
-         "where it costs at most one more streamed layer (default 3 where the split is chosen for 8 rows or more: "
+         "where it costs at most one more streamed layer (default 3 where a CUDA split is chosen for 8 rows or more: "
          "-np 8, a verify of 7 drafts; else 2)",
          dict(type=int, metavar="S")),
     Flag("whole_layers", ("--whole-layers",), PLACEMENT, "mixture-of-experts models: place whole layers, as for "
