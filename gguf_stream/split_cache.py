@@ -103,12 +103,15 @@ def cached_split(cache: RatesCache, choices: tuple[int, ...], most: int) -> tupl
 def cache_key(path: str, config, device_total: int | None) -> str:
     """What the measured rates depend on: this code's version, the machine
     and its GPU, the model file, the options that change the CPU path and
-    the rows per decode they are measured for (config.split_rows)."""
+    the rows per decode they are measured for (config.split_rows), and a
+    given --max-slots (the default's slots follow from the rest; a split
+    timed with a third slot is not one timed without)."""
     st = os.stat(path)
     key = [RATES_VERSION, platform.node(), str(device_total), os.path.abspath(path), str(st.st_size),
            str(int(st.st_mtime)), str(config.threads), str(config.repack),
            str(config.cpu_layer_host_kv), str(config.cpu_layer_device)]
-    return "|".join(key + ([f"rows={config.split_rows}", f"tb={config.threads_batch}"] if config.split_rows > 1 else []))
+    key += [f"rows={config.split_rows}", f"tb={config.threads_batch}"] if config.split_rows > 1 else []
+    return "|".join(key + ([f"max_slots={config.max_slots}"] if config.max_slots is not None else []))
 
 
 def split_lookup(path: str, config, device_total: int | None):

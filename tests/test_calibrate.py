@@ -195,6 +195,8 @@ def test_cache_key_names_what_the_rates_depend_on(tiny_path):
     assert a == cache_key(str(tiny_path), EngineConfig(n_threads=2, n_threads_batch=1), None)
     rows = cache_key(str(tiny_path), EngineConfig(n_threads=2, generate_rows=8), None)
     assert rows not in (a, cache_key(str(tiny_path), EngineConfig(n_threads=2, n_threads_batch=1, generate_rows=8), None))
+    # a split timed without the third slot is not the default's (batched-bench --max-slots 2)
+    assert rows != cache_key(str(tiny_path), EngineConfig(n_threads=2, generate_rows=8, max_slots=2), None)
 
 
 
