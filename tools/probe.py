@@ -61,7 +61,7 @@ def placement(a, default: dict | None = None) -> dict:
     if a.budget:
         return dict(vram_budget=a.budget)
     if getattr(a, "n_streamed", None) is not None:
-        return dict(n_streamed=a.n_streamed, n_slots=getattr(a, "slots", None) or 2)
+        return dict(n_streamed=a.n_streamed, n_slots=getattr(a, "n_slots", None) or 2)
     if default is None:
         raise ValueError("give --budget B or --n-streamed K")
     return default
@@ -201,7 +201,8 @@ def probe(name: str, summary: str, *options):
 BUDGET = (("--budget",), dict(metavar="B", help="stream the plan of this VRAM budget"))
 N_STREAMED = (("--n-streamed",), dict(type=int, metavar="K", help="stream K layers instead, through --slots "
                                       "(default 2)"))
-SLOTS = (("--slots",), dict(type=int, metavar="S", help="with --n-streamed: through S slots (default 2)"))
+SLOTS = (("--slots",), dict(type=int, dest="n_slots", metavar="S",  # the slots probe's --slots is a list of max_slots
+                            help="with --n-streamed: through S slots (default 2)"))
 PP = (("--pp",), dict(type=int, default=2048, metavar="N", help="prompt tokens (default 2048)"))
 REPS = (("-r", "--reps"), dict(type=int, default=3, metavar="N", help="repetitions (default 3)"))
 N_TOKENS = (("-n",), dict(type=int, default=32, metavar="N", help="tokens per measurement (default 32)"))

@@ -204,10 +204,10 @@ class BatchedBench:
                              cpu_layers_max_batch=1 if rows_on_gpu else None, max_slots=self.max_slots,
                              **placement)
         with StreamedModel(self.path, config=config) as m:
-            run.plan = plan_line(m.plan) if m.plan is not None else "all layers resident"
-            run.cpu_layers = len(m.plan.cpu_layers) if m.plan is not None else 0
-            run.n_slots = m.plan.n_slots if m.plan is not None else 0
-            run.n_streamed = len(m.plan.streamed) if m.plan is not None else 0
+            plan = m.plan
+            run.plan = plan_line(plan) if plan is not None else "all layers resident"
+            if plan is not None:
+                run.cpu_layers, run.n_slots, run.n_streamed = len(plan.cpu_layers), plan.n_slots, len(plan.streamed)
             return measure(m, run, self.w, self.progress, rows if only_rows else None)
 
     def split_per_rows(self, b: Budget, placement: dict, single: Run) -> Run:
