@@ -275,7 +275,10 @@ class EngineConfig:
         fourteenth session). So the default is three where a generate split
         may put layers on the CPU; measured for dense models only: a mixture
         of experts keeps two, as does a run without CPU layers (host mode,
-        exact)."""
+        exact). Below DEEP_RING_MIN_ROWS it stays two: for one row a third
+        slot, with the streamed layer it costs, tied (26.80 against 27.00 ms
+        at 0.5x, 36.63 against 36.21 at 0.25x), and a fourth for 8 rows lost
+        the layer it costs (52.01 against 49.82 ms; fifteenth session)."""
         if self.max_slots is not None:
             return self.max_slots
         deep = self.split_rows >= DEEP_RING_MIN_ROWS and not moe and self.generate_split(cuda) != "none"
