@@ -66,8 +66,12 @@ int cpu_kernels_have(int type) {
 
 /* ---- one layer's CPU work: experts of some rows, in three phases ------------- */
 
+#ifndef CHUNK_ROWS                 /* -D to time others (tools/cpu_experts) */
 #define CHUNK_ROWS 32
+#endif
+#ifndef TILE_ROWS
 #define TILE_ROWS 16                /* weight rows a unit's jobs pass over together */
+#endif
 #define PHASE_DONE 4
 #define MANY_ROWS 16              /* from this many rows (prompts): phase 0 quantizes them, units by expert */
 
