@@ -36,4 +36,15 @@ void split_pool_finish(split_pool *p);
 /* A finished job's expert output: n_embd floats, not yet weighted. */
 const float *split_pool_out(const split_pool *p, int job);
 
+/* A prompt's CPU experts through llama.cpp's MUL_MAT_ID graph on a thread of
+ * its own (gs_split_graph.c; the pool hands them over, see split_pool_post). */
+typedef struct split_graph split_graph;
+int  split_graph_load(void *cpu_lib, void *base_lib);   /* 1 if llama.cpp's graph entry points were found */
+int  split_graph_usable(const expert_mats *m);         /* loaded, and no biases or gpt-oss activation */
+int  split_graph_create(int n_threads, split_graph **out);
+void split_graph_free(split_graph *s);
+int  split_graph_post(split_graph *s, const expert_mats *m, const float *x, const cpu_job *jobs, int n_jobs);
+void split_graph_finish(split_graph *s);
+const float *split_graph_out(const split_graph *s, int job);
+
 #endif

@@ -56,6 +56,7 @@ int cpu_kernels_load(void) {
     if (!traits_cpu || !row_size || !swiglu)
         return fail(GS_E_DLOPEN, "split experts: ggml_get_type_traits_cpu / ggml_vec_swiglu_f32 (%s) or ggml_row_size "
                     "not found", path);
+    split_graph_load(h, base);   /* optional: prompts fall back to the pool's kernels */
     return GS_OK;
 }
 
@@ -104,6 +105,8 @@ struct split_pool {
     char *hq;                     /* per job: silu(g)*u quantized for down */
     float *y;                     /* per job: n_embd */
     size_t cap_jobs, cap_xq, cap_g, cap_u, cap_hq, cap_y;
+    split_graph *graph;           /* a prompt's jobs, where llama.cpp's graph computes them (NULL: never) */
+    int graph_on;                 /* the posted layer's jobs went to it */
 };
 
 static void cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
@@ -224,6 +227,7 @@ void split_pool_free(split_pool *p) {
     for (int k = 0; k < p->n_th; k++) pthread_join(p->th[k], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
+    split_graph_free(p->graph);
     free(p->th); free(p->jobs); free(p->perm); free(p->unit_at); free(p->xq); free(p->g); free(p->u); free(p->hq);
     free(p->y);
     free(p);
@@ -242,6 +246,11 @@ int split_pool_create(int n_workers, split_pool **out) {
             split_pool_free(p);
             return fail(GS_E_NOMEM, "split experts: pthread_create failed");
         }
+    /* GGUF_STREAM_PROMPT_CPU_KERNEL=pool keeps a prompt's experts on the pool's
+     * kernels (an A/B of the two on one machine) */
+    const char *kernel = getenv("GGUF_STREAM_PROMPT_CPU_KERNEL");
+    if (!(kernel && !strcmp(kernel, "pool")) && split_graph_create(n_workers + 1, &p->graph))
+        p->graph = NULL;   /* no thread for it: the pool computes prompts too */
     *out = p;
     return GS_OK;
 }
@@ -312,9 +321,12 @@ int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int 
         || grow((void **)&p->y, &p->cap_y, nj * p->n_embd * sizeof(float)))
         return GS_E_NOMEM;
     p->x = x;
-    /* a prompt's many rows: quantized in a phase of their own (that costs a
+    /* a prompt's many rows: llama.cpp's MUL_MAT_ID graph computes them (its
+     * tiled kernels), or else quantized in a phase of their own (that costs a
      * generated token time) and grouped by expert, its rows read once */
     int many_rows = n_rows >= MANY_ROWS;
+    p->graph_on = many_rows && p->graph && split_graph_usable(mats);
+    if (p->graph_on) return split_graph_post(p->graph, mats, x, p->jobs, n_jobs);
     if (make_units(p, many_rows)) return GS_E_NOMEM;
     for (int r = 0; r < n_rows && !many_rows; r++) quantize_row(p, r);
     p->n_tasks[0] = many_rows ? n_rows : 0;
@@ -335,6 +347,9 @@ int split_pool_post(split_pool *p, const expert_mats *mats, const float *x, int 
 void split_pool_finish(split_pool *p) {
     run_phases(p);                                   /* help, then wait for the last task and the workers */
     while (atomic_load(&p->phase) < PHASE_DONE || atomic_load(&p->active)) cpu_relax();
+    if (p->graph_on) split_graph_finish(p->graph);
 }
 
-const float *split_pool_out(const split_pool *p, int job) { return p->y + (size_t)job * p->n_embd; }
+const float *split_pool_out(const split_pool *p, int job) {
+    return p->graph_on ? split_graph_out(p->graph, job) : p->y + (size_t)job * p->n_embd;
+}
