@@ -100,6 +100,19 @@ def test_prompt_cpu_experts_equal_stock(moe_case, n_cpu):
     assert rel_diff(logits, ref_logits) <= TOL
 
 
+def test_prompt_cpu_experts_pool_kernel_equal_stock(moe_case, monkeypatch):
+    """A prompt's CPU experts go to llama.cpp's MUL_MAT_ID graph (gs_split_graph.c)
+    where it can take them; GGUF_STREAM_PROMPT_CPU_KERNEL=pool keeps them on the
+    split pool's rows (gpt-oss's case), which must equal stock as well."""
+    monkeypatch.setenv("GGUF_STREAM_PROMPT_CPU_KERNEL", "pool")
+    path, prompt, ref_tokens, ref_logits = moe_case
+    with split_model(path, 1, prompt_cpu_experts=3) as m:
+        tokens, logits = m.generate(prompt, N_GEN, with_logits=True)
+        assert m.stats.counters.split_prompt_layers > 0 and m.stats.counters.split_cpu > 0
+    assert tokens == ref_tokens
+    assert np.array_equal(logits[0], ref_logits[0])
+
+
 def test_prompt_cpu_experts_with_generate_resident_layers(tiny_moe_path):
     """A split layer kept resident while generating is copied whole into its
     region (the slots' uploads leave its CPU experts out, the region's must
