@@ -6,7 +6,9 @@
  * threads); the graph takes the pool's jobs as rows of one expert each
  * (n_expert_used 1), so each expert sees the rows stock's MUL_MAT_ID gives it.
  * The thread returns at once to the hook, as the pool does, so the GPU's
- * experts run meanwhile; the pool's finish waits for it. */
+ * experts run meanwhile; the pool's finish waits for it. In the engine the
+ * prompt split got 10% faster with it and stays slower than no split (its
+ * main cost is elsewhere), so --prompt-cpu-experts stays off by default. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
