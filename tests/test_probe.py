@@ -62,6 +62,23 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def test_timeline_of_a_split_prompt_counts_the_split(tiny_moe_path, capsys):
+    """--prompt-cpu-experts: a prompt's split layers, their CPU jobs and the
+    hook's time on them per decode (where a split prompt's time goes)."""
+    from conftest import expert_layers
+
+    n_moe = len(expert_layers(tiny_moe_path))
+    out, _ = run(capsys, "timeline", str(tiny_moe_path), *HOST, "--n-streamed", str(n_moe), "-n", "2", "--pp", "64",
+                 "-ub", "64", "--moe-split", "1", "--prompt-cpu-experts", "3")
+    (pp,) = json_lines(out)
+    assert pp["split_layers"] > 0 and pp["split_cpu_jobs"] > 0
+    assert pp["split_cpu_wait_ms"] >= 0 and pp["split_upload_ms"] >= 0
+    out, _ = run(capsys, "timeline", str(tiny_moe_path), *HOST, "--n-streamed", str(n_moe), "-n", "2", "--pp", "64",
+                 "-ub", "64")
+    (plain,) = json_lines(out)
+    assert "split_layers" not in plain  # no split in host mode unless asked
+
+
 def test_timeline_switches_cpu_layers_and_the_plan_says_so(tiny_path, capsys):
     out, _ = run(capsys, "timeline", tiny_path, *HOST, "--n-streamed", "4", "-n", "3", "--n-cpu", "0", "2")
     lines = json_lines(out)

@@ -286,7 +286,11 @@ def slots(a) -> None:
                                      help="CPU-layer counts (default: the engine's choice)")),
        (("--pp",), dict(type=int, metavar="N", help="time prompts of N tokens (n_batch N) instead of tokens")),
        (("--rows",), dict(type=int, default=1, metavar="K", help="decodes of K tokens of one sequence (a "
-                          "speculative verify), the split and CPU layout chosen for K rows (default 1)")))
+                          "speculative verify), the split and CPU layout chosen for K rows (default 1)")),
+       (("--moe-split",), dict(default=None, metavar="auto|off|N", help="a mixture of experts' split of CPU "
+                               "expert layers (default: the engine's)")),
+       (("--prompt-cpu-experts",), dict(type=int, default=0, metavar="N", help="with --pp, a mixture of experts: "
+                                        "the split layers' last N experts on the CPU in prompts (default 0)")))
 def timeline(a) -> None:
     """Automatic generate split (fresh rates) unless --n-cpu; a few warm-up
     tokens, then each of -n decodes bracketed with the engine's timeline:
@@ -294,10 +298,13 @@ def timeline(a) -> None:
     (pre), CPU and GPU segments, the hook's work between segments and what
     is left, segments per decode, copy waits, the CPU layers' GB/s. With
     --pp every overflow layer streams and each decode is a whole prompt;
-    with --rows K each decode is K tokens of one sequence."""
+    with --rows K each decode is K tokens of one sequence; --prompt-cpu-experts
+    adds the split layers' counts per decode (CPU jobs, the hook's time in
+    uploads and waiting for the CPU's part: where a split prompt's time goes)."""
     with fresh_rates_cache(), load(a, **placement(a), generate_cpu_layers="auto", calibrate_on_tokens=False, graph_reuse=False,
                                    n_ctx=max(2176, (a.pp or 0) + 128), n_batch=a.pp or a.ubatch,
-                                   generate_rows=a.rows) as m:
+                                   generate_rows=a.rows, prompt_cpu_experts=a.prompt_cpu_experts,
+                                   moe_split=int(a.moe_split) if str(a.moe_split).isdigit() else a.moe_split) as m:
         e, splits, layer_bytes = m.engine, candidate_splits(m), read_model(a.model).layer_bytes
         bos, rows = max(m.token_bos(), 0), a.pp or a.rows  # rows per timed decode
         prompt = workload_tokens(m, a.pp or 1, 0, 0)[0]
@@ -324,7 +331,10 @@ def timeline(a) -> None:
                  cpu_segments=round(t.cpu_segments / n, 1), gpu_segments=round(t.gpu_segments / n, 1),
                  uploads=round(c.uploads / n, 1), boundaries=round(c.boundaries / n, 1),
                  waits=round(c.adopted_waited / n, 2), wait_ms=round(c.wait_seconds / n * 1e3, 3),
-                 cpu_gb_s=round(sum(layer_bytes[i] for i in cpu) / (t.cpu_s / n) / 1e9, 1) if cpu and t.cpu_s else None)
+                 cpu_gb_s=round(sum(layer_bytes[i] for i in cpu) / (t.cpu_s / n) / 1e9, 1) if cpu and t.cpu_s else None,
+                 **(dict(split_layers=round(c.split_layers / n, 1), split_cpu_jobs=round(c.split_cpu / n, 1),
+                         split_upload_ms=round(c.split_upload_seconds / n * 1e3, 3),
+                         split_cpu_wait_ms=round(c.split_cpu_wait_seconds / n * 1e3, 3)) if c.split_layers else {}))
 
 
 @probe("tg-paths", "a token through StreamedModel.eval and through raw llama_decode", BUDGET,
