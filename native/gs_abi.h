@@ -112,6 +112,7 @@ struct gs_cudart_syms {
     int (*EventSynchronize)(void *);
     int (*MemcpyAsync)(void *, const void *, size_t, int, void *);
     int (*MemsetAsync)(void *, int, size_t, void *);
+    int (*Memcpy2DAsync)(void *, size_t, const void *, size_t, size_t, size_t, int, void *);
     int (*DeviceSynchronize)(void);
     int (*HostAlloc)(void **, size_t, unsigned);   /* the disk tier's pinned staging buffers */
     int (*FreeHost)(void *);

@@ -78,6 +78,7 @@ int load_cudart(const char *cudart) {
     RESOLVE(hc, NULL, C.EventSynchronize, "cudaEventSynchronize");
     RESOLVE(hc, NULL, C.MemcpyAsync, "cudaMemcpyAsync");
     RESOLVE(hc, NULL, C.MemsetAsync, "cudaMemsetAsync");
+    RESOLVE(hc, NULL, C.Memcpy2DAsync, "cudaMemcpy2DAsync");
     RESOLVE(hc, NULL, C.DeviceSynchronize, "cudaDeviceSynchronize");
     RESOLVE(hc, NULL, C.HostAlloc, "cudaHostAlloc");
     RESOLVE(hc, NULL, C.FreeHost, "cudaFreeHost");

@@ -41,6 +41,18 @@ static int dio(gs_engine *e, void *dst, const void *src, size_t n, int kind) {
     return err ? cuda_fail("cudaMemcpyAsync", err) : GS_OK;
 }
 
+/* n rows of `width` bytes, `spitch` apart in src, `dpitch` in dst: one call
+ * (a prompt's 512 rows of ids were 512 copies, ~1-2 ms per split layer) */
+static int dio_rows(gs_engine *e, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t n,
+                    int kind) {
+    if (!e->cfg.use_cuda) {
+        for (size_t r = 0; r < n; r++) memcpy((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+        return GS_OK;
+    }
+    int err = C.Memcpy2DAsync(dst, dpitch, src, spitch, width, n, kind, e->split.stream);
+    return err ? cuda_fail("cudaMemcpy2DAsync", err) : GS_OK;
+}
+
 static int dio_sync(gs_engine *e) {
     int err = e->cfg.use_cuda ? C.StreamSynchronize(e->split.stream) : CUDA_SUCCESS;
     return err ? cuda_fail("cudaStreamSynchronize", err) : GS_OK;
@@ -298,8 +310,8 @@ static int route(gs_engine *e, int layer) {
     if (!jobs) return rc ? rc : GS_E_NOMEM;
     char *st = e->split.stage;
     int32_t *id = (int32_t *)(st + at.ids);
-    for (int r = 0; r < n_rows && !rc; r++)
-        rc = dio(e, id + (size_t)r * n_used, (char *)ids->data + (size_t)r * ids->nb[1], n_used * sizeof(int32_t), CUDA_D2H);
+    size_t id_row = n_used * sizeof(int32_t);
+    rc = dio_rows(e, id, id_row, ids->data, ids->nb[1], id_row, n_rows, CUDA_D2H);
     if (!rc) rc = dio(e, st + at.x, x->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
     if (!rc && one) rc = dio(e, st + at.w, w->data, n_ids * sizeof(float), CUDA_D2H);
     if (!rc && one) rc = dio(e, st + at.y, inp->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
@@ -337,8 +349,7 @@ static int route(gs_engine *e, int layer) {
             rc = dio(e, e->split.base + e->split.off[layer][m] + j * nb,
                      (const char *)e->up[k].src + (size_t)e->split.up_ids[j] * nb, nb, CUDA_H2D);
     }
-    for (int r = 0; r < n_rows && !rc && !prompt; r++)
-        rc = dio(e, (char *)ids->data + (size_t)r * ids->nb[1], id + (size_t)r * n_used, n_used * sizeof(int32_t), CUDA_H2D);
+    if (!rc && !prompt) rc = dio_rows(e, ids->data, ids->nb[1], id, id_row, id_row, n_rows, CUDA_H2D);
     if (!rc && one) rc = add_cpu_part(e, layer, (const float *)(st + at.w), (float *)(st + at.y), inp, n_used);
     double t0 = now_s();
     if (!rc) rc = dio_sync(e);
