@@ -152,6 +152,7 @@ class Counters:
     split_uploaded: int = 0
     split_cpu: int = 0
     split_prompt_layers: int = 0  # ... of them in prompt ubatches (prompt_cpu_experts)
+    split_early_releases: int = 0  # ... whose slot freed at ffn_moe_out, before the wait for the CPU's part
     split_upload_seconds: float = 0.0
     split_cpu_wait_seconds: float = 0.0
     split_region_bytes: int = 0

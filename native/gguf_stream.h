@@ -102,6 +102,7 @@ typedef struct {
     uint64_t split_uploaded;   /* ... their experts uploaded to the device region */
     uint64_t split_cpu;        /* ... their (row, expert) pairs computed by the CPU */
     uint64_t split_prompt_layers; /* ... of them in prompt-phase ubatches (gs_engine_set_prompt_cpu_experts) */
+    uint64_t split_early_releases; /* ... whose slot was freed at ffn_moe_out, before the CPU's part (experts-only slots) */
     double   split_upload_seconds;   /* the hook's time in those uploads (the CPU works meanwhile) */
     double   split_cpu_wait_seconds; /* its time finishing / waiting for the CPU's part */
 } gs_counters;

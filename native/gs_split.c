@@ -377,6 +377,24 @@ static int read_weights(gs_engine *e, int layer) {
     return rc ? rc : dio_sync(e);
 }
 
+/* A prompt's split layer whose slot holds its experts alone: once
+ * ffn_moe_out has run nothing later reads the slot, so it is released here,
+ * before the wait for the CPU's part, and the next upload into it starts now
+ * (at l_out-L it would start only after the CPU's part, the link idle
+ * meanwhile). A streamed shared expert or dense part is read after the
+ * experts: its layer keeps the slot until l_out. */
+static int release_experts_slot(gs_engine *e, int layer) {
+    if (e->phase != GS_PHASE_PROMPT || !layer_streams(e, e->phase, layer)) return GS_OK;
+    const layer_info *ly = &e->layers[layer];
+    for (int k = ly->first; k < ly->first + ly->count; k++) {
+        int m = 0;
+        while (m < SPLIT_TENSORS && e->split.rec[layer][m] != k) m++;
+        if (m == SPLIT_TENSORS) return GS_OK;
+    }
+    e->ctr.split_early_releases++;
+    return gs_ring_release(e->ring, e->phase, layer);
+}
+
 /* MODE_TWO's last boundary, after ffn_moe_out-L: the CPU's part into the expert sum. */
 static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
     struct gs_tensor *w = e->split.w[layer];
@@ -385,7 +403,8 @@ static int add_to_sum(gs_engine *e, int layer, struct gs_tensor *out) {
         return fail(GS_E_GRAPH, "split experts: layer %d's routing weights or expert sum were not as expected", layer);
     stage_at at = stage_layout((size_t)n_used * n_rows, n_rows, n_embd);   /* the weights: read at weighted */
     char *st = e->split.stage;
-    int rc = dio(e, st + at.y, out->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
+    int rc = release_experts_slot(e, layer);
+    if (!rc) rc = dio(e, st + at.y, out->data, (size_t)n_rows * n_embd * sizeof(float), CUDA_D2H);
     if (!rc) rc = dio_sync(e);
     if (!rc) rc = add_cpu_part(e, layer, (const float *)(st + at.w), (float *)(st + at.y), out, n_used);
     if (!rc) rc = dio_sync(e);

@@ -95,6 +95,9 @@ def test_prompt_cpu_experts_equal_stock(moe_case, n_cpu):
         c = m.stats.counters
     assert c.split_prompt_layers >= len(expert_layers(path)) * 2  # every split layer, in each full ubatch
     assert c.split_cpu > 0
+    # their slots (experts alone) freed before the CPU's part joined, the next
+    # layer's upload into the one slot landing meanwhile: the logits still stock's
+    assert 0 < c.split_early_releases <= c.split_prompt_layers
     assert tokens == ref_tokens
     assert np.array_equal(logits[0], ref_logits[0])
     assert rel_diff(logits, ref_logits) <= TOL

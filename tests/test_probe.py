@@ -73,6 +73,7 @@ def test_timeline_of_a_split_prompt_counts_the_split(tiny_moe_path, capsys):
     (pp,) = json_lines(out)
     assert pp["split_layers"] > 0 and pp["split_cpu_jobs"] > 0
     assert pp["split_cpu_wait_ms"] >= 0 and pp["split_upload_ms"] >= 0
+    assert 0 < pp["split_early_releases"] <= pp["split_layers"]  # experts-only slots freed before the CPU's part
     out, _ = run(capsys, "timeline", str(tiny_moe_path), *HOST, "--n-streamed", str(n_moe), "-n", "2", "--pp", "64",
                  "-ub", "64")
     (plain,) = json_lines(out)

@@ -334,7 +334,8 @@ def timeline(a) -> None:
                  cpu_gb_s=round(sum(layer_bytes[i] for i in cpu) / (t.cpu_s / n) / 1e9, 1) if cpu and t.cpu_s else None,
                  **(dict(split_layers=round(c.split_layers / n, 1), split_cpu_jobs=round(c.split_cpu / n, 1),
                          split_upload_ms=round(c.split_upload_seconds / n * 1e3, 3),
-                         split_cpu_wait_ms=round(c.split_cpu_wait_seconds / n * 1e3, 3)) if c.split_layers else {}))
+                         split_cpu_wait_ms=round(c.split_cpu_wait_seconds / n * 1e3, 3),
+                         split_early_releases=round(c.split_early_releases / n, 1)) if c.split_layers else {}))
 
 
 @probe("tg-paths", "a token through StreamedModel.eval and through raw llama_decode", BUDGET,
