@@ -381,8 +381,9 @@ static int read_weights(gs_engine *e, int layer) {
  * ffn_moe_out has run nothing later reads the slot, so it is released here,
  * before the wait for the CPU's part, and the next upload into it starts now
  * (at l_out-L it would start only after the CPU's part, the link idle
- * meanwhile). A streamed shared expert or dense part is read after the
- * experts: its layer keeps the slot until l_out. */
+ * meanwhile). Split layers stream their experts alone today (whole layers
+ * are never split); a slot that also held a shared expert or the dense part
+ * would be read after the experts, so such a layer keeps it until l_out. */
 static int release_experts_slot(gs_engine *e, int layer) {
     if (e->phase != GS_PHASE_PROMPT || !layer_streams(e, e->phase, layer)) return GS_OK;
     const layer_info *ly = &e->layers[layer];
