@@ -448,13 +448,15 @@ def test_plan_shows_host_memory(capsys, tiny_path):
     assert plan.host_memory_line() in out and "host memory: pinned" in out
     # the default is a CUDA run's default, the measured split: chosen at load (nothing cached here), after the
     # tiers, among the pinned overflow layers; the plan holds no CPU layer yet and says how many it may get
-    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL)
+    # a fixed host budget: the default reads MemAvailable, which moves between the two plans below
+    host = ["--host-budget", "16GiB"]
+    rc, out, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, *host)
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.startswith("host memory:"))
     assert "the CPU layers' repacked weights" not in line and plan.host_memory_line() in out
     assert "generate split: measured at load (none cached here): up to " in out
-    rc, out2, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--generate-cpu-layers",
-                             "auto")
+    rc, out2, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, *host,
+                             "--generate-cpu-layers", "auto")
     assert rc == 0 and out2 == out, err
     rc, _, err = run_main(capsys, "plan", str(tiny_path), "--n-streamed", "4", *SMALL, "--exact",
                           "--generate-cpu-layers", "auto")
